@@ -1,0 +1,65 @@
+# Front door of the pipeline: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# cpu (default) or gpu: which TensorFlow build `make setup` installs.
+TF ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+EXTRAS ?= $(TF),offline,ray,dev
+
+DATA_ROOT ?= data/fashion-mnist
+TRAIN_PER_CLASS ?= 100
+TEST_PER_CLASS ?= 50
+FEATURES ?= features
+TRAIN_H5 := $(FEATURES)/train.h5
+TEST_H5 := $(FEATURES)/test.h5
+# `make extract DATA=path/to/images OUT=features/x.h5` extracts any folder.
+DATA ?=
+OUT ?=
+EXTRACT_ARGS ?=
+FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data extract train-lr train-svm train-rf compare bench demo test clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $@
+
+$(FMNIST_DEB):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) || \
+	  echo "note: apt-get could not install dataset-fashion-mnist; make data will try the Keras download"; \
+	else echo "note: not root, skipping apt-get install dataset-fashion-mnist; make data will try the Keras download"; fi
+
+setup: $(VENV)/.installed ## create .venv, install everything, provision the ImageNet weights and the Fashion-MNIST package (idempotent)
+	@[ -f $(FMNIST_DEB) ] || $(MAKE) --no-print-directory $(FMNIST_DEB)
+	@$(PY) -m pipeline weights >/dev/null
+
+data: setup ## build the default class-per-folder PNG tree (TRAIN_PER_CLASS/TEST_PER_CLASS images per class)
+	$(PY) -m pipeline.datasets $(DATA_ROOT) --train-per-class $(TRAIN_PER_CLASS) --test-per-class $(TEST_PER_CLASS)
+
+extract: setup ## extract features: the default data's train/test splits, or DATA=folder OUT=file.h5
+ifneq ($(DATA),)
+	$(PY) -m pipeline extract $(DATA) -o $(or $(OUT),$(FEATURES)/features.h5) $(EXTRACT_ARGS)
+else
+	@$(MAKE) --no-print-directory data
+	$(PY) -m pipeline extract $(DATA_ROOT)/train -o $(TRAIN_H5) $(EXTRACT_ARGS)
+	$(PY) -m pipeline extract $(DATA_ROOT)/test -o $(TEST_H5) $(EXTRACT_ARGS)
+endif
+
+demo: ## set everything up and run the main job on the default data: extract, then logistic regression
+	@$(MAKE) --no-print-directory extract
+	@$(MAKE) --no-print-directory train-lr
+
+test: setup ## run the test suite
+	$(PY) -m pytest -q
+
+clean: ## remove generated features (keeps .venv, data and the weights cache)
+	rm -rf $(FEATURES)/*.h5 $(FEATURES)/*.partial $(FEATURES)/models

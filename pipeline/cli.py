@@ -1,0 +1,116 @@
+"""Command line: parses arguments into a stage config and calls that stage's ``run``; user errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from pipeline.config import PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES, ExtractConfig
+from pipeline.errors import PipelineError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="VGG16 bottleneck features of a class-per-folder image tree into HDF5")
+    p.add_argument("data_dir", type=Path, help="folder with one sub-folder per class")
+    p.add_argument("-o", "--output", type=Path, required=True, help="HDF5 file to write (e.g. features/train.h5)")
+    p.add_argument("--input-size", type=int, default=224, help="square input side; 224 gives 7x7x512 features (default 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per network call (default 32)")
+    p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random init, explicit) or a weights file PATH")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute precision; auto = fastest that keeps accuracy (default)")
+    p.add_argument("--storage", default="float16", choices=STORAGE_DTYPES, help="stored feature dtype (default float16)")
+    p.add_argument("--resize", default="bilinear", choices=RESIZE_METHODS, help="resize interpolation, as in keras.utils.load_img (default bilinear)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (default 0 = automatic)")
+    p.add_argument("--shards", type=int, default=1, help="split the images into this many deterministic shards (default 1)")
+    p.add_argument("--shard", type=int, default=0, help="which shard to extract, 0-based (default 0)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any file is rejected")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made from other images or settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (batch logs); the summary line is still printed")
+
+
+def _run_extract(args, argv) -> int:
+    from pipeline import extract
+
+    config = ExtractConfig(
+        data_dir=args.data_dir,
+        output=args.output,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        weights=args.weights,
+        precision=args.precision,
+        storage=args.storage,
+        resize=args.resize,
+        workers=args.workers,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        shards=args.shards,
+        shard=args.shard,
+        command_line=shlex.join(["python", "-m", "pipeline", *argv]),
+    )
+    return extract.run(config)
+
+
+def _add_weights(sub) -> None:
+    p = sub.add_parser("weights", help="provision the ImageNet VGG16 weights if needed and print the file in use")
+    p.add_argument("--weights", default="imagenet", help="imagenet (default) or a weights file PATH to check")
+
+
+def _run_weights(args, argv) -> int:
+    from pipeline.weights import provision
+
+    info = provision(args.weights)
+    print(info.path)
+    print(f"source: {info.source}; tensor sha256: {info.checksum}", file=sys.stderr)
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check a feature file's invariants; exit 1 with the reasons if any fails")
+    p.add_argument("files", type=Path, nargs="+", help="feature files (.h5)")
+
+
+def _run_verify(args, argv) -> int:
+    from pipeline.store import verify
+
+    status = 0
+    for path in args.files:
+        problems = verify(path)
+        if problems:
+            status = 1
+            for msg in problems:
+                print(f"FAIL {msg}")
+        else:
+            print(f"ok {path}")
+    return status
+
+
+COMMANDS = {
+    "extract": (_add_extract, _run_extract),
+    "weights": (_add_weights, _run_weights),
+    "verify": (_add_verify, _run_verify),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split(":")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args, argv)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

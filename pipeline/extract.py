@@ -1,0 +1,330 @@
+"""Extract stage: images -> VGG16 bottleneck features -> one HDF5 file, resumable after a kill and safe against bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import queue
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import backbone as bb
+from pipeline.config import ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.reader import Listing, iter_batches, list_images
+from pipeline.store import OutputLock, WorkArea, write_feature_file
+
+
+def package_versions() -> dict:
+    """Versions of the packages that decide the numbers in a feature file."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("tensorflow", "tensorflow-cpu", "keras", "numpy", "h5py", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def shard_listing(listing: Listing, shards: int, shard: int) -> Listing:
+    """The ``shard``-th of ``shards`` slices: every ``shards``-th file of the sorted listing.
+
+    Deterministic and stable under reruns; interleaving keeps every class in every shard.
+    """
+    if shards == 1:
+        return listing
+    keep = np.arange(shard, len(listing), shards)
+    out = listing.select(keep)
+    unlisted = tuple(u for i, u in enumerate(listing.unlisted) if i % shards == shard)
+    return Listing(out.root, out.class_names, out.paths, out.labels, out.sizes, out.mtimes_ns, unlisted)
+
+
+def fingerprint(config: ExtractConfig, listing: Listing, weights, precision: str) -> dict:
+    """Everything that decides the content of the output: if it is unchanged, so is the file."""
+    return {
+        "backbone": bb.BACKBONE,
+        "layer": bb.LAYER,
+        "input_size": config.input_size,
+        "resize": config.resize,
+        "preprocessing": bb.PREPROCESSING,
+        "weights": weights.name,
+        "weights_checksum": weights.checksum,
+        "precision": precision,
+        "storage": config.storage,
+        "class_names": list(listing.class_names),
+        "n_files": len(listing) + len(listing.unlisted),
+        "listing_sha256": listing.digest(),
+        "shards": config.shards,
+        "shard": config.shard,
+    }
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """One phrase naming what differs between two fingerprints."""
+    diffs = []
+    for key in new:
+        if key in ("listing_sha256", "n_files"):
+            continue
+        if old.get(key) != new[key]:
+            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    if old.get("listing_sha256") != new["listing_sha256"]:
+        diffs.append(f"the images changed ({old.get('n_files')} files before, {new['n_files']} now, or files modified)")
+    return "; ".join(diffs) or "nothing"
+
+
+def _existing_fingerprint(output: Path) -> dict | None:
+    import h5py
+
+    try:
+        with h5py.File(output, "r") as db:
+            if not bool(db.attrs.get("complete", False)):
+                return None
+            return json.loads(db.attrs["fingerprint"])
+    except Exception:
+        return None
+
+
+def _check_output_writable(output: Path) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.exists() and output.is_dir():
+        raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"{parent}: cannot create the output folder: {exc.strerror}") from None
+    if not parent.is_dir():
+        raise PipelineError(f"{parent}: the output's parent is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{parent}: output folder is not writable")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise PipelineError(f"{output}: output file is not writable")
+
+
+class _PartWriter(threading.Thread):
+    """Writes finished batches to the work area off the main thread, so the network never waits on the disk."""
+
+    def __init__(self, work: WorkArea, start_seq: int):
+        super().__init__(daemon=True, name="part-writer")
+        self.work = work
+        self.seq = start_seq
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.written = 0
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.work.write_part(self.seq, *item)
+                self.seq += 1
+                self.written += len(item[0]) + len(item[2])
+            except BaseException as exc:  # reported by the main thread
+                self.error = exc
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _runs(indices: np.ndarray) -> list[np.ndarray]:
+    """Split sorted indices into contiguous runs, so a batch never spans a gap and parts never interleave."""
+    if len(indices) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(indices) != 1) + 1
+    return np.split(indices, cuts)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, work: WorkArea, weights, precision: str, done: int) -> None:
+    from tqdm import tqdm
+
+    net = bb.Backbone(config.input_size, weights, precision, batch_size=config.batch_size)
+    if net.weights_checksum != weights.checksum:
+        raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {net.weights_checksum})")
+    storage = np.dtype(config.storage)
+    writer = _PartWriter(work, work.next_seq())
+    writer.start()
+    n_rejected = 0
+    bar = tqdm(total=len(listing), initial=done, unit="img", desc="extract", disable=config.quiet, smoothing=0.1, dynamic_ncols=True)
+    try:
+        for run in _runs(todo):
+            for batch in iter_batches(
+                listing, run, size=config.input_size, interpolation=config.resize, batch_size=config.batch_size, workers=config.workers
+            ):
+                ok = batch.ok
+                feats = net(batch.pixels[ok]) if ok.any() else np.zeros((0, *net.output_shape), np.float32)
+                rejected = [r for r, good in zip(batch.reasons, ok) if not good]
+                writer.put((batch.indices[ok], feats.astype(storage), batch.indices[~ok], rejected))
+                bar.update(len(batch.indices))
+                if rejected:
+                    n_rejected += len(rejected)
+                    bar.set_postfix(rejected=n_rejected, refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+
+
+def run(config: ExtractConfig) -> int:
+    """Extract features for every image of ``config.data_dir`` into ``config.output``.
+
+    Returns the exit status: 0 when done (or already up to date), 1 when ``--strict``
+    and some file was rejected, 130 when interrupted (the run can be resumed).
+
+    Raises:
+        PipelineError: bad settings, a bad data folder, an unwritable output, an output
+            made from other images or settings (without ``--overwrite``), a locked output.
+    """
+    config.validate()
+    listing = shard_listing(list_images(config.data_dir), config.shards, config.shard)
+    output = config.output
+    _check_output_writable(output)
+    say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
+    with OutputLock(output):
+        from pipeline.weights import resolve_weights
+
+        weights = resolve_weights(config.weights, progress=not config.quiet)
+        precision = bb.resolve_precision(config.precision)
+        fp = fingerprint(config, listing, weights, precision)
+        work = WorkArea(output)
+        if output.exists():
+            old = _existing_fingerprint(output)
+            if old == fp:
+                work.remove()  # left over if a run was killed between rename and clean-up
+                print(f"{output}: up to date ({len(listing)} images, nothing changed)")
+                return 0
+            if not config.overwrite:
+                why = describe_difference(old, fp) if old else "it is not a complete feature file"
+                raise PipelineError(f"{output}: exists and differs: {why}; pass --overwrite to replace it")
+        if work.exists():
+            manifest = work.manifest()
+            if manifest != fp:
+                if not config.overwrite and manifest is not None:
+                    raise PipelineError(
+                        f"{work.path}: an interrupted run with other images or settings ({describe_difference(manifest, fp)}); "
+                        "re-run with its settings to resume, or pass --overwrite to start again"
+                    )
+                work.remove()
+        if not work.exists():
+            work.start(fp)
+        done = work.done_indices()
+        todo = np.setdiff1d(np.arange(len(listing), dtype=np.int64), done)
+        if len(done):
+            say(f"resuming {output}: {len(done)} of {len(listing)} files already done")
+        t0 = time.perf_counter()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if threading.current_thread() is threading.main_thread():
+                for s in previous:
+                    signal.signal(s, _raise_interrupt)
+            if len(todo):
+                _extract_rows(config, listing, todo, work, weights, precision, len(done))
+        except (_Interrupted, KeyboardInterrupt) as exc:
+            finished = len(work.done_indices())
+            print(
+                f"interrupted ({exc or 'SIGINT'}) after {finished} of {len(listing)} files; "
+                f"run the same command again to resume from {work.path}",
+                file=sys.stderr,
+            )
+            return 130
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for s, h in previous.items():
+                    signal.signal(s, h)
+        seconds = time.perf_counter() - t0
+        n, n_rej = _assemble(config, listing, work, fp, weights, precision, seconds, len(todo))
+        work.remove()
+    rate = len(todo) / seconds if seconds > 0 and len(todo) else 0.0
+    print(
+        f"extracted {n} images, rejected {n_rej}"
+        + (f" (listed in rejected/ of {output})" if n_rej else "")
+        + f"; {len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s) -> {output}"
+    )
+    if config.strict and n_rej:
+        print(f"error: --strict: {n_rej} files were rejected (see rejected/ in {output})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, seconds: float, processed: int):
+    parts = work.index()
+    rejected: list[tuple[str, str]] = []
+    covered = 0
+    for part in parts:
+        covered += len(part.indices) + len(part.rejected_indices)
+        rejected.extend((listing.paths[i], r) for i, r in zip(part.rejected_indices.tolist(), part.reasons))
+    if covered != len(listing):
+        raise PipelineError(f"{work.path}: work area covers {covered} of {len(listing)} files; re-run to finish")
+    rejected.extend((p, reason) for p, reason, _, _ in listing.unlisted)
+
+    def rows():
+        for part in parts:  # one part in memory at a time
+            idx = part.indices
+            yield (
+                work.features(part),
+                listing.labels[idx],
+                [listing.paths[i] for i in idx.tolist()],
+                listing.sizes[idx],
+                listing.mtimes_ns[idx],
+            )
+
+    attrs = {
+        "backbone": bb.BACKBONE,
+        "layer": bb.LAYER,
+        "input_size": config.input_size,
+        "feature_shape": list(bb.feature_shape(config.input_size)),
+        "preprocessing": bb.PREPROCESSING,
+        "resize": config.resize,
+        "weights": weights.name,
+        "weights_source": weights.source,
+        "weights_checksum": weights.checksum,
+        "precision": precision,
+        "storage_dtype": config.storage,
+        "batch_size": config.batch_size,
+        "data_dir": str(Path(config.data_dir).resolve()),
+        "shards": config.shards,
+        "shard": config.shard,
+        "versions": json.dumps(package_versions()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command_line": config.command_line,
+        "extract_seconds": seconds,
+        "images_processed_last_run": processed,
+        "fingerprint": json.dumps(fp, sort_keys=True),
+    }
+    n = write_feature_file(
+        config.output,
+        row_shape=bb.feature_shape(config.input_size),
+        storage=config.storage,
+        class_names=listing.class_names,
+        rows=rows(),
+        rejected=rejected,
+        attrs=attrs,
+    )
+    return n, len(rejected)

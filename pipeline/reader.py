@@ -1,0 +1,284 @@
+"""Image reader: lists a class-per-folder tree, decodes and resizes images in parallel, and turns bad files into reject records."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import PipelineError
+
+# Never let Pillow pad a truncated file with grey: a truncated image is a reject.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+#: Accepted extensions (any case) and the Pillow formats their content may have.
+IMAGE_FORMATS = {
+    ".jpg": {"JPEG", "MPO"},
+    ".jpeg": {"JPEG", "MPO"},
+    ".jpe": {"JPEG", "MPO"},
+    ".png": {"PNG"},
+    ".bmp": {"BMP", "DIB"},
+    ".gif": {"GIF"},
+    ".webp": {"WEBP"},
+    ".tif": {"TIFF"},
+    ".tiff": {"TIFF"},
+}
+
+
+class RejectedImage(Exception):
+    """A single file that cannot be used; its message is the reason recorded in ``rejected/reasons``."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every candidate file under a data folder, in the order rows are written.
+
+    ``paths`` are POSIX paths relative to ``root`` (sorted by class, then path);
+    ``labels[i]`` indexes ``class_names``; ``sizes``/``mtimes_ns`` identify the file
+    version so a later run can tell what changed. ``unlisted`` holds files that can
+    never be images (unsupported extension, outside a class folder) with a reason:
+    they are rejected without decoding.
+    """
+
+    root: Path
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    unlisted: tuple[tuple[str, str, int, int], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def digest(self) -> str:
+        """sha256 of (path, label, size, mtime) of every file, including the unlisted ones."""
+        h = hashlib.sha256()
+        h.update("\0".join(self.class_names).encode())
+        for p, lab, s, m in zip(self.paths, self.labels.tolist(), self.sizes.tolist(), self.mtimes_ns.tolist()):
+            h.update(os.fsencode(p) + b"\0" + f"{lab}:{s}:{m}\n".encode())
+        for p, reason, s, m in self.unlisted:
+            h.update(b"U" + os.fsencode(p) + f"\0{s}:{m}\n".encode())
+        return h.hexdigest()
+
+    def select(self, indices: np.ndarray) -> "Listing":
+        """A listing of the given rows only (same classes, same root)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return Listing(
+            self.root,
+            self.class_names,
+            tuple(self.paths[i] for i in idx.tolist()),
+            self.labels[idx],
+            self.sizes[idx],
+            self.mtimes_ns[idx],
+            self.unlisted,
+        )
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:  # dangling link or vanished file: decoding will reject it with its reason
+        st = path.lstat()
+    return st.st_size, st.st_mtime_ns
+
+
+def list_images(data_dir: Path | str) -> Listing:
+    """List the images of a class-per-folder tree.
+
+    Classes are the sub-folders of ``data_dir`` sorted by name; each class takes every
+    file below its folder (recursively, not following links to folders). Hidden files
+    (names starting with a dot) are ignored.
+
+    Raises:
+        PipelineError: the folder is missing or not a folder, has no class sub-folders,
+            has only one class, a class folder holds no image files, or there are no images.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise PipelineError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise PipelineError(f"{root}: not a folder (expected one sub-folder per class)")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    unlisted: list[tuple[str, str, int, int]] = []
+    for e in entries:
+        if not e.name.startswith(".") and not e.is_dir():
+            s, m = _stat(Path(e.path))
+            unlisted.append((e.name, "not inside a class folder", s, m))
+    if not classes:
+        raise PipelineError(f"{root}: no class sub-folders (expected one sub-folder per class, e.g. {root}/cats/*.jpg)")
+    if len(classes) < 2:
+        raise PipelineError(f"{root}: only one class folder ({classes[0]}); classification needs at least two")
+
+    paths: list[str] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    for label, name in enumerate(classes):
+        found = 0
+        class_dir = root / name
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                full = Path(dirpath) / fname
+                rel = full.relative_to(root).as_posix()
+                s, m = _stat(full)
+                if Path(fname).suffix.lower() not in IMAGE_FORMATS:
+                    unlisted.append((rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m))
+                    continue
+                paths.append(rel)
+                labels.append(label)
+                sizes.append(s)
+                mtimes.append(m)
+                found += 1
+        if found == 0:
+            raise PipelineError(
+                f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_FORMATS))}); "
+                "remove it or add images"
+            )
+    return Listing(
+        root,
+        tuple(classes),
+        tuple(paths),
+        np.asarray(labels, dtype=np.int32),
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(mtimes, dtype=np.int64),
+        tuple(unlisted),
+    )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (16-bit and float grey are rescaled, not clipped)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
+    """Decode one image into a ``(size, size, 3)`` uint8 RGB array.
+
+    The same steps as ``keras.utils.load_img(path, target_size=(size, size),
+    interpolation=interpolation)`` (convert to RGB, then one Pillow resize), plus the
+    EXIF orientation and 16-bit handling that ``load_img`` lacks.
+
+    Raises:
+        RejectedImage: the file is missing, empty, not an image, of another format than
+            its extension says, over Pillow's pixel limit, of zero size, truncated or corrupt.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise RejectedImage("dangling symbolic link")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RejectedImage("file vanished before it could be read") from None
+    except OSError as exc:
+        raise RejectedImage(f"cannot read file: {exc.strerror or exc}") from None
+    if not data:
+        raise RejectedImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image (content not recognised by Pillow)") from None
+    except Image.DecompressionBombError as exc:
+        raise RejectedImage(f"decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for hostile headers
+        raise RejectedImage(f"corrupt image header: {exc}") from None
+    ext = path.suffix.lower()
+    if img.format not in IMAGE_FORMATS.get(ext, set()):
+        raise RejectedImage(f"extension '{path.suffix}' but the content is {img.format}")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise RejectedImage(f"zero-size image ({w}x{h})")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise RejectedImage(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds Pillow's limit of {limit}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            if img.size != (size, size):
+                img = img.resize((size, size), getattr(Image.Resampling, interpolation.upper()))
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise RejectedImage(f"truncated or corrupt image data: {exc}") from None
+    if arr.shape != (size, size, 3):
+        raise RejectedImage(f"decoded to an unexpected shape {arr.shape}")
+    return arr
+
+
+@dataclass
+class Batch:
+    """A batch from the reader: pixels of every row (zeros where rejected), the listing
+    indices, which rows decoded, and the reject reasons (empty string where ok)."""
+
+    pixels: np.ndarray
+    indices: np.ndarray
+    ok: np.ndarray
+    reasons: list[str]
+
+
+def iter_batches(
+    listing: Listing,
+    indices: np.ndarray,
+    *,
+    size: int,
+    interpolation: str,
+    batch_size: int,
+    workers: int = 0,
+) -> Iterator[Batch]:
+    """Decode ``listing`` rows ``indices`` in order, in parallel, ``batch_size`` at a time.
+
+    A tf.data pipeline: decoding and resizing run on ``workers`` threads (0 = one per
+    core, tf.data's autotune) with prefetch, so the network never waits on the disk.
+    Rows keep their listing index, so a rejected file can never shift a label.
+    """
+    import tensorflow as tf
+
+    root = listing.root
+    paths = listing.paths
+
+    def _load(i):
+        i = int(i)
+        try:
+            return load_image(root / paths[i], size, interpolation), True, b""
+        except RejectedImage as exc:
+            return np.zeros((size, size, 3), np.uint8), False, str(exc).encode("utf-8", "replace")
+        except Exception as exc:  # a reader bug must not lose the row either
+            return np.zeros((size, size, 3), np.uint8), False, f"unexpected error: {exc!r}".encode("utf-8", "replace")
+
+    def _map(i):
+        pixels, ok, reason = tf.numpy_function(_load, [i], [tf.uint8, tf.bool, tf.string], stateful=False)
+        pixels.set_shape((size, size, 3))
+        ok.set_shape(())
+        reason.set_shape(())
+        return pixels, i, ok, reason
+
+    parallel = workers if workers > 0 else tf.data.AUTOTUNE
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
+    ds = ds.map(_map, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    for pixels, idx, ok, reasons in ds.as_numpy_iterator():
+        yield Batch(pixels, idx, ok, [r.decode("utf-8", "replace") for r in reasons])

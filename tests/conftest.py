@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny image trees written under tmp_path, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, size=(40, 30), seed=0, fmt=None, mode="RGB") -> Path:
+    """A small random image; the format follows the extension unless ``fmt`` is given."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_tree(root: Path, classes=("cat", "dog"), per_class=3, size=(40, 30), ext=".png") -> Path:
+    """``root/<class>/<i>.png`` with distinct random pixels in each file."""
+    seed = 0
+    for c in classes:
+        for i in range(per_class):
+            write_image(root / c / f"{i:03d}{ext}", size=size, seed=seed)
+            seed += 1
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    return make_tree(tmp_path / "data")
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run ``python -m pipeline ARGS`` in a subprocess; returns (exit code, stdout, stderr)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def png_bytes(size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,188 @@
+"""Extract stage: file layout, rejects, up-to-date and changed reruns, clear errors, the lock, resume after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_tree, write_image
+from pipeline.cli import main
+from pipeline.store import OutputLock, open_features, verify
+
+FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
+
+
+def extract(data, out, *extra):
+    return main(["extract", str(data), "-o", str(out), *FAST, *extra])
+
+
+def test_layout_of_the_feature_file(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    (data / "dog" / "broken.png").write_bytes(b"")
+    (data / "dog" / "readme.txt").write_text("not an image")
+    out = tmp_path / "features" / "x.h5"
+    assert extract(data, out, "--precision", "float32") == 0
+    summary = capsys.readouterr().out
+    assert "extracted 6 images, rejected 2" in summary
+    with h5py.File(out, "r") as db:
+        assert db["features"].shape == (6, 1, 1, 512)
+        assert db["features"].dtype == np.float16
+        assert db["features"].chunks[0] >= 1 and db["features"].compression == "gzip"
+        assert db["labels"][:].tolist() == [0, 0, 0, 1, 1, 1]
+        assert [x.decode() for x in db["label_names"][:]] == ["cat", "dog"]
+        assert [x.decode() for x in db["paths"][:]] == [f"{c}/{i:03d}.png" for c in ("cat", "dog") for i in range(3)]
+        rejected = dict(zip([p.decode() for p in db["rejected/paths"][:]], [r.decode() for r in db["rejected/reasons"][:]]))
+        assert rejected == {"dog/broken.png": "empty file (0 bytes)", "dog/readme.txt": "unsupported file type '.txt'"}
+        a = db.attrs
+        assert bool(a["complete"]) and a["backbone"] == "vgg16" and a["layer"] == "block5_pool"
+        assert a["input_size"] == 32 and a["resize"] == "bilinear" and a["precision"] == "float32"
+        assert a["weights"] == "none" and a["weights_checksum"] and a["storage_dtype"] == "float16"
+        assert "tensorflow" in a["versions"] and "extract" in a["command_line"] and a["created"]
+        assert np.isfinite(db["features"][:]).all() and np.abs(db["features"][:]).sum() > 0
+    assert verify(out) == []
+    assert not out.with_name("x.h5.partial").exists() and not out.with_name("x.h5.lock").exists()
+
+
+def test_features_match_a_direct_model_call(tmp_path):
+    """The stored rows are the network's output for the right file, in the listed order."""
+    from pipeline.backbone import Backbone
+    from pipeline.reader import load_image
+    from pipeline.weights import resolve_weights
+
+    data = make_tree(tmp_path / "data", per_class=4)
+    out = tmp_path / "x.h5"
+    assert extract(data, out, "--precision", "float32", "--storage", "float32") == 0
+    net = Backbone(32, resolve_weights("none"), "float32", batch_size=4)
+    with open_features(out) as ff:
+        pixels = np.stack([load_image(data / p, 32, "bilinear") for p in ff.paths])
+        np.testing.assert_allclose(ff.db["features"][:], net(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_is_up_to_date_and_changes_are_refused(tmp_path, capsys):
+    data = make_tree(tmp_path / "data")
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    before = out.stat().st_mtime_ns
+    assert extract(data, out) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == before
+
+    assert extract(data, out, "--storage", "float32") == 2
+    assert "storage 'float16' -> 'float32'" in capsys.readouterr().err
+
+    write_image(data / "cat" / "new.png", seed=99)
+    assert extract(data, out) == 2
+    err = capsys.readouterr().err
+    assert "the images changed" in err and "--overwrite" in err and str(out) in err
+
+    assert extract(data, out, "--overwrite") == 0
+    with h5py.File(out, "r") as db:
+        assert db["features"].shape[0] == 7
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda t: None, [], r"data folder does not exist"),
+        (lambda t: (t / "data").mkdir(), [], r"no class sub-folders"),
+        (lambda t: make_tree(t / "data", classes=("one",)), [], r"only one class folder"),
+        (lambda t: (make_tree(t / "data"), (t / "data" / "zz").mkdir()), [], r"zz: class folder has no image files"),
+        (lambda t: (make_tree(t / "data"), (t / "blocker").write_text("x")), ["-o", "{t}/blocker/x.h5"], r"blocker: the output's parent is not a folder"),
+        (lambda t: make_tree(t / "data"), ["-o", "{t}/x.txt"], r"must be an HDF5 file"),
+        (lambda t: make_tree(t / "data"), ["--input-size", "16"], r"--input-size 16: VGG16 needs at least 32"),
+        (lambda t: make_tree(t / "data"), ["--weights", "{t}/nope.h5"], r"nope.h5"),
+    ],
+    ids=["missing", "no-classes", "one-class", "empty-class", "unwritable-output", "not-h5", "tiny-input", "missing-weights"],
+)
+def test_clear_one_line_errors_before_any_work(tmp_path, capsys, make, args, message):
+    import re
+
+    make(tmp_path)
+    argv = ["extract", str(tmp_path / "data"), "-o", str(tmp_path / "out.h5"), *FAST]
+    argv += [a.format(t=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_strict_exits_nonzero_on_any_reject(tmp_path, capsys):
+    data = make_tree(tmp_path / "data")
+    (data / "cat" / "bad.jpg").write_text("nope")
+    assert extract(data, tmp_path / "x.h5", "--strict") == 1
+    assert "--strict: 1 files were rejected" in capsys.readouterr().err
+    assert verify(tmp_path / "x.h5") == []  # the file is still written, with the reject listed
+
+
+def test_second_run_on_a_locked_output_refuses(tmp_path, capsys):
+    data = make_tree(tmp_path / "data")
+    out = tmp_path / "x.h5"
+    with OutputLock(out):
+        assert extract(data, out) == 2
+    assert "another run is writing this output" in capsys.readouterr().err
+    assert not out.exists()
+    assert extract(data, out) == 0  # the lock is gone with its holder
+
+
+def _spawn(data, out, *extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "pipeline", "extract", str(data), "-o", str(out), *FAST, "--workers", "1", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_parts(out: Path, n: int, proc, timeout=120.0) -> None:
+    work = out.with_name(out.name + ".partial")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list(work.glob("part-*.npz"))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"extract ended before it could be interrupted: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+def _read(out: Path):
+    with open_features(out) as ff:
+        return ff.paths, ff.labels, ff.db["features"][:], [p.decode() for p in ff.db["rejected/paths"][:]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_kill_gives_the_uninterrupted_file(tmp_path, sig):
+    data = make_tree(tmp_path / "data", classes=("a", "b", "c"), per_class=40, size=(12, 12))
+    (data / "b" / "009.png").write_bytes(b"\x89PNG broken")
+    reference = tmp_path / "ref.h5"
+    assert extract(data, reference) == 0
+
+    out = tmp_path / "x.h5"
+    for kill_after in (3, 12):
+        proc = _spawn(data, out)
+        _wait_for_parts(out, kill_after, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert not out.exists(), "the output must appear only when complete"
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            assert proc.returncode == 130 and "run the same command again to resume" in err
+    proc = _spawn(data, out)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resuming" not in err  # --quiet
+    ref_paths, ref_labels, ref_feats, ref_rej = _read(reference)
+    paths, labels, feats, rej = _read(out)
+    assert paths == ref_paths and len(set(paths)) == len(paths) == 119
+    assert labels.tolist() == ref_labels.tolist()
+    assert rej == ref_rej == ["b/009.png"]
+    np.testing.assert_array_equal(feats, ref_feats)
+    assert verify(out) == []
