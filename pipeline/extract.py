@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -163,7 +164,9 @@ def _raise_interrupt(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, work: WorkArea, weights, precision: str, done: int) -> None:
+def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, work: WorkArea, weights, precision: str, done: int) -> float:
+    """Run the network over listing rows ``todo`` into the work area; returns the seconds
+    from the first batch to the last part written (network construction excluded)."""
     from tqdm import tqdm
 
     net = bb.Backbone(config.input_size, weights, precision, batch_size=config.batch_size)
@@ -173,7 +176,8 @@ def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, wor
     writer = _PartWriter(work, work.next_seq())
     writer.start()
     n_rejected = 0
-    bar = tqdm(total=len(listing), initial=done, unit="img", desc="extract", disable=config.quiet, smoothing=0.1, dynamic_ncols=True)
+    bar = tqdm(total=done + len(todo), initial=done, unit="img", desc="extract", disable=config.quiet, smoothing=0.1, dynamic_ncols=True)
+    t0 = time.perf_counter()
     try:
         for run in _runs(todo):
             for batch in iter_batches(
@@ -190,17 +194,81 @@ def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, wor
     finally:
         bar.close()
         writer.close()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class _Base:
+    """What an incremental run keeps of the previous complete output."""
+
+    path: Path
+    fingerprint: dict
+    keep_rows: np.ndarray  # rows of the old file still valid (ascending)
+    keep_index: np.ndarray  # their listing indices
+    kept_rejected: list  # (path, reason, size, mtime) of old rejects still valid
+    kept_rejected_index: np.ndarray
+    old_rows: int
+
+    @property
+    def covered(self) -> np.ndarray:
+        return np.concatenate([self.keep_index, self.kept_rejected_index]).astype(np.int64)
+
+
+#: Fingerprint keys that may differ for an incremental update (the images themselves).
+_LISTING_KEYS = ("listing_sha256", "n_files", "class_names")
+
+
+def _plan_incremental(output: Path, old: dict, listing: Listing) -> _Base:
+    """Match the old file's rows to the listing by path, size, modification time and class."""
+    import h5py
+
+    pos = {p: i for i, p in enumerate(listing.paths)}
+    with h5py.File(output, "r") as db:
+        names = [x.decode() for x in db["label_names"][:]]
+        old_paths = [os.fsdecode(x) for x in db["paths"][:]]
+        sizes, mtimes, labels = db["file_sizes"][:], db["file_mtimes_ns"][:], db["labels"][:]
+        rej = db["rejected"]
+        rej_rows = list(zip(
+            [os.fsdecode(x) for x in rej["paths"][:]],
+            [x.decode() for x in rej["reasons"][:]],
+            rej["file_sizes"][:].tolist() if "file_sizes" in rej else [-1] * rej["paths"].shape[0],
+            rej["file_mtimes_ns"][:].tolist() if "file_mtimes_ns" in rej else [-1] * rej["paths"].shape[0],
+        ))  # fmt: skip
+
+    def same(i: int, size: int, mtime: int) -> bool:
+        return int(listing.sizes[i]) == size and int(listing.mtimes_ns[i]) == mtime
+
+    keep_rows, keep_index = [], []
+    for r, p in enumerate(old_paths):
+        i = pos.get(p)
+        if i is not None and same(i, int(sizes[r]), int(mtimes[r])) and listing.class_names[listing.labels[i]] == names[labels[r]]:
+            keep_rows.append(r)
+            keep_index.append(i)
+    kept_rejected, kept_rejected_index = [], []
+    for p, reason, size, mtime in rej_rows:
+        i = pos.get(p)
+        if i is not None and same(i, size, mtime):
+            kept_rejected.append((p, reason, size, mtime))
+            kept_rejected_index.append(i)
+    return _Base(
+        output, old, np.asarray(keep_rows, np.int64), np.asarray(keep_index, np.int64),
+        kept_rejected, np.asarray(kept_rejected_index, np.int64), len(old_paths),
+    )  # fmt: skip
 
 
 def run(config: ExtractConfig) -> int:
     """Extract features for every image of ``config.data_dir`` into ``config.output``.
+
+    A complete output made with the same settings is brought up to date incrementally:
+    rows of unchanged files are kept, new or modified files are extracted and appended,
+    rows of removed files are dropped. Any other difference needs ``--overwrite``.
 
     Returns the exit status: 0 when done (or already up to date), 1 when ``--strict``
     and some file was rejected, 130 when interrupted (the run can be resumed).
 
     Raises:
         PipelineError: bad settings, a bad data folder, an unwritable output, an output
-            made from other images or settings (without ``--overwrite``), a locked output.
+            made with other settings (without ``--overwrite``), a locked output, a full disk.
     """
     config.validate()
     listing = shard_listing(list_images(config.data_dir), config.shards, config.shard)
@@ -214,18 +282,23 @@ def run(config: ExtractConfig) -> int:
         precision = bb.resolve_precision(config.precision)
         fp = fingerprint(config, listing, weights, precision)
         work = WorkArea(output)
+        base = None
         if output.exists():
             old = _existing_fingerprint(output)
             if old == fp:
                 work.remove()  # left over if a run was killed between rename and clean-up
                 print(f"{output}: up to date ({len(listing)} images, nothing changed)")
                 return 0
-            if not config.overwrite:
+            settings_same = old is not None and all(old.get(k) == v for k, v in fp.items() if k not in _LISTING_KEYS)
+            if settings_same and not config.overwrite:
+                base = _plan_incremental(output, old, listing)
+            elif not config.overwrite:
                 why = describe_difference(old, fp) if old else "it is not a complete feature file"
                 raise PipelineError(f"{output}: exists and differs: {why}; pass --overwrite to replace it")
+        manifest_fp = dict(fp, base=base.fingerprint["listing_sha256"] if base else None)
         if work.exists():
             manifest = work.manifest()
-            if manifest != fp:
+            if manifest != manifest_fp:
                 if not config.overwrite and manifest is not None:
                     raise PipelineError(
                         f"{work.path}: an interrupted run with other images or settings ({describe_difference(manifest, fp)}); "
@@ -233,23 +306,30 @@ def run(config: ExtractConfig) -> int:
                     )
                 work.remove()
         if not work.exists():
-            work.start(fp)
+            work.start(manifest_fp)
         done = work.done_indices()
-        todo = np.setdiff1d(np.arange(len(listing), dtype=np.int64), done)
-        if len(done):
+        covered = np.union1d(done, base.covered) if base else done
+        todo = np.setdiff1d(np.arange(len(listing), dtype=np.int64), covered)
+        if base:
+            say(
+                f"updating {output}: keeping {len(base.keep_rows)} rows, dropping {base.old_rows - len(base.keep_rows)}, "
+                f"{len(todo)} new or changed files to extract"
+            )
+        elif len(done):
             say(f"resuming {output}: {len(done)} of {len(listing)} files already done")
         t0 = time.perf_counter()
+        loop_seconds = 0.0
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if threading.current_thread() is threading.main_thread():
                 for s in previous:
                     signal.signal(s, _raise_interrupt)
             if len(todo):
-                _extract_rows(config, listing, todo, work, weights, precision, len(done))
+                loop_seconds = _extract_rows(config, listing, todo, work, weights, precision, len(covered))
         except (_Interrupted, KeyboardInterrupt) as exc:
             finished = len(work.done_indices())
             print(
-                f"interrupted ({exc or 'SIGINT'}) after {finished} of {len(listing)} files; "
+                f"interrupted ({exc or 'SIGINT'}) with {finished} files of this run done; "
                 f"run the same command again to resume from {work.path}",
                 file=sys.stderr,
             )
@@ -258,10 +338,10 @@ def run(config: ExtractConfig) -> int:
             if threading.current_thread() is threading.main_thread():
                 for s, h in previous.items():
                     signal.signal(s, h)
+        n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo))
         seconds = time.perf_counter() - t0
-        n, n_rej = _assemble(config, listing, work, fp, weights, precision, seconds, len(todo))
         work.remove()
-    rate = len(todo) / seconds if seconds > 0 and len(todo) else 0.0
+    rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
     print(
         f"extracted {n} images, rejected {n_rej}"
         + (f" (listed in rejected/ of {output})" if n_rej else "")
@@ -273,18 +353,38 @@ def run(config: ExtractConfig) -> int:
     return 0
 
 
-def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, seconds: float, processed: int):
+def _base_rows(base: _Base, listing: Listing, block: int = 1024):
+    """The kept rows of the previous output, in their old order, a block at a time."""
+    import h5py
+
+    with h5py.File(base.path, "r") as db:
+        feats = db["features"]
+        rows, index = base.keep_rows, base.keep_index
+        for start in range(0, len(rows), block):
+            r, i = rows[start : start + block], index[start : start + block]
+            lo, hi = int(r[0]), int(r[-1]) + 1
+            # Kept rows are mostly dense: one contiguous read, then pick; sparse ones one by one.
+            f = feats[lo:hi][r - lo] if hi - lo <= 2 * len(r) else feats[r]
+            yield f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i]
+
+
+def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, base, loop_seconds: float, processed: int):
     parts = work.index()
-    rejected: list[tuple[str, str]] = []
-    covered = 0
+    rejected: list[tuple[str, str, int, int]] = list(base.kept_rejected) if base else []
+    covered = len(base.covered) if base else 0
     for part in parts:
         covered += len(part.indices) + len(part.rejected_indices)
-        rejected.extend((listing.paths[i], r) for i, r in zip(part.rejected_indices.tolist(), part.reasons))
+        rejected.extend(
+            (listing.paths[i], r, int(listing.sizes[i]), int(listing.mtimes_ns[i]))
+            for i, r in zip(part.rejected_indices.tolist(), part.reasons)
+        )
     if covered != len(listing):
         raise PipelineError(f"{work.path}: work area covers {covered} of {len(listing)} files; re-run to finish")
-    rejected.extend((p, reason) for p, reason, _, _ in listing.unlisted)
+    rejected.extend(listing.unlisted)
 
     def rows():
+        if base:
+            yield from _base_rows(base, listing)
         for part in parts:  # one part in memory at a time
             idx = part.indices
             yield (
@@ -314,8 +414,10 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
         "versions": json.dumps(package_versions()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command_line": config.command_line,
-        "extract_seconds": seconds,
+        "extract_seconds": loop_seconds,
         "images_processed_last_run": processed,
+        "incremental": bool(base),
+        "rows_kept": len(base.keep_rows) if base else 0,
         "fingerprint": json.dumps(fp, sort_keys=True),
     }
     n = write_feature_file(

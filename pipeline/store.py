@@ -209,13 +209,14 @@ def write_feature_file(
     storage: str,
     class_names: tuple[str, ...],
     rows: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-    rejected: list[tuple[str, str]],
+    rejected: list[tuple[str, str, int, int]],
     attrs: dict,
 ) -> int:
     """Write a complete feature file through a temporary name and an atomic rename.
 
     ``rows`` yields ``(features, labels, paths, sizes, mtimes_ns)`` blocks in file order;
-    they are appended chunk by chunk, so memory stays flat. ``complete`` is set last.
+    they are appended chunk by chunk, so memory stays flat. ``rejected`` holds
+    ``(path, reason, size, mtime_ns)``. ``complete`` is set last.
     Returns the number of rows written.
 
     Raises:
@@ -259,8 +260,10 @@ def write_feature_file(
                 mtimes[n : n + k] = m
                 n += k
             grp = db.create_group("rejected")
-            grp.create_dataset("paths", data=np.asarray([os.fsencode(p) for p, _ in rejected], dtype=object), dtype=STR)
-            grp.create_dataset("reasons", data=np.asarray([r.encode() for _, r in rejected], dtype=object), dtype=STR)
+            grp.create_dataset("paths", data=np.asarray([os.fsencode(r[0]) for r in rejected], dtype=object), dtype=STR)
+            grp.create_dataset("reasons", data=np.asarray([r[1].encode() for r in rejected], dtype=object), dtype=STR)
+            grp.create_dataset("file_sizes", data=np.asarray([r[2] for r in rejected], dtype=np.int64))
+            grp.create_dataset("file_mtimes_ns", data=np.asarray([r[3] for r in rejected], dtype=np.int64))
             for key, value in attrs.items():
                 db.attrs[key] = value
             db.attrs["format_version"] = FORMAT_VERSION

@@ -66,7 +66,7 @@ def test_features_match_a_direct_model_call(tmp_path):
         np.testing.assert_allclose(ff.db["features"][:], net(pixels), rtol=1e-5, atol=1e-5)
 
 
-def test_rerun_is_up_to_date_and_changes_are_refused(tmp_path, capsys):
+def test_rerun_is_up_to_date_and_setting_changes_are_refused(tmp_path, capsys):
     data = make_tree(tmp_path / "data")
     out = tmp_path / "x.h5"
     assert extract(data, out) == 0
@@ -76,16 +76,56 @@ def test_rerun_is_up_to_date_and_changes_are_refused(tmp_path, capsys):
     assert out.stat().st_mtime_ns == before
 
     assert extract(data, out, "--storage", "float32") == 2
-    assert "storage 'float16' -> 'float32'" in capsys.readouterr().err
-
-    write_image(data / "cat" / "new.png", seed=99)
-    assert extract(data, out) == 2
     err = capsys.readouterr().err
-    assert "the images changed" in err and "--overwrite" in err and str(out) in err
+    assert "storage 'float16' -> 'float32'" in err and "--overwrite" in err and str(out) in err
+    assert out.stat().st_mtime_ns == before
 
-    assert extract(data, out, "--overwrite") == 0
+    assert extract(data, out, "--storage", "float32", "--overwrite") == 0
     with h5py.File(out, "r") as db:
-        assert db["features"].shape[0] == 7
+        assert db["features"].dtype == np.float32
+
+
+def _rows_by_path(out):
+    with open_features(out) as ff:
+        feats = ff.db["features"][:]
+        return {p: (lab, feats[k]) for k, (p, lab) in enumerate(zip(ff.paths, ff.labels.tolist()))}
+
+
+def test_changed_folder_is_updated_incrementally(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=6)
+    (data / "a" / "bad.png").write_bytes(b"")
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    old = _rows_by_path(out)
+    capsys.readouterr()
+
+    (data / "b" / "002.png").unlink()  # removed
+    write_image(data / "a" / "new.png", seed=77)  # added
+    write_image(data / "b" / "004.png", seed=78)  # modified in place
+    os.utime(data / "b" / "004.png", ns=(1, 1))
+    (data / "c").mkdir()  # a new class
+    write_image(data / "c" / "000.png", seed=79)
+    loud = [a for a in FAST if a != "--quiet"]
+    assert main(["extract", str(data), "-o", str(out), *loud]) == 0  # not quiet: says what it does
+    captured = capsys.readouterr()
+    assert "keeping 10 rows, dropping 2, 3 new or changed files to extract" in captured.err
+    assert "3 processed this run" in captured.out
+
+    fresh = tmp_path / "fresh.h5"
+    assert extract(data, fresh) == 0
+    new, ref = _rows_by_path(out), _rows_by_path(fresh)
+    assert set(new) == set(ref) and len(new) == 13
+    for p, (lab, f) in ref.items():
+        assert new[p][0] == lab, p
+        np.testing.assert_array_equal(new[p][1], f)
+    for p in set(old) - {"b/004.png", "b/002.png"}:  # kept rows were copied, not recomputed
+        np.testing.assert_array_equal(new[p][1], old[p][1])
+    with open_features(out) as ff:
+        assert ff.paths[-3:] == ["a/new.png", "b/004.png", "c/000.png"]  # new rows appended, in listing order
+        assert ff.label_names == ["a", "b", "c"]
+        assert [p.decode() for p in ff.db["rejected/paths"][:]] == ["a/bad.png"]
+    assert verify(out) == []
+    assert extract(data, out) == 0 and "up to date" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def test_listing_sorted_by_class_then_path(tmp_path):
         "ant/000.png", "ant/001.png", "ant/sub/deep.JPG",
         "moose/000.png", "moose/001.png",
         "zebra/000.png", "zebra/001.png",
-    )  # fmt: skip
+    )
     assert listing.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert {(p, r) for p, r, _, _ in listing.unlisted} == {
         ("stray.png", "not inside a class folder"),

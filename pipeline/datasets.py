@@ -1,0 +1,347 @@
+"""Build the default data set: a class-per-folder PNG tree sampled from Fashion-MNIST."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import socket
+import sys
+import tempfile
+import zlib
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+FASHION_CLASSES = (
+    "tshirt_top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+)  # Fashion-MNIST label order
+
+DEBIAN_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+PER_CLASS_AVAILABLE = {"train": 6000, "test": 1000}
+MANIFEST = "MANIFEST.json"
+MANIFEST_VERSION = 1
+_INDEX_WIDTH = 5  # file names are the index in the idx file, zero-padded: 00042.png
+_IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
+_HOW_TO_GET = ("install the Debian package (`apt-get install dataset-fashion-mnist`), pass a "
+               "folder holding the four Fashion-MNIST idx .gz files, or use a machine with a "
+               "network so Keras can download it")
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one (optionally gzipped) idx file of unsigned bytes.
+
+    Args:
+        path: an ``*-idx3-ubyte[.gz]`` (images) or ``*-idx1-ubyte[.gz]`` (labels) file.
+
+    Returns:
+        uint8 array of shape (N, rows, cols) for images or (N,) for labels.
+
+    Raises:
+        PipelineError: unreadable, not gzip when named .gz, wrong magic number or truncated.
+    """
+    path = pathlib.Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise PipelineError(f"cannot read idx file {path}: {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] not in (1, 3):
+        raise PipelineError(
+            f"idx file {path} is corrupt: bad magic number {data[:4].hex() or '(empty)'} "
+            "(expected 00000801 for labels or 00000803 for images)"
+        )
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise PipelineError(f"idx file {path} is corrupt: truncated header")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64))
+    if len(data) - header != expected:
+        raise PipelineError(
+            f"idx file {path} is corrupt: header says {dims} ({expected} bytes) but it holds "
+            f"{len(data) - header} bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_split(folder: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for name, magic in zip(IDX_FILES[split], (_IMAGES_MAGIC, _LABELS_MAGIC), strict=True):
+        path = folder / name
+        if not path.is_file() and (folder / name[:-3]).is_file():
+            path = folder / name[:-3]  # accept uncompressed copies too
+        arr = read_idx(path)
+        want_ndim = 3 if magic == _IMAGES_MAGIC else 1
+        if arr.ndim != want_ndim:
+            raise PipelineError(
+                f"idx file {path} is corrupt: its magic number says {arr.ndim}-d data, but "
+                f"{'images (magic 00000803)' if want_ndim == 3 else 'labels (magic 00000801)'} "
+                "were expected"
+            )
+        arrays.append((path, arr))
+    (ipath, images), (lpath, labels) = arrays
+    if images.shape[1:] != (28, 28):
+        raise PipelineError(f"idx file {ipath} holds {images.shape[1:]} images, expected 28x28")
+    if len(images) != len(labels):
+        raise PipelineError(f"{ipath} has {len(images)} images but {lpath} has {len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_CLASSES):
+        raise PipelineError(f"idx file {lpath} is corrupt: label {labels.max()} is not in 0..9")
+    return images, labels
+
+
+def _has_idx_files(folder: pathlib.Path) -> bool:
+    return all((folder / n).is_file() or (folder / n[:-3]).is_file()
+               for names in IDX_FILES.values() for n in names)
+
+
+def _load_from_keras() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    try:
+        import keras  # noqa: PLC0415 - heavy, last resort only
+    except ImportError as exc:
+        raise PipelineError(f"no Fashion-MNIST source found and keras is unavailable ({exc}); "
+                            f"{_HOW_TO_GET}") from None
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20.0)  # the download has no timeout of its own
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints its download messages on stdout
+            (xtr, ytr), (xte, yte) = keras.datasets.fashion_mnist.load_data()
+    except Exception as exc:  # noqa: BLE001 - get_file raises a bare Exception
+        why = str(exc).rsplit(" -- ", 1)[-1].strip() or type(exc).__name__
+        raise PipelineError(f"no Fashion-MNIST found: {DEBIAN_DIR} is missing and the Keras "
+                            f"download failed ({why}); {_HOW_TO_GET}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return {"train": (np.asarray(xtr, np.uint8), np.asarray(ytr, np.uint8)),
+            "test": (np.asarray(xte, np.uint8), np.asarray(yte, np.uint8))}
+
+
+def load_fashion_mnist(source=None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """Load the Fashion-MNIST arrays.
+
+    Args:
+        source: a folder with the four idx .gz files; None tries the Debian package
+            ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist) then the Keras download.
+
+    Returns:
+        ({"train": (images, labels), "test": (images, labels)}, source description).
+
+    Raises:
+        PipelineError: the source folder lacks files or holds corrupt ones, or no source works.
+    """
+    if source is not None:
+        folder = pathlib.Path(source).expanduser()
+        if not folder.is_dir():
+            raise PipelineError(f"Fashion-MNIST source folder {folder} does not exist")
+        missing = [n for names in IDX_FILES.values() for n in names
+                   if not (folder / n).is_file() and not (folder / n[:-3]).is_file()]
+        if missing:
+            raise PipelineError(f"Fashion-MNIST source folder {folder} lacks {', '.join(missing)}")
+        return {s: _load_split(folder, s) for s in IDX_FILES}, f"folder:{folder}"
+    if _has_idx_files(DEBIAN_DIR):
+        return {s: _load_split(DEBIAN_DIR, s) for s in IDX_FILES}, f"debian:{DEBIAN_DIR}"
+    return _load_from_keras(), "keras-download"
+
+
+def _normalize(n, split: str, flag: str) -> int | None:
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise PipelineError(f"{flag} must be a positive whole number or None (all), got {n!r}")
+    return None if n >= PER_CLASS_AVAILABLE[split] else int(n)
+
+
+def _select(labels: np.ndarray, per_class: int | None, seed: int, split_no: int) -> list[np.ndarray]:
+    """Per class, the sorted indices of the chosen images (a seeded, per-split/class RNG)."""
+    chosen = []
+    for cls in range(len(FASHION_CLASSES)):
+        idx = np.flatnonzero(labels == cls)
+        if per_class is not None and per_class < len(idx):
+            rng = np.random.default_rng([seed, split_no, cls])
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        chosen.append(idx)
+    return chosen
+
+
+def _read_manifest(out_dir: pathlib.Path) -> dict | None:
+    try:
+        return json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tree_matches(out_dir: pathlib.Path, manifest: dict) -> bool:
+    """Cheap check that the PNG tree still holds what the manifest says."""
+    per_class = manifest.get("per_class", {})
+    for split in IDX_FILES:
+        counts = per_class.get(split, {})
+        for cls in FASHION_CLASSES:
+            folder = out_dir / split / cls
+            if not folder.is_dir():
+                return False
+            if sum(1 for p in folder.iterdir() if p.suffix == ".png") != counts.get(cls, -1):
+                return False
+    return True
+
+
+def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed=0,
+                        source=None, progress=True) -> dict:
+    """Write a class-per-folder PNG tree sampled from Fashion-MNIST.
+
+    Writes ``out_dir/{train,test}/<class>/<index>.png`` (28x28 grayscale; index = position in
+    the original idx file, zero-padded to 5 digits) and ``out_dir/MANIFEST.json`` last. If
+    out_dir already holds exactly the requested set nothing is done; otherwise the tree is
+    rebuilt in a temporary folder beside out_dir and swapped in.
+
+    Args:
+        out_dir: destination folder (created; an existing one must be empty or built by this
+            function).
+        train_per_class: images per class from the training file; None or >= 6000 means all.
+        test_per_class: images per class from the test file; None or >= 1000 means all.
+        seed: seed of the subset choice (irrelevant when everything is taken).
+        source: folder with the four idx .gz files; None uses the Debian package, then Keras.
+        progress: show a tqdm bar and a line on stderr.
+
+    Returns:
+        {"train": n, "test": m, "source": str, "built": bool, "out_dir": str}; built is False
+        when the existing tree already matched.
+
+    Raises:
+        PipelineError: bad counts, no usable source, corrupt idx files, or out_dir is a
+        non-empty folder that this function did not build.
+    """
+    out_dir = pathlib.Path(out_dir).expanduser()
+    params = {
+        "dataset": "fashion-mnist",
+        "version": MANIFEST_VERSION,
+        "train_per_class": _normalize(train_per_class, "train", "train_per_class"),
+        "test_per_class": _normalize(test_per_class, "test", "test_per_class"),
+    }
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PipelineError(f"seed must be a non-negative whole number, got {seed!r}")
+    all_images = params["train_per_class"] is None and params["test_per_class"] is None
+    params["seed"] = None if all_images else int(seed)
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PipelineError(f"{out_dir} exists and is not a folder")
+    existing = _read_manifest(out_dir) if out_dir.is_dir() else None
+    if out_dir.is_dir() and existing is None and any(out_dir.iterdir()):
+        raise PipelineError(f"{out_dir} is not empty and was not built by this tool (no {MANIFEST}); "
+                            "choose another folder or empty it")
+    if existing is not None:
+        if existing.get("dataset") != "fashion-mnist":
+            raise PipelineError(f"{out_dir}/{MANIFEST} is not a Fashion-MNIST manifest; "
+                                "choose another folder")
+        same = all(existing.get(k) == v for k, v in params.items())
+        if same and _tree_matches(out_dir, existing):
+            if progress:
+                print(f"fashion-mnist: {out_dir} already holds the requested set "
+                      f"({existing['counts']['train']} train, {existing['counts']['test']} test); "
+                      "nothing to do", file=sys.stderr, flush=True)
+            return {"train": existing["counts"]["train"], "test": existing["counts"]["test"],
+                    "source": existing.get("source", "?"), "built": False, "out_dir": str(out_dir)}
+
+    data, source_desc = load_fashion_mnist(source)
+    plan = {}
+    for split_no, split in enumerate(IDX_FILES):
+        _images, labels = data[split]
+        plan[split] = _select(labels, params[f"{split}_per_class"], int(seed), split_no)
+    total = sum(len(i) for chosen in plan.values() for i in chosen)
+
+    from PIL import Image  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        per_class: dict[str, dict[str, int]] = {}
+        with tqdm(total=total, desc=f"fashion-mnist -> {out_dir.name}", unit="img",
+                  disable=not progress, file=sys.stderr) as bar:
+            for split, chosen in plan.items():
+                images, _labels = data[split]
+                per_class[split] = {}
+                for cls, indices in zip(FASHION_CLASSES, chosen, strict=True):
+                    folder = tmp / split / cls
+                    folder.mkdir(parents=True)
+                    for index in indices:
+                        Image.fromarray(images[index]).save(folder / f"{index:0{_INDEX_WIDTH}d}.png")
+                        bar.update(1)
+                    per_class[split][cls] = int(len(indices))
+        counts = {split: sum(per_class[split].values()) for split in per_class}
+        manifest = dict(params, source=source_desc, counts=counts, per_class=per_class,
+                        classes=list(FASHION_CLASSES))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "tree")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"fashion-mnist: wrote {counts['train']} train + {counts['test']} test PNGs to "
+              f"{out_dir} (from {source_desc})", file=sys.stderr, flush=True)
+    return {"train": counts["train"], "test": counts["test"], "source": source_desc,
+            "built": True, "out_dir": str(out_dir)}
+
+
+def main(argv=None) -> int:
+    """Command line: ``python -m pipeline.datasets OUT_DIR [--train-per-class N] ...``.
+
+    Args:
+        argv: arguments (default sys.argv[1:]).
+
+    Returns:
+        0 on success; on a PipelineError prints ``error: ...`` to stderr and exits with 2.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.datasets",
+        description="Build a class-per-folder PNG tree (train/ and test/) from Fashion-MNIST.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
+    parser.add_argument("--train-per-class", type=int, default=100, metavar="N",
+                        help="training images per class (default 100; max 6000)")
+    parser.add_argument("--test-per-class", type=int, default=50, metavar="N",
+                        help="test images per class (default 50; max 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
+    parser.add_argument("--all", action="store_true", help="take every image (60000 + 10000)")
+    parser.add_argument("--source", metavar="DIR", default=None,
+                        help="folder with the four idx .gz files (default: the Debian package "
+                             "dataset-fashion-mnist, then the Keras download)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    try:
+        result = build_fashion_mnist(
+            args.out_dir,
+            train_per_class=None if args.all else args.train_per_class,
+            test_per_class=None if args.all else args.test_per_class,
+            seed=args.seed, source=args.source, progress=not args.quiet,
+        )
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    state = "built" if result["built"] else "already up to date"
+    print(f"{result['out_dir']}: {result['train']} train + {result['test']} test images in "
+          f"{len(FASHION_CLASSES)} classes ({state}; source {result['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Tests for pipeline.datasets: the Fashion-MNIST PNG tree, its manifest and its errors."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import datasets
+from pipeline.errors import PipelineError
+
+# `make setup` installs the Debian package dataset-fashion-mnist; without it these tests fail, loudly.
+
+
+@pytest.fixture(scope="module")
+def idx():
+    return {split: datasets._load_split(datasets.DEBIAN_DIR, split) for split in datasets.IDX_FILES}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    out = tmp_path / "fmnist"
+    result = datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
+    return out, result
+
+
+def _pngs(out):
+    return sorted(p.relative_to(out) for p in out.rglob("*.png"))
+
+
+def test_tree_counts_and_result(tiny):
+    out, result = tiny
+    assert result == {"train": 30, "test": 20, "source": f"debian:{datasets.DEBIAN_DIR}",
+                      "built": True, "out_dir": str(out)}
+    for split, n in (("train", 3), ("test", 2)):
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(datasets.FASHION_CLASSES)
+        for cls in datasets.FASHION_CLASSES:
+            assert len(list((out / split / cls).glob("*.png"))) == n
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["counts"] == {"train": 30, "test": 20}
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "test", "train"]
+    assert [p.name for p in out.parent.iterdir()] == ["fmnist"]  # no temp folders left
+
+
+def test_pngs_match_idx_images_and_labels(tiny, idx):
+    out, _result = tiny
+    for split in ("train", "test"):
+        images, labels = idx[split]
+        for cls_no, cls in enumerate(datasets.FASHION_CLASSES):
+            for png in (out / split / cls).glob("*.png"):
+                assert len(png.stem) == 5
+                index = int(png.stem)
+                assert labels[index] == cls_no
+                with Image.open(png) as im:
+                    assert im.size == (28, 28) and im.mode == "L"
+                    np.testing.assert_array_equal(np.asarray(im), images[index])
+
+
+def test_second_call_does_nothing(tiny, capsys):
+    out, _result = tiny
+    stamp = {p: p.stat().st_mtime_ns for p in [out / "MANIFEST.json", *out.rglob("*.png")]}
+    again = datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=True)
+    assert again["built"] is False and again["train"] == 30 and again["test"] == 20
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_changed_parameters_rebuild_cleanly(tiny):
+    out, _result = tiny
+    before = set(_pngs(out))
+    result = datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, seed=1,
+                                          progress=False)
+    assert result["built"] is True and result["train"] == 40 and result["test"] == 20
+    after = set(_pngs(out))
+    assert len(after) == 60 and after != before
+    assert json.loads((out / "MANIFEST.json").read_text())["seed"] == 1
+    assert [p.name for p in out.parent.iterdir()] == ["fmnist"]
+
+
+def test_deleted_file_triggers_rebuild(tiny):
+    out, _result = tiny
+    next(out.rglob("*.png")).unlink()
+    result = datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
+    assert result["built"] is True and len(_pngs(out)) == 50
+
+
+def test_same_seed_same_subset(tiny, tmp_path):
+    out, _result = tiny
+    other = tmp_path / "again"
+    datasets.build_fashion_mnist(other, train_per_class=3, test_per_class=2, progress=False)
+    assert _pngs(other) == _pngs(out)
+
+
+def test_counts_at_or_above_available_mean_all():
+    assert datasets._normalize(6000, "train", "x") is None
+    assert datasets._normalize(1000, "test", "x") is None
+    assert datasets._normalize(999, "test", "x") == 999
+    with pytest.raises(PipelineError, match="positive"):
+        datasets._normalize(0, "train", "train_per_class")
+
+
+def _source_folder(tmp_path, bad_name, content):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for names in datasets.IDX_FILES.values():
+        for name in names:
+            if name != bad_name:
+                (folder / name).symlink_to(datasets.DEBIAN_DIR / name)
+    (folder / bad_name).write_bytes(content)
+    return folder
+
+
+@pytest.mark.parametrize("content, why", [
+    (gzip.compress(b"\x12\x34\x56\x78" + bytes(100)), "bad magic number 12345678"),
+    (gzip.compress(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10)),
+     "images .magic 00000803. were expected"),
+    (gzip.compress(b"\x00\x00\x08\x03" + b"\x00\x00\x27\x10\x00\x00\x00\x1c\x00\x00\x00\x1c"
+                   + bytes(100)), "header says"),
+    (b"this is not gzip", "cannot read idx file"),
+], ids=["bad-magic", "labels-not-images", "truncated", "not-gzip"])
+def test_corrupt_source_folder(tmp_path, content, why):
+    bad = "t10k-images-idx3-ubyte.gz"
+    folder = _source_folder(tmp_path, bad, content)
+    with pytest.raises(PipelineError, match=why) as err:
+        datasets.build_fashion_mnist(tmp_path / "out", train_per_class=1, test_per_class=1,
+                                     source=folder, progress=False)
+    assert str(folder / bad) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_folder_missing_files(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(PipelineError, match="lacks train-images-idx3-ubyte.gz"):
+        datasets.build_fashion_mnist(tmp_path / "out", source=tmp_path / "src", progress=False)
+
+
+def test_refuses_foreign_non_empty_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(PipelineError, match="not empty and was not built by this tool"):
+        datasets.build_fashion_mnist(tmp_path, train_per_class=1, test_per_class=1, progress=False)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_main_summary_and_error(tmp_path, capsys):
+    assert datasets.main([str(tmp_path / "d"), "--train-per-class", "2", "--test-per-class", "1",
+                          "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "20 train + 10 test images" in out and "built" in out
+    with pytest.raises(SystemExit) as exc:
+        datasets.main([str(tmp_path / "e"), "--source", str(tmp_path / "missing"), "--quiet"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: Fashion-MNIST source folder")
+
+
+def test_keras_route_when_no_debian_files(tmp_path, monkeypatch, idx):
+    import keras
+
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", tmp_path / "no-debian")
+    (xtr, ytr), (xte, yte) = idx["train"], idx["test"]
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data",
+                        lambda: ((xtr.copy(), ytr.copy()), (xte.copy(), yte.copy())))
+    result = datasets.build_fashion_mnist(tmp_path / "out", train_per_class=1, test_per_class=1,
+                                          progress=False)
+    assert result["source"] == "keras-download" and result["train"] == 10 and result["test"] == 10
+
+
+def test_no_source_at_all_says_how_to_get_it(tmp_path, monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on x: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(PipelineError, match="apt-get install dataset-fashion-mnist") as err:
+        datasets.build_fashion_mnist(tmp_path / "out", progress=False)
+    assert "Name or service not known" in str(err.value)
