@@ -88,10 +88,21 @@ def _run_verify(args, argv) -> int:
     return status
 
 
+def _lazy(module: str, add: str = "add_parser", run: str = "run_cli"):
+    """A command whose module is imported only when used (TensorFlow start-up is slow)."""
+    import importlib
+
+    return (
+        lambda sub: getattr(importlib.import_module(f"pipeline.{module}"), add)(sub),
+        lambda args, argv: getattr(importlib.import_module(f"pipeline.{module}"), run)(args, argv),
+    )
+
+
 COMMANDS = {
     "extract": (_add_extract, _run_extract),
     "weights": (_add_weights, _run_weights),
     "verify": (_add_verify, _run_verify),
+    "bench": _lazy("bench"),
 }
 
 

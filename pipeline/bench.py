@@ -1,0 +1,385 @@
+"""Benchmark: extraction against the widely copied naive loop and the compute-only limit, plus storage, memory, incremental and accuracy checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+DEFAULT_DATA = Path("data/fashion-mnist")
+PRECISIONS_MEASURED = ("float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------- child side
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _paths(data: Path) -> list[Path]:
+    from pipeline.reader import list_images
+
+    listing = list_images(data)
+    return [listing.root / p for p in listing.paths]
+
+
+def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
+    """The network alone on preprocessed batches already in memory: the hardware limit."""
+    from pipeline.backbone import Backbone
+    from pipeline.reader import load_image
+    from pipeline.weights import resolve_weights
+
+    paths = _paths(data)
+    pixels = np.stack([load_image(p, size, "bilinear") for p in paths])
+    net = Backbone(size, resolve_weights("imagenet", progress=False), precision, batch_size=batch)
+    net(pixels[:batch])  # trace and warm up outside the clock
+    t0 = time.perf_counter()
+    net(pixels)
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds}
+
+
+def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
+    """The recipe copied from countless tutorials: one load_img at a time, predict on
+    batches of 32, accumulate everything, write float64 uncompressed HDF5."""
+    import h5py
+    import keras
+
+    from pipeline.backbone import build_vgg16
+    from pipeline.weights import load_weights, resolve_weights
+
+    paths = _paths(data)
+    model = build_vgg16(size, "float32")
+    load_weights(model, resolve_weights("imagenet", progress=False))
+    model.predict(np.zeros((batch, size, size, 3), np.float32), batch_size=batch, verbose=0)  # warm-up
+    t0 = time.perf_counter()
+    features, labels, pending = [], [], []
+    for p in paths:
+        img = keras.utils.load_img(p, target_size=(size, size))
+        x = keras.applications.vgg16.preprocess_input(keras.utils.img_to_array(img))
+        pending.append(x)
+        labels.append(p.parent.name)
+        if len(pending) == batch:
+            features.append(model.predict(np.array(pending), batch_size=batch, verbose=0))
+            pending = []
+    if pending:
+        features.append(model.predict(np.array(pending), batch_size=batch, verbose=0))
+    feats = np.concatenate(features).astype(np.float64)
+    with h5py.File(out, "w") as db:
+        db.create_dataset("features", data=feats)
+        db.create_dataset("labels", data=np.array(labels, dtype="S"))
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds, "bytes": out.stat().st_size}
+
+
+def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path) -> dict:
+    import h5py
+
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run
+
+    t0 = time.perf_counter()
+    cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True, overwrite=True)
+    if run(cfg) != 0:
+        raise PipelineError("extract failed inside the benchmark")
+    wall = time.perf_counter() - t0
+    with h5py.File(out, "r") as db:
+        n = int(db["features"].shape[0])
+        loop = float(db.attrs["extract_seconds"])
+        stored = int(db["features"].id.get_storage_size())
+    return {"images": n, "seconds": loop, "wall_seconds": wall, "bytes": out.stat().st_size, "feature_bytes": stored}
+
+
+def child_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("variant")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if a.variant == "compute":
+        r = _child_compute(a.data, a.size, a.batch, a.precision)
+    elif a.variant == "naive":
+        r = _child_naive(a.data, a.size, a.batch, a.out)
+    else:
+        r = _child_extract(a.data, a.size, a.batch, a.precision, a.out)
+    r["peak_rss_mb"] = _peak_rss_mb()
+    print("BENCH " + json.dumps(r))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent side
+def _run_child(*args: str) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--child", *args], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise PipelineError(f"benchmark step {args[0]} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+
+
+def _sample_tree(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
+    """Symlink ``n`` images of ``src`` (evenly spread over its sorted listing, after ``skip``) into a class tree."""
+    from pipeline.reader import list_images
+
+    listing = list_images(src)
+    pick = np.linspace(0, len(listing) - 1, num=min(n + skip, len(listing))).astype(int)[skip:]
+    for i in pick.tolist():
+        target = dst / listing.paths[i]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.symlink((listing.root / listing.paths[i]).resolve(), target)
+    return dst
+
+
+def _throughput(args, tmp: Path, say) -> dict:
+    sample = _sample_tree(args.data / "train", tmp / "sample", args.images)
+    common = ["--data", str(sample), "--size", str(args.input_size), "--batch", str(args.batch_size)]
+    precisions = [p for p in PRECISIONS_MEASURED if p in args.precisions]
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):
+        order = ["naive"] + [f"compute-{p}" for p in precisions] + [f"extract-{p}" for p in precisions]
+        for name in order:
+            if name == "naive":
+                r = _run_child("naive", *common, "--out", str(tmp / "naive.h5"))
+            elif name.startswith("compute-"):
+                r = _run_child("compute", *common, "--precision", name[8:])
+            else:
+                r = _run_child("extract", *common, "--precision", name[8:], "--out", str(tmp / f"{name}.h5"))
+            r["images_per_second"] = r["images"] / r["seconds"]
+            runs.setdefault(name, []).append(r)
+            say(f"  repeat {rep + 1}/{args.repeats} {name:<18} {r['images_per_second']:7.2f} img/s  peak {r['peak_rss_mb']:.0f} MB")
+    rows = []
+    for name, rs in runs.items():
+        ips = [r["images_per_second"] for r in rs]
+        # Ratios within one repeat (same minute of a noisy machine), then the median.
+        vs_naive = [r["images_per_second"] / n["images_per_second"] for r, n in zip(rs, runs["naive"])]
+        precision = name.split("-", 1)[1] if "-" in name else "float32"
+        limit = runs.get(f"compute-{precision}", runs.get("compute-float32"))
+        vs_limit = [r["images_per_second"] / c["images_per_second"] for r, c in zip(rs, limit)] if limit else []
+        rows.append(
+            {
+                "variant": name,
+                "images_per_second": statistics.median(ips),
+                "vs_naive": statistics.median(vs_naive),
+                "vs_compute_limit": statistics.median(vs_limit) if vs_limit else None,
+                "vs_compute_float32": statistics.median(
+                    [r["images_per_second"] / c["images_per_second"] for r, c in zip(rs, runs["compute-float32"])]
+                )
+                if "compute-float32" in runs
+                else None,
+                "peak_rss_mb": statistics.median([r["peak_rss_mb"] for r in rs]),
+                "bytes_per_image": statistics.median([r.get("feature_bytes", r.get("bytes", 0)) / r["images"] for r in rs])
+                if not name.startswith("compute")
+                else None,
+                "repeats": len(rs),
+            }
+        )
+    return {"images": args.images, "rows": rows}
+
+
+def _memory_scaling(args, tmp: Path, say) -> dict:
+    """Peak RSS of extract on N and 10N images: rows are streamed, so it must not grow."""
+    out = {}
+    for n in (args.memory_images, 10 * args.memory_images):
+        tree = _sample_tree(args.data / "train", tmp / f"mem{n}", n)
+        r = _run_child("extract", "--data", str(tree), "--size", str(args.input_size), "--batch", str(args.batch_size), "--precision", "auto", "--out", str(tmp / f"mem{n}.h5"))
+        out[n] = r["peak_rss_mb"]
+        say(f"  memory: {n} images -> peak {r['peak_rss_mb']:.0f} MB")
+    small, large = out.values()
+    return {"images": list(out), "peak_rss_mb": list(out.values()), "growth": large / small - 1.0}
+
+
+def _incremental(args, tmp: Path, say) -> dict:
+    """A full run, then 1% added, then 1% removed: the updates must cost a small fraction."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run
+
+    n = args.incremental_images
+    tree = _sample_tree(args.data / "train", tmp / "inc", n)
+    out = tmp / "inc.h5"
+    cfg = ExtractConfig(data_dir=tree, output=out, input_size=args.input_size, batch_size=args.batch_size, quiet=True)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        if run(cfg) != 0:
+            raise PipelineError("extract failed inside the incremental benchmark")
+        return time.perf_counter() - t0
+
+    full = timed()
+    k = max(1, n // 100)
+    extra = _sample_tree(args.data / "test", tmp / "inc", k)  # 1% new images, from the test split
+    add = timed()
+    from pipeline.reader import list_images
+
+    listing = list_images(extra)
+    for p in listing.paths[:: max(1, len(listing) // k)][:k]:
+        (extra / p).unlink()
+    remove = timed()
+    say(f"  incremental: full {full:.1f} s, +{k} images {add:.2f} s, -{k} images {remove:.2f} s")
+    return {"images": n, "changed": k, "full_seconds": full, "add_seconds": add, "remove_seconds": remove,
+            "add_ratio": add / full, "remove_ratio": remove / full}  # fmt: skip
+
+
+def _accuracy(args, say) -> dict:
+    """Logistic regression on the default data's features at each precision, against float32."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run as extract
+
+    results = {}
+    folder = args.output / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    for precision in ("float32", "bfloat16"):
+        files = {}
+        for split in ("train", "test"):
+            files[split] = folder / f"{precision}-{split}.h5"
+            cfg = ExtractConfig(data_dir=args.data / split, output=files[split], precision=precision, quiet=True, batch_size=args.batch_size)
+            if extract(cfg) != 0:
+                raise PipelineError(f"extract failed for {files[split]}")
+        results[precision] = _lr_accuracy(files["train"], files["test"], args.output / f"lr-{precision}")
+        say(f"  accuracy: LR on {precision} features: {results[precision]['accuracy']:.4f}")
+    return results
+
+
+def _lr_accuracy(train: Path, test: Path, out: Path) -> dict:
+    from pipeline import train as train_stage
+
+    cfg = train_stage.TrainConfig(features=train, model="lr", test=test, output=out, quiet=True)
+    metrics = train_stage.run(cfg)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "fit_seconds": metrics.get("fit_seconds")}
+
+
+def _training(args, say) -> dict:
+    """Our default LR search against GridSearchCV(LogisticRegression(), C over 6 values, cv=3) on flattened features."""
+    from pipeline import train as train_stage
+
+    folder = args.output / "features"
+    tr, te = folder / "bfloat16-train.h5", folder / "bfloat16-test.h5"
+    t0 = time.perf_counter()
+    ours = _lr_accuracy(tr, te, args.output / "lr-search")
+    ours_seconds = time.perf_counter() - t0
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    from pipeline.store import open_features
+
+    def load(p):
+        with open_features(p) as ff:
+            return np.concatenate([b.reshape(len(b), -1) for _, b in ff.iter_chunks()]), ff.labels
+
+    xtr, ytr = load(tr)
+    xte, yte = load(te)
+    t0 = time.perf_counter()
+    grid = GridSearchCV(LogisticRegression(), {"C": [0.1, 1, 10, 100, 1000, 10000]}, cv=3).fit(xtr, ytr)
+    naive_seconds = time.perf_counter() - t0
+    naive_acc = float(grid.score(xte, yte))
+    say(f"  training: ours {ours_seconds:.1f} s acc {ours['accuracy']:.4f}; GridSearchCV {naive_seconds:.1f} s acc {naive_acc:.4f}")
+    _ = train_stage
+    return {"ours_seconds": ours_seconds, "ours_accuracy": ours["accuracy"], "gridsearch_seconds": naive_seconds,
+            "gridsearch_accuracy": naive_acc, "speedup": naive_seconds / ours_seconds}  # fmt: skip
+
+
+def _markdown(result: dict) -> str:
+    lines = [
+        f"Benchmark on {result['machine']}, input {result['input_size']}, batch {result['batch_size']}, "
+        f"{result['throughput']['images']} images, median of {result['repeats']} repeats.",
+        "",
+        "| variant | images/s | x naive | x compute limit (same precision) | x compute limit (float32) | peak RSS MB | stored bytes/image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["throughput"]["rows"]:
+        def f(v, fmt):
+            return "" if v is None else format(v, fmt)
+
+        lines.append(
+            f"| {r['variant']} | {r['images_per_second']:.2f} | {r['vs_naive']:.2f} | {f(r['vs_compute_limit'], '.3f')} | "
+            f"{f(r['vs_compute_float32'], '.3f')} | {r['peak_rss_mb']:.0f} | {f(r['bytes_per_image'], ',.0f')} |"
+        )
+    if "memory" in result:
+        m = result["memory"]
+        lines += ["", f"Peak memory of extract: {m['images'][0]} images {m['peak_rss_mb'][0]:.0f} MB, "
+                      f"{m['images'][1]} images {m['peak_rss_mb'][1]:.0f} MB ({100 * m['growth']:+.1f}%)."]  # fmt: skip
+    if "incremental" in result:
+        i = result["incremental"]
+        lines += ["", f"Incremental: full run of {i['images']} images {i['full_seconds']:.1f} s; "
+                      f"adding {i['changed']} {i['add_seconds']:.2f} s ({100 * i['add_ratio']:.1f}%); "
+                      f"removing {i['changed']} {i['remove_seconds']:.2f} s ({100 * i['remove_ratio']:.1f}%)."]  # fmt: skip
+    if "accuracy" in result:
+        a = result["accuracy"]
+        lines += ["", "| features | LR test accuracy | macro-F1 |", "|---|---:|---:|"]
+        for k, v in a.items():
+            lines.append(f"| {k} | {v['accuracy']:.4f} | {v['macro_f1']:.4f} |")
+    if "training" in result:
+        t = result["training"]
+        lines += ["", f"Training: default LR search {t['ours_seconds']:.1f} s (accuracy {t['ours_accuracy']:.4f}) vs "
+                      f"GridSearchCV(LogisticRegression(), 6 C values, cv=3) {t['gridsearch_seconds']:.1f} s "
+                      f"(accuracy {t['gridsearch_accuracy']:.4f}): {t['speedup']:.1f}x faster."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> dict:
+    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``."""
+    if not (args.data / "train").is_dir():
+        raise PipelineError(f"{args.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
+    args.output.mkdir(parents=True, exist_ok=True)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    from pipeline.backbone import _cpu_flags
+
+    machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in _cpu_flags() else "")
+    result = {"machine": machine, "input_size": args.input_size, "batch_size": args.batch_size, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="bench-") as t:
+        tmp = Path(t)
+        say("throughput (each variant in its own process):")
+        result["throughput"] = _throughput(args, tmp, say)
+        if not args.quick:
+            result["memory"] = _memory_scaling(args, tmp, say)
+            result["incremental"] = _incremental(args, tmp, say)
+    if not args.quick:
+        result["accuracy"] = _accuracy(args, say)
+        result["training"] = _training(args, say)
+    (args.output / "bench.json").write_text(json.dumps(result, indent=1))
+    md = _markdown(result)
+    (args.output / "bench.md").write_text(md)
+    print(md)
+    return result
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure extraction speed, memory, storage, incremental cost and accuracy")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/ and test/ class trees (default data/fashion-mnist)")
+    p.add_argument("--images", type=int, default=96, help="images in the throughput slice (default 96)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; figures are medians (default 3)")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precisions", default=",".join(PRECISIONS_MEASURED), help="precisions to measure (default all)")
+    p.add_argument("--memory-images", type=int, default=64, help="memory check on N and 10N images (default 64)")
+    p.add_argument("--incremental-images", type=int, default=1000, help="images in the incremental check (default 1000)")
+    p.add_argument("--quick", action="store_true", help="throughput table only")
+    p.add_argument("-o", "--output", type=Path, default=Path("features/bench"), help="where bench.json and bench.md go")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_cli(args, argv) -> int:
+    args.precisions = [p.strip() for p in args.precisions.split(",")]
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        raise SystemExit(child_main(sys.argv[2:]))
+    raise SystemExit("use: python -m pipeline bench")
