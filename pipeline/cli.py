@@ -24,6 +24,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--storage", default="float16", choices=STORAGE_DTYPES, help="stored feature dtype (default float16)")
     p.add_argument("--resize", default="bilinear", choices=RESIZE_METHODS, help="resize interpolation, as in keras.utils.load_img (default bilinear)")
     p.add_argument("--workers", type=int, default=0, help="decoding threads (default 0 = automatic)")
+    p.add_argument("--image-timeout", type=float, default=60.0, help="seconds one image may take to decode before it is rejected (default 60)")
     p.add_argument("--shards", type=int, default=1, help="split the images into this many deterministic shards (default 1)")
     p.add_argument("--shard", type=int, default=0, help="which shard to extract, 0-based (default 0)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any file is rejected")
@@ -44,6 +45,7 @@ def _run_extract(args, argv) -> int:
         storage=args.storage,
         resize=args.resize,
         workers=args.workers,
+        image_timeout=args.image_timeout,
         strict=args.strict,
         overwrite=args.overwrite,
         quiet=args.quiet,
@@ -121,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args, argv)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "hdf5_poisoned", False):
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)  # skip HDF5's shutdown, which crashes after a failed write
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -32,6 +32,7 @@ class ExtractConfig:
         storage: dtype of the stored features.
         resize: Pillow/``load_img`` interpolation used for resizing.
         workers: decoding threads (0 = one per core).
+        image_timeout: seconds one image may take to decode before it is rejected.
         strict: exit non-zero if any file was rejected.
         overwrite: replace an output (or partial run) made from other images or settings.
         quiet: no progress bar (for batch logs); the summary line is still printed.
@@ -48,6 +49,7 @@ class ExtractConfig:
     storage: str = "float16"
     resize: str = "bilinear"
     workers: int = 0
+    image_timeout: float = 60.0
     strict: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -69,6 +71,8 @@ class ExtractConfig:
             raise PipelineError(f"--resize {self.resize}: choose one of {', '.join(RESIZE_METHODS)}")
         if self.workers < 0:
             raise PipelineError(f"--workers {self.workers}: must be 0 (auto) or more")
+        if self.image_timeout <= 0:
+            raise PipelineError(f"--image-timeout {self.image_timeout}: must be positive")
         if self.shards < 1 or not 0 <= self.shard < self.shards:
             raise PipelineError(f"--shard {self.shard} of --shards {self.shards}: need 0 <= shard < shards")
         if self.output.suffix.lower() not in (".h5", ".hdf5"):
@@ -84,4 +88,3 @@ def replace(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["ExtractConfig", "RESIZE_METHODS", "PRECISIONS", "STORAGE_DTYPES", "DEFAULT_FEATURES_DIR", "replace", "field"]

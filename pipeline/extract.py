@@ -181,7 +181,8 @@ def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, wor
     try:
         for run in _runs(todo):
             for batch in iter_batches(
-                listing, run, size=config.input_size, interpolation=config.resize, batch_size=config.batch_size, workers=config.workers
+                listing, run, size=config.input_size, interpolation=config.resize, batch_size=config.batch_size, workers=config.workers,
+                timeout=config.image_timeout,
             ):
                 ok = batch.ok
                 feats = net(batch.pixels[ok]) if ok.any() else np.zeros((0, *net.output_shape), np.float32)
@@ -224,13 +225,13 @@ def _plan_incremental(output: Path, old: dict, listing: Listing) -> _Base:
 
     pos = {p: i for i, p in enumerate(listing.paths)}
     with h5py.File(output, "r") as db:
-        names = [x.decode() for x in db["label_names"][:]]
+        names = [os.fsdecode(x) for x in db["label_names"][:]]
         old_paths = [os.fsdecode(x) for x in db["paths"][:]]
         sizes, mtimes, labels = db["file_sizes"][:], db["file_mtimes_ns"][:], db["labels"][:]
         rej = db["rejected"]
         rej_rows = list(zip(
             [os.fsdecode(x) for x in rej["paths"][:]],
-            [x.decode() for x in rej["reasons"][:]],
+            [x.decode("utf-8", "replace") for x in rej["reasons"][:]],
             rej["file_sizes"][:].tolist() if "file_sizes" in rej else [-1] * rej["paths"].shape[0],
             rej["file_mtimes_ns"][:].tolist() if "file_mtimes_ns" in rej else [-1] * rej["paths"].shape[0],
         ))  # fmt: skip

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,10 @@ IMAGE_FORMATS = {
     ".tif": {"TIFF"},
     ".tiff": {"TIFF"},
 }
+
+
+#: Larger files are rejected unread: no image this pipeline can use is anywhere near it.
+MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 class RejectedImage(Exception):
@@ -180,12 +188,23 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
     EXIF orientation and 16-bit handling that ``load_img`` lacks.
 
     Raises:
-        RejectedImage: the file is missing, empty, not an image, of another format than
+        RejectedImage: the file is missing, not a regular file, too large, empty, not an image, of another format than
             its extension says, over Pillow's pixel limit, of zero size, truncated or corrupt.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise RejectedImage("dangling symbolic link")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise RejectedImage("file vanished before it could be read") from None
+    except OSError as exc:
+        raise RejectedImage(f"cannot read file: {exc.strerror or exc}") from None
+    # A FIFO or a device would block or never end: only regular files are read.
+    if not stat.S_ISREG(st.st_mode):
+        raise RejectedImage("not a regular file (a pipe, device or socket)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise RejectedImage(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -240,6 +259,15 @@ class Batch:
     reasons: list[str]
 
 
+def _load_row(path: Path, size: int, interpolation: str) -> tuple[np.ndarray | None, str]:
+    try:
+        return load_image(path, size, interpolation), ""
+    except RejectedImage as exc:
+        return None, str(exc)
+    except Exception as exc:  # a reader bug must not lose the row either
+        return None, f"unexpected error: {exc!r}"
+
+
 def iter_batches(
     listing: Listing,
     indices: np.ndarray,
@@ -248,37 +276,66 @@ def iter_batches(
     interpolation: str,
     batch_size: int,
     workers: int = 0,
+    timeout: float = 60.0,
+    prefetch: int = 2,
 ) -> Iterator[Batch]:
-    """Decode ``listing`` rows ``indices`` in order, in parallel, ``batch_size`` at a time.
+    """Decode ``listing`` rows ``indices`` in order, ``batch_size`` at a time.
 
-    A tf.data pipeline: decoding and resizing run on ``workers`` threads (0 = one per
-    core, tf.data's autotune) with prefetch, so the network never waits on the disk.
-    Rows keep their listing index, so a rejected file can never shift a label.
+    Decoding runs on ``workers`` threads (0 = one per core; Pillow releases the GIL while
+    decoding and resizing) up to ``prefetch`` batches ahead of the consumer, so the network
+    never waits on the disk. Rows keep their listing index, so a rejected file can never
+    shift a label. An image that takes longer than ``timeout`` seconds is rejected with
+    that reason and the run goes on: its stuck thread is abandoned and the pool replaced
+    (a per-image time limit that tf.data's map cannot give).
     """
-    import tensorflow as tf
+    n_workers = workers if workers > 0 else (os.cpu_count() or 1)
+    ahead = batch_size * (prefetch + 1)
+    root, paths = listing.root, listing.paths
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="decode")
+    window: deque = deque()
+    todo = iter(np.asarray(indices, dtype=np.int64).tolist())
 
-    root = listing.root
-    paths = listing.paths
+    def submit(i: int):
+        return pool.submit(_load_row, root / paths[i], size, interpolation)
 
-    def _load(i):
-        i = int(i)
-        try:
-            return load_image(root / paths[i], size, interpolation), True, b""
-        except RejectedImage as exc:
-            return np.zeros((size, size, 3), np.uint8), False, str(exc).encode("utf-8", "replace")
-        except Exception as exc:  # a reader bug must not lose the row either
-            return np.zeros((size, size, 3), np.uint8), False, f"unexpected error: {exc!r}".encode("utf-8", "replace")
+    def fill() -> None:
+        while len(window) < ahead:
+            i = next(todo, None)
+            if i is None:
+                return
+            window.append((i, submit(i)))
 
-    def _map(i):
-        pixels, ok, reason = tf.numpy_function(_load, [i], [tf.uint8, tf.bool, tf.string], stateful=False)
-        pixels.set_shape((size, size, 3))
-        ok.set_shape(())
-        reason.set_shape(())
-        return pixels, i, ok, reason
+    def replace_pool() -> None:
+        # Abandon the pool with the stuck thread; queued work moves to a fresh pool.
+        nonlocal pool
+        old, pool = pool, ThreadPoolExecutor(n_workers, thread_name_prefix="decode")
+        for pos, (i, fut) in enumerate(window):
+            if fut.cancel():
+                window[pos] = (i, submit(i))
+        old.shutdown(wait=False)
 
-    parallel = workers if workers > 0 else tf.data.AUTOTUNE
-    ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
-    ds = ds.map(_map, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for pixels, idx, ok, reasons in ds.as_numpy_iterator():
-        yield Batch(pixels, idx, ok, [r.decode("utf-8", "replace") for r in reasons])
+    try:
+        fill()
+        while window:
+            k = min(batch_size, len(window))
+            pixels = np.zeros((k, size, size, 3), np.uint8)
+            idx = np.empty(k, np.int64)
+            ok = np.zeros(k, bool)
+            reasons = [""] * k
+            for j in range(k):
+                i, fut = window.popleft()
+                idx[j] = i
+                try:
+                    arr, reason = fut.result(timeout=timeout)
+                except FutureTimeout:
+                    arr, reason = None, f"decoding took longer than {timeout:g} s (per-image time limit)"
+                    replace_pool()
+                if arr is None:
+                    reasons[j] = reason
+                else:
+                    pixels[j] = arr
+                    ok[j] = True
+                fill()
+            yield Batch(pixels, idx, ok, reasons)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -244,7 +244,7 @@ def write_feature_file(
             paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
             sizes = db.create_dataset("file_sizes", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             mtimes = db.create_dataset("file_mtimes_ns", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            db.create_dataset("label_names", data=np.asarray([c.encode() for c in class_names], dtype=object), dtype=STR)
+            db.create_dataset("label_names", data=np.asarray([os.fsencode(c) for c in class_names], dtype=object), dtype=STR)
             for f, lab, p, s, m in rows:
                 k = len(f)
                 if k == 0:
@@ -261,7 +261,7 @@ def write_feature_file(
                 n += k
             grp = db.create_group("rejected")
             grp.create_dataset("paths", data=np.asarray([os.fsencode(r[0]) for r in rejected], dtype=object), dtype=STR)
-            grp.create_dataset("reasons", data=np.asarray([r[1].encode() for r in rejected], dtype=object), dtype=STR)
+            grp.create_dataset("reasons", data=np.asarray([r[1].encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
             grp.create_dataset("file_sizes", data=np.asarray([r[2] for r in rejected], dtype=np.int64))
             grp.create_dataset("file_mtimes_ns", data=np.asarray([r[3] for r in rejected], dtype=np.int64))
             for key, value in attrs.items():
@@ -278,10 +278,27 @@ def write_feature_file(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _disk_error(output, exc) from None
+    except RuntimeError as exc:  # h5py reports failed writes (disk full, EFBIG) as RuntimeError
+        tmp.unlink(missing_ok=True)
+        err = _disk_error(output, _h5_oserror(exc))
+        # HDF5 keeps the failed file in its global state and crashes when the library
+        # shuts down; the CLI exits without that shutdown when it sees this flag.
+        err.hdf5_poisoned = True
+        raise err from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return n
+
+
+def _h5_oserror(exc: RuntimeError) -> OSError:
+    """The OSError behind an h5py RuntimeError ("... errno = 28, error message = '...'")."""
+    import re
+
+    m = re.search(r"errno = (\d+), error message = '([^']*)'", str(exc))
+    if m:
+        return OSError(int(m.group(1)), m.group(2))
+    return OSError(0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 @dataclass
@@ -303,7 +320,7 @@ class FeatureFile:
 
     @property
     def label_names(self) -> list[str]:
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in self.db["label_names"][:]]
+        return [os.fsdecode(x) if isinstance(x, bytes) else str(x) for x in self.db["label_names"][:]]
 
     @property
     def labels(self) -> np.ndarray:
