@@ -20,10 +20,11 @@ EXTRACT_ARGS ?=
 FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract train-lr train-svm train-rf compare bench demo test clean
+MODELS := $(FEATURES)/models
+.PHONY: help setup data extract train-lr train-svm train-rf compare bench demo test verify clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,21 @@ else
 	$(PY) -m pipeline extract $(DATA_ROOT)/train -o $(TRAIN_H5) $(EXTRACT_ARGS)
 	$(PY) -m pipeline extract $(DATA_ROOT)/test -o $(TEST_H5) $(EXTRACT_ARGS)
 endif
+
+train-lr train-svm train-rf: train-%: setup ## a classifier (lr, svm or rf) on the extracted features, tested on the test split
+	@[ -f $(TRAIN_H5) ] && [ -f $(TEST_H5) ] || $(MAKE) --no-print-directory extract
+	$(PY) -m pipeline train $(TRAIN_H5) --model $* --test $(TEST_H5) -o $(MODELS)
+
+compare: ## every strategy (scratch CNN, frozen features + LR/SVM/RF, frozen base + head, fine-tuning) on the same test images
+	@$(MAKE) --no-print-directory extract
+	$(PY) -m pipeline compare --data $(DATA_ROOT) -o $(FEATURES)
+
+bench: ## measure extraction (naive loop, compute limit, precisions), memory, storage, incremental cost, accuracy
+	@$(MAKE) --no-print-directory data
+	$(PY) -m pipeline bench --data $(DATA_ROOT) -o $(FEATURES)/bench
+
+verify: ## check the invariants of the default feature files
+	$(PY) -m pipeline verify $(TRAIN_H5) $(TEST_H5)
 
 demo: ## set everything up and run the main job on the default data: extract, then logistic regression
 	@$(MAKE) --no-print-directory extract
