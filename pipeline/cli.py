@@ -104,6 +104,9 @@ COMMANDS = {
     "extract": (_add_extract, _run_extract),
     "weights": (_add_weights, _run_weights),
     "verify": (_add_verify, _run_verify),
+    "finetune": _lazy("finetune", "add_finetune_parser", "run_finetune_cli"),
+    "scratch": _lazy("finetune", "add_scratch_parser", "run_scratch_cli"),
+    "compare": _lazy("compare"),
     "bench": _lazy("bench"),
 }
 

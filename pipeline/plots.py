@@ -1,0 +1,165 @@
+"""Plots written by the stages: confusion matrices, bar charts, training curves (matplotlib Agg, PNG files written atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _figure(width: float, height: float):
+    # A bare Figure with an Agg canvas: no pyplot global state, no display backend,
+    # safe in worker threads and next to any backend a caller has selected.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path | str) -> Path:
+    """Save ``fig`` as PNG through a temporary name and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path | str, title: str = "") -> Path:
+    """Draw a confusion matrix with annotated counts and class names on both axes.
+
+    Args:
+        cm: square count matrix, rows = true class, columns = predicted class.
+        class_names: one name per row/column.
+        path: the PNG file to write (atomically).
+        title: figure title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``cm`` is not square or does not match ``class_names``.
+    """
+    cm = np.asarray(cm)
+    k = len(class_names)
+    if cm.shape != (k, k):
+        raise ValueError(f"confusion matrix has shape {cm.shape} but there are {k} class names")
+    side = max(4.0, 0.55 * k + 2.5)
+    fig = _figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    # Colour by the row share, so a small class's errors are as visible as a big one's.
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), labels=list(class_names))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fontsize = 10 if k <= 10 else max(5, 10 - (k - 10) // 3)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize,
+                    color="white" if share[i, j] > 0.5 else "black")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def bar_chart(
+    values: Mapping[str, float],
+    path: Path | str,
+    *,
+    title: str = "",
+    ylabel: str = "",
+    errors: Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    fmt: str = "{:.3f}",
+) -> Path:
+    """One bar per entry of ``values`` (in the given order), each annotated with its value.
+
+    Args:
+        values: label -> bar height.
+        path: the PNG file to write (atomically).
+        title, ylabel: texts of the figure.
+        errors: optional label -> error-bar half-width (e.g. a standard deviation).
+        ylim: optional y-axis range, e.g. ``(0, 1)`` for accuracies.
+        fmt: format of the annotation above each bar.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``values`` is empty.
+    """
+    if not values:
+        raise ValueError("bar_chart needs at least one value")
+    labels = list(values)
+    heights = [float(values[k]) for k in labels]
+    err = [float(errors.get(k, 0.0)) for k in labels] if errors else None
+    fig = _figure(max(4.0, 0.8 * len(labels) + 2.0), 4.0)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(labels)), heights, yerr=err, capsize=4 if err else 0, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels=labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    for bar, h in zip(bars, heights):
+        ax.annotate(fmt.format(h), (bar.get_x() + bar.get_width() / 2, h), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=9)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def training_curves(history: Mapping[str, Sequence[float]], path: Path | str, *, title: str = "") -> Path:
+    """Plot per-epoch curves: one panel for losses, one for every other metric.
+
+    ``history`` is shaped like ``keras.callbacks.History.history``: ``{"loss": [...],
+    "val_loss": [...], "accuracy": [...], "val_accuracy": [...]}``; a ``val_`` series is
+    drawn dashed in the colour of its training series.
+
+    Args:
+        history: metric name -> one value per epoch.
+        path: the PNG file to write (atomically).
+        title: figure title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``history`` holds no series with values.
+    """
+    series = {k: [float(v) for v in vals] for k, vals in history.items() if len(vals)}
+    if not series:
+        raise ValueError("training_curves needs at least one non-empty series")
+    bases = list(dict.fromkeys(k[4:] if k.startswith("val_") else k for k in series))
+    losses = [b for b in bases if "loss" in b]
+    others = [b for b in bases if "loss" not in b]
+    panels = [p for p in (losses, others) if p]
+    fig = _figure(5.0 * len(panels), 3.8)
+    colours = [f"C{i}" for i in range(10)]
+    for n, names in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), n + 1)
+        for i, base in enumerate(names):
+            colour = colours[i % len(colours)]
+            for key, style in ((base, "-"), (f"val_{base}", "--")):
+                if key in series:
+                    ys = series[key]
+                    ax.plot(range(1, len(ys) + 1), ys, style, color=colour, marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss" if names is losses else "metric")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,215 @@
+"""Fine-tuning stage: which weights train in each mode, the saved model, the metrics contract, the scratch baseline, early errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tree
+from pipeline import finetune as ft
+from pipeline.errors import PipelineError
+
+CLASSES = ("ant", "bee", "cat")
+FAST = dict(input_size=32, weights="none", dense=8, head_epochs=1, epochs=1, batch_size=8, patience=2, cache_copies=2, quiet=True)
+FROZEN = [n for n in ft.VGG16_LAYERS if n.startswith(("block1", "block2", "block3", "block4")) and "conv" in n]
+BLOCK5 = ["block5_conv1", "block5_conv2", "block5_conv3"]
+HEAD = ["head_dense", "predictions"]
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    data = make_tree(root / "data", classes=CLASSES, per_class=6)
+    (data / "bee" / "broken.png").write_bytes(b"")  # undecodable: counted, never fatal
+    test = make_tree(root / "test", classes=CLASSES, per_class=2)
+    return root, data, test
+
+
+def weights_of(model, name):
+    return [np.asarray(w) for w in ft.find_layer(model, name).get_weights()]
+
+
+def same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def start_of(config):
+    """The untrained network the run started from (the build is seeded, weights 'none')."""
+    return ft.build_finetune_network(config, len(CLASSES), ft.bb.resolve_precision(config.precision)).full
+
+
+@pytest.fixture(scope="module")
+def runs(trees):
+    """One run per mode, shared by the tests below (each run costs a few seconds)."""
+    root, data, test = trees
+    configs = {
+        "cached": ft.FinetuneConfig(data, out_dir=root / "cached", precision="bfloat16", **FAST),
+        "plain": ft.FinetuneConfig(data, test_dir=test, out_dir=root / "plain", precision="float32", cache=False, **FAST),
+    }
+    return {k: (c, ft.fit_finetune(c)) for k, c in configs.items()}
+
+
+@pytest.mark.parametrize("mode", ["cached", "plain"])
+def test_block5_trains_and_blocks_1_to_4_stay_bit_identical(runs, mode):
+    config, result = runs[mode]
+    assert result.metrics["mode"] == {"cached": "cached-prefix", "plain": "plain"}[mode]
+    before, after = start_of(config), result.net.full
+    for name in FROZEN:
+        assert same(weights_of(before, name), weights_of(after, name)), name
+    for name in BLOCK5 + HEAD:
+        assert not np.array_equal(weights_of(before, name)[0], weights_of(after, name)[0]), f"{name} did not train"
+    assert [p["name"] for p in result.metrics["phases"]] == ["head", "finetune"]
+
+
+@pytest.mark.parametrize("mode", ["cached", "plain"])
+def test_saved_model_loads_without_custom_objects_and_predicts_the_same(runs, mode):
+    import keras
+
+    config, result = runs[mode]
+    path = Path(config.out_dir) / "finetune.keras"
+    loaded = keras.saving.load_model(path)
+    x = result.data.test_x
+    assert x.dtype == np.uint8
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), result.net.full.predict(x, verbose=0), rtol=0, atol=1e-6)
+    assert result.metrics["model_bytes"] == path.stat().st_size
+    # the file holds the model, not the optimizer state (that would double its size)
+    n_params = sum(int(np.prod(w.shape)) for w in loaded.weights)
+    assert path.stat().st_size < 1.2 * 4 * n_params
+
+
+def test_metrics_contract_and_files(runs, trees):
+    root, data, test = trees
+    for mode, (config, result) in runs.items():
+        out = Path(config.out_dir)
+        on_disk = json.loads((out / "finetune.metrics.json").read_text())
+        assert set(ft.METRICS_KEYS) <= set(on_disk), set(ft.METRICS_KEYS) - set(on_disk)
+        assert on_disk["strategy"] == "finetune (from block5_conv1)"
+        assert on_disk["unfreeze_from"] == "block5_conv1" and on_disk["input_size"] == 32 and on_disk["seed"] == 0
+        assert on_disk["rejected"] == 1 and on_disk["rejected_files"][0][0].endswith("bee/broken.png")
+        assert set(on_disk["per_class"]) == set(CLASSES)
+        assert 0 <= on_disk["accuracy"] <= 1 and 0 <= on_disk["macro_f1"] <= 1
+        assert on_disk["images_per_second"] > 0 and on_disk["seconds_per_epoch"] > 0 and on_disk["train_seconds"] > 0
+        assert on_disk["epochs_run"] == 2 == len(on_disk["history"]["val_loss"])
+        assert (out / "finetune.curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert not list(out.glob(".*tmp*"))
+    cached = runs["cached"][1].metrics
+    assert cached["precision"] == "bfloat16" and cached["cache_layer"] == "block4_pool" and cached["cache_copies"] == 2
+    # 18 decodable images (the broken 7th bee is skipped): 20% held out with the shared split, then 20% of the rest for validation
+    train_pool, test_rows = ft.split_indices(np.repeat([0, 1, 2], 6), 0.2, 0)
+    assert (cached["n_test"], cached["n_train"] + cached["n_val"]) == (len(test_rows), len(train_pool))
+    assert cached["test_source"].startswith("split of")
+    # ... and they are the same rows a feature file of the folder has: decodable images in listing order
+    from pipeline.reader import RejectedImage, list_images, load_image
+
+    listing = list_images(data)
+    decodable = []
+    for p in listing.paths:
+        try:
+            decodable.append(load_image(data / p, 32, "bilinear"))
+        except RejectedImage:
+            pass
+    assert np.array_equal(runs["cached"][1].data.test_x, np.stack(decodable)[test_rows])
+    plain = runs["plain"][1].metrics
+    assert plain["n_test"] == 6 and "test folder" in plain["test_source"] and plain["n_train"] + plain["n_val"] == 18
+
+
+def test_unfreeze_none_keeps_the_whole_base(trees):
+    root, data, _ = trees
+    config = ft.FinetuneConfig(data, out_dir=root / "none", unfreeze_from="none", precision="float32", **FAST)
+    result = ft.fit_finetune(config)
+    before, after = start_of(config), result.net.full
+    for name in FROZEN + BLOCK5:
+        assert same(weights_of(before, name), weights_of(after, name)), name
+    assert not np.array_equal(weights_of(before, "head_dense")[0], weights_of(after, "head_dense")[0])
+    m = result.metrics
+    assert m["strategy"] == "frozen base + dense head" and m["mode"] == "cached-prefix" and m["cache_layer"] == "block5_pool"
+    assert [p["name"] for p in m["phases"]] == ["head"] and m["epochs_run"] == 1
+
+
+def test_unfreeze_all_trains_block1(trees):
+    root, data, _ = trees
+    config = ft.FinetuneConfig(data, out_dir=root / "all", unfreeze_from="all", precision="float32",
+                               **dict(FAST, head_epochs=0, augment=False))
+    result = ft.fit_finetune(config)
+    before, after = start_of(config), result.net.full
+    assert not np.array_equal(weights_of(before, "block1_conv1")[0], weights_of(after, "block1_conv1")[0])
+    assert same(weights_of(before, "rgb_to_bgr"), weights_of(after, "rgb_to_bgr"))  # preprocessing is fixed
+    assert result.metrics["mode"] == "plain" and "no VGG16 layer" in result.metrics["plain_reason"]
+    assert result.metrics["strategy"] == "finetune (all layers)"
+
+
+def test_scratch_writes_its_outputs(trees):
+    root, data, _ = trees
+    out = root / "scratch"
+    config = ft.ScratchConfig(data, out_dir=out, input_size=32, filters=(8, 16, 16), dense=8, epochs=2, batch_size=8, quiet=True)
+    metrics = ft.run_scratch(config)
+    for name in ("scratch.keras", "scratch.metrics.json", "scratch.curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "scratch.metrics.json").read_text())
+    assert set(ft.METRICS_KEYS) <= set(on_disk) and on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["strategy"] == "from scratch CNN" and on_disk["mode"] == "plain" and on_disk["epochs_run"] >= 1
+    assert on_disk["n_test"] == len(ft.split_indices(np.repeat([0, 1, 2], 6), 0.2, 0)[1])
+
+
+def test_preprocessing_layers_equal_backbone_preprocess():
+    import keras
+
+    from pipeline.backbone import preprocess
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    inp = keras.Input((8, 8, 3), dtype="float32")
+    model = keras.Model(inp, ft._apply(ft._preprocess_layers(), inp))
+    assert np.array_equal(model.predict(pixels.astype(np.float32), verbose=0), preprocess(pixels).numpy())
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    ft.add_finetune_parser(sub)
+    ft.add_scratch_parser(sub)
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_build_the_config(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(ft, "run_finetune", lambda c: seen.setdefault("c", c))
+    argv = ["finetune", str(tmp_path), "--test", "t", "-o", "m", "--unfreeze-from", "none", "--head", "gap",
+            "--no-augment", "--no-cache", "--cache-copies", "3", "--lr", "2e-5", "--seed", "7"]
+    assert ft.run_finetune_cli(parse(*argv), argv) == 0
+    c = seen["c"]
+    assert (c.test_dir, c.out_dir, c.unfreeze_from, c.head, c.augment, c.cache, c.cache_copies, c.lr, c.seed) == (
+        Path("t"), Path("m"), "none", "gap", False, False, 3, 2e-5, 7)
+    assert c.input_size == 224 and c.weights == "imagenet" and "finetune" in c.command_line
+    assert parse("scratch", "d").input_size == 64
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(unfreeze_from="block9_conv1"), r"--unfreeze-from block9_conv1: not a VGG16 layer; choose none, all or one of block1_conv1, .*block5_pool"),
+        (dict(dropout=1.5), r"--dropout 1.5: must be in \[0, 1\)"),
+        (dict(val_split=0.0), r"--val-split 0.0: must be between 0 and 1"),
+        (dict(input_size=16), r"--input-size 16: VGG16 needs at least 32 pixels"),
+        (dict(cache_copies=0), r"--cache-copies 0: must be at least 1"),
+        (dict(unfreeze_from="none", head_epochs=0), r"nothing would be trained"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, change, message):
+    config = ft.FinetuneConfig(tmp_path / "missing", out_dir=tmp_path / "out", **dict(FAST, **change))
+    with pytest.raises(PipelineError, match=message):
+        ft.run_finetune(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_folders_fail_before_any_work(trees, tmp_path):
+    root, data, _ = trees
+    with pytest.raises(PipelineError, match="data folder does not exist"):
+        ft.run_finetune(ft.FinetuneConfig(tmp_path / "missing", out_dir=tmp_path / "out", **FAST))
+    other = make_tree(tmp_path / "other", classes=("ant", "dog"), per_class=1)
+    with pytest.raises(PipelineError, match=r"--test .*other: its classes \['ant', 'dog'\] differ from \['ant', 'bee', 'cat'\]"):
+        ft.run_finetune(ft.FinetuneConfig(data, test_dir=other, out_dir=tmp_path / "out", **FAST))
+    assert not (tmp_path / "out").exists()
