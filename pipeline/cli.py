@@ -25,11 +25,15 @@ def _add_extract(sub) -> None:
     p.add_argument("--resize", default="bilinear", choices=RESIZE_METHODS, help="resize interpolation, as in keras.utils.load_img (default bilinear)")
     p.add_argument("--workers", type=int, default=0, help="decoding threads (default 0 = automatic)")
     p.add_argument("--image-timeout", type=float, default=60.0, help="seconds one image may take to decode before it is rejected (default 60)")
-    p.add_argument("--shards", type=int, default=1, help="split the images into this many deterministic shards (default 1)")
+    p.add_argument("--shards", type=int, default=1, help="split the images into this many deterministic shards (default 1; with --ray: one per worker)")
     p.add_argument("--shard", type=int, default=0, help="which shard to extract, 0-based (default 0)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any file is rejected")
     p.add_argument("--overwrite", action="store_true", help="replace an output made from other images or settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar (batch logs); the summary line is still printed")
+    p.add_argument("--ray", action="store_true", help="run the shards as Ray tasks (a GPU each, else CPU workers), retry failed ones, merge into OUTPUT")
+    p.add_argument("--address", default=None, help="with --ray: cluster to join (auto, HOST:6379, ray://HOST:10001); default $RAY_ADDRESS, else a local cluster")
+    p.add_argument("--ray-workers", type=int, default=None, help="with --ray: shard tasks at once (default: one per GPU, else one per node)")
+    p.add_argument("--ray-retries", type=int, default=None, help="with --ray: retries of a shard whose worker died or failed (default 3)")
 
 
 def _run_extract(args, argv) -> int:
@@ -53,6 +57,13 @@ def _run_extract(args, argv) -> int:
         shard=args.shard,
         command_line=shlex.join(["python", "-m", "pipeline", *argv]),
     )
+    if args.ray:
+        from pipeline.distributed import DEFAULT_RETRIES, run_ray
+
+        retries = DEFAULT_RETRIES if args.ray_retries is None else args.ray_retries
+        return run_ray(config, args.address, args.ray_workers, retries=retries)
+    if args.address is not None or args.ray_workers is not None or args.ray_retries is not None:
+        raise PipelineError("--address, --ray-workers and --ray-retries only apply with --ray")
     return extract.run(config)
 
 
@@ -106,6 +117,7 @@ COMMANDS = {
     "verify": (_add_verify, _run_verify),
     "finetune": _lazy("finetune", "add_finetune_parser", "run_finetune_cli"),
     "scratch": _lazy("finetune", "add_scratch_parser", "run_scratch_cli"),
+    "merge": _lazy("merge"),
     "compare": _lazy("compare"),
     "bench": _lazy("bench"),
 }

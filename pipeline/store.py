@@ -381,7 +381,14 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         for name in REQUIRED_DATASETS:
             if name not in db:
                 raise PipelineError(f"{path}: missing dataset '{name}'")
-        n = db["features"].shape[0]
+        feats = db["features"]
+        if feats.is_virtual:
+            gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})
+            if gone:
+                raise PipelineError(
+                    f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"
+                )
+        n = feats.shape[0]
         lengths = {name: db[name].shape[0] for name in ("features", "labels", "paths")}
         if len(set(lengths.values())) != 1:
             raise PipelineError(f"{path}: datasets have different lengths: {lengths}")
@@ -426,6 +433,10 @@ def verify(path: Path | str) -> list[str]:
         for key in ("weights", "weights_checksum", "backbone", "layer", "input_size", "precision", "resize"):
             if key not in db.attrs:
                 problems.append(f"{path}: attribute '{key}' missing")
+        if "merged" in db:
+            from pipeline.merge import stale_sources
+
+            problems.extend(stale_sources(path))
         paths = ff.paths
         if len(set(paths)) != len(paths):
             problems.append(f"{path}: {len(paths) - len(set(paths))} duplicate paths")
