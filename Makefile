@@ -21,7 +21,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .DEFAULT_GOAL := help
 MODELS := $(FEATURES)/models
-.PHONY: help setup data extract train-lr train-svm train-rf compare bench demo test verify clean
+.PHONY: help setup data extract train-lr train-svm train-rf predict compare bench demo test verify clean
 
 help: ## list the targets
 	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ endif
 train-lr train-svm train-rf: train-%: setup ## a classifier (lr, svm or rf) on the extracted features, tested on the test split
 	@[ -f $(TRAIN_H5) ] && [ -f $(TEST_H5) ] || $(MAKE) --no-print-directory extract
 	$(PY) -m pipeline train $(TRAIN_H5) --model $* --test $(TEST_H5) -o $(MODELS)
+
+predict: setup ## label images: make predict IMAGES=folder [MODEL=features/models/lr.joblib]
+	$(PY) -m pipeline predict $(or $(MODEL),$(MODELS)/lr.joblib) $(IMAGES) $(PREDICT_ARGS)
 
 compare: ## every strategy (scratch CNN, frozen features + LR/SVM/RF, frozen base + head, fine-tuning) on the same test images
 	@$(MAKE) --no-print-directory extract

@@ -115,6 +115,8 @@ COMMANDS = {
     "extract": (_add_extract, _run_extract),
     "weights": (_add_weights, _run_weights),
     "verify": (_add_verify, _run_verify),
+    "train": _lazy("train"),
+    "predict": _lazy("predict"),
     "finetune": _lazy("finetune", "add_finetune_parser", "run_finetune_cli"),
     "scratch": _lazy("finetune", "add_scratch_parser", "run_scratch_cli"),
     "merge": _lazy("merge"),

@@ -1,0 +1,365 @@
+"""Predict stage: images -> the features a model bundle was trained on (same network, weights, size, resize, precision, pooling) -> label and score per image; unreadable images are reported, never fatal.
+
+Scores: for ``lr`` and ``rf`` the largest class probability (``predict_proba``); for
+``svm`` the largest decision-function value, a margin and NOT a probability (for two
+classes, the absolute margin). A model file is a pickle: load only bundles you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.reader import IMAGE_FORMATS
+from pipeline.train import BUNDLE_FORMAT, BUNDLE_VERSION, pool_features
+
+FORMATS = ("text", "csv", "json")
+#: Keys every bundle's ``feature_spec`` must have for the features to be rebuilt exactly.
+SPEC_REQUIRED = ("backbone", "layer", "input_size", "preprocessing", "resize", "weights", "weights_checksum", "feature_shape", "pool")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``python -m pipeline predict``.
+
+    Attributes:
+        model: the bundle written by ``train`` (``<model>.joblib``).
+        inputs: image files and/or folders (walked recursively).
+        format: ``text``, ``csv`` or ``json``.
+        output: file to write (atomically); None = standard output.
+        batch_size: images per network call.
+        weights: weights to resolve instead of the bundle's name (needed when the model
+            was trained on a weights file); the checksum must still match the bundle's.
+        quiet: no progress bar or summary (the count of unreadable images is still printed).
+    """
+
+    model: Path
+    inputs: tuple[Path, ...]
+    format: str = "text"
+    output: Path | None = None
+    batch_size: int = 32
+    weights: str | None = None
+    quiet: bool = False
+
+    def validate(self) -> "PredictConfig":
+        """Check every value; return self. Raises PipelineError naming the bad setting."""
+        if self.format not in FORMATS:
+            raise PipelineError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not self.inputs:
+            raise PipelineError("no images given: pass image files or folders")
+        if self.output is not None and Path(self.output).is_dir():
+            raise PipelineError(f"{self.output}: is a folder; -o takes a file")
+        return self
+
+
+def load_bundle(path: Path | str) -> dict:
+    """Open a model bundle written by ``train`` and check it is one.
+
+    Args:
+        path: the ``.joblib`` file.
+
+    Returns:
+        The bundle dict (``estimator``, ``label_names``, ``feature_spec``, ``precision``...).
+
+    Raises:
+        PipelineError: the file is missing, unreadable, not a joblib/pickle file, not a
+            transfer-pipeline bundle, of an unsupported version, or lacks a field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: model file does not exist (run `python -m pipeline train` first)")
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder, not a model file")
+    import joblib
+
+    try:
+        bundle = joblib.load(path)
+    except Exception as exc:  # pickle raises anything for a file that is not one
+        first = (str(exc).splitlines() or [""])[0]
+        raise PipelineError(f"{path}: not a readable model bundle ({type(exc).__name__}{': ' + first if first else ''})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise PipelineError(f"{path}: not a transfer-pipeline model bundle (no format {BUNDLE_FORMAT!r}; write one with `python -m pipeline train`)")
+    if bundle.get("version") != BUNDLE_VERSION:
+        raise PipelineError(f"{path}: model bundle version {bundle.get('version')!r} is not supported (this program reads version {BUNDLE_VERSION})")
+    for key in ("estimator", "label_names", "feature_spec", "precision"):
+        if key not in bundle:
+            raise PipelineError(f"{path}: model bundle lacks {key!r}")
+    missing = [k for k in SPEC_REQUIRED if k not in bundle["feature_spec"]]
+    if missing:
+        raise PipelineError(f"{path}: model bundle's feature_spec lacks {', '.join(missing)}")
+    return bundle
+
+
+def collect_images(inputs) -> list[Path]:
+    """The images to predict: files as given, folders walked recursively (sorted, hidden names skipped).
+
+    Folder walks keep the extensions of ``reader.IMAGE_FORMATS``; a file named directly
+    is always taken (if it is no image, it is reported as such). Duplicates are dropped.
+
+    Raises:
+        PipelineError: a path does not exist, or no image was found at all.
+    """
+    found: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists() and not p.is_symlink():
+            raise PipelineError(f"{p}: no such file or folder")
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_FORMATS:
+                        found.append(Path(dirpath) / name)
+        else:
+            found.append(p)
+    found = list(dict.fromkeys(found))
+    if not found:
+        raise PipelineError(f"no images ({', '.join(sorted(IMAGE_FORMATS))}) found in {', '.join(map(str, inputs))}")
+    return found
+
+
+def _check_spec(model_path: Path, bundle: dict) -> None:
+    from pipeline import backbone as bb
+
+    spec = bundle["feature_spec"]
+    if bundle["precision"] not in bb.POLICIES:
+        raise PipelineError(f"{model_path}: precision {bundle['precision']!r} is not one of {', '.join(bb.POLICIES)}")
+
+    ours = {"backbone": bb.BACKBONE, "layer": bb.LAYER, "preprocessing": bb.PREPROCESSING}
+    for key, value in ours.items():
+        if spec.get(key) != value:
+            raise PipelineError(f"{model_path}: the model expects {key} {spec.get(key)!r} but this program computes {value!r}")
+    shape = list(bb.feature_shape(int(spec["input_size"])))
+    if list(spec["feature_shape"]) != shape:
+        raise PipelineError(f"{model_path}: feature_shape {spec['feature_shape']} does not match input_size {spec['input_size']} ({shape})")
+
+
+def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None = None, progress: bool = True):
+    """Resolve the weights a bundle was trained with and check their checksum.
+
+    Args:
+        model_path: the bundle file (for messages).
+        bundle: from ``load_bundle``.
+        override: a weights spec to resolve instead of the bundle's name (``imagenet``,
+            ``none`` or a file path); needed when the model was trained on a weights file.
+        progress: let ``resolve_weights`` report provisioning on stderr.
+
+    Returns:
+        The ``WeightsInfo``.
+
+    Raises:
+        PipelineError: the weights cannot be resolved, or their checksum differs from
+            the bundle's ``weights_checksum``.
+    """
+    from pipeline.weights import resolve_weights
+
+    spec = bundle["feature_spec"]
+    name = override or spec["weights"]
+    if name == "file":
+        raise PipelineError(f"{model_path}: the model was trained on features from a weights file; pass --weights PATH to that file")
+    info = resolve_weights(name, progress=progress)
+    if info.checksum != spec["weights_checksum"]:
+        raise PipelineError(
+            f"{model_path}: trained with weights {spec['weights']!r} (checksum {str(spec['weights_checksum'])[:16]}...) but the "
+            f"resolved weights {info.path or info.name} have checksum {str(info.checksum)[:16]}...; features would differ, refusing"
+        )
+    return info
+
+
+def _scores(estimator, X: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class index (into ``label_names``) and score of each row."""
+    classes = np.asarray(estimator.classes_)
+    if kind == "probability" and hasattr(estimator, "predict_proba"):
+        p = estimator.predict_proba(X)
+        j = p.argmax(axis=1)
+        return classes[j], p[np.arange(len(p)), j]
+    d = estimator.decision_function(X)
+    if d.ndim == 1:  # two classes: the sign picks the class, the margin is the score
+        return classes[(d > 0).astype(int)], np.abs(d)
+    j = d.argmax(axis=1)
+    return classes[j], d[np.arange(len(d)), j]
+
+
+def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 32, quiet: bool = True) -> list[dict]:
+    """Label every image; unreadable ones get ``label``/``score`` None and an ``error``.
+
+    Args:
+        bundle: from ``load_bundle``.
+        images: image paths, in output order.
+        net: a ``backbone.Backbone`` built for the bundle's spec.
+        batch_size: images decoded per batch.
+        quiet: no progress bar.
+
+    Returns:
+        One dict per image, in order: ``path``, ``label``, ``score``, ``error``.
+    """
+    from tqdm import tqdm
+
+    from pipeline.reader import Listing, iter_batches
+
+    spec = bundle["feature_spec"]
+    names = list(bundle["label_names"])
+    estimator = bundle["estimator"]
+    kind = bundle.get("score", "probability")
+    storage = bundle.get("storage_dtype")
+    n = len(images)
+    # The reader's Listing joins root and path: "." keeps relative paths relative and
+    # absolute ones absolute. Labels are unknown here, so all zero.
+    listing = Listing(Path("."), ("?",), tuple(str(p) for p in images), np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    out: list[dict] = [{}] * n
+    with tqdm(total=n, desc="predict", unit="img", disable=quiet, dynamic_ncols=True, leave=False) as bar:
+        for batch in iter_batches(listing, np.arange(n), size=int(spec["input_size"]), interpolation=spec["resize"], batch_size=batch_size):
+            ok = batch.ok
+            if ok.any():
+                feats = net(batch.pixels[ok])
+                if storage:  # the model saw features rounded to the file's storage dtype
+                    feats = feats.astype(storage).astype(np.float32)
+                labels, scores = _scores(estimator, pool_features(feats, spec["pool"]), kind)
+            good = iter(zip(labels.tolist(), scores.tolist())) if ok.any() else iter(())
+            for i, is_ok, reason in zip(batch.indices.tolist(), ok.tolist(), batch.reasons):
+                if is_ok:
+                    label, score = next(good)
+                    out[i] = {"path": str(images[i]), "label": names[int(label)], "score": float(score), "error": None}
+                else:
+                    out[i] = {"path": str(images[i]), "label": None, "score": None, "error": reason}
+            bar.update(len(batch.indices))
+    return out
+
+
+def format_results(results: list[dict], fmt: str) -> str:
+    """Render results as ``text`` (aligned columns), ``csv`` (path,label,score,error) or ``json`` (a list of objects)."""
+    if fmt == "json":
+        return json.dumps(results, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "score", "error"])
+        for r in results:
+            w.writerow([r["path"], r["label"] or "", "" if r["score"] is None else f"{r['score']:.6g}", r["error"] or ""])
+        return buf.getvalue()
+    pw = min(60, max(len(r["path"]) for r in results))
+    lw = max([len(r["label"]) for r in results if r["label"]] or [5])
+    lines = []
+    for r in results:
+        if r["error"] is None:
+            lines.append(f"{r['path']:<{pw}}  {r['label']:<{lw}}  {r['score']:.4f}")
+        else:
+            lines.append(f"{r['path']:<{pw}}  {'ERROR':<{lw}}  {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PipelineError(f"{path}: write failed: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_versions(model_path: Path, bundle: dict) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    saved = (bundle.get("metrics") or {}).get("versions", {}).get("scikit-learn")
+    try:
+        now = version("scikit-learn")
+    except PackageNotFoundError:
+        return
+    if saved and saved != now:
+        print(f"warning: {model_path} was written with scikit-learn {saved}, this is {now}; predictions may differ", file=sys.stderr)
+
+
+def run(config: PredictConfig) -> list[dict]:
+    """Predict every image of ``config.inputs`` with the bundle ``config.model`` and write the results.
+
+    Args:
+        config: the settings (validated here first).
+
+    Returns:
+        One dict per image (``path``, ``label``, ``score``, ``error``), in input order.
+
+    Raises:
+        PipelineError: bad settings, a bundle that is missing or not ours, a missing
+            input path or no images at all, weights that cannot be resolved or whose
+            checksum differs from the bundle's, an unwritable output.
+    """
+    config.validate()
+    model_path = Path(config.model)
+    bundle = load_bundle(model_path)
+    _check_spec(model_path, bundle)
+    images = collect_images(config.inputs)
+    _check_versions(model_path, bundle)
+    from pipeline import backbone as bb
+
+    info = resolve_bundle_weights(model_path, bundle, config.weights, progress=not config.quiet)
+    spec = bundle["feature_spec"]
+    net = bb.Backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size)
+    if net.weights_checksum != spec["weights_checksum"]:
+        raise PipelineError(f"{model_path}: the loaded weights have checksum {net.weights_checksum[:16]}..., not the model's {str(spec['weights_checksum'])[:16]}...")
+    results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet)
+    text = format_results(results, config.format)
+    if config.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        _write_atomic(Path(config.output), text)
+    bad = sum(r["error"] is not None for r in results)
+    if bad:
+        print(f"{bad} of {len(results)} images could not be read (listed with their reason in the output)", file=sys.stderr)
+    if not config.quiet:
+        where = f" -> {config.output}" if config.output else ""
+        kind = "probabilities" if bundle.get("score", "probability") == "probability" else "decision values (not probabilities)"
+        done = len(results) - bad
+        print(f"predicted {done} image{'' if done == 1 else 's'} with {model_path} (scores are {kind}){where}", file=sys.stderr)
+    return results
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``predict`` on an argparse sub-parsers object; returns the new parser."""
+    p = sub.add_parser("predict", help="label images with a trained model bundle (features rebuilt exactly as in training)")
+    p.add_argument("model", type=Path, metavar="MODEL.joblib", help="model bundle written by train (e.g. features/models/lr.joblib)")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (walked recursively)")
+    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), csv (path,label,score,error) or json (list of objects)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write the results to this file (default: standard output)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per network call (default 32)")
+    p.add_argument("--weights", default=None, help="weights to use instead of the bundle's (needed for models trained on a weights FILE); the checksum must match")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def run_cli(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """``python -m pipeline predict ...``: 0 if at least one image was predicted, 1 if none could be read.
+
+    Raises:
+        PipelineError: as for ``run`` (the CLI prints it on one line and exits 2).
+    """
+    config = PredictConfig(
+        model=args.model,
+        inputs=tuple(args.inputs),
+        format=args.format,
+        output=args.output,
+        batch_size=args.batch_size,
+        weights=args.weights,
+        quiet=args.quiet,
+    )
+    results = run(config)
+    if all(r["error"] is not None for r in results):
+        print(f"error: none of the {len(results)} images could be read", file=sys.stderr)
+        return 1
+    return 0

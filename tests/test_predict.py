@@ -1,0 +1,148 @@
+"""Predict stage: bundles from a real extract + train, exact feature reproduction, text/CSV/JSON output, bad images as data, and refused bundles."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+
+from conftest import make_tree, write_image
+from pipeline import predict, train
+from pipeline.config import ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.predict import PredictConfig
+from pipeline.store import open_features
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny tree extracted with random weights at 32 px, and lr + svm trained on it."""
+    from pipeline import extract
+
+    root = tmp_path_factory.mktemp("predict")
+    data = make_tree(root / "data", classes=("cat", "dog"), per_class=6)
+    features = root / "features.h5"
+    assert extract.run(ExtractConfig(data_dir=data, output=features, weights="none", input_size=32, batch_size=8, quiet=True)) == 0
+    models = root / "models"
+    train.run(train.TrainConfig(features=features, model="lr", output=models, grid={"C": [1.0]}, quiet=True))
+    train.run(train.TrainConfig(features=features, model="svm", output=models, grid={"C": [0.01]}, quiet=True))
+    return {"data": data, "features": features, "lr": models / "lr.joblib", "svm": models / "svm.joblib", "root": root}
+
+
+@pytest.fixture
+def images(trained, tmp_path) -> Path:
+    """Four images in nested folders, an empty file posing as a PNG, a non-image file the folder walk skips."""
+    folder = tmp_path / "new"
+    for i, name in enumerate(["a.png", "sub/b.png", "sub/deeper/c.jpg", "d.png"]):
+        write_image(folder / name, size=(40, 30), seed=100 + i)
+    (folder / "sub" / "broken.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    predict.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["predict", *map(str, argv)])
+    return predict.run_cli(args, ["predict", *map(str, argv)])
+
+
+def test_json_output_with_a_broken_image(trained, images, tmp_path, capsys):
+    out = tmp_path / "pred.json"
+    assert cli(trained["lr"], images, "--format", "json", "-o", out, "--quiet") == 0
+    rows = json.loads(out.read_text())
+    assert [Path(r["path"]).relative_to(images).as_posix() for r in rows] == ["a.png", "d.png", "sub/b.png", "sub/broken.png", "sub/deeper/c.jpg"]
+    broken = rows[3]
+    assert broken["label"] is None and broken["score"] is None and broken["error"] == "empty file (0 bytes)"
+    for r in rows[:3] + rows[4:]:
+        assert set(r) == {"path", "label", "score", "error"} and r["error"] is None
+        assert r["label"] in ("cat", "dog") and 0.5 <= r["score"] <= 1.0  # the top probability of two classes
+    assert "1 of 5 images could not be read" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_csv_and_text_output(trained, images, tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    assert cli(trained["svm"], images / "sub", "--format", "csv", "-o", out, "--quiet") == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert list(rows[0]) == ["path", "label", "score", "error"] and len(rows) == 3
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["broken.png"]["label"] == "" and by_name["broken.png"]["error"] == "empty file (0 bytes)"
+    assert by_name["b.png"]["label"] in ("cat", "dog") and by_name["b.png"]["error"] == ""
+    float(by_name["b.png"]["score"])  # svm: a margin, any sign
+
+    capsys.readouterr()
+    assert cli(trained["lr"], images / "a.png", images / "sub" / "broken.png") == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[0].split()[1] in ("cat", "dog") and "ERROR" in lines[1] and "empty file" in lines[1]
+    assert "predicted 1 image with" in captured.err and "probabilities" in captured.err
+
+
+def test_predictions_reproduce_the_training_features(trained):
+    """Same images, same spec: the scores equal the bundle's estimator on the stored features."""
+    bundle = predict.load_bundle(trained["lr"])
+    with open_features(trained["features"]) as ff:
+        paths = ff.paths
+        x = train.pool_features(ff.db["features"][:], bundle["feature_spec"]["pool"])
+    expected = bundle["estimator"].predict_proba(x).max(axis=1)
+    results = predict.run(PredictConfig(model=trained["lr"], inputs=(trained["data"],), format="json", output=trained["root"] / "all.json", quiet=True))
+    assert [Path(r["path"]).relative_to(trained["data"]).as_posix() for r in results] == paths
+    np.testing.assert_allclose([r["score"] for r in results], expected, rtol=1e-5)
+
+
+def test_only_broken_images_exit_1(trained, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("no")
+    assert cli(trained["lr"], bad, "--quiet") == 1
+    assert "none of the 1 images could be read" in capsys.readouterr().err
+
+
+def test_weights_with_another_checksum_are_refused(trained, tmp_path):
+    bundle = joblib.load(trained["lr"])
+    bundle["feature_spec"]["weights_checksum"] = "0" * 64
+    other = tmp_path / "other.joblib"
+    joblib.dump(bundle, other)
+    with pytest.raises(PipelineError, match=r"other\.joblib: trained with weights 'none' \(checksum 0000000000000000\.\.\.\) but the resolved weights none have checksum none"):
+        predict.run(PredictConfig(model=other, inputs=(trained["data"],), quiet=True))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, r"model\.joblib: model file does not exist"),
+        (b"hello, not a pickle", r"model\.joblib: not a readable model bundle \("),
+        ({"estimator": 1}, r"model\.joblib: not a transfer-pipeline model bundle"),
+        ({"format": "transfer-pipeline-model", "version": 9}, r"model\.joblib: model bundle version 9 is not supported"),
+        ({"format": "transfer-pipeline-model", "version": 1, "estimator": 1, "label_names": [], "feature_spec": {}, "precision": "float32"}, r"feature_spec lacks backbone"),
+    ],
+)
+def test_files_that_are_not_our_bundles(content, message, tmp_path):
+    path = tmp_path / "model.joblib"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        joblib.dump(content, path)
+    with pytest.raises(PipelineError, match=message):
+        predict.load_bundle(path)
+
+
+def test_missing_input_and_empty_folder(trained, tmp_path):
+    with pytest.raises(PipelineError, match=r"nowhere\.png: no such file or folder"):
+        predict.run(PredictConfig(model=trained["lr"], inputs=(tmp_path / "nowhere.png",), quiet=True))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match=r"no images \(.*\) found in .*empty"):
+        predict.collect_images([tmp_path / "empty"])
+
+
+def test_bad_settings(trained, tmp_path):
+    with pytest.raises(PipelineError, match="--format xml"):
+        predict.run(PredictConfig(model=trained["lr"], inputs=(tmp_path,), format="xml"))
+    with pytest.raises(PipelineError, match="--batch-size 0"):
+        predict.run(PredictConfig(model=trained["lr"], inputs=(tmp_path,), batch_size=0))

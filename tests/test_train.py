@@ -1,0 +1,385 @@
+"""Train stage: every model family end to end, the search, pooling, out-of-core streaming, the shared split, the row-space trick, the plots, and clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import joblib
+import numpy as np
+import pytest
+
+from pipeline import plots, train
+from pipeline.errors import PipelineError
+from pipeline.store import write_feature_file
+from pipeline.train import MODELS, TrainConfig, pool_features, split_indices
+
+PNG = b"\x89PNG\r\n\x1a\n"
+CLASSES = ("ant", "bee", "cat")
+#: Small grids so that every fit takes milliseconds.
+FAST_GRID = {"lr": {"C": [0.01, 1.0]}, "svm": {"C": [1e-3, 1e-1]}, "rf": {"n_estimators": [10, 20], "max_features": ["sqrt"]}}
+
+
+def make_features(
+    path: Path,
+    *,
+    per_class: int | list[int] = 20,
+    classes=CLASSES,
+    row_shape=(1, 1, 512),
+    seed: int = 0,
+    noise: float = 1.0,
+    **attrs,
+) -> Path:
+    """A complete feature file: ``per_class`` rows per class around well separated class means."""
+    rng = np.random.default_rng(seed)
+    counts = per_class if isinstance(per_class, list) else [per_class] * len(classes)
+    means = np.random.default_rng(1234).normal(size=(len(classes), *row_shape)) * 3.0
+    labels = np.concatenate([np.full(n, c, np.int32) for c, n in enumerate(counts)])
+    feats = (means[labels] + noise * rng.normal(size=(len(labels), *row_shape))).astype(np.float32)
+    paths = [f"{classes[c]}/{i:03d}.png" for i, c in enumerate(labels)]
+    side = row_shape[0] * 32
+    spec = {
+        "backbone": "vgg16",
+        "layer": "block5_pool",
+        "input_size": side,
+        "feature_shape": list(row_shape),
+        "preprocessing": "caffe",
+        "resize": "bilinear",
+        "weights": "none",
+        "weights_checksum": "none",
+        "precision": "float32",
+        "storage_dtype": "float16",
+    }
+    spec.update(attrs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    write_feature_file(
+        path,
+        row_shape=tuple(row_shape),
+        storage="float16",
+        class_names=tuple(classes),
+        rows=iter([(feats, labels, paths, np.zeros(n, np.int64), np.zeros(n, np.int64))]),
+        rejected=[],
+        attrs=spec,
+    )
+    return path
+
+
+def config(features: Path, out: Path, model: str = "lr", **kw) -> TrainConfig:
+    kw.setdefault("grid", FAST_GRID[model])
+    return TrainConfig(features=features, model=model, output=out, quiet=True, **kw)
+
+
+@pytest.fixture
+def feats(tmp_path) -> Path:
+    return make_features(tmp_path / "train.h5")
+
+
+# ---------------------------------------------------------------------------
+# Every model family end to end
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_model_fits_and_writes_all_outputs(model, feats, tmp_path, capsys):
+    out = tmp_path / "models"
+    metrics = train.run(config(feats, out, model))
+    files = train.output_paths(out, model)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files.values())  # no temp files left
+
+    bundle = joblib.load(files["bundle"])  # plain joblib, nothing of ours needed to open it
+    assert bundle["format"] == "transfer-pipeline-model" and bundle["version"] == 1 and bundle["model"] == model
+    assert bundle["label_names"] == list(CLASSES)
+    spec = bundle["feature_spec"]
+    assert spec["pool"] == "flatten" and spec["feature_shape"] == [1, 1, 512] and spec["weights_checksum"] == "none"
+    assert bundle["precision"] == "float32" and bundle["metrics"]["accuracy"] == metrics["accuracy"]
+
+    saved = json.loads(files["metrics"].read_text())
+    assert saved["accuracy"] == metrics["accuracy"] > 0.9  # chance is 1/3
+    assert 0.9 < saved["macro_f1"] <= 1.0
+    assert set(saved["per_class"]) == set(CLASSES)
+    assert saved["per_class"]["ant"]["support"] == 4  # round(0.2 * 20) of each class
+    assert saved["n_train"] == 48 and saved["n_test"] == 12 and saved["mode"] == "in-memory"
+    assert saved["test_source"] == {"kind": "split", "file": str(feats), "test_size": 0.2, "seed": 0}
+    assert saved["best_params"] and saved["cv_score"] > 0.9 and saved["fit_seconds"] >= 0 and saved["predict_seconds"] >= 0
+    assert files["confusion"].read_bytes().startswith(PNG)
+    report = files["report"].read_text()
+    assert all(c in report for c in CLASSES) and "macro avg" in report
+
+    # The stored estimator takes pooled features and reproduces the reported accuracy.
+    with h5py.File(feats) as db:
+        x, y = db["features"][:].astype(np.float32), db["labels"][:]
+    _, test = split_indices(y, 0.2, 0)
+    pred = bundle["estimator"].predict(pool_features(x[test], "flatten"))
+    assert np.mean(pred == y[test]) == pytest.approx(metrics["accuracy"])
+    summary = capsys.readouterr().out
+    assert f"{model}: test accuracy" in summary and str(files["report"]) in summary and str(files["confusion"]) in summary
+
+
+def test_separate_test_file(tmp_path):
+    tr = make_features(tmp_path / "train.h5", seed=1)
+    te = make_features(tmp_path / "test.h5", per_class=5, seed=2)
+    m = train.run(config(tr, tmp_path / "m", "svm", test=te))
+    assert m["n_train"] == 60 and m["n_test"] == 15
+    assert m["test_source"] == {"kind": "file", "file": str(te)} and m["accuracy"] > 0.9
+
+
+# ---------------------------------------------------------------------------
+# Search and pooling
+
+
+def test_grid_override_sets_the_best_params(feats, tmp_path):
+    m = train.run(config(feats, tmp_path / "a", "lr", grid={"C": [0.37]}))
+    assert m["best_params"] == {"C": 0.37} and len(m["search"]["results"]) == 1
+    m = train.run(config(feats, tmp_path / "b", "rf", grid={"n_estimators": [7], "max_features": [0.5]}))
+    assert m["best_params"] == {"n_estimators": 7, "max_features": 0.5}
+    m = train.run(config(feats, tmp_path / "c", "rf", grid={"n_estimators": [3, 9], "max_features": ["sqrt", "log2"]}))
+    assert len(m["search"]["results"]) == 4 and all(len(r["scores"]) == 3 for r in m["search"]["results"])
+
+
+def test_search_picks_the_c_that_works(tmp_path):
+    """Unbalanced classes: a vanishing C leaves only the intercepts, which predict the big class everywhere."""
+    f = make_features(tmp_path / "x.h5", per_class=[40, 10, 10])
+    m = train.run(config(f, tmp_path / "m", "lr", grid={"C": [1e-9, 1.0]}))
+    scores = {r["params"]["C"]: r["mean"] for r in m["search"]["results"]}
+    assert scores[1.0] > scores[1e-9] and m["best_params"] == {"C": 1.0}
+
+
+def test_default_grids_and_cli_flags_reach_the_config(feats, tmp_path):
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", str(feats), "--model", "rf", "--n-estimators", "5,9", "--max-features", "sqrt,0.1,40", "-o", str(tmp_path)])
+    cfg = train.config_from_args(args, ["train"])
+    assert cfg.search_grid() == {"n_estimators": [5, 9], "max_features": ["sqrt", 0.1, 40]}
+    args = parser.parse_args(["train", str(feats)])
+    cfg = train.config_from_args(args)
+    assert cfg.model == "lr" and cfg.pool == "flatten" and cfg.cv == 3 and cfg.memory_budget_mb == 2048 and cfg.output == Path("features/models")
+    assert cfg.search_grid() == {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["train", str(feats), "--model", "xgboost"])
+    assert exc.value.code == 2
+
+
+def test_cli_runs_the_stage(feats, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["train", str(feats), "--model", "svm", "--C", "0.001,0.01", "-o", str(tmp_path / "m"), "--quiet"]
+    assert train.run_cli(parser.parse_args(argv), argv) == 0
+    m = json.loads((tmp_path / "m" / "svm.metrics.json").read_text())
+    assert m["search"]["grid"] == {"C": [0.001, 0.01]} and "--C 0.001,0.01" in m["config"]["command_line"]
+    assert "svm: test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pool,dim", [("flatten", 2048), ("avg", 512), ("max", 512)])
+def test_pooling_sets_the_estimator_input(pool, dim, tmp_path):
+    f = make_features(tmp_path / "x.h5", row_shape=(2, 2, 512))
+    m = train.run(config(f, tmp_path / "m", "lr", pool=pool))
+    bundle = joblib.load(tmp_path / "m" / "lr.joblib")
+    assert bundle["estimator"].n_features_in_ == dim and m["n_features"] == dim
+    assert bundle["feature_spec"]["pool"] == pool and m["pool"] == pool and m["accuracy"] > 0.9
+
+
+def test_pool_features_arithmetic():
+    block = np.arange(2 * 2 * 2 * 3, dtype=np.float16).reshape(2, 2, 2, 3)
+    flat = pool_features(block, "flatten")
+    assert flat.shape == (2, 12) and flat.dtype == np.float32 and flat[1, 0] == 12
+    assert pool_features(block, "avg")[0].tolist() == [4.5, 5.5, 6.5]
+    assert pool_features(block, "max")[1].tolist() == [21, 22, 23]
+    with pytest.raises(PipelineError, match="pool 'sum'"):
+        pool_features(block, "sum")
+
+
+@pytest.mark.parametrize("scaling", ["l2", "standard"])
+def test_row_space_fit_equals_the_full_feature_fit(scaling, monkeypatch):
+    """The row-space search is a speed-up, not an approximation: same model as fitting on all features."""
+    import dataclasses
+
+    from sklearn.linear_model import LogisticRegression
+
+    # A tight tolerance on both sides, so that only the mathematics is compared.
+    tight = dataclasses.replace(MODELS["lr"], build=lambda params, seed, n_jobs: LogisticRegression(C=params["C"], tol=1e-10, max_iter=10000))
+    monkeypatch.setitem(MODELS, "lr", tight)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(40, 600)) + np.repeat(rng.normal(size=(2, 600)), 20, axis=0)).astype(np.float32)
+    y = np.repeat([0, 1], 20)
+    est, result, space = train.fit_matrix(x.copy(), y, model="lr", grid={"C": [0.05]}, scaling=scaling, cv=2)
+    assert space == {"kind": "row-space", "dims": 40 if scaling == "l2" else 39}  # centring removes one direction
+    xs = x.copy()
+    if scaling == "l2":
+        xs *= np.sqrt(600) / np.linalg.norm(xs, axis=1, keepdims=True)
+    else:
+        xs = (xs - xs.mean(0)) / xs.std(0)
+    direct = LogisticRegression(C=0.05, tol=1e-10, max_iter=10000).fit(xs, y)
+    x_new = rng.normal(size=(10, 600)).astype(np.float32)
+    xs_new = x_new * np.sqrt(600) / np.linalg.norm(x_new, axis=1, keepdims=True) if scaling == "l2" else (x_new - x.mean(0)) / x.std(0)
+    np.testing.assert_allclose(est.decision_function(x_new), direct.decision_function(xs_new), rtol=1e-4, atol=1e-4)  # float32 inputs
+
+
+# ---------------------------------------------------------------------------
+# Out of core
+
+
+@pytest.mark.parametrize("model", ["lr", "svm"])
+def test_out_of_core_streams_through_sgd(model, tmp_path):
+    f = make_features(tmp_path / "x.h5", row_shape=(2, 2, 512), per_class=40)
+    m = train.run(config(f, tmp_path / "m", model, memory_budget_mb=0.05, epochs=3))
+    assert m["mode"] == "out-of-core" and m["memory_estimate_mb"] > 0.05
+    assert m["search"]["kind"] == "holdout" and len(m["search"]["results"]) == 2
+    assert m["accuracy"] > 0.8  # chance is 1/3
+    bundle = joblib.load(tmp_path / "m" / f"{model}.joblib")
+    assert type(bundle["estimator"].steps[-1][1]).__name__ == "SGDClassifier"
+    assert bundle["estimator"].n_features_in_ == 2048
+
+
+def test_out_of_core_is_deterministic(tmp_path):
+    f = make_features(tmp_path / "x.h5", per_class=30)
+    a = train.run(config(f, tmp_path / "a", "lr", memory_budget_mb=0.01, grid={"C": [1.0]}, scaling="standard"))
+    b = train.run(config(f, tmp_path / "b", "lr", memory_budget_mb=0.01, grid={"C": [1.0]}, scaling="standard"))
+    assert a["mode"] == "out-of-core" and a["search"]["kind"] == "none"
+    assert a["per_class"] == b["per_class"] and a["accuracy"] > 0.8
+
+
+def test_rf_over_the_budget_is_refused(feats, tmp_path):
+    with pytest.raises(PipelineError, match=r"train\.h5: the flatten-pooled training matrix needs .* cannot be trained out of core; use --pool avg"):
+        train.run(config(feats, tmp_path / "m", "rf", memory_budget_mb=0.01))
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------
+# The shared split
+
+
+def test_split_indices_is_stratified_and_deterministic():
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 7 + [3])
+    tr, te = split_indices(labels, 0.2, seed=0)
+    assert np.bincount(labels[te], minlength=4).tolist() == [2, 1, 1, 0]  # round(0.2 n), at least 1, the singleton stays in training
+    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(len(labels)))
+    assert tr.dtype == np.int64 and (np.diff(tr) > 0).all() and (np.diff(te) > 0).all()
+    again = split_indices(labels, 0.2, seed=0)
+    assert np.array_equal(again[0], tr) and np.array_equal(again[1], te)
+    other = {tuple(split_indices(labels, 0.2, seed=s)[1]) for s in range(5)}
+    assert len(other) > 1
+    # Adding a class leaves the other classes' split unchanged.
+    more = np.concatenate([labels, [4] * 6])
+    assert np.array_equal(split_indices(more, 0.2, seed=0)[1][:-1], te)
+    with pytest.raises(PipelineError, match="test size 1.0"):
+        split_indices(labels, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs
+
+
+def _break(path: Path, how: str) -> None:
+    with h5py.File(path, "r+") as db:
+        if how == "incomplete":
+            db.attrs["complete"] = False
+        elif how == "no-labels":
+            del db["labels"]
+        elif how == "lengths":
+            del db["paths"]
+            db.create_dataset("paths", data=np.array([b"x"] * 3, dtype=object), dtype=h5py.string_dtype())
+        elif how == "label-range":
+            db["labels"][0] = 7
+        elif how == "one-class":
+            del db["label_names"]
+            db.create_dataset("label_names", data=np.array([b"ant"], dtype=object), dtype=h5py.string_dtype())
+
+
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("incomplete", r"incomplete feature file"),
+        ("no-labels", r"missing dataset 'labels'"),
+        ("lengths", r"datasets have different lengths"),
+        ("label-range", r"labels range 0\.\.7 falls outside label_names"),
+        ("one-class", r"only 1 class in label_names"),
+    ],
+)
+def test_broken_feature_files_are_one_line_errors(how, message, feats, tmp_path):
+    _break(feats, how)
+    with pytest.raises(PipelineError, match=message) as exc:
+        train.run(config(feats, tmp_path / "m"))
+    assert str(feats) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_feature_file(tmp_path):
+    with pytest.raises(PipelineError, match=r"nope\.h5: feature file does not exist"):
+        train.run(config(tmp_path / "nope.h5", tmp_path / "m"))
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("shape", r"test\.h5: feature_shape is \[2, 2, 512\] but .*train\.h5 has \[1, 1, 512\]"),
+        ("classes", r"test\.h5: class names \['ant', 'bee', 'cow'\] differ"),
+        ("weights", r"test\.h5: weights_checksum is 'abc' but .*train\.h5 has 'none'"),
+    ],
+)
+def test_incompatible_test_file_is_refused(kind, message, feats, tmp_path):
+    te = tmp_path / "test.h5"
+    if kind == "shape":
+        make_features(te, row_shape=(2, 2, 512), input_size=32)
+    elif kind == "classes":
+        make_features(te, classes=("ant", "bee", "cow"))
+    else:
+        make_features(te, weights_checksum="abc")
+    with pytest.raises(PipelineError, match=message):
+        train.run(config(feats, tmp_path / "m", test=te))
+
+
+def test_empty_test_split_and_empty_test_file(tmp_path):
+    f = make_features(tmp_path / "tiny.h5", per_class=1, classes=("a", "b"))
+    with pytest.raises(PipelineError, match=r"tiny\.h5: the test split is empty \(2 rows"):
+        train.run(config(f, tmp_path / "m"))
+    empty = make_features(tmp_path / "empty.h5", per_class=0)
+    with pytest.raises(PipelineError, match=r"empty\.h5: test feature file has no rows"):
+        train.run(config(make_features(tmp_path / "t.h5"), tmp_path / "m", test=empty))
+
+
+def test_too_few_rows_per_class_for_the_folds(tmp_path):
+    f = make_features(tmp_path / "x.h5", per_class=[20, 20, 3])
+    with pytest.raises(PipelineError, match=r"class 'cat' has 2 training rows but --cv 3 needs at least 3"):
+        train.run(config(f, tmp_path / "m"))
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"model": "xgb"}, r"--model xgb: unknown model; choose one of lr, svm, rf"),
+        ({"pool": "sum"}, r"--pool sum: choose one of flatten, avg, max"),
+        ({"cv": 1}, r"--cv 1: cross-validation needs at least 2 folds"),
+        ({"test_size": 0.0}, r"--test-size 0.0"),
+        ({"memory_budget_mb": 0}, r"--memory-budget 0"),
+        ({"model": "rf", "grid": {"C": [1.0]}}, r"--C: --model rf has no parameter 'C'"),
+        ({"grid": {"C": [-1.0]}}, r"--C -1.0: C must be a positive number"),
+        ({"model": "rf", "grid": {"max_features": ["most"]}}, r"--max-features 'most'"),
+    ],
+)
+def test_bad_settings_are_refused_before_reading(changes, message, tmp_path):
+    cfg = TrainConfig(features=tmp_path / "never-read.h5", output=tmp_path / "m", quiet=True, **changes)
+    with pytest.raises(PipelineError, match=message):
+        train.run(cfg)
+
+
+def test_output_that_is_a_file_is_refused(feats, tmp_path):
+    (tmp_path / "m").write_text("x")
+    with pytest.raises(PipelineError, match=r"m: exists and is not a folder"):
+        train.run(config(feats, tmp_path / "m"))
+
+
+# ---------------------------------------------------------------------------
+# Plot helpers (shared with compare/finetune)
+
+
+def test_bar_chart_and_training_curves(tmp_path):
+    p = plots.bar_chart({"lr": 0.91, "svm": 0.9, "rf": 0.85}, tmp_path / "bars.png", title="accuracy", ylim=(0, 1), errors={"lr": 0.01})
+    assert p.read_bytes().startswith(PNG)
+    history = {"loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.8, 0.7], "accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.5, 0.6, 0.7]}
+    assert plots.training_curves(history, tmp_path / "curves.png", title="finetune").read_bytes().startswith(PNG)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bars.png", "curves.png"]
+    with pytest.raises(ValueError, match="at least one"):
+        plots.bar_chart({}, tmp_path / "none.png")
+    with pytest.raises(ValueError, match="shape"):
+        plots.confusion_matrix(np.zeros((2, 3)), ["a", "b"], tmp_path / "cm.png")
