@@ -31,6 +31,7 @@ class CompareConfig:
         scratch_input_size: input side of the from-scratch CNN.
         epochs, head_epochs, scratch_epochs: training lengths (early stopping may end sooner).
         seed: one seed for every split, initialisation and augmentation.
+        weights: VGG16 weights for extraction and fine-tuning (``none`` only for tests).
         rerun: train again even where a metrics file exists.
     """
 
@@ -43,6 +44,7 @@ class CompareConfig:
     head_epochs: int = 5
     scratch_epochs: int = 30
     seed: int = 0
+    weights: str = "imagenet"
     rerun: bool = False
     quiet: bool = False
 
@@ -76,7 +78,7 @@ def _extract(config: CompareConfig, split: str) -> Path:
     from pipeline.extract import run
 
     out = config.output / f"{split}.h5"
-    cfg = ExtractConfig(data_dir=config.data_root / split, output=out, input_size=config.input_size, quiet=config.quiet)
+    cfg = ExtractConfig(data_dir=config.data_root / split, output=out, input_size=config.input_size, weights=config.weights, quiet=config.quiet)
     if run(cfg) not in (0, 1):
         raise PipelineError(f"extract of {config.data_root / split} failed")
     return out
@@ -141,7 +143,7 @@ def _keras(config: CompareConfig, strategy: str) -> dict:
         cfg = ft.FinetuneConfig(
             data_dir=data, test_dir=test, out_dir=folder, input_size=config.input_size,
             unfreeze_from="none" if strategy == "head" else "block5_conv1",
-            head_epochs=config.head_epochs, epochs=config.epochs, seed=config.seed,
+            head_epochs=config.head_epochs, epochs=config.epochs, seed=config.seed, weights=config.weights,
             cache=strategy != "finetune-plain", quiet=config.quiet,
         )  # fmt: skip
         runner = ft.run_finetune
@@ -251,6 +253,7 @@ def add_parser(sub) -> None:
     p.add_argument("--head-epochs", type=int, default=5, help="head epochs, phase 1 (default 5)")
     p.add_argument("--scratch-epochs", type=int, default=30, help="from-scratch epochs (default 30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="imagenet", help="VGG16 weights: imagenet (default), none (tests only) or PATH")
     p.add_argument("--rerun", action="store_true", help="train again even where a metrics file exists")
     p.add_argument("--quiet", action="store_true")
 
@@ -259,7 +262,7 @@ def run_cli(args, argv) -> int:
     cfg = CompareConfig(
         data_root=args.data, output=args.output, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
         input_size=args.input_size, scratch_input_size=args.scratch_input_size, epochs=args.epochs,
-        head_epochs=args.head_epochs, scratch_epochs=args.scratch_epochs, seed=args.seed, rerun=args.rerun, quiet=args.quiet,
+        head_epochs=args.head_epochs, scratch_epochs=args.scratch_epochs, seed=args.seed, weights=args.weights, rerun=args.rerun, quiet=args.quiet,
     )  # fmt: skip
     run(cfg)
     return 0

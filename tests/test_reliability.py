@@ -56,18 +56,22 @@ def test_kill_loop_at_random_moments_loses_and_duplicates_nothing(tmp_path):
 
     out = tmp_path / "x.h5"
     rng = random.Random(1234)
-    kills = 0
-    for _ in range(5):
+    kills = during_work = 0
+    for i in range(6):
         proc = spawn(data, out)
-        time.sleep(rng.uniform(2.0, 6.0))  # TF start-up takes ~3 s: some kills land before, some during the work
+        if i in (0, 3):
+            time.sleep(rng.uniform(0.05, 1.5))  # during start-up, before any work
+        else:  # after a random number of further batches
+            target = parts(out) + rng.randint(1, 12)
+            while parts(out) < target and proc.poll() is None:
+                time.sleep(0.005)
+            during_work += 1
         if proc.poll() is None:
             proc.kill()
             kills += 1
         proc.communicate(timeout=60)
-        if out.exists():
-            break
-        assert not out.exists()
-    assert kills >= 1
+        assert not out.exists(), "the output appears only when complete"
+    assert kills >= 5 and during_work >= 3
     final = spawn(data, out)
     _, err = final.communicate(timeout=120)
     assert final.returncode == 0, err
