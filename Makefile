@@ -41,7 +41,7 @@ $(FMNIST_DEB):
 
 setup: $(VENV)/.installed ## create .venv, install everything, provision the ImageNet weights and the Fashion-MNIST package (idempotent)
 	@[ -f $(FMNIST_DEB) ] || $(MAKE) --no-print-directory $(FMNIST_DEB)
-	@$(PY) -m pipeline weights >/dev/null
+	@$(PY) -m pipeline weights >/dev/null 2>&1 || $(PY) -m pipeline weights
 
 data: setup ## build the default class-per-folder PNG tree (TRAIN_PER_CLASS/TEST_PER_CLASS images per class)
 	$(PY) -m pipeline.datasets $(DATA_ROOT) --train-per-class $(TRAIN_PER_CLASS) --test-per-class $(TEST_PER_CLASS)

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import STR, OutputLock, _disk_error, _fsync_dir, open_features
+from pipeline.store import STR, OutputLock, atomic_output, open_features
 
 #: Fingerprint keys that differ from shard to shard of one run; every other key must match.
 SHARD_LOCAL_KEYS = ("listing_sha256", "n_files", "shard")
@@ -180,7 +180,6 @@ def _write(output: Path, shards: list[_Shard], command_line: str) -> tuple[int, 
     first = shards[0]
     n = sum(s.rows for s in shards)
     names = [_source_name(s.path, output) for s in shards]
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     specs = _row_specs(first)
     attrs = {k: v for k, v in first.attrs.items() if k not in _PER_RUN_ATTRS}
     attrs.update(
@@ -194,49 +193,38 @@ def _write(output: Path, shards: list[_Shard], command_line: str) -> tuple[int, 
         incremental=any(bool(s.attrs.get("incremental", False)) for s in shards),
         rows_kept=sum(int(s.attrs.get("rows_kept", 0)) for s in shards),
     )
-    try:
-        # libver v110: the format virtual datasets need; also lifts the 64 KiB limit on
-        # attributes (merged_from of thousands of shards).
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as db:
-            db.attrs["complete"] = False
-            for name, (dtype, row_shape) in specs.items():
-                if n == 0:  # a VDS needs at least one mapping: an empty real dataset instead
-                    db.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype)
-                else:
-                    db.create_virtual_dataset(name, _layout(name, shards, names, n, dtype, row_shape), fillvalue=_FILL.get(name))
-            db.create_dataset("label_names", data=np.asarray([c.encode() for c in first.label_names], dtype=object), dtype=STR)
-            rejected = _rejected(shards)
-            grp = db.create_group("rejected")
-            for name, data in rejected.items():
-                grp.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
-            n_rejected = len(rejected["paths"])
-            # Per-shard record: lets a later run tell whether every source is still the one merged.
-            rec = db.create_group("merged")
-            rec.create_dataset("files", data=np.asarray([x.encode() for x in names], dtype=object), dtype=STR)
-            rec.create_dataset("fingerprints", data=np.asarray([s.fingerprint_json.encode() for s in shards], dtype=object), dtype=STR)
-            rec.create_dataset("rows", data=np.asarray([s.rows for s in shards], np.int64))
-            for key, value in attrs.items():
-                db.attrs[key] = value
-            db.attrs["n_images"] = n
-            db.attrs["n_rejected"] = n_rejected
-            db.flush()
-            # Read back through the virtual datasets: a source HDF5 cannot find reads as the
-            # fill value, so a wrong source name shows up here, not in training.
-            labels = db["labels"][:]
-            expected = np.concatenate([np.zeros(0, np.int32)] + [_labels(s.path) for s in shards])
-            if not np.array_equal(labels, expected):
-                raise PipelineError(f"{output}: the virtual datasets do not read back the shards' rows (shard files unreadable?)")
-            db.attrs["complete"] = True
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-        _fsync_dir(output.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(output, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # libver v110: the format virtual datasets need; also lifts the 64 KiB limit on
+    # attributes (merged_from of thousands of shards).
+    with atomic_output(output) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as db:
+        db.attrs["complete"] = False
+        for name, (dtype, row_shape) in specs.items():
+            if n == 0:  # a VDS needs at least one mapping: an empty real dataset instead
+                db.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype)
+            else:
+                db.create_virtual_dataset(name, _layout(name, shards, names, n, dtype, row_shape), fillvalue=_FILL.get(name))
+        db.create_dataset("label_names", data=np.asarray([c.encode() for c in first.label_names], dtype=object), dtype=STR)
+        rejected = _rejected(shards)
+        grp = db.create_group("rejected")
+        for name, data in rejected.items():
+            grp.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
+        n_rejected = len(rejected["paths"])
+        # Per-shard record: lets a later run tell whether every source is still the one merged.
+        rec = db.create_group("merged")
+        rec.create_dataset("files", data=np.asarray([x.encode() for x in names], dtype=object), dtype=STR)
+        rec.create_dataset("fingerprints", data=np.asarray([s.fingerprint_json.encode() for s in shards], dtype=object), dtype=STR)
+        rec.create_dataset("rows", data=np.asarray([s.rows for s in shards], np.int64))
+        for key, value in attrs.items():
+            db.attrs[key] = value
+        db.attrs["n_images"] = n
+        db.attrs["n_rejected"] = n_rejected
+        db.flush()
+        # Read back through the virtual datasets: a source HDF5 cannot find reads as the
+        # fill value, so a wrong source name shows up here, not in training.
+        labels = db["labels"][:]
+        expected = np.concatenate([np.zeros(0, np.int32)] + [_labels(s.path) for s in shards])
+        if not np.array_equal(labels, expected):
+            raise PipelineError(f"{output}: the virtual datasets do not read back the shards' rows (shard files unreadable?)")
+        db.attrs["complete"] = True
     return n, n_rejected
 
 

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -223,54 +224,67 @@ def write_feature_file(
         PipelineError: the disk filled up or the output cannot be written; any previous
             file at ``output`` is left untouched.
     """
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     dtype = np.dtype(storage)
     chunk = _chunk_rows(row_shape, dtype.itemsize)
     n = 0
+    with atomic_output(output) as tmp, h5py.File(tmp, "w") as db:
+        db.attrs["complete"] = False
+        feats = db.create_dataset(
+            "features",
+            shape=(0, *row_shape),
+            maxshape=(None, *row_shape),
+            dtype=dtype,
+            chunks=(chunk, *row_shape),
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
+        )
+        labels = db.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+        paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
+        sizes = db.create_dataset("file_sizes", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+        mtimes = db.create_dataset("file_mtimes_ns", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+        db.create_dataset("label_names", data=np.asarray([os.fsencode(c) for c in class_names], dtype=object), dtype=STR)
+        for f, lab, p, s, m in rows:
+            k = len(f)
+            if k == 0:
+                continue
+            if not np.all(np.isfinite(f)):
+                raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {n}..{n + k}")
+            for ds in (feats, labels, paths, sizes, mtimes):
+                ds.resize(n + k, axis=0)
+            feats[n : n + k] = f.astype(dtype, copy=False)
+            labels[n : n + k] = lab
+            paths[n : n + k] = [os.fsencode(x) for x in p]
+            sizes[n : n + k] = s
+            mtimes[n : n + k] = m
+            n += k
+        grp = db.create_group("rejected")
+        grp.create_dataset("paths", data=np.asarray([os.fsencode(r[0]) for r in rejected], dtype=object), dtype=STR)
+        grp.create_dataset("reasons", data=np.asarray([r[1].encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
+        grp.create_dataset("file_sizes", data=np.asarray([r[2] for r in rejected], dtype=np.int64))
+        grp.create_dataset("file_mtimes_ns", data=np.asarray([r[3] for r in rejected], dtype=np.int64))
+        for key, value in attrs.items():
+            db.attrs[key] = value
+        db.attrs["format_version"] = FORMAT_VERSION
+        db.attrs["n_images"] = n
+        db.attrs["n_rejected"] = len(rejected)
+        db.flush()
+        db.attrs["complete"] = True
+    return n
+
+
+@contextmanager
+def atomic_output(output: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``output``; when the block ends, fsync it and rename it
+    into place, so readers see the previous file or the new one, never a partial one.
+
+    Raises:
+        PipelineError: the disk filled up or the file could not be written; the temporary
+            file is removed and any previous ``output`` is left untouched.
+    """
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as db:
-            db.attrs["complete"] = False
-            feats = db.create_dataset(
-                "features",
-                shape=(0, *row_shape),
-                maxshape=(None, *row_shape),
-                dtype=dtype,
-                chunks=(chunk, *row_shape),
-                compression="gzip",
-                compression_opts=4,
-                shuffle=True,
-            )
-            labels = db.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
-            paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
-            sizes = db.create_dataset("file_sizes", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            mtimes = db.create_dataset("file_mtimes_ns", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            db.create_dataset("label_names", data=np.asarray([os.fsencode(c) for c in class_names], dtype=object), dtype=STR)
-            for f, lab, p, s, m in rows:
-                k = len(f)
-                if k == 0:
-                    continue
-                if not np.all(np.isfinite(f)):
-                    raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {n}..{n + k}")
-                for ds in (feats, labels, paths, sizes, mtimes):
-                    ds.resize(n + k, axis=0)
-                feats[n : n + k] = f.astype(dtype, copy=False)
-                labels[n : n + k] = lab
-                paths[n : n + k] = [os.fsencode(x) for x in p]
-                sizes[n : n + k] = s
-                mtimes[n : n + k] = m
-                n += k
-            grp = db.create_group("rejected")
-            grp.create_dataset("paths", data=np.asarray([os.fsencode(r[0]) for r in rejected], dtype=object), dtype=STR)
-            grp.create_dataset("reasons", data=np.asarray([r[1].encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
-            grp.create_dataset("file_sizes", data=np.asarray([r[2] for r in rejected], dtype=np.int64))
-            grp.create_dataset("file_mtimes_ns", data=np.asarray([r[3] for r in rejected], dtype=np.int64))
-            for key, value in attrs.items():
-                db.attrs[key] = value
-            db.attrs["format_version"] = FORMAT_VERSION
-            db.attrs["n_images"] = n
-            db.attrs["n_rejected"] = len(rejected)
-            db.flush()
-            db.attrs["complete"] = True
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, output)
@@ -288,7 +302,6 @@ def write_feature_file(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return n
 
 
 def _h5_oserror(exc: RuntimeError) -> OSError:

@@ -54,6 +54,27 @@ def cli():
     return run_cli
 
 
+def by_path(path):
+    """{path: (label name, features)} and the sorted rejected paths of a feature file."""
+    from pipeline.store import open_features
+
+    with open_features(path) as ff:
+        names, feats = ff.label_names, ff.db["features"][:]
+        rows = {p: (names[lab], feats[i]) for i, (p, lab) in enumerate(zip(ff.paths, ff.labels.tolist()))}
+        return rows, sorted(x.decode() for x in ff.db["rejected/paths"][:])
+
+
+def assert_same_rows(merged, reference):
+    """Same paths, labels and rejects; features equal within float16 storage (shards batch
+    other images together than a single run)."""
+    rows, rej = by_path(merged)
+    ref_rows, ref_rej = by_path(reference)
+    assert set(rows) == set(ref_rows) and rej == ref_rej
+    for p, (label, f) in ref_rows.items():
+        assert rows[p][0] == label, p
+        np.testing.assert_allclose(rows[p][1].astype(np.float32), f.astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=p)
+
+
 def png_bytes(size=(8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_tree
+from conftest import assert_same_rows, by_path, ROOT, make_tree
 from pipeline import distributed
 from pipeline.cli import main
 from pipeline.config import ExtractConfig
@@ -25,22 +25,6 @@ FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet
 
 def config(data, out, **kw) -> ExtractConfig:
     return ExtractConfig(data_dir=data, output=out, input_size=32, batch_size=4, weights="none", quiet=True, **kw)
-
-
-def by_path(path):
-    with open_features(path) as ff:
-        names, feats = ff.label_names, ff.db["features"][:]
-        rows = {p: (names[lab], feats[i]) for i, (p, lab) in enumerate(zip(ff.paths, ff.labels.tolist()))}
-        return rows, sorted(x.decode() for x in ff.db["rejected/paths"][:])
-
-
-def assert_same_rows(merged, reference):
-    rows, rej = by_path(merged)
-    ref_rows, ref_rej = by_path(reference)
-    assert set(rows) == set(ref_rows) and rej == ref_rej
-    for p, (label, f) in ref_rows.items():
-        assert rows[p][0] == label, p
-        np.testing.assert_allclose(rows[p][1].astype(np.float32), f.astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=p)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_tree
+from conftest import assert_same_rows, by_path, make_tree
 from pipeline import merge as merge_mod
 from pipeline.cli import main
 from pipeline.merge import merge, merged_fingerprint, shard_path, stale_sources
@@ -22,6 +22,16 @@ from pipeline.store import open_features, verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 N = 3
+
+
+def read(path, name):
+    with h5py.File(path, "r") as db:
+        return db[name][:]
+
+
+def attr(path, name):
+    with h5py.File(path, "r") as db:
+        return db.attrs[name]
 
 
 def extract(data, out, *extra):
@@ -39,35 +49,6 @@ def one_shard(data, out, n, k, *extra):
     path = shard_path(out, k, n)
     assert extract(data, path, "--shards", str(n), "--shard", str(k), *extra) == 0
     return path
-
-
-def by_path(path):
-    """{path: (label name, features)} and the rejected paths of a feature file."""
-    with open_features(path) as ff:
-        names, feats = ff.label_names, ff.db["features"][:]
-        rows = {p: (names[lab], feats[i]) for i, (p, lab) in enumerate(zip(ff.paths, ff.labels.tolist()))}
-        rejected = sorted(x.decode() for x in ff.db["rejected/paths"][:])
-    return rows, rejected
-
-
-def read(path, name):
-    with h5py.File(path, "r") as db:
-        return db[name][:]
-
-
-def attr(path, name):
-    with h5py.File(path, "r") as db:
-        return db.attrs[name]
-
-
-def assert_same_rows(merged, reference):
-    rows, rej = by_path(merged)
-    ref_rows, ref_rej = by_path(reference)
-    assert set(rows) == set(ref_rows) and rej == ref_rej
-    for p, (label, f) in ref_rows.items():
-        assert rows[p][0] == label, p
-        # Shards batch other images together than the single run: equal within float16 storage.
-        np.testing.assert_allclose(rows[p][1].astype(np.float32), f.astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=p)
 
 
 @pytest.fixture(scope="module")
