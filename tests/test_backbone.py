@@ -1,0 +1,51 @@
+"""Backbone: feature shapes, every precision close to float32 on the real weights, batch-size independence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_tree
+from pipeline.backbone import Backbone, feature_shape, resolve_precision
+from pipeline.reader import list_images, load_image
+from pipeline.weights import resolve_weights
+
+
+@pytest.mark.parametrize("size, shape", [(32, (1, 1, 512)), (64, (2, 2, 512)), (224, (7, 7, 512)), (100, (3, 3, 512))])
+def test_feature_shape(size, shape):
+    assert feature_shape(size) == shape
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory):
+    root = make_tree(tmp_path_factory.mktemp("imgs") / "d", classes=("a", "b"), per_class=3, size=(40, 30))
+    listing = list_images(root)
+    return np.stack([load_image(root / p, 64, "bilinear") for p in listing.paths])
+
+
+@pytest.fixture(scope="module")
+def reference(pixels):
+    return Backbone(64, resolve_weights("imagenet", allow_download=False, progress=False), "float32", batch_size=4)(pixels)
+
+
+@pytest.mark.weights
+@pytest.mark.parametrize("precision, tolerance", [("bfloat16", 0.05), ("float16", 0.01)])
+def test_each_precision_is_close_to_float32(pixels, reference, precision, tolerance):
+    """Relative L2 error per image: bfloat16 keeps 8 mantissa bits, float16 11."""
+    net = Backbone(64, resolve_weights("imagenet", allow_download=False, progress=False), precision, batch_size=4)
+    got = net(pixels)
+    assert got.dtype == np.float32 and got.shape == reference.shape
+    err = np.linalg.norm((got - reference).reshape(len(got), -1), axis=1) / np.linalg.norm(reference.reshape(len(got), -1), axis=1)
+    assert err.max() < tolerance, err
+    assert err.max() > 0, "a lower precision that gives bit-identical features did not run at that precision"
+
+
+@pytest.mark.weights
+def test_results_do_not_depend_on_batch_size(pixels, reference):
+    net = Backbone(64, resolve_weights("imagenet", allow_download=False, progress=False), "float32", batch_size=5)
+    np.testing.assert_allclose(net(pixels), reference, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_precision_is_a_concrete_one():
+    assert resolve_precision("auto") in ("float32", "bfloat16", "float16")
+    assert resolve_precision("float32") == "float32"
