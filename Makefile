@@ -64,7 +64,7 @@ predict: setup ## label images: make predict IMAGES=folder [MODEL=features/model
 
 compare: ## every strategy (scratch CNN, frozen features + LR/SVM/RF, frozen base + head, fine-tuning) on the same test images
 	@$(MAKE) --no-print-directory extract
-	$(PY) -m pipeline compare --data $(DATA_ROOT) -o $(FEATURES)
+	$(PY) -m pipeline compare --data $(DATA_ROOT) -o $(FEATURES) $(COMPARE_ARGS)
 
 bench: ## measure extraction (naive loop, compute limit, precisions), memory, storage, incremental cost, accuracy
 	@$(MAKE) --no-print-directory data

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pipeline.config import ExtractConfig, replace
 from pipeline.errors import PipelineError
+from pipeline.extract import summarize
 from pipeline.merge import merge_locked, merged_fingerprint, shard_path, stale_sources
 
 #: Default retries of a shard whose worker died or failed with an unexpected error.
@@ -282,17 +283,12 @@ def run_ray(config: ExtractConfig, address: str | None = None, workers: int | No
         merge_seconds = time.perf_counter() - t0
     resumed = [r["shard"] for r in results if r["resumed_parts"]]
     wall = max((r["seconds"] for r in results), default=0.0)
-    print(
-        f"extracted {n} images, rejected {n_rej}"
-        + (f" (listed in rejected/ of {output})" if n_rej else "")
-        + f"; {p.shards} shard{'s' if p.shards > 1 else ''} on {len({r['host'] for r in results})} host(s), longest {wall:.1f} s"
+    detail = (
+        f"{p.shards} shard{'s' if p.shards > 1 else ''} on {len({r['host'] for r in results})} host(s), longest {wall:.1f} s"
         + (f", shard(s) {', '.join(map(str, resumed))} resumed after an interruption" if resumed else "")
-        + f"; merged in {merge_seconds:.1f} s -> {output}"
+        + f"; merged in {merge_seconds:.1f} s"
     )
-    if config.strict and n_rej:
-        print(f"error: --strict: {n_rej} files were rejected (see rejected/ in {output})", file=sys.stderr)
-        return 1
-    return 0
+    return summarize(output, n, n_rej, detail, config.strict)
 
 
 def _raise_keyboard_interrupt(signum, frame):

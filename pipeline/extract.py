@@ -343,13 +343,18 @@ def run(config: ExtractConfig) -> int:
         seconds = time.perf_counter() - t0
         work.remove()
     rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
+    return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict)
+
+
+def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool) -> int:
+    """Print the one-line end-of-run summary; return the exit status (1 for rejects under --strict)."""
     print(
-        f"extracted {n} images, rejected {n_rej}"
-        + (f" (listed in rejected/ of {output})" if n_rej else "")
-        + f"; {len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s) -> {output}"
+        f"extracted {n} images, rejected {n_rejected}"
+        + (f" (listed in rejected/ of {output})" if n_rejected else "")
+        + f"; {detail} -> {output}"
     )
-    if config.strict and n_rej:
-        print(f"error: --strict: {n_rej} files were rejected (see rejected/ in {output})", file=sys.stderr)
+    if strict and n_rejected:
+        print(f"error: --strict: {n_rejected} files were rejected (see rejected/ in {output})", file=sys.stderr)
         return 1
     return 0
 
