@@ -195,22 +195,23 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
     if path.is_symlink() and not path.exists():
         raise RejectedImage("dangling symbolic link")
     try:
-        st = path.stat()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RejectedImage("file vanished before it could be read") from None
     except OSError as exc:
         raise RejectedImage(f"cannot read file: {exc.strerror or exc}") from None
-    # A FIFO or a device would block or never end: only regular files are read.
-    if not stat.S_ISREG(st.st_mode):
-        raise RejectedImage("not a regular file (a pipe, device or socket)")
-    if st.st_size > MAX_FILE_BYTES:
-        raise RejectedImage(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RejectedImage("file vanished before it could be read") from None
-    except OSError as exc:
-        raise RejectedImage(f"cannot read file: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        # A pipe or a device would block or never end: only regular files are read.
+        if not stat.S_ISREG(st.st_mode):
+            raise RejectedImage("not a regular file (a pipe, device or socket)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise RejectedImage(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
+        try:
+            data = f.read()
+        except OSError as exc:
+            raise RejectedImage(f"cannot read file: {exc.strerror or exc}") from None
     if not data:
         raise RejectedImage("empty file (0 bytes)")
     try:
