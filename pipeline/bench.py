@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -267,8 +266,6 @@ def _lr_accuracy(train: Path, test: Path, out: Path) -> dict:
 
 def _training(args, say) -> dict:
     """Our default LR search against GridSearchCV(LogisticRegression(), C over 6 values, cv=3) on flattened features."""
-    from pipeline import train as train_stage
-
     folder = args.output / "features"
     tr, te = folder / "bfloat16-train.h5", folder / "bfloat16-test.h5"
     t0 = time.perf_counter()
@@ -290,7 +287,6 @@ def _training(args, say) -> dict:
     naive_seconds = time.perf_counter() - t0
     naive_acc = float(grid.score(xte, yte))
     say(f"  training: ours {ours_seconds:.1f} s acc {ours['accuracy']:.4f}; GridSearchCV {naive_seconds:.1f} s acc {naive_acc:.4f}")
-    _ = train_stage
     return {"ours_seconds": ours_seconds, "ours_accuracy": ours["accuracy"], "gridsearch_seconds": naive_seconds,
             "gridsearch_accuracy": naive_acc, "speedup": naive_seconds / ours_seconds}  # fmt: skip
 

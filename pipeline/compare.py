@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.store import write_text_atomic
 
 #: Every strategy compare knows, in table order.
 STRATEGIES = ("scratch", "lr", "svm", "rf", "head", "finetune", "finetune-plain")
@@ -201,12 +201,6 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(config: CompareConfig) -> list[dict]:
     """Produce every requested strategy's metrics (training what is missing) and write the comparison.
 
@@ -230,9 +224,9 @@ def run(config: CompareConfig) -> list[dict]:
         f"Every row scored on the same {n_test} test images of {config.data_root / 'test'}, seed {config.seed}.\n\n"
     )
     notes = "\n".join(f"- {r['strategy']}: {r['notes']}" for r in rows if r.get("notes"))
-    _write_atomic(config.output / "compare.md", header + md + "\n" + notes + "\n")
-    _write_atomic(config.output / "compare.csv", to_csv(rows))
-    (config.output / "compare.json").write_text(json.dumps(rows, indent=1))
+    write_text_atomic(config.output / "compare.md", header + md + "\n" + notes + "\n")
+    write_text_atomic(config.output / "compare.csv", to_csv(rows))
+    write_text_atomic(config.output / "compare.json", json.dumps(rows, indent=1))
     from pipeline.plots import bar_chart
 
     bar_chart({r["strategy"]: r["accuracy"] for r in rows}, config.output / "compare.png",

@@ -327,6 +327,10 @@ def run(config: ExtractConfig) -> int:
                     signal.signal(s, _raise_interrupt)
             if len(todo):
                 loop_seconds = _extract_rows(config, listing, todo, work, weights, precision, len(covered))
+            # Still under the handlers: an interrupt while assembling leaves the work area
+            # whole (the temporary file is removed) and says so, like one during extraction.
+            n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo))
+            work.remove()
         except (_Interrupted, KeyboardInterrupt) as exc:
             finished = len(work.done_indices())
             print(
@@ -339,9 +343,7 @@ def run(config: ExtractConfig) -> int:
             if threading.current_thread() is threading.main_thread():
                 for s, h in previous.items():
                     signal.signal(s, h)
-        n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo))
         seconds = time.perf_counter() - t0
-        work.remove()
     rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
     return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict)
 

@@ -40,6 +40,7 @@ from pipeline import plots
 from pipeline.config import PRECISIONS, RESIZE_METHODS
 from pipeline.errors import PipelineError
 from pipeline.reader import Listing, iter_batches, list_images
+from pipeline.store import atomic_output, write_text_atomic
 
 #: Every layer of the headless VGG16, in order (``--unfreeze-from`` takes any of them).
 VGG16_LAYERS: tuple[str, ...] = (
@@ -728,24 +729,13 @@ def _scores(y_true, y_pred, class_names) -> dict:
     }
 
 
-def _tmp_name(path: Path, suffix: str = "") -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _save_model(model, path: Path) -> int:
-    tmp = _tmp_name(path, ".keras")  # Keras picks the format by the .keras suffix
-    try:
+    with atomic_output(path, suffix=".keras") as tmp:  # Keras picks the format by the .keras suffix
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path.stat().st_size
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
@@ -22,14 +21,12 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: Path | str) -> Path:
     """Save ``fig`` as PNG through a temporary name and an atomic rename."""
+    from pipeline.store import atomic_output
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

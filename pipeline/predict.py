@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.reader import IMAGE_FORMATS
+from pipeline.store import write_text_atomic
 from pipeline.train import BUNDLE_FORMAT, BUNDLE_VERSION, pool_features
 
 FORMATS = ("text", "csv", "json")
@@ -261,16 +262,11 @@ def format_results(results: list[dict], fmt: str) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PipelineError(f"{path}: write failed: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"{path.parent}: cannot create the output folder: {exc.strerror or exc}") from None
+    write_text_atomic(path, text)
 
 
 def _check_versions(model_path: Path, bundle: dict) -> None:

@@ -274,15 +274,19 @@ def write_feature_file(
 
 
 @contextmanager
-def atomic_output(output: Path) -> Iterator[Path]:
+def atomic_output(output: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``output``; when the block ends, fsync it and rename it
     into place, so readers see the previous file or the new one, never a partial one.
+
+    ``suffix`` ends the temporary name, for writers that pick the format by extension
+    (Keras ``.keras``, matplotlib ``.png``).
 
     Raises:
         PipelineError: the disk filled up or the file could not be written; the temporary
             file is removed and any previous ``output`` is left untouched.
     """
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -294,6 +298,8 @@ def atomic_output(output: Path) -> Iterator[Path]:
         raise _disk_error(output, exc) from None
     except RuntimeError as exc:  # h5py reports failed writes (disk full, EFBIG) as RuntimeError
         tmp.unlink(missing_ok=True)
+        if "errno =" not in str(exc):
+            raise
         err = _disk_error(output, _h5_oserror(exc))
         # HDF5 keeps the failed file in its global state and crashes when the library
         # shuts down; the CLI exits without that shutdown when it sees this flag.
@@ -302,6 +308,12 @@ def atomic_output(output: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file (JSON, CSV, Markdown) through ``atomic_output``."""
+    with atomic_output(Path(path)) as tmp:
+        tmp.write_text(text)
 
 
 def _h5_oserror(exc: RuntimeError) -> OSError:

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureFile, OutputLock, check_compatible, open_features
+from pipeline.store import FeatureFile, OutputLock, atomic_output, check_compatible, open_features
 
 BUNDLE_FORMAT = "transfer-pipeline-model"
 BUNDLE_VERSION = 1
@@ -812,14 +812,8 @@ def _metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> tuple[
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PipelineError(f"{path}: write failed: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _versions() -> dict:

@@ -9,10 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import assert_same_rows, by_path, ROOT, make_tree
+from conftest import assert_same_rows, ROOT, make_tree
 from pipeline import distributed
 from pipeline.cli import main
 from pipeline.config import ExtractConfig

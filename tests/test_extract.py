@@ -199,7 +199,8 @@ def _read(out: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_resume_after_kill_gives_the_uninterrupted_file(tmp_path, sig):
-    data = make_tree(tmp_path / "data", classes=("a", "b", "c"), per_class=40, size=(12, 12))
+    # 299 images in batches of 4: a run takes long enough after the 12th part for the signal to land.
+    data = make_tree(tmp_path / "data", classes=("a", "b", "c"), per_class=100, size=(12, 12))
     (data / "b" / "009.png").write_bytes(b"\x89PNG broken")
     reference = tmp_path / "ref.h5"
     assert extract(data, reference) == 0
@@ -221,7 +222,7 @@ def test_resume_after_kill_gives_the_uninterrupted_file(tmp_path, sig):
     assert "resuming" not in err  # --quiet
     ref_paths, ref_labels, ref_feats, ref_rej = _read(reference)
     paths, labels, feats, rej = _read(out)
-    assert paths == ref_paths and len(set(paths)) == len(paths) == 119
+    assert paths == ref_paths and len(set(paths)) == len(paths) == 299
     assert labels.tolist() == ref_labels.tolist()
     assert rej == ref_rej == ["b/009.png"]
     np.testing.assert_array_equal(feats, ref_feats)

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import assert_same_rows, by_path, make_tree
+from conftest import assert_same_rows, make_tree
 from pipeline import merge as merge_mod
 from pipeline.cli import main
 from pipeline.merge import merge, merged_fingerprint, shard_path, stale_sources
