@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,6 @@ RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
 #: fastest one that keeps downstream accuracy (see ``backbone.resolve_precision``).
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float16", "float32")
-DEFAULT_FEATURES_DIR = Path("features")
 
 
 @dataclass(frozen=True)
@@ -78,13 +75,3 @@ class ExtractConfig:
         if self.output.suffix.lower() not in (".h5", ".hdf5"):
             raise PipelineError(f"{self.output}: the output must be an HDF5 file ending in .h5 or .hdf5")
         return self
-
-    def to_json(self) -> str:
-        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()})
-
-
-def replace(config, **changes):
-    """A copy of a frozen config with some fields changed."""
-    return dataclasses.replace(config, **changes)
-
-

@@ -17,6 +17,8 @@ Ray is optional (``pip install .[ray]``) and imported only here, only when used.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import io
 import os
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ExtractConfig, replace
+from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.extract import summarize
 from pipeline.merge import merge_locked, merged_fingerprint, shard_path, stale_sources
@@ -154,7 +156,7 @@ def _expected_fingerprint(config: ExtractConfig, listing, shards: int, weights, 
     from pipeline.extract import fingerprint, shard_listing
 
     fps = [
-        fingerprint(replace(config, shards=shards, shard=k), shard_listing(listing, shards, k), weights, precision)
+        fingerprint(dataclasses.replace(config, shards=shards, shard=k), shard_listing(listing, shards, k), weights, precision)
         for k in range(shards)
     ]
     return merged_fingerprint(fps)
@@ -227,7 +229,7 @@ def run_ray(config: ExtractConfig, address: str | None = None, workers: int | No
         raise PipelineError(f"--ray-retries {retries}: must be 0 or more")
     ray = _import_ray()
     # Workers may run elsewhere and in another folder: send absolute paths.
-    config = replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
+    config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
     output = config.output
     say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
     listing = list_images(config.data_dir)  # a bad data folder fails here, before any cluster starts
@@ -348,7 +350,7 @@ def _run_shards(ray, config: ExtractConfig, listing, p: Plan, retries: int) -> l
     sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
     pending = {}
     for k in range(p.shards):
-        shard_config = replace(
+        shard_config = dataclasses.replace(
             config, output=paths[k], shards=p.shards, shard=k, quiet=True, strict=False, workers=config.workers or p.num_cpus
         )
         pending[task.remote(shard_config, p.num_cpus)] = k

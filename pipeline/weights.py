@@ -254,21 +254,17 @@ def _read_h5_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]
 
 def _write_converted(dest: pathlib.Path, tensors, source: str) -> str:
     checksum = _checksum_tensors(tensors)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as fh:
-            fh.attrs["format"] = CONVERTED_FORMAT
-            fh.attrs["source"] = source
-            fh.attrs["tensor_sha256"] = checksum
-            fh.attrs["layout"] = "/<layer>/kernel float32 HWIO, /<layer>/bias float32"
-            for name in CONV_LAYERS:
-                kernel, bias = tensors[name]
-                fh.create_dataset(f"{name}/kernel", data=np.ascontiguousarray(kernel, dtype="<f4"))
-                fh.create_dataset(f"{name}/bias", data=np.ascontiguousarray(bias, dtype="<f4"))
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from pipeline.store import atomic_output
+
+    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as fh:
+        fh.attrs["format"] = CONVERTED_FORMAT
+        fh.attrs["source"] = source
+        fh.attrs["tensor_sha256"] = checksum
+        fh.attrs["layout"] = "/<layer>/kernel float32 HWIO, /<layer>/bias float32"
+        for name in CONV_LAYERS:
+            kernel, bias = tensors[name]
+            fh.create_dataset(f"{name}/kernel", data=np.ascontiguousarray(kernel, dtype="<f4"))
+            fh.create_dataset(f"{name}/bias", data=np.ascontiguousarray(bias, dtype="<f4"))
     return checksum
 
 
