@@ -21,7 +21,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .DEFAULT_GOAL := help
 MODELS := $(FEATURES)/models
-.PHONY: help setup data extract train-lr train-svm train-rf predict compare bench demo test verify clean
+.PHONY: help setup data extract train-lr train-svm train-rf predict compare bench demo test test-avx2 verify clean
 
 help: ## list the targets
 	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -78,7 +78,10 @@ demo: ## set everything up and run the main job on the default data: extract, th
 	@$(MAKE) --no-print-directory train-lr
 
 test: setup ## run the test suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-avx2: setup ## run the test suite as an AVX2-only CPU would (`--precision auto` -> float32), on any CPU
+	PIPELINE_CPU_FLAGS="avx2 fma" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean: ## remove generated features (keeps .venv, data and the weights cache)
 	rm -rf $(FEATURES)/*.h5 $(FEATURES)/*.partial $(FEATURES)/models

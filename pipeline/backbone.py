@@ -26,7 +26,16 @@ def feature_shape(input_size: int) -> tuple[int, int, int]:
     return (side, side, 512)
 
 
+#: Environment variable naming the CPU flags to assume instead of /proc/cpuinfo's (space
+#: separated): ``PIPELINE_CPU_FLAGS=avx2 make test`` runs the suite on the path an AVX2-only
+#: CPU takes (``auto`` -> float32) on any machine.
+CPU_FLAGS_ENV = "PIPELINE_CPU_FLAGS"
+
+
 def _cpu_flags() -> set[str]:
+    forced = os.environ.get(CPU_FLAGS_ENV)
+    if forced is not None:
+        return set(forced.split())
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -93,8 +102,9 @@ class Backbone:
     """VGG16 base with weights loaded, called on uint8 RGB batches of up to ``batch_size`` rows.
 
     A short last batch runs at its own size rather than padded: padding a 1-image tail to 32
-    would cost 31 images of compute, and per-image results do not depend on the batch size
-    (checked bit for bit on oneDNN; within float tolerance on GPUs).
+    would cost 31 images of compute. Per-image results depend on the batch size only in their
+    last bits (oneDNN on AVX2 CPUs and GPUs pick kernels by batch shape): equal within float
+    tolerance, not bit for bit.
     """
 
     def __init__(self, input_size: int, weights, precision: str = "float32", batch_size: int = 32, jit: bool | None = None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.reader import IMAGE_FORMATS
+from pipeline.reader import IMAGE_EXTENSIONS
 from pipeline.store import write_text_atomic
 from pipeline.train import BUNDLE_FORMAT, BUNDLE_VERSION, pool_features
 
@@ -105,7 +105,7 @@ def load_bundle(path: Path | str) -> dict:
 def collect_images(inputs) -> list[Path]:
     """The images to predict: files as given, folders walked recursively (sorted, hidden names skipped).
 
-    Folder walks keep the extensions of ``reader.IMAGE_FORMATS``; a file named directly
+    Folder walks keep the extensions of ``reader.IMAGE_EXTENSIONS``; a file named directly
     is always taken (if it is no image, it is reported as such). Duplicates are dropped.
 
     Raises:
@@ -120,13 +120,13 @@ def collect_images(inputs) -> list[Path]:
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_FORMATS:
+                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                         found.append(Path(dirpath) / name)
         else:
             found.append(p)
     found = list(dict.fromkeys(found))
     if not found:
-        raise PipelineError(f"no images ({', '.join(sorted(IMAGE_FORMATS))}) found in {', '.join(map(str, inputs))}")
+        raise PipelineError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, inputs))}")
     return found
 
 

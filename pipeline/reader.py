@@ -22,20 +22,13 @@ from pipeline.errors import PipelineError
 # Never let Pillow pad a truncated file with grey: a truncated image is a reject.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-#: Accepted extensions (any case) and the Pillow formats their content may have.
-IMAGE_FORMATS = {
-    ".jpg": {"JPEG", "MPO"},
-    ".jpeg": {"JPEG", "MPO"},
-    ".jpe": {"JPEG", "MPO"},
-    ".png": {"PNG"},
-    ".bmp": {"BMP", "DIB"},
-    ".gif": {"GIF"},
-    ".webp": {"WEBP"},
-    ".tif": {"TIFF"},
-    ".tiff": {"TIFF"},
-}
-
-
+#: Accepted extensions (any case). The content decides how a file is decoded, not its name:
+#: a PNG saved as ``.jpg`` is read like ``keras.utils.load_img`` and Pillow read it.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: The Pillow formats a file's content may have, whatever its supported extension (Pillow's
+#: JPEG opener also reads multi-picture MPO files). Other formats Pillow knows (PostScript,
+#: PSD, ICO, ...) are not tried: they are rejected as "not an image".
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 #: Larger files are rejected unread: no image this pipeline can use is anywhere near it.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
@@ -141,7 +134,7 @@ def list_images(data_dir: Path | str) -> Listing:
                 full = Path(dirpath) / fname
                 rel = full.relative_to(root).as_posix()
                 s, m = _stat(full)
-                if Path(fname).suffix.lower() not in IMAGE_FORMATS:
+                if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
                     unlisted.append((rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m))
                     continue
                 paths.append(rel)
@@ -151,7 +144,7 @@ def list_images(data_dir: Path | str) -> Listing:
                 found += 1
         if found == 0:
             raise PipelineError(
-                f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_FORMATS))}); "
+                f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "remove it or add images"
             )
     return Listing(
@@ -188,8 +181,9 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
     EXIF orientation and 16-bit handling that ``load_img`` lacks.
 
     Raises:
-        RejectedImage: the file is missing, not a regular file, too large, empty, not an image, of another format than
-            its extension says, over Pillow's pixel limit, of zero size, truncated or corrupt.
+        RejectedImage: the file is missing, not a regular file, too large, empty, not an image of a
+            supported format (``DECODE_FORMATS``; the extension does not matter), over Pillow's pixel
+            limit, of zero size, truncated or corrupt.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -217,16 +211,13 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
     except UnidentifiedImageError:
-        raise RejectedImage("not an image (content not recognised by Pillow)") from None
+        raise RejectedImage(f"not an image (content is none of {', '.join(DECODE_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise RejectedImage(f"decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow raises many types for hostile headers
         raise RejectedImage(f"corrupt image header: {exc}") from None
-    ext = path.suffix.lower()
-    if img.format not in IMAGE_FORMATS.get(ext, set()):
-        raise RejectedImage(f"extension '{path.suffix}' but the content is {img.format}")
     w, h = img.size
     if w <= 0 or h <= 0:
         raise RejectedImage(f"zero-size image ({w}x{h})")

@@ -64,6 +64,19 @@ def by_path(path):
         return rows, sorted(x.decode() for x in ff.db["rejected/paths"][:])
 
 
+#: Tolerance for features that were *recomputed* (another batch composition, another process,
+#: a resumed run): oneDNN's last float32 bits depend on which images share a batch on some
+#: CPUs (AVX2), and float16 storage can then round a value to the neighbouring float16
+#: (2^-11 relative). Rows that were *copied* (kept rows of an update, reads through a merge)
+#: are compared bit for bit instead.
+RECOMPUTED = {"rtol": 2e-3, "atol": 2e-3}
+
+
+def assert_recomputed_close(got, expected, err_msg=""):
+    """``got`` equals ``expected`` within the tolerance of recomputed features (float16 storage)."""
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), err_msg=err_msg, **RECOMPUTED)
+
+
 def assert_same_rows(merged, reference):
     """Same paths, labels and rejects; features equal within float16 storage (shards batch
     other images together than a single run)."""
@@ -72,7 +85,7 @@ def assert_same_rows(merged, reference):
     assert set(rows) == set(ref_rows) and rej == ref_rej
     for p, (label, f) in ref_rows.items():
         assert rows[p][0] == label, p
-        np.testing.assert_allclose(rows[p][1].astype(np.float32), f.astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=p)
+        assert_recomputed_close(rows[p][1], f, err_msg=p)
 
 
 def png_bytes(size=(8, 8)) -> bytes:

@@ -49,3 +49,41 @@ def test_results_do_not_depend_on_batch_size(pixels, reference):
 def test_auto_precision_is_a_concrete_one():
     assert resolve_precision("auto") in ("float32", "bfloat16", "float16")
     assert resolve_precision("float32") == "float32"
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [("fma avx2", "float32"), ("avx512f avx512bw", "float32"), ("avx512f avx512_bf16", "bfloat16"), ("amx_tile amx_bf16", "bfloat16"), ("", "float32")],
+    ids=["avx2", "avx512-no-bf16", "avx512-bf16", "amx", "none"],
+)
+def test_auto_precision_follows_the_cpu_with_and_without_bfloat16(monkeypatch, flags, expected):
+    """The same test on every CPU: the flags are given, not read from this machine."""
+    import tensorflow as tf
+
+    monkeypatch.setenv("PIPELINE_CPU_FLAGS", flags)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("bfloat16") == "bfloat16"  # an explicit choice is never changed
+
+
+def test_auto_precision_is_float16_on_a_gpu(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setenv("PIPELINE_CPU_FLAGS", "avx512_bf16")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert resolve_precision("auto") == "float16"
+
+
+@pytest.mark.parametrize("flags, expected", [("avx2", "float32"), ("avx512_bf16", "bfloat16")])
+def test_resolved_precision_is_recorded_in_the_file(tmp_path, monkeypatch, flags, expected):
+    import h5py
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("PIPELINE_CPU_FLAGS", flags)
+    data = make_tree(tmp_path / "data", per_class=2)
+    out = tmp_path / "x.h5"
+    assert main(["extract", str(data), "-o", str(out), "--weights", "none", "--input-size", "32", "--quiet", "--precision", "auto"]) == 0
+    with h5py.File(out, "r") as db:
+        assert db.attrs["precision"] == expected
+        assert expected in db.attrs["fingerprint"]
