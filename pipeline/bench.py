@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 PRECISIONS_MEASURED = ("float32", "bfloat16", "float16")
@@ -28,7 +28,7 @@ def _peak_rss_mb() -> float:
 
 
 def _paths(data: Path) -> list[Path]:
-    from pipeline.reader import list_images
+    from pipeline.extraction.reader import list_images
 
     listing = list_images(data)
     return [listing.root / p for p in listing.paths]
@@ -36,9 +36,9 @@ def _paths(data: Path) -> list[Path]:
 
 def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
     """The network alone on preprocessed batches already in memory: the hardware limit."""
-    from pipeline.backbone import Backbone
-    from pipeline.reader import load_image
-    from pipeline.weights import resolve_weights
+    from pipeline.extraction.backbone import Backbone
+    from pipeline.extraction.reader import load_image
+    from pipeline.extraction.weights import resolve_weights
 
     paths = _paths(data)
     pixels = np.stack([load_image(p, size, "bilinear") for p in paths])
@@ -57,8 +57,8 @@ def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
     import h5py
     import keras
 
-    from pipeline.backbone import build_vgg16
-    from pipeline.weights import load_weights, resolve_weights
+    from pipeline.extraction.backbone import build_vgg16
+    from pipeline.extraction.weights import load_weights, resolve_weights
 
     paths = _paths(data)
     model = build_vgg16(size, "float32")
@@ -87,8 +87,8 @@ def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
 def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path) -> dict:
     import h5py
 
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run
+    from pipeline.extraction.extract import ExtractConfig
+    from pipeline.extraction.extract import run
 
     out.unlink(missing_ok=True)  # a fresh extraction each repeat, never "up to date"
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def _run_child(*args: str) -> dict:
 
 def _sample_tree(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
     """Symlink ``n`` images of ``src`` (evenly spread over its sorted listing, after ``skip``) into a class tree."""
-    from pipeline.reader import list_images
+    from pipeline.extraction.reader import list_images
 
     listing = list_images(src)
     pick = np.linspace(0, len(listing) - 1, num=min(n + skip, len(listing))).astype(int)[skip:]
@@ -207,8 +207,8 @@ def _memory_scaling(args, tmp: Path, say) -> dict:
 
 def _incremental(args, tmp: Path, say) -> dict:
     """A full run, then 1% added, then 1% removed: the updates must cost a small fraction."""
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run
+    from pipeline.extraction.extract import ExtractConfig
+    from pipeline.extraction.extract import run
 
     n = args.incremental_images
     tree = _sample_tree(args.data / "train", tmp / "inc", n)
@@ -225,7 +225,7 @@ def _incremental(args, tmp: Path, say) -> dict:
     k = max(1, n // 100)
     extra = _sample_tree(args.data / "test", tmp / "inc", k)  # 1% new images, from the test split
     add = timed()
-    from pipeline.reader import list_images
+    from pipeline.extraction.reader import list_images
 
     listing = list_images(extra)
     for p in listing.paths[:: max(1, len(listing) // k)][:k]:
@@ -238,8 +238,8 @@ def _incremental(args, tmp: Path, say) -> dict:
 
 def _accuracy(args, say) -> dict:
     """Logistic regression on the default data's features at each precision, against float32."""
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run as extract
+    from pipeline.extraction.extract import ExtractConfig
+    from pipeline.extraction.extract import run as extract
 
     results = {}
     folder = args.output / "features"
@@ -257,7 +257,7 @@ def _accuracy(args, say) -> dict:
 
 
 def _lr_accuracy(train: Path, test: Path, out: Path) -> dict:
-    from pipeline import train as train_stage
+    from pipeline.classical import train as train_stage
 
     cfg = train_stage.TrainConfig(features=train, model="lr", test=test, output=out, quiet=True)
     metrics = train_stage.run(cfg)
@@ -274,7 +274,7 @@ def _training(args, say) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
 
-    from pipeline.store import open_features
+    from pipeline.extraction.store import open_features
 
     def load(p):
         with open_features(p) as ff:
@@ -335,7 +335,7 @@ def run(args) -> dict:
         raise PipelineError(f"{args.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
     args.output.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    from pipeline.backbone import _cpu_flags
+    from pipeline.extraction.backbone import _cpu_flags
 
     machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in _cpu_flags() else "")
     result = {"machine": machine, "input_size": args.input_size, "batch_size": args.batch_size, "repeats": args.repeats}

@@ -7,8 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config import PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES, ExtractConfig
-from pipeline.errors import PipelineError
+from pipeline.core.config import PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
+from pipeline.extraction.extract import ExtractConfig
+from pipeline.core.errors import PipelineError
 
 EXIT_USER_ERROR = 2
 
@@ -37,7 +38,7 @@ def _add_extract(sub) -> None:
 
 
 def _run_extract(args, argv) -> int:
-    from pipeline import extract
+    from pipeline.extraction import extract
 
     config = ExtractConfig(
         data_dir=args.data_dir,
@@ -58,7 +59,7 @@ def _run_extract(args, argv) -> int:
         command_line=shlex.join(["python", "-m", "pipeline", *argv]),
     )
     if args.ray:
-        from pipeline.distributed import DEFAULT_RETRIES, run_ray
+        from pipeline.extraction.distributed import DEFAULT_RETRIES, run_ray
 
         retries = DEFAULT_RETRIES if args.ray_retries is None else args.ray_retries
         return run_ray(config, args.address, args.ray_workers, retries=retries)
@@ -73,7 +74,7 @@ def _add_weights(sub) -> None:
 
 
 def _run_weights(args, argv) -> int:
-    from pipeline.weights import provision
+    from pipeline.extraction.weights import provision
 
     info = provision(args.weights)
     print(info.path)
@@ -87,7 +88,7 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args, argv) -> int:
-    from pipeline.store import verify
+    from pipeline.extraction.store import verify
 
     status = 0
     for path in args.files:
@@ -115,11 +116,11 @@ COMMANDS = {
     "extract": (_add_extract, _run_extract),
     "weights": (_add_weights, _run_weights),
     "verify": (_add_verify, _run_verify),
-    "train": _lazy("train"),
-    "predict": _lazy("predict"),
-    "finetune": _lazy("finetune", "add_finetune_parser", "run_finetune_cli"),
-    "scratch": _lazy("finetune", "add_scratch_parser", "run_scratch_cli"),
-    "merge": _lazy("merge"),
+    "train": _lazy("classical.train"),
+    "predict": _lazy("classical.predict"),
+    "finetune": _lazy("nets.finetune", "add_finetune_parser", "run_finetune_cli"),
+    "scratch": _lazy("nets.finetune", "add_scratch_parser", "run_scratch_cli"),
+    "merge": _lazy("extraction.merge"),
     "compare": _lazy("compare"),
     "bench": _lazy("bench"),
 }

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.store import write_text_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import write_text_atomic
 
 #: Every strategy compare knows, in table order.
 STRATEGIES = ("scratch", "lr", "svm", "rf", "head", "finetune", "finetune-plain")
@@ -64,7 +64,7 @@ class CompareConfig:
 
 def _conv_base_bytes() -> int:
     """Bytes of the VGG16 convolutional weights a frozen-feature model needs at prediction time."""
-    from pipeline.weights import CONV_LAYERS, KERNEL_SHAPES
+    from pipeline.extraction.weights import CONV_LAYERS, KERNEL_SHAPES
 
     total = 0
     for name in CONV_LAYERS:
@@ -74,8 +74,8 @@ def _conv_base_bytes() -> int:
 
 
 def _extract(config: CompareConfig, split: str) -> Path:
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run
+    from pipeline.extraction.extract import ExtractConfig
+    from pipeline.extraction.extract import run
 
     out = config.output / f"{split}.h5"
     cfg = ExtractConfig(data_dir=config.data_root / split, output=out, input_size=config.input_size, weights=config.weights, quiet=config.quiet)
@@ -86,7 +86,7 @@ def _extract(config: CompareConfig, split: str) -> Path:
 
 def _extract_rate(path: Path) -> tuple[float, float]:
     """(seconds to extract the whole file, images/s) from a feature file's attributes."""
-    from pipeline.store import open_features
+    from pipeline.extraction.store import open_features
 
     with open_features(path) as ff:
         a = ff.attrs
@@ -100,7 +100,7 @@ def _extract_rate(path: Path) -> tuple[float, float]:
 
 
 def _classical(config: CompareConfig, model: str, train_h5: Path, test_h5: Path) -> dict:
-    from pipeline import train
+    from pipeline.classical import train
 
     metrics_path = config.models / f"{model}.metrics.json"
     if config.rerun or not metrics_path.exists():
@@ -130,7 +130,7 @@ def _classical(config: CompareConfig, model: str, train_h5: Path, test_h5: Path)
 
 
 def _keras(config: CompareConfig, strategy: str) -> dict:
-    from pipeline import finetune as ft
+    from pipeline.nets import finetune as ft
 
     data, test = config.data_root / "train", config.data_root / "test"
     if strategy == "scratch":
@@ -227,7 +227,7 @@ def run(config: CompareConfig) -> list[dict]:
     write_text_atomic(config.output / "compare.md", header + md + "\n" + notes + "\n")
     write_text_atomic(config.output / "compare.csv", to_csv(rows))
     write_text_atomic(config.output / "compare.json", json.dumps(rows, indent=1))
-    from pipeline.plots import bar_chart
+    from pipeline.core.plots import bar_chart
 
     bar_chart({r["strategy"]: r["accuracy"] for r in rows}, config.output / "compare.png",
               title=f"Test accuracy on {n_test} images", ylabel="accuracy", ylim=(0, 1))  # fmt: skip

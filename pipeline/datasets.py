@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 FASHION_CLASSES = (
     "tshirt_top", "trouser", "pullover", "dress", "coat",

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import make_tree
 from pipeline.cli import main
 from pipeline.compare import COLUMNS, assemble_table, to_csv, to_markdown
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 @pytest.mark.slow

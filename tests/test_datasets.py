@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline import datasets
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # `make setup` installs the Debian package dataset-fashion-mnist; without it these tests fail, loudly.
 

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
-from pipeline import reader
+from pipeline.extraction import reader
 from pipeline.cli import main
-from pipeline.store import open_features, verify
+from pipeline.extraction.store import open_features, verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")

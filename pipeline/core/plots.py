@@ -21,7 +21,7 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: Path | str) -> Path:
     """Save ``fig`` as PNG through a temporary name and an atomic rename."""
-    from pipeline.store import atomic_output
+    from pipeline.core.outputs import atomic_output
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,11 @@ import joblib
 import numpy as np
 import pytest
 
-from pipeline import plots, train
-from pipeline.errors import PipelineError
-from pipeline.store import write_feature_file
-from pipeline.train import MODELS, TrainConfig, pool_features, split_indices
+from pipeline.classical import train
+from pipeline.core import plots
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.store import write_feature_file
+from pipeline.classical.train import MODELS, TrainConfig, pool_features, split_indices
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("ant", "bee", "cat")

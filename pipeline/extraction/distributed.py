@@ -2,9 +2,9 @@
 
 ``python -m pipeline extract DATA -o OUT.h5 --ray [--address ADDR] [--ray-workers N]``
 splits the sorted listing into N shards (every N-th file, as ``--shards N --shard K``),
-runs each as a Ray task that calls ``pipeline.extract.run`` on
+runs each as a Ray task that calls ``pipeline.extraction.extract.run`` on
 ``OUT.shard-0000K-of-0000N.h5`` next to ``OUT.h5``, and merges the shards into ``OUT.h5``
-(``pipeline.merge``). Everything the single-process path has comes with it per shard:
+(``pipeline.extraction.merge``). Everything the single-process path has comes with it per shard:
 rejects, the lock, incremental updates and resume after a kill, so a task Ray retries
 after its worker died carries on from its shard's work area (``OUT.shard-...h5.partial``).
 
@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
-from pipeline.extract import summarize
-from pipeline.merge import merge_locked, merged_fingerprint, shard_path, stale_sources
+from pipeline.extraction.extract import ExtractConfig
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.extract import summarize
+from pipeline.extraction.merge import merge_locked, merged_fingerprint, shard_path, stale_sources
 
 #: Default retries of a shard whose worker died or failed with an unexpected error.
 DEFAULT_RETRIES = 3
@@ -75,8 +75,8 @@ def extract_shard(config: ExtractConfig, threads: int) -> dict:
     Returns a summary dict; raises ``PipelineError`` for user errors (not retried) and
     ``ShardError`` for anything else (retried by Ray).
     """
-    from pipeline import extract
-    from pipeline.store import WorkArea
+    from pipeline.extraction import extract
+    from pipeline.extraction.store import WorkArea
 
     _limit_threads(threads)
     resumed = len(WorkArea(config.output).parts())  # > 0: an earlier attempt was killed
@@ -108,7 +108,7 @@ def extract_shard(config: ExtractConfig, threads: int) -> dict:
 
 
 def _locked(output: Path) -> bool:
-    from pipeline.store import OutputLock
+    from pipeline.core.outputs import OutputLock
 
     try:
         with OutputLock(output):
@@ -153,7 +153,7 @@ def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
 
 
 def _expected_fingerprint(config: ExtractConfig, listing, shards: int, weights, precision: str) -> dict:
-    from pipeline.extract import fingerprint, shard_listing
+    from pipeline.extraction.extract import fingerprint, shard_listing
 
     fps = [
         fingerprint(dataclasses.replace(config, shards=shards, shard=k), shard_listing(listing, shards, k), weights, precision)
@@ -215,10 +215,10 @@ def run_ray(config: ExtractConfig, address: str | None = None, workers: int | No
         PipelineError: Ray missing, bad settings or data folder, an output made with other
             settings (without ``overwrite``), a shard still failing after its retries.
     """
-    from pipeline.extract import _check_output_writable, describe_difference
-    from pipeline.reader import list_images
-    from pipeline.store import OutputLock
-    from pipeline.weights import resolve_weights
+    from pipeline.extraction.extract import _check_output_writable, describe_difference
+    from pipeline.extraction.reader import list_images
+    from pipeline.core.outputs import OutputLock
+    from pipeline.extraction.weights import resolve_weights
 
     config.validate()
     if config.shard != 0:
@@ -319,7 +319,7 @@ def _init_ray(ray, address: str | None) -> bool:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             return False
         # Workers of a local cluster import this package from the same place as the driver.
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
         ray.init(
             include_dashboard=False,
@@ -337,7 +337,7 @@ def _init_ray(ray, address: str | None) -> bool:
 def _run_shards(ray, config: ExtractConfig, listing, p: Plan, retries: int) -> list[dict]:
     from tqdm import tqdm
 
-    from pipeline.extract import shard_listing
+    from pipeline.extraction.extract import shard_listing
 
     task = ray.remote(extract_shard).options(
         num_cpus=p.num_cpus,

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_rows, make_tree
-from pipeline import merge as merge_mod
+from pipeline.extraction import merge as merge_mod
 from pipeline.cli import main
-from pipeline.merge import merge, merged_fingerprint, shard_path, stale_sources
-from pipeline.reader import list_images
-from pipeline.store import open_features, verify
+from pipeline.extraction.merge import merge, merged_fingerprint, shard_path, stale_sources
+from pipeline.extraction.reader import list_images
+from pipeline.extraction.store import open_features, verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 N = 3

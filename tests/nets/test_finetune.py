@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline import finetune as ft
-from pipeline.errors import PipelineError
+from pipeline.nets import finetune as ft
+from pipeline.core.errors import PipelineError
 
 CLASSES = ("ant", "bee", "cat")
 FAST = dict(input_size=32, weights="none", dense=8, head_epochs=1, epochs=1, batch_size=8, patience=2, cache_copies=2, quiet=True)
@@ -103,7 +103,7 @@ def test_metrics_contract_and_files(runs, trees):
     assert (cached["n_test"], cached["n_train"] + cached["n_val"]) == (len(test_rows), len(train_pool))
     assert cached["test_source"].startswith("split of")
     # ... and they are the same rows a feature file of the folder has: decodable images in listing order
-    from pipeline.reader import RejectedImage, list_images, load_image
+    from pipeline.extraction.reader import RejectedImage, list_images, load_image
 
     listing = list_images(data)
     decodable = []
@@ -158,7 +158,7 @@ def test_scratch_writes_its_outputs(trees):
 def test_preprocessing_layers_equal_backbone_preprocess():
     import keras
 
-    from pipeline.backbone import preprocess
+    from pipeline.extraction.backbone import preprocess
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
     inp = keras.Input((8, 8, 3), dtype="float32")

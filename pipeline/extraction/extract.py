@@ -16,11 +16,74 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import backbone as bb
-from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
-from pipeline.reader import Listing, iter_batches, list_images
-from pipeline.store import OutputLock, WorkArea, write_feature_file
+from pipeline.extraction import backbone as bb
+from pipeline.core.config import PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.reader import Listing, iter_batches, list_images
+from pipeline.extraction.store import WorkArea, write_feature_file
+from pipeline.core.outputs import OutputLock
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of ``python -m pipeline extract``.
+
+    Attributes:
+        data_dir: class-per-folder image tree.
+        output: the HDF5 feature file to write.
+        input_size: square side the images are resized to (224 gives 7x7x512 features).
+        batch_size: images per network call.
+        weights: ``imagenet``, ``none`` (explicit random init) or a weights file path.
+        precision: compute precision (``auto``, ``float32``, ``bfloat16``, ``float16``).
+        storage: dtype of the stored features.
+        resize: Pillow/``load_img`` interpolation used for resizing.
+        workers: decoding threads (0 = one per core).
+        image_timeout: seconds one image may take to decode before it is rejected.
+        strict: exit non-zero if any file was rejected.
+        overwrite: replace an output (or partial run) made from other images or settings.
+        quiet: no progress bar (for batch logs); the summary line is still printed.
+        shards, shard: extract only the ``shard``-th of ``shards`` deterministic slices.
+        command_line: recorded in the output file.
+    """
+
+    data_dir: Path
+    output: Path
+    input_size: int = 224
+    batch_size: int = 32
+    weights: str = "imagenet"
+    precision: str = "auto"
+    storage: str = "float16"
+    resize: str = "bilinear"
+    workers: int = 0
+    image_timeout: float = 60.0
+    strict: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    shards: int = 1
+    shard: int = 0
+    command_line: str = ""
+
+    def validate(self) -> "ExtractConfig":
+        """Check every value; return self. Raises PipelineError naming the bad setting."""
+        if self.input_size < 32:
+            raise PipelineError(f"--input-size {self.input_size}: VGG16 needs at least 32 pixels")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.storage not in STORAGE_DTYPES:
+            raise PipelineError(f"--storage {self.storage}: choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.resize not in RESIZE_METHODS:
+            raise PipelineError(f"--resize {self.resize}: choose one of {', '.join(RESIZE_METHODS)}")
+        if self.workers < 0:
+            raise PipelineError(f"--workers {self.workers}: must be 0 (auto) or more")
+        if self.image_timeout <= 0:
+            raise PipelineError(f"--image-timeout {self.image_timeout}: must be positive")
+        if self.shards < 1 or not 0 <= self.shard < self.shards:
+            raise PipelineError(f"--shard {self.shard} of --shards {self.shards}: need 0 <= shard < shards")
+        if self.output.suffix.lower() not in (".h5", ".hdf5"):
+            raise PipelineError(f"{self.output}: the output must be an HDF5 file ending in .h5 or .hdf5")
+        return self
 
 
 def package_versions() -> dict:
@@ -277,7 +340,7 @@ def run(config: ExtractConfig) -> int:
     _check_output_writable(output)
     say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
     with OutputLock(output):
-        from pipeline.weights import resolve_weights
+        from pipeline.extraction.weights import resolve_weights
 
         weights = resolve_weights(config.weights, progress=not config.quiet)
         precision = bb.resolve_precision(config.precision)

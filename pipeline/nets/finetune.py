@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import backbone as bb
-from pipeline import plots
-from pipeline.config import PRECISIONS, RESIZE_METHODS
-from pipeline.errors import PipelineError
-from pipeline.reader import Listing, iter_batches, list_images
-from pipeline.store import atomic_output, write_text_atomic
+from pipeline.extraction import backbone as bb
+from pipeline.core import plots
+from pipeline.core.config import PRECISIONS, RESIZE_METHODS
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.reader import Listing, iter_batches, list_images
+from pipeline.core.outputs import atomic_output, write_text_atomic
 
 #: Every layer of the headless VGG16, in order (``--unfreeze-from`` takes any of them).
 VGG16_LAYERS: tuple[str, ...] = (
@@ -244,11 +244,11 @@ def _config_json(config) -> dict:
 
 
 def split_indices(labels: np.ndarray, test_size: float, seed: int, what: str = "the images") -> tuple[np.ndarray, np.ndarray]:
-    """``pipeline.train.split_indices`` (the project's one seeded stratified split), errors naming ``what``.
+    """``pipeline.classical.train.split_indices`` (the project's one seeded stratified split), errors naming ``what``.
 
     Returns (train_rows, test_rows) as sorted int64 arrays.
     """
-    from pipeline.train import split_indices as shared
+    from pipeline.core.splits import split_indices as shared
 
     try:
         a, b = shared(np.asarray(labels), test_size, seed)
@@ -486,7 +486,7 @@ def build_finetune_network(config: FinetuneConfig, n_classes: int, precision: st
     """
     import keras
 
-    from pipeline.weights import load_weights
+    from pipeline.extraction.weights import load_weights
 
     policy = bb.POLICIES[precision]
     vgg = bb.build_vgg16(config.input_size, precision, config.seed)
@@ -762,7 +762,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
 
 
 def _package_versions() -> dict:
-    from pipeline.extract import package_versions
+    from pipeline.extraction.extract import package_versions
 
     return package_versions()
 
@@ -860,7 +860,7 @@ def fit_finetune(config: FinetuneConfig) -> Result:
             or classes too small to split.
     """
     listing, test_listing, pixel_bytes, precision = _start(config)
-    from pipeline.weights import resolve_weights
+    from pipeline.extraction.weights import resolve_weights
 
     weights = resolve_weights(config.weights, progress=not config.quiet)
     net = build_finetune_network(config, len(listing.class_names), precision, weights)

@@ -1,4 +1,4 @@
-"""Tests for pipeline.weights: offline ImageNet conversion, the pinned checksum, and clear errors."""
+"""Tests for pipeline.extraction.weights: offline ImageNet conversion, the pinned checksum, and clear errors."""
 
 import hashlib
 import shutil
@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import weights
-from pipeline.errors import PipelineError
+from pipeline.extraction import weights
+from pipeline.core.errors import PipelineError
 
 PINNED = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # Never let Pillow pad a truncated file with grey: a truncated image is a reject.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

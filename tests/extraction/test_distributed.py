@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_same_rows, ROOT, make_tree
-from pipeline import distributed
+from pipeline.extraction import distributed
 from pipeline.cli import main
-from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
-from pipeline.merge import shard_path, stale_sources
-from pipeline.store import open_features, verify
+from pipeline.extraction.extract import ExtractConfig
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.merge import shard_path, stale_sources
+from pipeline.extraction.store import open_features, verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 
@@ -146,7 +146,7 @@ def test_plan(nodes, workers, shards, expected):
 
 def test_a_locked_shard_is_retried_and_a_user_error_is_not(tree, tmp_path, monkeypatch):
     """Inside a task: a shard still locked (a dead node's lingering NFS lock) raises the retried ShardError."""
-    from pipeline.store import OutputLock
+    from pipeline.core.outputs import OutputLock
 
     data, reference = tree
     monkeypatch.setattr(distributed, "LOCK_RETRY_SECONDS", 0.0)

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 
 from conftest import make_tree, write_image
-from pipeline import predict, train
-from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
-from pipeline.predict import PredictConfig
-from pipeline.store import open_features
+from pipeline.classical import predict, train
+from pipeline.extraction.extract import ExtractConfig
+from pipeline.core.errors import PipelineError
+from pipeline.classical.predict import PredictConfig
+from pipeline.extraction.store import open_features
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny tree extracted with random weights at 32 px, and lr + svm trained on it."""
-    from pipeline import extract
+    from pipeline.extraction import extract
 
     root = tmp_path_factory.mktemp("predict")
     data = make_tree(root / "data", classes=("cat", "dog"), per_class=6)

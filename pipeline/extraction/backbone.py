@@ -110,7 +110,7 @@ class Backbone:
     def __init__(self, input_size: int, weights, precision: str = "float32", batch_size: int = 32, jit: bool | None = None):
         import tensorflow as tf
 
-        from pipeline.weights import load_weights
+        from pipeline.extraction.weights import load_weights
 
         self.input_size = input_size
         self.precision = precision

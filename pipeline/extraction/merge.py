@@ -31,8 +31,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.store import STR, OutputLock, atomic_output, open_features
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.store import STR, open_features
+from pipeline.core.outputs import OutputLock, atomic_output
 
 #: Fingerprint keys that differ from shard to shard of one run; every other key must match.
 SHARD_LOCAL_KEYS = ("listing_sha256", "n_files", "shard")

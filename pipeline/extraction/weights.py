@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 CONV_LAYERS: tuple[str, ...] = (
     "block1_conv1", "block1_conv2",
@@ -254,7 +254,7 @@ def _read_h5_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]
 
 def _write_converted(dest: pathlib.Path, tensors, source: str) -> str:
     checksum = _checksum_tensors(tensors)
-    from pipeline.store import atomic_output
+    from pipeline.core.outputs import atomic_output
 
     with atomic_output(dest) as tmp, h5py.File(tmp, "w") as fh:
         fh.attrs["format"] = CONVERTED_FORMAT

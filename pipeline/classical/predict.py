@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.reader import IMAGE_EXTENSIONS
-from pipeline.store import write_text_atomic
-from pipeline.train import BUNDLE_FORMAT, BUNDLE_VERSION, pool_features
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.reader import IMAGE_EXTENSIONS
+from pipeline.core.outputs import write_text_atomic
+from pipeline.classical.train import BUNDLE_FORMAT, BUNDLE_VERSION, pool_features
 
 FORMATS = ("text", "csv", "json")
 #: Keys every bundle's ``feature_spec`` must have for the features to be rebuilt exactly.
@@ -131,7 +131,7 @@ def collect_images(inputs) -> list[Path]:
 
 
 def _check_spec(model_path: Path, bundle: dict) -> None:
-    from pipeline import backbone as bb
+    from pipeline.extraction import backbone as bb
 
     spec = bundle["feature_spec"]
     if bundle["precision"] not in bb.POLICIES:
@@ -163,7 +163,7 @@ def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None 
         PipelineError: the weights cannot be resolved, or their checksum differs from
             the bundle's ``weights_checksum``.
     """
-    from pipeline.weights import resolve_weights
+    from pipeline.extraction.weights import resolve_weights
 
     spec = bundle["feature_spec"]
     name = override or spec["weights"]
@@ -207,7 +207,7 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     """
     from tqdm import tqdm
 
-    from pipeline.reader import Listing, iter_batches
+    from pipeline.extraction.reader import Listing, iter_batches
 
     spec = bundle["feature_spec"]
     names = list(bundle["label_names"])
@@ -301,7 +301,7 @@ def run(config: PredictConfig) -> list[dict]:
     _check_spec(model_path, bundle)
     images = collect_images(config.inputs)
     _check_versions(model_path, bundle)
-    from pipeline import backbone as bb
+    from pipeline.extraction import backbone as bb
 
     info = resolve_bundle_weights(model_path, bundle, config.weights, progress=not config.quiet)
     spec = bundle["feature_spec"]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,78 +12,14 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import atomic_output, disk_error
 
 FORMAT_VERSION = 1
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
 STR = h5py.string_dtype("utf-8")
 #: Attributes whose difference makes two feature files incompatible (train vs test, shards).
 SPEC_KEYS = ("backbone", "layer", "input_size", "preprocessing", "resize", "weights", "weights_checksum")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _disk_error(path: Path, exc: OSError) -> PipelineError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return PipelineError(f"{path}: no space left (or file size limit reached) while writing: {exc.strerror}")
-    return PipelineError(f"{path}: write failed: {exc.strerror or exc}")
-
-
-class OutputLock:
-    """An exclusive, non-blocking lock on ``OUT.lock``; the OS drops it when the process dies (even ``kill -9``)."""
-
-    def __init__(self, output: Path):
-        self.path = output.with_name(output.name + ".lock")
-        self._fd: int | None = None
-
-    def __enter__(self) -> "OutputLock":
-        for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise PipelineError(f"{self.path}: cannot create lock file: {exc.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise PipelineError(
-                    f"{self.path}: another run is writing this output{f' (pid {holder})' if holder else ''}; wait for it or stop it"
-                ) from None
-            # A finishing holder unlinks the lock file: a lock won on an unlinked file is
-            # no lock at all, so make sure the path still names the file we locked.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)
-                return self
-            os.close(fd)
-        raise PipelineError(f"{self.path}: could not take the lock (the lock file keeps changing)")
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 class WorkArea:
@@ -122,7 +55,7 @@ class WorkArea:
             tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
             os.replace(tmp, self.manifest_path)
         except OSError as exc:
-            raise _disk_error(self.path, exc) from None
+            raise disk_error(self.path, exc) from None
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -162,7 +95,7 @@ class WorkArea:
             os.replace(tmp, name)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise _disk_error(name, exc) from None
+            raise disk_error(name, exc) from None
 
     def next_seq(self) -> int:
         parts = self.parts()
@@ -271,59 +204,6 @@ def write_feature_file(
         db.flush()
         db.attrs["complete"] = True
     return n
-
-
-@contextmanager
-def atomic_output(output: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``output``; when the block ends, fsync it and rename it
-    into place, so readers see the previous file or the new one, never a partial one.
-
-    ``suffix`` ends the temporary name, for writers that pick the format by extension
-    (Keras ``.keras``, matplotlib ``.png``).
-
-    Raises:
-        PipelineError: the disk filled up or the file could not be written; the temporary
-            file is removed and any previous ``output`` is left untouched.
-    """
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}{suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-        _fsync_dir(output.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(output, exc) from None
-    except RuntimeError as exc:  # h5py reports failed writes (disk full, EFBIG) as RuntimeError
-        tmp.unlink(missing_ok=True)
-        if "errno =" not in str(exc):
-            raise
-        err = _disk_error(output, _h5_oserror(exc))
-        # HDF5 keeps the failed file in its global state and crashes when the library
-        # shuts down; the CLI exits without that shutdown when it sees this flag.
-        err.hdf5_poisoned = True
-        raise err from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file (JSON, CSV, Markdown) through ``atomic_output``."""
-    with atomic_output(Path(path)) as tmp:
-        tmp.write_text(text)
-
-
-def _h5_oserror(exc: RuntimeError) -> OSError:
-    """The OSError behind an h5py RuntimeError ("... errno = 28, error message = '...'")."""
-    import re
-
-    m = re.search(r"errno = (\d+), error message = '([^']*)'", str(exc))
-    if m:
-        return OSError(int(m.group(1)), m.group(2))
-    return OSError(0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 @dataclass
@@ -459,7 +339,7 @@ def verify(path: Path | str) -> list[str]:
             if key not in db.attrs:
                 problems.append(f"{path}: attribute '{key}' missing")
         if "merged" in db:
-            from pipeline.merge import stale_sources
+            from pipeline.extraction.merge import stale_sources
 
             problems.extend(stale_sources(path))
         paths = ff.paths

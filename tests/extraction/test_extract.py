@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
 from pipeline.cli import main
-from pipeline.store import OutputLock, open_features, verify
+from pipeline.extraction.store import open_features, verify
+from pipeline.core.outputs import OutputLock
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 
@@ -53,9 +54,9 @@ def test_layout_of_the_feature_file(tmp_path, capsys):
 
 def test_features_match_a_direct_model_call(tmp_path):
     """The stored rows are the network's output for the right file, in the listed order."""
-    from pipeline.backbone import Backbone
-    from pipeline.reader import load_image
-    from pipeline.weights import resolve_weights
+    from pipeline.extraction.backbone import Backbone
+    from pipeline.extraction.reader import load_image
+    from pipeline.extraction.weights import resolve_weights
 
     data = make_tree(tmp_path / "data", per_class=4)
     out = tmp_path / "x.h5"

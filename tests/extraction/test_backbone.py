@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline.backbone import Backbone, feature_shape, resolve_precision
-from pipeline.reader import list_images, load_image
-from pipeline.weights import resolve_weights
+from pipeline.extraction.backbone import Backbone, feature_shape, resolve_precision
+from pipeline.extraction.reader import list_images, load_image
+from pipeline.extraction.weights import resolve_weights
 
 
 @pytest.mark.parametrize("size, shape", [(32, (1, 1, 512)), (64, (2, 2, 512)), (224, (7, 7, 512)), (100, (3, 3, 512))])

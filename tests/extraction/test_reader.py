@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_tree, write_image
-from pipeline.errors import PipelineError
-from pipeline.reader import RejectedImage, iter_batches, list_images, load_image
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.reader import RejectedImage, iter_batches, list_images, load_image
 
 
 def test_listing_sorted_by_class_then_path(tmp_path):
@@ -129,7 +129,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_pixels_match_keras_load_img(tmp_path, interpolation):
     import keras
 
-    from pipeline.backbone import preprocess
+    from pipeline.extraction.backbone import preprocess
 
     paths = [
         write_image(tmp_path / "a.png", size=(28, 28)),

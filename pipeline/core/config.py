@@ -1,0 +1,226 @@
+"""Settings vocabulary and the validation table: each setting's default, flag, help and rule written once, in its dataclass field.
+
+A stage's config is a frozen dataclass whose fields are declared with ``option``::
+
+    @dataclass(frozen=True)
+    class ExtractConfig:
+        batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
+
+``validate(config)`` checks every field against its rule and raises one message,
+``--batch-size 0: must be a whole number in [1, 4294967295]``; ``add_options(parser, Config)``
+declares the flags with the field's default (the help text shows it); ``from_args(Config,
+args)`` builds the config from the parsed flags. So a default is written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError
+
+#: Interpolation names understood by ``keras.utils.load_img`` (and Pillow).
+RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
+#: ``--precision`` values: the compute dtype policy of the network. ``auto`` picks the
+#: fastest one that keeps downstream accuracy (see ``extraction.backbone.resolve_precision``).
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("float16", "float32")
+#: Upper bound of counts and seeds (numpy seeds and HDF5 sizes take 32-bit values safely).
+MAX_INT = 2**32 - 1
+
+
+class Rule:
+    """A constraint on one setting: ``check`` says whether a value obeys it, ``describe`` what it allows."""
+
+    def check(self, value) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Interval(Rule):
+    """A finite number of ``kind`` (int or float) between ``lo`` and ``hi`` (None = unbounded).
+
+    ``closed`` says which ends belong to the interval: ``both``, ``left``, ``right`` or ``neither``.
+    NaN and infinities never pass; booleans are not numbers here.
+    """
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    closed: str = "both"
+
+    def check(self, value) -> bool:
+        if isinstance(value, bool):
+            return False
+        if self.kind is int:
+            if not isinstance(value, int):
+                return False
+        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.lo is not None and (value < self.lo or (value == self.lo and self.closed in ("right", "neither"))):
+            return False
+        if self.hi is not None and (value > self.hi or (value == self.hi and self.closed in ("left", "neither"))):
+            return False
+        return True
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a finite number"
+        left = "[" if self.closed in ("both", "left") and self.lo is not None else "("
+        right = "]" if self.closed in ("both", "right") and self.hi is not None else ")"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{what} in {left}{lo}, {hi}{right}"
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    """One of a fixed set of values (also the flag's argparse ``choices``)."""
+
+    choices: tuple
+
+    def check(self, value) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(map(str, self.choices))
+
+
+def option(
+    default=dataclasses.MISSING,
+    help: str = "",
+    *,
+    rule: Rule | None = None,
+    message: str | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    cli: bool = True,
+    default_factory=dataclasses.MISSING,
+):
+    """A config field: its default, help text, rule and command-line flag, in one place.
+
+    Args:
+        default: the one default of the setting (omit for a required positional).
+        help: the flag's help; ``(default X)`` is appended from ``default``.
+        rule: what values are allowed; checked by ``validate``.
+        message: replaces the rule's own description in the error (e.g. "VGG16 needs at least 32 pixels").
+        flag: the long flag (default ``--`` + the field name with dashes).
+        short: a short flag such as ``-o``.
+        metavar, positional: as in argparse.
+        cli: False for fields that are not flags (set by the stage, e.g. ``command_line``).
+    """
+    meta = {"help": help, "rule": rule, "message": message, "flag": flag, "short": short, "metavar": metavar, "positional": positional, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line name of a config field (``--batch-size``)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check(flag: str, value, rule: Rule, message: str | None = None) -> None:
+    """Raise the one error template unless ``value`` obeys ``rule``: ``{flag} {value}: {what is allowed}``."""
+    if not rule.check(value):
+        shown = value if isinstance(value, (str, Path)) else repr(value)
+        raise PipelineError(f"{flag} {shown}: {message or 'must be ' + rule.describe()}")
+
+
+def validate(config):
+    """Check every field of ``config`` that has a rule (None passes for optional fields); return ``config``.
+
+    Raises:
+        PipelineError: ``--flag value: must be ...`` for the first field that breaks its rule.
+    """
+    for f in dataclasses.fields(config):
+        rule = f.metadata.get("rule")
+        value = getattr(config, f.name)
+        if rule is not None and value is not None:
+            check(flag_of(f), value, rule, f.metadata.get("message"))
+    return config
+
+
+def _hints(cls) -> dict:
+    import sys
+
+    module = sys.modules[cls.__module__]
+    return typing.get_type_hints(cls, vars(module))
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args and typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else hint
+
+
+def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """Declare one flag per ``option`` field of ``cls`` (except ``skip`` and ``cli=False`` fields).
+
+    Types come from the annotations (int, float, str, Path; bool becomes ``--x`` when the
+    default is False and ``--no-x`` when it is True); choices from ``OneOf`` rules; the
+    default from the field, shown in the help.
+    """
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta or not meta.get("cli", True) or f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        has_default = f.default is not dataclasses.MISSING
+        help_text = meta.get("help", "")
+        if meta.get("positional"):
+            parser.add_argument(f.name, type=kind if kind in (int, float, Path) else None, metavar=meta.get("metavar"), help=help_text)
+            continue
+        names = [x for x in (meta.get("short"), flag_of(f)) if x]
+        if kind is bool:
+            if f.default:
+                names = [meta.get("flag") or "--no-" + f.name.replace("_", "-")]
+                parser.add_argument(*names, dest=f.name, action="store_false", help=help_text)
+            else:
+                parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+            continue
+        rule = meta.get("rule")
+        shown = "none" if has_default and f.default is None else (f.default if has_default else None)
+        kwargs = {
+            "dest": f.name,
+            "type": kind if kind in (int, float, Path) else str,
+            "metavar": meta.get("metavar"),
+            "help": help_text + (f" (default {shown})" if has_default else ""),
+        }
+        if isinstance(rule, OneOf):
+            kwargs["choices"] = rule.choices
+        if has_default:
+            kwargs["default"] = f.default
+        else:
+            kwargs["required"] = True
+        parser.add_argument(*names, **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace, **extra):
+    """``cls`` built from the parsed flags of its fields, plus ``extra`` (e.g. ``command_line``)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    values.update(extra)
+    return cls(**values)
+
+
+def config_json(config) -> dict:
+    """A config as JSON-ready values (paths as strings, tuples as lists), for the files next to outputs."""
+
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}

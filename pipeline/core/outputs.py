@@ -1,0 +1,190 @@
+"""Writing outputs safely: the one atomic writer (temporary name, fsync, rename), the output lock, output folders, and what every output records (versions, command line)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import platform
+import re
+import shlex
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.core.errors import PipelineError
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: some file systems refuse a directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def disk_error(path: Path, exc: OSError) -> PipelineError:
+    """The one-line error for a failed write: a full disk (or file-size limit) is named as such."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return PipelineError(f"{path}: no space left (or file size limit reached) while writing: {exc.strerror}")
+    return PipelineError(f"{path}: write failed: {exc.strerror or exc}")
+
+
+def h5_oserror(exc: RuntimeError) -> OSError:
+    """The OSError behind an h5py RuntimeError ("... errno = 28, error message = '...'")."""
+    m = re.search(r"errno = (\d+), error message = '([^']*)'", str(exc))
+    if m:
+        return OSError(int(m.group(1)), m.group(2))
+    return OSError(0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+@contextmanager
+def atomic_output(output: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``output``; when the block ends, fsync it and rename it
+    into place, so readers see the previous file or the new one, never a partial one.
+
+    ``suffix`` ends the temporary name, for writers that pick the format by extension
+    (Keras ``.keras``, matplotlib ``.png``).
+
+    Raises:
+        PipelineError: the disk filled up or the file could not be written; the temporary
+            file is removed and any previous ``output`` is left untouched.
+    """
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(output, exc) from None
+    except RuntimeError as exc:  # h5py reports failed writes (disk full, EFBIG) as RuntimeError
+        tmp.unlink(missing_ok=True)
+        if "errno =" not in str(exc):
+            raise
+        err = disk_error(output, h5_oserror(exc))
+        # HDF5 keeps the failed file in its global state and crashes when the library
+        # shuts down; the CLI exits without that shutdown when it sees this flag.
+        err.hdf5_poisoned = True
+        raise err from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file (JSON, CSV, Markdown) through ``atomic_output``."""
+    with atomic_output(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON (numpy scalars and paths allowed) through ``atomic_output``."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def prepare_output_dir(folder: Path, flag: str = "-o") -> Path:
+    """Create the output folder ``folder`` if needed and check that it can be written.
+
+    Raises:
+        PipelineError: ``folder`` is a file, cannot be created, or is not writable.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"{flag} {folder}: exists and is not a folder (it takes the folder for the output files)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{flag} {folder}: cannot create the output folder: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag} {folder}: output folder is not writable")
+    return folder
+
+
+#: The packages whose versions decide the numbers in an output.
+VERSIONED_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "h5py", "pillow", "scikit-learn", "joblib")
+
+
+def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict:
+    """Python's and the installed packages' versions (absent packages are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def command_line(argv) -> str:
+    """The command as a user would type it again: ``python -m pipeline ARGS``."""
+    return shlex.join(["python", "-m", "pipeline", *map(str, argv or [])])
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on ``OUT.lock``; the OS drops it when the process dies (even ``kill -9``)."""
+
+    def __init__(self, output: Path):
+        output = Path(output)
+        self.path = output.with_name(output.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise PipelineError(f"{self.path}: cannot create lock file: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise PipelineError(
+                    f"{self.path}: another run is writing this output{f' (pid {holder})' if holder else ''}; wait for it or stop it"
+                ) from None
+            # A finishing holder unlinks the lock file: a lock won on an unlinked file is
+            # no lock at all, so make sure the path still names the file we locked.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                return self
+            os.close(fd)
+        raise PipelineError(f"{self.path}: could not take the lock (the lock file keeps changing)")
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
