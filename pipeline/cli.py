@@ -102,35 +102,79 @@ def _run_verify(args, argv) -> int:
     return status
 
 
-def _lazy(module: str, add: str = "add_parser", run: str = "run_cli"):
-    """A command whose module is imported only when used (TensorFlow start-up is slow)."""
-    import importlib
-
-    return (
-        lambda sub: getattr(importlib.import_module(f"pipeline.{module}"), add)(sub),
-        lambda args, argv: getattr(importlib.import_module(f"pipeline.{module}"), run)(args, argv),
-    )
-
-
+#: Every command and the module that owns it. A command's module exposes the stage contract:
+#: ``add_parser(subparsers)`` (its flags), ``from_args(args, argv)`` (flags -> frozen config)
+#: and ``run(config)`` (an int is the exit status; any other result means 0).
 COMMANDS = {
+    "extract": "pipeline.extraction.extract",
+    "merge": "pipeline.extraction.merge",
+    "verify": "pipeline.extraction.verify",
+    "weights": "pipeline.extraction.provision",
+    "train": "pipeline.classical.train",
+    "predict": "pipeline.classical.predict",
+    "finetune": "pipeline.nets.finetune",
+    "scratch": "pipeline.nets.scratch",
+    "compare": "pipeline.compare",
+    "bench": "pipeline.bench",
+}
+
+# TRANSITION (removed when every module has the contract): commands not yet moved to it.
+_LEGACY = {
     "extract": (_add_extract, _run_extract),
     "weights": (_add_weights, _run_weights),
     "verify": (_add_verify, _run_verify),
-    "train": _lazy("classical.train"),
-    "predict": _lazy("classical.predict"),
-    "finetune": _lazy("nets.finetune", "add_finetune_parser", "run_finetune_cli"),
-    "scratch": _lazy("nets.finetune", "add_scratch_parser", "run_scratch_cli"),
-    "merge": _lazy("extraction.merge"),
-    "compare": _lazy("compare"),
-    "bench": _lazy("bench"),
+    "train": ("pipeline.classical.train", "add_parser", "run_cli"),
+    "predict": ("pipeline.classical.predict", "add_parser", "run_cli"),
+    "finetune": ("pipeline.nets.finetune", "add_finetune_parser", "run_finetune_cli"),
+    "scratch": ("pipeline.nets.finetune", "add_scratch_parser", "run_scratch_cli"),
+    "merge": ("pipeline.extraction.merge", "add_parser", "run_cli"),
+    "compare": ("pipeline.compare", "add_parser", "run_cli"),
+    "bench": ("pipeline.bench", "add_parser", "run_cli"),
 }
+
+
+def _module(name: str):
+    import importlib
+
+    try:
+        module = importlib.import_module(COMMANDS[name])
+    except ModuleNotFoundError:
+        return None
+    return module if hasattr(module, "from_args") else None
+
+
+def _add(name: str, sub) -> None:
+    import importlib
+
+    module = _module(name)
+    if module is not None:
+        module.add_parser(sub)
+        return
+    legacy = _LEGACY[name]
+    if callable(legacy[0]):
+        legacy[0](sub)
+    else:
+        getattr(importlib.import_module(legacy[0]), legacy[1])(sub)
+
+
+def _run(name: str, args, argv) -> int:
+    import importlib
+
+    module = _module(name)
+    if module is not None:
+        result = module.run(module.from_args(args, argv))
+        return result if type(result) is int else 0
+    legacy = _LEGACY[name]
+    if callable(legacy[1]):
+        return legacy[1](args, argv)
+    return getattr(importlib.import_module(legacy[0]), legacy[2])(args, argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split(":")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name in COMMANDS:
+        _add(name, sub)
     return parser
 
 
@@ -138,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args, argv)
+        return _run(args.command, args, argv)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if getattr(exc, "hdf5_poisoned", False):

@@ -74,8 +74,9 @@ class Interval(Rule):
         what = "a whole number" if self.kind is int else "a finite number"
         left = "[" if self.closed in ("both", "left") and self.lo is not None else "("
         right = "]" if self.closed in ("both", "right") and self.hi is not None else ")"
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        shown = (lambda v: str(int(v))) if self.kind is int else (lambda v: f"{v:g}")
+        lo = "-inf" if self.lo is None else shown(self.lo)
+        hi = "inf" if self.hi is None else shown(self.hi)
         return f"{what} in {left}{lo}, {hi}{right}"
 
 
@@ -102,6 +103,7 @@ def option(
     short: str | None = None,
     metavar: str | None = None,
     positional: bool = False,
+    nargs: str | None = None,
     cli: bool = True,
     default_factory=dataclasses.MISSING,
 ):
@@ -114,10 +116,10 @@ def option(
         message: replaces the rule's own description in the error (e.g. "VGG16 needs at least 32 pixels").
         flag: the long flag (default ``--`` + the field name with dashes).
         short: a short flag such as ``-o``.
-        metavar, positional: as in argparse.
+        metavar, positional, nargs: as in argparse (``nargs="+"`` fields are tuples).
         cli: False for fields that are not flags (set by the stage, e.g. ``command_line``).
     """
-    meta = {"help": help, "rule": rule, "message": message, "flag": flag, "short": short, "metavar": metavar, "positional": positional, "cli": cli}
+    meta = {"help": help, "rule": rule, "message": message, "flag": flag, "short": short, "metavar": metavar, "positional": positional, "nargs": nargs, "cli": cli}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -157,8 +159,14 @@ def _hints(cls) -> dict:
 
 
 def _base_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args and typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else hint
+    """int for ``int``, ``int | None`` and ``tuple[int, ...]``; the type argparse converts each value to."""
+    import types
+
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None) and a is not Ellipsis]
+    if origin in (typing.Union, types.UnionType, tuple) and args:
+        return _base_type(args[0])
+    return hint
 
 
 def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
@@ -177,7 +185,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
         has_default = f.default is not dataclasses.MISSING
         help_text = meta.get("help", "")
         if meta.get("positional"):
-            parser.add_argument(f.name, type=kind if kind in (int, float, Path) else None, metavar=meta.get("metavar"), help=help_text)
+            extra = {"nargs": meta["nargs"]} if meta.get("nargs") else {}
+            parser.add_argument(f.name, type=kind if kind in (int, float, Path) else str, metavar=meta.get("metavar"), help=help_text, **extra)
             continue
         names = [x for x in (meta.get("short"), flag_of(f)) if x]
         if kind is bool:
@@ -197,6 +206,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
         }
         if isinstance(rule, OneOf):
             kwargs["choices"] = rule.choices
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
         if has_default:
             kwargs["default"] = f.default
         else:
@@ -207,6 +218,9 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
 def from_args(cls, args: argparse.Namespace, **extra):
     """``cls`` built from the parsed flags of its fields, plus ``extra`` (e.g. ``command_line``)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    for f in dataclasses.fields(cls):  # nargs fields arrive as lists: configs are frozen, so hold tuples
+        if f.metadata.get("nargs") and isinstance(values.get(f.name), list):
+            values[f.name] = tuple(values[f.name])
     values.update(extra)
     return cls(**values)
 
