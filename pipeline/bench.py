@@ -16,10 +16,40 @@ from pathlib import Path
 
 import numpy as np
 
+from dataclasses import dataclass
+
+from pipeline.core.config import MAX_INT, Interval, add_options, option, validate
+from pipeline.core.config import from_args as config_from_args
 from pipeline.core.errors import PipelineError
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 PRECISIONS_MEASURED = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of ``python -m pipeline bench`` (every figure is a median over ``repeats``)."""
+
+    data: Path = option(DEFAULT_DATA, "folder with train/ and test/ class trees")
+    images: int = option(128, "images in the throughput slice", rule=Interval(int, 1, MAX_INT))
+    repeats: int = option(3, "repeats; figures are medians", rule=Interval(int, 1, MAX_INT))
+    input_size: int = option(224, "network input side", rule=Interval(int, 32, MAX_INT), message="VGG16 needs at least 32 pixels")
+    batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
+    precisions: tuple[str, ...] = option(PRECISIONS_MEASURED, cli=False)
+    memory_images: int = option(64, "memory check on N and 10N images", rule=Interval(int, 1, MAX_INT))
+    incremental_images: int = option(1000, "images in the incremental check", rule=Interval(int, 2, MAX_INT))
+    quick: bool = option(False, "throughput table only")
+    output: Path = option(Path("features/bench"), "where bench.json and bench.md go", short="-o")
+    quiet: bool = option(False, "no progress messages")
+
+    def validate(self) -> "BenchConfig":
+        validate(self)
+        unknown = [p for p in self.precisions if p not in PRECISIONS_MEASURED]
+        if unknown:
+            raise PipelineError(f"--precisions {','.join(self.precisions)}: unknown {', '.join(unknown)}; choose from {', '.join(PRECISIONS_MEASURED)}")
+        if not (self.data / "train").is_dir():
+            raise PipelineError(f"{self.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
+        return self
 
 
 # ----------------------------------------------------------------------------- child side
@@ -329,15 +359,14 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args) -> dict:
-    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``."""
-    if not (args.data / "train").is_dir():
-        raise PipelineError(f"{args.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
+def run(args: BenchConfig) -> dict:
+    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures."""
+    args.validate()
     args.output.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    from pipeline.extraction.backbone import _cpu_flags
+    from pipeline.extraction.backbone import cpu_flags
 
-    machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in _cpu_flags() else "")
+    machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in cpu_flags() else "")
     result = {"machine": machine, "input_size": args.input_size, "batch_size": args.batch_size, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="bench-") as t:
         tmp = Path(t)
@@ -356,25 +385,22 @@ def run(args) -> dict:
     return result
 
 
-def add_parser(sub) -> None:
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_parser(sub):
+    """Register ``bench``; every flag's default comes from ``BenchConfig``."""
     p = sub.add_parser("bench", help="measure extraction speed, memory, storage, incremental cost and accuracy")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/ and test/ class trees (default data/fashion-mnist)")
-    p.add_argument("--images", type=int, default=128, help="images in the throughput slice (default 128)")
-    p.add_argument("--repeats", type=int, default=3, help="repeats; figures are medians (default 3)")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precisions", default=",".join(PRECISIONS_MEASURED), help="precisions to measure (default all)")
-    p.add_argument("--memory-images", type=int, default=64, help="memory check on N and 10N images (default 64)")
-    p.add_argument("--incremental-images", type=int, default=1000, help="images in the incremental check (default 1000)")
-    p.add_argument("--quick", action="store_true", help="throughput table only")
-    p.add_argument("-o", "--output", type=Path, default=Path("features/bench"), help="where bench.json and bench.md go")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--precisions", type=_list, default=PRECISIONS_MEASURED, metavar="P1,P2,...",
+                   help=f"precisions to measure (default {','.join(PRECISIONS_MEASURED)})")  # fmt: skip
+    add_options(p, BenchConfig)
+    return p
 
 
-def run_cli(args, argv) -> int:
-    args.precisions = [p.strip() for p in args.precisions.split(",")]
-    run(args)
-    return 0
+def from_args(args, argv=None) -> BenchConfig:
+    """The BenchConfig of parsed ``bench`` flags."""
+    return config_from_args(BenchConfig, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.config import MAX_INT, Interval, add_options, option, validate
+from pipeline.core.config import from_args as config_from_args
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
 
@@ -35,20 +37,21 @@ class CompareConfig:
         rerun: train again even where a metrics file exists.
     """
 
-    data_root: Path = Path("data/fashion-mnist")
-    output: Path = Path("features")
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
-    input_size: int = 224
-    scratch_input_size: int = 64
-    epochs: int = 10
-    head_epochs: int = 5
-    scratch_epochs: int = 30
-    seed: int = 0
-    weights: str = "imagenet"
-    rerun: bool = False
-    quiet: bool = False
+    data_root: Path = option(Path("data/fashion-mnist"), "folder with train/ and test/ class trees", flag="--data")
+    output: Path = option(Path("features"), "output folder (features, models, compare.md/.csv/.png)", short="-o")
+    strategies: tuple[str, ...] = option(DEFAULT_STRATEGIES, cli=False)
+    input_size: int = option(224, "VGG16 input side", rule=Interval(int, 32, MAX_INT), message="VGG16 needs at least 32 pixels")
+    scratch_input_size: int = option(64, "from-scratch CNN input side", rule=Interval(int, 16, MAX_INT))
+    epochs: int = option(10, "fine-tuning epochs, phase 2", rule=Interval(int, 0, MAX_INT))
+    head_epochs: int = option(5, "head epochs, phase 1", rule=Interval(int, 0, MAX_INT))
+    scratch_epochs: int = option(30, "from-scratch epochs", rule=Interval(int, 1, MAX_INT))
+    seed: int = option(0, "one seed for every split, initialisation and augmentation", rule=Interval(int, 0, MAX_INT))
+    weights: str = option("imagenet", "VGG16 weights: imagenet, none (tests only) or a weights file PATH")
+    rerun: bool = option(False, "train again even where a metrics file exists")
+    quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> "CompareConfig":
+        validate(self)
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise PipelineError(f"--strategies: unknown strategy '{s}'; choose from {', '.join(STRATEGIES)}")
@@ -130,23 +133,23 @@ def _classical(config: CompareConfig, model: str, train_h5: Path, test_h5: Path)
 
 
 def _keras(config: CompareConfig, strategy: str) -> dict:
-    from pipeline.nets import finetune as ft
+    from pipeline.nets import finetune, scratch
 
     data, test = config.data_root / "train", config.data_root / "test"
     if strategy == "scratch":
         folder, name = config.models / "scratch", "scratch"
-        cfg = ft.ScratchConfig(data_dir=data, test_dir=test, out_dir=folder, input_size=config.scratch_input_size,
-                               epochs=config.scratch_epochs, seed=config.seed, quiet=config.quiet)  # fmt: skip
-        runner = ft.run_scratch
+        cfg = scratch.ScratchConfig(data_dir=data, test_dir=test, out_dir=folder, input_size=config.scratch_input_size,
+                                    epochs=config.scratch_epochs, seed=config.seed, quiet=config.quiet)  # fmt: skip
+        runner = scratch.run
     else:
         folder, name = config.models / strategy, "finetune"
-        cfg = ft.FinetuneConfig(
+        cfg = finetune.FinetuneConfig(
             data_dir=data, test_dir=test, out_dir=folder, input_size=config.input_size,
             unfreeze_from="none" if strategy == "head" else "block5_conv1",
             head_epochs=config.head_epochs, epochs=config.epochs, seed=config.seed, weights=config.weights,
             cache=strategy != "finetune-plain", quiet=config.quiet,
         )  # fmt: skip
-        runner = ft.run_finetune
+        runner = finetune.run
     metrics_path = folder / f"{name}.metrics.json"
     if config.rerun or not metrics_path.exists():
         runner(cfg)
@@ -236,27 +239,19 @@ def run(config: CompareConfig) -> list[dict]:
     return rows
 
 
-def add_parser(sub) -> None:
+def _strategy_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def add_parser(sub):
+    """Register ``compare``; every flag's default comes from ``CompareConfig``."""
     p = sub.add_parser("compare", help="every strategy on the same test images, in one table and one chart")
-    p.add_argument("--data", type=Path, default=Path("data/fashion-mnist"), help="folder with train/ and test/ (default data/fashion-mnist)")
-    p.add_argument("-o", "--output", type=Path, default=Path("features"), help="output folder (default features/)")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"comma list from {', '.join(STRATEGIES)}")
-    p.add_argument("--input-size", type=int, default=224, help="VGG16 input side (default 224)")
-    p.add_argument("--scratch-input-size", type=int, default=64, help="from-scratch CNN input side (default 64)")
-    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs, phase 2 (default 10)")
-    p.add_argument("--head-epochs", type=int, default=5, help="head epochs, phase 1 (default 5)")
-    p.add_argument("--scratch-epochs", type=int, default=30, help="from-scratch epochs (default 30)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default="imagenet", help="VGG16 weights: imagenet (default), none (tests only) or PATH")
-    p.add_argument("--rerun", action="store_true", help="train again even where a metrics file exists")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--strategies", type=_strategy_list, default=DEFAULT_STRATEGIES, metavar="S1,S2,...",
+                   help=f"comma list from {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")  # fmt: skip
+    add_options(p, CompareConfig)
+    return p
 
 
-def run_cli(args, argv) -> int:
-    cfg = CompareConfig(
-        data_root=args.data, output=args.output, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
-        input_size=args.input_size, scratch_input_size=args.scratch_input_size, epochs=args.epochs,
-        head_epochs=args.head_epochs, scratch_epochs=args.scratch_epochs, seed=args.seed, weights=args.weights, rerun=args.rerun, quiet=args.quiet,
-    )  # fmt: skip
-    run(cfg)
-    return 0
+def from_args(args, argv=None) -> CompareConfig:
+    """The CompareConfig of parsed ``compare`` flags."""
+    return config_from_args(CompareConfig, args)

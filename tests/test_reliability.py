@@ -19,7 +19,8 @@ from PIL import Image
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
 from pipeline.extraction import reader
 from pipeline.cli import main
-from pipeline.extraction.store import open_features, verify
+from pipeline.extraction.store import open_features
+from pipeline.extraction.verify import verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.classical.bundle import check_spec, load_bundle, warn_on_version_change
+from pipeline.classical.features import pool_features
+from pipeline.core import config as settings
+from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import command_line, prepare_output_dir, write_text_atomic
 from pipeline.extraction.reader import IMAGE_EXTENSIONS
-from pipeline.core.outputs import write_text_atomic
-from pipeline.classical.train import BUNDLE_FORMAT, BUNDLE_VERSION, pool_features
 
 FORMATS = ("text", "csv", "json")
-#: Keys every bundle's ``feature_spec`` must have for the features to be rebuilt exactly.
-SPEC_REQUIRED = ("backbone", "layer", "input_size", "preprocessing", "resize", "weights", "weights_checksum", "feature_shape", "pool")
 
 
 @dataclass(frozen=True)
@@ -41,65 +42,31 @@ class PredictConfig:
         weights: weights to resolve instead of the bundle's name (needed when the model
             was trained on a weights file); the checksum must still match the bundle's.
         quiet: no progress bar or summary (the count of unreadable images is still printed).
+        command_line: the command as typed (not used in the output).
     """
 
-    model: Path
-    inputs: tuple[Path, ...]
-    format: str = "text"
-    output: Path | None = None
-    batch_size: int = 32
-    weights: str | None = None
-    quiet: bool = False
+    model: Path = option(help="model bundle written by train (e.g. features/models/lr.joblib)", positional=True, metavar="MODEL.joblib")
+    inputs: tuple[Path, ...] = option(help="image files and/or folders (walked recursively)", positional=True, nargs="+", metavar="IMAGE_OR_FOLDER")
+    format: str = option("text", "text, csv (path,label,score,error) or json (list of objects)", rule=OneOf(FORMATS), message="choose one of " + ", ".join(FORMATS))
+    output: Path | None = option(None, "write the results to this file; none = standard output", short="-o")
+    batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
+    weights: str | None = option(None, "weights to use instead of the bundle's (needed for models trained on a weights FILE); the checksum must match")
+    quiet: bool = option(False, "no progress bar or summary")
+    command_line: str = option("", cli=False)
 
     def validate(self) -> "PredictConfig":
-        """Check every value; return self. Raises PipelineError naming the bad setting."""
-        if self.format not in FORMATS:
-            raise PipelineError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
-        if self.batch_size < 1:
-            raise PipelineError(f"--batch-size {self.batch_size}: must be at least 1")
+        """Check every value; return self.
+
+        Raises:
+            PipelineError: naming the bad setting (the rules of the fields), no inputs, or an
+                output path that is a folder.
+        """
+        settings.validate(self)
         if not self.inputs:
             raise PipelineError("no images given: pass image files or folders")
         if self.output is not None and Path(self.output).is_dir():
             raise PipelineError(f"{self.output}: is a folder; -o takes a file")
         return self
-
-
-def load_bundle(path: Path | str) -> dict:
-    """Open a model bundle written by ``train`` and check it is one.
-
-    Args:
-        path: the ``.joblib`` file.
-
-    Returns:
-        The bundle dict (``estimator``, ``label_names``, ``feature_spec``, ``precision``...).
-
-    Raises:
-        PipelineError: the file is missing, unreadable, not a joblib/pickle file, not a
-            transfer-pipeline bundle, of an unsupported version, or lacks a field.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path}: model file does not exist (run `python -m pipeline train` first)")
-    if path.is_dir():
-        raise PipelineError(f"{path}: is a folder, not a model file")
-    import joblib
-
-    try:
-        bundle = joblib.load(path)
-    except Exception as exc:  # pickle raises anything for a file that is not one
-        first = (str(exc).splitlines() or [""])[0]
-        raise PipelineError(f"{path}: not a readable model bundle ({type(exc).__name__}{': ' + first if first else ''})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        raise PipelineError(f"{path}: not a transfer-pipeline model bundle (no format {BUNDLE_FORMAT!r}; write one with `python -m pipeline train`)")
-    if bundle.get("version") != BUNDLE_VERSION:
-        raise PipelineError(f"{path}: model bundle version {bundle.get('version')!r} is not supported (this program reads version {BUNDLE_VERSION})")
-    for key in ("estimator", "label_names", "feature_spec", "precision"):
-        if key not in bundle:
-            raise PipelineError(f"{path}: model bundle lacks {key!r}")
-    missing = [k for k in SPEC_REQUIRED if k not in bundle["feature_spec"]]
-    if missing:
-        raise PipelineError(f"{path}: model bundle's feature_spec lacks {', '.join(missing)}")
-    return bundle
 
 
 def collect_images(inputs) -> list[Path]:
@@ -128,22 +95,6 @@ def collect_images(inputs) -> list[Path]:
     if not found:
         raise PipelineError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, inputs))}")
     return found
-
-
-def _check_spec(model_path: Path, bundle: dict) -> None:
-    from pipeline.extraction import backbone as bb
-
-    spec = bundle["feature_spec"]
-    if bundle["precision"] not in bb.POLICIES:
-        raise PipelineError(f"{model_path}: precision {bundle['precision']!r} is not one of {', '.join(bb.POLICIES)}")
-
-    ours = {"backbone": bb.BACKBONE, "layer": bb.LAYER, "preprocessing": bb.PREPROCESSING}
-    for key, value in ours.items():
-        if spec.get(key) != value:
-            raise PipelineError(f"{model_path}: the model expects {key} {spec.get(key)!r} but this program computes {value!r}")
-    shape = list(bb.feature_shape(int(spec["input_size"])))
-    if list(spec["feature_shape"]) != shape:
-        raise PipelineError(f"{model_path}: feature_shape {spec['feature_shape']} does not match input_size {spec['input_size']} ({shape})")
 
 
 def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None = None, progress: bool = True):
@@ -260,28 +211,7 @@ def format_results(results: list[dict], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"{path.parent}: cannot create the output folder: {exc.strerror or exc}") from None
-    write_text_atomic(path, text)
-
-
-def _check_versions(model_path: Path, bundle: dict) -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    saved = (bundle.get("metrics") or {}).get("versions", {}).get("scikit-learn")
-    try:
-        now = version("scikit-learn")
-    except PackageNotFoundError:
-        return
-    if saved and saved != now:
-        print(f"warning: {model_path} was written with scikit-learn {saved}, this is {now}; predictions may differ", file=sys.stderr)
-
-
-def run(config: PredictConfig) -> list[dict]:
+def label_images(config: PredictConfig) -> list[dict]:
     """Predict every image of ``config.inputs`` with the bundle ``config.model`` and write the results.
 
     Args:
@@ -298,14 +228,14 @@ def run(config: PredictConfig) -> list[dict]:
     config.validate()
     model_path = Path(config.model)
     bundle = load_bundle(model_path)
-    _check_spec(model_path, bundle)
+    check_spec(model_path, bundle)
     images = collect_images(config.inputs)
-    _check_versions(model_path, bundle)
-    from pipeline.extraction import backbone as bb
+    warn_on_version_change(model_path, bundle)
+    from pipeline.extraction.backbone import Backbone
 
     info = resolve_bundle_weights(model_path, bundle, config.weights, progress=not config.quiet)
     spec = bundle["feature_spec"]
-    net = bb.Backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size)
+    net = Backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size)
     if net.weights_checksum != spec["weights_checksum"]:
         raise PipelineError(f"{model_path}: the loaded weights have checksum {net.weights_checksum[:16]}..., not the model's {str(spec['weights_checksum'])[:16]}...")
     results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet)
@@ -314,7 +244,9 @@ def run(config: PredictConfig) -> list[dict]:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        _write_atomic(Path(config.output), text)
+        output = Path(config.output)
+        prepare_output_dir(output.parent)
+        write_text_atomic(output, text)
     bad = sum(r["error"] is not None for r in results)
     if bad:
         print(f"{bad} of {len(results)} images could not be read (listed with their reason in the output)", file=sys.stderr)
@@ -326,36 +258,29 @@ def run(config: PredictConfig) -> list[dict]:
     return results
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Register ``predict`` on an argparse sub-parsers object; returns the new parser."""
-    p = sub.add_parser("predict", help="label images with a trained model bundle (features rebuilt exactly as in training)")
-    p.add_argument("model", type=Path, metavar="MODEL.joblib", help="model bundle written by train (e.g. features/models/lr.joblib)")
-    p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (walked recursively)")
-    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), csv (path,label,score,error) or json (list of objects)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="write the results to this file (default: standard output)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per network call (default 32)")
-    p.add_argument("--weights", default=None, help="weights to use instead of the bundle's (needed for models trained on a weights FILE); the checksum must match")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    return p
+def run(config: PredictConfig) -> int:
+    """``python -m pipeline predict``: label the images (see ``label_images``) and give the exit status.
 
-
-def run_cli(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """``python -m pipeline predict ...``: 0 if at least one image was predicted, 1 if none could be read.
+    Returns:
+        0 if at least one image was predicted, 1 if none could be read.
 
     Raises:
-        PipelineError: as for ``run`` (the CLI prints it on one line and exits 2).
+        PipelineError: as for ``label_images`` (the CLI prints it on one line and exits 2).
     """
-    config = PredictConfig(
-        model=args.model,
-        inputs=tuple(args.inputs),
-        format=args.format,
-        output=args.output,
-        batch_size=args.batch_size,
-        weights=args.weights,
-        quiet=args.quiet,
-    )
-    results = run(config)
+    results = label_images(config)
     if all(r["error"] is not None for r in results):
         print(f"error: none of the {len(results)} images could be read", file=sys.stderr)
         return 1
     return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``predict`` on an argparse sub-parsers object; returns the new parser."""
+    p = sub.add_parser("predict", help="label images with a trained model bundle (features rebuilt exactly as in training)")
+    settings.add_options(p, PredictConfig)
+    return p
+
+
+def from_args(args: argparse.Namespace, argv: list[str] | None = None) -> PredictConfig:
+    """The PredictConfig of parsed ``predict`` flags, recording the command line."""
+    return settings.from_args(PredictConfig, args, command_line=command_line(argv))

@@ -152,10 +152,15 @@ def validate(config):
 
 
 def _hints(cls) -> dict:
+    """Field types of ``cls``, also for string annotations inherited from a base in another module."""
     import sys
 
-    module = sys.modules[cls.__module__]
-    return typing.get_type_hints(cls, vars(module))
+    names: dict = {}
+    for klass in reversed(cls.__mro__):
+        module = sys.modules.get(klass.__module__)
+        if module is not None:
+            names.update(vars(module))
+    return typing.get_type_hints(cls, names)
 
 
 def _base_type(hint):

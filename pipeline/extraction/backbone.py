@@ -32,7 +32,8 @@ def feature_shape(input_size: int) -> tuple[int, int, int]:
 CPU_FLAGS_ENV = "PIPELINE_CPU_FLAGS"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``avx2``, ``avx512_bf16``, ...): ``$PIPELINE_CPU_FLAGS`` if set, else /proc/cpuinfo's."""
     forced = os.environ.get(CPU_FLAGS_ENV)
     if forced is not None:
         return set(forced.split())
@@ -59,7 +60,7 @@ def resolve_precision(requested: str) -> str:
 
     if tf.config.list_physical_devices("GPU"):
         return "float16"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if {"avx512_bf16", "amx_bf16"} & flags:
         return "bfloat16"
     return "float32"

@@ -1,12 +1,12 @@
-"""Distributed extraction: the shards of one extraction as Ray tasks (a GPU each where there are GPUs), retried, then merged.
+"""Ray runner: a list of per-shard configs as Ray tasks (a GPU each where there are GPUs), retried when a worker dies; the caller says what a task runs.
 
-``python -m pipeline extract DATA -o OUT.h5 --ray [--address ADDR] [--ray-workers N]``
-splits the sorted listing into N shards (every N-th file, as ``--shards N --shard K``),
-runs each as a Ray task that calls ``pipeline.extraction.extract.run`` on
-``OUT.shard-0000K-of-0000N.h5`` next to ``OUT.h5``, and merges the shards into ``OUT.h5``
-(``pipeline.extraction.merge``). Everything the single-process path has comes with it per shard:
-rejects, the lock, incremental updates and resume after a kill, so a task Ray retries
-after its worker died carries on from its shard's work area (``OUT.shard-...h5.partial``).
+``extract --ray`` (``pipeline.extraction.extract``) decides what needs doing, lays the
+shards out with ``plan``, builds one config per shard and hands them here with its own
+``run`` as the worker: each task calls ``worker(config)`` on one shard file
+(``OUT.shard-0000K-of-0000N.h5`` next to ``OUT.h5``). Everything the single-process path
+has comes with it per shard: rejects, the lock, incremental updates and resume after a
+kill, so a task Ray retries after its worker died carries on from its shard's work area
+(``OUT.shard-...h5.partial``).
 
 On a multi-node cluster the data folder and OUT's folder must be shared storage mounted
 at the same path on every node and on the driver: the workers read the images and write
@@ -17,26 +17,21 @@ Ray is optional (``pip install .[ray]``) and imported only here, only when used.
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
 import io
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
-from pipeline.extraction.extract import ExtractConfig
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.extract import summarize
-from pipeline.extraction.merge import merge_locked, merged_fingerprint, shard_path, stale_sources
+from pipeline.core.outputs import OutputLock
+from pipeline.extraction.store import WorkArea
 
-#: Default retries of a shard whose worker died or failed with an unexpected error.
-DEFAULT_RETRIES = 3
 #: How long a retried shard waits when it finds its shard still locked before trying again:
 #: after a node dies, its lock on shared storage (NFS) lingers until the server's lease expires.
 LOCK_RETRY_SECONDS = 30.0
@@ -50,7 +45,8 @@ class ShardError(Exception):
     """
 
 
-def _import_ray():
+def import_ray():
+    """The ``ray`` module; PipelineError naming the optional extra if it is not installed."""
     try:
         import ray
     except ImportError:
@@ -69,22 +65,38 @@ def _limit_threads(threads: int) -> None:
         pass  # TensorFlow already started in this (reused) worker process: it keeps its first setting
 
 
-def extract_shard(config: ExtractConfig, threads: int) -> dict:
-    """The body of one shard task, run in a Ray worker: ``extract.run`` on one shard file.
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
-    Returns a summary dict; raises ``PipelineError`` for user errors (not retried) and
-    ``ShardError`` for anything else (retried by Ray).
+
+def run_shard(worker: Callable[[object], int], config, threads: int) -> dict:
+    """The body of one shard task, run in a Ray worker: ``worker(config)`` on one shard file.
+
+    Args:
+        worker: the stage's ``run`` (an int exit status; 130 when interrupted).
+        config: the shard's config (``config.output`` is the shard file, ``config.shard`` its index).
+        threads: the task's share of the node's cores.
+
+    Returns:
+        A summary dict: shard, code, summary (what the worker printed), host, pid,
+        resumed_parts, seconds, and rewritten (whether the shard file was written by this task).
+
+    Raises:
+        PipelineError: a user error (not retried).
+        ShardError: anything else (retried by Ray), also a shard still locked by another attempt.
     """
-    from pipeline.extraction import extract
-    from pipeline.extraction.store import WorkArea
-
     _limit_threads(threads)
     resumed = len(WorkArea(config.output).parts())  # > 0: an earlier attempt was killed
+    before = _identity(config.output)
     out = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(out):  # the driver prints one summary for all shards
-            code = extract.run(config)
+            code = worker(config)
     except PipelineError as exc:
         if _locked(config.output):
             # Another attempt holds the shard: a dead node's lingering lock, or a slow earlier attempt.
@@ -104,12 +116,11 @@ def extract_shard(config: ExtractConfig, threads: int) -> dict:
         "pid": os.getpid(),
         "resumed_parts": resumed,
         "seconds": time.perf_counter() - t0,
+        "rewritten": _identity(config.output) != before,  # an up-to-date shard is left as it was
     }
 
 
 def _locked(output: Path) -> bool:
-    from pipeline.core.outputs import OutputLock
-
     try:
         with OutputLock(output):
             return False
@@ -152,30 +163,9 @@ def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
     return Plan(workers, shards or workers, cpus, 0)
 
 
-def _expected_fingerprint(config: ExtractConfig, listing, shards: int, weights, precision: str) -> dict:
-    from pipeline.extraction.extract import fingerprint, shard_listing
-
-    fps = [
-        fingerprint(dataclasses.replace(config, shards=shards, shard=k), shard_listing(listing, shards, k), weights, precision)
-        for k in range(shards)
-    ]
-    return merged_fingerprint(fps)
-
-
-def _read_existing(output: Path) -> tuple[dict | None, int | None, bool]:
-    """(fingerprint, shard count, is a merged file) of a complete existing output."""
-    import json
-
-    import h5py
-
-    try:
-        with h5py.File(output, "r") as db:
-            if not bool(db.attrs.get("complete", False)):
-                return None, None, False
-            fp = json.loads(db.attrs["fingerprint"])
-            return fp, int(fp.get("shards", 1)), "merged_from" in db.attrs
-    except Exception:
-        return None, None, False
+def alive_nodes(ray) -> list[dict]:
+    """The Ray resources (``{"CPU": 8.0, "GPU": 1.0, ...}``) of every alive node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
 def _approx_done(paths: list[Path], finished: dict[int, int], batch_size: int, sizes: list[int]) -> int:
@@ -185,112 +175,34 @@ def _approx_done(paths: list[Path], finished: dict[int, int], batch_size: int, s
         if k in finished:
             done += finished[k]
         else:
-            work = p.with_name(p.name + ".partial")
             try:
-                done += min(sizes[k], batch_size * sum(1 for _ in work.glob("part-*.npz")))
+                done += min(sizes[k], batch_size * len(WorkArea(p).parts()))
             except OSError:
                 pass
     return done
 
 
-def run_ray(config: ExtractConfig, address: str | None = None, workers: int | None = None, *, retries: int = DEFAULT_RETRIES) -> int:
-    """Extract ``config.data_dir`` into ``config.output`` with shard tasks on a Ray cluster, then merge.
+@contextlib.contextmanager
+def cluster(ray, address: str | None) -> Iterator[None]:
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local cluster shut down at the end.
 
-    Args:
-        config: the extraction settings; ``config.shards`` > 1 sets the number of shards
-            (default: the existing merged output's, else one per worker); ``config.shard``
-            must be 0.
-        address: a Ray cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``);
-            default ``$RAY_ADDRESS``, else a local cluster over this machine's CPUs and
-            GPUs, shut down at the end. A running ``ray.init`` in this process is reused.
-        workers: shard tasks at once (default: one per GPU, else one per node).
-        retries: attempts after the first for a shard whose worker died or failed with
-            an unexpected error (user errors are not retried).
-
-    Returns:
-        0 when done or up to date, 1 with ``config.strict`` and rejects, 130 when
-        interrupted (run again to resume: finished shards are kept, running ones resume).
-
-    Raises:
-        PipelineError: Ray missing, bad settings or data folder, an output made with other
-            settings (without ``overwrite``), a shard still failing after its retries.
+    A running ``ray.init`` in this process is reused. Inside the block a SIGTERM stops like
+    Ctrl-C (a ``KeyboardInterrupt``): tasks cancelled, work areas kept, our cluster shut down.
     """
-    from pipeline.extraction.extract import _check_output_writable, describe_difference
-    from pipeline.extraction.reader import list_images
-    from pipeline.core.outputs import OutputLock
-    from pipeline.extraction.weights import resolve_weights
-
-    config.validate()
-    if config.shard != 0:
-        raise PipelineError(f"--shard {config.shard}: --ray runs every shard; leave --shard out")
-    if workers is not None and workers < 1:
-        raise PipelineError(f"--ray-workers {workers}: must be at least 1")
-    if retries < 0:
-        raise PipelineError(f"--ray-retries {retries}: must be 0 or more")
-    ray = _import_ray()
-    # Workers may run elsewhere and in another folder: send absolute paths.
-    config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
-    output = config.output
-    say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
-    listing = list_images(config.data_dir)  # a bad data folder fails here, before any cluster starts
-    _check_output_writable(output)
-    with OutputLock(output):
-        old, old_shards, old_merged = _read_existing(output) if output.exists() else (None, None, False)
-        requested_shards = config.shards if config.shards > 1 else (old_shards if old_merged else None)
-        weights = resolve_weights(config.weights, progress=not config.quiet)
-        if old is not None and requested_shards:
-            # "auto" precision is resolved on the workers (they may have GPUs the driver lacks): take the file's.
-            precision = old.get("precision") if config.precision == "auto" else config.precision
-            expected = _expected_fingerprint(config, listing, requested_shards, weights, precision)
-            if old == expected and old_merged and not stale_sources(output):
-                print(f"{output}: up to date ({len(listing)} images in {requested_shards} shards, nothing changed)")
-                return 0
-            same_settings = all(old.get(k) == v for k, v in expected.items() if k not in ("listing_sha256", "n_files", "class_names"))
-            if not config.overwrite and not (old_merged and same_settings):
-                why = describe_difference(old, expected)
-                raise PipelineError(f"{output}: exists and differs: {why}; pass --overwrite to replace it")
-        elif output.exists() and not config.overwrite:
-            why = "it is not a complete feature file" if old is None else "it was not made by a sharded extraction"
-            raise PipelineError(f"{output}: exists and {why}; pass --overwrite to replace it")
-
-        started = False
-        previous = signal.getsignal(signal.SIGTERM)
-        in_main = threading.current_thread() is threading.main_thread()
-        try:
-            if in_main:  # a SIGTERM stops like Ctrl-C: tasks cancelled, work areas kept, our cluster shut down
-                signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-            if not ray.is_initialized():
-                started = _init_ray(ray, address)
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            p = plan(nodes, workers, requested_shards)
-            say(
-                f"ray: {len(nodes)} node(s), {p.shards} shards, {p.workers} at once, "
-                f"{'1 GPU + ' if p.num_gpus else ''}{p.num_cpus} CPU(s) per task"
-            )
-            results = _run_shards(ray, config, listing, p, retries)
-        except KeyboardInterrupt:
-            print(
-                f"interrupted; finished shards are kept and running ones resume: run the same command again to finish {output}",
-                file=sys.stderr,
-            )
-            return 130
-        finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
-            if started:
-                ray.shutdown()
-        paths = [shard_path(output, k, p.shards) for k in range(p.shards)]
-        t0 = time.perf_counter()
-        n, n_rej = merge_locked(output, paths, overwrite=True, command_line=config.command_line)
-        merge_seconds = time.perf_counter() - t0
-    resumed = [r["shard"] for r in results if r["resumed_parts"]]
-    wall = max((r["seconds"] for r in results), default=0.0)
-    detail = (
-        f"{p.shards} shard{'s' if p.shards > 1 else ''} on {len({r['host'] for r in results})} host(s), longest {wall:.1f} s"
-        + (f", shard(s) {', '.join(map(str, resumed))} resumed after an interruption" if resumed else "")
-        + f"; merged in {merge_seconds:.1f} s"
-    )
-    return summarize(output, n, n_rej, detail, config.strict)
+    started = False
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    try:
+        if in_main:
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        if not ray.is_initialized():
+            started = _init_ray(ray, address)
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        if started:
+            ray.shutdown()
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -334,30 +246,43 @@ def _init_ray(ray, address: str | None) -> bool:
         raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
-def _run_shards(ray, config: ExtractConfig, listing, p: Plan, retries: int) -> list[dict]:
+def run_shards(
+    ray, worker: Callable[[object], int], configs: list, p: Plan, *, retries: int, sizes: list[int], batch_size: int, progress: bool
+) -> list[dict]:
+    """Run ``worker(configs[k])`` for every shard k as Ray tasks laid out by ``p``; wait for all.
+
+    Args:
+        ray: the ``ray`` module, initialised (see ``cluster``).
+        worker: the stage's ``run``; importable by the workers (Ray sends it by reference).
+        configs: one config per shard, in shard order (``.output`` the shard file, ``.shard`` its index).
+        p: the layout (``plan``): resources per task.
+        retries: attempts after the first for a shard whose worker died or failed with an
+            unexpected error (user errors are not retried).
+        sizes, batch_size: files per shard and images per part, for the progress bar.
+        progress: show a progress bar.
+
+    Returns:
+        Each shard's ``run_shard`` summary, in shard order.
+
+    Raises:
+        PipelineError: some shards still failed after their retries (the others are kept).
+        KeyboardInterrupt: the pending tasks were cancelled (they keep their work areas).
+    """
     from tqdm import tqdm
 
-    from pipeline.extraction.extract import shard_listing
-
-    task = ray.remote(extract_shard).options(
+    task = ray.remote(run_shard).options(
         num_cpus=p.num_cpus,
         num_gpus=p.num_gpus,
         max_retries=retries,  # worker or node died: rerun (the shard resumes from its work area)
         retry_exceptions=[ShardError],
         name="extract_shard",
     )
-    paths = [shard_path(config.output, k, p.shards) for k in range(p.shards)]
-    sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
-    pending = {}
-    for k in range(p.shards):
-        shard_config = dataclasses.replace(
-            config, output=paths[k], shards=p.shards, shard=k, quiet=True, strict=False, workers=config.workers or p.num_cpus
-        )
-        pending[task.remote(shard_config, p.num_cpus)] = k
+    paths = [c.output for c in configs]
+    pending = {task.remote(worker, c, p.num_cpus): k for k, c in enumerate(configs)}
     results: dict[int, dict] = {}
     failures: list[str] = []
     finished: dict[int, int] = {}
-    bar = tqdm(total=len(listing), unit="img", desc="extract (ray)", disable=config.quiet, dynamic_ncols=True)
+    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=not progress, dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
@@ -375,8 +300,8 @@ def _run_shards(ray, config: ExtractConfig, listing, p: Plan, retries: int) -> l
                 except ray.exceptions.RayError as exc:  # worker or node died on every attempt
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     failures.append(f"shard {k}: {type(exc).__name__} after {retries} retries: {first}")
-            bar.n = _approx_done(paths, finished, config.batch_size, sizes)
-            bar.set_postfix(shards=f"{len(finished)}/{p.shards}", refresh=False)
+            bar.n = _approx_done(paths, finished, batch_size, sizes)
+            bar.set_postfix(shards=f"{len(finished)}/{len(configs)}", refresh=False)
             bar.refresh()
     except KeyboardInterrupt:
         for ref in pending:
@@ -386,7 +311,7 @@ def _run_shards(ray, config: ExtractConfig, listing, p: Plan, retries: int) -> l
         bar.close()
     if failures:
         raise PipelineError(
-            f"{len(failures)} of {p.shards} shards failed: {'; '.join(failures)}; "
+            f"{len(failures)} of {len(configs)} shards failed: {'; '.join(failures)}; "
             "the other shards are kept: fix the cause and run the same command again"
         )
-    return [results[k] for k in range(p.shards)]
+    return [results[k] for k in range(len(configs))]

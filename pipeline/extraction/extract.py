@@ -1,11 +1,17 @@
-"""Extract stage: images -> VGG16 bottleneck features -> one HDF5 file, resumable after a kill and safe against bad files."""
+"""Extract stage: images -> VGG16 bottleneck features -> one HDF5 file, resumable after a kill and safe against bad files; with ``--ray``, one Ray task per shard, then merged.
+
+``run`` decides, for both paths, what an existing output needs: nothing (up to date), an
+incremental update (same settings, other images: unchanged rows are kept) or, with
+``--overwrite``, a fresh extraction. A ``--ray`` run gives each shard task this same
+``run`` on its own shard file (``pipeline.extraction.distributed`` only runs the tasks)
+and merges the shards into the output (``pipeline.extraction.shardset``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import platform
-import queue
 import signal
 import sys
 import threading
@@ -16,12 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.extraction import backbone as bb
-from pipeline.core.config import PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
+from pipeline.core import config as settings
+from pipeline.core.config import MAX_INT, PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.reader import Listing, iter_batches, list_images
-from pipeline.extraction.store import WorkArea, write_feature_file
-from pipeline.core.outputs import OutputLock
+from pipeline.core.outputs import OutputLock, command_line, package_versions
+from pipeline.extraction import backbone as bb
+from pipeline.extraction import distributed
+from pipeline.extraction.incremental import Base, base_rows, plan_incremental
+from pipeline.extraction.reader import Listing, list_images
+from pipeline.extraction.runner import extract_rows
+from pipeline.extraction.shards import describe_difference, fingerprint, merged_fingerprint, same_settings, shard_listing, shard_path
+from pipeline.extraction.shardset import merge_locked, stale_sources
+from pipeline.extraction.store import WorkArea, check_output_writable, stored_fingerprint, write_feature_file
+from pipeline.extraction.weights import resolve_weights
+
+#: Default of ``--ray-retries``: retries of a shard whose worker died or failed unexpectedly.
+RAY_RETRIES = 3
+_COUNT = Interval(int, 1, MAX_INT)
 
 
 @dataclass(frozen=True)
@@ -42,181 +59,151 @@ class ExtractConfig:
         strict: exit non-zero if any file was rejected.
         overwrite: replace an output (or partial run) made from other images or settings.
         quiet: no progress bar (for batch logs); the summary line is still printed.
-        shards, shard: extract only the ``shard``-th of ``shards`` deterministic slices.
+        shards, shard: extract only shard ``shard`` of ``shards`` (files assigned by a hash
+            of their path); with ``ray``, ``shards`` > 1 sets the number of shard tasks.
+        ray: run every shard as a Ray task, retry failed ones, merge them into ``output``.
+        address: with ``ray``, the cluster to join (default ``$RAY_ADDRESS``, else a local one).
+        ray_workers: with ``ray``, shard tasks at once (default one per GPU, else one per node).
+        ray_retries: with ``ray``, retries of a shard whose worker died or failed.
         command_line: recorded in the output file.
     """
 
-    data_dir: Path
-    output: Path
-    input_size: int = 224
-    batch_size: int = 32
-    weights: str = "imagenet"
-    precision: str = "auto"
-    storage: str = "float16"
-    resize: str = "bilinear"
-    workers: int = 0
-    image_timeout: float = 60.0
-    strict: bool = False
-    overwrite: bool = False
-    quiet: bool = False
-    shards: int = 1
-    shard: int = 0
-    command_line: str = ""
+    data_dir: Path = option(help="folder with one sub-folder per class", positional=True)
+    output: Path = option(help="HDF5 file to write (e.g. features/train.h5)", short="-o")
+    input_size: int = option(
+        224, "square input side; 224 gives 7x7x512 features",
+        rule=Interval(int, 32, MAX_INT), message=f"VGG16 needs at least 32 pixels (a whole number in [32, {MAX_INT}])",
+    )  # fmt: skip
+    batch_size: int = option(32, "images per network call", rule=_COUNT)
+    weights: str = option("imagenet", "imagenet, none (random init, explicit) or a weights file PATH")
+    precision: str = option("auto", "compute precision; auto = fastest that keeps accuracy", rule=OneOf(PRECISIONS))
+    storage: str = option("float16", "stored feature dtype", rule=OneOf(STORAGE_DTYPES))
+    resize: str = option("bilinear", "resize interpolation, as in keras.utils.load_img", rule=OneOf(RESIZE_METHODS))
+    workers: int = option(0, "decoding threads; 0 = automatic", rule=Interval(int, 0, MAX_INT))
+    image_timeout: float = option(
+        60.0, "seconds one image may take to decode before it is rejected", rule=Interval(float, 0.0, None, closed="neither")
+    )
+    strict: bool = option(False, "exit 1 if any file is rejected")
+    overwrite: bool = option(False, "replace an output made from other images or settings")
+    quiet: bool = option(False, "no progress bar (batch logs); the summary line is still printed")
+    shards: int = option(1, "split the images into this many deterministic shards, by a hash of each path (with --ray, 1 = one per worker)", rule=_COUNT)
+    shard: int = option(0, "which shard to extract, 0-based", rule=Interval(int, 0, MAX_INT))
+    ray: bool = option(False, "run the shards as Ray tasks (a GPU each, else CPU workers), retry failed ones, merge into OUTPUT")
+    address: str | None = option(None, "with --ray: cluster to join (auto, HOST:6379, ray://HOST:10001); none = $RAY_ADDRESS, else a local cluster")
+    ray_workers: int | None = option(
+        None, "with --ray: shard tasks at once; none = one per GPU, else one per node",
+        rule=_COUNT, message=f"must be at least 1 (a whole number in [1, {MAX_INT}])",
+    )  # fmt: skip
+    ray_retries: int = option(RAY_RETRIES, "with --ray: retries of a shard whose worker died or failed", rule=Interval(int, 0, MAX_INT))
+    command_line: str = option("", cli=False)
 
     def validate(self) -> "ExtractConfig":
-        """Check every value; return self. Raises PipelineError naming the bad setting."""
-        if self.input_size < 32:
-            raise PipelineError(f"--input-size {self.input_size}: VGG16 needs at least 32 pixels")
-        if self.batch_size < 1:
-            raise PipelineError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
-        if self.storage not in STORAGE_DTYPES:
-            raise PipelineError(f"--storage {self.storage}: choose one of {', '.join(STORAGE_DTYPES)}")
-        if self.resize not in RESIZE_METHODS:
-            raise PipelineError(f"--resize {self.resize}: choose one of {', '.join(RESIZE_METHODS)}")
-        if self.workers < 0:
-            raise PipelineError(f"--workers {self.workers}: must be 0 (auto) or more")
-        if self.image_timeout <= 0:
-            raise PipelineError(f"--image-timeout {self.image_timeout}: must be positive")
-        if self.shards < 1 or not 0 <= self.shard < self.shards:
+        """Check every value (each field's rule, then the rules across fields); return self.
+
+        Raises:
+            PipelineError: naming the flag, its value and what is allowed.
+        """
+        settings.validate(self)
+        if self.shard >= self.shards:
             raise PipelineError(f"--shard {self.shard} of --shards {self.shards}: need 0 <= shard < shards")
-        if self.output.suffix.lower() not in (".h5", ".hdf5"):
+        if Path(self.output).suffix.lower() not in (".h5", ".hdf5"):
             raise PipelineError(f"{self.output}: the output must be an HDF5 file ending in .h5 or .hdf5")
+        if self.ray and self.shard != 0:
+            raise PipelineError(f"--shard {self.shard}: --ray runs every shard; leave --shard out")
+        if not self.ray and (self.address is not None or self.ray_workers is not None or self.ray_retries != RAY_RETRIES):
+            raise PipelineError("--address, --ray-workers and --ray-retries only apply with --ray")
         return self
 
 
-def package_versions() -> dict:
-    """Versions of the packages that decide the numbers in a feature file."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("tensorflow", "tensorflow-cpu", "keras", "numpy", "h5py", "pillow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+def add_parser(sub) -> None:
+    """The ``extract`` command and its flags, read from ``ExtractConfig``."""
+    p = sub.add_parser("extract", help="VGG16 bottleneck features of a class-per-folder image tree into HDF5")
+    settings.add_options(p, ExtractConfig)
 
 
-def shard_listing(listing: Listing, shards: int, shard: int) -> Listing:
-    """The ``shard``-th of ``shards`` slices: every ``shards``-th file of the sorted listing.
+def from_args(args, argv) -> ExtractConfig:
+    """The parsed flags as an ``ExtractConfig``, recording the command line."""
+    return settings.from_args(ExtractConfig, args, command_line=command_line(argv))
 
-    Deterministic and stable under reruns; interleaving keeps every class in every shard.
+
+#: What a run does with an existing output (``decide``).
+UP_TO_DATE, UPDATE, REPLACE = "up to date", "update", "replace"
+
+
+def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, current: bool = True, unusable: str) -> str:
+    """What a run does with an existing ``output``; the one decision of both paths.
+
+    Args:
+        output: the output file.
+        old: its fingerprint (None: no complete feature file there).
+        fp: the fingerprint this run would give it (None: not known before the run, as for
+            ``--ray`` with neither ``--shards`` nor a merged output to take the count from).
+        overwrite: ``--overwrite``.
+        current: whether the file still reads what ``old`` describes (for ``--ray``: a merged
+            file whose shard files are the ones merged).
+        unusable: why an existing file that cannot be compared has to be replaced.
+
+    Returns:
+        UP_TO_DATE (nothing to do), UPDATE (same settings, other images: keep the rows that
+        still hold) or REPLACE (no output yet, or ``--overwrite``).
+
+    Raises:
+        PipelineError: the output exists and differs, and ``overwrite`` is not set.
     """
-    if shards == 1:
-        return listing
-    keep = np.arange(shard, len(listing), shards)
-    out = listing.select(keep)
-    unlisted = tuple(u for i, u in enumerate(listing.unlisted) if i % shards == shard)
-    return Listing(out.root, out.class_names, out.paths, out.labels, out.sizes, out.mtimes_ns, unlisted)
+    if not output.exists():
+        return REPLACE
+    if old is not None and fp is not None:
+        if old == fp and current:
+            return UP_TO_DATE
+        if same_settings(old, fp) and not overwrite:
+            return UPDATE
+        why = f"differs: {describe_difference(old, fp)}"
+    else:
+        why = unusable
+    if overwrite:
+        return REPLACE
+    raise PipelineError(f"{output}: exists and {why}; pass --overwrite to replace it")
 
 
-def fingerprint(config: ExtractConfig, listing: Listing, weights, precision: str) -> dict:
-    """Everything that decides the content of the output: if it is unchanged, so is the file."""
-    return {
-        "backbone": bb.BACKBONE,
-        "layer": bb.LAYER,
-        "input_size": config.input_size,
-        "resize": config.resize,
-        "preprocessing": bb.PREPROCESSING,
-        "weights": weights.name,
-        "weights_checksum": weights.checksum,
-        "precision": precision,
-        "storage": config.storage,
-        "class_names": list(listing.class_names),
-        "n_files": len(listing) + len(listing.unlisted),
-        "listing_sha256": listing.digest(),
-        "shards": config.shards,
-        "shard": config.shard,
-    }
+def run(config: ExtractConfig) -> int:
+    """Extract features for every image of ``config.data_dir`` into ``config.output``.
+
+    A complete output made with the same settings is brought up to date incrementally:
+    rows of unchanged files are kept, new or modified files are extracted and appended,
+    rows of removed files are dropped. Any other difference needs ``--overwrite``. With
+    ``config.ray`` every shard is such a run, as a Ray task, and the shards are merged.
+
+    Returns the exit status: 0 when done (or already up to date), 1 when ``--strict``
+    and some file was rejected, 130 when interrupted (the run can be resumed).
+
+    Raises:
+        PipelineError: bad settings, a bad data folder, an unwritable output, an output
+            made with other settings (without ``--overwrite``), a locked output, a full
+            disk; with ``ray``: Ray missing, a shard still failing after its retries.
+    """
+    config.validate()
+    ray = distributed.import_ray() if config.ray else None
+    if ray is not None:  # workers may run elsewhere and in another folder: send absolute paths
+        config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
+    listing = list_images(config.data_dir)  # a bad data folder fails here, before any work
+    check_output_writable(config.output)
+    with OutputLock(config.output):
+        weights = resolve_weights(config.weights, progress=not config.quiet)
+        if ray is not None:
+            return _run_ray(config, listing, weights, ray)
+        return _run_local(config, shard_listing(listing, config.shards, config.shard), weights)
 
 
-def describe_difference(old: dict, new: dict) -> str:
-    """One phrase naming what differs between two fingerprints."""
-    diffs = []
-    for key in new:
-        if key in ("listing_sha256", "n_files"):
-            continue
-        if old.get(key) != new[key]:
-            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
-    if old.get("listing_sha256") != new["listing_sha256"]:
-        diffs.append(f"the images changed ({old.get('n_files')} files before, {new['n_files']} now, or files modified)")
-    return "; ".join(diffs) or "nothing"
+def _say(config: ExtractConfig, msg: str) -> None:
+    if not config.quiet:
+        print(msg, file=sys.stderr)
 
 
-def _existing_fingerprint(output: Path) -> dict | None:
-    import h5py
-
-    try:
-        with h5py.File(output, "r") as db:
-            if not bool(db.attrs.get("complete", False)):
-                return None
-            return json.loads(db.attrs["fingerprint"])
-    except Exception:
-        return None
-
-
-def _check_output_writable(output: Path) -> None:
-    parent = output.parent if str(output.parent) else Path(".")
-    if output.exists() and output.is_dir():
-        raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PipelineError(f"{parent}: cannot create the output folder: {exc.strerror}") from None
-    if not parent.is_dir():
-        raise PipelineError(f"{parent}: the output's parent is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PipelineError(f"{parent}: output folder is not writable")
-    if output.exists() and not os.access(output, os.W_OK):
-        raise PipelineError(f"{output}: output file is not writable")
-
-
-class _PartWriter(threading.Thread):
-    """Writes finished batches to the work area off the main thread, so the network never waits on the disk."""
-
-    def __init__(self, work: WorkArea, start_seq: int):
-        super().__init__(daemon=True, name="part-writer")
-        self.work = work
-        self.seq = start_seq
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.written = 0
-
-    def run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                self.work.write_part(self.seq, *item)
-                self.seq += 1
-                self.written += len(item[0]) + len(item[2])
-            except BaseException as exc:  # reported by the main thread
-                self.error = exc
-
-    def put(self, item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _runs(indices: np.ndarray) -> list[np.ndarray]:
-    """Split sorted indices into contiguous runs, so a batch never spans a gap and parts never interleave."""
-    if len(indices) == 0:
-        return []
-    cuts = np.flatnonzero(np.diff(indices) != 1) + 1
-    return np.split(indices, cuts)
+def _fingerprint(config: ExtractConfig, listing: Listing, weights, precision: str) -> dict:
+    return fingerprint(
+        listing, weights, precision,
+        input_size=config.input_size, resize=config.resize, storage=config.storage, shards=config.shards, shard=config.shard,
+    )  # fmt: skip
 
 
 class _Interrupted(Exception):
@@ -227,188 +214,126 @@ def _raise_interrupt(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def _extract_rows(config: ExtractConfig, listing: Listing, todo: np.ndarray, work: WorkArea, weights, precision: str, done: int) -> float:
-    """Run the network over listing rows ``todo`` into the work area; returns the seconds
-    from the first batch to the last part written (network construction excluded)."""
-    from tqdm import tqdm
-
-    net = bb.Backbone(config.input_size, weights, precision, batch_size=config.batch_size)
-    if net.weights_checksum != weights.checksum:
-        raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {net.weights_checksum})")
-    storage = np.dtype(config.storage)
-    writer = _PartWriter(work, work.next_seq())
-    writer.start()
-    n_rejected = 0
-    bar = tqdm(total=done + len(todo), initial=done, unit="img", desc="extract", disable=config.quiet, smoothing=0.1, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
-        for run in _runs(todo):
-            for batch in iter_batches(
-                listing, run, size=config.input_size, interpolation=config.resize, batch_size=config.batch_size, workers=config.workers,
-                timeout=config.image_timeout,
-            ):
-                ok = batch.ok
-                feats = net(batch.pixels[ok]) if ok.any() else np.zeros((0, *net.output_shape), np.float32)
-                rejected = [r for r, good in zip(batch.reasons, ok) if not good]
-                writer.put((batch.indices[ok], feats.astype(storage), batch.indices[~ok], rejected))
-                bar.update(len(batch.indices))
-                if rejected:
-                    n_rejected += len(rejected)
-                    bar.set_postfix(rejected=n_rejected, refresh=False)
-    finally:
-        bar.close()
-        writer.close()
-    return time.perf_counter() - t0
-
-
-@dataclass
-class _Base:
-    """What an incremental run keeps of the previous complete output."""
-
-    path: Path
-    fingerprint: dict
-    keep_rows: np.ndarray  # rows of the old file still valid (ascending)
-    keep_index: np.ndarray  # their listing indices
-    kept_rejected: list  # (path, reason, size, mtime) of old rejects still valid
-    kept_rejected_index: np.ndarray
-    old_rows: int
-
-    @property
-    def covered(self) -> np.ndarray:
-        return np.concatenate([self.keep_index, self.kept_rejected_index]).astype(np.int64)
-
-
-#: Fingerprint keys that may differ for an incremental update (the images themselves).
-_LISTING_KEYS = ("listing_sha256", "n_files", "class_names")
-
-
-def _plan_incremental(output: Path, old: dict, listing: Listing) -> _Base:
-    """Match the old file's rows to the listing by path, size, modification time and class."""
-    import h5py
-
-    pos = {p: i for i, p in enumerate(listing.paths)}
-    with h5py.File(output, "r") as db:
-        names = [os.fsdecode(x) for x in db["label_names"][:]]
-        old_paths = [os.fsdecode(x) for x in db["paths"][:]]
-        sizes, mtimes, labels = db["file_sizes"][:], db["file_mtimes_ns"][:], db["labels"][:]
-        rej = db["rejected"]
-        rej_rows = list(zip(
-            [os.fsdecode(x) for x in rej["paths"][:]],
-            [x.decode("utf-8", "replace") for x in rej["reasons"][:]],
-            rej["file_sizes"][:].tolist() if "file_sizes" in rej else [-1] * rej["paths"].shape[0],
-            rej["file_mtimes_ns"][:].tolist() if "file_mtimes_ns" in rej else [-1] * rej["paths"].shape[0],
-        ))  # fmt: skip
-
-    def same(i: int, size: int, mtime: int) -> bool:
-        return int(listing.sizes[i]) == size and int(listing.mtimes_ns[i]) == mtime
-
-    keep_rows, keep_index = [], []
-    for r, p in enumerate(old_paths):
-        i = pos.get(p)
-        if i is not None and same(i, int(sizes[r]), int(mtimes[r])) and listing.class_names[listing.labels[i]] == names[labels[r]]:
-            keep_rows.append(r)
-            keep_index.append(i)
-    kept_rejected, kept_rejected_index = [], []
-    for p, reason, size, mtime in rej_rows:
-        i = pos.get(p)
-        if i is not None and same(i, size, mtime):
-            kept_rejected.append((p, reason, size, mtime))
-            kept_rejected_index.append(i)
-    return _Base(
-        output, old, np.asarray(keep_rows, np.int64), np.asarray(keep_index, np.int64),
-        kept_rejected, np.asarray(kept_rejected_index, np.int64), len(old_paths),
-    )  # fmt: skip
-
-
-def run(config: ExtractConfig) -> int:
-    """Extract features for every image of ``config.data_dir`` into ``config.output``.
-
-    A complete output made with the same settings is brought up to date incrementally:
-    rows of unchanged files are kept, new or modified files are extracted and appended,
-    rows of removed files are dropped. Any other difference needs ``--overwrite``.
-
-    Returns the exit status: 0 when done (or already up to date), 1 when ``--strict``
-    and some file was rejected, 130 when interrupted (the run can be resumed).
-
-    Raises:
-        PipelineError: bad settings, a bad data folder, an unwritable output, an output
-            made with other settings (without ``--overwrite``), a locked output, a full disk.
-    """
-    config.validate()
-    listing = shard_listing(list_images(config.data_dir), config.shards, config.shard)
+def _run_local(config: ExtractConfig, listing: Listing, weights) -> int:
+    """Extract ``listing`` (one shard's, or all) into ``config.output`` in this process."""
     output = config.output
-    _check_output_writable(output)
-    say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
-    with OutputLock(output):
-        from pipeline.extraction.weights import resolve_weights
-
-        weights = resolve_weights(config.weights, progress=not config.quiet)
-        precision = bb.resolve_precision(config.precision)
-        fp = fingerprint(config, listing, weights, precision)
-        work = WorkArea(output)
-        base = None
-        if output.exists():
-            old = _existing_fingerprint(output)
-            if old == fp:
-                work.remove()  # left over if a run was killed between rename and clean-up
-                print(f"{output}: up to date ({len(listing)} images, nothing changed)")
-                return 0
-            settings_same = old is not None and all(old.get(k) == v for k, v in fp.items() if k not in _LISTING_KEYS)
-            if settings_same and not config.overwrite:
-                base = _plan_incremental(output, old, listing)
-            elif not config.overwrite:
-                why = describe_difference(old, fp) if old else "it is not a complete feature file"
-                raise PipelineError(f"{output}: exists and differs: {why}; pass --overwrite to replace it")
-        manifest_fp = dict(fp, base=base.fingerprint["listing_sha256"] if base else None)
-        if work.exists():
-            manifest = work.manifest()
-            if manifest != manifest_fp:
-                if not config.overwrite and manifest is not None:
-                    raise PipelineError(
-                        f"{work.path}: an interrupted run with other images or settings ({describe_difference(manifest, fp)}); "
-                        "re-run with its settings to resume, or pass --overwrite to start again"
-                    )
-                work.remove()
-        if not work.exists():
-            work.start(manifest_fp)
-        done = work.done_indices()
-        covered = np.union1d(done, base.covered) if base else done
-        todo = np.setdiff1d(np.arange(len(listing), dtype=np.int64), covered)
-        if base:
-            say(
-                f"updating {output}: keeping {len(base.keep_rows)} rows, dropping {base.old_rows - len(base.keep_rows)}, "
-                f"{len(todo)} new or changed files to extract"
-            )
-        elif len(done):
-            say(f"resuming {output}: {len(done)} of {len(listing)} files already done")
-        t0 = time.perf_counter()
-        loop_seconds = 0.0
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            if threading.current_thread() is threading.main_thread():
-                for s in previous:
-                    signal.signal(s, _raise_interrupt)
-            if len(todo):
-                loop_seconds = _extract_rows(config, listing, todo, work, weights, precision, len(covered))
-            # Still under the handlers: an interrupt while assembling leaves the work area
-            # whole (the temporary file is removed) and says so, like one during extraction.
-            n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo))
+    precision = bb.resolve_precision(config.precision)
+    fp = _fingerprint(config, listing, weights, precision)
+    old, _ = stored_fingerprint(output)
+    action = decide(output, old, fp, config.overwrite, unusable="differs: it is not a complete feature file")
+    work = WorkArea(output)
+    if action == UP_TO_DATE:
+        work.remove()  # left over if a run was killed between rename and clean-up
+        print(f"{output}: up to date ({len(listing)} images, nothing changed)")
+        return 0
+    base = plan_incremental(output, old, listing) if action == UPDATE else None
+    manifest_fp = dict(fp, base=base.fingerprint["listing_sha256"] if base else None)
+    if work.exists():
+        manifest = work.manifest()
+        if manifest != manifest_fp:
+            if not config.overwrite and manifest is not None:
+                raise PipelineError(
+                    f"{work.path}: an interrupted run with other images or settings ({describe_difference(manifest, fp)}); "
+                    "re-run with its settings to resume, or pass --overwrite to start again"
+                )
             work.remove()
-        except (_Interrupted, KeyboardInterrupt) as exc:
-            finished = len(work.done_indices())
-            print(
-                f"interrupted ({exc or 'SIGINT'}) with {finished} files of this run done; "
-                f"run the same command again to resume from {work.path}",
-                file=sys.stderr,
-            )
-            return 130
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                for s, h in previous.items():
-                    signal.signal(s, h)
-        seconds = time.perf_counter() - t0
+    if not work.exists():
+        work.start(manifest_fp)
+    done = work.done_indices()
+    covered = np.union1d(done, base.covered) if base else done
+    todo = np.setdiff1d(np.arange(len(listing), dtype=np.int64), covered)
+    if base:
+        _say(
+            config,
+            f"updating {output}: keeping {len(base.keep_rows)} rows, dropping {base.old_rows - len(base.keep_rows)}, "
+            f"{len(todo)} new or changed files to extract"
+        )
+    elif len(done):
+        _say(config, f"resuming {output}: {len(done)} of {len(listing)} files already done")
+    t0 = time.perf_counter()
+    loop_seconds = 0.0
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for s in previous:
+                signal.signal(s, _raise_interrupt)
+        if len(todo):
+            loop_seconds = extract_rows(
+                listing, todo, work, weights, precision,
+                input_size=config.input_size, batch_size=config.batch_size, storage=config.storage, resize=config.resize,
+                workers=config.workers, image_timeout=config.image_timeout, progress=not config.quiet, done=len(covered),
+            )  # fmt: skip
+        # Still under the handlers: an interrupt while assembling leaves the work area
+        # whole (the temporary file is removed) and says so, like one during extraction.
+        n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo))
+        work.remove()
+    except (_Interrupted, KeyboardInterrupt) as exc:
+        finished = len(work.done_indices())
+        print(
+            f"interrupted ({exc or 'SIGINT'}) with {finished} files of this run done; "
+            f"run the same command again to resume from {work.path}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in previous.items():
+                signal.signal(s, h)
+    seconds = time.perf_counter() - t0
     rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
     return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict)
+
+
+def _shard_configs(config: ExtractConfig, shards: int, workers: int | None = None) -> list[ExtractConfig]:
+    """The config of each of ``shards`` shards of a ``--ray`` run: a quiet single-process extract of one shard file."""
+    return [
+        dataclasses.replace(
+            config, output=shard_path(config.output, k, shards), shards=shards, shard=k, ray=False, address=None,
+            ray_workers=None, ray_retries=RAY_RETRIES, quiet=True, strict=False, workers=config.workers if workers is None else workers,
+        )  # fmt: skip
+        for k in range(shards)
+    ]
+
+
+def _run_ray(config: ExtractConfig, listing: Listing, weights, ray) -> int:
+    """Extract every shard as a Ray task running ``run`` on its shard file, then merge them into ``config.output``."""
+    output = config.output
+    old, merged = stored_fingerprint(output)
+    shards = config.shards if config.shards > 1 else (int(old.get("shards", 1)) if merged else None)
+    fp = None
+    if merged and shards:  # only a merged file can be compared with (and updated by) a sharded run
+        # "auto" precision is resolved on the workers (they may have GPUs the driver lacks): take the file's.
+        precision = old.get("precision") if config.precision == "auto" else config.precision
+        fp = merged_fingerprint([_fingerprint(c, shard_listing(listing, shards, c.shard), weights, precision) for c in _shard_configs(config, shards)])
+    unusable = "it is not a complete feature file" if old is None else "it was not made by a sharded extraction"
+    action = decide(output, old, fp, config.overwrite, current=merged and not stale_sources(output), unusable=unusable)
+    if action == UP_TO_DATE:
+        print(f"{output}: up to date ({len(listing)} images in {shards} shards, nothing changed)")
+        return 0
+    try:
+        with distributed.cluster(ray, config.address):
+            nodes = distributed.alive_nodes(ray)
+            p = distributed.plan(nodes, config.ray_workers, shards)
+            _say(config, f"ray: {len(nodes)} node(s), {p.shards} shards, {p.workers} at once, {'1 GPU + ' if p.num_gpus else ''}{p.num_cpus} CPU(s) per task")
+            configs = _shard_configs(config, p.shards, workers=config.workers or p.num_cpus)
+            sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
+            results = distributed.run_shards(
+                ray, run, configs, p, retries=config.ray_retries, sizes=sizes, batch_size=config.batch_size, progress=not config.quiet
+            )
+    except KeyboardInterrupt:
+        print(f"interrupted; finished shards are kept and running ones resume: run the same command again to finish {output}", file=sys.stderr)
+        return 130
+    t0 = time.perf_counter()
+    ran = {r["shard"] for r in results if r["rewritten"]}  # the others were up to date
+    n, n_rej = merge_locked(output, [c.output for c in configs], overwrite=True, command_line=config.command_line, ran=ran)
+    resumed = [r["shard"] for r in results if r["resumed_parts"]]
+    detail = (
+        f"{p.shards} shard{'s' if p.shards > 1 else ''} on {len({r['host'] for r in results})} host(s), "
+        f"longest {max((r['seconds'] for r in results), default=0.0):.1f} s"
+        + (f", shard(s) {', '.join(map(str, resumed))} resumed after an interruption" if resumed else "")
+        + f"; merged in {time.perf_counter() - t0:.1f} s"
+    )
+    return summarize(output, n, n_rej, detail, config.strict)
 
 
 def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool) -> int:
@@ -424,22 +349,8 @@ def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool) 
     return 0
 
 
-def _base_rows(base: _Base, listing: Listing, block: int = 1024):
-    """The kept rows of the previous output, in their old order, a block at a time."""
-    import h5py
-
-    with h5py.File(base.path, "r") as db:
-        feats = db["features"]
-        rows, index = base.keep_rows, base.keep_index
-        for start in range(0, len(rows), block):
-            r, i = rows[start : start + block], index[start : start + block]
-            lo, hi = int(r[0]), int(r[-1]) + 1
-            # Kept rows are mostly dense: one contiguous read, then pick; sparse ones one by one.
-            f = feats[lo:hi][r - lo] if hi - lo <= 2 * len(r) else feats[r]
-            yield f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i]
-
-
-def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, base, loop_seconds: float, processed: int):
+def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, base: Base | None, loop_seconds: float, processed: int):
+    """Write the output from the kept rows of ``base`` and the work area's parts; returns (rows, rejected)."""
     parts = work.index()
     rejected: list[tuple[str, str, int, int]] = list(base.kept_rejected) if base else []
     covered = len(base.covered) if base else 0
@@ -455,7 +366,7 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
 
     def rows():
         if base:
-            yield from _base_rows(base, listing)
+            yield from base_rows(base, listing)
         for part in parts:  # one part in memory at a time
             idx = part.indices
             yield (

@@ -1,4 +1,4 @@
-"""Feature store: the crash-safe work area of a running extraction, the HDF5 file it becomes, and the reader that validates one."""
+"""Feature store: the output path check, the crash-safe work area of a running extraction, the HDF5 file it becomes, and the reader that validates one."""
 
 from __future__ import annotations
 
@@ -20,6 +20,44 @@ REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
 STR = h5py.string_dtype("utf-8")
 #: Attributes whose difference makes two feature files incompatible (train vs test, shards).
 SPEC_KEYS = ("backbone", "layer", "input_size", "preprocessing", "resize", "weights", "weights_checksum")
+
+
+def check_output_writable(output: Path) -> None:
+    """Make sure ``output`` (a file path) can be written: its folder exists (it is created) and is writable.
+
+    Raises:
+        PipelineError: ``output`` is a folder, its parent is not a folder or cannot be
+            created, or the folder or an existing file is not writable.
+    """
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.exists() and output.is_dir():
+        raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"{parent}: cannot create the output folder: {exc.strerror}") from None
+    if not parent.is_dir():
+        raise PipelineError(f"{parent}: the output's parent is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{parent}: output folder is not writable")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise PipelineError(f"{output}: output file is not writable")
+
+
+def stored_fingerprint(output: Path) -> tuple[dict | None, bool]:
+    """The fingerprint of a complete feature file at ``output`` and whether it is a merged file.
+
+    ``(None, False)`` when there is no file, or it is incomplete or unreadable.
+    """
+    try:
+        with h5py.File(output, "r") as db:
+            if not bool(db.attrs.get("complete", False)):
+                return None, False
+            return json.loads(db.attrs["fingerprint"]), "merged_from" in db.attrs
+    except Exception:
+        return None, False
 
 
 class WorkArea:
@@ -181,11 +219,13 @@ def write_feature_file(
             k = len(f)
             if k == 0:
                 continue
+            with np.errstate(over="ignore"):  # an overflow is caught just below, as inf
+                f = f.astype(dtype, copy=False)
             if not np.all(np.isfinite(f)):
                 raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {n}..{n + k}")
             for ds in (feats, labels, paths, sizes, mtimes):
                 ds.resize(n + k, axis=0)
-            feats[n : n + k] = f.astype(dtype, copy=False)
+            feats[n : n + k] = f
             labels[n : n + k] = lab
             paths[n : n + k] = [os.fsencode(x) for x in p]
             sizes[n : n + k] = s
@@ -322,45 +362,3 @@ def check_compatible(a: FeatureFile, b: FeatureFile) -> None:
             raise PipelineError(f"{b.path}: {key} is {sb.get(key)!r} but {a.path} has {sa.get(key)!r}")
     if a.label_names != b.label_names:
         raise PipelineError(f"{b.path}: class names {b.label_names} differ from {a.path}'s {a.label_names}")
-
-
-def verify(path: Path | str) -> list[str]:
-    """Every broken invariant of a feature file, as messages (empty list: the file is sound)."""
-    try:
-        ff = open_features(path, require_complete=False)
-    except PipelineError as exc:
-        return [str(exc)]
-    problems: list[str] = []
-    with ff:
-        db = ff.db
-        if not bool(db.attrs.get("complete", False)):
-            problems.append(f"{path}: incomplete (attribute 'complete' is not set)")
-        for key in ("weights", "weights_checksum", "backbone", "layer", "input_size", "precision", "resize"):
-            if key not in db.attrs:
-                problems.append(f"{path}: attribute '{key}' missing")
-        if "merged" in db:
-            from pipeline.extraction.merge import stale_sources
-
-            problems.extend(stale_sources(path))
-        paths = ff.paths
-        if len(set(paths)) != len(paths):
-            problems.append(f"{path}: {len(paths) - len(set(paths))} duplicate paths")
-        if "rejected" in db:
-            rej = {os.fsdecode(x) for x in db["rejected/paths"][:]}
-            both = rej & set(paths)
-            if both:
-                problems.append(f"{path}: {len(both)} paths are both extracted and rejected, e.g. {sorted(both)[0]}")
-            if db["rejected/paths"].shape != db["rejected/reasons"].shape:
-                problems.append(f"{path}: rejected/paths and rejected/reasons differ in length")
-        else:
-            problems.append(f"{path}: group 'rejected' missing")
-        try:
-            for start, block in ff.iter_chunks():
-                bad = ~np.isfinite(block)
-                if bad.any():
-                    row = start + int(np.argwhere(bad.reshape(len(block), -1).any(axis=1))[0][0])
-                    problems.append(f"{path}: non-finite feature values (first in row {row})")
-                    break
-        except Exception as exc:
-            problems.append(f"{path}: features unreadable ({exc})")
-    return problems

@@ -14,9 +14,11 @@ import pytest
 
 from conftest import make_tree, write_image
 from pipeline.classical import predict, train
-from pipeline.extraction.extract import ExtractConfig
-from pipeline.core.errors import PipelineError
+from pipeline.classical.bundle import load_bundle
+from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.extract import ExtractConfig
 from pipeline.extraction.store import open_features
 
 
@@ -47,10 +49,11 @@ def images(trained, tmp_path) -> Path:
 
 
 def cli(*argv: str) -> int:
+    """What ``python -m pipeline predict ARGV`` does: parse, ``from_args``, ``run`` (the exit status)."""
     parser = argparse.ArgumentParser()
     predict.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["predict", *map(str, argv)])
-    return predict.run_cli(args, ["predict", *map(str, argv)])
+    return predict.run(predict.from_args(args, ["predict", *map(str, argv)]))
 
 
 def test_json_output_with_a_broken_image(trained, images, tmp_path, capsys):
@@ -87,12 +90,12 @@ def test_csv_and_text_output(trained, images, tmp_path, capsys):
 
 def test_predictions_reproduce_the_training_features(trained):
     """Same images, same spec: the scores equal the bundle's estimator on the stored features."""
-    bundle = predict.load_bundle(trained["lr"])
+    bundle = load_bundle(trained["lr"])
     with open_features(trained["features"]) as ff:
         paths = ff.paths
-        x = train.pool_features(ff.db["features"][:], bundle["feature_spec"]["pool"])
+        x = pool_features(ff.db["features"][:], bundle["feature_spec"]["pool"])
     expected = bundle["estimator"].predict_proba(x).max(axis=1)
-    results = predict.run(PredictConfig(model=trained["lr"], inputs=(trained["data"],), format="json", output=trained["root"] / "all.json", quiet=True))
+    results = predict.label_images(PredictConfig(model=trained["lr"], inputs=(trained["data"],), format="json", output=trained["root"] / "all.json", quiet=True))
     assert [Path(r["path"]).relative_to(trained["data"]).as_posix() for r in results] == paths
     np.testing.assert_allclose([r["score"] for r in results], expected, rtol=1e-5)
 
@@ -113,26 +116,6 @@ def test_weights_with_another_checksum_are_refused(trained, tmp_path):
         predict.run(PredictConfig(model=other, inputs=(trained["data"],), quiet=True))
 
 
-@pytest.mark.parametrize(
-    "content,message",
-    [
-        (None, r"model\.joblib: model file does not exist"),
-        (b"hello, not a pickle", r"model\.joblib: not a readable model bundle \("),
-        ({"estimator": 1}, r"model\.joblib: not a transfer-pipeline model bundle"),
-        ({"format": "transfer-pipeline-model", "version": 9}, r"model\.joblib: model bundle version 9 is not supported"),
-        ({"format": "transfer-pipeline-model", "version": 1, "estimator": 1, "label_names": [], "feature_spec": {}, "precision": "float32"}, r"feature_spec lacks backbone"),
-    ],
-)
-def test_files_that_are_not_our_bundles(content, message, tmp_path):
-    path = tmp_path / "model.joblib"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        joblib.dump(content, path)
-    with pytest.raises(PipelineError, match=message):
-        predict.load_bundle(path)
-
-
 def test_missing_input_and_empty_folder(trained, tmp_path):
     with pytest.raises(PipelineError, match=r"nowhere\.png: no such file or folder"):
         predict.run(PredictConfig(model=trained["lr"], inputs=(tmp_path / "nowhere.png",), quiet=True))
@@ -146,3 +129,25 @@ def test_bad_settings(trained, tmp_path):
         predict.run(PredictConfig(model=trained["lr"], inputs=(tmp_path,), format="xml"))
     with pytest.raises(PipelineError, match="--batch-size 0"):
         predict.run(PredictConfig(model=trained["lr"], inputs=(tmp_path,), batch_size=0))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--batch-size", "0"], "--batch-size 0: must be a whole number in [1, 4294967295]"),
+        (["--batch-size", "4294967296"], "--batch-size 4294967296: must be a whole number in [1, 4294967295]"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["predict", str(tmp_path / "never-read.joblib"), str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+
+
+def test_output_that_is_a_folder_is_refused(tmp_path):
+    with pytest.raises(PipelineError, match=r"is a folder; -o takes a file"):
+        PredictConfig(model=tmp_path / "m.joblib", inputs=(tmp_path,), output=tmp_path).validate()
+    with pytest.raises(PipelineError, match=r"no images given"):
+        PredictConfig(model=tmp_path / "m.joblib", inputs=()).validate()

@@ -1,4 +1,4 @@
-"""Train stage: every model family end to end, the search, pooling, out-of-core streaming, the shared split, the row-space trick, the plots, and clear errors."""
+"""Train stage: every model family end to end, the search through the stage, pooling, out-of-core streaming, the flags and their validation table, and clear errors."""
 
 from __future__ import annotations
 
@@ -11,61 +11,14 @@ import joblib
 import numpy as np
 import pytest
 
+from feature_data import CLASSES, FAST_GRID, PNG, make_features
 from pipeline.classical import train
-from pipeline.core import plots
+from pipeline.classical.features import pool_features
+from pipeline.classical.models import MODELS
+from pipeline.classical.train import TrainConfig
+from pipeline.cli import main
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.store import write_feature_file
-from pipeline.classical.train import MODELS, TrainConfig, pool_features, split_indices
-
-PNG = b"\x89PNG\r\n\x1a\n"
-CLASSES = ("ant", "bee", "cat")
-#: Small grids so that every fit takes milliseconds.
-FAST_GRID = {"lr": {"C": [0.01, 1.0]}, "svm": {"C": [1e-3, 1e-1]}, "rf": {"n_estimators": [10, 20], "max_features": ["sqrt"]}}
-
-
-def make_features(
-    path: Path,
-    *,
-    per_class: int | list[int] = 20,
-    classes=CLASSES,
-    row_shape=(1, 1, 512),
-    seed: int = 0,
-    noise: float = 1.0,
-    **attrs,
-) -> Path:
-    """A complete feature file: ``per_class`` rows per class around well separated class means."""
-    rng = np.random.default_rng(seed)
-    counts = per_class if isinstance(per_class, list) else [per_class] * len(classes)
-    means = np.random.default_rng(1234).normal(size=(len(classes), *row_shape)) * 3.0
-    labels = np.concatenate([np.full(n, c, np.int32) for c, n in enumerate(counts)])
-    feats = (means[labels] + noise * rng.normal(size=(len(labels), *row_shape))).astype(np.float32)
-    paths = [f"{classes[c]}/{i:03d}.png" for i, c in enumerate(labels)]
-    side = row_shape[0] * 32
-    spec = {
-        "backbone": "vgg16",
-        "layer": "block5_pool",
-        "input_size": side,
-        "feature_shape": list(row_shape),
-        "preprocessing": "caffe",
-        "resize": "bilinear",
-        "weights": "none",
-        "weights_checksum": "none",
-        "precision": "float32",
-        "storage_dtype": "float16",
-    }
-    spec.update(attrs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = len(labels)
-    write_feature_file(
-        path,
-        row_shape=tuple(row_shape),
-        storage="float16",
-        class_names=tuple(classes),
-        rows=iter([(feats, labels, paths, np.zeros(n, np.int64), np.zeros(n, np.int64))]),
-        rejected=[],
-        attrs=spec,
-    )
-    return path
+from pipeline.core.splits import split_indices
 
 
 def config(features: Path, out: Path, model: str = "lr", **kw) -> TrainConfig:
@@ -126,6 +79,15 @@ def test_separate_test_file(tmp_path):
     assert m["test_source"] == {"kind": "file", "file": str(te)} and m["accuracy"] > 0.9
 
 
+def test_metrics_hold_the_confusion_matrix_versions_and_config(feats, tmp_path):
+    m = train.run(config(feats, tmp_path / "m", "lr", seed=3))
+    saved = json.loads((tmp_path / "m" / "lr.metrics.json").read_text())
+    assert saved["confusion"] == m["confusion"] and np.array(saved["confusion"]).shape == (3, 3)
+    assert np.trace(saved["confusion"]) / saved["n_test"] == pytest.approx(saved["accuracy"]) and np.sum(saved["confusion"]) == saved["n_test"]
+    assert {"scikit-learn", "numpy", "joblib", "h5py"} <= set(saved["versions"])
+    assert saved["config"]["seed"] == 3 and saved["config"]["features"] == str(feats) and saved["config"]["grid"] == {"C": [0.01, 1.0]}
+
+
 # ---------------------------------------------------------------------------
 # Search and pooling
 
@@ -151,10 +113,10 @@ def test_default_grids_and_cli_flags_reach_the_config(feats, tmp_path):
     parser = argparse.ArgumentParser()
     train.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", str(feats), "--model", "rf", "--n-estimators", "5,9", "--max-features", "sqrt,0.1,40", "-o", str(tmp_path)])
-    cfg = train.config_from_args(args, ["train"])
+    cfg = train.from_args(args, ["train"])
     assert cfg.search_grid() == {"n_estimators": [5, 9], "max_features": ["sqrt", 0.1, 40]}
     args = parser.parse_args(["train", str(feats)])
-    cfg = train.config_from_args(args)
+    cfg = train.from_args(args)
     assert cfg.model == "lr" and cfg.pool == "flatten" and cfg.cv == 3 and cfg.memory_budget_mb == 2048 and cfg.output == Path("features/models")
     assert cfg.search_grid() == {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
     with pytest.raises(SystemExit) as exc:
@@ -163,10 +125,8 @@ def test_default_grids_and_cli_flags_reach_the_config(feats, tmp_path):
 
 
 def test_cli_runs_the_stage(feats, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    train.add_parser(parser.add_subparsers(dest="command"))
     argv = ["train", str(feats), "--model", "svm", "--C", "0.001,0.01", "-o", str(tmp_path / "m"), "--quiet"]
-    assert train.run_cli(parser.parse_args(argv), argv) == 0
+    assert main(argv) == 0
     m = json.loads((tmp_path / "m" / "svm.metrics.json").read_text())
     assert m["search"]["grid"] == {"C": [0.001, 0.01]} and "--C 0.001,0.01" in m["config"]["command_line"]
     assert "svm: test accuracy" in capsys.readouterr().out
@@ -179,43 +139,6 @@ def test_pooling_sets_the_estimator_input(pool, dim, tmp_path):
     bundle = joblib.load(tmp_path / "m" / "lr.joblib")
     assert bundle["estimator"].n_features_in_ == dim and m["n_features"] == dim
     assert bundle["feature_spec"]["pool"] == pool and m["pool"] == pool and m["accuracy"] > 0.9
-
-
-def test_pool_features_arithmetic():
-    block = np.arange(2 * 2 * 2 * 3, dtype=np.float16).reshape(2, 2, 2, 3)
-    flat = pool_features(block, "flatten")
-    assert flat.shape == (2, 12) and flat.dtype == np.float32 and flat[1, 0] == 12
-    assert pool_features(block, "avg")[0].tolist() == [4.5, 5.5, 6.5]
-    assert pool_features(block, "max")[1].tolist() == [21, 22, 23]
-    with pytest.raises(PipelineError, match="pool 'sum'"):
-        pool_features(block, "sum")
-
-
-@pytest.mark.parametrize("scaling", ["l2", "standard"])
-def test_row_space_fit_equals_the_full_feature_fit(scaling, monkeypatch):
-    """The row-space search is a speed-up, not an approximation: same model as fitting on all features."""
-    import dataclasses
-
-    from sklearn.linear_model import LogisticRegression
-
-    # A tight tolerance on both sides, so that only the mathematics is compared.
-    tight = dataclasses.replace(MODELS["lr"], build=lambda params, seed, n_jobs: LogisticRegression(C=params["C"], tol=1e-10, max_iter=10000))
-    monkeypatch.setitem(MODELS, "lr", tight)
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(40, 600)) + np.repeat(rng.normal(size=(2, 600)), 20, axis=0)).astype(np.float32)
-    y = np.repeat([0, 1], 20)
-    est, result, space = train.fit_matrix(x.copy(), y, model="lr", grid={"C": [0.05]}, scaling=scaling, cv=2)
-    assert space == {"kind": "row-space", "dims": 40 if scaling == "l2" else 39}  # centring removes one direction
-    xs = x.astype(np.float64)  # the reference in float64: float32 standardisation alone is off by 2e-4 on some CPUs
-    if scaling == "l2":
-        xs *= np.sqrt(600) / np.linalg.norm(xs, axis=1, keepdims=True)
-    else:
-        xs = (xs - x.astype(np.float64).mean(0)) / x.astype(np.float64).std(0)
-    xs_mean, xs_std = x.astype(np.float64).mean(0), x.astype(np.float64).std(0)
-    direct = LogisticRegression(C=0.05, tol=1e-10, max_iter=10000).fit(xs, y)
-    x_new = rng.normal(size=(10, 600)).astype(np.float32)
-    xs_new = x_new * np.sqrt(600) / np.linalg.norm(x_new, axis=1, keepdims=True) if scaling == "l2" else (x_new - xs_mean) / xs_std
-    np.testing.assert_allclose(est.decision_function(x_new), direct.decision_function(xs_new), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -246,27 +169,6 @@ def test_rf_over_the_budget_is_refused(feats, tmp_path):
     with pytest.raises(PipelineError, match=r"train\.h5: the flatten-pooled training matrix needs .* cannot be trained out of core; use --pool avg"):
         train.run(config(feats, tmp_path / "m", "rf", memory_budget_mb=0.01))
     assert not (tmp_path / "m").exists()
-
-
-# ---------------------------------------------------------------------------
-# The shared split
-
-
-def test_split_indices_is_stratified_and_deterministic():
-    labels = np.array([0] * 10 + [1] * 5 + [2] * 7 + [3])
-    tr, te = split_indices(labels, 0.2, seed=0)
-    assert np.bincount(labels[te], minlength=4).tolist() == [2, 1, 1, 0]  # round(0.2 n), at least 1, the singleton stays in training
-    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(len(labels)))
-    assert tr.dtype == np.int64 and (np.diff(tr) > 0).all() and (np.diff(te) > 0).all()
-    again = split_indices(labels, 0.2, seed=0)
-    assert np.array_equal(again[0], tr) and np.array_equal(again[1], te)
-    other = {tuple(split_indices(labels, 0.2, seed=s)[1]) for s in range(5)}
-    assert len(other) > 1
-    # Adding a class leaves the other classes' split unchanged.
-    more = np.concatenate([labels, [4] * 6])
-    assert np.array_equal(split_indices(more, 0.2, seed=0)[1][:-1], te)
-    with pytest.raises(PipelineError, match="test size 1.0"):
-        split_indices(labels, 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -372,16 +274,50 @@ def test_output_that_is_a_file_is_refused(feats, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Plot helpers (shared with compare/finetune)
+# The validation table: one line and exit 2 through the CLI, before anything is read
 
 
-def test_bar_chart_and_training_curves(tmp_path):
-    p = plots.bar_chart({"lr": 0.91, "svm": 0.9, "rf": 0.85}, tmp_path / "bars.png", title="accuracy", ylim=(0, 1), errors={"lr": 0.01})
-    assert p.read_bytes().startswith(PNG)
-    history = {"loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.8, 0.7], "accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.5, 0.6, 0.7]}
-    assert plots.training_curves(history, tmp_path / "curves.png", title="finetune").read_bytes().startswith(PNG)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["bars.png", "curves.png"]
-    with pytest.raises(ValueError, match="at least one"):
-        plots.bar_chart({}, tmp_path / "none.png")
-    with pytest.raises(ValueError, match="shape"):
-        plots.confusion_matrix(np.zeros((2, 3)), ["a", "b"], tmp_path / "cm.png")
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seed", "4294967296"], r"--seed 4294967296: must be a whole number in [0, 4294967295]"),
+        (["--seed", "-1"], r"--seed -1: must be a whole number in [0, 4294967295]"),
+        (["--cv", "1"], r"--cv 1: cross-validation needs at least 2 folds (a whole number in [2, 4294967295])"),
+        (["--cv", "4294967296"], r"--cv 4294967296: cross-validation needs at least 2 folds"),
+        (["--test-size", "1.5"], r"--test-size 1.5: must be between 0 and 1 (exclusive)"),
+        (["--test-size", "nan"], r"--test-size nan: must be between 0 and 1 (exclusive)"),
+        (["--memory-budget", "inf"], r"--memory-budget inf: must be a positive, finite number of MB"),
+        (["--memory-budget", "0"], r"--memory-budget 0.0: must be a positive, finite number of MB"),
+        (["--epochs", "0"], r"--epochs 0: must be a whole number in [1, 4294967295]"),
+        (["--n-jobs", "0"], r"--n-jobs 0: must be -1 (all cores) or a whole number in [1, 4294967295]"),
+        (["--n-jobs", "-2"], r"--n-jobs -2: must be -1 (all cores)"),
+        (["--n-jobs", "4294967296"], r"--n-jobs 4294967296: must be -1 (all cores)"),
+        (["--model", "rf", "--C", "1"], r"--C: --model rf has no parameter 'C'"),
+        (["--C", "0"], r"--C 0.0: C must be a positive number"),
+        (["--n-estimators", "0", "--model", "rf"], r"--n-estimators 0: must be a whole number of at least 1"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    assert main(["train", str(tmp_path / "never-read.h5"), "-o", str(tmp_path / "m"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message) and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_n_jobs_all_cores_and_the_config_defaults_pass():
+    assert TrainConfig(features=Path("x.h5"), n_jobs=-1).validate().n_jobs == -1
+    cfg = TrainConfig(features=Path("x.h5"))
+    assert cfg.validate() is cfg and cfg.grid is None and cfg.command_line == ""
+    with pytest.raises(PipelineError, match=r"^--n-jobs -1\.0: "):
+        TrainConfig(features=Path("x.h5"), n_jobs=-1.0).validate()
+
+
+def test_from_args_records_the_command_line_and_only_the_grid_flags_given(tmp_path):
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["train", "f.h5", "--model", "svm", "--C", "0.5, 2", "--seed", "7"]
+    cfg = train.from_args(parser.parse_args(argv), argv)
+    assert cfg.grid == {"C": [0.5, 2.0]} and cfg.seed == 7 and cfg.features == Path("f.h5")
+    assert cfg.command_line == "python -m pipeline train f.h5 --model svm --C '0.5, 2' --seed 7"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "f.h5", "--C", "a,b"])

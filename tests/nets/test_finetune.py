@@ -1,21 +1,28 @@
-"""Fine-tuning stage: which weights train in each mode, the saved model, the metrics contract, the scratch baseline, early errors."""
+"""The finetune stage: which weights train in each mode, the saved model, the metrics contract, flags and early errors."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline.nets import finetune as ft
+from pipeline.cli import main
 from pipeline.core.errors import PipelineError
+from pipeline.core.splits import split_indices
+from pipeline.extraction.backbone import resolve_precision
+from pipeline.nets import finetune as ft
+from pipeline.nets.networks import VGG16_LAYERS, find_layer
+from pipeline.nets.results import METRICS_KEYS
 
 CLASSES = ("ant", "bee", "cat")
 FAST = dict(input_size=32, weights="none", dense=8, head_epochs=1, epochs=1, batch_size=8, patience=2, cache_copies=2, quiet=True)
-FROZEN = [n for n in ft.VGG16_LAYERS if n.startswith(("block1", "block2", "block3", "block4")) and "conv" in n]
+FROZEN = [n for n in VGG16_LAYERS if n.startswith(("block1", "block2", "block3", "block4")) and "conv" in n]
 BLOCK5 = ["block5_conv1", "block5_conv2", "block5_conv3"]
 HEAD = ["head_dense", "predictions"]
 
@@ -30,7 +37,7 @@ def trees(tmp_path_factory):
 
 
 def weights_of(model, name):
-    return [np.asarray(w) for w in ft.find_layer(model, name).get_weights()]
+    return [np.asarray(w) for w in find_layer(model, name).get_weights()]
 
 
 def same(a, b) -> bool:
@@ -39,7 +46,7 @@ def same(a, b) -> bool:
 
 def start_of(config):
     """The untrained network the run started from (the build is seeded, weights 'none')."""
-    return ft.build_finetune_network(config, len(CLASSES), ft.bb.resolve_precision(config.precision)).full
+    return ft.build_network(config, len(CLASSES), resolve_precision(config.precision)).full
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,7 @@ def runs(trees):
         "cached": ft.FinetuneConfig(data, out_dir=root / "cached", precision="bfloat16", **FAST),
         "plain": ft.FinetuneConfig(data, test_dir=test, out_dir=root / "plain", precision="float32", cache=False, **FAST),
     }
-    return {k: (c, ft.fit_finetune(c)) for k, c in configs.items()}
+    return {k: (c, ft.fit(c)) for k, c in configs.items()}
 
 
 @pytest.mark.parametrize("mode", ["cached", "plain"])
@@ -86,7 +93,7 @@ def test_metrics_contract_and_files(runs, trees):
     for mode, (config, result) in runs.items():
         out = Path(config.out_dir)
         on_disk = json.loads((out / "finetune.metrics.json").read_text())
-        assert set(ft.METRICS_KEYS) <= set(on_disk), set(ft.METRICS_KEYS) - set(on_disk)
+        assert set(METRICS_KEYS) <= set(on_disk), set(METRICS_KEYS) - set(on_disk)
         assert on_disk["strategy"] == "finetune (from block5_conv1)"
         assert on_disk["unfreeze_from"] == "block5_conv1" and on_disk["input_size"] == 32 and on_disk["seed"] == 0
         assert on_disk["rejected"] == 1 and on_disk["rejected_files"][0][0].endswith("bee/broken.png")
@@ -99,7 +106,7 @@ def test_metrics_contract_and_files(runs, trees):
     cached = runs["cached"][1].metrics
     assert cached["precision"] == "bfloat16" and cached["cache_layer"] == "block4_pool" and cached["cache_copies"] == 2
     # 18 decodable images (the broken 7th bee is skipped): 20% held out with the shared split, then 20% of the rest for validation
-    train_pool, test_rows = ft.split_indices(np.repeat([0, 1, 2], 6), 0.2, 0)
+    train_pool, test_rows = split_indices(np.repeat([0, 1, 2], 6), 0.2, 0)
     assert (cached["n_test"], cached["n_train"] + cached["n_val"]) == (len(test_rows), len(train_pool))
     assert cached["test_source"].startswith("split of")
     # ... and they are the same rows a feature file of the folder has: decodable images in listing order
@@ -120,7 +127,7 @@ def test_metrics_contract_and_files(runs, trees):
 def test_unfreeze_none_keeps_the_whole_base(trees):
     root, data, _ = trees
     config = ft.FinetuneConfig(data, out_dir=root / "none", unfreeze_from="none", precision="float32", **FAST)
-    result = ft.fit_finetune(config)
+    result = ft.fit(config)
     before, after = start_of(config), result.net.full
     for name in FROZEN + BLOCK5:
         assert same(weights_of(before, name), weights_of(after, name)), name
@@ -134,7 +141,7 @@ def test_unfreeze_all_trains_block1(trees):
     root, data, _ = trees
     config = ft.FinetuneConfig(data, out_dir=root / "all", unfreeze_from="all", precision="float32",
                                **dict(FAST, head_epochs=0, augment=False))
-    result = ft.fit_finetune(config)
+    result = ft.fit(config)
     before, after = start_of(config), result.net.full
     assert not np.array_equal(weights_of(before, "block1_conv1")[0], weights_of(after, "block1_conv1")[0])
     assert same(weights_of(before, "rgb_to_bgr"), weights_of(after, "rgb_to_bgr"))  # preprocessing is fixed
@@ -142,49 +149,54 @@ def test_unfreeze_all_trains_block1(trees):
     assert result.metrics["strategy"] == "finetune (all layers)"
 
 
-def test_scratch_writes_its_outputs(trees):
-    root, data, _ = trees
-    out = root / "scratch"
-    config = ft.ScratchConfig(data, out_dir=out, input_size=32, filters=(8, 16, 16), dense=8, epochs=2, batch_size=8, quiet=True)
-    metrics = ft.run_scratch(config)
-    for name in ("scratch.keras", "scratch.metrics.json", "scratch.curves.png"):
-        assert (out / name).stat().st_size > 0, name
-    on_disk = json.loads((out / "scratch.metrics.json").read_text())
-    assert set(ft.METRICS_KEYS) <= set(on_disk) and on_disk == json.loads(json.dumps(metrics))
-    assert on_disk["strategy"] == "from scratch CNN" and on_disk["mode"] == "plain" and on_disk["epochs_run"] >= 1
-    assert on_disk["n_test"] == len(ft.split_indices(np.repeat([0, 1, 2], 6), 0.2, 0)[1])
-
-
-def test_preprocessing_layers_equal_backbone_preprocess():
-    import keras
-
-    from pipeline.extraction.backbone import preprocess
-
-    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
-    inp = keras.Input((8, 8, 3), dtype="float32")
-    model = keras.Model(inp, ft._apply(ft._preprocess_layers(), inp))
-    assert np.array_equal(model.predict(pixels.astype(np.float32), verbose=0), preprocess(pixels).numpy())
-
-
 def parse(*argv):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    ft.add_finetune_parser(sub)
-    ft.add_scratch_parser(sub)
+    ft.add_parser(sub)
     return parser.parse_args(argv)
 
 
 def test_cli_flags_build_the_config(monkeypatch, tmp_path):
-    seen = {}
-    monkeypatch.setattr(ft, "run_finetune", lambda c: seen.setdefault("c", c))
     argv = ["finetune", str(tmp_path), "--test", "t", "-o", "m", "--unfreeze-from", "none", "--head", "gap",
-            "--no-augment", "--no-cache", "--cache-copies", "3", "--lr", "2e-5", "--seed", "7"]
-    assert ft.run_finetune_cli(parse(*argv), argv) == 0
-    c = seen["c"]
+            "--no-augment", "--no-cache", "--cache-copies", "3", "--lr", "2e-5", "--seed", "7"]  # fmt: skip
+    c = ft.from_args(parse(*argv), argv)
     assert (c.test_dir, c.out_dir, c.unfreeze_from, c.head, c.augment, c.cache, c.cache_copies, c.lr, c.seed) == (
         Path("t"), Path("m"), "none", "gap", False, False, 3, 2e-5, 7)
     assert c.input_size == 224 and c.weights == "imagenet" and "finetune" in c.command_line
-    assert parse("scratch", "d").input_size == 64
+    # the dispatcher hands the same config to the stage's run
+    seen = {}
+    monkeypatch.setattr(ft, "run", lambda config: seen.setdefault("c", config))
+    assert main(argv) == 0
+    assert seen["c"] == c
+
+
+def test_flag_defaults_are_the_config_defaults():
+    args = parse("finetune", "d")
+    config = ft.FinetuneConfig(Path("d"))
+    for f in dataclasses.fields(ft.FinetuneConfig):
+        if f.name != "command_line":
+            assert getattr(args, f.name) == getattr(config, f.name), f.name
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "-1"], r"--epochs -1: must be a whole number in \[0, 4294967295\]"),
+        (["--dropout", "1.0"], r"--dropout 1.0: must be in \[0, 1\)"),
+        (["--seed", "4294967296"], r"--seed 4294967296: must be a whole number in \[0, 4294967295\]"),
+        (["--lr", "nan"], r"--lr nan: must be a finite number in \(0, inf\)"),
+        (["--head-lr", "0"], r"--head-lr 0.0: must be a finite number in \(0, inf\)"),
+        (["--batch-size", "0"], r"--batch-size 0: must be a whole number in \[1, 4294967295\]"),
+        (["--cache-copies", "0"], r"--cache-copies 0: must be at least 1"),
+        (["--unfreeze-from", "block9_conv1"], r"--unfreeze-from block9_conv1: not a VGG16 layer"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert main(["finetune", str(tmp_path / "data"), "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -201,15 +213,15 @@ def test_cli_flags_build_the_config(monkeypatch, tmp_path):
 def test_bad_settings_fail_before_any_work(tmp_path, change, message):
     config = ft.FinetuneConfig(tmp_path / "missing", out_dir=tmp_path / "out", **dict(FAST, **change))
     with pytest.raises(PipelineError, match=message):
-        ft.run_finetune(config)
+        ft.run(config)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_folders_fail_before_any_work(trees, tmp_path):
     root, data, _ = trees
     with pytest.raises(PipelineError, match="data folder does not exist"):
-        ft.run_finetune(ft.FinetuneConfig(tmp_path / "missing", out_dir=tmp_path / "out", **FAST))
+        ft.run(ft.FinetuneConfig(tmp_path / "missing", out_dir=tmp_path / "out", **FAST))
     other = make_tree(tmp_path / "other", classes=("ant", "dog"), per_class=1)
     with pytest.raises(PipelineError, match=r"--test .*other: its classes \['ant', 'dog'\] differ from \['ant', 'bee', 'cat'\]"):
-        ft.run_finetune(ft.FinetuneConfig(data, test_dir=other, out_dir=tmp_path / "out", **FAST))
+        ft.run(ft.FinetuneConfig(data, test_dir=other, out_dir=tmp_path / "out", **FAST))
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,147 @@
+"""The model bundle, the file between train and predict: its format, building and writing it, loading it, and checking its feature specification against this program.
+
+A bundle is a joblib (pickle) dict: ``format``, ``version``, ``model``, ``estimator`` (takes
+pooled features), ``label_names``, ``feature_spec`` (the feature file's spec plus ``pool``),
+``precision``, ``storage_dtype``, ``score`` and ``metrics``. It opens with plain joblib;
+being a pickle, load only bundles you trust.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.core.config import PRECISIONS
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import atomic_output
+from pipeline.extraction.store import SPEC_KEYS
+
+BUNDLE_FORMAT = "transfer-pipeline-model"
+BUNDLE_VERSION = 1
+#: Keys every bundle's ``feature_spec`` must have for the features to be rebuilt exactly.
+SPEC_REQUIRED = (*SPEC_KEYS, "feature_shape", "pool")
+#: Compute precisions a bundle may name (``auto`` is resolved before features are stored).
+BUNDLE_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
+
+
+def make_bundle(
+    *,
+    model: str,
+    estimator,
+    label_names: list[str],
+    feature_spec: dict,
+    pool: str,
+    precision: str | None,
+    storage_dtype: str | None,
+    score: str,
+    metrics: dict,
+) -> dict:
+    """The bundle dict of a trained estimator.
+
+    Args:
+        model: the ``--model`` key (``lr``, ``svm``, ``rf``).
+        estimator: fitted on pooled features of the feature file.
+        label_names: class names, indexed by the estimator's labels.
+        feature_spec: the training feature file's spec (``FeatureFile.spec``); ``pool`` is added.
+        pool: the pooling the estimator expects.
+        precision, storage_dtype: the feature file's compute precision and stored dtype.
+        score: ``probability`` or ``decision`` (what predict reports as the score).
+        metrics: the training metrics.
+    """
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "model": model,
+        "estimator": estimator,
+        "label_names": list(label_names),
+        "feature_spec": {**feature_spec, "pool": pool},
+        "precision": precision,
+        "storage_dtype": storage_dtype,
+        "score": score,
+        "metrics": metrics,
+    }
+
+
+def write_bundle(path: Path, bundle: dict) -> None:
+    """Write ``bundle`` to ``path`` with joblib, atomically.
+
+    Raises:
+        PipelineError: the disk filled up or the file could not be written (any previous
+            file is left untouched).
+    """
+    import joblib
+
+    with atomic_output(Path(path)) as tmp:
+        joblib.dump(bundle, tmp)
+
+
+def load_bundle(path: Path | str) -> dict:
+    """Open a model bundle written by ``train`` and check it is one.
+
+    Args:
+        path: the ``.joblib`` file.
+
+    Returns:
+        The bundle dict (``estimator``, ``label_names``, ``feature_spec``, ``precision``...).
+
+    Raises:
+        PipelineError: the file is missing, unreadable, not a joblib/pickle file, not a
+            transfer-pipeline bundle, of an unsupported version, or lacks a field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: model file does not exist (run `python -m pipeline train` first)")
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder, not a model file")
+    import joblib
+
+    try:
+        bundle = joblib.load(path)
+    except Exception as exc:  # pickle raises anything for a file that is not one
+        first = (str(exc).splitlines() or [""])[0]
+        raise PipelineError(f"{path}: not a readable model bundle ({type(exc).__name__}{': ' + first if first else ''})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise PipelineError(f"{path}: not a transfer-pipeline model bundle (no format {BUNDLE_FORMAT!r}; write one with `python -m pipeline train`)")
+    if bundle.get("version") != BUNDLE_VERSION:
+        raise PipelineError(f"{path}: model bundle version {bundle.get('version')!r} is not supported (this program reads version {BUNDLE_VERSION})")
+    for key in ("estimator", "label_names", "feature_spec", "precision"):
+        if key not in bundle:
+            raise PipelineError(f"{path}: model bundle lacks {key!r}")
+    missing = [k for k in SPEC_REQUIRED if k not in bundle["feature_spec"]]
+    if missing:
+        raise PipelineError(f"{path}: model bundle's feature_spec lacks {', '.join(missing)}")
+    return bundle
+
+
+def check_spec(model_path: Path, bundle: dict) -> None:
+    """Refuse a bundle whose features this program cannot rebuild exactly.
+
+    Raises:
+        PipelineError: an unknown precision, another backbone, layer or preprocessing, or a
+            ``feature_shape`` that does not follow from ``input_size``.
+    """
+    from pipeline.extraction.backbone import BACKBONE, LAYER, PREPROCESSING, feature_shape
+
+    spec = bundle["feature_spec"]
+    if bundle["precision"] not in BUNDLE_PRECISIONS:
+        raise PipelineError(f"{model_path}: precision {bundle['precision']!r} is not one of {', '.join(BUNDLE_PRECISIONS)}")
+    ours = {"backbone": BACKBONE, "layer": LAYER, "preprocessing": PREPROCESSING}
+    for key, value in ours.items():
+        if spec.get(key) != value:
+            raise PipelineError(f"{model_path}: the model expects {key} {spec.get(key)!r} but this program computes {value!r}")
+    shape = list(feature_shape(int(spec["input_size"])))
+    if list(spec["feature_shape"]) != shape:
+        raise PipelineError(f"{model_path}: feature_shape {spec['feature_shape']} does not match input_size {spec['input_size']} ({shape})")
+
+
+def warn_on_version_change(model_path: Path, bundle: dict) -> None:
+    """Warn on stderr when the bundle was written with another scikit-learn than the one installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    saved = (bundle.get("metrics") or {}).get("versions", {}).get("scikit-learn")
+    try:
+        now = version("scikit-learn")
+    except PackageNotFoundError:
+        return
+    if saved and saved != now:
+        print(f"warning: {model_path} was written with scikit-learn {saved}, this is {now}; predictions may differ", file=sys.stderr)

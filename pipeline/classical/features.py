@@ -1,0 +1,177 @@
+"""Pooled rows from a feature file: pooling, unit-RMS and standard scaling, and chunked, streamed or shuffled reading of the pooled rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.store import FeatureFile
+
+POOLS = ("flatten", "avg", "max")
+SCALINGS = ("l2", "standard")
+#: Rows per ``partial_fit`` call in out-of-core mode.
+STREAM_BATCH_ROWS = 256
+
+
+# ---------------------------------------------------------------------------
+# Pooling
+
+
+def pooled_dim(row_shape: tuple[int, ...], pool: str) -> int:
+    """Length of one pooled row: ``h*w*c`` for ``flatten``, ``c`` for ``avg``/``max``."""
+    if pool == "flatten":
+        return int(np.prod(row_shape))
+    if pool in ("avg", "max"):
+        return int(row_shape[-1])
+    raise PipelineError(f"pool {pool!r}: choose one of {', '.join(POOLS)}")
+
+
+def pool_features(block: np.ndarray, pool: str) -> np.ndarray:
+    """Pool ``(k, h, w, c)`` features into ``(k, d)`` float32 rows.
+
+    ``flatten`` keeps every value (a view when the block is float32 and contiguous);
+    ``avg``/``max`` reduce over the spatial axes, leaving one value per channel.
+
+    Raises:
+        PipelineError: unknown pooling.
+    """
+    block = np.asarray(block)
+    if block.dtype != np.float32:
+        block = block.astype(np.float32)
+    k = len(block)
+    if pool == "flatten":
+        return block.reshape(k, -1)
+    axes = tuple(range(1, block.ndim - 1))
+    if pool == "avg":
+        return block.mean(axis=axes, dtype=np.float32) if axes else block
+    if pool == "max":
+        return block.max(axis=axes) if axes else block
+    raise PipelineError(f"pool {pool!r}: choose one of {', '.join(POOLS)}")
+
+
+# ---------------------------------------------------------------------------
+# Scaling
+
+
+def unit_rms_(x: np.ndarray) -> np.ndarray:
+    """Scale each row in place to unit RMS (L2 norm sqrt(d)); all-zero rows stay zero."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    factor = np.divide(np.sqrt(x.shape[1]), norms, out=np.zeros_like(norms), where=norms > 0)
+    x *= factor.astype(np.float32)[:, None]
+    return x
+
+
+def make_scaler(scaling: str, d: int):
+    """The stored scaling step: a ``Normalizer`` (unit norm; ``l2``) or an unfitted ``StandardScaler`` (``standard``)."""
+    if scaling == "l2":
+        from sklearn.preprocessing import Normalizer
+
+        return Normalizer(norm="l2").fit(np.zeros((1, d), np.float32))
+    from sklearn.preprocessing import StandardScaler
+
+    return StandardScaler()
+
+
+def scale_rows_(X: np.ndarray, scaling: str, scaler) -> None:
+    """Scale training rows in place, in blocks of about 32 MB (temporaries stay block-sized).
+
+    ``l2`` scales to unit RMS (the coefficients are folded back to unit norm later);
+    ``standard`` applies the fitted ``scaler``'s mean and scale.
+    """
+    step = max(1, (32 << 20) // (4 * max(1, X.shape[1])))
+    if scaling == "l2":
+        for s in range(0, len(X), step):
+            unit_rms_(X[s : s + step])
+        return
+    mean = scaler.mean_.astype(np.float32)
+    inv = (1.0 / scaler.scale_).astype(np.float32)
+    for s in range(0, len(X), step):
+        blk = X[s : s + step]
+        blk -= mean
+        blk *= inv
+
+
+def scale_batch(x: np.ndarray, scaling: str, scaler) -> np.ndarray:
+    """Scale a freshly read batch (in place when it is already a float32 C-contiguous array)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    scale_rows_(x, scaling, scaler)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def progress_bar(total: int, desc: str, quiet: bool, unit: str = "row"):
+    """A tqdm bar on stderr that leaves no line behind (disabled when ``quiet``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def read_groups(ff: FeatureFile, groups: list[np.ndarray], pool: str, scaler=None, quiet: bool = True) -> list[np.ndarray]:
+    """One sequential pass over ``ff``: the pooled float32 rows of each group of sorted row indices.
+
+    ``scaler.partial_fit`` sees the rows of the first group chunk by chunk (its float64
+    temporaries stay chunk-sized).
+    """
+    d = pooled_dim(ff.row_shape, pool)
+    outs = [np.empty((len(g), d), np.float32) for g in groups]
+    with progress_bar(len(ff), f"read {ff.path.name}", quiet) as bar:
+        for start, block in ff.iter_chunks():
+            stop = start + len(block)
+            pooled = pool_features(block, pool)
+            for i, (g, out) in enumerate(zip(groups, outs)):
+                lo, hi = np.searchsorted(g, [start, stop])
+                if hi > lo:
+                    out[lo:hi] = pooled[g[lo:hi] - start]
+                    if i == 0 and scaler is not None:
+                        scaler.partial_fit(out[lo:hi])
+            bar.update(len(block))
+    return outs
+
+
+def stream_rows(ff: FeatureFile, rows: np.ndarray, pool: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(row indices, pooled float32 block)`` for sorted ``rows``, in file order."""
+    for start, block in ff.iter_chunks(indices=rows):
+        yield rows[start : start + len(block)], pool_features(block, pool)
+
+
+def shuffled_batches(
+    ff: FeatureFile, mask: np.ndarray, labels: np.ndarray, pool: str, rng: np.random.Generator, buffer_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Mini-batches ``(pooled rows, labels)`` of the rows in ``mask``, shuffled: chunks in random order, rows shuffled within a buffer.
+
+    Rows are stored class by class, so a chunk is mostly one class; the buffer mixes
+    many random chunks before the rows are dealt out. Each HDF5 chunk is read once.
+    """
+    ds = ff.db["features"]
+    step = int(ds.chunks[0]) if ds.chunks else 256
+    starts = np.arange(0, len(ff), step)
+    rng.shuffle(starts)
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    held = 0
+
+    def drain():
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        order = rng.permutation(len(x))
+        for s in range(0, len(x), STREAM_BATCH_ROWS):
+            sel = order[s : s + STREAM_BATCH_ROWS]
+            yield x[sel], y[sel]
+
+    for s in starts.tolist():
+        sel = mask[s : s + step]
+        if not sel.any():
+            continue
+        raw = ds[s : s + step]
+        xs.append(pool_features(raw[sel], pool))
+        ys.append(labels[s : s + step][sel])
+        held += int(sel.sum())
+        if held >= buffer_rows:
+            yield from drain()
+            xs, ys, held = [], [], 0
+    if held:
+        yield from drain()

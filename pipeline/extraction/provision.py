@@ -1,0 +1,44 @@
+"""Weights stage: ``python -m pipeline weights`` provisions the ImageNet VGG16 weights if needed and prints the file in use."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from pipeline.core import config as settings
+from pipeline.core.config import option
+from pipeline.extraction.weights import provision
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Settings of ``python -m pipeline weights``."""
+
+    weights: str = option("imagenet", "imagenet or a weights file PATH to check")
+
+
+def add_parser(sub) -> None:
+    """The ``weights`` command and its flag."""
+    p = sub.add_parser("weights", help="provision the ImageNet VGG16 weights if needed and print the file in use")
+    settings.add_options(p, WeightsConfig)
+
+
+def from_args(args, argv) -> WeightsConfig:
+    """The parsed flags as a ``WeightsConfig``."""
+    return settings.from_args(WeightsConfig, args)
+
+
+def run(config: WeightsConfig) -> int:
+    """Resolve ``config.weights`` (downloading or converting as needed); print its path, and its source and checksum on stderr.
+
+    Returns:
+        0 once verified weights are in place.
+
+    Raises:
+        PipelineError: the file is missing or unusable, or no route produced the ImageNet
+            weights (the message lists the ways to fix it).
+    """
+    info = provision(config.weights)
+    print(info.path)
+    print(f"source: {info.source}; tensor sha256: {info.checksum}", file=sys.stderr)
+    return 0

@@ -1,0 +1,120 @@
+"""The extraction loop: reader batches through the backbone into work-area parts, written on a background thread so the network never waits on the disk."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.extraction import backbone as bb
+from pipeline.extraction.reader import Listing, iter_batches
+from pipeline.extraction.store import WorkArea
+
+
+class PartWriter(threading.Thread):
+    """Writes finished batches to the work area off the main thread, so the network never waits on the disk."""
+
+    def __init__(self, work: WorkArea, start_seq: int):
+        super().__init__(daemon=True, name="part-writer")
+        self.work = work
+        self.seq = start_seq
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.written = 0
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.work.write_part(self.seq, *item)
+                self.seq += 1
+                self.written += len(item[0]) + len(item[2])
+            except BaseException as exc:  # reported by the main thread
+                self.error = exc
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _runs(indices: np.ndarray) -> list[np.ndarray]:
+    """Split sorted indices into contiguous runs, so a batch never spans a gap and parts never interleave."""
+    if len(indices) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(indices) != 1) + 1
+    return np.split(indices, cuts)
+
+
+def extract_rows(
+    listing: Listing,
+    todo: np.ndarray,
+    work: WorkArea,
+    weights,
+    precision: str,
+    *,
+    input_size: int,
+    batch_size: int,
+    storage: str,
+    resize: str,
+    workers: int,
+    image_timeout: float,
+    progress: bool,
+    done: int = 0,
+) -> float:
+    """Run the network over listing rows ``todo`` into the work area, one part per batch.
+
+    Args:
+        listing, todo: the files and which of their rows to extract (sorted).
+        work: the work area the parts go to (it may already hold parts: they are kept).
+        weights, precision: the resolved ``WeightsInfo`` and compute precision.
+        input_size, batch_size, storage, resize, workers, image_timeout: the extraction's settings.
+        progress: show a progress bar; ``done`` rows count as already done in it.
+
+    Returns:
+        The seconds from the first batch to the last part written (network construction excluded).
+
+    Raises:
+        PipelineError: the weights changed while loading; a part could not be written.
+    """
+    from tqdm import tqdm
+
+    net = bb.Backbone(input_size, weights, precision, batch_size=batch_size)
+    if net.weights_checksum != weights.checksum:
+        raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {net.weights_checksum})")
+    dtype = np.dtype(storage)
+    writer = PartWriter(work, work.next_seq())
+    writer.start()
+    n_rejected = 0
+    bar = tqdm(total=done + len(todo), initial=done, unit="img", desc="extract", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for run in _runs(todo):
+            for batch in iter_batches(
+                listing, run, size=input_size, interpolation=resize, batch_size=batch_size, workers=workers, timeout=image_timeout
+            ):
+                ok = batch.ok
+                feats = net(batch.pixels[ok]) if ok.any() else np.zeros((0, *net.output_shape), np.float32)
+                rejected = [r for r, good in zip(batch.reasons, ok) if not good]
+                writer.put((batch.indices[ok], feats.astype(dtype), batch.indices[~ok], rejected))
+                bar.update(len(batch.indices))
+                if rejected:
+                    n_rejected += len(rejected)
+                    bar.set_postfix(rejected=n_rejected, refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+    return time.perf_counter() - t0

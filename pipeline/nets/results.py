@@ -1,0 +1,135 @@
+"""What both nets stages leave at the end: the test-set evaluation, the saved model (``NAME.keras``), the metrics JSON that ``compare`` reads and the training curves (``NAME.curves.png``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core import plots
+from pipeline.core.config import config_json
+from pipeline.core.metrics import scores
+from pipeline.core.outputs import atomic_output, package_versions, write_json_atomic
+from pipeline.nets.images import Data
+from pipeline.nets.networks import AUGMENTATION, Network
+from pipeline.nets.options import NetConfig
+
+#: Keys every ``*.metrics.json`` written here carries (the contract ``compare`` reads).
+#: ``train_seconds`` = decoding the images + building the prefix cache + every epoch (model
+#: construction and the test evaluation excluded); ``seconds_per_epoch`` = mean wall time of
+#: an epoch of the last phase (fine-tuning; the head phase for ``none``; validation included);
+#: ``images_per_second`` = test-set inference of the saved (full) model, after a warm-up.
+METRICS_KEYS = (
+    "strategy", "accuracy", "macro_f1", "per_class", "train_seconds", "images_per_second",
+    "model_bytes", "seed", "n_train", "n_val", "n_test", "test_source", "epochs_run",
+    "seconds_per_epoch", "mode", "input_size", "unfreeze_from", "precision", "rejected",
+)  # fmt: skip
+
+
+@dataclass
+class Result:
+    """What a run leaves in memory: ``net.full`` is the model saved to disk."""
+
+    net: Network
+    data: Data
+    metrics: dict
+
+
+def evaluate(full, data: Data, batch_size: int):
+    """Test-set probabilities from the full model and its measured throughput (images/s)."""
+    n = len(data.test_y)
+    # warm up on both batch shapes the timed run will see, so tracing is not timed
+    r = n % batch_size
+    warm = data.test_x[: min(n, batch_size + r)]
+    full.predict(warm, batch_size=batch_size, verbose=0)
+    t0 = time.perf_counter()
+    probs = full.predict(data.test_x, batch_size=batch_size, verbose=0)
+    seconds = time.perf_counter() - t0
+    return probs, (n / seconds if seconds > 0 else 0.0)
+
+
+def save_model(model, path: Path) -> int:
+    """Save ``model`` atomically to ``path`` (a ``.keras`` file); its size in bytes."""
+    with atomic_output(path, suffix=".keras") as tmp:  # Keras picks the format by the .keras suffix
+        model.save(tmp)
+    return path.stat().st_size
+
+
+def curves_title(strategy: str, input_size: int, history: dict, mode: str, precision: str) -> str:
+    """Title naming the epochs of each phase (the curves run on across the phases)."""
+    spans, start = [], 1
+    phases = history["phase"]
+    for i, name in enumerate(phases):
+        if i + 1 == len(phases) or phases[i + 1] != name:
+            spans.append(f"{name} {start}-{i + 1}" if i + 1 > start else f"{name} {start}")
+            start = i + 2
+    return f"{strategy}, {mode}, {input_size}px, {precision} (epochs: {', '.join(spans)})"
+
+
+def finish(name: str, net: Network, data: Data, config: NetConfig, precision: str, history: dict, records: list, extra: dict, train_seconds: float) -> dict:
+    """Evaluate ``net.full`` on the test set, write the three outputs ``OUT_DIR/NAME.*``, print the summary.
+
+    Args:
+        name: the outputs' base name (``finetune``, ``scratch``).
+        net, data: the trained network and the images it was trained and is scored on.
+        config: the stage's config (recorded in the metrics).
+        precision: the resolved precision.
+        history, records: from ``training.train_phases``.
+        extra: the stage's own metrics (must include ``mode`` and ``unfreeze_from``).
+        train_seconds: decoding + caching + training time.
+
+    Returns:
+        The metrics written to ``OUT_DIR/NAME.metrics.json`` (every key of METRICS_KEYS and more).
+
+    Raises:
+        PipelineError: an output could not be written (e.g. the disk is full).
+    """
+    out_dir = Path(config.out_dir)
+    probs, ips = evaluate(net.full, data, config.batch_size)
+    y_pred = probs.argmax(axis=1)
+    model_path = out_dir / f"{name}.keras"
+    model_bytes = save_model(net.full, model_path)
+    curves = out_dir / f"{name}.curves.png"
+    plots.training_curves({k: v for k, v in history.items() if k != "phase"}, curves,
+                          title=curves_title(config.strategy(), config.input_size, history, extra["mode"], precision))  # fmt: skip
+    main = records[-1]
+    metrics = {
+        "strategy": config.strategy(),
+        **scores(data.test_y, y_pred, data.class_names),
+        "train_seconds": train_seconds,
+        "images_per_second": ips,
+        "model_bytes": model_bytes,
+        "seed": config.seed,
+        "n_train": int(len(data.train_y)),
+        "n_val": int(len(data.val_y)),
+        "n_test": int(len(data.test_y)),
+        "test_source": data.test_source,
+        "epochs_run": int(len(history["loss"])),
+        "seconds_per_epoch": main["seconds_per_epoch"],
+        "input_size": config.input_size,
+        "precision": precision,
+        "rejected": len(data.rejected),
+        **extra,
+        "class_names": list(data.class_names),
+        "phases": records,
+        "history": history,
+        "decode_seconds": data.decode_seconds,
+        "rejected_files": [list(r) for r in data.rejected],
+        "model_file": str(model_path),
+        "curves_file": str(curves),
+        "augmentation": AUGMENTATION if config.augment else None,
+        "seeds": {"keras": config.seed, "split": config.seed, "augmentation": config.seed, "epoch_sampling": config.seed + 1},
+        "config": config_json(config),
+        "versions": package_versions(),
+    }
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing:  # a programming error, not a user error
+        raise RuntimeError(f"metrics lack contract keys {missing}")
+    metrics_path = out_dir / f"{name}.metrics.json"
+    write_json_atomic(metrics_path, metrics)
+    print(
+        f"{config.strategy()}: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"on {metrics['n_test']} images; {metrics['mode']}, {metrics['seconds_per_epoch']:.2f} s/epoch, "
+        f"{metrics['epochs_run']} epochs, {len(data.rejected)} rejected -> {model_path}, {metrics_path.name}, {curves.name}"
+    )
+    return metrics

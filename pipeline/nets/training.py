@@ -1,0 +1,237 @@
+"""Training of the nets stages: the checks before any work, batches from memory, the cached-prefix plan and cache, and the phased Keras training loop.
+
+"cached-prefix" mode runs the frozen prefix once per augmented copy of every training
+image (``cache_copies``) and once for the validation images, then trains only ``top`` on
+those cached tensors (each epoch draws one copy per image). "plain" mode (no cache, a
+prefix without VGG16 layers, or a cache over the memory budget) trains the whole chain
+with augmentation on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from pipeline.core.outputs import prepare_output_dir
+from pipeline.extraction.backbone import resolve_precision
+from pipeline.nets.images import Data, check_pixel_memory, gigabytes, list_inputs, memory_budget
+from pipeline.nets.networks import Network, apply_layers, augmentation_layers
+from pipeline.nets.options import NetConfig
+
+
+def prepare_run(config: NetConfig):
+    """Validation and everything cheap that can fail, before any decoding or training.
+
+    Returns:
+        (listing, test listing or None, bytes of the decoded pixels, resolved precision).
+
+    Raises:
+        PipelineError: bad settings, a bad data or test folder, an unwritable output
+            folder, or images over the memory budget.
+    """
+    config.validate()
+    listing, test_listing = list_inputs(config.data_dir, config.test_dir)
+    prepare_output_dir(config.out_dir)
+    n_images = len(listing) + (len(test_listing) if test_listing is not None else 0)
+    pixel_bytes = check_pixel_memory(config.data_dir, n_images, config.input_size)
+    precision = resolve_precision(config.precision)
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    return listing, test_listing, pixel_bytes, precision
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator | None = None, copies: bool = False):
+    """A tf.data pipeline of (x, y) batches from in-memory arrays, prefetched.
+
+    With ``rng`` every epoch (every new iterator) is a fresh permutation; with ``copies``
+    ``x`` is (K, n, ...) and every epoch draws one of the K copies of each row.
+    """
+    import tensorflow as tf
+
+    n = len(y)
+    n_copies = x.shape[0] if copies else 1
+    row_shape = x.shape[2:] if copies else x.shape[1:]
+
+    def gen():
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        pick = rng.integers(0, n_copies, n) if copies else None
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            if copies:
+                yield x[pick[idx], idx], y[idx]
+            else:
+                yield x[idx], y[idx]
+
+    spec = (tf.TensorSpec((None, *row_shape), tf.as_dtype(x.dtype)), tf.TensorSpec((None,), tf.int32))
+    ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def optimizer(lr: float, precision: str):
+    """Adam at ``lr``; with loss scaling for float16, whose gradients underflow without it."""
+    import keras
+
+    opt = keras.optimizers.Adam(learning_rate=lr)
+    if precision == "float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def _verbose(quiet: bool):
+    if quiet:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
+def cache_plan(net: Network, data: Data, *, cache: bool, cache_copies: int, augment: bool, pixel_bytes: int):
+    """(copies, dtype, bytes, why-not) of the prefix cache; copies 0 = plain mode.
+
+    The cache holds ``cache_copies`` augmented copies of each training image (one without
+    augmentation) and the validation images; it must fit in the memory budget left after
+    the ``pixel_bytes`` of decoded pixels.
+    """
+    if not cache:
+        return 0, None, 0, "--no-cache"
+    if net.cut == 0:
+        return 0, None, 0, "the frozen prefix has no VGG16 layer (--unfreeze-from all/block1_conv1)"
+    import tensorflow as tf
+
+    out = net.prefix.outputs[0]
+    dtype = np.dtype(tf.as_dtype(out.dtype).as_numpy_dtype)
+    copies = cache_copies if augment else 1
+    per_image = int(np.prod(out.shape[1:])) * dtype.itemsize
+    need = (copies * len(data.train_y) + len(data.val_y)) * per_image
+    budget = memory_budget() - pixel_bytes
+    if need > budget:
+        return 0, None, need, (f"the cache ({copies} copies x {len(data.train_y)} + {len(data.val_y)} images x "
+                               f"{per_image / 1e6:.2f} MB = {gigabytes(need)}) exceeds the memory budget ({gigabytes(budget)} left)")  # fmt: skip
+    return copies, dtype, need, ""
+
+
+def build_cache(net: Network, data: Data, copies: int, dtype, *, augment: bool, seed: int, batch_size: int, quiet: bool):
+    """Prefix outputs: (copies, n_train, ...) of augmented training images and (n_val, ...) of validation images."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    prefix = net.prefix
+    aug = augmentation_layers(seed) if augment else []
+
+    @tf.function(reduce_retracing=True)
+    def clean(x):
+        return prefix(tf.cast(x, tf.float32), training=False)
+
+    @tf.function(reduce_retracing=True)
+    def augmented(x):
+        y = tf.cast(x, tf.float32)
+        for layer in aug:
+            y = layer(y, training=True)
+        return prefix(y, training=False)
+
+    shape = tuple(prefix.outputs[0].shape[1:])
+    n, bs = len(data.train_y), batch_size
+    train = np.empty((copies, n, *shape), dtype)
+    val = np.empty((len(data.val_y), *shape), dtype)
+    total = copies * n + len(data.val_y)
+    with tqdm(total=total, desc=f"cache {copies}x", unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        for k in range(copies):
+            fn = augmented if aug else clean
+            for s in range(0, n, bs):
+                train[k, s : s + bs] = fn(data.train_x[s : s + bs]).numpy()
+                bar.update(min(bs, n - s))
+        for s in range(0, len(val), bs):
+            val[s : s + bs] = clean(data.val_x[s : s + bs]).numpy()
+            bar.update(min(bs, len(val) - s))
+    return train, val
+
+
+def _training_model(net: Network, data: Data, cache, *, augment: bool, seed: int, batch_size: int):
+    """The model ``fit`` runs and its (train, validation) datasets.
+
+    A wrapper around ``net.top`` is compiled, never ``top`` itself, so the saved model
+    carries no optimizer state.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed + 1)
+    if cache is not None:
+        features = keras.Input(net.top.inputs[0].shape[1:], dtype=net.top.inputs[0].dtype, name="cached_prefix_output")
+        model = keras.Model(features, net.top(features), name="train_model")
+        return model, batches(cache[0], data.train_y, batch_size, rng, copies=True), batches(cache[1], data.val_y, batch_size)
+    pixels = keras.Input(data.train_x.shape[1:], dtype="uint8", name="pixels")
+    x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(pixels)
+    if augment:
+        x = apply_layers(augmentation_layers(seed), x)
+    if net.prefix is not None:
+        x = net.prefix(x, training=False)
+    model = keras.Model(pixels, net.top(x), name="train_model")
+    return model, batches(data.train_x, data.train_y, batch_size, rng), batches(data.val_x, data.val_y, batch_size)
+
+
+def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_size: int, patience: int, augment: bool, seed: int, quiet: bool, cache=None):
+    """Run the phases of ``net`` in order; each stops early on the validation loss and keeps its best weights.
+
+    Args:
+        net: the network; ``net.phases`` names the layers trainable in each phase.
+        data: the decoded images and their splits.
+        plan: phase name -> (maximum epochs, Adam learning rate); a phase with 0 epochs is skipped.
+        precision: the resolved precision (float16 gets loss scaling).
+        batch_size, patience, augment, seed, quiet: as the stage's flags.
+        cache: (train, val) prefix outputs from ``build_cache``, or None for plain mode.
+
+    Returns:
+        (history, records): per-epoch ``loss``/``accuracy``/``val_loss``/``val_accuracy``/``phase``
+        across the phases, and one record per phase run (epochs, best epoch, timings...).
+    """
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t)
+
+    model, train_ds, val_ds = _training_model(net, data, cache, augment=augment, seed=seed, batch_size=batch_size)
+    history: dict[str, list] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "phase": []}
+    records = []
+    top_layers = [l for l in net.top.layers if not isinstance(l, keras.layers.InputLayer)]
+    for name, trainable in net.phases:
+        epochs, lr = plan[name]
+        if epochs < 1:
+            continue
+        chosen = {id(l) for l in trainable}
+        for layer in top_layers:
+            layer.trainable = id(layer) in chosen
+        model.compile(optimizer=optimizer(lr, precision), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        timer = EpochTimer()
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+        if not quiet:
+            print(f"phase {name}: {epochs} epochs at most, lr {lr:g}, "
+                  f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights)} trainable parameters", file=sys.stderr)  # fmt: skip
+        h = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer, stop], shuffle=False, verbose=_verbose(quiet))
+        n = len(h.history["loss"])
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            history[key] += [float(v) for v in h.history.get(key, [math.nan] * n)]
+        history["phase"] += [name] * n
+        records.append({
+            "name": name,
+            "epochs_run": n,
+            "best_epoch": int(stop.best_epoch) + 1,
+            "best_val_loss": float(stop.best),
+            "lr": lr,
+            "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+            "epoch_seconds": [round(t, 3) for t in timer.seconds],
+            "seconds_per_epoch": float(np.mean(timer.seconds)) if timer.seconds else 0.0,
+        })  # fmt: skip
+    for layer in top_layers:  # leave the saved model in its natural state: head and suffix trainable
+        layer.trainable = True
+    return history, records

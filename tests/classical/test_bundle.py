@@ -1,0 +1,95 @@
+"""The model bundle: a round trip through the file, files that are not our bundles, and bundles whose features this program cannot rebuild."""
+
+from __future__ import annotations
+
+import joblib
+import numpy as np
+import pytest
+
+from pipeline.classical.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, check_spec, load_bundle, make_bundle, warn_on_version_change, write_bundle
+from pipeline.core.errors import PipelineError
+from pipeline.extraction.backbone import BACKBONE, LAYER, PREPROCESSING
+
+
+def spec(**changes) -> dict:
+    """The feature spec of a 32-pixel feature file of this program."""
+    out = {
+        "backbone": BACKBONE,
+        "layer": LAYER,
+        "input_size": 32,
+        "preprocessing": PREPROCESSING,
+        "resize": "bilinear",
+        "weights": "none",
+        "weights_checksum": "none",
+        "feature_shape": [1, 1, 512],
+    }
+    return out | changes
+
+
+def bundle(**changes) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    est = LogisticRegression().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
+    fields = dict(model="lr", estimator=est, label_names=["a", "b"], feature_spec=spec(), pool="avg", precision="float32",
+                  storage_dtype="float16", score="probability", metrics={"accuracy": 1.0, "versions": {}})  # fmt: skip
+    return make_bundle(**(fields | changes))
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "lr.joblib"
+    write_bundle(path, bundle())
+    assert [p.name for p in tmp_path.iterdir()] == ["lr.joblib"]  # no temporary file left
+    raw = joblib.load(path)  # plain joblib opens it
+    assert raw["format"] == BUNDLE_FORMAT and raw["version"] == BUNDLE_VERSION == 1
+    got = load_bundle(path)
+    assert got["feature_spec"] == spec(pool="avg") and got["label_names"] == ["a", "b"] and got["precision"] == "float32"
+    assert got["storage_dtype"] == "float16" and got["score"] == "probability" and got["metrics"]["accuracy"] == 1.0
+    assert got["estimator"].predict([[3.0]]).tolist() == [1]
+    check_spec(path, got)  # this program rebuilds these features
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, r"model\.joblib: model file does not exist"),
+        (b"hello, not a pickle", r"model\.joblib: not a readable model bundle \("),
+        ({"estimator": 1}, r"model\.joblib: not a transfer-pipeline model bundle"),
+        ({"format": "transfer-pipeline-model", "version": 9}, r"model\.joblib: model bundle version 9 is not supported"),
+        ({"format": "transfer-pipeline-model", "version": 1, "estimator": 1, "label_names": [], "feature_spec": {}, "precision": "float32"}, r"feature_spec lacks backbone"),
+    ],
+)
+def test_files_that_are_not_our_bundles(content, message, tmp_path):
+    path = tmp_path / "model.joblib"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        joblib.dump(content, path)
+    with pytest.raises(PipelineError, match=message):
+        load_bundle(path)
+
+
+def test_a_folder_is_not_a_bundle(tmp_path):
+    with pytest.raises(PipelineError, match=r"is a folder, not a model file"):
+        load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"precision": "float64"}, r"m\.joblib: precision 'float64' is not one of float32, bfloat16, float16$"),
+        ({"feature_spec": spec(backbone="resnet50")}, r"m\.joblib: the model expects backbone 'resnet50' but this program computes 'vgg16'$"),
+        ({"feature_spec": spec(layer="block4_pool")}, r"the model expects layer 'block4_pool'"),
+        ({"feature_spec": spec(preprocessing="torch")}, r"the model expects preprocessing 'torch'"),
+        ({"feature_spec": spec(feature_shape=[2, 2, 512])}, r"m\.joblib: feature_shape \[2, 2, 512\] does not match input_size 32 \(\[1, 1, 512\]\)$"),
+    ],
+)
+def test_a_spec_this_program_cannot_rebuild_is_refused(changes, message, tmp_path):
+    with pytest.raises(PipelineError, match=message):
+        check_spec(tmp_path / "m.joblib", bundle(**changes))
+
+
+def test_another_scikit_learn_is_a_warning(tmp_path, capsys):
+    warn_on_version_change(tmp_path / "m.joblib", bundle(metrics={"versions": {"scikit-learn": "0.0.1"}}))
+    assert "was written with scikit-learn 0.0.1" in capsys.readouterr().err
+    warn_on_version_change(tmp_path / "m.joblib", bundle())
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,60 @@
+"""Training images: decoded in listing order, rejects recorded, the shared split for test and validation, the memory budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_tree
+from pipeline.core.errors import PipelineError
+from pipeline.core.splits import split_indices
+from pipeline.extraction.reader import load_image
+from pipeline.nets import images
+from pipeline.nets.images import check_pixel_memory, list_inputs, load_data, split_rows
+
+OPTS = dict(input_size=16, resize="bilinear", val_split=0.2, seed=0, quiet=True)
+
+
+@pytest.fixture
+def trees(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=5)
+    (data / "b" / "broken.png").write_bytes(b"not an image")
+    test = make_tree(tmp_path / "test", classes=("a", "b"), per_class=2)
+    return data, test
+
+
+def test_test_split_is_the_shared_split_of_the_decodable_images(trees):
+    data, _ = trees
+    listing, test_listing = list_inputs(data, None)
+    d = load_data(listing, test_listing, **OPTS)
+    pool, test_rows = split_indices(np.repeat([0, 1], 5), images.TEST_SIZE, 0)
+    decodable = np.stack([load_image(data / p, 16, "bilinear") for p in listing.paths if "broken" not in p])
+    assert np.array_equal(d.test_x, decodable[test_rows]) and d.test_x.dtype == np.uint8
+    assert len(d.train_y) + len(d.val_y) == len(pool) and len(d.val_y) == 2
+    assert d.rejected == [(str(data / "b" / "broken.png"), d.rejected[0][1])] and d.rejected[0][1]
+    assert d.test_source.startswith("split of") and d.class_names == ("a", "b")
+
+
+def test_a_test_folder_is_used_whole(trees):
+    data, test = trees
+    d = load_data(*list_inputs(data, test), **OPTS)
+    assert len(d.test_y) == 4 and d.test_source.endswith("(test folder)")
+    assert len(d.train_y) + len(d.val_y) == 10
+
+
+def test_too_few_images_leave_no_validation_rows(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2)
+    with pytest.raises(PipelineError, match=r"4 decodable images leave no validation \(--val-split\) images; add images"):
+        load_data(*list_inputs(data, None), **OPTS)
+
+
+def test_split_errors_name_what_was_split():
+    with pytest.raises(PipelineError, match=r"^X \(test split\): cannot split 4 images"):
+        split_rows(np.array([0, 0, 1, 1]), 1.5, 0, "X (test split)")
+
+
+def test_pixels_over_the_memory_budget_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(images, "memory_budget", lambda: 10_000)
+    assert check_pixel_memory(tmp_path, 3, 32) == 3 * 32 * 32 * 3
+    with pytest.raises(PipelineError, match=r"4 images at 32x32 need 0.00 GB in memory as uint8, over the budget"):
+        check_pixel_memory(tmp_path, 4, 32)

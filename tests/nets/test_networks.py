@@ -1,0 +1,77 @@
+"""The networks: builders that take fields, the split at --unfreeze-from, seeded starts, and preprocessing equal to the backbone's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.nets.networks import (
+    VGG16_LAYERS,
+    apply_layers,
+    augmentation_layers,
+    build_finetune_network,
+    build_scratch_network,
+    find_layer,
+    frozen_count,
+    preprocess_layers,
+)
+
+FIELDS = dict(input_size=32, head="gap", dense=4, dropout=0.1, precision="float32", seed=0)
+
+
+def test_preprocessing_layers_equal_backbone_preprocess():
+    import keras
+
+    from pipeline.extraction.backbone import preprocess
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    inp = keras.Input((8, 8, 3), dtype="float32")
+    model = keras.Model(inp, apply_layers(preprocess_layers(), inp))
+    assert np.array_equal(model.predict(pixels.astype(np.float32), verbose=0), preprocess(pixels).numpy())
+
+
+def test_augmentation_is_inactive_at_inference():
+    x = np.random.default_rng(1).uniform(0, 255, size=(2, 16, 16, 3)).astype(np.float32)
+    assert np.array_equal(np.asarray(apply_layers(augmentation_layers(0), x, training=False)), x)
+
+
+@pytest.mark.parametrize("unfreeze_from, cut, phases", [("none", 18, ["head"]), ("all", 0, ["head", "finetune"]), ("block4_conv1", 10, ["head", "finetune"])])
+def test_finetune_builder_splits_vgg16_at_the_layer(unfreeze_from, cut, phases):
+    net = build_finetune_network(3, unfreeze_from=unfreeze_from, **FIELDS)
+    assert net.cut == cut == frozen_count(unfreeze_from)
+    assert [name for name, _ in net.phases] == phases
+    prefix_layers = {l.name for l in net.prefix.layers}
+    top_layers = {l.name for l in net.top.layers}
+    assert set(VGG16_LAYERS[:cut]) <= prefix_layers and not set(VGG16_LAYERS[cut:]) & prefix_layers
+    assert set(VGG16_LAYERS[cut:]) <= top_layers and {"head_gap", "head_dense", "predictions"} <= top_layers
+    if len(phases) == 2:
+        assert [l.name for l in net.phases[1][1]][: 18 - cut] == list(VGG16_LAYERS[cut:])
+    assert tuple(net.full.inputs[0].shape) == (None, 32, 32, 3) and net.full.inputs[0].dtype == "uint8"
+    assert tuple(net.full.outputs[0].shape) == (None, 3)
+    assert not net.prefix.trainable
+
+
+def test_finetune_builder_is_seeded():
+    a = build_finetune_network(2, unfreeze_from="block5_conv1", **FIELDS)
+    b = build_finetune_network(2, unfreeze_from="block5_conv1", **FIELDS)
+    c = build_finetune_network(2, unfreeze_from="block5_conv1", **dict(FIELDS, seed=1))
+    for name in ("block1_conv1", "block5_conv3", "head_dense", "predictions"):
+        assert np.array_equal(find_layer(a.full, name).get_weights()[0], find_layer(b.full, name).get_weights()[0]), name
+    assert not np.array_equal(find_layer(a.full, "head_dense").get_weights()[0], find_layer(c.full, "head_dense").get_weights()[0])
+
+
+def test_scratch_builder_takes_its_fields():
+    net = build_scratch_network(2, input_size=16, filters=(4, 8), dense=5, dropout=0.0, precision="float32", seed=3)
+    assert net.prefix is None and [name for name, _ in net.phases] == ["train"]
+    assert find_layer(net.full, "block2_conv").filters == 8 and find_layer(net.full, "dense").units == 5
+    with pytest.raises(ValueError, match="no layer 'block3_conv'"):
+        find_layer(net.full, "block3_conv")
+    pixels = np.zeros((3, 16, 16, 3), np.uint8)
+    probs = net.full.predict(pixels, verbose=0)
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_frozen_count_refuses_unknown_layers():
+    assert frozen_count("block5_pool") == 17
+    with pytest.raises(ValueError):
+        frozen_count("block9_conv1")
