@@ -17,7 +17,8 @@ ALLOWED = {
     "core": {"core"},
     "extraction": {"core", "extraction"},
     "classical": {"core", "extraction", "classical"},
-    "nets": {"core", "extraction", "nets"},
+    # LP-FT starts fine-tuning from a classical model bundle: nets may use classical's parts (not its stages).
+    "nets": {"core", "extraction", "classical", "nets"},
 }
 #: The top floor runs stages; everything else is a stage or a part.
 TOP = {"pipeline.cli", "pipeline.__main__", "pipeline.compare", "pipeline.bench", "pipeline.datasets"}
