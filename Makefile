@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # cpu (default) or gpu: which TensorFlow build `make setup` installs.
 TF ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
-EXTRAS ?= $(TF),offline,ray,dev
+EXTRAS ?= $(TF),offline,int8,ray,dev
 
 DATA_ROOT ?= data/fashion-mnist
 TRAIN_PER_CLASS ?= 100

@@ -1,4 +1,4 @@
-"""Benchmark: extraction against the widely copied naive loop and the compute-only limit, plus storage, memory, incremental and accuracy checks."""
+"""Benchmark: extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks."""
 
 from __future__ import annotations
 
@@ -18,12 +18,15 @@ import numpy as np
 
 from dataclasses import dataclass
 
-from pipeline.core.config import MAX_INT, Interval, add_options, option, validate
+from pipeline.core.config import MAX_INT, Interval, OneOf, add_options, option, validate
 from pipeline.core.config import from_args as config_from_args
 from pipeline.core.errors import PipelineError
 
 DEFAULT_DATA = Path("data/fashion-mnist")
-PRECISIONS_MEASURED = ("float32", "bfloat16", "float16")
+PRECISIONS_MEASURED = ("float32", "bfloat16", "float16", "int8")
+#: ``--isa``: ``avx2`` limits oneDNN (the kernels of TensorFlow and of OpenVINO's CPU plugin)
+#: to AVX2 in every step, and ``auto`` precision to float32: an AVX2-only CPU, on this one.
+ISAS = ("native", "avx2")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class BenchConfig:
     memory_images: int = option(64, "memory check on N and 10N images", rule=Interval(int, 1, MAX_INT))
     incremental_images: int = option(1000, "images in the incremental check", rule=Interval(int, 2, MAX_INT))
     quick: bool = option(False, "throughput table only")
+    isa: str = option("native", "native, or avx2: limit oneDNN (TensorFlow's and OpenVINO's kernels) to AVX2, as on an AVX2-only CPU", rule=OneOf(ISAS))
     output: Path = option(Path("features/bench"), "where bench.json and bench.md go", short="-o")
     quiet: bool = option(False, "no progress messages")
 
@@ -49,6 +53,13 @@ class BenchConfig:
             raise PipelineError(f"--precisions {','.join(self.precisions)}: unknown {', '.join(unknown)}; choose from {', '.join(PRECISIONS_MEASURED)}")
         if not (self.data / "train").is_dir():
             raise PipelineError(f"{self.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
+        if "int8" in self.precisions:
+            from pipeline.extraction.engines import require_int8
+
+            try:
+                require_int8()
+            except PipelineError as exc:
+                raise PipelineError(f"{exc}; or leave int8 out of --precisions") from None
         return self
 
 
@@ -64,17 +75,27 @@ def _paths(data: Path) -> list[Path]:
     return [listing.root / p for p in listing.paths]
 
 
+def _calibration(data: Path, size: int, weights):
+    """The int8 calibration ``extract --precision int8`` picks for ``data`` (so every step uses one model)."""
+    from pipeline.extraction.engines import sample_calibration
+    from pipeline.extraction.reader import list_images
+
+    return sample_calibration(list_images(data), input_size=size, resize="bilinear", weights_checksum=weights.checksum)
+
+
 def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
     """The network alone on preprocessed batches already in memory: the hardware limit."""
-    from pipeline.extraction.backbone import Backbone
+    from pipeline.extraction.engines import open_backbone
     from pipeline.extraction.reader import load_image
     from pipeline.extraction.weights import resolve_weights
 
     paths = _paths(data)
     pixels = np.stack([load_image(p, size, "bilinear") for p in paths])
+    weights = resolve_weights("imagenet", progress=False)
+    calibration = _calibration(data, size, weights) if precision == "int8" else None
     # Traced at construction, like extract's; no warm-up call, so both pay the same
     # first-call cost and the ratio shows only what decoding and writing add.
-    net = Backbone(size, resolve_weights("imagenet", progress=False), precision, batch_size=batch)
+    net = open_backbone(size, weights, precision, batch_size=batch, calibration=calibration)
     t0 = time.perf_counter()
     net(pixels)
     seconds = time.perf_counter() - t0
@@ -114,6 +135,22 @@ def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
     return {"images": len(paths), "seconds": seconds, "bytes": out.stat().st_size}
 
 
+def _child_calibrate(data: Path, size: int) -> dict:
+    """Calibrate the int8 model of ``data`` from scratch (timed), then cache it unless it is cached already."""
+    from pipeline.extraction.engines import install_model, models_dir, quantize
+    from pipeline.extraction.weights import resolve_weights
+
+    weights = resolve_weights("imagenet", progress=False)
+    calibration = _calibration(data, size, weights)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bench-", dir=models_dir()) as t:
+        t0 = time.perf_counter()
+        info = quantize(calibration, weights, input_size=size, folder=Path(t) / "model")
+        seconds = time.perf_counter() - t0
+        install_model(Path(t) / "model", calibration.key)
+    return {"images": info["calibration_images_read"], "seconds": seconds, "key": calibration.key}
+
+
 def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path) -> dict:
     import h5py
 
@@ -144,6 +181,8 @@ def child_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.variant == "compute":
         r = _child_compute(a.data, a.size, a.batch, a.precision)
+    elif a.variant == "calibrate":
+        r = _child_calibrate(a.data, a.size)
     elif a.variant == "naive":
         r = _child_naive(a.data, a.size, a.batch, a.out)
     else:
@@ -182,6 +221,10 @@ def _throughput(args, tmp: Path, say) -> dict:
     common = ["--data", str(sample), "--size", str(args.input_size), "--batch", str(args.batch_size)]
     precisions = [p for p in PRECISIONS_MEASURED if p in args.precisions]
     runs: dict[str, list[dict]] = {}
+    calibration = None
+    if "int8" in precisions:  # once, before the repeats: every int8 step then uses this model
+        calibration = _run_child("calibrate", *common)
+        say(f"  int8 calibration on {calibration['images']} images: {calibration['seconds']:.1f} s")
     for rep in range(args.repeats):
         order = ["naive"] + [f"compute-{p}" for p in precisions] + [f"extract-{p}" for p in precisions]
         for name in order:
@@ -213,6 +256,8 @@ def _throughput(args, tmp: Path, say) -> dict:
                 )
                 if "compute-float32" in runs
                 else None,
+                "vs_extract_float32": _median_ratio(rs, runs.get("extract-float32")),
+                "vs_extract_bfloat16": _median_ratio(rs, runs.get("extract-bfloat16")),
                 "peak_rss_mb": statistics.median([r["peak_rss_mb"] for r in rs]),
                 "bytes_per_image": statistics.median([r.get("feature_bytes", r.get("bytes", 0)) / r["images"] for r in rs])
                 if not name.startswith("compute")
@@ -220,7 +265,14 @@ def _throughput(args, tmp: Path, say) -> dict:
                 "repeats": len(rs),
             }
         )
-    return {"images": args.images, "rows": rows}
+    return {"images": args.images, "rows": rows, "calibration": calibration}
+
+
+def _median_ratio(rs: list[dict], base: list[dict] | None) -> float | None:
+    """Median over repeats of the speed ratio to ``base`` within each repeat (same minute of a noisy machine)."""
+    if not base:
+        return None
+    return statistics.median([r["images_per_second"] / b["images_per_second"] for r, b in zip(rs, base)])
 
 
 def _memory_scaling(args, tmp: Path, say) -> dict:
@@ -267,14 +319,18 @@ def _incremental(args, tmp: Path, say) -> dict:
 
 
 def _accuracy(args, say) -> dict:
-    """Logistic regression on the default data's features at each precision, against float32."""
+    """Logistic regression (``train``'s protocol: C chosen by cross-validation on the training
+    features) on the default data's features at each precision, against float32; and the
+    cosine similarity of each image's features to its float32 features."""
     from pipeline.extraction.extract import ExtractConfig
     from pipeline.extraction.extract import run as extract
 
     results = {}
     folder = args.output / "features"
     folder.mkdir(parents=True, exist_ok=True)
-    for precision in ("float32", "bfloat16"):
+    for precision in ("float32", "bfloat16", "int8"):
+        if precision != "float32" and precision not in args.precisions:
+            continue
         files = {}
         for split in ("train", "test"):
             files[split] = folder / f"{precision}-{split}.h5"
@@ -282,8 +338,27 @@ def _accuracy(args, say) -> dict:
             if extract(cfg) != 0:
                 raise PipelineError(f"extract failed for {files[split]}")
         results[precision] = _lr_accuracy(files["train"], files["test"], args.output / f"lr-{precision}")
-        say(f"  accuracy: LR on {precision} features: {results[precision]['accuracy']:.4f}")
+        if precision != "float32":
+            results[precision]["cosine_to_float32"] = _cosines([folder / f"float32-{s}.h5" for s in ("train", "test")], [files["train"], files["test"]])
+        cos = results[precision].get("cosine_to_float32")
+        say(f"  accuracy: LR on {precision} features: {results[precision]['accuracy']:.4f}" + (f"; cosine to float32 min {cos['min']:.4f} median {cos['median']:.4f}" if cos else ""))
     return results
+
+
+def _cosines(reference: list[Path], other: list[Path]) -> dict:
+    """Minimum and median cosine similarity of each image's features in ``other`` to the same image's (by path) in ``reference``."""
+    from pipeline.extraction.store import open_features
+
+    sims = []
+    for ref, oth in zip(reference, other):
+        with open_features(ref) as a, open_features(oth) as b:
+            where = {p: i for i, p in enumerate(a.paths)}
+            order = np.asarray([where[p] for p in b.paths])
+            x = a.db["features"][:].astype(np.float32).reshape(len(a), -1)[order]
+            y = b.db["features"][:].astype(np.float32).reshape(len(b), -1)
+        sims.append((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)))
+    sims = np.concatenate(sims)
+    return {"images": int(len(sims)), "min": float(sims.min()), "median": float(np.median(sims))}
 
 
 def _lr_accuracy(train: Path, test: Path, out: Path) -> dict:
@@ -297,7 +372,8 @@ def _lr_accuracy(train: Path, test: Path, out: Path) -> dict:
 def _training(args, say) -> dict:
     """Our default LR search against GridSearchCV(LogisticRegression(), C over 6 values, cv=3) on flattened features."""
     folder = args.output / "features"
-    tr, te = folder / "bfloat16-train.h5", folder / "bfloat16-test.h5"
+    precision = "bfloat16" if "bfloat16" in args.precisions else "float32"
+    tr, te = folder / f"{precision}-train.h5", folder / f"{precision}-test.h5"
     t0 = time.perf_counter()
     ours = _lr_accuracy(tr, te, args.output / "lr-search")
     ours_seconds = time.perf_counter() - t0
@@ -326,17 +402,22 @@ def _markdown(result: dict) -> str:
         f"Benchmark on {result['machine']}, input {result['input_size']}, batch {result['batch_size']}, "
         f"{result['throughput']['images']} images, median of {result['repeats']} repeats.",
         "",
-        "| variant | images/s | x naive | x compute limit (same precision) | x compute limit (float32) | peak RSS MB | stored bytes/image |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | images/s | x naive | x extract float32 | x extract bfloat16 | x compute limit (same precision) | x compute limit (float32) | peak RSS MB | stored bytes/image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["throughput"]["rows"]:
-        def f(v, fmt):
-            return "" if v is None else format(v, fmt)
 
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for r in result["throughput"]["rows"]:
         lines.append(
-            f"| {r['variant']} | {r['images_per_second']:.2f} | {r['vs_naive']:.2f} | {f(r['vs_compute_limit'], '.3f')} | "
+            f"| {r['variant']} | {r['images_per_second']:.2f} | {r['vs_naive']:.2f} | {f(r.get('vs_extract_float32'), '.2f')} | "
+            f"{f(r.get('vs_extract_bfloat16'), '.2f')} | {f(r['vs_compute_limit'], '.3f')} | "
             f"{f(r['vs_compute_float32'], '.3f')} | {r['peak_rss_mb']:.0f} | {f(r['bytes_per_image'], ',.0f')} |"
         )
+    c = result["throughput"].get("calibration")
+    if c:
+        lines += ["", f"int8 calibration (OpenVINO conversion + NNCF quantization on {c['images']} images, once per model, then cached): {c['seconds']:.1f} s."]
     if "memory" in result:
         m = result["memory"]
         lines += ["", f"Peak memory of extract: {m['images'][0]} images {m['peak_rss_mb'][0]:.0f} MB, "
@@ -348,9 +429,13 @@ def _markdown(result: dict) -> str:
                       f"removing {i['changed']} {i['remove_seconds']:.2f} s ({100 * i['remove_ratio']:.1f}%)."]  # fmt: skip
     if "accuracy" in result:
         a = result["accuracy"]
-        lines += ["", "| features | LR test accuracy | macro-F1 |", "|---|---:|---:|"]
+        lines += ["", "| features | LR test accuracy | macro-F1 | vs float32 (points) | cosine to float32: min | median |", "|---|---:|---:|---:|---:|---:|"]
         for k, v in a.items():
-            lines.append(f"| {k} | {v['accuracy']:.4f} | {v['macro_f1']:.4f} |")
+            cos = v.get("cosine_to_float32") or {}
+            diff = 100 * (v["accuracy"] - a["float32"]["accuracy"]) if "float32" in a else None
+            lines.append(
+                f"| {k} | {v['accuracy']:.4f} | {v['macro_f1']:.4f} | {f(diff, '+.1f')} | {f(cos.get('min'), '.4f')} | {f(cos.get('median'), '.4f')} |"
+            )
     if "training" in result:
         t = result["training"]
         lines += ["", f"Training: default LR search {t['ours_seconds']:.1f} s (accuracy {t['ours_accuracy']:.4f}) vs "
@@ -364,9 +449,12 @@ def run(args: BenchConfig) -> dict:
     args.validate()
     args.output.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    from pipeline.extraction.backbone import cpu_flags
+    from pipeline.extraction.backbone import CPU_FLAGS_ENV, cpu_flags
 
     machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in cpu_flags() else "")
+    if args.isa == "avx2":  # before any network loads here or in a child: oneDNN reads it once
+        os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", **{CPU_FLAGS_ENV: "avx2 fma"})
+        machine += ", oneDNN limited to AVX2 (an AVX2-only CPU)"
     result = {"machine": machine, "input_size": args.input_size, "batch_size": args.batch_size, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="bench-") as t:
         tmp = Path(t)

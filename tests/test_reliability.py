@@ -183,6 +183,31 @@ def test_hostile_inputs_each_extracted_or_rejected_and_counts_add_up(tmp_path, c
     assert verify(out) == []
 
 
+def test_a_class_folder_whose_name_is_not_utf8(tmp_path, capsys):
+    """Listing, digest, label_names in the file, reading it back, updates, shards and their merge."""
+    from pipeline.extraction.shards import shard_path
+
+    weird = os.fsdecode(b"caf\xe9")
+    data = make_tree(tmp_path / "data", classes=(weird, "dog"), per_class=3, size=(12, 12))
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    with open_features(out) as ff:
+        assert ff.label_names == [weird, "dog"] and ff.paths[0] == f"{weird}/000.png" and ff.labels.tolist() == [0, 0, 0, 1, 1, 1]
+        assert ff.db["label_names"][0] == b"caf\xe9"  # the folder's own bytes
+    assert verify(out) == []
+    capsys.readouterr()
+    assert extract(data, out) == 0 and "up to date" in capsys.readouterr().out
+    write_image(data / weird / "new.png", size=(12, 12), seed=40)
+    assert extract(data, out) == 0 and "1 processed this run" in capsys.readouterr().out
+    shards = [shard_path(tmp_path / "m.h5", k, 2) for k in range(2)]
+    for k, shard in enumerate(shards):
+        assert extract(data, shard, "--shards", "2", "--shard", str(k)) == 0
+    assert main(["merge", str(tmp_path / "m.h5"), *map(str, shards)]) == 0
+    with open_features(tmp_path / "m.h5") as ff:
+        assert ff.label_names == [weird, "dog"] and len(ff) == 7
+    assert verify(tmp_path / "m.h5") == []
+
+
 def test_thousands_of_classes(tmp_path):
     data = tmp_path / "data"
     for c in range(1500):

@@ -2,16 +2,19 @@
 
 A bundle is a joblib (pickle) dict: ``format``, ``version``, ``model``, ``estimator`` (takes
 pooled features), ``label_names``, ``feature_spec`` (the feature file's spec plus ``pool``),
-``precision``, ``storage_dtype``, ``score`` and ``metrics``. It opens with plain joblib;
-being a pickle, load only bundles you trust.
+``precision``, ``storage_dtype``, ``score`` and ``metrics``. A bundle trained on ``int8``
+features also names, in its ``feature_spec``, the ``precision`` and the quantized model
+(``int8_model``, its cache key): predict computes features with exactly that model or not at
+all. It opens with plain joblib; being a pickle, load only bundles you trust.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from pipeline.core.config import PRECISIONS
+from pipeline.core.config import EXTRACT_PRECISIONS
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import atomic_output
 from pipeline.extraction.store import SPEC_KEYS
@@ -21,7 +24,7 @@ BUNDLE_VERSION = 1
 #: Keys every bundle's ``feature_spec`` must have for the features to be rebuilt exactly.
 SPEC_REQUIRED = (*SPEC_KEYS, "feature_shape", "pool")
 #: Compute precisions a bundle may name (``auto`` is resolved before features are stored).
-BUNDLE_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
+BUNDLE_PRECISIONS = tuple(p for p in EXTRACT_PRECISIONS if p != "auto")
 
 
 def make_bundle(
@@ -35,6 +38,7 @@ def make_bundle(
     storage_dtype: str | None,
     score: str,
     metrics: dict,
+    quantization: str | None = None,
 ) -> dict:
     """The bundle dict of a trained estimator.
 
@@ -47,14 +51,19 @@ def make_bundle(
         precision, storage_dtype: the feature file's compute precision and stored dtype.
         score: ``probability`` or ``decision`` (what predict reports as the score).
         metrics: the training metrics.
+        quantization: the feature file's ``quantization`` attribute (JSON; ``int8`` files):
+            the key of the quantized model goes into the spec as ``int8_model``.
     """
+    spec = {**feature_spec, "pool": pool}
+    if precision == "int8":
+        spec.update(precision=precision, int8_model=json.loads(quantization)["key"] if quantization else None)
     return {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "model": model,
         "estimator": estimator,
         "label_names": list(label_names),
-        "feature_spec": {**feature_spec, "pool": pool},
+        "feature_spec": spec,
         "precision": precision,
         "storage_dtype": storage_dtype,
         "score": score,
@@ -132,6 +141,27 @@ def check_spec(model_path: Path, bundle: dict) -> None:
     shape = list(feature_shape(int(spec["input_size"])))
     if list(spec["feature_shape"]) != shape:
         raise PipelineError(f"{model_path}: feature_shape {spec['feature_shape']} does not match input_size {spec['input_size']} ({shape})")
+    if bundle["precision"] == "int8" and not spec.get("int8_model"):
+        raise PipelineError(f"{model_path}: trained on int8 features but names no int8 model (feature_spec lacks int8_model); retrain it on a feature file extracted with --precision int8")
+
+
+def check_engine(model_path: Path | str, bundle: dict, net) -> None:
+    """Refuse a network that computes features another way than the ones the bundle was trained on.
+
+    The precision must be the bundle's, and for ``int8`` the quantized model too (int8
+    features of another calibration, or float features, are not what the model saw).
+
+    Raises:
+        PipelineError: naming both ways.
+    """
+    want, got = bundle["precision"], getattr(net, "precision", None)
+    if got != want:
+        raise PipelineError(f"{model_path}: trained on {want} features but the network computes {got} features; refusing (predict rebuilds features the way they were trained)")
+    if want == "int8" and getattr(net, "key", None) != bundle["feature_spec"].get("int8_model"):
+        raise PipelineError(
+            f"{model_path}: trained on features of int8 model {str(bundle['feature_spec'].get('int8_model'))[:16]}... "
+            f"but the network is int8 model {str(getattr(net, 'key', None))[:16]}...; refusing"
+        )
 
 
 def warn_on_version_change(model_path: Path, bundle: dict) -> None:

@@ -1,11 +1,13 @@
-"""Pooled rows from a feature file: pooling, unit-RMS and standard scaling, and chunked, streamed or shuffled reading of the pooled rows."""
+"""Pooled rows from a feature file: pooling, unit-RMS and standard scaling, and chunked, streamed or shuffled reading of the pooled rows, refusing non-finite values as they are read."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 
+from pipeline.classical.interrupts import stop_if_terminated
 from pipeline.core.errors import PipelineError
 from pipeline.extraction.store import FeatureFile
 
@@ -104,6 +106,41 @@ def scale_batch(x: np.ndarray, scaling: str, scaler) -> np.ndarray:
 # Reading
 
 
+def check_finite(ff: FeatureFile, block: np.ndarray, rows: np.ndarray) -> None:
+    """Refuse a block of ``ff`` that holds NaN or an infinity; ``rows`` are its rows' indices in the file.
+
+    Every reader below calls this on each chunk it reads, so the check costs no extra
+    pass. Only when a bad value is found is the file read again up to that row, so the
+    message names the first bad row of the file, whichever chunk was read first.
+
+    Raises:
+        PipelineError: ``FILE: row N (image 'PATH') holds a non-finite feature value ...``.
+    """
+    if np.isfinite(block).all():
+        return
+    row = first_non_finite_row(ff, int(rows[_first_bad(block)]))
+    raw = ff.db["paths"][row]
+    image = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)
+    raise PipelineError(
+        f"{ff.path}: row {row} (image {image!r}) holds a non-finite feature value (NaN or infinity); "
+        "no model can be trained or scored on it: re-extract the file (verify reports such rows)"
+    )
+
+
+def _first_bad(block: np.ndarray) -> int:
+    return int(np.argmin(np.isfinite(block.reshape(len(block), -1)).all(axis=1)))
+
+
+def first_non_finite_row(ff: FeatureFile, found: int) -> int:
+    """The first row of ``ff`` with a non-finite value, given that row ``found`` has one (reads rows before ``found`` only)."""
+    for start, block in ff.iter_chunks():
+        if start > found:
+            break
+        if not np.isfinite(block).all():
+            return min(found, start + _first_bad(block))
+    return found
+
+
 def progress_bar(total: int, desc: str, quiet: bool, unit: str = "row"):
     """A tqdm bar on stderr that leaves no line behind (disabled when ``quiet``)."""
     from tqdm import tqdm
@@ -121,7 +158,9 @@ def read_groups(ff: FeatureFile, groups: list[np.ndarray], pool: str, scaler=Non
     outs = [np.empty((len(g), d), np.float32) for g in groups]
     with progress_bar(len(ff), f"read {ff.path.name}", quiet) as bar:
         for start, block in ff.iter_chunks():
+            stop_if_terminated()
             stop = start + len(block)
+            check_finite(ff, block, np.arange(start, stop))
             pooled = pool_features(block, pool)
             for i, (g, out) in enumerate(zip(groups, outs)):
                 lo, hi = np.searchsorted(g, [start, stop])
@@ -134,9 +173,12 @@ def read_groups(ff: FeatureFile, groups: list[np.ndarray], pool: str, scaler=Non
 
 
 def stream_rows(ff: FeatureFile, rows: np.ndarray, pool: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(row indices, pooled float32 block)`` for sorted ``rows``, in file order."""
+    """``(row indices, pooled float32 block)`` for sorted ``rows``, in file order (non-finite values refused)."""
     for start, block in ff.iter_chunks(indices=rows):
-        yield rows[start : start + len(block)], pool_features(block, pool)
+        stop_if_terminated()
+        got = rows[start : start + len(block)]
+        check_finite(ff, block, got)
+        yield got, pool_features(block, pool)
 
 
 def shuffled_batches(
@@ -145,7 +187,8 @@ def shuffled_batches(
     """Mini-batches ``(pooled rows, labels)`` of the rows in ``mask``, shuffled: chunks in random order, rows shuffled within a buffer.
 
     Rows are stored class by class, so a chunk is mostly one class; the buffer mixes
-    many random chunks before the rows are dealt out. Each HDF5 chunk is read once.
+    many random chunks before the rows are dealt out. Each HDF5 chunk is read once (and
+    refused if it holds a non-finite value, in any row).
     """
     ds = ff.db["features"]
     step = int(ds.chunks[0]) if ds.chunks else 256
@@ -166,7 +209,9 @@ def shuffled_batches(
         sel = mask[s : s + step]
         if not sel.any():
             continue
+        stop_if_terminated()
         raw = ds[s : s + step]
+        check_finite(ff, raw, np.arange(s, s + len(raw)))
         xs.append(pool_features(raw[sel], pool))
         ys.append(labels[s : s + step][sel])
         held += int(sel.sum())

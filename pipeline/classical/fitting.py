@@ -55,6 +55,7 @@ from pipeline.classical.features import (
     shuffled_batches,
     stream_rows,
 )
+from pipeline.classical.interrupts import stop_if_terminated
 from pipeline.classical.models import MODELS
 from pipeline.classical.search import SearchResult, blas_limit, hit_max_iter, quiet_convergence, search
 from pipeline.core.errors import PipelineError
@@ -173,6 +174,7 @@ def fit_matrix(
     space = {"kind": "features", "dims": d}
     if not family.linear:
         result = search(family, X, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet)
+        stop_if_terminated()
         clf = family.build(result.best_params, seed, n_jobs).fit(X, y)
         return _pipeline(None, clf), result, space
     if scaling == "standard" and scaler is None:
@@ -188,6 +190,7 @@ def fit_matrix(
     else:
         Z = X
     result = search(family, Z, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet)
+    stop_if_terminated()
     clf = family.build(result.best_params, seed, 1)
     with blas_limit(Z.size <= 4_000_000), quiet_convergence():
         clf.fit(Z, y)
@@ -253,6 +256,7 @@ def _stream_fit(models: list, ff: FeatureFile, mask: np.ndarray, labels: np.ndar
     with progress_bar(n * epochs, desc, quiet) as bar:
         for _ in range(epochs):
             for x, y in shuffled_batches(ff, mask, labels, pool, rng, buffer_rows):
+                stop_if_terminated()
                 x = scale_batch(x, scaling, scaler)
                 for m in models:
                     m.partial_fit(x, y, classes=classes)

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.config import MAX_INT, Interval, check
 from pipeline.core.errors import PipelineError
+
+#: A tree count or a feature count: the table's range for counts.
+COUNT = Interval(int, 1, MAX_INT)
 
 
 def _build_lr(params: dict, seed: int, n_jobs: int):
@@ -78,25 +82,27 @@ def check_grid_value(key: str, value):
     """One candidate value of grid parameter ``key``, checked and normalised (C -> float, counts -> int).
 
     Raises:
-        PipelineError: a C that is not a positive finite number, a tree count below 1,
-            or a max_features that is not sqrt, log2, a fraction in (0, 1] or a count.
+        PipelineError: a C that is not a positive finite number, a tree count outside
+            [1, MAX_INT], or a max_features that is not sqrt, log2, a fraction in (0, 1]
+            or a count in [1, MAX_INT].
     """
+    if isinstance(value, np.integer):
+        value = int(value)
     if key == "C":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
             raise PipelineError(f"--C {value!r}: C must be a positive number")
         return float(value)
     if key == "n_estimators":
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise PipelineError(f"--n-estimators {value!r}: must be a whole number of at least 1")
-        return int(value)
+        check("--n-estimators", value, COUNT)
+        return value
     if key == "max_features":
         if value in ("sqrt", "log2"):
             return value
         if isinstance(value, float) and 0.0 < value <= 1.0:
             return value
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-            return int(value)
-        raise PipelineError(f"--max-features {value!r}: use sqrt, log2, a fraction in (0, 1] or a whole number of features")
+        if COUNT.check(value):
+            return value
+        raise PipelineError(f"--max-features {value!r}: use sqrt, log2, a fraction in (0, 1] or a whole number of features in [1, {MAX_INT}]")
     return value
 
 

@@ -3,14 +3,16 @@
 Scores: for ``lr`` and ``rf`` the largest class probability (``predict_proba``); for
 ``svm`` the largest decision-function value, a margin and NOT a probability (for two
 classes, the absolute margin). A model file is a pickle: load only bundles you trust.
+
+The output never replaces an input (the bundle or an image, by file identity) and never
+replaces a file that is not an earlier predictions file without ``--overwrite``; both are
+checked, with the output folder, before any image is read. File names that are not valid
+UTF-8 are written as their original bytes (see ``predictions``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -18,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classical.bundle import check_spec, load_bundle, warn_on_version_change
+from pipeline.classical.bundle import check_engine, check_spec, load_bundle, warn_on_version_change
 from pipeline.classical.features import pool_features
+from pipeline.classical.guard import refuse_inputs_as_outputs
+from pipeline.classical.predictions import FORMATS, format_results, is_predictions_file, write_predictions
 from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import command_line, prepare_output_dir, write_text_atomic
+from pipeline.core.outputs import command_line, prepare_output_dir
 from pipeline.extraction.reader import IMAGE_EXTENSIONS
-
-FORMATS = ("text", "csv", "json")
 
 
 @dataclass(frozen=True)
@@ -37,21 +39,26 @@ class PredictConfig:
         model: the bundle written by ``train`` (``<model>.joblib``).
         inputs: image files and/or folders (walked recursively).
         format: ``text``, ``csv`` or ``json``.
-        output: file to write (atomically); None = standard output.
+        output: file to write (atomically); None = standard output. Never one of the
+            inputs; an existing file is replaced only if ``predict`` wrote it, or with ``overwrite``.
         batch_size: images per network call.
         weights: weights to resolve instead of the bundle's name (needed when the model
             was trained on a weights file); the checksum must still match the bundle's.
         quiet: no progress bar or summary (the count of unreadable images is still printed).
+        overwrite: replace an existing ``output`` that is not a predictions file.
         command_line: the command as typed (not used in the output).
     """
 
     model: Path = option(help="model bundle written by train (e.g. features/models/lr.joblib)", positional=True, metavar="MODEL.joblib")
     inputs: tuple[Path, ...] = option(help="image files and/or folders (walked recursively)", positional=True, nargs="+", metavar="IMAGE_OR_FOLDER")
-    format: str = option("text", "text, csv (path,label,score,error) or json (list of objects)", rule=OneOf(FORMATS), message="choose one of " + ", ".join(FORMATS))
-    output: Path | None = option(None, "write the results to this file; none = standard output", short="-o")
+    format: str = option(
+        "text", "text (a marker line, then columns), csv (path,label,score,error) or json (list of objects)", rule=OneOf(FORMATS), message="choose one of " + ", ".join(FORMATS)
+    )
+    output: Path | None = option(None, "write the results to this file (never an input; replaces only an earlier predictions file); none = standard output", short="-o")
     batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
     weights: str | None = option(None, "weights to use instead of the bundle's (needed for models trained on a weights FILE); the checksum must match")
     quiet: bool = option(False, "no progress bar or summary")
+    overwrite: bool = option(False, "let -o replace an existing file that is not a predictions file (never an input)")
     command_line: str = option("", cli=False)
 
     def validate(self) -> "PredictConfig":
@@ -149,7 +156,8 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     Args:
         bundle: from ``load_bundle``.
         images: image paths, in output order.
-        net: a ``backbone.Backbone`` built for the bundle's spec.
+        net: a ``backbone.Backbone`` (or ``engines.Int8Backbone``) built for the bundle's spec;
+            one of another precision or int8 model is refused (``bundle.check_engine``).
         batch_size: images decoded per batch.
         quiet: no progress bar.
 
@@ -161,6 +169,7 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     from pipeline.extraction.reader import Listing, iter_batches
 
     spec = bundle["feature_spec"]
+    check_engine("the model bundle", bundle, net)
     names = list(bundle["label_names"])
     estimator = bundle["estimator"]
     kind = bundle.get("score", "probability")
@@ -189,26 +198,19 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     return out
 
 
-def format_results(results: list[dict], fmt: str) -> str:
-    """Render results as ``text`` (aligned columns), ``csv`` (path,label,score,error) or ``json`` (a list of objects)."""
-    if fmt == "json":
-        return json.dumps(results, indent=2) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label", "score", "error"])
-        for r in results:
-            w.writerow([r["path"], r["label"] or "", "" if r["score"] is None else f"{r['score']:.6g}", r["error"] or ""])
-        return buf.getvalue()
-    pw = min(60, max(len(r["path"]) for r in results))
-    lw = max([len(r["label"]) for r in results if r["label"]] or [5])
-    lines = []
-    for r in results:
-        if r["error"] is None:
-            lines.append(f"{r['path']:<{pw}}  {r['label']:<{lw}}  {r['score']:.4f}")
-        else:
-            lines.append(f"{r['path']:<{pw}}  {'ERROR':<{lw}}  {r['error']}")
-    return "\n".join(lines) + "\n"
+def check_output(output: Path, model_path: Path, images: list[Path], overwrite: bool = False) -> None:
+    """Refuse an output that would destroy something, and make its folder, before any image is read.
+
+    Raises:
+        PipelineError: ``output`` is the bundle or one of the images (by file identity,
+            however spelled; even with ``overwrite``); it exists and is not a predictions
+            file (without ``overwrite``); its folder cannot be created or written.
+    """
+    inputs = [("the model bundle", model_path), *(("the image", p) for p in images)]
+    refuse_inputs_as_outputs([output], inputs, "choose another -o file")
+    if (output.exists() or output.is_symlink()) and not overwrite and not is_predictions_file(output):
+        raise PipelineError(f"{output}: exists and is not a predictions file written by predict; pass --overwrite to replace it")
+    prepare_output_dir(output.parent)
 
 
 def label_images(config: PredictConfig) -> list[dict]:
@@ -222,31 +224,42 @@ def label_images(config: PredictConfig) -> list[dict]:
 
     Raises:
         PipelineError: bad settings, a bundle that is missing or not ours, a missing
-            input path or no images at all, weights that cannot be resolved or whose
-            checksum differs from the bundle's, an unwritable output.
+            input path or no images at all, an output that is an input or an existing
+            file that is not a predictions file (see ``check_output``), weights that cannot
+            be resolved or whose checksum differs from the bundle's, an unwritable output
+            (checked before the work; if the write still fails, e.g. on a full disk, the
+            predictions go to standard output and the error says so).
     """
     config.validate()
     model_path = Path(config.model)
     bundle = load_bundle(model_path)
     check_spec(model_path, bundle)
     images = collect_images(config.inputs)
+    if config.output is not None:
+        check_output(Path(config.output), model_path, images, config.overwrite)
     warn_on_version_change(model_path, bundle)
-    from pipeline.extraction.backbone import Backbone
+    from pipeline.extraction.engines import Calibration, open_backbone
 
     info = resolve_bundle_weights(model_path, bundle, config.weights, progress=not config.quiet)
     spec = bundle["feature_spec"]
-    net = Backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size)
+    # int8: the very model the training features came from, found in the cache by its key.
+    int8_model = Calibration.known(spec["int8_model"]) if bundle["precision"] == "int8" else None
+    try:
+        net = open_backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size, calibration=int8_model)
+    except PipelineError as exc:
+        raise PipelineError(f"{model_path}: {exc}") from None
     if net.weights_checksum != spec["weights_checksum"]:
         raise PipelineError(f"{model_path}: the loaded weights have checksum {net.weights_checksum[:16]}..., not the model's {str(spec['weights_checksum'])[:16]}...")
     results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet)
     text = format_results(results, config.format)
-    if config.output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        output = Path(config.output)
-        prepare_output_dir(output.parent)
-        write_text_atomic(output, text)
+    try:
+        write_predictions(text, config.output)
+    except PipelineError as exc:
+        if config.output is None:
+            raise
+        # The labelling is done: keep its results on standard output rather than lose them.
+        write_predictions(text, None)
+        raise PipelineError(f"{exc}; the {len(results)} predictions were written to standard output instead") from None
     bad = sum(r["error"] is not None for r in results)
     if bad:
         print(f"{bad} of {len(results)} images could not be read (listed with their reason in the output)", file=sys.stderr)

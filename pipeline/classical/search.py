@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.classical.features import progress_bar
+from pipeline.classical.interrupts import stop_if_terminated
 from pipeline.classical.models import MODELS, ModelFamily
 
 
@@ -123,6 +124,7 @@ def search(family: ModelFamily, X: np.ndarray, y: np.ndarray, grid: dict[str, li
         runner = Parallel(n_jobs=min(outer, len(tasks)), backend="threading", return_as="generator")
         calls = (delayed(_fit_path)(family.name, groups[g], X, y, folds[f][0], folds[f][1], seed, inner) for f, g in tasks)
         for (f, g), (s, w) in zip(tasks, runner(calls)):
+            stop_if_terminated()
             scores[f, g] = s
             n_warn += w
             bar.update(1)

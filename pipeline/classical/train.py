@@ -3,6 +3,11 @@
 The parts: ``features`` (pooling, scaling, reading), ``models`` (the ``--model`` registry),
 ``search`` (the cross-validated search), ``fitting`` (in memory or out of core; its module
 doc says how the linear models are fitted, and why) and ``bundle`` (the file predict reads).
+
+Safety: no output path may be an input (``guard``); every chunk read is checked for
+non-finite values (``features.check_finite``); SIGTERM is an interrupt that library code
+cannot lose (``interrupts``), so the lock and temporary files unwind and the previous
+outputs stay as they were.
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ import numpy as np
 from pipeline.classical.bundle import make_bundle, write_bundle
 from pipeline.classical.features import POOLS, SCALINGS, pooled_dim, read_groups
 from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream
+from pipeline.classical.guard import refuse_inputs_as_outputs
+from pipeline.classical.interrupts import finish_first, stop_if_terminated, stop_on_sigterm
 from pipeline.classical.models import MODELS, search_grid
 from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import classification_report, scores
-from pipeline.core.outputs import OutputLock, command_line, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
+from pipeline.core.outputs import (
+    OutputLock,
+    command_line,
+    package_versions,
+    prepare_output_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.core.splits import split_indices
 from pipeline.extraction.store import check_compatible, open_features
 
@@ -144,7 +158,10 @@ def run(config: TrainConfig) -> dict:
     Writes ``<model>.joblib`` (the bundle: estimator on pooled features, label names,
     feature spec incl. pooling, precision, metrics), ``<model>.metrics.json``,
     ``<model>.report.txt`` and ``<model>.confusion.png`` into ``config.output``, each
-    atomically; prints a short summary.
+    atomically, under the lock ``<model>.joblib.lock``; prints a short summary. SIGTERM
+    raises ``Terminated`` (a KeyboardInterrupt): the lock and temporary files are
+    removed and the previous outputs are left intact (once writing has begun, the four
+    outputs are all written first).
 
     Args:
         config: the settings (validated here first).
@@ -155,15 +172,20 @@ def run(config: TrainConfig) -> dict:
     Raises:
         PipelineError: bad settings; a missing, incomplete or malformed feature file
             (see ``open_features``); a test file with another feature spec or other
-            class names; an empty test split; fewer training rows per class than
-            ``--cv``; ``rf`` over the memory budget; an unwritable output folder; a
-            concurrent run writing the same model.
+            class names; a non-finite feature value (naming the file and its first bad
+            row); an empty test split; fewer training rows per class than ``--cv``;
+            ``rf`` over the memory budget; an output path that is an input file (by
+            identity, however spelled); an unwritable output folder; a concurrent run
+            writing the same model.
+        KeyboardInterrupt: Ctrl-C or SIGTERM (``Terminated``).
     """
     config.validate()
     family = MODELS[config.model]
     grid = config.search_grid()
     output = Path(config.output)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(stop_on_sigterm())
+        _load_libraries()
         ff = stack.enter_context(open_features(config.features))
         test_ff = None
         if config.test is not None:
@@ -198,19 +220,23 @@ def run(config: TrainConfig) -> dict:
         if mode == "in-memory" and counts.min() < config.cv:
             worst = names[int(present[np.argmin(counts)])]
             raise PipelineError(f"{ff.path}: class {worst!r} has {counts.min()} training rows but --cv {config.cv} needs at least {config.cv} per class; lower --cv or add rows")
-        prepare_output_dir(output)
         paths = output_paths(output, config.model)
-        stack.enter_context(OutputLock(paths["bundle"]))
+        lock = OutputLock(paths["bundle"])
+        inputs = [("the feature file", ff.path)] + ([("the test feature file", test_ff.path)] if test_ff is not None else [])
+        refuse_inputs_as_outputs([output, *paths.values(), lock.path], inputs, "choose another -o folder")
+        prepare_output_dir(output)
+        stack.enter_context(lock)
 
         common = dict(model=config.model, pool=config.pool, scaling=config.scaling, cv=config.cv, seed=config.seed, quiet=config.quiet,
                       memory_budget_mb=config.memory_budget_mb)  # fmt: skip
         if mode == "in-memory":
+            if test_ff is not None:  # read (and checked) before the fit: a bad test file fails fast
+                (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
             same_file_test = [test_rows] if test_ff is None else []
             fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, **common)
             if test_ff is None:
                 x_test, y_test = extras[0], labels[test_rows]
             else:
-                (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
                 y_test = test_ff.labels
             t0 = time.perf_counter()
             y_pred = predict_matrix(fitted.estimator, x_test)
@@ -262,10 +288,22 @@ def run(config: TrainConfig) -> dict:
         bundle = make_bundle(
             model=config.model, estimator=fitted.estimator, label_names=names, feature_spec=ff.spec, pool=config.pool,
             precision=attrs.get("precision"), storage_dtype=attrs.get("storage_dtype"), score=family.score, metrics=metrics,
+            quantization=attrs.get("quantization"),
         )  # fmt: skip
-        _write_outputs(paths, bundle, metrics, report, names, test_source)
+        stop_if_terminated()
+        with finish_first():  # all four outputs replaced, or none
+            _write_outputs(paths, bundle, metrics, report, names, test_source)
     _print_summary(metrics, fitted, paths)
     return metrics
+
+
+def _load_libraries() -> None:
+    """Import what the run calls into before its work starts (an import cut short by SIGTERM may turn the interrupt into another error)."""
+    import importlib
+
+    for name in ("tqdm", "joblib", "threadpoolctl", "sklearn.linear_model", "sklearn.svm", "sklearn.ensemble", "sklearn.preprocessing",
+                 "sklearn.pipeline", "sklearn.model_selection", "sklearn.metrics", "matplotlib.figure", "matplotlib.backends.backend_agg"):  # fmt: skip
+        importlib.import_module(name)
 
 
 def _write_outputs(paths: dict, bundle: dict, metrics: dict, report: str, names: list[str], test_source: dict) -> None:

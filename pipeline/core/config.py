@@ -28,6 +28,8 @@ RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
 #: ``--precision`` values: the compute dtype policy of the network. ``auto`` picks the
 #: fastest one that keeps downstream accuracy (see ``extraction.backbone.resolve_precision``).
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+#: ``--precision`` values of extraction: also ``int8`` (OpenVINO, calibrated; not for training networks).
+EXTRACT_PRECISIONS = (*PRECISIONS, "int8")
 STORAGE_DTYPES = ("float16", "float32")
 #: Upper bound of counts and seeds (numpy seeds and HDF5 sizes take 32-bit values safely).
 MAX_INT = 2**32 - 1

@@ -52,7 +52,9 @@ def resolve_precision(requested: str) -> str:
 
     float16 on a GPU (native half-precision tensor cores), bfloat16 on a CPU with native
     bfloat16 instructions (AVX512-BF16 or AMX), float32 otherwise. The choice is backed by
-    ``make bench`` (speed and logistic-regression accuracy against float32).
+    ``make bench`` (speed and logistic-regression accuracy against float32). ``auto`` never
+    picks ``int8`` (OpenVINO, ``engines``): it needs the int8 extra and a calibration, and
+    its model depends on the images it is calibrated on; ask for it explicitly.
     """
     if requested != "auto":
         return requested

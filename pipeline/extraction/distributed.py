@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock
-from pipeline.extraction.store import WorkArea
+from pipeline.extraction.workarea import WorkArea
 
 #: How long a retried shard waits when it finds its shard still locked before trying again:
 #: after a node dies, its lock on shared storage (NFS) lingers until the server's lease expires.

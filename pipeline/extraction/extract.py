@@ -23,18 +23,20 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import config as settings
-from pipeline.core.config import MAX_INT, PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES, Interval, OneOf, option
+from pipeline.core.config import EXTRACT_PRECISIONS, MAX_INT, RESIZE_METHODS, STORAGE_DTYPES, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, command_line, package_versions
+from pipeline.core.outputs import OutputLock, command_line, package_versions, sigterm_as_interrupt
 from pipeline.extraction import backbone as bb
-from pipeline.extraction import distributed
-from pipeline.extraction.incremental import Base, base_rows, plan_incremental
-from pipeline.extraction.reader import Listing, list_images
+from pipeline.extraction import distributed, engines
+from pipeline.extraction import preflight
+from pipeline.extraction.incremental import Base, base_rows, plan_incremental, rejects_to_retry
+from pipeline.extraction.reader import Listing, Reject, limit_holds, limits, list_images
 from pipeline.extraction.runner import extract_rows
 from pipeline.extraction.shards import describe_difference, fingerprint, merged_fingerprint, same_settings, shard_listing, shard_path
 from pipeline.extraction.shardset import merge_locked, stale_sources
-from pipeline.extraction.store import WorkArea, check_output_writable, stored_fingerprint, write_feature_file
+from pipeline.extraction.store import check_output_writable, stored_fingerprint, write_feature_file
 from pipeline.extraction.weights import resolve_weights
+from pipeline.extraction.workarea import WorkArea
 
 #: Default of ``--ray-retries``: retries of a shard whose worker died or failed unexpectedly.
 RAY_RETRIES = 3
@@ -51,11 +53,15 @@ class ExtractConfig:
         input_size: square side the images are resized to (224 gives 7x7x512 features).
         batch_size: images per network call.
         weights: ``imagenet``, ``none`` (explicit random init) or a weights file path.
-        precision: compute precision (``auto``, ``float32``, ``bfloat16``, ``float16``).
+        precision: compute precision (``auto``, ``float32``, ``bfloat16``, ``float16``, or ``int8``:
+            OpenVINO, calibrated on a seeded sample of the images; see ``engines``).
         storage: dtype of the stored features.
         resize: Pillow/``load_img`` interpolation used for resizing.
         workers: decoding threads (0 = one per core).
         image_timeout: seconds one image may take to decode before it is rejected.
+        retry_rejected: decode every file an earlier run rejected again (rejections caused by a
+            limit are retried anyway when the limit changes; content rejections are kept
+            while the file is unchanged).
         strict: exit non-zero if any file was rejected.
         overwrite: replace an output (or partial run) made from other images or settings.
         quiet: no progress bar (for batch logs); the summary line is still printed.
@@ -76,13 +82,17 @@ class ExtractConfig:
     )  # fmt: skip
     batch_size: int = option(32, "images per network call", rule=_COUNT)
     weights: str = option("imagenet", "imagenet, none (random init, explicit) or a weights file PATH")
-    precision: str = option("auto", "compute precision; auto = fastest that keeps accuracy", rule=OneOf(PRECISIONS))
+    precision: str = option(
+        "auto", "compute precision; auto = fastest TensorFlow one that keeps accuracy; int8 = OpenVINO, calibrated on a sample of the images",
+        rule=OneOf(EXTRACT_PRECISIONS),
+    )  # fmt: skip
     storage: str = option("float16", "stored feature dtype", rule=OneOf(STORAGE_DTYPES))
     resize: str = option("bilinear", "resize interpolation, as in keras.utils.load_img", rule=OneOf(RESIZE_METHODS))
     workers: int = option(0, "decoding threads; 0 = automatic", rule=Interval(int, 0, MAX_INT))
     image_timeout: float = option(
         60.0, "seconds one image may take to decode before it is rejected", rule=Interval(float, 0.0, None, closed="neither")
     )
+    retry_rejected: bool = option(False, "decode the files an earlier run rejected again (a limit's rejections are retried anyway when it changes)")
     strict: bool = option(False, "exit 1 if any file is rejected")
     overwrite: bool = option(False, "replace an output made from other images or settings")
     quiet: bool = option(False, "no progress bar (batch logs); the summary line is still printed")
@@ -112,6 +122,10 @@ class ExtractConfig:
             raise PipelineError(f"--shard {self.shard}: --ray runs every shard; leave --shard out")
         if not self.ray and (self.address is not None or self.ray_workers is not None or self.ray_retries != RAY_RETRIES):
             raise PipelineError("--address, --ray-workers and --ray-retries only apply with --ray")
+        if self.precision == engines.INT8:
+            if self.ray:
+                raise PipelineError("--precision int8 with --ray: not supported yet; run the shards with --shards N --shard K (one calibration for all) and merge them")
+            engines.require_int8()  # a missing extra fails here, before any work
         return self
 
 
@@ -185,13 +199,17 @@ def run(config: ExtractConfig) -> int:
     ray = distributed.import_ray() if config.ray else None
     if ray is not None:  # workers may run elsewhere and in another folder: send absolute paths
         config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
+    preflight.check_not_a_link(config.output)
+    preflight.check_names_fit(shard_path(config.output, 0, 2) if ray is not None else config.output)
+    preflight.check_outside_folder(config.output, config.data_dir)
     listing = list_images(config.data_dir)  # a bad data folder fails here, before any work
+    preflight.check_not_an_input(config.output, listing, config.weights)
     check_output_writable(config.output)
     with OutputLock(config.output):
         weights = resolve_weights(config.weights, progress=not config.quiet)
         if ray is not None:
             return _run_ray(config, listing, weights, ray)
-        return _run_local(config, shard_listing(listing, config.shards, config.shard), weights)
+        return _run_local(config, shard_listing(listing, config.shards, config.shard), weights, listing)
 
 
 def _say(config: ExtractConfig, msg: str) -> None:
@@ -199,11 +217,22 @@ def _say(config: ExtractConfig, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _fingerprint(config: ExtractConfig, listing: Listing, weights, precision: str) -> dict:
+def _fingerprint(config: ExtractConfig, listing: Listing, weights, precision: str, whole: Listing, calibration=None) -> dict:
     return fingerprint(
         listing, weights, precision,
-        input_size=config.input_size, resize=config.resize, storage=config.storage, shards=config.shards, shard=config.shard,
+        input_size=config.input_size, resize=config.resize, storage=config.storage, shards=config.shards, shard=config.shard, whole=whole,
+        calibration=calibration.key if calibration else None,
     )  # fmt: skip
+
+
+def keep_rejected(config: ExtractConfig, retry: bool | None = None):
+    """Which earlier rejections a run keeps, by the limit behind them: content ones, and those of
+    unchanged limits; none when ``retry`` (default ``--retry-rejected``). The work area's own
+    rejections are this run's (or an interrupted one's): kept by their limits only."""
+    if config.retry_rejected if retry is None else retry:
+        return lambda limit: False
+    current = limits(config.image_timeout)
+    return lambda limit: limit_holds(limit, current)
 
 
 class _Interrupted(Exception):
@@ -214,32 +243,46 @@ def _raise_interrupt(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def _run_local(config: ExtractConfig, listing: Listing, weights) -> int:
-    """Extract ``listing`` (one shard's, or all) into ``config.output`` in this process."""
+def _run_local(config: ExtractConfig, listing: Listing, weights, whole: Listing) -> int:
+    """Extract ``listing`` (one shard's of ``whole``, or all) into ``config.output`` in this process."""
     output = config.output
     precision = bb.resolve_precision(config.precision)
-    fp = _fingerprint(config, listing, weights, precision)
     old, _ = stored_fingerprint(output)
-    action = decide(output, old, fp, config.overwrite, unusable="differs: it is not a complete feature file")
+    # int8: one model for the whole folder (every shard), kept by an existing output's updates.
+    calibration = (
+        engines.plan_calibration(whole, None if config.overwrite else old, input_size=config.input_size, resize=config.resize, weights=weights)
+        if precision == engines.INT8 else None
+    )  # fmt: skip
+    fp = _fingerprint(config, listing, weights, precision, whole, calibration)
+    keep = keep_rejected(config)
+    retry = rejects_to_retry(output, keep) if old is not None else 0
+    action = decide(output, old, fp, config.overwrite, current=not retry, unusable="differs: it is not a complete feature file")
     work = WorkArea(output)
     if action == UP_TO_DATE:
         work.remove()  # left over if a run was killed between rename and clean-up
         print(f"{output}: up to date ({len(listing)} images, nothing changed)")
         return 0
-    base = plan_incremental(output, old, listing) if action == UPDATE else None
+    base = plan_incremental(output, old, listing, keep) if action == UPDATE else None
     manifest_fp = dict(fp, base=base.fingerprint["listing_sha256"] if base else None)
     if work.exists():
         manifest = work.manifest()
         if manifest != manifest_fp:
-            if not config.overwrite and manifest is not None:
+            if manifest is not None and same_settings(manifest, fp):
+                # Other images (or another previous output) only: the finished parts of files that
+                # are unchanged still hold, as an incremental update's kept rows do.
+                work.set_manifest(manifest_fp)
+            elif config.overwrite or manifest is None:
+                work.remove()
+            else:
                 raise PipelineError(
-                    f"{work.path}: an interrupted run with other images or settings ({describe_difference(manifest, fp)}); "
+                    f"{work.path}: an interrupted run with other settings ({describe_difference(manifest, fp)}); "
                     "re-run with its settings to resume, or pass --overwrite to start again"
                 )
-            work.remove()
     if not work.exists():
         work.start(manifest_fp)
-    done = work.done_indices()
+    exclude = base.covered if base else None
+    keep_parts = keep_rejected(config, retry=False)
+    done = work.done_indices(listing, keep_parts, exclude)
     covered = np.union1d(done, base.covered) if base else done
     todo = np.setdiff1d(np.arange(len(listing), dtype=np.int64), covered)
     if base:
@@ -262,13 +305,14 @@ def _run_local(config: ExtractConfig, listing: Listing, weights) -> int:
                 listing, todo, work, weights, precision,
                 input_size=config.input_size, batch_size=config.batch_size, storage=config.storage, resize=config.resize,
                 workers=config.workers, image_timeout=config.image_timeout, progress=not config.quiet, done=len(covered),
+                calibration=calibration,
             )  # fmt: skip
         # Still under the handlers: an interrupt while assembling leaves the work area
         # whole (the temporary file is removed) and says so, like one during extraction.
-        n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo))
+        n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo), keep_parts)
         work.remove()
     except (_Interrupted, KeyboardInterrupt) as exc:
-        finished = len(work.done_indices())
+        finished = len(work.done_indices(listing, keep_parts, exclude))
         print(
             f"interrupted ({exc or 'SIGINT'}) with {finished} files of this run done; "
             f"run the same command again to resume from {work.path}",
@@ -304,9 +348,10 @@ def _run_ray(config: ExtractConfig, listing: Listing, weights, ray) -> int:
     if merged and shards:  # only a merged file can be compared with (and updated by) a sharded run
         # "auto" precision is resolved on the workers (they may have GPUs the driver lacks): take the file's.
         precision = old.get("precision") if config.precision == "auto" else config.precision
-        fp = merged_fingerprint([_fingerprint(c, shard_listing(listing, shards, c.shard), weights, precision) for c in _shard_configs(config, shards)])
+        fp = merged_fingerprint([_fingerprint(c, shard_listing(listing, shards, c.shard), weights, precision, listing) for c in _shard_configs(config, shards)])
     unusable = "it is not a complete feature file" if old is None else "it was not made by a sharded extraction"
-    action = decide(output, old, fp, config.overwrite, current=merged and not stale_sources(output), unusable=unusable)
+    current = merged and not stale_sources(output) and not rejects_to_retry(output, keep_rejected(config))
+    action = decide(output, old, fp, config.overwrite, current=current, unusable=unusable)
     if action == UP_TO_DATE:
         print(f"{output}: up to date ({len(listing)} images in {shards} shards, nothing changed)")
         return 0
@@ -325,7 +370,12 @@ def _run_ray(config: ExtractConfig, listing: Listing, weights, ray) -> int:
         return 130
     t0 = time.perf_counter()
     ran = {r["shard"] for r in results if r["rewritten"]}  # the others were up to date
-    n, n_rej = merge_locked(output, [c.output for c in configs], overwrite=True, command_line=config.command_line, ran=ran)
+    try:
+        with sigterm_as_interrupt():
+            n, n_rej = merge_locked(output, [c.output for c in configs], overwrite=True, command_line=config.command_line, ran=ran)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}) while merging; the shards are complete: run the same command again to merge them into {output}", file=sys.stderr)
+        return 130
     resumed = [r["shard"] for r in results if r["resumed_parts"]]
     detail = (
         f"{p.shards} shard{'s' if p.shards > 1 else ''} on {len({r['host'] for r in results})} host(s), "
@@ -349,20 +399,25 @@ def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool) 
     return 0
 
 
-def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, base: Base | None, loop_seconds: float, processed: int):
+def _text(value: str) -> str:
+    """A string HDF5 can store (UTF-8): bytes of a name that is not valid UTF-8 appear as escapes."""
+    return os.fsencode(value).decode("utf-8", "backslashreplace")
+
+
+def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, precision: str, base: Base | None, loop_seconds: float, processed: int, keep):
     """Write the output from the kept rows of ``base`` and the work area's parts; returns (rows, rejected)."""
-    parts = work.index()
-    rejected: list[tuple[str, str, int, int]] = list(base.kept_rejected) if base else []
+    parts = work.index(listing, keep, exclude=base.covered if base else None)
+    rejected: list[Reject] = list(base.kept_rejected) if base else []
     covered = len(base.covered) if base else 0
     for part in parts:
         covered += len(part.indices) + len(part.rejected_indices)
+        versions = listing.versions(part.rejected_indices).tolist()
         rejected.extend(
-            (listing.paths[i], r, int(listing.sizes[i]), int(listing.mtimes_ns[i]))
-            for i, r in zip(part.rejected_indices.tolist(), part.reasons)
+            Reject(listing.paths[i], r, *v, lim) for i, r, v, lim in zip(part.rejected_indices.tolist(), part.reasons, versions, part.limits)
         )
     if covered != len(listing):
         raise PipelineError(f"{work.path}: work area covers {covered} of {len(listing)} files; re-run to finish")
-    rejected.extend(listing.unlisted)
+    rejected.extend(listing.unlisted_rejects())
 
     def rows():
         if base:
@@ -375,6 +430,8 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
                 [listing.paths[i] for i in idx.tolist()],
                 listing.sizes[idx],
                 listing.mtimes_ns[idx],
+                listing.inodes[idx],
+                listing.ctimes_ns[idx],
             )
 
     attrs = {
@@ -390,17 +447,18 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
         "precision": precision,
         "storage_dtype": config.storage,
         "batch_size": config.batch_size,
-        "data_dir": str(Path(config.data_dir).resolve()),
+        "data_dir": _text(str(Path(config.data_dir).resolve())),
         "shards": config.shards,
         "shard": config.shard,
         "versions": json.dumps(package_versions()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command_line": config.command_line,
+        "command_line": _text(config.command_line),
         "extract_seconds": loop_seconds,
         "images_processed_last_run": processed,
         "incremental": bool(base),
         "rows_kept": len(base.keep_rows) if base else 0,
         "fingerprint": json.dumps(fp, sort_keys=True),
+        **engines.quantization_attrs(fp),  # int8: the model's key, calibration sample, OpenVINO/NNCF versions
     }
     n = write_feature_file(
         config.output,

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
-from pipeline.extraction.reader import Listing
+from pipeline.extraction.reader import UNKNOWN, Listing, Reject
+
+#: The version columns of a feature file (rows, and rejected/), in ``Listing.versions`` order.
+VERSION_COLUMNS = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
 
 
 @dataclass
@@ -20,7 +24,7 @@ class Base:
     fingerprint: dict
     keep_rows: np.ndarray  # rows of the old file still valid (ascending)
     keep_index: np.ndarray  # their listing indices
-    kept_rejected: list  # (path, reason, size, mtime) of old rejects still valid
+    kept_rejected: list[Reject]  # old rejects still valid
     kept_rejected_index: np.ndarray
     old_rows: int
 
@@ -30,35 +34,62 @@ class Base:
         return np.concatenate([self.keep_index, self.kept_rejected_index]).astype(np.int64)
 
 
-def plan_incremental(output: Path, old: dict, listing: Listing) -> Base:
-    """Match the old file's rows to the listing by path, size, modification time and class."""
+def _versions(group: h5py.Group, n: int) -> np.ndarray:
+    """``(n, 4)`` versions of a group's rows; a column an older file lacks is unknown (-1), so its rows never match."""
+    return np.stack([group[c][:] if c in group else np.full(n, UNKNOWN, np.int64) for c in VERSION_COLUMNS], axis=1).astype(np.int64)
+
+
+def _rejects(db: h5py.File) -> list[Reject]:
+    """The ``rejected/`` records of an open feature file (an unknown limit is "?")."""
+    rej = db["rejected"]
+    k = rej["paths"].shape[0]
+    versions = _versions(rej, k).tolist()
+    limits = [x.decode("utf-8", "replace") for x in rej["limits"][:]] if "limits" in rej else ["?"] * k
+    reasons = [x.decode("utf-8", "replace") for x in rej["reasons"][:]]
+    return [Reject(os.fsdecode(p), r, *v, lim) for p, r, v, lim in zip(rej["paths"][:], reasons, versions, limits)]
+
+
+def rejects_to_retry(output: Path, keep_rejected: Callable[[str], bool]) -> int:
+    """How many rejections of the complete file ``output`` would not be kept (their limit changed, or a retry was asked for)."""
+    try:
+        with h5py.File(output, "r") as db:
+            return sum(not keep_rejected(r.limit) for r in _rejects(db))
+    except Exception:  # not a readable feature file: the caller's fingerprint check decides
+        return 0
+
+
+def plan_incremental(output: Path, old: dict, listing: Listing, keep_rejected: Callable[[str], bool] = lambda limit: True) -> Base:
+    """Match the old file's rows to the listing by path, version (size, mtime, inode, ctime) and class.
+
+    A rejection is kept only if its file is unchanged and ``keep_rejected(limit)``: a
+    rejection caused by a limit that has changed since is decoded again.
+    """
     pos = {p: i for i, p in enumerate(listing.paths)}
     with h5py.File(output, "r") as db:
         names = [os.fsdecode(x) for x in db["label_names"][:]]
         old_paths = [os.fsdecode(x) for x in db["paths"][:]]
-        sizes, mtimes, labels = db["file_sizes"][:], db["file_mtimes_ns"][:], db["labels"][:]
-        rej = db["rejected"]
-        rej_rows = list(zip(
-            [os.fsdecode(x) for x in rej["paths"][:]],
-            [x.decode("utf-8", "replace") for x in rej["reasons"][:]],
-            rej["file_sizes"][:].tolist() if "file_sizes" in rej else [-1] * rej["paths"].shape[0],
-            rej["file_mtimes_ns"][:].tolist() if "file_mtimes_ns" in rej else [-1] * rej["paths"].shape[0],
-        ))  # fmt: skip
+        versions, labels = _versions(db, len(old_paths)), db["labels"][:]
+        rejects = _rejects(db)
 
-    def same(i: int, size: int, mtime: int) -> bool:
-        return int(listing.sizes[i]) == size and int(listing.mtimes_ns[i]) == mtime
+    def unchanged(paths: list[str], old_versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray([pos.get(p, -1) for p in paths], np.int64)
+        ok = idx >= 0
+        if ok.any():
+            ok[ok] = (listing.versions(idx[ok]) == old_versions[ok]).all(axis=1)
+        return idx, ok
 
+    idx, ok = unchanged(old_paths, versions)
     keep_rows, keep_index = [], []
-    for r, p in enumerate(old_paths):
-        i = pos.get(p)
-        if i is not None and same(i, int(sizes[r]), int(mtimes[r])) and listing.class_names[listing.labels[i]] == names[labels[r]]:
+    for r in np.flatnonzero(ok).tolist():
+        i = int(idx[r])
+        if listing.class_names[listing.labels[i]] == names[labels[r]]:
             keep_rows.append(r)
             keep_index.append(i)
+    ridx, rok = unchanged([rec.path for rec in rejects], np.asarray([rec[2:6] for rec in rejects], np.int64).reshape(-1, 4))
     kept_rejected, kept_rejected_index = [], []
-    for p, reason, size, mtime in rej_rows:
-        i = pos.get(p)
-        if i is not None and same(i, size, mtime):
-            kept_rejected.append((p, reason, size, mtime))
+    for rec, i, good in zip(rejects, ridx.tolist(), rok.tolist()):
+        if good and keep_rejected(rec.limit):
+            kept_rejected.append(rec)
             kept_rejected_index.append(i)
     return Base(
         output, old, np.asarray(keep_rows, np.int64), np.asarray(keep_index, np.int64),
@@ -76,4 +107,4 @@ def base_rows(base: Base, listing: Listing, block: int = 1024):
             lo, hi = int(r[0]), int(r[-1]) + 1
             # Kept rows are mostly dense: one contiguous read, then pick; sparse ones one by one.
             f = feats[lo:hi][r - lo] if hi - lo <= 2 * len(r) else feats[r]
-            yield f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i]
+            yield f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i], listing.inodes[i], listing.ctimes_ns[i]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pipeline.core import config as settings
 from pipeline.core.config import option
-from pipeline.core.outputs import OutputLock, command_line
+from pipeline.core.outputs import OutputLock, command_line, sigterm_as_interrupt
 from pipeline.extraction.shardset import merge_locked
 
 
@@ -63,12 +63,16 @@ def run(config: MergeConfig) -> int:
         0 (the merged file is written).
 
     Raises:
-        PipelineError: a shard is missing, given twice, incomplete or unreadable, made with
-            other settings or weights (or an older sharding) than the others, or overlapping
-            another; the output exists (without ``--overwrite``), is locked or cannot be written.
+        PipelineError: a shard is missing, given twice, incomplete or unreadable, made from
+            another data folder or another state of it, with other settings or weights (or an
+            older sharding) than the others, or overlapping another; the output is one of the
+            shards (however spelled) or a symbolic link, exists (without ``--overwrite``), is
+            locked or cannot be written.
+        KeyboardInterrupt: SIGINT or SIGTERM (``core.outputs.Terminated``); nothing is left behind.
     """
     output = Path(config.output)
-    with OutputLock(output):
+    # SIGTERM unwinds like Ctrl-C: the lock and the temporary file go, a previous output stays.
+    with sigterm_as_interrupt(), OutputLock(output):
         n, n_rej = merge_locked(output, list(config.shards), overwrite=config.overwrite, command_line=config.command_line)
     print(f"merged {len(config.shards)} shards: {n} images, {n_rej} rejected -> {output}")
     if n_rej:

@@ -12,7 +12,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -34,7 +34,53 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 class RejectedImage(Exception):
-    """A single file that cannot be used; its message is the reason recorded in ``rejected/reasons``."""
+    """A single file that cannot be used; its message is the reason recorded in ``rejected/reasons``.
+
+    ``limit`` names the limit that caused it (``"image_timeout=60.0"``, ``"max_file_bytes=..."``),
+    empty for a rejection of the file's content: a run retries a limit's rejections when that
+    limit changes (``limits``), and keeps the others while the file is unchanged.
+    """
+
+    def __init__(self, reason: str, limit: str = ""):
+        super().__init__(reason)
+        self.limit = limit
+
+
+class Reject(NamedTuple):
+    """One file that was not extracted: its path (relative to the data folder), why, its version
+    (-1: unknown) and the limit behind it (``name=value``; "" for its content, "?" when unknown)."""
+
+    path: str
+    reason: str
+    size: int
+    mtime_ns: int
+    inode: int = -1
+    ctime_ns: int = -1
+    limit: str = ""
+
+
+def limits(image_timeout: float) -> dict[str, str]:
+    """The current value of every limit a file can be rejected by, as recorded in ``Reject.limit`` (``name=value``)."""
+    return {
+        "image_timeout": repr(float(image_timeout)),
+        "max_file_bytes": str(MAX_FILE_BYTES),
+        "max_image_pixels": str(Image.MAX_IMAGE_PIXELS),
+    }
+
+
+def limit_holds(limit: str, current: dict[str, str]) -> bool:
+    """Whether a rejection caused by ``limit`` would happen again under the ``current`` limits.
+
+    A content rejection (``""``) always holds; an unknown one (``"?"``, from an older file) never does.
+    """
+    if not limit:
+        return True
+    name, _, value = limit.partition("=")
+    return current.get(name) == value
+
+
+#: The unknown version of a file (older feature files did not record inodes and ctimes).
+UNKNOWN = -1
 
 
 @dataclass(frozen=True)
@@ -42,10 +88,12 @@ class Listing:
     """Every candidate file under a data folder, in the order rows are written.
 
     ``paths`` are POSIX paths relative to ``root`` (sorted by class, then path);
-    ``labels[i]`` indexes ``class_names``; ``sizes``/``mtimes_ns`` identify the file
-    version so a later run can tell what changed. ``unlisted`` holds files that can
-    never be images (unsupported extension, outside a class folder) with a reason:
-    they are rejected without decoding.
+    ``labels[i]`` indexes ``class_names``; ``sizes``/``mtimes_ns``/``inodes``/``ctimes_ns``
+    identify the file version so a later run can tell what changed (a file replaced by
+    ``cp -p``, ``rsync -a`` or ``tar``, which keep the size and modification time, gets
+    another inode or change time). ``unlisted`` holds files that can never be images
+    (unsupported extension, outside a class folder) as ``(path, reason, size, mtime_ns)``,
+    and ``unlisted_versions`` their ``(inode, ctime_ns)``: they are rejected without decoding.
     """
 
     root: Path
@@ -55,22 +103,43 @@ class Listing:
     sizes: np.ndarray
     mtimes_ns: np.ndarray
     unlisted: tuple[tuple[str, str, int, int], ...] = ()
+    inodes: np.ndarray | None = None
+    ctimes_ns: np.ndarray | None = None
+    unlisted_versions: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        for name in ("inodes", "ctimes_ns"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.full(n, UNKNOWN, np.int64))
+        if self.unlisted_versions is None:
+            object.__setattr__(self, "unlisted_versions", tuple((UNKNOWN, UNKNOWN) for _ in self.unlisted))
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def versions(self, indices) -> np.ndarray:
+        """``(k, 4)`` int64: size, mtime_ns, inode and ctime_ns of the given rows."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return np.stack([self.sizes[idx], self.mtimes_ns[idx], self.inodes[idx], self.ctimes_ns[idx]], axis=1).astype(np.int64)
+
+    def unlisted_rejects(self) -> list[Reject]:
+        """The unlisted files as reject records (never decoded, so never caused by a limit)."""
+        return [Reject(p, r, s, m, i, c, "") for (p, r, s, m), (i, c) in zip(self.unlisted, self.unlisted_versions)]
+
     def digest(self) -> str:
-        """sha256 of (path, label, size, mtime) of every file, including the unlisted ones."""
+        """sha256 of the class names and the (path, label, size, mtime, inode, ctime) of every file, including the unlisted ones."""
         h = hashlib.sha256()
-        h.update("\0".join(self.class_names).encode())
-        for p, lab, s, m in zip(self.paths, self.labels.tolist(), self.sizes.tolist(), self.mtimes_ns.tolist()):
-            h.update(os.fsencode(p) + b"\0" + f"{lab}:{s}:{m}\n".encode())
-        for p, reason, s, m in self.unlisted:
-            h.update(b"U" + os.fsencode(p) + f"\0{s}:{m}\n".encode())
+        h.update(b"\0".join(os.fsencode(c) for c in self.class_names))
+        rows = zip(self.paths, self.labels.tolist(), self.sizes.tolist(), self.mtimes_ns.tolist(), self.inodes.tolist(), self.ctimes_ns.tolist())
+        for p, lab, s, m, i, c in rows:
+            h.update(os.fsencode(p) + b"\0" + f"{lab}:{s}:{m}:{i}:{c}\n".encode())
+        for (p, reason, s, m), (i, c) in zip(self.unlisted, self.unlisted_versions):
+            h.update(b"U" + os.fsencode(p) + f"\0{s}:{m}:{i}:{c}\n".encode())
         return h.hexdigest()
 
     def select(self, indices: np.ndarray) -> "Listing":
-        """A listing of the given rows only (same classes, same root)."""
+        """A listing of the given rows only (same classes, same root, same unlisted files)."""
         idx = np.asarray(indices, dtype=np.int64)
         return Listing(
             self.root,
@@ -80,15 +149,19 @@ class Listing:
             self.sizes[idx],
             self.mtimes_ns[idx],
             self.unlisted,
+            self.inodes[idx],
+            self.ctimes_ns[idx],
+            self.unlisted_versions,
         )
 
 
-def _stat(path: Path) -> tuple[int, int]:
+def _stat(path: Path) -> tuple[int, int, int, int]:
+    """The version of a file: size, mtime_ns, inode and ctime_ns (of the link itself when it dangles)."""
     try:
         st = path.stat()
     except OSError:  # dangling link or vanished file: decoding will reject it with its reason
         st = path.lstat()
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def list_images(data_dir: Path | str) -> Listing:
@@ -110,10 +183,12 @@ def list_images(data_dir: Path | str) -> Listing:
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     unlisted: list[tuple[str, str, int, int]] = []
+    unlisted_versions: list[tuple[int, int]] = []
     for e in entries:
         if not e.name.startswith(".") and not e.is_dir():
-            s, m = _stat(Path(e.path))
+            s, m, ino, c = _stat(Path(e.path))
             unlisted.append((e.name, "not inside a class folder", s, m))
+            unlisted_versions.append((ino, c))
     if not classes:
         raise PipelineError(f"{root}: no class sub-folders (expected one sub-folder per class, e.g. {root}/cats/*.jpg)")
     if len(classes) < 2:
@@ -123,6 +198,8 @@ def list_images(data_dir: Path | str) -> Listing:
     labels: list[int] = []
     sizes: list[int] = []
     mtimes: list[int] = []
+    inodes: list[int] = []
+    ctimes: list[int] = []
     for label, name in enumerate(classes):
         found = 0
         class_dir = root / name
@@ -133,14 +210,17 @@ def list_images(data_dir: Path | str) -> Listing:
                     continue
                 full = Path(dirpath) / fname
                 rel = full.relative_to(root).as_posix()
-                s, m = _stat(full)
+                s, m, ino, c = _stat(full)
                 if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
                     unlisted.append((rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m))
+                    unlisted_versions.append((ino, c))
                     continue
                 paths.append(rel)
                 labels.append(label)
                 sizes.append(s)
                 mtimes.append(m)
+                inodes.append(ino)
+                ctimes.append(c)
                 found += 1
         if found == 0:
             raise PipelineError(
@@ -155,6 +235,9 @@ def list_images(data_dir: Path | str) -> Listing:
         np.asarray(sizes, dtype=np.int64),
         np.asarray(mtimes, dtype=np.int64),
         tuple(unlisted),
+        np.asarray(inodes, dtype=np.int64),
+        np.asarray(ctimes, dtype=np.int64),
+        tuple(unlisted_versions),
     )
 
 
@@ -201,7 +284,7 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
         if not stat.S_ISREG(st.st_mode):
             raise RejectedImage("not a regular file (a pipe, device or socket)")
         if st.st_size > MAX_FILE_BYTES:
-            raise RejectedImage(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
+            raise RejectedImage(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})", f"max_file_bytes={MAX_FILE_BYTES}")
         try:
             data = f.read()
         except OSError as exc:
@@ -215,7 +298,7 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
     except UnidentifiedImageError:
         raise RejectedImage(f"not an image (content is none of {', '.join(DECODE_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
-        raise RejectedImage(f"decompression bomb: {exc}") from None
+        raise RejectedImage(f"decompression bomb: {exc}", f"max_image_pixels={Image.MAX_IMAGE_PIXELS}") from None
     except Exception as exc:  # Pillow raises many types for hostile headers
         raise RejectedImage(f"corrupt image header: {exc}") from None
     w, h = img.size
@@ -223,7 +306,7 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
         raise RejectedImage(f"zero-size image ({w}x{h})")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and w * h > limit:
-        raise RejectedImage(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds Pillow's limit of {limit}")
+        raise RejectedImage(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds Pillow's limit of {limit}", f"max_image_pixels={limit}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -243,21 +326,23 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
 @dataclass
 class Batch:
     """A batch from the reader: pixels of every row (zeros where rejected), the listing
-    indices, which rows decoded, and the reject reasons (empty string where ok)."""
+    indices, which rows decoded, the reject reasons (empty string where ok) and the limit
+    behind each rejection (``RejectedImage.limit``; empty for the content or where ok)."""
 
     pixels: np.ndarray
     indices: np.ndarray
     ok: np.ndarray
     reasons: list[str]
+    limits: list[str]
 
 
-def _load_row(path: Path, size: int, interpolation: str) -> tuple[np.ndarray | None, str]:
+def _load_row(path: Path, size: int, interpolation: str) -> tuple[np.ndarray | None, str, str]:
     try:
-        return load_image(path, size, interpolation), ""
+        return load_image(path, size, interpolation), "", ""
     except RejectedImage as exc:
-        return None, str(exc)
+        return None, str(exc), exc.limit
     except Exception as exc:  # a reader bug must not lose the row either
-        return None, f"unexpected error: {exc!r}"
+        return None, f"unexpected error: {exc!r}", ""
 
 
 def iter_batches(
@@ -314,20 +399,22 @@ def iter_batches(
             idx = np.empty(k, np.int64)
             ok = np.zeros(k, bool)
             reasons = [""] * k
+            why = [""] * k
             for j in range(k):
                 i, fut = window.popleft()
                 idx[j] = i
                 try:
-                    arr, reason = fut.result(timeout=timeout)
+                    arr, reason, limit = fut.result(timeout=timeout)
                 except FutureTimeout:
                     arr, reason = None, f"decoding took longer than {timeout:g} s (per-image time limit)"
+                    limit = f"image_timeout={float(timeout)!r}"
                     replace_pool()
                 if arr is None:
-                    reasons[j] = reason
+                    reasons[j], why[j] = reason, limit
                 else:
                     pixels[j] = arr
                     ok[j] = True
                 fill()
-            yield Batch(pixels, idx, ok, reasons)
+            yield Batch(pixels, idx, ok, reasons, why)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

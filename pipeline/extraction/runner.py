@@ -9,17 +9,18 @@ import time
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.extraction import backbone as bb
+from pipeline.extraction import engines
 from pipeline.extraction.reader import Listing, iter_batches
-from pipeline.extraction.store import WorkArea
+from pipeline.extraction.workarea import WorkArea
 
 
 class PartWriter(threading.Thread):
     """Writes finished batches to the work area off the main thread, so the network never waits on the disk."""
 
-    def __init__(self, work: WorkArea, start_seq: int):
+    def __init__(self, work: WorkArea, listing: Listing, start_seq: int):
         super().__init__(daemon=True, name="part-writer")
         self.work = work
+        self.listing = listing
         self.seq = start_seq
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
@@ -33,7 +34,7 @@ class PartWriter(threading.Thread):
             if self.error is not None:
                 continue
             try:
-                self.work.write_part(self.seq, *item)
+                self.work.write_part(self.seq, self.listing, *item)
                 self.seq += 1
                 self.written += len(item[0]) + len(item[2])
             except BaseException as exc:  # reported by the main thread
@@ -74,6 +75,7 @@ def extract_rows(
     image_timeout: float,
     progress: bool,
     done: int = 0,
+    calibration: "engines.Calibration | None" = None,
 ) -> float:
     """Run the network over listing rows ``todo`` into the work area, one part per batch.
 
@@ -83,6 +85,7 @@ def extract_rows(
         weights, precision: the resolved ``WeightsInfo`` and compute precision.
         input_size, batch_size, storage, resize, workers, image_timeout: the extraction's settings.
         progress: show a progress bar; ``done`` rows count as already done in it.
+        calibration: for ``int8``, the quantized model to use (``engines.plan_calibration``).
 
     Returns:
         The seconds from the first batch to the last part written (network construction excluded).
@@ -92,11 +95,11 @@ def extract_rows(
     """
     from tqdm import tqdm
 
-    net = bb.Backbone(input_size, weights, precision, batch_size=batch_size)
+    net = engines.open_backbone(input_size, weights, precision, batch_size=batch_size, calibration=calibration, progress=progress)
     if net.weights_checksum != weights.checksum:
         raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {net.weights_checksum})")
     dtype = np.dtype(storage)
-    writer = PartWriter(work, work.next_seq())
+    writer = PartWriter(work, listing, work.next_seq())
     writer.start()
     n_rejected = 0
     bar = tqdm(total=done + len(todo), initial=done, unit="img", desc="extract", disable=not progress, smoothing=0.1, dynamic_ncols=True)
@@ -109,7 +112,8 @@ def extract_rows(
                 ok = batch.ok
                 feats = net(batch.pixels[ok]) if ok.any() else np.zeros((0, *net.output_shape), np.float32)
                 rejected = [r for r, good in zip(batch.reasons, ok) if not good]
-                writer.put((batch.indices[ok], feats.astype(dtype), batch.indices[~ok], rejected))
+                limits = [x for x, good in zip(batch.limits, ok) if not good]
+                writer.put((batch.indices[ok], feats.astype(dtype), batch.indices[~ok], rejected, limits))
                 bar.update(len(batch.indices))
                 if rejected:
                     n_rejected += len(rejected)

@@ -28,8 +28,11 @@ SHARDING = "path-hash"
 #: The scheme of sharded fingerprints that have no ``sharding`` key: every N-th file of the
 #: sorted listing, so one added image moved every later image to another shard.
 LEGACY_SHARDING = "every-nth"
-#: Fingerprint keys that may differ for an incremental update (the images themselves).
-LISTING_KEYS = ("listing_sha256", "n_files", "class_names")
+#: Fingerprint keys that may differ for an incremental update (the images themselves, and
+#: where they are: rows are matched by relative path and file version, not by folder).
+LISTING_KEYS = ("listing_sha256", "n_files", "class_names", "data_dir", "whole_listing_sha256", "whole_n_files")
+#: Digests, never shown one by one in a difference: "the images changed" says it.
+_DIGEST_KEYS = ("listing_sha256", "n_files", "whole_listing_sha256", "whole_n_files")
 #: Fingerprint keys that differ from shard to shard of one run; every other key must match.
 SHARD_LOCAL_KEYS = ("listing_sha256", "n_files", "shard")
 
@@ -53,8 +56,12 @@ def shard_listing(listing: Listing, shards: int, shard: int) -> Listing:
     if shards == 1:
         return listing
     keep = np.flatnonzero(np.fromiter((shard_of(p, shards) == shard for p in listing.paths), bool, len(listing)))
-    unlisted = tuple(u for u in listing.unlisted if shard_of(u[0], shards) == shard)
-    return dataclasses.replace(listing.select(keep), unlisted=unlisted)
+    mine = [k for k, u in enumerate(listing.unlisted) if shard_of(u[0], shards) == shard]
+    return dataclasses.replace(
+        listing.select(keep),
+        unlisted=tuple(listing.unlisted[k] for k in mine),
+        unlisted_versions=tuple(listing.unlisted_versions[k] for k in mine),
+    )
 
 
 def shard_path(output: Path, shard: int, shards: int) -> Path:
@@ -63,7 +70,10 @@ def shard_path(output: Path, shard: int, shards: int) -> Path:
     return output.with_name(f"{output.stem}.shard-{shard:05d}-of-{shards:05d}{output.suffix}")
 
 
-def fingerprint(listing: Listing, weights, precision: str, *, input_size: int, resize: str, storage: str, shards: int, shard: int) -> dict:
+def fingerprint(
+    listing: Listing, weights, precision: str, *, input_size: int, resize: str, storage: str, shards: int, shard: int, whole: Listing | None = None,
+    calibration: str | None = None,
+) -> dict:
     """Everything that decides the content of an extraction's output: if it is unchanged, so is the file.
 
     Args:
@@ -71,9 +81,14 @@ def fingerprint(listing: Listing, weights, precision: str, *, input_size: int, r
         weights: the resolved ``WeightsInfo``.
         precision: the resolved compute precision.
         input_size, resize, storage, shards, shard: the extraction's settings.
+        whole: the listing of the whole data folder ``listing`` is a shard of (default ``listing``).
+        calibration: for ``int8``, the key of the quantized model (recorded as ``calibration``).
 
     Returns:
-        A JSON-ready dict; a sharded one (``shards`` > 1) also records ``sharding``.
+        A JSON-ready dict with the data folder (``data_dir``, fully resolved); a sharded one
+        (``shards`` > 1) also records ``sharding`` and the digest and file count of the whole
+        listing (``whole_listing_sha256``, ``whole_n_files``), which every shard of one
+        extraction shares: ``merge`` refuses shards of other folders or other listings.
     """
     fp = {
         "backbone": bb.BACKBONE,
@@ -90,9 +105,15 @@ def fingerprint(listing: Listing, weights, precision: str, *, input_size: int, r
         "listing_sha256": listing.digest(),
         "shards": shards,
         "shard": shard,
+        "data_dir": os.path.realpath(listing.root),
     }
+    if calibration is not None:
+        fp["calibration"] = calibration
     if shards > 1:  # one shard is the whole listing, whatever the scheme
+        whole = listing if whole is None else whole
         fp["sharding"] = SHARDING
+        fp["whole_listing_sha256"] = whole.digest()
+        fp["whole_n_files"] = len(whole) + len(whole.unlisted)
     return fp
 
 
@@ -124,7 +145,7 @@ def describe_difference(old: dict, new: dict) -> str:
     """One phrase naming what differs between two fingerprints."""
     diffs = []
     for key in new:
-        if key in ("listing_sha256", "n_files"):
+        if key in _DIGEST_KEYS:
             continue
         before = sharding_of(old) if key == "sharding" else old.get(key)
         if before != new[key]:

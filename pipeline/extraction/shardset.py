@@ -1,7 +1,7 @@
 """Shard sets: read and check one extraction's shard files, write the merged file of HDF5 virtual datasets over them, and tell whether a merged file still reads what was merged.
 
-The merged file's ``features``, ``labels``, ``paths``, ``file_sizes`` and ``file_mtimes_ns``
-are virtual datasets (VDS) over the shards: no feature is copied, and h5py,
+The merged file's ``features``, ``labels``, ``paths`` and file versions (``file_sizes``,
+``file_mtimes_ns``, ``file_inodes``, ``file_ctimes_ns``) are virtual datasets (VDS) over the shards: no feature is copied, and h5py,
 ``open_features``, ``train`` and ``predict`` read it exactly like a file written by one
 extraction. ``label_names``, ``rejected/`` and the attributes are real copies. Rows: shard
 0's, then shard 1's, and so on; inside a shard, its own file order. Shard file names are
@@ -20,15 +20,24 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, atomic_output
+from pipeline.core.outputs import OutputLock, atomic_output, same_file, sigterm_as_interrupt
+from pipeline.extraction.contract import is_complete
+from pipeline.extraction.preflight import check_names_fit, check_not_a_link
 from pipeline.extraction.shards import LEGACY_SHARDING, SHARD_LOCAL_KEYS, SHARDING, merged_fingerprint, sharding_of
 from pipeline.extraction.store import STR, open_features
 
 #: Row datasets, one value per extracted image: merged as virtual datasets.
 ROW_DATASETS = ("features", "labels", "paths", "file_sizes", "file_mtimes_ns")
+#: Row datasets of format 2 (file_inodes, file_ctimes_ns): merged when every shard has them.
+NEWER_ROW_DATASETS = ("file_inodes", "file_ctimes_ns")
+#: ``rejected/`` columns: always, and of format 2 (when every shard has them).
+REJECTED = ("paths", "reasons", "file_sizes", "file_mtimes_ns")
+NEWER_REJECTED = ("file_inodes", "file_ctimes_ns", "limits")
 #: What a virtual dataset reads where a source file is missing: values every reader rejects
 #: (NaN features fail ``verify``, label -1 fails ``open_features``), never plausible zeros.
-_FILL = {"features": np.nan, "labels": -1, "file_sizes": -1, "file_mtimes_ns": -1}
+_FILL = {"features": np.nan, "labels": -1, "file_sizes": -1, "file_mtimes_ns": -1, "file_inodes": -1, "file_ctimes_ns": -1}
+#: Fingerprint keys that say which images a shard belongs to, named as such when they differ.
+_LISTING = {"whole_listing_sha256": "the listing of the whole data folder", "whole_n_files": "the number of files in the data folder"}
 #: Attributes of shard 0 that describe one shard's run, not the merged file: recomputed.
 _PER_RUN_ATTRS = (
     "complete", "fingerprint", "shard", "n_images", "n_rejected", "created", "command_line",
@@ -47,6 +56,7 @@ class _Shard:
     row_shape: tuple[int, ...]
     dtype: np.dtype
     label_names: list[str]
+    newer: bool  # has the format-2 columns
 
 
 def _read_shard(path: Path) -> _Shard:
@@ -60,13 +70,14 @@ def _read_shard(path: Path) -> _Shard:
             index, total = int(fp["shard"]), int(fp["shards"])
         except (KeyError, TypeError, ValueError):
             raise PipelineError(f"{path}: no shard fingerprint (not written by `python -m pipeline extract --shards N --shard K`)") from None
-        missing = [name for name in ROW_DATASETS if name not in ff.db]
-        if missing or "rejected" not in ff.db:
-            raise PipelineError(f"{path}: missing dataset(s) {', '.join(missing or ['rejected'])}")
+        missing = [name for name in (*ROW_DATASETS, *(f"rejected/{c}" for c in REJECTED)) if name not in ff.db]
+        if missing:
+            raise PipelineError(f"{path}: missing dataset(s) {', '.join(missing)}")
         if not 0 <= index < total:
             raise PipelineError(f"{path}: shard index {index} outside 0..{total - 1}")
         feats = ff.db["features"]
-        return _Shard(path, index, fp, fp_json, a, len(ff), ff.row_shape, feats.dtype, ff.label_names)
+        newer = all(n in ff.db for n in NEWER_ROW_DATASETS) and all(n in ff.db["rejected"] for n in NEWER_REJECTED)
+        return _Shard(path, index, fp, fp_json, a, len(ff), ff.row_shape, feats.dtype, ff.label_names, newer)
 
 
 def _check_shards(shards: list[_Shard]) -> list[_Shard]:
@@ -83,10 +94,17 @@ def _check_shards(shards: list[_Shard]) -> list[_Shard]:
             )
         here = {k: v for k, v in s.fingerprint.items() if k not in SHARD_LOCAL_KEYS}
         for key in sorted(set(ref) | set(here)):
+            if key == "data_dir" and ref.get(key) and here.get(key) and same_file(Path(ref[key]), Path(here[key])):
+                continue  # one folder, spelled two ways (a bind mount)
+            if key in _LISTING and ref.get(key) != here.get(key):
+                raise PipelineError(
+                    f"{s.path}: made from another state of the data folder than {first.path} ({key} {here.get(key)!r} vs "
+                    f"{ref.get(key)!r}: {_LISTING[key]} changed between their runs); re-extract the shards made before the change"
+                )
             if ref.get(key) != here.get(key):
                 raise PipelineError(
                     f"{s.path}: made with {key} {here.get(key)!r} but {first.path} with {ref.get(key)!r}; "
-                    "all shards must come from one extraction's settings and weights"
+                    "all shards must come from one extraction's data folder, settings and weights"
                 )
         if s.label_names != first.label_names:
             raise PipelineError(f"{s.path}: label_names {s.label_names} differ from {first.path}'s {first.label_names}")
@@ -132,6 +150,8 @@ def _row_specs(first: _Shard) -> dict:
         "paths": (STR, ()),
         "file_sizes": (np.dtype(np.int64), ()),
         "file_mtimes_ns": (np.dtype(np.int64), ()),
+        "file_inodes": (np.dtype(np.int64), ()),
+        "file_ctimes_ns": (np.dtype(np.int64), ()),
     }
 
 
@@ -155,7 +175,8 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
     fresh = [s for s in shards if ran is None or s.index in ran]
     kept = [s for s in shards if ran is not None and s.index not in ran]
     names = [_source_name(s.path, output) for s in shards]
-    specs = _row_specs(first)
+    newer = all(s.newer for s in shards)
+    specs = {k: v for k, v in _row_specs(first).items() if newer or k not in NEWER_ROW_DATASETS}
     attrs = {k: v for k, v in first.attrs.items() if k not in _PER_RUN_ATTRS}
     attrs.update(
         fingerprint=json.dumps(merged_fingerprint([s.fingerprint for s in shards]), sort_keys=True),
@@ -177,15 +198,15 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
                 db.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype)
             else:
                 db.create_virtual_dataset(name, _layout(name, shards, names, n, dtype, row_shape), fillvalue=_FILL.get(name))
-        db.create_dataset("label_names", data=np.asarray([c.encode() for c in first.label_names], dtype=object), dtype=STR)
-        rejected = _rejected(shards)
+        db.create_dataset("label_names", data=np.asarray([os.fsencode(c) for c in first.label_names], dtype=object), dtype=STR)
+        rejected = _rejected(shards, REJECTED + (NEWER_REJECTED if newer else ()))
         grp = db.create_group("rejected")
         for name, data in rejected.items():
             grp.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
         n_rejected = len(rejected["paths"])
         # Per-shard record: lets a later run tell whether every source is still the one merged.
         rec = db.create_group("merged")
-        rec.create_dataset("files", data=np.asarray([x.encode() for x in names], dtype=object), dtype=STR)
+        rec.create_dataset("files", data=np.asarray([os.fsencode(x) for x in names], dtype=object), dtype=STR)
         rec.create_dataset("fingerprints", data=np.asarray([s.fingerprint_json.encode() for s in shards], dtype=object), dtype=STR)
         rec.create_dataset("rows", data=np.asarray([s.rows for s in shards], np.int64))
         for key, value in attrs.items():
@@ -203,17 +224,17 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
     return n, n_rejected
 
 
-def _rejected(shards: list[_Shard]) -> dict[str, np.ndarray]:
-    """Every shard's ``rejected/`` datasets, concatenated in shard order."""
-    cols: dict[str, list] = {"paths": [], "reasons": [], "file_sizes": [], "file_mtimes_ns": []}
+def _rejected(shards: list[_Shard], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Every shard's ``rejected/`` columns, concatenated in shard order."""
+    texts = ("paths", "reasons", "limits")
+    cols: dict[str, list] = {name: [] for name in columns}
     for s in shards:
         with h5py.File(s.path, "r") as db:
             g = db["rejected"]
-            k = g["paths"].shape[0]
             for name in cols:
-                cols[name].append(g[name][:] if name in g else np.full(k, -1, np.int64))
+                cols[name].append(g[name][:])
     return {
-        name: np.asarray(np.concatenate(parts), dtype=object if name in ("paths", "reasons") else np.int64)
+        name: np.asarray(np.concatenate(parts), dtype=object if name in texts else np.int64)
         for name, parts in cols.items()
     }
 
@@ -237,10 +258,11 @@ def merge_locked(
         raise PipelineError("merge: no shard files given")
     if output.suffix.lower() not in (".h5", ".hdf5"):
         raise PipelineError(f"{output}: the output must be an HDF5 file ending in .h5 or .hdf5")
-    out_abs = os.path.abspath(output)
+    check_not_a_link(output)
+    check_names_fit(output)
     for p in shards:
-        if os.path.abspath(p) == out_abs:
-            raise PipelineError(f"{p}: is both the output and a shard")
+        if same_file(Path(p), output):  # by identity: `//x`, `a/../x` or a linked folder name the same file
+            raise PipelineError(f"{p}: is both the output ({output}) and a shard; write the merged file elsewhere")
     if output.exists() and not overwrite:
         raise PipelineError(f"{output}: exists; pass --overwrite to replace it")
     parent = output.parent if str(output.parent) else Path(".")
@@ -272,7 +294,7 @@ def merge(output: Path | str, shards: list[Path | str], *, overwrite: bool = Fal
             output exists (without ``overwrite``), is locked or cannot be written.
     """
     output = Path(output)
-    with OutputLock(output):
+    with sigterm_as_interrupt(), OutputLock(output):
         n, _ = merge_locked(output, [Path(p) for p in shards], overwrite=overwrite, command_line=command_line)
     return n
 
@@ -289,14 +311,14 @@ def stale_sources(path: Path | str) -> list[str]:
     with h5py.File(path, "r") as db:
         if "merged" not in db:
             return [f"{path}: not a merged file"]
-        files = [x.decode() for x in db["merged/files"][:]]
-        fps = [x.decode() for x in db["merged/fingerprints"][:]]
+        files = [os.fsdecode(x) for x in db["merged/files"][:]]
+        fps = [x.decode("utf-8", "replace") for x in db["merged/fingerprints"][:]]
         rows = db["merged/rows"][:].tolist()
     for name, fp, k in zip(files, fps, rows):
         src = path.parent / name
         try:
             with h5py.File(src, "r") as s:
-                same = bool(s.attrs.get("complete", False)) and str(s.attrs.get("fingerprint")) == fp and s["features"].shape[0] == k
+                same = is_complete(s.attrs) and str(s.attrs.get("fingerprint")) == fp and s["features"].shape[0] == k
         except Exception:
             problems.append(f"{src}: shard file missing or unreadable")
             continue

@@ -1,10 +1,9 @@
-"""Feature store: the output path check, the crash-safe work area of a running extraction, the HDF5 file it becomes, and the reader that validates one."""
+"""Feature store: the output path check, the HDF5 feature file an extraction becomes (written atomically), and the reader that validates one."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -13,9 +12,10 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import atomic_output, disk_error
+from pipeline.core.outputs import atomic_output
+from pipeline.extraction.contract import DATASETS, FORMAT_VERSION, column_problem, is_complete, one_line
+from pipeline.extraction.reader import UNKNOWN, Reject
 
-FORMAT_VERSION = 1
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
 STR = h5py.string_dtype("utf-8")
 #: Attributes whose difference makes two feature files incompatible (train vs test, shards).
@@ -53,119 +53,11 @@ def stored_fingerprint(output: Path) -> tuple[dict | None, bool]:
     """
     try:
         with h5py.File(output, "r") as db:
-            if not bool(db.attrs.get("complete", False)):
+            if not is_complete(db.attrs):
                 return None, False
             return json.loads(db.attrs["fingerprint"]), "merged_from" in db.attrs
     except Exception:
         return None, False
-
-
-class WorkArea:
-    """``OUT.h5.partial/``: one small file per finished batch, written atomically.
-
-    A run killed at any moment leaves only whole parts behind (a part is written to a
-    temporary name and renamed), so the next run knows exactly which listing rows are
-    done. ``manifest.json`` holds the fingerprint of the images and settings; a resume
-    with a different fingerprint is refused.
-    """
-
-    def __init__(self, output: Path):
-        self.path = output.with_name(output.name + ".partial")
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
-
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def manifest(self) -> dict | None:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def start(self, fingerprint: dict) -> None:
-        """Create an empty work area for ``fingerprint`` (the caller removed any old one)."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = self.manifest_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-            os.replace(tmp, self.manifest_path)
-        except OSError as exc:
-            raise disk_error(self.path, exc) from None
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def parts(self) -> list[Path]:
-        return sorted(self.path.glob("part-*.npz"))
-
-    def done_indices(self) -> np.ndarray:
-        """Listing indices covered by finished parts (extracted or rejected)."""
-        done = [np.zeros(0, np.int64)]
-        for part in self.parts():
-            try:
-                with np.load(part) as z:
-                    done.append(z["indices"])
-                    done.append(z["rejected_indices"])
-            except Exception:
-                # Only whole parts are ever renamed into place; an unreadable one is damage
-                # from outside (disk fault). Drop it so its rows are extracted again.
-                part.unlink(missing_ok=True)
-        return np.unique(np.concatenate(done))
-
-    def write_part(self, seq: int, indices: np.ndarray, features: np.ndarray, rejected_indices: np.ndarray, reasons: list[str]) -> None:
-        """Atomically store one batch: ``features[k]`` belongs to listing row ``indices[k]``."""
-        name = self.path / f"part-{seq:09d}.npz"
-        tmp = self.path / f".part-{seq:09d}.tmp.npz"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    indices=np.asarray(indices, np.int64),
-                    features=features,
-                    rejected_indices=np.asarray(rejected_indices, np.int64),
-                    reasons=np.asarray(reasons, dtype=object).astype("U") if reasons else np.zeros(0, "U1"),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, name)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise disk_error(name, exc) from None
-
-    def next_seq(self) -> int:
-        parts = self.parts()
-        return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-
-    def index(self) -> list["PartInfo"]:
-        """The finished parts in listing order, without their features (those are read one part at a time)."""
-        infos = []
-        for part in self.parts():
-            with np.load(part) as z:
-                infos.append(PartInfo(part, z["indices"], z["rejected_indices"], [str(r) for r in z["reasons"].tolist()]))
-        infos.sort(key=lambda p: p.first)
-        return infos
-
-    @staticmethod
-    def features(part: "PartInfo") -> np.ndarray:
-        with np.load(part.path) as z:
-            return z["features"]
-
-
-@dataclass(frozen=True)
-class PartInfo:
-    """One finished batch in the work area: which listing rows it extracted and which it rejected, and why."""
-
-    path: Path
-    indices: np.ndarray
-    rejected_indices: np.ndarray
-    reasons: list[str]
-
-    @property
-    def first(self) -> int:
-        return int(min(self.indices.min(initial=1 << 62), self.rejected_indices.min(initial=1 << 62)))
 
 
 def _chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
@@ -174,21 +66,27 @@ def _chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
     return int(max(1, min(4096, (1 << 20) // max(1, row_bytes))))
 
 
+def _encoded(values) -> np.ndarray:
+    """File names (str, surrogate-escaped where not UTF-8) as the bytes an HDF5 string dataset stores."""
+    return np.asarray([os.fsencode(v) for v in values], dtype=object)
+
+
 def write_feature_file(
     output: Path,
     *,
     row_shape: tuple[int, ...],
     storage: str,
     class_names: tuple[str, ...],
-    rows: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-    rejected: list[tuple[str, str, int, int]],
+    rows: Iterator[tuple],
+    rejected: list[tuple],
     attrs: dict,
 ) -> int:
     """Write a complete feature file through a temporary name and an atomic rename.
 
-    ``rows`` yields ``(features, labels, paths, sizes, mtimes_ns)`` blocks in file order;
-    they are appended chunk by chunk, so memory stays flat. ``rejected`` holds
-    ``(path, reason, size, mtime_ns)``. ``complete`` is set last.
+    ``rows`` yields ``(features, labels, paths, sizes, mtimes_ns[, inodes, ctimes_ns])``
+    blocks in file order; they are appended chunk by chunk, so memory stays flat (without
+    inodes and ctimes, those are stored as unknown, -1). ``rejected`` holds ``Reject``
+    records (or their first four fields: path, reason, size, mtime_ns). ``complete`` is set last.
     Returns the number of rows written.
 
     Raises:
@@ -197,6 +95,8 @@ def write_feature_file(
     """
     dtype = np.dtype(storage)
     chunk = _chunk_rows(row_shape, dtype.itemsize)
+    rejected = [Reject(*r) for r in rejected]
+    columns = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
     n = 0
     with atomic_output(output) as tmp, h5py.File(tmp, "w") as db:
         db.attrs["complete"] = False
@@ -212,30 +112,32 @@ def write_feature_file(
         )
         labels = db.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
         paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
-        sizes = db.create_dataset("file_sizes", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-        mtimes = db.create_dataset("file_mtimes_ns", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-        db.create_dataset("label_names", data=np.asarray([os.fsencode(c) for c in class_names], dtype=object), dtype=STR)
-        for f, lab, p, s, m in rows:
+        versions = [db.create_dataset(c, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)) for c in columns]
+        db.create_dataset("label_names", data=_encoded(class_names), dtype=STR)
+        for block in rows:
+            f, lab, p = block[:3]
             k = len(f)
             if k == 0:
                 continue
+            cols = list(block[3:]) + [np.full(k, UNKNOWN, np.int64)] * (7 - len(block))
             with np.errstate(over="ignore"):  # an overflow is caught just below, as inf
                 f = f.astype(dtype, copy=False)
             if not np.all(np.isfinite(f)):
                 raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {n}..{n + k}")
-            for ds in (feats, labels, paths, sizes, mtimes):
+            for ds in (feats, labels, paths, *versions):
                 ds.resize(n + k, axis=0)
             feats[n : n + k] = f
             labels[n : n + k] = lab
-            paths[n : n + k] = [os.fsencode(x) for x in p]
-            sizes[n : n + k] = s
-            mtimes[n : n + k] = m
+            paths[n : n + k] = _encoded(p)
+            for ds, values in zip(versions, cols):
+                ds[n : n + k] = values
             n += k
         grp = db.create_group("rejected")
-        grp.create_dataset("paths", data=np.asarray([os.fsencode(r[0]) for r in rejected], dtype=object), dtype=STR)
-        grp.create_dataset("reasons", data=np.asarray([r[1].encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
-        grp.create_dataset("file_sizes", data=np.asarray([r[2] for r in rejected], dtype=np.int64))
-        grp.create_dataset("file_mtimes_ns", data=np.asarray([r[3] for r in rejected], dtype=np.int64))
+        grp.create_dataset("paths", data=_encoded(r.path for r in rejected), dtype=STR)
+        grp.create_dataset("reasons", data=np.asarray([r.reason.encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
+        for name, field in zip(columns, ("size", "mtime_ns", "inode", "ctime_ns")):
+            grp.create_dataset(name, data=np.asarray([getattr(r, field) for r in rejected], dtype=np.int64))
+        grp.create_dataset("limits", data=np.asarray([r.limit.encode() for r in rejected], dtype=object), dtype=STR)
         for key, value in attrs.items():
             db.attrs[key] = value
         db.attrs["format_version"] = FORMAT_VERSION
@@ -316,16 +218,22 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: feature file does not exist (run `python -m pipeline extract` first)")
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder, not a feature file")
     try:
         db = h5py.File(path, "r")
     except Exception as exc:
-        raise PipelineError(f"{path}: not a readable HDF5 feature file ({exc})") from None
+        raise PipelineError(f"{path}: not a readable HDF5 feature file ({one_line(exc)})") from None
     try:
-        if require_complete and not bool(db.attrs.get("complete", False)):
+        if require_complete and not is_complete(db.attrs):
             raise PipelineError(f"{path}: incomplete feature file (attribute 'complete' is not set; the extraction did not finish)")
         for name in REQUIRED_DATASETS:
             if name not in db:
                 raise PipelineError(f"{path}: missing dataset '{name}'")
+        for col in DATASETS:
+            problem = column_problem(db, col) if col.name in REQUIRED_DATASETS else None
+            if problem:
+                raise PipelineError(f"{path}: {problem}")
         feats = db["features"]
         if feats.is_virtual:
             gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})
@@ -350,7 +258,7 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         raise
     except Exception as exc:
         db.close()
-        raise PipelineError(f"{path}: corrupt feature file ({exc})") from None
+        raise PipelineError(f"{path}: corrupt feature file ({one_line(exc)})") from None
     return FeatureFile(path, db)
 
 

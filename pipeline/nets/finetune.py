@@ -1,12 +1,18 @@
-"""The ``finetune`` stage: VGG16 base + a new dense head trained on an image tree in two phases, with a cached frozen prefix for speed.
+"""The ``finetune`` stage: VGG16 fine-tuned on an image tree from a logistic-regression probe (LP-FT, the default) or from a dense head trained from random, with a cached frozen prefix for speed.
 
 Data flow (``fit``)::
 
     list_images -> reader.iter_batches (parallel decode) -> uint8 arrays in memory
-      -> split_indices (test, then validation) -> phase 1 (head) -> phase 2 (unfrozen suffix + head)
+      -> split_indices (test, then validation)
+      -> --head probe: the probe (--probe MODEL.joblib, checked, or fitted on the training
+         rows' frozen features) as the head -> phase finetune (unfrozen suffix + head)
+      -> --head dense: phase head (new head, frozen base) -> phase finetune
       -> full model on the test set -> OUT_DIR/finetune.{keras,metrics.json,curves.png}
+         (and finetune.probe.joblib when the probe was fitted here)
 
-The network is described in ``nets.networks``, the cached-prefix and plain modes in
+Every phase keeps its best weights by validation loss, its start included: with a probe
+head, fine-tuning is kept only where validation says it helped. The probe is described in
+``nets.probe``, the network in ``nets.networks``, the cached-prefix and plain modes in
 ``nets.training``, the outputs in ``nets.results``.
 """
 
@@ -15,14 +21,17 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from pipeline.classical.bundle import write_bundle
 from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
 from pipeline.nets.images import gigabytes, load_data
-from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, build_finetune_network
+from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
+from pipeline.nets.probe import POOLS, feature_spec, fit_probe, load_probe, probe_layers
 from pipeline.nets.results import Result, finish
 from pipeline.nets.training import build_cache, cache_plan, prepare_run, train_phases
 
@@ -33,11 +42,16 @@ class FinetuneConfig(NetConfig):
 
     Attributes:
         input_size: square side the images are resized to (at least 32).
-        unfreeze_from: first VGG16 layer trained in phase 2, ``none`` (head only) or ``all``.
-        head: ``flatten`` or ``gap`` (global average pooling) before the dense layer.
-        dense: units of the hidden dense layer.
-        head_epochs, head_lr: phase 1 (frozen base, new head), Adam.
-        epochs, lr: phase 2 (unfrozen suffix + head), Adam; at most ``epochs``, early stopping.
+        unfreeze_from: first VGG16 layer trained in phase ``finetune``, ``none`` (head only,
+            ``--head dense``) or ``all``.
+        head: ``probe`` (LP-FT: the logistic-regression probe is the head) or ``dense``
+            (the classic head from random: Dense(dense, relu), Dropout, softmax).
+        probe: a ``train --model lr`` bundle to start from (its feature specification must be
+            this run's); None = fit the probe here, on the training rows only.
+        pool: ``flatten``, ``avg`` or ``max`` before the head (``train --pool``).
+        dense: units of the dense head's hidden layer.
+        head_epochs, head_lr: phase ``head`` of the dense head (frozen base, new head), Adam.
+        epochs, lr: phase ``finetune`` (unfrozen suffix + head), Adam; at most ``epochs``, early stopping.
         patience: epochs without a lower validation loss before stopping (best weights restored).
         weights: ``imagenet``, ``none`` (random init, for tests) or a weights file path.
         cache: cache the frozen prefix's outputs (``cached-prefix`` mode) when it has layers.
@@ -49,12 +63,18 @@ class FinetuneConfig(NetConfig):
     )
     unfreeze_from: str = option(
         "block5_conv1",
-        "first VGG16 layer trained in phase 2 (any VGG16 layer name), none = frozen base + head only, all = every layer",
+        "first VGG16 layer fine-tuned (any VGG16 layer name), none = frozen base + dense head only, all = every layer",
         metavar="LAYER",
     )
-    head: str = option("flatten", "flatten or global average pooling before the dense layer", rule=OneOf(HEADS))
-    dense: int = option(256, "units of the hidden dense layer", rule=COUNT)
-    head_epochs: int = option(5, "phase 1 epochs (frozen base, head only; the only phase with --unfreeze-from none)", rule=COUNT_OR_ZERO)
+    head: str = option(
+        "probe", "probe = LP-FT, start from the logistic-regression probe; dense = the classic dense head trained from random first", rule=OneOf(HEADS)
+    )
+    probe: Path | None = option(
+        None, "a `train --model lr` bundle to start from (same input size, resize, weights, pooling); none = fit it on the training rows", metavar="MODEL.joblib"
+    )
+    pool: str = option("flatten", "pooling before the head, as train --pool", rule=OneOf(POOLS))
+    dense: int = option(256, "units of the dense head's hidden layer", rule=COUNT)
+    head_epochs: int = option(5, "--head dense: epochs of the new head on the frozen base (the probe is fitted instead)", rule=COUNT_OR_ZERO)
     epochs: int = option(10, "maximum training epochs, early stopping", rule=COUNT_OR_ZERO)
     lr: float = option(1e-5, "Adam learning rate", rule=RATE)
     head_lr: float = option(1e-3, "phase 1 Adam learning rate", rule=RATE)
@@ -80,9 +100,18 @@ class FinetuneConfig(NetConfig):
             raise PipelineError(
                 f"--unfreeze-from {self.unfreeze_from}: not a VGG16 layer; choose none, all or one of " + ", ".join(VGG16_LAYERS)
             )
-        if self.unfreeze_from == "none" and self.head_epochs < 1:
+        if self.head == "probe":
+            if self.unfreeze_from == "none":
+                raise PipelineError("--unfreeze-from none with --head probe: nothing would be fine-tuned (the frozen base + probe is `train --model lr`)")
+            if self.epochs < 1:
+                raise PipelineError("--epochs 0 with --head probe: nothing would be fine-tuned")
+        elif self.probe is not None:
+            raise PipelineError(f"--probe {self.probe}: needs --head probe (the dense head starts from random)")
+        if self.probe is not None and not Path(self.probe).is_file():
+            raise PipelineError(f"--probe {self.probe}: no such file; write one with `train --model lr`")
+        if self.head == "dense" and self.unfreeze_from == "none" and self.head_epochs < 1:
             raise PipelineError("--head-epochs 0 with --unfreeze-from none: nothing would be trained")
-        if self.head_epochs + self.epochs < 1:
+        if self.head == "dense" and self.head_epochs + self.epochs < 1:
             raise PipelineError("--head-epochs 0 and --epochs 0: nothing would be trained")
         self.check_folders()
         return self
@@ -90,32 +119,55 @@ class FinetuneConfig(NetConfig):
     def strategy(self) -> str:
         if self.unfreeze_from == "none":
             return "frozen base + dense head"
-        if self.unfreeze_from == "all":
-            return "finetune (all layers)"
-        return f"finetune (from {self.unfreeze_from})"
+        where = "all layers" if self.unfreeze_from == "all" else f"from {self.unfreeze_from}"
+        return f"LP-FT ({where})" if self.head == "probe" else f"finetune, dense head from random ({where})"
 
 
-def build_network(config: FinetuneConfig, n_classes: int, precision: str, weights=None) -> Network:
-    """``build_finetune_network`` with the fields of ``config`` (seeded: the same config builds the same start)."""
-    return build_finetune_network(
-        n_classes,
-        input_size=config.input_size,
-        unfreeze_from=config.unfreeze_from,
-        head=config.head,
-        dense=config.dense,
-        dropout=config.dropout,
-        precision=precision,
-        seed=config.seed,
-        weights=weights,
-    )
+def build_network(config: FinetuneConfig, n_classes: int, precision: str, weights=None, probe=None) -> Network:
+    """The network of ``config`` (seeded: the same config builds the same start).
+
+    ``probe`` is the fitted probe estimator for ``--head probe`` (ignored for ``dense``).
+    """
+    base = build_base(input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights)
+    return _on_base(config, base, n_classes, precision, probe)
+
+
+def _on_base(config: FinetuneConfig, base, n_classes: int, precision: str, probe) -> Network:
+    if config.head == "probe":
+        layers = probe_layers(probe, config.pool, n_classes, path=config.probe or "probe")
+    else:
+        layers = dense_head(n_classes, pool=config.pool, dense=config.dense, dropout=config.dropout, precision=precision, seed=config.seed)
+    return assemble(base, layers, input_size=config.input_size, unfreeze_from=config.unfreeze_from, head_phase=config.head == "dense",
+                    fitted_start=config.head == "probe")  # fmt: skip
+
+
+def _probe(config: FinetuneConfig, bundle, base, data, precision: str, spec: dict):
+    """(estimator, metrics section) of the probe: the ``--probe`` bundle, or one fitted here on the training rows and written next to the model."""
+    if bundle is not None:
+        fitted = bundle.get("metrics") or {}
+        return bundle["estimator"], {"source": str(config.probe), "n_train": fitted.get("n_train"), "best_params": fitted.get("best_params"),
+                                     "cv_score": fitted.get("cv_score"), "pool": config.pool, "file": str(config.probe)}  # fmt: skip
+    t0 = time.perf_counter()
+    if not config.quiet:
+        print(f"probe: frozen features of the {len(data.train_y)} training images, then logistic regression (train's search)", file=sys.stderr)
+    features = base_features(base, data.train_x, config.batch_size)
+    probe = fit_probe(features, data.train_y, class_names=data.class_names, spec=spec, precision=precision, seed=config.seed,
+                      quiet=config.quiet, where=str(config.data_dir))  # fmt: skip
+    del features
+    path = Path(config.out_dir) / "finetune.probe.joblib"
+    write_bundle(path, probe.bundle)
+    return probe.estimator, {**probe.info, "file": str(path), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def fit(config: FinetuneConfig) -> Result:
     """Fine-tune VGG16 on ``config.data_dir`` and score it on the test set.
 
-    Phase 1 trains the new head on the frozen base (``head_lr``); phase 2 unfreezes the
-    layers from ``unfreeze_from`` on and trains them with the head at ``lr`` (skipped for
-    ``none``). Both phases stop early on the validation loss and keep the best weights.
+    ``--head probe`` (LP-FT): the probe (``--probe`` or fitted here on the training rows'
+    frozen features) is the head; phase ``finetune`` unfreezes the layers from
+    ``unfreeze_from`` on and trains them with the head at ``lr``. ``--head dense``: phase
+    ``head`` trains a new head on the frozen base (``head_lr``), then phase ``finetune``
+    (skipped for ``none``). Every phase stops early on the validation loss and keeps the
+    best weights, its start included.
 
     Returns:
         Result: the trained network, the data and the metrics written to
@@ -124,15 +176,20 @@ def fit(config: FinetuneConfig) -> Result:
     Raises:
         PipelineError: bad settings, a bad data or test folder (different classes), an
             unwritable output folder, images over the memory budget, unusable weights,
-            or too few images to split.
+            a ``--probe`` bundle that does not match, or too few images to split.
     """
     listing, test_listing, pixel_bytes, precision = prepare_run(config)
     from pipeline.extraction.weights import resolve_weights
 
     weights = resolve_weights(config.weights, progress=not config.quiet)
-    net = build_network(config, len(listing.class_names), precision, weights)
+    spec = feature_spec(input_size=config.input_size, resize=config.resize, weights=weights, pool=config.pool)
+    bundle = load_probe(config.probe, spec, listing.class_names) if config.probe is not None else None
+    base = build_base(input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     t0 = time.perf_counter()
+    estimator, probe_info = _probe(config, bundle, base, data, precision, spec) if config.head == "probe" else (None, None)
+    net = _on_base(config, base, len(listing.class_names), precision, estimator)
+    t_cache = time.perf_counter()
     copies, dtype, cache_bytes, why_plain = cache_plan(
         net, data, cache=config.cache, cache_copies=config.cache_copies, augment=config.augment, pixel_bytes=pixel_bytes
     )
@@ -145,7 +202,7 @@ def fit(config: FinetuneConfig) -> Result:
                   f"{copies} cop{'ies' if copies > 1 else 'y'} of {len(data.train_y)} training + {len(data.val_y)} "
                   f"validation images = {gigabytes(cache_bytes)}", file=sys.stderr)  # fmt: skip
         cache = build_cache(net, data, copies, dtype, augment=config.augment, seed=config.seed, batch_size=config.batch_size, quiet=config.quiet)
-        cache_seconds = time.perf_counter() - t0
+        cache_seconds = time.perf_counter() - t_cache
     elif not config.quiet:
         print(f"plain mode (no prefix cache): {why_plain}", file=sys.stderr)
     history, records = train_phases(
@@ -159,6 +216,9 @@ def fit(config: FinetuneConfig) -> Result:
     extra = {
         "mode": "cached-prefix" if copies else "plain",
         "unfreeze_from": config.unfreeze_from,
+        "head": config.head,
+        "pool": config.pool,
+        "probe": probe_info,
         "cache_copies": copies,
         "cache_bytes": cache_bytes if copies else 0,
         "cache_seconds": cache_seconds,
@@ -166,7 +226,6 @@ def fit(config: FinetuneConfig) -> Result:
         "plain_reason": why_plain or None,
         "seconds_per_epoch_head": head["seconds_per_epoch"] if head else None,
         "weights": {"name": weights.name, "source": weights.source, "checksum": weights.checksum},
-        "head": config.head,
     }
     return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds))
 
@@ -188,7 +247,7 @@ def run(config: FinetuneConfig) -> dict:
 
 def add_parser(subparsers) -> None:
     """Register ``finetune`` and its flags (generated from FinetuneConfig's fields) on an argparse sub-parsers object."""
-    p = subparsers.add_parser("finetune", help="fine-tune VGG16 + a new dense head on an image tree; writes finetune.keras/.metrics.json/.curves.png")
+    p = subparsers.add_parser("finetune", help="fine-tune VGG16 on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")
     settings.add_options(p, FinetuneConfig)
 
 

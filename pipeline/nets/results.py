@@ -104,7 +104,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         "n_val": int(len(data.val_y)),
         "n_test": int(len(data.test_y)),
         "test_source": data.test_source,
-        "epochs_run": int(len(history["loss"])),
+        "epochs_run": int(sum(r["epochs_run"] for r in records)),
         "seconds_per_epoch": main["seconds_per_epoch"],
         "input_size": config.input_size,
         "precision": precision,

@@ -48,17 +48,27 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Genera
     """A tf.data pipeline of (x, y) batches from in-memory arrays, prefetched.
 
     With ``rng`` every epoch (every new iterator) is a fresh permutation; with ``copies``
-    ``x`` is (K, n, ...) and every epoch draws one of the K copies of each row.
+    ``x`` is (K, n, ...) and every epoch takes one of the K copies of each row: each row
+    walks through its copies in its own random order, so no copy of a row comes back
+    before all K were seen (K epochs see every augmented copy once).
     """
     import tensorflow as tf
 
     n = len(y)
     n_copies = x.shape[0] if copies else 1
     row_shape = x.shape[2:] if copies else x.shape[1:]
+    walk = {"orders": None, "epoch": 0}
+
+    def next_copies():
+        k = walk["epoch"] % n_copies
+        if k == 0:  # a new round: every row's copies in a fresh random order
+            walk["orders"] = rng.permuted(np.tile(np.arange(n_copies), (n, 1)), axis=1) if rng is not None else np.tile(np.arange(n_copies), (n, 1))
+        walk["epoch"] += 1
+        return walk["orders"][:, k]
 
     def gen():
         order = rng.permutation(n) if rng is not None else np.arange(n)
-        pick = rng.integers(0, n_copies, n) if copies else None
+        pick = next_copies() if copies else None
         for s in range(0, n, batch_size):
             idx = order[s : s + batch_size]
             if copies:
@@ -172,8 +182,41 @@ def _training_model(net: Network, data: Data, cache, *, augment: bool, seed: int
     return model, batches(data.train_x, data.train_y, batch_size, rng), batches(data.val_x, data.val_y, batch_size)
 
 
+def keep_best(patience: int, start_loss: float, start_weights: list):
+    """A Keras callback: early stopping on the validation loss whose first candidate is the phase's start.
+
+    Keras's ``EarlyStopping`` only weighs the epochs it ran; here the weights the phase
+    starts from (for LP-FT, the probe) are epoch 0, so a phase whose epochs never lower the
+    validation loss ends exactly where it started. It stops after ``patience`` epochs
+    without a lower loss (at least one), then restores the best weights; ``best_epoch`` is
+    0 when the start was kept.
+    """
+    import keras
+
+    class KeepBest(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.patience = max(int(patience), 1)
+            self.best, self.best_weights, self.best_epoch, self.wait = float(start_loss), start_weights, 0, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = float((logs or {}).get("val_loss", math.nan))
+            if loss < self.best:  # NaN is never better
+                self.best, self.best_epoch, self.wait = loss, epoch + 1, 0
+                self.best_weights = self.model.get_weights()
+                return
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            self.model.set_weights(self.best_weights)
+
+    return KeepBest()
+
+
 def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_size: int, patience: int, augment: bool, seed: int, quiet: bool, cache=None):
-    """Run the phases of ``net`` in order; each stops early on the validation loss and keeps its best weights.
+    """Run the phases of ``net`` in order; each stops early on the validation loss and keeps its best weights, its start included.
 
     Args:
         net: the network; ``net.phases`` names the layers trainable in each phase.
@@ -185,7 +228,9 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
 
     Returns:
         (history, records): per-epoch ``loss``/``accuracy``/``val_loss``/``val_accuracy``/``phase``
-        across the phases, and one record per phase run (epochs, best epoch, timings...).
+        across the phases (with a fitted start, epoch 0 is phase ``probe``: its validation
+        scores, no training loss), and one record per phase run (epochs, best epoch (0 =
+        the start was kept), the start's validation scores, timings...).
     """
     import keras
 
@@ -212,12 +257,17 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
         for layer in top_layers:
             layer.trainable = id(layer) in chosen
         model.compile(optimizer=optimizer(lr, precision), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        start = model.evaluate(val_ds, verbose=0, return_dict=True)
+        if net.fitted_start and not records:
+            for key, value in (("loss", math.nan), ("accuracy", math.nan), ("val_loss", start["loss"]), ("val_accuracy", start["accuracy"]), ("phase", "probe")):
+                history[key].append(value if key == "phase" else float(value))
         timer = EpochTimer()
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+        keep = keep_best(patience, start["loss"], model.get_weights())
         if not quiet:
             print(f"phase {name}: {epochs} epochs at most, lr {lr:g}, "
-                  f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights)} trainable parameters", file=sys.stderr)  # fmt: skip
-        h = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer, stop], shuffle=False, verbose=_verbose(quiet))
+                  f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights)} trainable parameters; "
+                  f"start: val_loss {start['loss']:.4f}, val_accuracy {start['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
+        h = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer, keep], shuffle=False, verbose=_verbose(quiet))
         n = len(h.history["loss"])
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             history[key] += [float(v) for v in h.history.get(key, [math.nan] * n)]
@@ -225,8 +275,10 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
         records.append({
             "name": name,
             "epochs_run": n,
-            "best_epoch": int(stop.best_epoch) + 1,
-            "best_val_loss": float(stop.best),
+            "best_epoch": keep.best_epoch,
+            "best_val_loss": keep.best,
+            "start_val_loss": float(start["loss"]),
+            "start_val_accuracy": float(start["accuracy"]),
             "lr": lr,
             "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
             "epoch_seconds": [round(t, 3) for t in timer.seconds],

@@ -76,7 +76,7 @@ def test_a_folder_is_not_a_bundle(tmp_path):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"precision": "float64"}, r"m\.joblib: precision 'float64' is not one of float32, bfloat16, float16$"),
+        ({"precision": "float64"}, r"m\.joblib: precision 'float64' is not one of float32, bfloat16, float16, int8$"),
         ({"feature_spec": spec(backbone="resnet50")}, r"m\.joblib: the model expects backbone 'resnet50' but this program computes 'vgg16'$"),
         ({"feature_spec": spec(layer="block4_pool")}, r"the model expects layer 'block4_pool'"),
         ({"feature_spec": spec(preprocessing="torch")}, r"the model expects preprocessing 'torch'"),

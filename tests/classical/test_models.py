@@ -33,8 +33,10 @@ def test_default_grids_and_overrides():
         ("lr", {"C": []}, r"^--C: needs at least one value$"),
         ("lr", {"C": [float("inf")]}, r"^--C inf: C must be a positive number$"),
         ("lr", {"C": [True]}, r"^--C True: C must be a positive number$"),
-        ("rf", {"n_estimators": [2.5]}, r"^--n-estimators 2.5: must be a whole number of at least 1$"),
-        ("rf", {"max_features": [1.5]}, r"^--max-features 1.5: use sqrt, log2, a fraction in \(0, 1\] or a whole number of features$"),
+        ("rf", {"n_estimators": [2.5]}, r"^--n-estimators 2.5: must be a whole number in \[1, 4294967295\]$"),
+        ("rf", {"n_estimators": [2**32]}, r"^--n-estimators 4294967296: must be a whole number in \[1, 4294967295\]$"),
+        ("rf", {"max_features": [np.int64(2**62)]}, r"^--max-features 4611686018427387904: use sqrt, log2, a fraction in \(0, 1\] or a whole number of features in \[1, 4294967295\]$"),
+        ("rf", {"max_features": [1.5]}, r"^--max-features 1.5: use sqrt, log2, a fraction in \(0, 1\] or a whole number of features in \[1, 4294967295\]$"),
     ],
 )
 def test_bad_grid_values_are_refused(model, overrides, message):

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import joblib
@@ -17,6 +18,7 @@ from pipeline.classical import predict, train
 from pipeline.classical.bundle import load_bundle
 from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
+from pipeline.classical.predictions import TEXT_MARKER
 from pipeline.core.errors import PipelineError
 from pipeline.extraction.extract import ExtractConfig
 from pipeline.extraction.store import open_features
@@ -84,7 +86,8 @@ def test_csv_and_text_output(trained, images, tmp_path, capsys):
     assert cli(trained["lr"], images / "a.png", images / "sub" / "broken.png") == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert len(lines) == 2 and lines[0].split()[1] in ("cat", "dog") and "ERROR" in lines[1] and "empty file" in lines[1]
+    assert lines[0] == TEXT_MARKER and len(lines) == 3
+    assert lines[1].split()[1] in ("cat", "dog") and "ERROR" in lines[2] and "empty file" in lines[2]
     assert "predicted 1 image with" in captured.err and "probabilities" in captured.err
 
 
@@ -151,3 +154,113 @@ def test_output_that_is_a_folder_is_refused(tmp_path):
         PredictConfig(model=tmp_path / "m.joblib", inputs=(tmp_path,), output=tmp_path).validate()
     with pytest.raises(PipelineError, match=r"no images given"):
         PredictConfig(model=tmp_path / "m.joblib", inputs=()).validate()
+
+
+# ---------------------------------------------------------------------------
+# The output: never an input, never a foreign file without --overwrite, every name kept
+
+
+def spell(path: Path, how: str, tmp_path: Path) -> Path:
+    """``path`` written another way: as given, with a leading ``//``, through a symlinked folder, or through ``..``."""
+    if how == "plain":
+        return path
+    if how == "double-slash":
+        return Path("//" + str(path).lstrip("/"))
+    if how == "symlink":
+        link = tmp_path / "link"
+        link.symlink_to(path.parent, target_is_directory=True)
+        return link / path.name
+    return path.parent / ".." / path.parent.name / path.name
+
+
+@pytest.mark.parametrize("how", ["plain", "double-slash", "symlink", "dotdot"])
+@pytest.mark.parametrize("target", ["bundle", "image"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_that_is_an_input_is_refused(target, how, overwrite, trained, images, tmp_path):
+    """``-o model.joblib`` or ``-o`` one of the images: refused (even with --overwrite), however spelled, and the file kept."""
+    model = tmp_path / "own" / "lr.joblib"  # a copy: the shared bundle must survive a failing run
+    model.parent.mkdir()
+    model.write_bytes(trained["lr"].read_bytes())
+    victim = model if target == "bundle" else images / "sub" / "b.png"
+    before = victim.read_bytes()
+    flags = ["--overwrite"] if overwrite else []
+    what = "the model bundle" if target == "bundle" else "the image"
+    with pytest.raises(PipelineError, match=rf"{victim.name}: is {what} .*{victim.name} \(the same file\); .*choose another -o file"):
+        cli(model, images, "-o", spell(victim, how, tmp_path), "--quiet", *flags)
+    assert victim.read_bytes() == before
+
+
+def test_a_foreign_file_is_replaced_only_with_overwrite_and_earlier_predictions_always(trained, images, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes\n")
+    for fmt in ("text", "csv", "json"):
+        with pytest.raises(PipelineError, match=r"notes\.txt: exists and is not a predictions file written by predict; pass --overwrite to replace it"):
+            cli(trained["lr"], images / "a.png", "--format", fmt, "-o", out, "--quiet")
+        assert out.read_text() == "my notes\n"
+    assert cli(trained["lr"], images / "a.png", "-o", out, "--quiet", "--overwrite") == 0
+    assert out.read_text().startswith(TEXT_MARKER + "\n")
+    # An earlier predictions file, in any format, is replaced without asking.
+    for fmt in ("csv", "json", "text"):  # each replaces the previous one
+        assert cli(trained["lr"], images / "a.png", "--format", fmt, "-o", out, "--quiet") == 0
+        assert predict.is_predictions_file(out)
+    assert out.read_text().startswith(TEXT_MARKER + "\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "notes.txt"]  # no temporary file left
+
+
+#: File names that are not valid UTF-8 (Latin-1 and a stray continuation byte).
+RAW_NAMES = (b"caf\xe9.png", b"x\x80y.png")
+
+
+def test_names_that_are_not_utf8_are_kept_in_every_format(trained, tmp_path, capsysbinary):
+    folder = tmp_path / "raw"
+    for i, raw in enumerate(RAW_NAMES):
+        write_image(folder / os.fsdecode(raw), seed=200 + i)
+    (folder / os.fsdecode(b"broken\xff.png")).write_bytes(b"")
+    raw_paths = [os.fsencode(folder) + b"/" + n for n in (b"broken\xff.png", *RAW_NAMES)]
+    for fmt in ("text", "csv", "json"):
+        out = tmp_path / f"pred.{fmt}"
+        assert cli(trained["lr"], folder, "--format", fmt, "-o", out, "--quiet") == 0
+        data = out.read_bytes()
+        if fmt == "json":
+            rows = json.loads(data)
+            assert sorted(os.fsencode(r["path"]) for r in rows) == sorted(raw_paths)
+        else:
+            assert all(p in data for p in raw_paths)
+            if fmt == "csv":
+                rows = list(csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"))))
+                assert sorted(os.fsencode(r["path"]) for r in rows) == sorted(raw_paths)
+        if fmt == "text":
+            lines = data.splitlines()
+            assert lines[0] == TEXT_MARKER.encode() and len(lines) == 4 and sum(b"  ERROR  empty file" in line for line in lines) == 1
+        else:
+            assert sum(r["error"] not in (None, "") for r in rows) == 1
+    capsysbinary.readouterr()
+    assert cli(trained["lr"], folder, "--quiet") == 0
+    printed = capsysbinary.readouterr().out
+    assert printed.startswith(TEXT_MARKER.encode() + b"\n") and all(p in printed for p in raw_paths)
+
+
+def test_encode_keeps_name_bytes_and_never_fails():
+    from pipeline.classical.predictions import encode
+
+    assert encode(os.fsdecode(b"a\xe9\xff.png") + " \u00e9") == b"a\xe9\xff.png \xc3\xa9"
+    assert encode("lone \ud800") == b"lone \\ud800"  # a surrogate no file name decodes to
+
+
+def test_predictions_survive_an_output_that_fails_after_the_work(trained, images, tmp_path, monkeypatch, capsys):
+    """The output folder vanishes while the images are labelled: the write fails, the predictions go to standard output, the error says so."""
+    import shutil
+
+    out = tmp_path / "gone" / "pred.csv"
+    labelled = predict.predict_images
+
+    def label_then_remove_the_folder(*args, **kwargs):
+        results = labelled(*args, **kwargs)
+        shutil.rmtree(out.parent)
+        return results
+
+    monkeypatch.setattr(predict, "predict_images", label_then_remove_the_folder)
+    with pytest.raises(PipelineError, match=r"pred\.csv: write failed: .*; the 5 predictions were written to standard output instead"):
+        cli(trained["lr"], images, "--format", "csv", "-o", out, "--quiet")
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 5 and sum(r["label"] in ("cat", "dog") for r in rows) == 4

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import h5py
@@ -15,8 +17,10 @@ from feature_data import CLASSES, FAST_GRID, PNG, make_features
 from pipeline.classical import train
 from pipeline.classical.features import pool_features
 from pipeline.classical.models import MODELS
+from pipeline.classical.predict import PredictConfig
 from pipeline.classical.train import TrainConfig
 from pipeline.cli import main
+from pipeline.core import config as settings
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
 
@@ -294,13 +298,38 @@ def test_output_that_is_a_file_is_refused(feats, tmp_path):
         (["--n-jobs", "4294967296"], r"--n-jobs 4294967296: must be -1 (all cores)"),
         (["--model", "rf", "--C", "1"], r"--C: --model rf has no parameter 'C'"),
         (["--C", "0"], r"--C 0.0: C must be a positive number"),
-        (["--n-estimators", "0", "--model", "rf"], r"--n-estimators 0: must be a whole number of at least 1"),
+        (["--n-estimators", "0", "--model", "rf"], r"--n-estimators 0: must be a whole number in [1, 4294967295]"),
+        (["--n-estimators", "4294967296", "--model", "rf"], r"--n-estimators 4294967296: must be a whole number in [1, 4294967295]"),
+        (["--max-features", "9223372036854775808", "--model", "rf"], r"--max-features 9223372036854775808: use sqrt, log2, a fraction in (0, 1] or a whole number of features in [1, 4294967295]"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
     assert main(["train", str(tmp_path / "never-read.h5"), "-o", str(tmp_path / "m"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: " + message) and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def _whole_number_flags(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [settings.flag_of(f) for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and int in (hints[f.name], *typing.get_args(hints[f.name]))]
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_every_whole_number_flag_has_a_bounded_range(command, tmp_path, capsys):
+    """Each int field of the config, and train's whole-number grid flags, refuses 2**32 in one line (exit 2) before anything is read."""
+    if command == "train":
+        flags = _whole_number_flags(TrainConfig) + ["--n-estimators", "--max-features"]
+        head = ["train", str(tmp_path / "never-read.h5"), "--model", "rf", "-o", str(tmp_path / "m")]
+        assert set(_whole_number_flags(TrainConfig)) == {"--seed", "--cv", "--epochs", "--n-jobs"}
+    else:
+        flags = _whole_number_flags(PredictConfig)
+        head = ["predict", str(tmp_path / "never-read.joblib"), str(tmp_path), "-o", str(tmp_path / "m" / "out.csv")]
+        assert flags == ["--batch-size"]
+    for flag in flags:
+        assert main([*head, flag, "4294967296"]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} 4294967296: ") and "4294967295" in err and err.count("\n") == 1, err
     assert not (tmp_path / "m").exists()
 
 

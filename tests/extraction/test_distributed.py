@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import assert_same_rows, ROOT, make_tree
@@ -252,11 +253,18 @@ def test_adding_one_percent_of_the_images_re_extracts_only_those(cluster, tmp_pa
         assert_recomputed_close(rows[p][1], feats, err_msg=p)
     assert verify(out) == [] and stale_sources(out) == []
 
-    # One more image, in shard 1: shard 0 is up to date and its file is left as it was.
-    kept = _identity(shards[0])
+    # One more image, in shard 1: shard 0 extracts nothing, but is rewritten with its rows copied
+    # bit for bit, to record the new state of the whole folder (merge refuses shards of two states).
+    kept = by_path(shards[0])
     write_image(data / _name_in_shard(1, 2, "later", "a"), size=(12, 12), seed=2000)
     assert extract.run(config(data, out, ray=True)) == 0
-    assert _identity(shards[0]) == kept
+    assert _attr(shards[0], "images_processed_last_run") == 0 and _attr(shards[0], "rows_kept") == len(kept[0])
+    rows = by_path(shards[0])
+    assert rows[1] == kept[1] and sorted(rows[0]) == sorted(kept[0])
+    for p, (label, feats) in kept[0].items():
+        np.testing.assert_array_equal(rows[0][p][1], feats)
+    fps = [json.loads(_attr(p, "fingerprint")) for p in shards]
+    assert fps[0]["whole_listing_sha256"] == fps[1]["whole_listing_sha256"] and fps[0]["whole_n_files"] == 203
     assert _attr(shards[1], "images_processed_last_run") == 1
     with open_features(out) as ff:
         assert ff.attrs["images_processed_last_run"] == 1 and ff.attrs["rows_kept"] == 202 and len(ff) == 203

@@ -1,4 +1,4 @@
-"""Extract stage: file layout, rejects, up-to-date and changed reruns, clear errors, the lock, resume after kill -9."""
+"""Extract stage: file layout, rejects, up-to-date and changed reruns (also files replaced with the same size and time, rejections of a changed limit, older files), clear errors, the lock, resume after kill -9 and after images changed."""
 
 from __future__ import annotations
 
@@ -141,8 +141,10 @@ def test_changed_folder_is_updated_incrementally(tmp_path, capsys):
         (lambda t: make_tree(t / "data"), ["-o", "{t}/x.txt"], r"must be an HDF5 file"),
         (lambda t: make_tree(t / "data"), ["--input-size", "16"], r"--input-size 16: VGG16 needs at least 32"),
         (lambda t: make_tree(t / "data"), ["--weights", "{t}/nope.h5"], r"nope.h5"),
+        (lambda t: make_tree(t / "data"), ["--image-timeout", "nan"], r"^error: --image-timeout nan: must be a finite number in \(0, inf\)$"),
+        (lambda t: make_tree(t / "data"), ["--image-timeout", "inf"], r"^error: --image-timeout inf: must be a finite number in \(0, inf\)$"),
     ],
-    ids=["missing", "no-classes", "one-class", "empty-class", "unwritable-output", "not-h5", "tiny-input", "missing-weights"],
+    ids=["missing", "no-classes", "one-class", "empty-class", "unwritable-output", "not-h5", "tiny-input", "missing-weights", "timeout-nan", "timeout-inf"],
 )
 def test_clear_one_line_errors_before_any_work(tmp_path, capsys, make, args, message):
     import re
@@ -153,7 +155,7 @@ def test_clear_one_line_errors_before_any_work(tmp_path, capsys, make, args, mes
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert re.search(message, err), err
+    assert re.search(message, err, re.M), err
     assert not (tmp_path / "out.h5").exists()
 
 
@@ -279,7 +281,7 @@ def _by_stem(path):
         ({"batch_size": 0}, r"^--batch-size 0: must be a whole number in \[1, 4294967295\]$"),
         ({"workers": -1}, r"^--workers -1: must be a whole number in \[0, 4294967295\]$"),
         ({"input_size": 16}, r"^--input-size 16: VGG16 needs at least 32 pixels"),
-        ({"precision": "float8"}, r"^--precision float8: must be one of auto, float32, bfloat16, float16$"),
+        ({"precision": "float8"}, r"^--precision float8: must be one of auto, float32, bfloat16, float16, int8$"),
         ({"shards": 0}, r"^--shards 0: must be a whole number in \[1, 4294967295\]$"),
         ({"shards": 2, "shard": 2}, r"^--shard 2 of --shards 2: need 0 <= shard < shards$"),
         ({"ray_retries": 1}, r"^--address, --ray-workers and --ray-retries only apply with --ray$"),
@@ -329,3 +331,142 @@ def test_one_decision_for_an_existing_output(tmp_path):
         decide(out, None, fp, False, unusable="it is not ours")
     with pytest.raises(PipelineError, match=r"x.h5: exists and it is not ours; pass --overwrite"):
         decide(out, fp, None, False, unusable="it is not ours")  # nothing to compare with
+
+
+def _slow_decoding(monkeypatch, seconds):
+    """Every image takes ``seconds`` to decode (a slow disk or decoder)."""
+    from pipeline.extraction import reader
+
+    real = reader.load_image
+
+    def slow(path, size, interpolation):
+        time.sleep(seconds)
+        return real(path, size, interpolation)
+
+    monkeypatch.setattr(reader, "load_image", slow)
+
+
+def test_rejections_caused_by_a_limit_are_retried_when_it_changes_or_when_asked(tmp_path, capsys, monkeypatch):
+    data = make_tree(tmp_path / "data", per_class=2, size=(12, 12))
+    out = tmp_path / "x.h5"
+    with monkeypatch.context() as m:
+        _slow_decoding(m, 0.3)
+        assert extract(data, out, "--image-timeout", "0.05") == 0
+    assert "extracted 0 images, rejected 4 " in capsys.readouterr().out
+    assert extract(data, out, "--image-timeout", "0.05") == 0  # the same limit: the rejections stand
+    assert "up to date" in capsys.readouterr().out
+    with h5py.File(out, "r") as db:
+        limits = {x.decode() for x in db["rejected/limits"][:]} if "limits" in db["rejected"] else None
+    assert extract(data, out, "--image-timeout", "600") == 0  # another limit: decoded again
+    assert "extracted 4 images, rejected 0; 4 processed this run" in capsys.readouterr().out
+    assert limits == {"image_timeout=0.05"}
+    assert verify(out) == []
+
+    (data / "dog" / "empty.png").write_bytes(b"")  # rejected for its content: kept while unchanged, whatever the limit
+    assert extract(data, out, "--image-timeout", "600") == 0
+    summary = capsys.readouterr().out
+    assert "extracted 4 images, rejected 1 " in summary and "; 1 processed this run" in summary
+    assert extract(data, out, "--image-timeout", "30") == 0
+    assert "up to date" in capsys.readouterr().out
+    assert extract(data, out, "--retry-rejected") == 0  # asked for: decoded again (and rejected again)
+    summary = capsys.readouterr().out
+    assert "extracted 4 images, rejected 1 " in summary and "; 1 processed this run" in summary
+
+
+def _replace_keeping_size_and_time(path: Path, seed: int, in_place: bool) -> None:
+    """What ``cp -p`` (in place) or ``rsync -a``/``tar`` (a new file renamed over it) do: other content, same size and mtime."""
+    import shutil
+
+    st = path.stat()
+    new = write_image(path.with_name(f".new-{seed}.bmp"), seed=seed)
+    if in_place:
+        shutil.copyfile(new, path)
+        new.unlink()
+    else:
+        os.replace(new, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert (path.stat().st_ino == st.st_ino) == in_place
+
+
+def test_files_replaced_with_the_same_size_and_time_are_extracted_again(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", per_class=3, ext=".bmp")  # uncompressed: same dimensions, same size
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    old = _rows_by_path(out)
+    _replace_keeping_size_and_time(data / "cat" / "000.bmp", seed=90, in_place=True)  # cp -p
+    _replace_keeping_size_and_time(data / "dog" / "001.bmp", seed=91, in_place=False)  # rsync -a, tar
+    capsys.readouterr()
+    assert extract(data, out) == 0
+    assert "2 processed this run" in capsys.readouterr().out
+    assert extract(data, tmp_path / "fresh.h5") == 0
+    new, ref = _rows_by_path(out), _rows_by_path(tmp_path / "fresh.h5")
+    for p in ("cat/000.bmp", "dog/001.bmp"):
+        assert_recomputed_close(new[p][1], ref[p][1], err_msg=p)
+        assert not np.allclose(new[p][1], old[p][1], rtol=2e-3, atol=2e-3), p
+    for p in set(old) - {"cat/000.bmp", "dog/001.bmp"}:
+        np.testing.assert_array_equal(new[p][1], old[p][1])
+    with h5py.File(out, "r") as db:
+        assert (db["file_inodes"][:] > 0).all() and (db["file_ctimes_ns"][:] > 0).all()
+    assert verify(out) == []
+
+
+def test_an_older_feature_file_is_read_verified_and_updated(tmp_path, capsys):
+    """A file written before inodes and change times were recorded (format 1): sound, readable,
+    and brought up to date by extracting its rows once more (their versions are unknown)."""
+    import json
+
+    data = make_tree(tmp_path / "data")
+    (data / "cat" / "bad.png").write_bytes(b"")
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    with h5py.File(out, "r+") as db:
+        for name in ("file_inodes", "file_ctimes_ns", "rejected/file_inodes", "rejected/file_ctimes_ns", "rejected/limits"):
+            del db[name]
+        db.attrs["format_version"] = 1
+        fp = json.loads(db.attrs["fingerprint"])
+        del fp["data_dir"]
+        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    assert verify(out) == []
+    with open_features(out) as ff:
+        assert len(ff) == 6
+    capsys.readouterr()
+    assert extract(data, out) == 0
+    summary = capsys.readouterr().out
+    assert "extracted 6 images, rejected 1 " in summary and "; 7 processed this run" in summary
+    with h5py.File(out, "r") as db:
+        assert db.attrs["format_version"] == 2 and "file_inodes" in db and "limits" in db["rejected"]
+    assert extract(data, out) == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_resume_after_an_image_changed_keeps_the_finished_parts_of_unchanged_images(tmp_path, capsys, monkeypatch):
+    from conftest import assert_same_rows
+    from pipeline.extraction import runner
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=8, size=(12, 12))
+    out = tmp_path / "x.h5"
+    real = runner.iter_batches
+
+    def interrupted_after_two_batches(*args, **kwargs):
+        for k, batch in enumerate(real(*args, **kwargs)):
+            if k == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "iter_batches", interrupted_after_two_batches)
+        assert extract(data, out, "--workers", "1") == 130
+    parts = sorted(out.with_name("x.h5.partial").glob("part-*.npz"))
+    assert len(parts) == 2 and not out.exists()  # a/000..a/007 done, in two parts of 4
+    write_image(data / "a" / "001.png", seed=99)  # in a finished part: changed since
+    (data / "a" / "002.png").unlink()  # in a finished part: deleted since
+    write_image(data / "a" / "000-new.png", seed=98)  # a new file sorting inside the finished ones
+    capsys.readouterr()
+    loud = [a for a in FAST if a != "--quiet"]
+    assert main(["extract", str(data), "-o", str(out), *loud]) == 0
+    captured = capsys.readouterr()
+    assert f"resuming {out}: 6 of 16 files already done" in captured.err
+    assert "10 processed this run" in captured.out and not out.with_name("x.h5.partial").exists()
+    assert extract(data, tmp_path / "fresh.h5") == 0
+    assert_same_rows(out, tmp_path / "fresh.h5")
+    assert verify(out) == []

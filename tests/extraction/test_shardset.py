@@ -1,4 +1,4 @@
-"""The merge library: shards merged into one virtual file equal a single run, read like one, move with their folder; bad shard sets (also older every-N-th shards mixed with path-hash ones) are refused."""
+"""The merge library: shards merged into one virtual file equal a single run, read like one, move with their folder; bad shard sets (older every-N-th shards mixed with path-hash ones, shards of other folders or of another state of the folder, an output that is a shard however spelled) are refused."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pipeline.extraction.shards import merged_fingerprint
 from pipeline.extraction.shardset import merge, stale_sources
 from pipeline.extraction.store import open_features
 from pipeline.extraction.verify import verify
-from shard_data import N, extract_shards, make_run, one_shard
+from shard_data import N, extract, extract_shards, make_run, one_shard
 
 
 def read(path, name):
@@ -202,3 +202,57 @@ def test_per_run_attributes_count_only_the_shards_that_ran(run, tmp_path):
     assert attr(merged, "images_processed_last_run") == 0 and attr(merged, "rows_kept") == 21 and attr(merged, "extract_seconds") == 0
     merge(merged, shards, overwrite=True)  # the merge command: every shard counts
     assert attr(merged, "images_processed_last_run") == sum(processed) > processed[1]
+
+
+def test_the_output_is_never_one_of_the_shards_however_spelled(run, tmp_path):
+    data, reference, out, shards = run
+    folder = tmp_path / "a"
+    folder.mkdir()
+    copies = [Path(shutil.copy2(p, folder / p.name)) for p in shards]
+    os.symlink(folder, tmp_path / "via")
+    before = copies[1].read_bytes()
+    spellings = ["/" + str(copies[1]), tmp_path / "via" / copies[1].name, folder / ".." / "a" / copies[1].name]
+    for spelled in spellings:
+        with pytest.raises(PipelineError, match=r"is both the output \(.*\) and a shard; write the merged file elsewhere$"):
+            merge(spelled, copies, overwrite=True)
+        assert copies[1].read_bytes() == before
+    assert verify(copies[1]) == [] and not list(folder.glob(".*tmp*")) and not list(folder.glob("*.lock"))
+
+
+def test_shards_of_another_folder_are_refused(run, tmp_path):
+    data, reference, out, shards = run
+    twin = tmp_path / "twin"
+    shutil.copytree(data, twin)  # the same class names and images, another folder
+    other = one_shard(twin, tmp_path / "t.h5", N, 1)
+    with pytest.raises(PipelineError) as exc:
+        merge(tmp_path / "m.h5", [shards[0], other, shards[2]])
+    message = str(exc.value)
+    assert message.startswith(f"{other}: made with data_dir {os.path.realpath(twin)!r} but {shards[0]} with {os.path.realpath(data)!r}"), message
+    assert not (tmp_path / "m.h5").exists()
+
+
+def _shard_holding(paths, n, k):
+    from pipeline.extraction.shards import shard_of
+
+    return next(p for p in paths if shard_of(p, n) == k)
+
+
+def test_shards_of_another_state_of_the_folder_are_refused(tmp_path):
+    """Images deleted, then only the other shard re-extracted: the merge would still hold the deleted images."""
+    from pipeline.extraction.reader import list_images
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=6, size=(12, 12))
+    out = tmp_path / "x.h5"
+    shards = extract_shards(data, out, 2)
+    gone = _shard_holding(list_images(data).paths, 2, 0)
+    (data / gone).unlink()
+    assert extract(data, shards[1], "--shards", "2", "--shard", "1") == 0  # its own images did not change
+    with pytest.raises(PipelineError) as exc:
+        merge(out, shards)
+    message = str(exc.value)
+    assert message.startswith(f"{shards[1]}: made from another state of the data folder than {shards[0]} (whole_listing_sha256 "), message
+    assert "re-extract the shards made before the change" in message and not out.exists()
+    assert extract(data, shards[0], "--shards", "2", "--shard", "0") == 0
+    assert merge(out, shards) == 11
+    with open_features(out) as ff:
+        assert gone not in ff.paths and verify(out) == []

@@ -1,4 +1,4 @@
-"""Feature store: the output check, the work area's parts and resume indices, the writer's round trip, the validating reader's refusals, and the output lock."""
+"""Feature store: the output check, the writer's round trip (also of rows without inodes and change times), the validating reader's refusals, and the output lock."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock
+from pipeline.extraction.contract import FORMAT_VERSION
 from pipeline.extraction.store import (
     SPEC_KEYS,
-    WorkArea,
     check_compatible,
     check_output_writable,
     open_features,
@@ -46,8 +46,11 @@ def test_writer_and_reader_round_trip(tmp_path):
         assert ff.paths == ["a/000.png", "b/001.png", "a/002.png", "b/003.png", "a/004.png", "b/005.png", "a/006.png"]
         assert ff.db["features"].dtype == np.float16 and ff.db["features"].maxshape[0] is None
         assert ff.db["file_mtimes_ns"][:].tolist() == list(range(7))
+        # rows given without inodes and change times: stored as unknown, so an update extracts them again
+        assert ff.db["file_inodes"][:].tolist() == ff.db["file_ctimes_ns"][:].tolist() == [-1] * 7
+        assert ff.db["rejected/file_inodes"][:].tolist() == [-1] and [x.decode() for x in ff.db["rejected/limits"][:]] == [""]
         a = ff.attrs
-        assert a["complete"] and a["n_images"] == 7 and a["n_rejected"] == 1 and a["format_version"] == 1
+        assert a["complete"] and a["n_images"] == 7 and a["n_rejected"] == 1 and a["format_version"] == FORMAT_VERSION == 2
         assert ff.spec == {**{k: SPEC[k] for k in SPEC_KEYS}, "feature_shape": [1, 1, 4]}
         blocks = list(ff.iter_chunks(rows=3))
         assert [s for s, _ in blocks] == [0, 3, 6] and all(b.dtype == np.float32 for _, b in blocks)
@@ -75,8 +78,13 @@ def test_non_finite_features_are_refused_and_nothing_is_left(tmp_path):
         (lambda p: _edit(p, lambda db: db.__delitem__("paths")), r"missing dataset 'paths'"),
         (lambda p: _edit(p, lambda db: db["labels"].__setitem__(2, 5)), r"labels range 0..5 falls outside label_names \(0..1\)"),
         (lambda p: _edit(p, lambda db: db["labels"].resize((5,))), r"datasets have different lengths"),
+        (lambda p: (p.unlink(), p.mkdir()), r"x.h5: is a folder, not a feature file$"),
+        (lambda p: _edit(p, lambda db: db.attrs.__setitem__("complete", "yes")), r"incomplete feature file"),
+        (lambda p: _edit(p, lambda db: (db.__delitem__("features"), db.create_dataset("features", data=np.zeros(7)))),
+         r"dataset 'features' has shape \(7,\); it must have at least 2 dimensions"),
+        (lambda p: _edit(p, lambda db: (db.__delitem__("paths"), db.create_dataset("paths", data=np.arange(7)))), r"dataset 'paths' is int64; it must be UTF-8 string"),
     ],
-    ids=["missing", "not-hdf5", "incomplete", "no-paths", "mislabelled", "lengths"],
+    ids=["missing", "not-hdf5", "incomplete", "no-paths", "mislabelled", "lengths", "folder", "complete-yes", "1-d-features", "integer-paths"],
 )
 def test_open_features_refuses_a_broken_file(tmp_path, damage, message):
     out = tmp_path / "x.h5"
@@ -84,7 +92,7 @@ def test_open_features_refuses_a_broken_file(tmp_path, damage, message):
     damage(out)
     with pytest.raises(PipelineError, match=message) as exc:
         open_features(out)
-    assert str(out) in str(exc.value)
+    assert str(out) in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_open_features_refuses_a_single_class_and_can_read_an_incomplete_file(tmp_path):
@@ -114,26 +122,6 @@ def test_check_compatible(tmp_path):
             check_compatible(a, b)
         with pytest.raises(PipelineError, match=r"c.h5: class names \['a', 'c'\] differ from"):
             check_compatible(a, c)
-
-
-def test_work_area_parts_and_resume_indices(tmp_path):
-    work = WorkArea(tmp_path / "x.h5")
-    assert work.path == tmp_path / "x.h5.partial" and not work.exists() and work.manifest() is None
-    work.start({"listing_sha256": "abc"})
-    assert work.manifest() == {"listing_sha256": "abc"} and work.next_seq() == 0
-    feats = np.ones((2, 1, 1, 4), np.float16)
-    work.write_part(0, np.array([4, 5]), feats, np.array([6]), ["empty file (0 bytes)"])
-    work.write_part(1, np.array([0, 1]), feats * 2, np.array([], np.int64), [])
-    assert [p.name for p in work.parts()] == ["part-000000000.npz", "part-000000001.npz"] and work.next_seq() == 2
-    assert work.done_indices().tolist() == [0, 1, 4, 5, 6]
-    index = work.index()  # in listing order, not in the order written
-    assert [p.indices.tolist() for p in index] == [[0, 1], [4, 5]] and index[1].reasons == ["empty file (0 bytes)"]
-    np.testing.assert_array_equal(WorkArea.features(index[0]), feats * 2)
-    assert not list(work.path.glob(".part-*"))  # no temporary part left behind
-    (work.path / "part-000000002.npz").write_bytes(b"damaged")  # never written by us: a disk fault
-    assert work.done_indices().tolist() == [0, 1, 4, 5, 6] and len(work.parts()) == 2  # dropped, its rows redone
-    work.remove()
-    assert not work.exists()
 
 
 def test_check_output_writable(tmp_path):

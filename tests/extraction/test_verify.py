@@ -12,20 +12,25 @@ from pipeline.extraction.shardset import merge
 from pipeline.extraction.store import write_feature_file
 from pipeline.extraction.verify import verify
 
-ATTRS = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "preprocessing": "caffe", "resize": "bilinear",
-         "weights": "none", "weights_checksum": "none", "precision": "float32"}  # fmt: skip
+#: Every attribute the contract asks of a file written by one extraction (``extract`` writes these).
+ATTRS = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "feature_shape": [1, 1, 512], "preprocessing": "caffe",
+         "resize": "bilinear", "weights": "none", "weights_source": "random init", "weights_checksum": "none", "precision": "float32",
+         "storage_dtype": "float32", "batch_size": 4, "versions": "{}", "created": "2024-01-01T00:00:00+00:00",
+         "command_line": "python -m pipeline extract", "data_dir": "/data", "extract_seconds": 0.5,
+         "images_processed_last_run": 2, "incremental": False, "rows_kept": 0}  # fmt: skip
 
 
 def write(path, paths, *, shard=None, shards=2, rejected=()):
     """A small feature file with one row per path (class = the path's folder)."""
     classes = ("a", "b")
     labels = np.array([classes.index(p.split("/")[0]) for p in paths])
-    feats = np.arange(len(paths), dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 1, 2), np.float32)
-    fp = {"backbone": "vgg16", "shards": shards if shard is not None else 1, "shard": shard or 0, "listing_sha256": str(paths), "n_files": len(paths)}
+    feats = np.arange(len(paths), dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 1, 512), np.float32)
+    n = 1 if shard is None else shards
+    fp = {"backbone": "vgg16", "shards": n, "shard": shard or 0, "listing_sha256": str(paths), "n_files": len(paths)}
     write_feature_file(
-        path, row_shape=(1, 1, 2), storage="float32", class_names=classes,
+        path, row_shape=(1, 1, 512), storage="float32", class_names=classes,
         rows=iter([(feats, labels, list(paths), np.ones(len(paths)), np.zeros(len(paths)))]),
-        rejected=list(rejected), attrs={**ATTRS, "fingerprint": json.dumps(fp, sort_keys=True)},
+        rejected=list(rejected), attrs={**ATTRS, "shards": n, "shard": shard or 0, "fingerprint": json.dumps(fp, sort_keys=True)},
     )  # fmt: skip
     return path
 

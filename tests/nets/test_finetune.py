@@ -1,4 +1,4 @@
-"""The finetune stage: which weights train in each mode, the saved model, the metrics contract, flags and early errors."""
+"""The finetune stage: which weights train in each mode and head, the probe fitted on the training rows only, the saved model, the metrics contract, flags and early errors."""
 
 from __future__ import annotations
 
@@ -11,28 +11,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from conftest import make_tree
+from pipeline.classical.bundle import load_bundle
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
 from pipeline.extraction.backbone import resolve_precision
 from pipeline.nets import finetune as ft
-from pipeline.nets.networks import VGG16_LAYERS, find_layer
+from pipeline.nets.networks import VGG16_LAYERS, base_features, build_base, find_layer
+from pipeline.nets.probe import feature_spec, fit_probe
 from pipeline.nets.results import METRICS_KEYS
 
 CLASSES = ("ant", "bee", "cat")
 FAST = dict(input_size=32, weights="none", dense=8, head_epochs=1, epochs=1, batch_size=8, patience=2, cache_copies=2, quiet=True)
 FROZEN = [n for n in VGG16_LAYERS if n.startswith(("block1", "block2", "block3", "block4")) and "conv" in n]
 BLOCK5 = ["block5_conv1", "block5_conv2", "block5_conv3"]
-HEAD = ["head_dense", "predictions"]
+HEAD = {"probe": ["probe_logistic"], "dense": ["head_dense", "predictions"]}
+
+
+def colour_tree(root: Path, per_class: int, seed: int = 0) -> Path:
+    """One flat colour per class plus faint noise: easy to learn, so a training step lowers the validation loss
+    (augmentation barely changes a flat image), and every training phase keeps trained weights."""
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(CLASSES):
+        colour = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]][k])
+        for i in range(per_class):
+            pixels = np.clip(colour + rng.integers(-8, 9, size=(30, 40, 3)), 0, 255).astype(np.uint8)
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, "RGB").save(root / name / f"{i:03d}.png")
+    return root
 
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    data = make_tree(root / "data", classes=CLASSES, per_class=6)
+    data = colour_tree(root / "data", per_class=6)
     (data / "bee" / "broken.png").write_bytes(b"")  # undecodable: counted, never fatal
-    test = make_tree(root / "test", classes=CLASSES, per_class=2)
+    test = colour_tree(root / "test", per_class=2, seed=1)
     return root, data, test
 
 
@@ -45,17 +62,18 @@ def same(a, b) -> bool:
 
 
 def start_of(config):
-    """The untrained network the run started from (the build is seeded, weights 'none')."""
-    return ft.build_network(config, len(CLASSES), resolve_precision(config.precision)).full
+    """The untrained network the run started from (the build is seeded, weights 'none'; the probe is the one the run wrote)."""
+    probe = load_bundle(Path(config.out_dir) / "finetune.probe.joblib")["estimator"] if config.head == "probe" else None
+    return ft.build_network(config, len(CLASSES), resolve_precision(config.precision), probe=probe).full
 
 
 @pytest.fixture(scope="module")
 def runs(trees):
-    """One run per mode, shared by the tests below (each run costs a few seconds)."""
+    """One run per mode and head (cached LP-FT, plain dense head), shared by the tests below (each costs a few seconds)."""
     root, data, test = trees
     configs = {
         "cached": ft.FinetuneConfig(data, out_dir=root / "cached", precision="bfloat16", **FAST),
-        "plain": ft.FinetuneConfig(data, test_dir=test, out_dir=root / "plain", precision="float32", cache=False, **FAST),
+        "plain": ft.FinetuneConfig(data, test_dir=test, out_dir=root / "plain", precision="float32", cache=False, head="dense", **FAST),
     }
     return {k: (c, ft.fit(c)) for k, c in configs.items()}
 
@@ -67,9 +85,25 @@ def test_block5_trains_and_blocks_1_to_4_stay_bit_identical(runs, mode):
     before, after = start_of(config), result.net.full
     for name in FROZEN:
         assert same(weights_of(before, name), weights_of(after, name)), name
-    for name in BLOCK5 + HEAD:
+    assert result.metrics["phases"][-1]["best_epoch"] >= 1  # the data is easy: fine-tuning lowered the validation loss
+    for name in BLOCK5 + HEAD[config.head]:
         assert not np.array_equal(weights_of(before, name)[0], weights_of(after, name)[0]), f"{name} did not train"
-    assert [p["name"] for p in result.metrics["phases"]] == ["head", "finetune"]
+    assert [p["name"] for p in result.metrics["phases"]] == {"probe": ["finetune"], "dense": ["head", "finetune"]}[config.head]
+
+
+def test_the_probe_is_fitted_on_the_training_rows_only(runs):
+    """Refitting the probe on the run's training rows alone gives the bundle it wrote: no validation or test row leaked in."""
+    config, result = runs["cached"]
+    bundle = load_bundle(Path(config.out_dir) / "finetune.probe.joblib")
+    m = result.metrics
+    assert m["probe"]["n_train"] == m["n_train"] == len(result.data.train_y) and m["probe"]["file"].endswith("finetune.probe.joblib")
+    base = build_base(input_size=32, unfreeze_from="block5_conv1", precision="bfloat16", seed=0)
+    spec = feature_spec(input_size=32, resize="bilinear", weights=type("W", (), {"name": "none", "checksum": "none"})(), pool="flatten")
+    again = fit_probe(base_features(base, result.data.train_x, 8), result.data.train_y, class_names=CLASSES, spec=spec,
+                      precision="bfloat16", seed=0, quiet=True, where="data")  # fmt: skip
+    assert again.info["best_params"] == m["probe"]["best_params"]
+    np.testing.assert_allclose(again.estimator[-1].coef_, bundle["estimator"][-1].coef_, rtol=1e-4, atol=1e-6)
+    assert bundle["feature_spec"]["pool"] == "flatten" and bundle["feature_spec"]["input_size"] == 32 and bundle["label_names"] == list(CLASSES)
 
 
 @pytest.mark.parametrize("mode", ["cached", "plain"])
@@ -94,13 +128,15 @@ def test_metrics_contract_and_files(runs, trees):
         out = Path(config.out_dir)
         on_disk = json.loads((out / "finetune.metrics.json").read_text())
         assert set(METRICS_KEYS) <= set(on_disk), set(METRICS_KEYS) - set(on_disk)
-        assert on_disk["strategy"] == "finetune (from block5_conv1)"
+        assert on_disk["strategy"] == {"probe": "LP-FT (from block5_conv1)", "dense": "finetune, dense head from random (from block5_conv1)"}[config.head]
         assert on_disk["unfreeze_from"] == "block5_conv1" and on_disk["input_size"] == 32 and on_disk["seed"] == 0
         assert on_disk["rejected"] == 1 and on_disk["rejected_files"][0][0].endswith("bee/broken.png")
         assert set(on_disk["per_class"]) == set(CLASSES)
         assert 0 <= on_disk["accuracy"] <= 1 and 0 <= on_disk["macro_f1"] <= 1
         assert on_disk["images_per_second"] > 0 and on_disk["seconds_per_epoch"] > 0 and on_disk["train_seconds"] > 0
-        assert on_disk["epochs_run"] == 2 == len(on_disk["history"]["val_loss"])
+        # LP-FT: 1 fine-tuning epoch after the probe (epoch 0 of the history); dense: 1 head + 1 fine-tuning epoch
+        assert on_disk["epochs_run"] == {"probe": 1, "dense": 2}[config.head] and len(on_disk["history"]["val_loss"]) == 2
+        assert on_disk["history"]["phase"][0] == {"probe": "probe", "dense": "head"}[config.head]
         assert (out / "finetune.curves.png").read_bytes()[:4] == b"\x89PNG"
         assert not list(out.glob(".*tmp*"))
     cached = runs["cached"][1].metrics
@@ -126,7 +162,7 @@ def test_metrics_contract_and_files(runs, trees):
 
 def test_unfreeze_none_keeps_the_whole_base(trees):
     root, data, _ = trees
-    config = ft.FinetuneConfig(data, out_dir=root / "none", unfreeze_from="none", precision="float32", **FAST)
+    config = ft.FinetuneConfig(data, out_dir=root / "none", unfreeze_from="none", head="dense", precision="float32", **FAST)
     result = ft.fit(config)
     before, after = start_of(config), result.net.full
     for name in FROZEN + BLOCK5:
@@ -139,14 +175,13 @@ def test_unfreeze_none_keeps_the_whole_base(trees):
 
 def test_unfreeze_all_trains_block1(trees):
     root, data, _ = trees
-    config = ft.FinetuneConfig(data, out_dir=root / "all", unfreeze_from="all", precision="float32",
-                               **dict(FAST, head_epochs=0, augment=False))
+    config = ft.FinetuneConfig(data, out_dir=root / "all", unfreeze_from="all", precision="float32", **dict(FAST, augment=False))
     result = ft.fit(config)
     before, after = start_of(config), result.net.full
     assert not np.array_equal(weights_of(before, "block1_conv1")[0], weights_of(after, "block1_conv1")[0])
     assert same(weights_of(before, "rgb_to_bgr"), weights_of(after, "rgb_to_bgr"))  # preprocessing is fixed
     assert result.metrics["mode"] == "plain" and "no VGG16 layer" in result.metrics["plain_reason"]
-    assert result.metrics["strategy"] == "finetune (all layers)"
+    assert result.metrics["strategy"] == "LP-FT (all layers)" and result.metrics["phases"][0]["best_epoch"] == 1
 
 
 def parse(*argv):
@@ -157,12 +192,13 @@ def parse(*argv):
 
 
 def test_cli_flags_build_the_config(monkeypatch, tmp_path):
-    argv = ["finetune", str(tmp_path), "--test", "t", "-o", "m", "--unfreeze-from", "none", "--head", "gap",
+    argv = ["finetune", str(tmp_path), "--test", "t", "-o", "m", "--unfreeze-from", "none", "--head", "dense", "--pool", "avg",
             "--no-augment", "--no-cache", "--cache-copies", "3", "--lr", "2e-5", "--seed", "7"]  # fmt: skip
     c = ft.from_args(parse(*argv), argv)
-    assert (c.test_dir, c.out_dir, c.unfreeze_from, c.head, c.augment, c.cache, c.cache_copies, c.lr, c.seed) == (
-        Path("t"), Path("m"), "none", "gap", False, False, 3, 2e-5, 7)
-    assert c.input_size == 224 and c.weights == "imagenet" and "finetune" in c.command_line
+    assert (c.test_dir, c.out_dir, c.unfreeze_from, c.head, c.pool, c.augment, c.cache, c.cache_copies, c.lr, c.seed) == (
+        Path("t"), Path("m"), "none", "dense", "avg", False, False, 3, 2e-5, 7)
+    assert c.input_size == 224 and c.weights == "imagenet" and c.probe is None and "finetune" in c.command_line
+    assert ft.from_args(parse("finetune", "d", "--probe", "lr.joblib"), []).probe == Path("lr.joblib")
     # the dispatcher hands the same config to the stage's run
     seen = {}
     monkeypatch.setattr(ft, "run", lambda config: seen.setdefault("c", config))
@@ -189,6 +225,7 @@ def test_flag_defaults_are_the_config_defaults():
         (["--batch-size", "0"], r"--batch-size 0: must be a whole number in \[1, 4294967295\]"),
         (["--cache-copies", "0"], r"--cache-copies 0: must be at least 1"),
         (["--unfreeze-from", "block9_conv1"], r"--unfreeze-from block9_conv1: not a VGG16 layer"),
+        (["--probe", "missing.joblib"], r"--probe missing.joblib: no such file; write one with `train --model lr`"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
@@ -207,7 +244,10 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
         (dict(val_split=0.0), r"--val-split 0.0: must be between 0 and 1"),
         (dict(input_size=16), r"--input-size 16: VGG16 needs at least 32 pixels"),
         (dict(cache_copies=0), r"--cache-copies 0: must be at least 1"),
-        (dict(unfreeze_from="none", head_epochs=0), r"nothing would be trained"),
+        (dict(unfreeze_from="none", head="dense", head_epochs=0), r"nothing would be trained"),
+        (dict(unfreeze_from="none"), r"--unfreeze-from none with --head probe: nothing would be fine-tuned"),
+        (dict(epochs=0), r"--epochs 0 with --head probe: nothing would be fine-tuned"),
+        (dict(head="dense", probe=Path("lr.joblib")), r"--probe lr.joblib: needs --head probe"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, change, message):

@@ -16,7 +16,7 @@ from pipeline.nets.networks import (
     preprocess_layers,
 )
 
-FIELDS = dict(input_size=32, head="gap", dense=4, dropout=0.1, precision="float32", seed=0)
+FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, precision="float32", seed=0)
 
 
 def test_preprocessing_layers_equal_backbone_preprocess():
@@ -43,7 +43,7 @@ def test_finetune_builder_splits_vgg16_at_the_layer(unfreeze_from, cut, phases):
     prefix_layers = {l.name for l in net.prefix.layers}
     top_layers = {l.name for l in net.top.layers}
     assert set(VGG16_LAYERS[:cut]) <= prefix_layers and not set(VGG16_LAYERS[cut:]) & prefix_layers
-    assert set(VGG16_LAYERS[cut:]) <= top_layers and {"head_gap", "head_dense", "predictions"} <= top_layers
+    assert set(VGG16_LAYERS[cut:]) <= top_layers and {"head_avg", "head_dense", "predictions"} <= top_layers
     if len(phases) == 2:
         assert [l.name for l in net.phases[1][1]][: 18 - cut] == list(VGG16_LAYERS[cut:])
     assert tuple(net.full.inputs[0].shape) == (None, 32, 32, 3) and net.full.inputs[0].dtype == "uint8"

@@ -1,4 +1,4 @@
-"""Training: batches from memory, the cached-prefix plan and its reasons for plain mode, phases that are skipped or run."""
+"""Training: batches from memory, the cached-prefix plan and its reasons for plain mode, phases that are skipped or run and keep their best weights, their start included."""
 
 from __future__ import annotations
 
@@ -27,16 +27,24 @@ def test_batches_cover_every_row_once_per_epoch():
     assert sorted(seen.tolist()) == list(range(7))
 
 
-def test_cached_batches_draw_one_copy_of_each_row():
-    n = 5
-    x = np.stack([np.arange(n) + 100 * k for k in range(3)]).astype(np.float32).reshape(3, n, 1)
-    for xb, yb in batches(x, np.arange(n, dtype=np.int32), 2, np.random.default_rng(1), copies=True):
-        assert all(int(v) % 100 == int(i) for v, i in zip(xb.numpy().ravel(), yb.numpy()))
+def test_cached_batches_draw_one_copy_of_each_row_and_every_copy_once_in_k_epochs():
+    n, k = 5, 3
+    x = np.stack([np.arange(n) + 100 * c for c in range(k)]).astype(np.float32).reshape(k, n, 1)
+    ds = batches(x, np.arange(n, dtype=np.int32), 2, np.random.default_rng(1), copies=True)
+    seen = {i: [] for i in range(n)}
+    for _ in range(2 * k):  # two rounds of k epochs
+        for xb, yb in ds:
+            for v, i in zip(xb.numpy().ravel().tolist(), yb.numpy().tolist()):
+                assert int(v) % 100 == i  # the row's own copy
+                seen[i].append(int(v) // 100)
+    for copies in seen.values():
+        assert sorted(copies[:k]) == sorted(copies[k:]) == list(range(k))
+    assert len({tuple(c) for c in seen.values()}) > 1  # each row walks its copies in its own order
 
 
 @pytest.fixture(scope="module")
 def net():
-    return build_finetune_network(2, input_size=32, unfreeze_from="block5_conv1", head="flatten", dense=4, dropout=0.0, precision="float32", seed=0)
+    return build_finetune_network(2, input_size=32, unfreeze_from="block5_conv1", head="dense", pool="flatten", dense=4, dropout=0.0, precision="float32", seed=0)
 
 
 def test_cache_plan_sizes_and_reasons(net, monkeypatch):
@@ -53,7 +61,7 @@ def test_cache_plan_sizes_and_reasons(net, monkeypatch):
 
 
 def test_plain_mode_when_nothing_is_frozen():
-    everything = build_finetune_network(2, input_size=32, unfreeze_from="all", head="gap", dense=4, dropout=0.0, precision="float32", seed=0)
+    everything = build_finetune_network(2, input_size=32, unfreeze_from="all", head="dense", pool="avg", dense=4, dropout=0.0, precision="float32", seed=0)
     copies, _, _, why = cache_plan(everything, fake_data(), cache=True, cache_copies=2, augment=True, pixel_bytes=0)
     assert copies == 0 and "no VGG16 layer" in why
 
@@ -73,3 +81,18 @@ def test_phases_with_zero_epochs_are_skipped():
     history, records = train_phases(cnn, fake_data(), {"train": (2, 1e-3)}, **opts)
     assert [r["name"] for r in records] == ["train"] and history["phase"] == ["train"] * records[0]["epochs_run"]
     assert len(records[0]["epoch_seconds"]) == records[0]["epochs_run"] and records[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("lr, improves", [(1e-4, True), (1e3, False)])
+def test_each_phase_keeps_its_best_weights_its_start_included(lr, improves):
+    """Validation rows = training rows and full batches: a small step lowers the validation loss and is kept;
+    a huge one raises it, and the phase returns exactly the weights it started from (epoch 0)."""
+    data = fake_data(n_train=8)
+    data.val_x, data.val_y = data.train_x, data.train_y
+    net = build_finetune_network(2, input_size=32, unfreeze_from="none", head="dense", pool="flatten", dense=4, dropout=0.0, precision="float32", seed=0)
+    start = [w.copy() for w in net.top.get_weights()]
+    history, (record,) = train_phases(net, data, {"head": (2, lr)}, precision="float32", batch_size=8, patience=1, augment=False, seed=0, quiet=True)
+    unchanged = all(np.array_equal(a, b) for a, b in zip(start, net.top.get_weights(), strict=True))
+    assert (record["best_epoch"] >= 1, unchanged) == (improves, not improves)
+    assert (record["best_val_loss"] < record["start_val_loss"]) == improves
+    assert history["phase"] == ["head"] * record["epochs_run"]  # a random head's start is not an epoch of the history

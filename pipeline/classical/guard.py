@@ -1,0 +1,46 @@
+"""Outputs checked against inputs: a path a stage would write that is one of its inputs (by file identity, however spelled) is refused before any work."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import same_file
+
+
+def refuse_inputs_as_outputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], advice: str) -> None:
+    """Raise if any of ``outputs`` names the same file or folder as one of ``inputs``.
+
+    Identity is ``core.outputs.same_file``'s: device and inode when both exist, else the
+    fully resolved paths, so ``//x``, ``a/../x`` and symbolic links are all seen through.
+    Each path is stat-ed once per comparison (a predict run compares one output with every
+    image), and resolved only when neither exists.
+
+    Args:
+        outputs: every path the stage will write or replace (existing or not).
+        inputs: ``(what, path)`` pairs, e.g. ``("the feature file", path)``.
+        advice: what to do instead, e.g. ``"choose another -o folder"``.
+
+    Raises:
+        PipelineError: ``OUT: is WHAT PATH (the same file); writing it would destroy that input; ADVICE``.
+    """
+    inputs = list(inputs)
+    for out in outputs:
+        out_stat = _stat(out)
+        for what, path in inputs:
+            in_stat = _stat(path)
+            if out_stat is not None and in_stat is not None:  # both exist: same_file's device-and-inode rule, one stat each
+                same = (out_stat.st_dev, out_stat.st_ino) == (in_stat.st_dev, in_stat.st_ino)
+            else:  # an existing file is never a missing one; else compare the resolved paths
+                same = out_stat is None and in_stat is None and same_file(Path(out), Path(path))
+            if same:
+                raise PipelineError(f"{out}: is {what} {path} (the same file); writing it would destroy that input; {advice}")
+
+
+def _stat(path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None

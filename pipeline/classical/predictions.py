@@ -1,0 +1,105 @@
+"""Predictions output: the text, CSV and JSON renderings, file names that are not valid UTF-8 written without loss, and recognising a file ``predict`` wrote.
+
+File names are ``str`` decoded from the file system with ``surrogateescape`` (a byte that is
+not valid UTF-8 becomes the code point U+DC80 + byte). Every format keeps them exactly:
+text and CSV are written as bytes, such code points turned back into the original bytes
+(so ``cut``, ``xargs`` or a CSV reader opening the file in binary find the file again);
+JSON, which is ASCII here, carries them as ``\\udcXX`` escapes (``os.fsencode`` of the
+parsed string gives the original bytes). Rendering and encoding cannot fail, so no
+prediction is lost once the images are labelled.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+from pipeline.core.outputs import atomic_output
+
+FORMATS = ("text", "csv", "json")
+COLUMNS = ("path", "label", "score", "error")
+#: First line of the text format: marks a file as predictions (``-o`` replaces such a file without ``--overwrite``).
+TEXT_MARKER = "# transfer-pipeline predictions: path, label, score (or ERROR and the reason)"
+#: How each format begins; a file starting so was written by ``predict``.
+_STARTS = (TEXT_MARKER + "\n", ",".join(COLUMNS) + "\n", '[\n  {\n    "path": ')
+#: Encoding error handler for names: surrogate-escaped bytes back to the bytes, any other
+#: lone surrogate (not from a file name) as a ``\\uXXXX`` escape.
+NAME_ERRORS = "transfer-pipeline-names"
+
+
+def _names_handler(exc: UnicodeError):
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for ch in exc.object[exc.start : exc.end]:
+        code = ord(ch)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}".encode()
+    return bytes(out), exc.end
+
+
+codecs.register_error(NAME_ERRORS, _names_handler)
+
+
+def encode(text: str) -> bytes:
+    """UTF-8 bytes of ``text``, file names that were not valid UTF-8 as their original bytes (never raises)."""
+    return text.encode("utf-8", NAME_ERRORS)
+
+
+def format_results(results: list[dict], fmt: str) -> str:
+    """Render results as ``text`` (a marker line, then aligned columns), ``csv`` (path,label,score,error) or ``json`` (a list of objects)."""
+    if fmt == "json":
+        return json.dumps(results, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for r in results:
+            w.writerow([r["path"], r["label"] or "", "" if r["score"] is None else f"{r['score']:.6g}", r["error"] or ""])
+        return buf.getvalue()
+    pw = min(60, max(len(r["path"]) for r in results))
+    lw = max([len(r["label"]) for r in results if r["label"]] or [5])
+    lines = [TEXT_MARKER]
+    for r in results:
+        if r["error"] is None:
+            lines.append(f"{r['path']:<{pw}}  {r['label']:<{lw}}  {r['score']:.4f}")
+        else:
+            lines.append(f"{r['path']:<{pw}}  {'ERROR':<{lw}}  {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file that begins like one ``predict`` writes (any of the formats)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(max(len(s) for s in _STARTS))
+    except OSError:
+        return False
+    return any(head.startswith(s.encode()) for s in _STARTS)
+
+
+def write_predictions(text: str, output: Path | None) -> None:
+    """Write rendered predictions to ``output`` (atomically) or, when None, to standard output, names as their bytes.
+
+    Raises:
+        PipelineError: the file could not be written (any previous file is left untouched).
+    """
+    data = encode(text)
+    if output is not None:
+        with atomic_output(Path(output)) as tmp:
+            tmp.write_bytes(data)
+        return
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (an io.StringIO): it holds the names as they are
+        sys.stdout.write(text)
+    else:
+        buffer.write(data)
+        buffer.flush()
