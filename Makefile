@@ -62,7 +62,7 @@ train-lr train-svm train-rf: train-%: setup ## a classifier (lr, svm or rf) on t
 predict: setup ## label images: make predict IMAGES=folder [MODEL=features/models/lr.joblib]
 	$(PY) -m pipeline predict $(or $(MODEL),$(MODELS)/lr.joblib) $(IMAGES) $(PREDICT_ARGS)
 
-compare: ## every strategy (scratch CNN, frozen features + LR/SVM/RF, frozen base + head, fine-tuning) on the same test images
+compare: ## every strategy (scratch CNN, frozen features + LR/SVM/RF, frozen base + head, fine-tuning from a dense head and LP-FT from the LR probe) on the same test images
 	@$(MAKE) --no-print-directory extract
 	$(PY) -m pipeline compare --data $(DATA_ROOT) -o $(FEATURES) $(COMPARE_ARGS)
 

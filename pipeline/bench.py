@@ -135,6 +135,30 @@ def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
     return {"images": len(paths), "seconds": seconds, "bytes": out.stat().st_size}
 
 
+def _child_interleaved(data: Path, size: int, batch: int, precisions: list[str], rounds: int) -> dict:
+    """Every precision's network in one process, called in turn batch by batch: ratios a shared machine's load cannot skew."""
+    from pipeline.extraction.engines import open_backbone
+    from pipeline.extraction.reader import load_image
+    from pipeline.extraction.weights import resolve_weights
+
+    pixels = np.stack([load_image(p, size, "bilinear") for p in _paths(data)])
+    weights = resolve_weights("imagenet", progress=False)
+    nets = {p: open_backbone(size, weights, p, batch_size=batch, calibration=_calibration(data, size, weights) if p == "int8" else None) for p in precisions}
+    for net in nets.values():
+        net(pixels[:batch])  # first-call costs out of the way
+    seconds: dict[str, list[float]] = {p: [] for p in nets}
+    for _ in range(rounds):
+        for i in range(0, len(pixels), batch):
+            for p, net in nets.items():
+                t0 = time.perf_counter()
+                net(pixels[i : i + batch])
+                seconds[p].append(time.perf_counter() - t0)
+    per_round = {p: np.asarray(s).reshape(rounds, -1).sum(1) for p, s in seconds.items()}
+    return {"images": len(pixels), "rounds": rounds,
+            "images_per_second": {p: float(np.median(len(pixels) / t)) for p, t in per_round.items()},
+            "vs_float32": {p: float(np.median(per_round["float32"] / t)) for p, t in per_round.items()} if "float32" in nets else {}}  # fmt: skip
+
+
 def _child_calibrate(data: Path, size: int) -> dict:
     """Calibrate the int8 model of ``data`` from scratch (timed), then cache it unless it is cached already."""
     from pipeline.extraction.engines import install_model, models_dir, quantize
@@ -178,9 +202,12 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int)
     p.add_argument("--precision", default="float32")
     p.add_argument("--out", type=Path)
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     if a.variant == "compute":
         r = _child_compute(a.data, a.size, a.batch, a.precision)
+    elif a.variant == "interleaved":
+        r = _child_interleaved(a.data, a.size, a.batch, a.precision.split(","), a.rounds)
     elif a.variant == "calibrate":
         r = _child_calibrate(a.data, a.size)
     elif a.variant == "naive":
@@ -265,7 +292,11 @@ def _throughput(args, tmp: Path, say) -> dict:
                 "repeats": len(rs),
             }
         )
-    return {"images": args.images, "rows": rows, "calibration": calibration}
+    interleaved = None
+    if len(precisions) > 1:
+        interleaved = _run_child("interleaved", *common, "--precision", ",".join(precisions), "--rounds", str(max(3, args.repeats)))
+        say("  interleaved: " + ", ".join(f"{p} {v:.2f} img/s" for p, v in interleaved["images_per_second"].items()))
+    return {"images": args.images, "rows": rows, "calibration": calibration, "interleaved": interleaved}
 
 
 def _median_ratio(rs: list[dict], base: list[dict] | None) -> float | None:
@@ -415,6 +446,11 @@ def _markdown(result: dict) -> str:
             f"{f(r.get('vs_extract_bfloat16'), '.2f')} | {f(r['vs_compute_limit'], '.3f')} | "
             f"{f(r['vs_compute_float32'], '.3f')} | {r['peak_rss_mb']:.0f} | {f(r['bytes_per_image'], ',.0f')} |"
         )
+    il = result["throughput"].get("interleaved")
+    if il:
+        lines += ["", f"The networks alone, all in one process and called in turn batch by batch ({il['rounds']} rounds over the "
+                      f"{il['images']} images; medians; ratios that a shared machine's changing load does not skew): "
+                      + ", ".join(f"{p} {v:.2f} img/s ({il['vs_float32'].get(p, float('nan')):.2f}x float32)" for p, v in il["images_per_second"].items()) + "."]  # fmt: skip
     c = result["throughput"].get("calibration")
     if c:
         lines += ["", f"int8 calibration (OpenVINO conversion + NNCF quantization on {c['images']} images, once per model, then cached): {c['seconds']:.1f} s."]

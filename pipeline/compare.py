@@ -184,10 +184,11 @@ def _net_config(config: CompareConfig, strategy: str, unfreeze: str = DEFAULT_UN
                                     epochs=config.scratch_epochs, seed=config.seed, quiet=config.quiet)  # fmt: skip
         return scratch, cfg, "scratch"
     folder = {"head": "head", "finetune-dense": "finetune-dense", "finetune": f"lpft-{unfreeze}", "finetune-plain": f"lpft-{unfreeze}-plain"}[strategy]
+    dense = strategy in ("head", "finetune-dense")
     cfg = finetune.FinetuneConfig(
         data_dir=data, test_dir=test, out_dir=config.models / folder, input_size=config.input_size,
         unfreeze_from={"head": "none", "finetune-dense": "block5_conv1"}.get(strategy, unfreeze),
-        head="dense" if strategy in ("head", "finetune-dense") else "probe",
+        head="dense" if dense else "probe", **({"lr": finetune.CLASSIC_LR} if dense else {}),
         head_epochs=config.head_epochs, epochs=config.epochs, seed=config.seed, weights=config.weights,
         cache=strategy != "finetune-plain", quiet=config.quiet,
     )  # fmt: skip
