@@ -154,7 +154,8 @@ def _child_interleaved(data: Path, size: int, batch: int, precisions: list[str],
                 net(pixels[i : i + batch])
                 seconds[p].append(time.perf_counter() - t0)
     per_round = {p: np.asarray(s).reshape(rounds, -1).sum(1) for p, s in seconds.items()}
-    return {"images": len(pixels), "rounds": rounds,
+    kernels = {p: net.kernels() for p, net in nets.items() if hasattr(net, "kernels")}
+    return {"images": len(pixels), "rounds": rounds, "int8_kernels": kernels.get("int8"),
             "images_per_second": {p: float(np.median(len(pixels) / t)) for p, t in per_round.items()},
             "vs_float32": {p: float(np.median(per_round["float32"] / t)) for p, t in per_round.items()} if "float32" in nets else {}}  # fmt: skip
 
@@ -451,6 +452,8 @@ def _markdown(result: dict) -> str:
         lines += ["", f"The networks alone, all in one process and called in turn batch by batch ({il['rounds']} rounds over the "
                       f"{il['images']} images; medians; ratios that a shared machine's changing load does not skew): "
                       + ", ".join(f"{p} {v:.2f} img/s ({il['vs_float32'].get(p, float('nan')):.2f}x float32)" for p, v in il["images_per_second"].items()) + "."]  # fmt: skip
+        if il.get("int8_kernels"):
+            lines[-1] += " int8 convolutions ran on OpenVINO's " + ", ".join(f"{k} ({n})" for k, n in il["int8_kernels"].items()) + " kernels."
     c = result["throughput"].get("calibration")
     if c:
         lines += ["", f"int8 calibration (OpenVINO conversion + NNCF quantization on {c['images']} images, once per model, then cached): {c['seconds']:.1f} s."]

@@ -392,6 +392,16 @@ class Int8Backbone:
         out = [np.asarray(self._compiled(np.ascontiguousarray(pixels[i : i + self.batch_size]))[0], np.float32) for i in range(0, n, self.batch_size)]
         return np.concatenate(out)
 
+    def kernels(self) -> dict[str, int]:
+        """How many convolutions run on each CPU kernel (``brgconv_avx512_I8``, ``jit_avx2_I8``, ...): which instructions the int8 model really uses here."""
+        counts: dict[str, int] = {}
+        for op in self._compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and info["layerType"].astype(str) == "Convolution":
+                kind = info["primitiveType"].astype(str)
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
 
 def quantization_attrs(fp: dict) -> dict:
     """The feature file attributes of an int8 output with fingerprint ``fp`` (``{}`` for another precision).
