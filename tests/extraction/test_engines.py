@@ -147,3 +147,12 @@ def test_the_sample_is_seeded_and_follows_the_files(tree):
     assert a == b and len(a.paths) == 3 and set(a.paths) <= set(listing.paths)
     assert engines.sample_calibration(listing, input_size=64, resize="bilinear", weights_checksum="none", images=3).key != a.key
     assert engines.sample_calibration(listing, input_size=32, resize="bilinear", weights_checksum="none", images=3, seed=1).digest != a.digest
+
+
+def test_the_int8_model_says_which_kernels_its_convolutions_run_on(int8_run, monkeypatch):
+    """``bench`` records these names (``brgconv_avx512_I8``, ``jit_avx2_I8``...): the proof of which instructions int8 used."""
+    monkeypatch.setenv("PIPELINE_CACHE", str(int8_run["root"] / "cache"))
+    net = engines.open_backbone(32, resolve_weights("none"), "int8", calibration=engines.Calibration.known(_key(int8_run["int8"])))
+    kernels = net.kernels()
+    assert sum(kernels.values()) == 13  # VGG16's 13 convolutions, each on one kernel
+    assert all(name.endswith("_I8") for name in kernels), kernels  # quantized: every convolution runs in int8
