@@ -1,4 +1,4 @@
-"""The work area ``OUT.h5.partial/``: one small file per finished batch, written atomically, each naming the files (path and version) it holds, so a resumed run keeps every finished row whose image is unchanged."""
+"""The work area ``OUT.h5.partial/``: one small file per finished batch, written atomically, each naming the files (path and version) it holds, so a resumed run keeps every finished row whose image is unchanged; features are held as the compressed chunks the final file will copy."""
 
 from __future__ import annotations
 
@@ -12,12 +12,26 @@ from typing import Callable
 import numpy as np
 
 from pipeline.core.outputs import disk_error
+from pipeline.extraction import chunks
 from pipeline.extraction.reader import Listing
 
 
 def _encoded(paths: list[str]) -> np.ndarray:
     """Paths as a bytes array (``np.load`` reads it back without pickle)."""
     return np.asarray([os.fsencode(p) for p in paths], dtype=bytes) if paths else np.zeros(0, "S1")
+
+
+def _features_fields(features) -> dict:
+    """The part's arrays holding its features: compressed chunks (bytes, sizes, rows, layout) or plain rows."""
+    if not isinstance(features, chunks.Packed):
+        return {"features": features}
+    return {
+        "chunk_data": np.frombuffer(b"".join(features.chunks), np.uint8),
+        "chunk_bytes": np.asarray([len(c) for c in features.chunks], np.int64),
+        "chunk_rows": np.asarray(features.counts, np.int64),
+        "layout": np.asarray(json.dumps(features.layout.as_json())),
+        "finite": np.asarray(features.finite),
+    }
 
 
 @dataclass(frozen=True)
@@ -86,9 +100,20 @@ class WorkArea:
         return sorted(self.path.glob("part-*.npz"))
 
     def write_part(
-        self, seq: int, listing: Listing, indices: np.ndarray, features: np.ndarray, rejected_indices: np.ndarray, reasons: list[str], limits: list[str]
+        self,
+        seq: int,
+        listing: Listing,
+        indices: np.ndarray,
+        features: "np.ndarray | chunks.Packed",
+        rejected_indices: np.ndarray,
+        reasons: list[str],
+        limits: list[str],
     ) -> None:
-        """Atomically store one batch: ``features[k]`` belongs to listing row ``indices[k]``; rejected rows with their reasons and limits."""
+        """Atomically store one batch: ``features[k]`` belongs to listing row ``indices[k]``; rejected rows with their reasons and limits.
+
+        ``features`` is best given as compressed chunks (``chunks.pack``): the part holds them
+        as they are, and the final file copies them. Plain rows are stored as they are too.
+        """
         name = self.path / f"part-{seq:09d}.npz"
         tmp = self.path / f".part-{seq:09d}.tmp.npz"
         idx = np.asarray(indices, np.int64)
@@ -98,7 +123,7 @@ class WorkArea:
                 np.savez(
                     f,
                     indices=idx,
-                    features=features,
+                    **_features_fields(features),
                     paths=_encoded([listing.paths[i] for i in idx.tolist()]),
                     versions=listing.versions(idx),
                     rejected_indices=rej,
@@ -169,7 +194,23 @@ class WorkArea:
         return np.unique(np.concatenate([np.zeros(0, np.int64)] + [np.concatenate([p.indices, p.rejected_indices]) for p in infos]))
 
     @staticmethod
-    def features(part: PartInfo) -> np.ndarray:
+    def features(part: PartInfo) -> "np.ndarray | chunks.Packed":
+        """The part's rows that still count: its compressed chunks as they are when they all do,
+        else those rows decompressed (parts of plain rows, from before compressed parts, are read too)."""
         with np.load(part.path) as z:
-            feats = z["features"]
+            if "features" in z:
+                feats = z["features"]
+            else:
+                sizes = z["chunk_bytes"]
+                data = z["chunk_data"].tobytes()
+                ends = np.cumsum(sizes).tolist()
+                packed = chunks.Packed(
+                    chunks.Layout.from_json(json.loads(str(z["layout"]))),
+                    [data[e - k : e] for e, k in zip(ends, sizes.tolist())],
+                    z["chunk_rows"].tolist(),
+                    bool(z["finite"]),
+                )
+                if len(part.rows) == len(packed):
+                    return packed
+                feats = packed.array()
         return feats if len(part.rows) == len(feats) else feats[part.rows]
