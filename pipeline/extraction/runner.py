@@ -90,6 +90,7 @@ def extract_rows(
     progress: bool,
     done: int = 0,
     calibration: "engines.Calibration | None" = None,
+    net=None,
 ) -> float:
     """Run the network over listing rows ``todo`` into the work area, one part per batch.
 
@@ -100,6 +101,8 @@ def extract_rows(
         input_size, batch_size, storage, resize, workers, image_timeout: the extraction's settings.
         progress: show a progress bar; ``done`` rows count as already done in it.
         calibration: for ``int8``, the quantized model to use (``engines.plan_calibration``).
+        net: the network to run (default: built from the settings); ``bench --data-path`` passes
+            a stub replaying real features, to measure everything but the network.
 
     Returns:
         The seconds from the first batch to the last part written (network construction excluded).
@@ -109,7 +112,8 @@ def extract_rows(
     """
     from tqdm import tqdm
 
-    net = engines.open_backbone(input_size, weights, precision, batch_size=batch_size, calibration=calibration, progress=progress)
+    if net is None:
+        net = engines.open_backbone(input_size, weights, precision, batch_size=batch_size, calibration=calibration, progress=progress)
     if net.weights_checksum != weights.checksum:
         raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {net.weights_checksum})")
     dtype = np.dtype(storage)

@@ -110,7 +110,7 @@ def test_parts_hold_compressed_chunks_and_older_plain_parts_still_read(tmp_path)
     got = WorkArea.features(packed_part)
     assert isinstance(got, chunks.Packed) and got.layout == layout and got.counts == [layout.rows, 20 - layout.rows]
     np.testing.assert_array_equal(got.array().view(np.uint16), feats.view(np.uint16))
-    assert (tmp_path / "x.h5.partial" / "part-000000000.npz").stat().st_size < feats.nbytes / 2  # compressed on disk
+    assert (tmp_path / "x.h5.partial" / "part-000000000.part").stat().st_size < feats.nbytes / 2  # compressed on disk
     np.testing.assert_array_equal(WorkArea.features(plain_part), feats[:4])
     (listing.root / listing.paths[5]).write_bytes(b"changed")  # one of the part's files changed: the others still count
     changed = list_images(listing.root)
@@ -181,3 +181,23 @@ def test_an_older_shuffle_file_is_read_verified_and_updated(tmp_path, capsys):
     assert set(got) == set(old) | {"dog/new.png"}
     for p, f in old.items():  # kept rows: copied bit for bit out of the shuffled chunks
         np.testing.assert_array_equal(got[p].view(np.uint16), f.view(np.uint16), err_msg=p)
+
+
+def test_parts_of_the_earlier_npz_layout_are_still_read(tmp_path):
+    """A work area left by a run before pre-compressed chunks: its plain-row parts still count when resumed."""
+    listing = list_images(make_tree(tmp_path / "data", per_class=3, size=(6, 6)))
+    work = WorkArea(tmp_path / "x.h5")
+    work.start({"k": 1})
+    feats = sparse_features(2)
+    enc = lambda ps: np.asarray([p.encode() for p in ps], dtype=bytes)  # noqa: E731
+    np.savez(
+        work.path / "part-000000000.npz", indices=np.array([1, 2]), features=feats, paths=enc(listing.paths[1:3]),
+        versions=listing.versions(np.array([1, 2])), rejected_indices=np.array([0]), rejected_paths=enc(listing.paths[:1]),
+        rejected_versions=listing.versions(np.array([0])), reasons=np.asarray(["empty file (0 bytes)"]), limits=np.asarray([""]),
+    )  # fmt: skip
+    work.write_part(1, listing, np.array([3]), chunks.pack(feats[:1], chunks.default_layout(ROW, "float16")), np.zeros(0, np.int64), [], [])
+    assert work.next_seq() == 2 and work.done_indices(listing).tolist() == [0, 1, 2, 3]
+    old, new = work.index(listing)
+    assert old.reasons == ["empty file (0 bytes)"]
+    np.testing.assert_array_equal(WorkArea.features(old), feats)
+    np.testing.assert_array_equal(WorkArea.features(new).array(), feats[:1])
