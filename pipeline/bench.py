@@ -487,7 +487,7 @@ def run(args: BenchConfig) -> dict:
     if args.data_path:  # its own measurement (pipeline/datapath.py): no network, no data folder
         from pipeline import datapath
 
-        return datapath.run(args.replay, args.output, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)), args.repeats)
+        return datapath.run(args.replay, args.output, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)), args.repeats, batch_size=args.batch_size)
     args.validate()
     args.output.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

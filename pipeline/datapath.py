@@ -73,15 +73,16 @@ class ReplayNet:
 
     weights_checksum = "replay"
 
-    def __init__(self, rows: np.ndarray):
-        self.rows = rows.astype(np.float32)
+    def __init__(self, rows: np.ndarray, batch_size: int):
+        self.rows = np.concatenate([rows] * (1 + -(-batch_size // len(rows)))).astype(np.float32)  # room for any batch
+        self.n = len(rows)
         self.output_shape = tuple(rows.shape[1:])
         self.at = 0
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        idx = (self.at + np.arange(len(pixels))) % len(self.rows)
+        start = self.at % self.n
         self.at += len(pixels)
-        return self.rows[idx]
+        return self.rows[start : start + len(pixels)]  # a view: the stub itself costs nothing
 
 
 def replay_rows(path: Path, limit: int = 1024) -> tuple[np.ndarray, int]:
@@ -95,25 +96,27 @@ def _median(values):
 
 
 def decode_scaling(listing, size: int, cores: int, per_run: int, repeats: int) -> dict:
-    """Decode + resize images/s through the reader, with 1..``cores`` decoding threads (medians)."""
+    """Decode + resize through the reader with 1..``cores`` threads: images/s of wall time and
+    per CPU-second of this process (the per-core rate, fair on a shared machine); medians."""
     out = {}
     for k in range(1, cores + 1):
         n = min(len(listing), per_run * k)
-        rates = []
+        wall, cpu = [], []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             got = sum(int(b.ok.sum()) for b in iter_batches(listing, np.arange(n), size=size, interpolation="bilinear", batch_size=32, workers=k))
-            rates.append(got / (time.perf_counter() - t))
+            wall.append(got / (time.perf_counter() - t))
+            cpu.append(got / (time.process_time() - c))
             if got != n:
                 raise PipelineError(f"{listing.root}: {n - got} generated images were rejected")
-        out[k] = _median(rates)
+        out[str(k)] = {"wall": _median(wall), "cpu": _median(cpu)}
     return out
 
 
 def _old_write(path: Path, rows: np.ndarray) -> float:
-    """Seconds to write ``rows`` the way files were written before pre-compressed chunks: h5py's
-    gzip 4 + shuffle filters, ~1 MiB chunks, 32-row blocks appended in one thread."""
-    t = time.perf_counter()
+    """CPU seconds to write ``rows`` the way ``write_feature_file`` did before pre-compressed
+    chunks: h5py's gzip 4 + shuffle filters, ~1 MiB chunks, 32-row blocks appended in one thread."""
+    c = time.thread_time()
     with h5py.File(path, "w") as db:
         ds = db.create_dataset(
             "features", shape=(0, *rows.shape[1:]), maxshape=(None, *rows.shape[1:]), dtype=rows.dtype,
@@ -122,11 +125,12 @@ def _old_write(path: Path, rows: np.ndarray) -> float:
         for s in range(0, len(rows), 32):
             ds.resize(min(len(rows), s + 32), axis=0)
             ds[s : s + 32] = rows[s : s + 32]
-    return time.perf_counter() - t
+    return time.thread_time() - c
 
 
 def compression(rows: np.ndarray, tmp: Path, cores: int, repeats: int) -> dict:
-    """Rows/s of ``chunks.pack`` (one thread, and ``cores`` threads) and of the old h5py path, interleaved; ratios per repeat."""
+    """Rows per CPU-second of ``chunks.pack`` (one thread) and of the old h5py path, interleaved
+    (ratio per repeat), and rows/s of wall time on ``cores`` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     layout = chunks.default_layout(rows.shape[1:], rows.dtype.name)
@@ -134,9 +138,9 @@ def compression(rows: np.ndarray, tmp: Path, cores: int, repeats: int) -> dict:
     one, many, old, ratios = [], [], [], []
     size = 0
     for _ in range(repeats):
-        t = time.perf_counter()
-        size = sum(p.nbytes for p in map(lambda b: chunks.pack(b, layout), batches))
-        one.append(len(rows) / (time.perf_counter() - t))
+        c = time.thread_time()
+        size = sum(chunks.pack(b, layout).nbytes for b in batches)
+        one.append(len(rows) / (time.thread_time() - c))
         with ThreadPoolExecutor(cores) as pool:
             t = time.perf_counter()
             list(pool.map(lambda b: chunks.pack(b, layout), batches))
@@ -146,7 +150,7 @@ def compression(rows: np.ndarray, tmp: Path, cores: int, repeats: int) -> dict:
     return {
         "layout": layout.as_json(), "rows": len(rows), "bytes_per_row": size / len(rows),
         "old_bytes_per_row": (tmp / "old.h5").stat().st_size / len(rows),
-        "per_core": _median(one), f"{cores}_threads": _median(many), "old_write_feature_file": _median(old), "x_old": _median(ratios),
+        "per_core": _median(one), "threads": cores, "threads_wall": _median(many), "old_write_feature_file": _median(old), "x_old": _median(ratios),
     }  # fmt: skip
 
 
@@ -166,53 +170,53 @@ def assemble(listing, work: WorkArea, out: Path, row_shape, storage: str) -> int
     return write_feature_file(out, row_shape=row_shape, storage=storage, class_names=listing.class_names, rows=rows(), rejected=[], attrs={})
 
 
-def end_to_end(listing, rows: np.ndarray, size: int, tmp: Path, cores: int, repeats: int) -> dict:
-    """Decode -> stub network -> compressed parts -> assembled file, ``repeats`` times: img/s, assembly rows/s, disk."""
+def end_to_end(listing, rows: np.ndarray, size: int, tmp: Path, cores: int, repeats: int, batch_size: int) -> dict:
+    """Decode -> stub network -> compressed parts -> assembled file, ``repeats`` times: images/s,
+    the main thread's CPU per image (the serial part), assembly rows/s (wall and CPU), disk."""
     weights = SimpleNamespace(checksum=ReplayNet.weights_checksum)
-    runs, assembly, temp, final = [], [], 0, 0
+    runs, serial, wall, cpu, temp, final = [], [], [], [], 0, 0
     for r in range(repeats):
         out = tmp / f"run{r}.h5"
         work = WorkArea(out)
         work.start({"bench": "data-path"})
         todo = np.arange(len(listing))
+        net = ReplayNet(rows, batch_size)
+        c = time.thread_time()
         seconds = extract_rows(
-            listing, todo, work, weights, "float32", input_size=size, batch_size=32, storage="float16", resize="bilinear",
-            workers=cores, image_timeout=60.0, progress=False, net=ReplayNet(rows),
+            listing, todo, work, weights, "float32", input_size=size, batch_size=batch_size, storage="float16", resize="bilinear",
+            workers=cores, image_timeout=60.0, progress=False, net=net,
         )  # fmt: skip
+        serial.append((time.thread_time() - c) / len(todo))
         runs.append(len(todo) / seconds)
         temp = _du(work.path)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = assemble(listing, work, out, rows.shape[1:], "float16")
-        assembly.append(n / (time.perf_counter() - t))
+        wall.append(n / (time.perf_counter() - t))
+        cpu.append(n / (time.process_time() - c))
         final = out.stat().st_size
         work.remove()
         with h5py.File(out, "r") as db:
             if db["features"].shape[0] != len(listing) or len({bytes(p) for p in db["paths"][:]}) != len(listing):
                 raise PipelineError(f"{out}: the assembled file does not hold every image exactly once")
         out.unlink()
-    return {"images_per_s": _median(runs), "assembly_rows_per_s": _median(assembly), "temp_bytes_per_image": temp / len(listing),
-            "final_bytes_per_image": final / len(listing), "temp_over_final": temp / final}  # fmt: skip
+    return {"batch_size": batch_size, "images_per_s": _median(runs), "serial_cpu_seconds_per_image": _median(serial),
+            "assembly_rows_per_s": _median(wall), "assembly_rows_per_cpu_s": _median(cpu),
+            "temp_bytes_per_image": temp / len(listing), "final_bytes_per_image": final / len(listing), "temp_over_final": temp / final}  # fmt: skip
 
 
-def capacity(decode: dict, compress_per_core: float, e2e: float, assembly: float, cores: int, target: int = TARGET_CORES) -> dict:
-    """Images/s at ``target`` cores from the per-core rates and the serial part (Amdahl).
-
-    Each image costs ``1/decode + 1/compress`` core-seconds (decoding at its measured
-    efficiency on ``cores`` threads); the serial part is what the end-to-end run at
-    ``cores`` spent beyond that. Assembly runs after the stream: a job of N images takes
-    N/stream + N/assembly.
-    """
-    efficiency = decode[cores] / (cores * decode[1])
-    per_image = 1.0 / (decode[1] * min(1.0, efficiency)) + 1.0 / compress_per_core
-    serial = max(0.0, 1.0 / e2e - per_image / cores)
-    stream = 1.0 / (per_image / target + serial)
-    parallel_only = target / per_image
-    job = 1.0 / (1.0 / stream + 1.0 / assembly)
-    shares = {"decode": 1.0 / (decode[1] * min(1.0, efficiency)) / per_image, "compress": 1.0 / compress_per_core / per_image}
+def capacity(decode_per_core: float, compress_per_core: float, serial: float, assembly: float, target: int = TARGET_CORES) -> dict:
+    """Images/s at ``target`` cores: a pipeline whose parallel stages cost ``1/decode + 1/compress``
+    core-seconds per image and whose main thread (the batch loop) costs ``serial`` seconds per
+    image on a core of its own; it runs at the slower of the two. Assembly follows the stream:
+    a job of N images takes N/stream + N/assembly."""
+    per_image = 1.0 / decode_per_core + 1.0 / compress_per_core
+    parallel = target / (per_image + serial)
+    stream = min(parallel, 1.0 / serial) if serial > 0 else parallel
+    shares = {"decode": 1.0 / decode_per_core / per_image, "compress": 1.0 / compress_per_core / per_image}
     return {
-        "cores": target, "decode_efficiency": efficiency, "cpu_seconds_per_image": per_image, "serial_seconds_per_image": serial,
-        "stream_images_per_s": stream, "without_serial_images_per_s": parallel_only, "job_images_per_s": job,
-        "cap": max(shares, key=shares.get) if serial * target < per_image else "serial loop", "shares": shares,
+        "cores": target, "cpu_seconds_per_image": per_image, "serial_seconds_per_image": serial, "stream_images_per_s": stream,
+        "job_images_per_s": 1.0 / (1.0 / stream + 1.0 / assembly), "shares": shares,
+        "cap": "the main thread's batch loop" if stream < parallel else max(shares, key=shares.get),
     }  # fmt: skip
 
 
@@ -220,26 +224,30 @@ def markdown(r: dict) -> str:
     d, c, e, g = r["decode"], r["compression"], r["end_to_end"], r["capacity"]
     one = d["1"]
     lines = [
-        f"Data path ({r['machine']}; {r['images']} photo-like {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs at quality {JPEG_QUALITY}, "
-        f"network replaced by real {'x'.join(map(str, r['row_shape']))} features; medians of {r['repeats']})",
+        f"Data path ({r['machine']}, load average {r['load']:.1f} at the start; {r['images']} photo-like {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs "
+        f"at quality {JPEG_QUALITY}; the network replaced by real {'x'.join(map(str, r['row_shape']))} features, {r['zeros']:.0%} zeros; "
+        f"medians of {r['repeats']}). Per-core rates are per CPU-second of the stage.",
         "",
         "| stage | figure |",
         "|---|---:|",
-        f"| decode + resize, 1 core | {one:,.0f} img/s |",
-        *(f"| decode + resize, {k} cores | {v:,.0f} img/s ({v / one:.2f}x) |" for k, v in d.items() if k != "1"),
-        f"| compression, per core (rows {c['layout']['rows']}, gzip {c['layout']['level']}, shuffle {'on' if c['layout']['shuffle'] else 'off'}) | {c['per_core']:,.0f} rows/s, {c['bytes_per_row']:,.0f} B/row |",
-        f"| before: `write_feature_file` through h5py (gzip 4 + shuffle, one thread) | {c['old_write_feature_file']:,.0f} rows/s, {c['old_bytes_per_row']:,.0f} B/row |",
+        f"| decode + resize to {r['input_size']}, per core | {one['cpu']:,.0f} img/s (wall, 1 thread: {one['wall']:,.0f}) |",
+        *(f"| decode + resize, {k} threads, wall | {v['wall']:,.0f} img/s ({v['wall'] / one['wall']:.2f}x one thread) |" for k, v in d.items() if k != "1"),
+        f"| compression per core (chunks of {c['layout']['rows']} rows, gzip {c['layout']['level']}, shuffle {'on' if c['layout']['shuffle'] else 'off'}) "
+        f"| {c['per_core']:,.0f} rows/s, {c['bytes_per_row']:,.0f} B/row ({c['threads']} threads, wall: {c['threads_wall']:,.0f} rows/s) |",
+        f"| before: `write_feature_file` through h5py (gzip 4 + shuffle, one thread), per core | {c['old_write_feature_file']:,.0f} rows/s, {c['old_bytes_per_row']:,.0f} B/row |",
         f"| compression per core vs before | {c['x_old']:.2f}x |",
-        f"| end to end (decode, stub, compress, parts), all cores | {e['images_per_s']:,.0f} img/s |",
-        f"| assembly (chunks copied) | {e['assembly_rows_per_s']:,.0f} rows/s |",
-        f"| temporary disk | {e['temp_bytes_per_image']:,.0f} B/image ({e['temp_over_final']:.2f}x the final file, {e['final_bytes_per_image']:,.0f} B/image) |",
+        f"| end to end (decode, stub, compress, parts), {r['cores']} cores, batch {e['batch_size']}, wall | {e['images_per_s']:,.0f} img/s |",
+        f"| main thread (the serial batch loop), CPU per image | {e['serial_cpu_seconds_per_image'] * 1e6:,.0f} us |",
+        f"| assembly (chunks copied) | {e['assembly_rows_per_s']:,.0f} rows/s wall, {e['assembly_rows_per_cpu_s']:,.0f} rows per CPU-second |",
+        f"| temporary disk | {e['temp_bytes_per_image']:,.0f} B/image, {e['temp_over_final']:.2f}x the final file ({e['final_bytes_per_image']:,.0f} B/image) |",
         f"| **GPU this data path can feed at {g['cores']} cores** | **{g['stream_images_per_s']:,.0f} img/s** "
-        f"(with assembly: {g['job_images_per_s']:,.0f}; capped by {g['cap']}: {g['shares']['decode']:.0%} of the CPU time per image is decoding) |",
+        f"(a whole job, assembly included: {g['job_images_per_s']:,.0f}); capped by {g['cap']}: decoding is "
+        f"{g['shares']['decode']:.0%} of the {g['cpu_seconds_per_image'] * 1e3:.2f} CPU-ms per image |",
     ]
     return "\n".join(lines) + "\n"
 
 
-def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES) -> dict:
+def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES, batch_size: int = 32) -> dict:
     """Measure the data path; write ``data_path.json`` and ``data_path.md`` into ``output``; return the figures.
 
     Raises:
@@ -248,23 +256,23 @@ def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES)
     rows, size = replay_rows(replay)
     rows16 = rows.astype(np.float16)
     cores = chunks.threads()
-    result = {"machine": f"{os.uname().machine} {cores} cores", "images": images, "repeats": repeats, "row_shape": list(rows.shape[1:]),
-              "replay": str(replay), "zeros": float((rows16 == 0).mean())}  # fmt: skip
+    result = {"machine": f"{os.uname().machine} {cores} cores", "cores": cores, "load": os.getloadavg()[0], "images": images, "repeats": repeats,
+              "input_size": size, "row_shape": list(rows.shape[1:]), "replay": str(replay), "zeros": float((rows16 == 0).mean())}  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="datapath-"))
     try:
         say(f"data path: generating {DISTINCT} photo-like JPEGs ({images} names)")
         listing = list_images(make_photos(tmp / "photos", images))
         say("data path: decoding at 1.." + str(cores) + " cores")
-        result["decode"] = {str(k): v for k, v in decode_scaling(listing, size, cores, 256, repeats).items()}
+        result["decode"] = decode_scaling(listing, size, cores, 256, repeats)
         say("data path: compression")
         many = np.concatenate([rows16] * max(1, -(-2048 // len(rows16))))[:2048]
         result["compression"] = compression(many, tmp, cores, repeats)
         say("data path: end to end, then assembly")
-        result["end_to_end"] = end_to_end(listing, rows, size, tmp, cores, repeats)
+        result["end_to_end"] = end_to_end(listing, rows, size, tmp, cores, repeats, batch_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    decode = {int(k): v for k, v in result["decode"].items()}
-    result["capacity"] = capacity(decode, result["compression"]["per_core"], result["end_to_end"]["images_per_s"], result["end_to_end"]["assembly_rows_per_s"], cores)
+    e = result["end_to_end"]
+    result["capacity"] = capacity(result["decode"]["1"]["cpu"], result["compression"]["per_core"], e["serial_cpu_seconds_per_image"], e["assembly_rows_per_cpu_s"])
     output.mkdir(parents=True, exist_ok=True)
     (output / "data_path.json").write_text(json.dumps(result, indent=1))
     md = markdown(result)

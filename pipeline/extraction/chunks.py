@@ -126,7 +126,20 @@ def pack(features: np.ndarray, layout: Layout) -> Packed:
     with np.errstate(over="ignore"):  # an overflow becomes inf, recorded in ``finite``
         f = features.astype(layout.dtype, copy=False)
     cuts = range(0, len(f), layout.rows)
-    return Packed(layout, [compress(f[s : s + layout.rows], layout) for s in cuts], [min(layout.rows, len(f) - s) for s in cuts], bool(np.all(np.isfinite(f))))
+    return Packed(layout, [compress(f[s : s + layout.rows], layout) for s in cuts], [min(layout.rows, len(f) - s) for s in cuts], all_finite(f))
+
+
+#: Exponent bits of IEEE floats: all set means inf or NaN.
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(f: np.ndarray) -> bool:
+    """Whether every value is finite; for float16 and float32 by their exponent bits (numpy's
+    ``isfinite`` on float16 costs more than compressing the rows)."""
+    if f.dtype in _EXPONENT and f.flags.c_contiguous:
+        uint, mask = _EXPONENT[f.dtype]
+        return not bool(np.any((f.view(uint) & uint(mask)) == uint(mask)))
+    return bool(np.all(np.isfinite(f)))
 
 
 def threads() -> int:

@@ -78,7 +78,7 @@ def _take(meta: tuple, start: int, count: int) -> tuple:
 
 def _finite(f: np.ndarray, dtype: np.dtype) -> bool:
     with np.errstate(over="ignore"):  # an overflow of the storage dtype becomes inf: refused
-        return bool(np.all(np.isfinite(np.asarray(f).astype(dtype, copy=False))))
+        return chunks.all_finite(np.ascontiguousarray(np.asarray(f).astype(dtype, copy=False)))
 
 
 class _Pending:
