@@ -154,6 +154,34 @@ def compression(rows: np.ndarray, tmp: Path, cores: int, repeats: int) -> dict:
     }  # fmt: skip
 
 
+#: Layouts compared by ``layouts``: (rows per chunk, gzip level, shuffle).
+CANDIDATES = ((16, 1, False), (16, 2, False), (16, 3, False), (16, 4, False), (16, 4, True), (16, 2, True), (8, 2, False), (32, 2, False))
+
+
+def layouts(rows: np.ndarray, repeats: int) -> list[dict]:
+    """Bytes per row and rows per CPU-second of each candidate layout on real rows, interleaved;
+    the speed also as a ratio to the default layout's within each repeat (medians)."""
+    base = chunks.default_layout(rows.shape[1:], rows.dtype.name)
+    found = {c: {"rates": [], "bytes": 0} for c in CANDIDATES}
+    ref = []
+    for _ in range(repeats):
+        for c in (*CANDIDATES, None):
+            layout = base if c is None else chunks.Layout(c[0], c[1], c[2], base.dtype, base.row_shape)
+            t = time.thread_time()
+            size = sum(len(chunks.compress(rows[s : s + layout.rows], layout)) for s in range(0, len(rows) - layout.rows + 1, layout.rows))
+            rate = (len(rows) // layout.rows * layout.rows) / (time.thread_time() - t)
+            if c is None:
+                ref.append(rate)
+            else:
+                found[c]["rates"].append(rate)
+                found[c]["bytes"] = size / (len(rows) // layout.rows * layout.rows)
+    return [
+        {"rows": c[0], "level": c[1], "shuffle": c[2], "bytes_per_row": v["bytes"], "rows_per_cpu_s": _median(v["rates"]),
+         "x_default": _median([a / b for a, b in zip(v["rates"], ref)])}  # fmt: skip
+        for c, v in found.items()
+    ]
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -244,6 +272,14 @@ def markdown(r: dict) -> str:
         f"(a whole job, assembly included: {g['job_images_per_s']:,.0f}); capped by {g['cap']}: decoding is "
         f"{g['shares']['decode']:.0%} of the {g['cpu_seconds_per_image'] * 1e3:.2f} CPU-ms per image |",
     ]
+    lines += [
+        "",
+        f"Chunk layouts on the same rows (per CPU-second, speed ratio to the default within each repeat):",
+        "",
+        "| rows per chunk | gzip level | shuffle | bytes/row | rows/s per core | x default |",
+        "|---:|---:|---|---:|---:|---:|",
+        *(f"| {x['rows']} | {x['level']} | {'on' if x['shuffle'] else 'off'} | {x['bytes_per_row']:,.0f} | {x['rows_per_cpu_s']:,.0f} | {x['x_default']:.2f} |" for x in r["layouts"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -260,13 +296,15 @@ def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES,
               "input_size": size, "row_shape": list(rows.shape[1:]), "replay": str(replay), "zeros": float((rows16 == 0).mean())}  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="datapath-"))
     try:
-        say(f"data path: generating {DISTINCT} photo-like JPEGs ({images} names)")
-        listing = list_images(make_photos(tmp / "photos", images))
+        say(f"data path: generating {min(DISTINCT, images)} photo-like JPEGs ({images} names)")
+        listing = list_images(make_photos(tmp / "photos", images, min(DISTINCT, images)))
         say("data path: decoding at 1.." + str(cores) + " cores")
         result["decode"] = decode_scaling(listing, size, cores, 256, repeats)
         say("data path: compression")
         many = np.concatenate([rows16] * max(1, -(-2048 // len(rows16))))[:2048]
         result["compression"] = compression(many, tmp, cores, repeats)
+        say("data path: chunk layouts")
+        result["layouts"] = layouts(rows16, repeats)
         say("data path: end to end, then assembly")
         result["end_to_end"] = end_to_end(listing, rows, size, tmp, cores, repeats, batch_size)
     finally:
