@@ -1,4 +1,4 @@
-"""Feature store: the output path check, the HDF5 feature file an extraction becomes (written atomically), and the reader that validates one."""
+"""Feature store: the output path check, the HDF5 feature file an extraction becomes (written atomically, pre-compressed chunks copied as they are), and the reader that validates one."""
 
 from __future__ import annotations
 
@@ -158,10 +158,15 @@ def write_feature_file(
     """Write a complete feature file through a temporary name and an atomic rename.
 
     ``rows`` yields ``(features, labels, paths, sizes, mtimes_ns[, inodes, ctimes_ns])``
-    blocks in file order; they are appended chunk by chunk, so memory stays flat (without
-    inodes and ctimes, those are stored as unknown, -1). ``rejected`` holds ``Reject``
-    records (or their first four fields: path, reason, size, mtime_ns). ``complete`` is set last.
-    Returns the number of rows written.
+    blocks; they are appended chunk by chunk, so memory stays flat (without inodes and
+    ctimes, those are stored as unknown, -1). ``features`` is an array, or a
+    ``chunks.Packed`` of compressed chunks: those of the file's layout (``chunks.default_layout``)
+    that hold a whole chunk of rows are copied into the file as they are
+    (``write_direct_chunk``); every other row waits until a chunk's worth has gathered and is
+    compressed on a thread pool. So rows keep their order, except that rows waiting for a chunk
+    are stored after the whole chunks that came meanwhile; every column follows its rows.
+    ``rejected`` holds ``Reject`` records (or their first four fields: path, reason, size,
+    mtime_ns). ``complete`` is set last. Returns the number of rows written.
 
     Raises:
         PipelineError: the disk filled up or the output cannot be written; any previous
