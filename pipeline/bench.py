@@ -45,6 +45,8 @@ class BenchConfig:
     isa: str = option("native", "native, or avx2: limit oneDNN (TensorFlow's and OpenVINO's kernels) to AVX2, as on an AVX2-only CPU", rule=OneOf(ISAS))
     output: Path = option(Path("features/bench"), "where bench.json and bench.md go", short="-o")
     quiet: bool = option(False, "no progress messages")
+    data_path: bool = option(False, "measure the data path alone (decode, compress, assemble; the network replaced by a stub replaying --replay's features)")
+    replay: Path = option(Path("features/train.h5"), "with --data-path: the feature file whose real rows the stub replays")
 
     def validate(self) -> "BenchConfig":
         validate(self)
@@ -485,6 +487,10 @@ def _markdown(result: dict) -> str:
 
 def run(args: BenchConfig) -> dict:
     """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures."""
+    if args.data_path:  # its own measurement (pipeline/datapath.py): no network, no data folder
+        from pipeline import datapath
+
+        return datapath.run(args.replay, args.output, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)), args.repeats, batch_size=args.batch_size)
     args.validate()
     args.output.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

@@ -42,7 +42,7 @@ def contents(out: Path):
 
 
 def parts(out: Path) -> int:
-    return len(list(out.with_name(out.name + ".partial").glob("part-*.npz")))
+    return len(list(out.with_name(out.name + ".partial").glob("part-*.part")))
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from pipeline.extraction import chunks
 from pipeline.extraction.reader import UNKNOWN, Listing, Reject
 
 #: The version columns of a feature file (rows, and rejected/), in ``Listing.versions`` order.
@@ -98,13 +99,47 @@ def plan_incremental(output: Path, old: dict, listing: Listing, keep_rejected: C
 
 
 def base_rows(base: Base, listing: Listing, block: int = 1024):
-    """The kept rows of the previous output, in their old order, a block at a time."""
+    """The kept rows of the previous output, in their old order, a block at a time.
+
+    Where every row of one of the old file's chunks is kept, the chunk comes as it is stored
+    (``chunks.Packed``, read with ``read_direct_chunk``), so a file of the same layout copies
+    it without recompressing; the other kept rows come as values.
+    """
     with h5py.File(base.path, "r") as db:
         feats = db["features"]
         rows, index = base.keep_rows, base.keep_index
-        for start in range(0, len(rows), block):
-            r, i = rows[start : start + block], index[start : start + block]
+        layout = chunks.layout_of(feats)
+        whole = np.zeros(0, bool)
+        if layout is not None and len(rows):
+            per_chunk = np.bincount(rows // layout.rows, minlength=(len(feats) + layout.rows - 1) // layout.rows)
+            whole = per_chunk == layout.rows  # a short last chunk never counts: its padding is not rows
+        start = 0
+        while start < len(rows):
+            c = int(rows[start]) // layout.rows if layout is not None else -1
+            if 0 <= c < len(whole) and whole[c]:
+                stop = start
+                data = []
+                while stop < len(rows) and len(data) < block // layout.rows + 1 and whole[int(rows[stop]) // layout.rows]:
+                    mask, raw = feats.id.read_direct_chunk((int(rows[stop]),) + (0,) * (feats.ndim - 1))
+                    if mask:  # a filter was skipped for this chunk: read it as values
+                        break
+                    data.append(raw)
+                    stop += layout.rows
+                if data:
+                    f = chunks.Packed(layout, data, [layout.rows] * len(data))
+                    yield _meta_block(f, listing, index[start:stop])
+                    start = stop
+                    continue
+            stop = start + 1
+            while stop < len(rows) and stop - start < block and not (layout is not None and whole[int(rows[stop]) // layout.rows]):
+                stop += 1
+            r = rows[start:stop]
             lo, hi = int(r[0]), int(r[-1]) + 1
             # Kept rows are mostly dense: one contiguous read, then pick; sparse ones one by one.
             f = feats[lo:hi][r - lo] if hi - lo <= 2 * len(r) else feats[r]
-            yield f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i], listing.inodes[i], listing.ctimes_ns[i]
+            yield _meta_block(f, listing, index[start:stop])
+            start = stop
+
+
+def _meta_block(f, listing: Listing, i: np.ndarray) -> tuple:
+    return f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i], listing.inodes[i], listing.ctimes_ns[i]

@@ -1,4 +1,4 @@
-"""Feature store: the output path check, the HDF5 feature file an extraction becomes (written atomically), and the reader that validates one."""
+"""Feature store: the output path check, the HDF5 feature file an extraction becomes (written atomically, pre-compressed chunks copied as they are), and the reader that validates one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import atomic_output
+from pipeline.extraction import chunks
 from pipeline.extraction.contract import DATASETS, FORMAT_VERSION, column_problem, is_complete, one_line
 from pipeline.extraction.reader import UNKNOWN, Reject
 
@@ -60,10 +61,83 @@ def stored_fingerprint(output: Path) -> tuple[dict | None, bool]:
         return None, False
 
 
-def _chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
-    """Rows per HDF5 chunk: about 1 MiB per chunk, whatever the feature size."""
-    row_bytes = int(np.prod(row_shape)) * itemsize
-    return int(max(1, min(4096, (1 << 20) // max(1, row_bytes))))
+#: The version columns of a feature file's rows (and of ``rejected/``).
+VERSION_COLUMNS = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
+
+
+def _meta(block: tuple) -> tuple:
+    """A block's row columns (labels, encoded paths, four version columns; unknown versions as -1)."""
+    k = len(block[0])
+    versions = [np.asarray(v, np.int64) for v in block[3:]] + [np.full(k, UNKNOWN, np.int64)] * (7 - len(block))
+    return (np.asarray(block[1], np.int32), _encoded(block[2]), *versions)
+
+
+def _take(meta: tuple, start: int, count: int) -> tuple:
+    return tuple(c[start : start + count] for c in meta)
+
+
+def _finite(f: np.ndarray, dtype: np.dtype) -> bool:
+    with np.errstate(over="ignore"):  # an overflow of the storage dtype becomes inf: refused
+        return chunks.all_finite(np.ascontiguousarray(np.asarray(f).astype(dtype, copy=False)))
+
+
+class _Pending:
+    """Rows waiting to fill a chunk (features with their columns), first in, first out."""
+
+    def __init__(self, layout: chunks.Layout):
+        self.layout = layout
+        self.blocks: list[tuple] = []
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, features: np.ndarray, meta: tuple) -> None:
+        self.blocks.append((features, meta))
+        self.n += len(features)
+
+    def take(self, k: int) -> tuple[np.ndarray, tuple]:
+        feats = np.concatenate([f for f, _ in self.blocks]) if len(self.blocks) > 1 else self.blocks[0][0]
+        meta = tuple(np.concatenate(c) for c in zip(*(m for _, m in self.blocks)))
+        rest = len(feats) - k
+        self.blocks = [(feats[k:], _take(meta, k, rest))] if rest else []
+        self.n = rest
+        return feats[:k], _take(meta, 0, k)
+
+
+class _Columns:
+    """The row columns of a file being written (labels, paths, versions), appended in large blocks."""
+
+    FLUSH = 1 << 16
+
+    def __init__(self, db: h5py.File):
+        self.labels = db.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+        self.paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
+        versions = [db.create_dataset(c, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)) for c in VERSION_COLUMNS]
+        self.datasets = (self.labels, self.paths, *versions)
+        self.buffer: list[tuple] = []
+        self.buffered = 0
+        self.n = 0
+
+    def add(self, meta: tuple) -> None:
+        self.buffer.append(meta)
+        self.buffered += len(meta[0])
+        if self.buffered >= self.FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        k = self.buffered
+        for ds, parts in zip(self.datasets, zip(*self.buffer)):
+            ds.resize(self.n + k, axis=0)
+            ds[self.n : self.n + k] = np.concatenate(parts)
+        self.n += k
+        self.buffer, self.buffered = [], 0
+
+    def close(self) -> int:
+        self.flush()
+        return self.n
 
 
 def _encoded(values) -> np.ndarray:
@@ -84,58 +158,70 @@ def write_feature_file(
     """Write a complete feature file through a temporary name and an atomic rename.
 
     ``rows`` yields ``(features, labels, paths, sizes, mtimes_ns[, inodes, ctimes_ns])``
-    blocks in file order; they are appended chunk by chunk, so memory stays flat (without
-    inodes and ctimes, those are stored as unknown, -1). ``rejected`` holds ``Reject``
-    records (or their first four fields: path, reason, size, mtime_ns). ``complete`` is set last.
-    Returns the number of rows written.
+    blocks; they are appended chunk by chunk, so memory stays flat (without inodes and
+    ctimes, those are stored as unknown, -1). ``features`` is an array, or a
+    ``chunks.Packed`` of compressed chunks: those of the file's layout (``chunks.default_layout``)
+    that hold a whole chunk of rows are copied into the file as they are
+    (``write_direct_chunk``); every other row waits until a chunk's worth has gathered and is
+    compressed on a thread pool. So rows keep their order, except that rows waiting for a chunk
+    are stored after the whole chunks that came meanwhile; every column follows its rows.
+    ``rejected`` holds ``Reject`` records (or their first four fields: path, reason, size,
+    mtime_ns). ``complete`` is set last. Returns the number of rows written.
 
     Raises:
         PipelineError: the disk filled up or the output cannot be written; any previous
             file at ``output`` is left untouched.
     """
     dtype = np.dtype(storage)
-    chunk = _chunk_rows(row_shape, dtype.itemsize)
+    layout = chunks.default_layout(row_shape, dtype.name)
     rejected = [Reject(*r) for r in rejected]
-    columns = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
-    n = 0
     with atomic_output(output) as tmp, h5py.File(tmp, "w") as db:
         db.attrs["complete"] = False
-        feats = db.create_dataset(
-            "features",
-            shape=(0, *row_shape),
-            maxshape=(None, *row_shape),
-            dtype=dtype,
-            chunks=(chunk, *row_shape),
-            compression="gzip",
-            compression_opts=4,
-            shuffle=True,
-        )
-        labels = db.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
-        paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
-        versions = [db.create_dataset(c, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)) for c in columns]
+        feats = db.create_dataset("features", shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, **layout.h5_options())
+        cols = _Columns(db)
         db.create_dataset("label_names", data=_encoded(class_names), dtype=STR)
-        for block in rows:
-            f, lab, p = block[:3]
-            k = len(f)
-            if k == 0:
-                continue
-            cols = list(block[3:]) + [np.full(k, UNKNOWN, np.int64)] * (7 - len(block))
-            with np.errstate(over="ignore"):  # an overflow is caught just below, as inf
-                f = f.astype(dtype, copy=False)
-            if not np.all(np.isfinite(f)):
-                raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {n}..{n + k}")
-            for ds in (feats, labels, paths, *versions):
-                ds.resize(n + k, axis=0)
-            feats[n : n + k] = f
-            labels[n : n + k] = lab
-            paths[n : n + k] = _encoded(p)
-            for ds, values in zip(versions, cols):
-                ds[n : n + k] = values
-            n += k
+        sink = chunks.ChunkSink(feats, layout)
+        pending = _Pending(layout)
+        try:
+            for block in rows:
+                f, meta = block[0], _meta(block)
+                k = len(f)
+                if k == 0:
+                    continue
+                seen = sink.rows + len(pending)  # rows taken so far, for messages
+                if isinstance(f, chunks.Packed) and not f.finite or not isinstance(f, chunks.Packed) and not _finite(f, dtype):
+                    raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {seen}..{seen + k}")
+                if isinstance(f, chunks.Packed) and f.layout == layout:
+                    # Whole chunks go in as they are; a short one joins the rows waiting for a chunk.
+                    start = 0
+                    for data, count in zip(f.chunks, f.counts):
+                        if count == layout.rows:
+                            sink.put_compressed(data, count)
+                            cols.add(_take(meta, start, count))
+                        else:
+                            pending.add(chunks.decompress(data, layout, count), _take(meta, start, count))
+                        start += count
+                else:
+                    values = f.array() if isinstance(f, chunks.Packed) else f
+                    with np.errstate(over="ignore"):
+                        pending.add(np.asarray(values).astype(dtype, copy=False), meta)
+                while len(pending) >= layout.rows:
+                    block_rows, block_meta = pending.take(layout.rows)
+                    sink.put_rows(block_rows)
+                    cols.add(block_meta)
+            if len(pending):
+                block_rows, block_meta = pending.take(len(pending))
+                sink.put_rows(block_rows)
+                cols.add(block_meta)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
+        n = cols.close()
         grp = db.create_group("rejected")
         grp.create_dataset("paths", data=_encoded(r.path for r in rejected), dtype=STR)
         grp.create_dataset("reasons", data=np.asarray([r.reason.encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
-        for name, field in zip(columns, ("size", "mtime_ns", "inode", "ctime_ns")):
+        for name, field in zip(VERSION_COLUMNS, ("size", "mtime_ns", "inode", "ctime_ns")):
             grp.create_dataset(name, data=np.asarray([getattr(r, field) for r in rejected], dtype=np.int64))
         grp.create_dataset("limits", data=np.asarray([r.limit.encode() for r in rejected], dtype=object), dtype=STR)
         for key, value in attrs.items():

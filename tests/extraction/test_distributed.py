@@ -90,14 +90,14 @@ def _kill_mid_shard(out: Path, shard: int, shards: int, after_parts: int, report
     work, lock = path.with_name(path.name + ".partial"), path.with_name(path.name + ".lock")
     deadline = time.time() + 120
     while time.time() < deadline:
-        if len(list(work.glob("part-*.npz"))) >= after_parts and lock.exists():
+        if len(list(work.glob("part-*.part"))) >= after_parts and lock.exists():
             pid = int(lock.read_text().strip() or 0)
             if pid and pid != os.getpid():
                 os.kill(pid, signal.SIGKILL)
                 while os.path.exists(f"/proc/{pid}"):
                     time.sleep(0.01)
                 report["pid"] = pid
-                report["parts_at_kill"] = len(list(work.glob("part-*.npz")))
+                report["parts_at_kill"] = len(list(work.glob("part-*.part")))
                 report["finished_before_kill"] = path.exists()
                 return
         time.sleep(0.005)

@@ -187,7 +187,7 @@ def _wait_for_parts(out: Path, n: int, proc, timeout=120.0) -> None:
     work = out.with_name(out.name + ".partial")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(list(work.glob("part-*.npz"))) >= n:
+        if len(list(work.glob("part-*.part"))) >= n:
             return
         if proc.poll() is not None:
             raise AssertionError(f"extract ended before it could be interrupted: {proc.communicate()}")
@@ -456,7 +456,7 @@ def test_resume_after_an_image_changed_keeps_the_finished_parts_of_unchanged_ima
     with monkeypatch.context() as m:
         m.setattr(runner, "iter_batches", interrupted_after_two_batches)
         assert extract(data, out, "--workers", "1") == 130
-    parts = sorted(out.with_name("x.h5.partial").glob("part-*.npz"))
+    parts = sorted(out.with_name("x.h5.partial").glob("part-*.part"))
     assert len(parts) == 2 and not out.exists()  # a/000..a/007 done, in two parts of 4
     write_image(data / "a" / "001.png", seed=99)  # in a finished part: changed since
     (data / "a" / "002.png").unlink()  # in a finished part: deleted since

@@ -20,14 +20,14 @@ def test_parts_and_resume_indices(tmp_path):
     feats = np.ones((2, 1, 1, 4), np.float16)
     work.write_part(0, listing, np.array([4, 5]), feats, np.array([6]), ["empty file (0 bytes)"], [""])
     work.write_part(1, listing, np.array([0, 1]), feats * 2, np.array([], np.int64), [], [])
-    assert [p.name for p in work.parts()] == ["part-000000000.npz", "part-000000001.npz"] and work.next_seq() == 2
+    assert [p.name for p in work.parts()] == ["part-000000000.part", "part-000000001.part"] and work.next_seq() == 2
     assert work.done_indices(listing).tolist() == [0, 1, 4, 5, 6]
     index = work.index(listing)  # in listing order, not in the order written
     assert [p.indices.tolist() for p in index] == [[0, 1], [4, 5]] and index[1].reasons == ["empty file (0 bytes)"]
     np.testing.assert_array_equal(WorkArea.features(index[0]), feats * 2)
     assert not list(work.path.glob(".part-*"))  # no temporary part left behind
     assert work.done_indices(listing, exclude=np.array([0, 6])).tolist() == [1, 4, 5]  # already accounted for elsewhere
-    (work.path / "part-000000002.npz").write_bytes(b"damaged")  # never written by us: a disk fault
+    (work.path / "part-000000002.part").write_bytes(b"damaged")  # never written by us: a disk fault
     assert work.done_indices(listing).tolist() == [0, 1, 4, 5, 6] and len(work.parts()) == 2  # dropped, its rows redone
     work.set_manifest({"listing_sha256": "def"})
     assert work.manifest() == {"listing_sha256": "def"} and len(work.parts()) == 2  # the parts stay
