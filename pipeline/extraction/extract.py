@@ -82,7 +82,7 @@ class ExtractConfig:
     backbone: str = option(bb.BACKBONE, "network: " + ", ".join(bb.BACKBONES) + " (only vgg16 has the offline weights route)", rule=OneOf(tuple(bb.BACKBONES)))
     input_size: int | None = option(
         None, "square input side; none = the backbone's default (224, inception_v3 299; vgg16 at 224 gives 7x7x512 features)",
-        rule=Interval(int, 32, MAX_INT), message=f"must be a whole number in [32, {MAX_INT}]",
+        rule=Interval(int, 32, MAX_INT), message=f"every backbone needs at least 32 pixels (a whole number in [32, {MAX_INT}])",
     )  # fmt: skip
     batch_size: int = option(32, "images per network call", rule=_COUNT)
     weights: str = option("imagenet", "imagenet, none (random init, explicit) or a weights file PATH")
