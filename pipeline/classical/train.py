@@ -279,6 +279,7 @@ def run(config: TrainConfig) -> dict:
             "seed": config.seed,
             "test_source": test_source,
             "features": str(ff.path),
+            "backbone": ff.spec.get("backbone"),
             "label_names": names,
             "score": family.score,
             "config": settings.config_json(config),

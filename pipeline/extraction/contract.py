@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.config import EXTRACT_PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
-from pipeline.extraction.backbone import BACKBONES
+from pipeline.extraction.registry import BACKBONES
 
 #: 1: the first layout; 2: adds file_inodes, file_ctimes_ns (rows and rejected/) and rejected/limits.
 FORMAT_VERSION = 2

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.backbone import BACKBONE, get_spec
+from pipeline.extraction.registry import BACKBONE, get_spec
 from pipeline.extraction.weights_file import (
     CONV_LAYERS,
     IMAGENET_TENSOR_SHA256,
