@@ -570,7 +570,7 @@ def add_parser(sub):
     p.add_argument("--precisions", type=_list, default=PRECISIONS_MEASURED, metavar="P1,P2,...",
                    help=f"precisions to measure (default {','.join(PRECISIONS_MEASURED)})")  # fmt: skip
     p.add_argument("--backbone", dest="backbones", type=_backbone_list, default=(), metavar="B1,B2,...|all",
-                   help="measure these backbones instead (extract img/s, feature shape, GMACs; each at its default input side)")  # fmt: skip
+                   help="measure these backbones instead (extract img/s, feature shape, GMACs; each at its default input side) (default none: the precision tables)")  # fmt: skip
     add_options(p, BenchConfig)
     return p
 

@@ -209,9 +209,11 @@ def test_cli_flags_build_the_config(monkeypatch, tmp_path):
 def test_flag_defaults_are_the_config_defaults():
     args = parse("finetune", "d")
     config = ft.FinetuneConfig(Path("d"))
+    assert ft.from_args(args, ["finetune", "d"]) == dataclasses.replace(config, command_line="python -m pipeline finetune d")
+    resolved = {"input_size": 224, "unfreeze_from": "block5_conv1"}  # none on the command line: the backbone's own
     for f in dataclasses.fields(ft.FinetuneConfig):
         if f.name != "command_line":
-            assert getattr(args, f.name) == getattr(config, f.name), f.name
+            assert (resolved[f.name] if f.name in resolved and getattr(args, f.name) is None else getattr(args, f.name)) == getattr(config, f.name), f.name
 
 
 @pytest.mark.parametrize(
