@@ -1,4 +1,4 @@
-"""Benchmark: extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks."""
+"""Benchmark: extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, extraction speed, feature shape and GMACs of each backbone instead."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class BenchConfig:
     input_size: int = option(224, "network input side", rule=Interval(int, 32, MAX_INT), message="VGG16 needs at least 32 pixels")
     batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
     precisions: tuple[str, ...] = option(PRECISIONS_MEASURED, cli=False)
+    backbones: tuple[str, ...] = option((), cli=False)
     memory_images: int = option(64, "memory check on N and 10N images", rule=Interval(int, 1, MAX_INT))
     incremental_images: int = option(1000, "images in the incremental check", rule=Interval(int, 2, MAX_INT))
     quick: bool = option(False, "throughput table only")
@@ -53,6 +54,10 @@ class BenchConfig:
         unknown = [p for p in self.precisions if p not in PRECISIONS_MEASURED]
         if unknown:
             raise PipelineError(f"--precisions {','.join(self.precisions)}: unknown {', '.join(unknown)}; choose from {', '.join(PRECISIONS_MEASURED)}")
+        from pipeline.extraction.backbone import BACKBONES
+
+        if [b for b in self.backbones if b not in BACKBONES]:
+            raise PipelineError(f"--backbone {','.join(self.backbones)}: choose from all, {', '.join(BACKBONES)}")
         if not (self.data / "train").is_dir():
             raise PipelineError(f"{self.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
         if "int8" in self.precisions:
@@ -178,7 +183,7 @@ def _child_calibrate(data: Path, size: int) -> dict:
     return {"images": info["calibration_images_read"], "seconds": seconds, "key": calibration.key}
 
 
-def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path) -> dict:
+def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path, **settings) -> dict:
     import h5py
 
     from pipeline.extraction.extract import ExtractConfig
@@ -186,7 +191,7 @@ def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path)
 
     out.unlink(missing_ok=True)  # a fresh extraction each repeat, never "up to date"
     t0 = time.perf_counter()
-    cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True)
+    cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True, **settings)
     if run(cfg) != 0:
         raise PipelineError("extract failed inside the benchmark")
     wall = time.perf_counter() - t0
@@ -206,8 +211,15 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--precision", default="float32")
     p.add_argument("--out", type=Path)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backbone", default="vgg16")
     a = p.parse_args(argv)
-    if a.variant == "compute":
+    if a.variant == "backbone":  # at its own default input side; speed does not depend on the weights
+        from pipeline.extraction.backbone import BACKBONES, build, count_macs
+
+        spec = BACKBONES[a.backbone]
+        r = _child_extract(a.data, spec.input_size, a.batch, a.precision, a.out, backbone=a.backbone, weights="imagenet" if a.backbone == "vgg16" else "none")
+        r.update(input_size=spec.input_size, feature_shape=list(spec.feature_shape(spec.input_size)), gmacs=count_macs(build(a.backbone, spec.input_size)) / 1e9)
+    elif a.variant == "compute":
         r = _child_compute(a.data, a.size, a.batch, a.precision)
     elif a.variant == "interleaved":
         r = _child_interleaved(a.data, a.size, a.batch, a.precision.split(","), a.rounds)
@@ -307,6 +319,26 @@ def _median_ratio(rs: list[dict], base: list[dict] | None) -> float | None:
     if not base:
         return None
     return statistics.median([r["images_per_second"] / b["images_per_second"] for r, b in zip(rs, base)])
+
+
+def _backbones(args, tmp: Path, say) -> dict:
+    """Each backbone's ``extract`` at ``auto`` precision on the same images, in turn within each repeat; ratios to the first within a repeat."""
+    sample = _sample_tree(args.data / "train", tmp / "sample", args.images)
+    runs: dict[str, list[dict]] = {b: [] for b in args.backbones}
+    for rep in range(args.repeats):
+        for b in args.backbones:
+            r = _run_child("backbone", "--data", str(sample), "--batch", str(args.batch_size), "--precision", "auto", "--backbone", b, "--out", str(tmp / f"{b}.h5"))
+            r["images_per_second"] = r["images"] / r["seconds"]
+            runs[b].append(r)
+            say(f"  repeat {rep + 1}: {b} {r['images_per_second']:.2f} img/s")
+    first = args.backbones[0]
+    rows = [
+        {"backbone": b, "input_size": rs[0]["input_size"], "feature_shape": rs[0]["feature_shape"], "gmacs": rs[0]["gmacs"],
+         "images_per_second": statistics.median(r["images_per_second"] for r in rs), "vs_first": _median_ratio(rs, runs[first]),
+         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)}
+        for b, rs in runs.items()
+    ]  # fmt: skip
+    return {"images": runs[first][0]["images"], "first": first, "rows": rows}
 
 
 def _memory_scaling(args, tmp: Path, say) -> dict:
@@ -432,6 +464,15 @@ def _training(args, say) -> dict:
 
 
 def _markdown(result: dict) -> str:
+    if "backbones" in result:
+        b = result["backbones"]
+        return "\n".join([
+            f"Backbones on {result['machine']}, each at its default input side, batch {result['batch_size']}, `extract` at auto precision "
+            f"on {b['images']} images, median of {result['repeats']} repeats (in turn within each repeat).", "",
+            f"| backbone | input | feature shape | GMACs/image | images/s | x {b['first']} | peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|",
+            *(f"| {r['backbone']} | {r['input_size']} | {'x'.join(map(str, r['feature_shape']))} | {r['gmacs']:.2f} | {r['images_per_second']:.2f} | "
+              f"{r['vs_first']:.2f} | {r['peak_rss_mb']:.0f} |" for r in b["rows"]),
+        ]) + "\n"  # fmt: skip
     lines = [
         f"Benchmark on {result['machine']}, input {result['input_size']}, batch {result['batch_size']}, "
         f"{result['throughput']['images']} images, median of {result['repeats']} repeats.",
@@ -503,12 +544,16 @@ def run(args: BenchConfig) -> dict:
     result = {"machine": machine, "input_size": args.input_size, "batch_size": args.batch_size, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="bench-") as t:
         tmp = Path(t)
-        say("throughput (each variant in its own process):")
-        result["throughput"] = _throughput(args, tmp, say)
-        if not args.quick:
+        if args.backbones:  # the backbone table alone: the other tables are VGG16's
+            say("backbones (each extraction in its own process):")
+            result["backbones"] = _backbones(args, tmp, say)
+        else:
+            say("throughput (each variant in its own process):")
+            result["throughput"] = _throughput(args, tmp, say)
+        if not args.quick and not args.backbones:
             result["memory"] = _memory_scaling(args, tmp, say)
             result["incremental"] = _incremental(args, tmp, say)
-    if not args.quick:
+    if not args.quick and not args.backbones:
         result["accuracy"] = _accuracy(args, say)
         result["training"] = _training(args, say)
     (args.output / "bench.json").write_text(json.dumps(result, indent=1))
@@ -522,11 +567,19 @@ def _list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def _backbone_list(text: str) -> tuple[str, ...]:
+    from pipeline.extraction.backbone import BACKBONES
+
+    return tuple(BACKBONES) if text.strip() == "all" else _list(text)
+
+
 def add_parser(sub):
     """Register ``bench``; every flag's default comes from ``BenchConfig``."""
     p = sub.add_parser("bench", help="measure extraction speed, memory, storage, incremental cost and accuracy")
     p.add_argument("--precisions", type=_list, default=PRECISIONS_MEASURED, metavar="P1,P2,...",
                    help=f"precisions to measure (default {','.join(PRECISIONS_MEASURED)})")  # fmt: skip
+    p.add_argument("--backbone", dest="backbones", type=_backbone_list, default=(), metavar="B1,B2,...|all",
+                   help="measure these backbones instead (extract img/s, feature shape, GMACs; each at its default input side) (default none: the precision tables)")  # fmt: skip
     add_options(p, BenchConfig)
     return p
 

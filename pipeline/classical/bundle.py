@@ -125,20 +125,29 @@ def load_bundle(path: Path | str) -> dict:
 def check_spec(model_path: Path, bundle: dict) -> None:
     """Refuse a bundle whose features this program cannot rebuild exactly.
 
+    The bundle's ``backbone`` decides the network (predict follows it); its layer and
+    preprocessing must be that backbone's here, and its ``feature_shape`` what that backbone
+    gives at its ``input_size``.
+
     Raises:
-        PipelineError: an unknown precision, another backbone, layer or preprocessing, or a
-            ``feature_shape`` that does not follow from ``input_size``.
+        PipelineError: one line naming the field: an unknown precision or backbone, another
+            layer or preprocessing than the backbone's, an input size below the backbone's
+            minimum, or a ``feature_shape`` that does not follow from ``input_size``.
     """
-    from pipeline.extraction.backbone import BACKBONE, LAYER, PREPROCESSING, feature_shape
+    from pipeline.extraction.backbone import BACKBONES
 
     spec = bundle["feature_spec"]
     if bundle["precision"] not in BUNDLE_PRECISIONS:
         raise PipelineError(f"{model_path}: precision {bundle['precision']!r} is not one of {', '.join(BUNDLE_PRECISIONS)}")
-    ours = {"backbone": BACKBONE, "layer": LAYER, "preprocessing": PREPROCESSING}
-    for key, value in ours.items():
+    net = BACKBONES.get(spec.get("backbone")) if isinstance(spec.get("backbone"), str) else None
+    if net is None:
+        raise PipelineError(f"{model_path}: the model expects backbone {spec.get('backbone')!r}, which this program does not compute (it computes {', '.join(BACKBONES)})")
+    for key, value in (("layer", net.layer), ("preprocessing", net.preprocessing)):
         if spec.get(key) != value:
-            raise PipelineError(f"{model_path}: the model expects {key} {spec.get(key)!r} but this program computes {value!r}")
-    shape = list(feature_shape(int(spec["input_size"])))
+            raise PipelineError(f"{model_path}: the model expects {key} {spec.get(key)!r} but backbone {net.name} computes {value!r}")
+    if int(spec["input_size"]) < net.min_size:
+        raise PipelineError(f"{model_path}: the model expects input_size {spec['input_size']} but backbone {net.name} needs at least {net.min_size}")
+    shape = list(net.feature_shape(int(spec["input_size"])))
     if list(spec["feature_shape"]) != shape:
         raise PipelineError(f"{model_path}: feature_shape {spec['feature_shape']} does not match input_size {spec['input_size']} ({shape})")
     if bundle["precision"] == "int8" and not spec.get("int8_model"):

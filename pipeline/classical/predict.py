@@ -127,7 +127,7 @@ def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None 
     name = override or spec["weights"]
     if name == "file":
         raise PipelineError(f"{model_path}: the model was trained on features from a weights file; pass --weights PATH to that file")
-    info = resolve_weights(name, progress=progress)
+    info = resolve_weights(name, backbone=spec["backbone"], progress=progress)
     if info.checksum != spec["weights_checksum"]:
         raise PipelineError(
             f"{model_path}: trained with weights {spec['weights']!r} (checksum {str(spec['weights_checksum'])[:16]}...) but the "
@@ -245,7 +245,7 @@ def label_images(config: PredictConfig) -> list[dict]:
     # int8: the very model the training features came from, found in the cache by its key.
     int8_model = Calibration.known(spec["int8_model"]) if bundle["precision"] == "int8" else None
     try:
-        net = open_backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size, calibration=int8_model)
+        net = open_backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size, calibration=int8_model, backbone=spec["backbone"])
     except PipelineError as exc:
         raise PipelineError(f"{model_path}: {exc}") from None
     if net.weights_checksum != spec["weights_checksum"]:

@@ -65,7 +65,7 @@ class TrainConfig:
         model: a key of ``MODELS`` (``lr``, ``svm``, ``rf``).
         test: a compatible test feature file; None = a stratified split of ``features``.
         output: folder for ``<model>.joblib``, ``.metrics.json``, ``.report.txt``, ``.confusion.png``.
-        pool: ``flatten`` (h*w*512), ``avg`` or ``max`` (512) over the spatial grid.
+        pool: ``flatten`` (h*w*C, C the backbone's channels), ``avg`` or ``max`` (C) over the spatial grid.
         scaling: linear models' input scaling, ``l2`` (unit-RMS rows) or ``standard``.
         test_size: share of each class held out when there is no ``test`` file.
         seed: seeds the split, the folds, the estimators and the out-of-core shuffling.
@@ -88,7 +88,7 @@ class TrainConfig:
     )
     test: Path | None = option(None, "test feature file with the same spec and classes; none = a stratified split of FEATURES", metavar="TEST.h5")
     output: Path = option(DEFAULT_OUTPUT, "output folder", short="-o")
-    pool: str = option("flatten", "flatten = h*w*512 values, avg/max = 512 per image", rule=OneOf(POOLS), message="choose one of " + ", ".join(POOLS))
+    pool: str = option("flatten", "flatten = h*w*C values (C: the backbone's channels, 512 for vgg16), avg/max = C per image", rule=OneOf(POOLS), message="choose one of " + ", ".join(POOLS))
     scaling: str = option(
         "l2", "linear models' input scaling: l2 = unit-RMS rows, standard = StandardScaler", rule=OneOf(SCALINGS), message="choose one of " + ", ".join(SCALINGS)
     )
@@ -279,6 +279,7 @@ def run(config: TrainConfig) -> dict:
             "seed": config.seed,
             "test_source": test_source,
             "features": str(ff.path),
+            "backbone": ff.spec.get("backbone"),
             "label_names": names,
             "score": family.score,
             "config": settings.config_json(config),

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.config import EXTRACT_PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
-from pipeline.extraction.backbone import feature_shape
+from pipeline.extraction.registry import BACKBONES
 
 #: 1: the first layout; 2: adds file_inodes, file_ctimes_ns (rows and rejected/) and rejected/limits.
 FORMAT_VERSION = 2
@@ -78,7 +78,7 @@ class Attr:
 ATTRIBUTES = (
     Attr("complete", "bool"),
     Attr("format_version", "int", 1),
-    Attr("backbone", "str"),
+    Attr("backbone", "str", choices=tuple(BACKBONES)),
     Attr("layer", "str"),
     Attr("input_size", "int", 32),
     Attr("feature_shape", "ints"),
@@ -232,8 +232,14 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool) -> list[
         if isinstance(shape, np.ndarray) and tuple(shape.tolist()) != tuple(feats.shape[1:]):
             out.append(f"features have rows of shape {tuple(feats.shape[1:])} but attribute 'feature_shape' is {shape.tolist()}")
         size = _count(attrs, "input_size")
-        if size is not None and size >= 32 and tuple(feats.shape[1:]) != feature_shape(size):
-            out.append(f"features have rows of shape {tuple(feats.shape[1:])}; input_size {size} gives {feature_shape(size)}")
+        net = BACKBONES.get(attrs.get("backbone")) if isinstance(attrs.get("backbone"), str) else None
+        if size is not None and net is not None and size < net.min_size:
+            out.append(f"attribute 'input_size' is {size}; backbone {net.name} needs at least {net.min_size}")
+        elif size is not None and net is not None and size >= 32 and tuple(feats.shape[1:]) != net.feature_shape(size):
+            out.append(f"features have rows of shape {tuple(feats.shape[1:])}; {net.name} at input_size {size} gives {net.feature_shape(size)}")
+        for key, want in (("layer", net.layer if net else None), ("preprocessing", net.preprocessing if net else None)):
+            if want is not None and isinstance(attrs.get(key), str) and attrs[key] != want:
+                out.append(f"attribute '{key}' is {attrs[key]!r} but backbone {net.name} gives {want!r}")
         if isinstance(attrs.get("storage_dtype"), str) and str(feats.dtype) != attrs["storage_dtype"]:
             out.append(f"features are {feats.dtype} but attribute 'storage_dtype' is {attrs['storage_dtype']!r}")
         if _count(attrs, "n_images") not in (None, feats.shape[0]):

@@ -1,4 +1,4 @@
-"""The compute engines behind ``--precision``: TensorFlow for the float precisions, OpenVINO for ``int8`` (the same Keras VGG16 converted in process, quantized by NNCF on a seeded calibration sample, cached by key); ``open_backbone`` picks one.
+"""The compute engines behind ``--precision``: TensorFlow for the float precisions, OpenVINO for ``int8`` (the same Keras backbone converted in process, quantized by NNCF on a seeded calibration sample, cached by key); ``open_backbone`` picks one.
 
 An int8 model is identified by its key: a sha256 of the recipe, the backbone, the input
 size, the resize method, the weights checksum and the calibration sample (seed, count and
@@ -38,7 +38,9 @@ CALIBRATION_IMAGES = 128
 CALIBRATION_SEED = 0
 #: Images per calibration call (NNCF collects its statistics over such batches).
 CALIBRATION_BATCH = 16
-#: How an int8 model is made; part of its key (changing it makes new models).
+#: How an int8 model is made; part of its key (changing it makes new models). The text names
+#: VGG16, the first backbone; the backbone is a field of the key of its own, so the text stays
+#: as it was and VGG16 models keep their keys.
 RECIPE = (
     "openvino.convert_model(tf.function(uint8 NHWC -> preprocess_input -> VGG16 base)); "
     "nncf.quantize(preset=PERFORMANCE, fast bias correction); CPU plugin, inference_precision f32"
@@ -50,11 +52,15 @@ INSTALL_HINT = "run `make setup`, or `pip install -e '.[int8]'` (OpenVINO and NN
 COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def open_backbone(input_size: int, weights, precision: str, *, batch_size: int = 32, calibration: "Calibration | None" = None, progress: bool = False):
+def open_backbone(
+    input_size: int, weights, precision: str, *, batch_size: int = 32, calibration: "Calibration | None" = None, progress: bool = False,
+    backbone: str | None = None,
+):
     """The network for ``precision``: ``backbone.Backbone`` (TensorFlow) or ``Int8Backbone`` (OpenVINO).
 
     Args:
         input_size, weights, batch_size: as for ``backbone.Backbone``.
+        backbone: the network (``backbone.BACKBONES``); default: the one ``weights`` are for.
         precision: a resolved precision (``float32``, ``bfloat16``, ``float16`` or ``int8``).
         calibration: for ``int8``, the model to use (``plan_calibration``, ``sample_calibration``
             or ``Calibration.known``).
@@ -64,8 +70,11 @@ def open_backbone(input_size: int, weights, precision: str, *, batch_size: int =
         PipelineError: ``int8`` without a calibration, without the int8 extra, or with a
             model that is neither cached nor can be made here.
     """
+    name = backbone or weights.backbone
+    if name != weights.backbone:
+        raise PipelineError(f"weights for {weights.backbone} cannot be loaded into {name}")
     if precision != INT8:
-        return bb.Backbone(input_size, weights, precision, batch_size=batch_size)
+        return bb.Backbone(input_size, weights, precision, batch_size=batch_size, backbone=name)
     if calibration is None:
         raise PipelineError("--precision int8 needs a calibration (the int8 model to use)")
     return Int8Backbone(input_size, weights, calibration, batch_size=batch_size, progress=progress)
@@ -138,16 +147,20 @@ class Calibration:
         return cls(key=str(key))
 
 
-def model_key(*, digest: str, input_size: int, resize: str, weights_checksum: str) -> str:
-    """The cache key of the int8 model calibrated on the sample ``digest`` for these settings."""
+def model_key(*, digest: str, input_size: int, resize: str, weights_checksum: str, backbone: str = bb.BACKBONE) -> str:
+    """The cache key of the int8 model of ``backbone`` calibrated on the sample ``digest`` for these settings."""
+    spec = bb.get_spec(backbone)
     what = {
-        "recipe": RECIPE, "backbone": bb.BACKBONE, "layer": bb.LAYER, "preprocessing": bb.PREPROCESSING,
+        "recipe": RECIPE, "backbone": spec.name, "layer": spec.layer, "preprocessing": spec.preprocessing,
         "input_size": int(input_size), "resize": resize, "weights_checksum": weights_checksum, "calibration": digest,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def sample_calibration(listing, *, input_size: int, resize: str, weights_checksum: str, images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED) -> Calibration:
+def sample_calibration(
+    listing, *, input_size: int, resize: str, weights_checksum: str, images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
+    backbone: str = bb.BACKBONE,
+) -> Calibration:
     """A seeded sample of ``listing``'s files (``images`` of them, or all if fewer) and the key of its model.
 
     The same files (same paths, sizes and modification times) with the same settings give
@@ -160,7 +173,7 @@ def sample_calibration(listing, *, input_size: int, resize: str, weights_checksu
     for i in pick.tolist():
         h.update(os.fsencode(listing.paths[i]) + f"\0{int(listing.sizes[i])}:{int(listing.mtimes_ns[i])}\n".encode())
     digest = h.hexdigest()
-    key = model_key(digest=digest, input_size=input_size, resize=resize, weights_checksum=weights_checksum)
+    key = model_key(digest=digest, input_size=input_size, resize=resize, weights_checksum=weights_checksum, backbone=backbone)
     return Calibration(key, digest, k, seed, Path(listing.root), tuple(listing.paths[i] for i in pick.tolist()), resize)
 
 
@@ -177,10 +190,11 @@ def plan_calibration(listing, old: dict | None, *, input_size: int, resize: str,
     ones; otherwise a fresh seeded sample of ``listing`` (``sample_calibration``). Pass
     ``old=None`` to calibrate afresh (``--overwrite``).
     """
-    fresh = sample_calibration(listing, input_size=input_size, resize=resize, weights_checksum=weights.checksum)
+    fresh = sample_calibration(listing, input_size=input_size, resize=resize, weights_checksum=weights.checksum, backbone=weights.backbone)
     if not old or old.get("precision") != INT8 or not old.get("calibration") or old["calibration"] == fresh.key:
         return fresh
-    ours = {"backbone": bb.BACKBONE, "layer": bb.LAYER, "preprocessing": bb.PREPROCESSING,
+    spec = bb.get_spec(weights.backbone)
+    ours = {"backbone": spec.name, "layer": spec.layer, "preprocessing": spec.preprocessing,
             "input_size": input_size, "resize": resize, "weights_checksum": weights.checksum}  # fmt: skip
     if all(old.get(k) == ours[k] for k in _MODEL_SETTINGS):
         return Calibration.known(old["calibration"])
@@ -255,7 +269,7 @@ def _load_calibration_pixels(calibration: Calibration, input_size: int, resize: 
 
 
 def quantize(calibration: Calibration, weights, *, input_size: int, folder: Path, progress: bool = False) -> dict:
-    """Convert the Keras VGG16 with ``weights`` to OpenVINO, quantize it on ``calibration``'s images, write it to ``folder``.
+    """Convert the Keras backbone of ``weights`` (``weights.backbone``) with them to OpenVINO, quantize it on ``calibration``'s images, write it to ``folder``.
 
     Returns:
         The model's info (also written as ``folder/info.json``).
@@ -273,13 +287,14 @@ def quantize(calibration: Calibration, weights, *, input_size: int, folder: Path
 
     t0 = time.perf_counter()
     pixels = _load_calibration_pixels(calibration, input_size, calibration.resize)
-    model = bb.build_vgg16(input_size, "float32")
+    backbone = weights.backbone
+    model = bb.build(backbone, input_size, "float32")
     checksum = load_weights(model, weights)
     if checksum != weights.checksum:
         raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {checksum})")
 
     def forward(p):
-        return model(bb.preprocess(p), training=False)
+        return model(bb.preprocess(p, backbone), training=False)
 
     spec = tf.TensorSpec([None, input_size, input_size, 3], tf.uint8)
     batches = [pixels[i : i + CALIBRATION_BATCH] for i in range(0, len(pixels), CALIBRATION_BATCH)]
@@ -300,8 +315,8 @@ def quantize(calibration: Calibration, weights, *, input_size: int, folder: Path
         "format": "transfer-pipeline-int8-model",
         "key": calibration.key,
         "recipe": RECIPE,
-        "backbone": bb.BACKBONE,
-        "layer": bb.LAYER,
+        "backbone": backbone,
+        "layer": bb.get_spec(backbone).layer,
         "input_size": int(input_size),
         "resize": calibration.resize,
         "weights": weights.name,
@@ -360,7 +375,7 @@ def ensure_model(calibration: Calibration, weights, *, input_size: int, progress
 
 
 class Int8Backbone:
-    """The int8 VGG16 base on OpenVINO: uint8 RGB batches in, float32 features out, like ``backbone.Backbone``.
+    """The int8 backbone on OpenVINO: uint8 RGB batches in, float32 features out, like ``backbone.Backbone``.
 
     The preprocessing is part of the converted graph. ``key`` names the model; the weights
     it was made from must be the resolved ``weights``.
@@ -371,6 +386,8 @@ class Int8Backbone:
     def __init__(self, input_size: int, weights, calibration: Calibration, batch_size: int = 32, progress: bool = False):
         ov, _ = require_int8()
         info = ensure_model(calibration, weights, input_size=input_size, progress=progress)
+        if info.get("backbone", bb.BACKBONE) != weights.backbone:
+            raise PipelineError(f"{model_dir(calibration.key)}: an int8 model of {info.get('backbone')}, not {weights.backbone}")
         if int(info["input_size"]) != int(input_size):
             raise PipelineError(f"{model_dir(calibration.key)}: an int8 model for input size {info['input_size']}, not {input_size}")
         if info["weights_checksum"] != weights.checksum:
@@ -380,12 +397,13 @@ class Int8Backbone:
         self.input_size = input_size
         self.batch_size = batch_size
         self.weights_checksum = info["weights_checksum"]
-        self.output_shape = bb.feature_shape(input_size)
+        self.backbone = weights.backbone
+        self.output_shape = bb.feature_shape(input_size, weights.backbone)
         core = ov.Core()
         self._compiled = core.compile_model(core.read_model(model_dir(self.key) / "model.xml"), "CPU", COMPILE_CONFIG)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """Features (n, h, w, 512) as float32 for uint8 RGB pixels (n, size, size, 3)."""
+        """Features (n, h, w, channels) as float32 for uint8 RGB pixels (n, size, size, 3)."""
         n = len(pixels)
         if n == 0:
             return np.zeros((0, *self.output_shape), np.float32)

@@ -1,4 +1,4 @@
-"""Extract stage: images -> VGG16 bottleneck features -> one HDF5 file, resumable after a kill and safe against bad files; with ``--ray``, one Ray task per shard, then merged.
+"""Extract stage: images -> a backbone's bottleneck features (``--backbone``, VGG16 by default) -> one HDF5 file, resumable after a kill and safe against bad files; with ``--ray``, one Ray task per shard, then merged.
 
 ``run`` decides, for both paths, what an existing output needs: nothing (up to date), an
 incremental update (same settings, other images: unchanged rows are kept) or, with
@@ -50,9 +50,12 @@ class ExtractConfig:
     Attributes:
         data_dir: class-per-folder image tree.
         output: the HDF5 feature file to write.
-        input_size: square side the images are resized to (224 gives 7x7x512 features).
+        backbone: the network (``backbone.BACKBONES``): its preprocessing, feature layer and
+            default input size are its own, and recorded in the file.
+        input_size: square side the images are resized to; None = the backbone's default
+            (224, 299 for inception_v3), filled in when the config is made.
         batch_size: images per network call.
-        weights: ``imagenet``, ``none`` (explicit random init) or a weights file path.
+        weights: ``imagenet``, ``none`` (explicit random init) or a weights file path (for the backbone).
         precision: compute precision (``auto``, ``float32``, ``bfloat16``, ``float16``, or ``int8``:
             OpenVINO, calibrated on a seeded sample of the images; see ``engines``).
         storage: dtype of the stored features.
@@ -76,9 +79,10 @@ class ExtractConfig:
 
     data_dir: Path = option(help="folder with one sub-folder per class", positional=True)
     output: Path = option(help="HDF5 file to write (e.g. features/train.h5)", short="-o")
-    input_size: int = option(
-        224, "square input side; 224 gives 7x7x512 features",
-        rule=Interval(int, 32, MAX_INT), message=f"VGG16 needs at least 32 pixels (a whole number in [32, {MAX_INT}])",
+    backbone: str = option(bb.BACKBONE, "network: " + ", ".join(bb.BACKBONES) + " (only vgg16 has the offline weights route)", rule=OneOf(tuple(bb.BACKBONES)))
+    input_size: int | None = option(
+        None, "square input side; none = the backbone's default (224, inception_v3 299; vgg16 at 224 gives 7x7x512 features)",
+        rule=Interval(int, 32, MAX_INT), message=f"every backbone needs at least 32 pixels (a whole number in [32, {MAX_INT}])",
     )  # fmt: skip
     batch_size: int = option(32, "images per network call", rule=_COUNT)
     weights: str = option("imagenet", "imagenet, none (random init, explicit) or a weights file PATH")
@@ -107,6 +111,11 @@ class ExtractConfig:
     ray_retries: int = option(RAY_RETRIES, "with --ray: retries of a shard whose worker died or failed", rule=Interval(int, 0, MAX_INT))
     command_line: str = option("", cli=False)
 
+    def __post_init__(self):
+        # --input-size none: the backbone's default side, resolved once, where the config is made.
+        if self.input_size is None and self.backbone in bb.BACKBONES:
+            object.__setattr__(self, "input_size", bb.BACKBONES[self.backbone].input_size)
+
     def validate(self) -> "ExtractConfig":
         """Check every value (each field's rule, then the rules across fields); return self.
 
@@ -114,6 +123,9 @@ class ExtractConfig:
             PipelineError: naming the flag, its value and what is allowed.
         """
         settings.validate(self)
+        least = bb.BACKBONES[self.backbone].min_size
+        if self.input_size < least:
+            raise PipelineError(f"--input-size {self.input_size}: {self.backbone} needs at least {least} pixels")
         if self.shard >= self.shards:
             raise PipelineError(f"--shard {self.shard} of --shards {self.shards}: need 0 <= shard < shards")
         if Path(self.output).suffix.lower() not in (".h5", ".hdf5"):
@@ -131,7 +143,7 @@ class ExtractConfig:
 
 def add_parser(sub) -> None:
     """The ``extract`` command and its flags, read from ``ExtractConfig``."""
-    p = sub.add_parser("extract", help="VGG16 bottleneck features of a class-per-folder image tree into HDF5")
+    p = sub.add_parser("extract", help="bottleneck features (VGG16 or --backbone) of a class-per-folder image tree into HDF5")
     settings.add_options(p, ExtractConfig)
 
 
@@ -206,7 +218,7 @@ def run(config: ExtractConfig) -> int:
     preflight.check_not_an_input(config.output, listing, config.weights)
     check_output_writable(config.output)
     with OutputLock(config.output):
-        weights = resolve_weights(config.weights, progress=not config.quiet)
+        weights = resolve_weights(config.weights, backbone=config.backbone, progress=not config.quiet)
         if ray is not None:
             return _run_ray(config, listing, weights, ray)
         return _run_local(config, shard_listing(listing, config.shards, config.shard), weights, listing)
@@ -434,12 +446,13 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
                 listing.ctimes_ns[idx],
             )
 
+    net = bb.get_spec(config.backbone)
     attrs = {
-        "backbone": bb.BACKBONE,
-        "layer": bb.LAYER,
+        "backbone": net.name,
+        "layer": net.layer,
         "input_size": config.input_size,
-        "feature_shape": list(bb.feature_shape(config.input_size)),
-        "preprocessing": bb.PREPROCESSING,
+        "feature_shape": list(net.feature_shape(config.input_size)),
+        "preprocessing": net.preprocessing,
         "resize": config.resize,
         "weights": weights.name,
         "weights_source": weights.source,
@@ -462,7 +475,7 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
     }
     n = write_feature_file(
         config.output,
-        row_shape=bb.feature_shape(config.input_size),
+        row_shape=net.feature_shape(config.input_size),
         storage=config.storage,
         class_names=listing.class_names,
         rows=rows(),

@@ -78,7 +78,8 @@ def fingerprint(
 
     Args:
         listing: the files of this output (one shard's, when sharded).
-        weights: the resolved ``WeightsInfo``.
+        weights: the resolved ``WeightsInfo`` (its ``backbone`` is the network's: its name, feature
+            layer and preprocessing are recorded).
         precision: the resolved compute precision.
         input_size, resize, storage, shards, shard: the extraction's settings.
         whole: the listing of the whole data folder ``listing`` is a shard of (default ``listing``).
@@ -90,12 +91,13 @@ def fingerprint(
         listing (``whole_listing_sha256``, ``whole_n_files``), which every shard of one
         extraction shares: ``merge`` refuses shards of other folders or other listings.
     """
+    net = bb.get_spec(weights.backbone)
     fp = {
-        "backbone": bb.BACKBONE,
-        "layer": bb.LAYER,
+        "backbone": net.name,
+        "layer": net.layer,
         "input_size": input_size,
         "resize": resize,
-        "preprocessing": bb.PREPROCESSING,
+        "preprocessing": net.preprocessing,
         "weights": weights.name,
         "weights_checksum": weights.checksum,
         "precision": precision,

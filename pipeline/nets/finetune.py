@@ -1,4 +1,4 @@
-"""The ``finetune`` stage: VGG16 fine-tuned on an image tree from a logistic-regression probe (LP-FT, the default) or from a dense head trained from random, with a cached frozen prefix for speed.
+"""The ``finetune`` stage: a backbone (``--backbone``, VGG16 by default) fine-tuned on an image tree from a logistic-regression probe (LP-FT, the default) or from a dense head trained from random, with a cached frozen prefix for speed.
 
 Data flow (``fit``)::
 
@@ -29,6 +29,7 @@ from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
 from pipeline.nets.images import gigabytes, load_data
+from pipeline.extraction.backbone import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.probe import POOLS, feature_spec, fit_probe, load_probe, probe_layers
@@ -45,9 +46,13 @@ class FinetuneConfig(NetConfig):
     """Settings of ``python -m pipeline finetune`` (the data flags are ``NetConfig``'s).
 
     Attributes:
-        input_size: square side the images are resized to (at least 32).
-        unfreeze_from: first VGG16 layer trained in phase ``finetune``, ``none`` (head only,
-            ``--head dense``) or ``all``.
+        backbone: the network (``backbone.BACKBONES``), with its own preprocessing, feature
+            layer and default input size.
+        input_size: square side the images are resized to; None = the backbone's default
+            (224, inception_v3 299), filled in when the config is made.
+        unfreeze_from: first backbone layer trained in phase ``finetune`` (InceptionV3 also
+            takes its blocks ``mixedN``), ``none`` (head only, ``--head dense``) or ``all``;
+            None = the backbone's last block (vgg16: ``block5_conv1``).
         head: ``probe`` (LP-FT: the logistic-regression probe is the head) or ``dense``
             (the classic head from random: Dense(dense, relu), Dropout, softmax).
         probe: a ``train --model lr`` bundle to start from (its feature specification must be
@@ -62,12 +67,16 @@ class FinetuneConfig(NetConfig):
         cache_copies: augmented copies of each training image in the cache.
     """
 
-    input_size: int = option(
-        224, "square input side", rule=Interval(int, 32, MAX_INT), message=f"VGG16 needs at least 32 pixels (a whole number in [32, {MAX_INT}])"
+    backbone: str = option(BACKBONE, "network: " + ", ".join(BACKBONES) + " (only vgg16 has the offline weights route)", rule=OneOf(tuple(BACKBONES)))
+    input_size: int | None = option(
+        None, "square input side; none = the backbone's default (224, inception_v3 299)", rule=Interval(int, 32, MAX_INT),
+        message=f"every backbone needs at least 32 pixels (a whole number in [32, {MAX_INT}])",
     )
-    unfreeze_from: str = option(
-        "block5_conv1",
-        "first VGG16 layer fine-tuned (any VGG16 layer name), none = frozen base + dense head only, all = every layer",
+    unfreeze_from: str | None = option(
+        None,
+        "first backbone layer fine-tuned (a layer name of the backbone; inception_v3 also mixed1..mixed10), "
+        "none = frozen base + dense head only, all = every layer; default = the backbone's last block (vgg16: block5_conv1, "
+        + ", ".join(f"{b.name}: {b.unfreeze_from}" for b in BACKBONES.values() if b.name != BACKBONE) + ")",
         metavar="LAYER",
     )
     head: str = option(
@@ -94,14 +103,25 @@ class FinetuneConfig(NetConfig):
         metavar="K",
     )
 
+    def __post_init__(self):
+        # none: the backbone's own default, resolved once, where the config is made.
+        spec = BACKBONES.get(self.backbone)
+        if spec is not None and self.input_size is None:
+            object.__setattr__(self, "input_size", spec.input_size)
+        if spec is not None and self.unfreeze_from is None:
+            object.__setattr__(self, "unfreeze_from", spec.unfreeze_from)
+
     def validate(self) -> "FinetuneConfig":
-        """Check every value; return self.
+        """Check every value; return self. (Other backbones' layer names are checked on the built network, before the weights load.)
 
         Raises:
             PipelineError: ``--flag value: ...`` naming the flag and the rule broken.
         """
         settings.validate(self)
-        if self.unfreeze_from not in VGG16_LAYERS + UNFREEZE_SPECIAL:
+        least = BACKBONES[self.backbone].min_size
+        if self.input_size < least:
+            raise PipelineError(f"--input-size {self.input_size}: {self.backbone} needs at least {least} pixels")
+        if self.backbone == BACKBONE and self.unfreeze_from not in VGG16_LAYERS + UNFREEZE_SPECIAL:
             raise PipelineError(
                 f"--unfreeze-from {self.unfreeze_from}: not a VGG16 layer; choose none, all or one of " + ", ".join(VGG16_LAYERS)
             )
@@ -123,8 +143,10 @@ class FinetuneConfig(NetConfig):
 
     def strategy(self) -> str:
         if self.unfreeze_from == "none":
-            return "frozen base + dense head"
+            return "frozen base + dense head" + (f" ({self.backbone})" if self.backbone != BACKBONE else "")
         where = "all layers" if self.unfreeze_from == "all" else f"from {self.unfreeze_from}"
+        if self.backbone != BACKBONE:
+            where = f"{self.backbone}, {where}"
         return f"LP-FT ({where})" if self.head == "probe" else f"finetune, dense head from random ({where})"
 
 
@@ -133,7 +155,9 @@ def build_network(config: FinetuneConfig, n_classes: int, precision: str, weight
 
     ``probe`` is the fitted probe estimator for ``--head probe`` (ignored for ``dense``).
     """
-    base = build_base(input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights)
+    base = build_base(
+        input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights, backbone=config.backbone
+    )
     return _on_base(config, base, n_classes, precision, probe)
 
 
@@ -165,7 +189,7 @@ def _probe(config: FinetuneConfig, bundle, base, data, precision: str, spec: dic
 
 
 def fit(config: FinetuneConfig) -> Result:
-    """Fine-tune VGG16 on ``config.data_dir`` and score it on the test set.
+    """Fine-tune the backbone on ``config.data_dir`` and score it on the test set.
 
     ``--head probe`` (LP-FT): the probe (``--probe`` or fitted here on the training rows'
     frozen features) is the head; phase ``finetune`` unfreezes the layers from
@@ -186,10 +210,12 @@ def fit(config: FinetuneConfig) -> Result:
     listing, test_listing, pixel_bytes, precision = prepare_run(config)
     from pipeline.extraction.weights import resolve_weights
 
-    weights = resolve_weights(config.weights, progress=not config.quiet)
-    spec = feature_spec(input_size=config.input_size, resize=config.resize, weights=weights, pool=config.pool)
+    weights = resolve_weights(config.weights, backbone=config.backbone, progress=not config.quiet)
+    spec = feature_spec(input_size=config.input_size, resize=config.resize, weights=weights, pool=config.pool, backbone=config.backbone)
     bundle = load_probe(config.probe, spec, listing.class_names) if config.probe is not None else None
-    base = build_base(input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights)
+    base = build_base(
+        input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights, backbone=config.backbone
+    )
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     t0 = time.perf_counter()
     estimator, probe_info = _probe(config, bundle, base, data, precision, spec) if config.head == "probe" else (None, None)
@@ -203,7 +229,7 @@ def fit(config: FinetuneConfig) -> Result:
     if copies:
         if not config.quiet:
             shape = "x".join(str(d) for d in net.prefix.outputs[0].shape[1:])
-            print(f"caching the frozen prefix (up to {VGG16_LAYERS[net.cut - 1]}, {shape} {dtype.name}): "
+            print(f"caching the frozen prefix (up to {net.cut_layer}, {shape} {dtype.name}): "
                   f"{copies} cop{'ies' if copies > 1 else 'y'} of {len(data.train_y)} training + {len(data.val_y)} "
                   f"validation images = {gigabytes(cache_bytes)}", file=sys.stderr)  # fmt: skip
         cache = build_cache(net, data, copies, dtype, augment=config.augment, seed=config.seed, batch_size=config.batch_size, quiet=config.quiet)
@@ -220,6 +246,7 @@ def fit(config: FinetuneConfig) -> Result:
     head = next((r for r in records if r["name"] == "head"), None)
     extra = {
         "mode": "cached-prefix" if copies else "plain",
+        "backbone": config.backbone,
         "unfreeze_from": config.unfreeze_from,
         "head": config.head,
         "pool": config.pool,
@@ -227,7 +254,7 @@ def fit(config: FinetuneConfig) -> Result:
         "cache_copies": copies,
         "cache_bytes": cache_bytes if copies else 0,
         "cache_seconds": cache_seconds,
-        "cache_layer": VGG16_LAYERS[net.cut - 1] if copies else None,
+        "cache_layer": net.cut_layer if copies else None,
         "plain_reason": why_plain or None,
         "seconds_per_epoch_head": head["seconds_per_epoch"] if head else None,
         "weights": {"name": weights.name, "source": weights.source, "checksum": weights.checksum},
@@ -252,7 +279,7 @@ def run(config: FinetuneConfig) -> dict:
 
 def add_parser(subparsers) -> None:
     """Register ``finetune`` and its flags (generated from FinetuneConfig's fields) on an argparse sub-parsers object."""
-    p = subparsers.add_parser("finetune", help="fine-tune VGG16 on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")
+    p = subparsers.add_parser("finetune", help="fine-tune VGG16 (or --backbone) on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")
     settings.add_options(p, FinetuneConfig)
 
 

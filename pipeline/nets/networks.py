@@ -1,16 +1,22 @@
-"""The Keras networks of the nets stages: VGG16 split at a layer plus a head (the LP-FT probe or a dense head from random), the from-scratch CNN, and the preprocessing and augmentation layers they share.
+"""The Keras networks of the nets stages: a backbone (VGG16 by default, any of ``backbone.BACKBONES``) split at a layer plus a head (the LP-FT probe or a dense head from random), the from-scratch CNN, and the preprocessing and augmentation layers they share.
 
 The fine-tuning network is three nested Keras models that share their layers::
 
     full   = pixels uint8 -> to_float -> frozen_prefix(training=False) -> trainable_top
-    prefix = float RGB 0..255 -> VGG16 preprocessing -> VGG16 layers before ``unfreeze_from``
-    top    = prefix output -> VGG16 layers from ``unfreeze_from`` on -> head
+    prefix = float RGB 0..255 -> the backbone's preprocessing -> its layers before ``unfreeze_from``
+    top    = prefix output -> the backbone's layers from ``unfreeze_from`` on -> head
     head   = probe: pooling -> the probe's row scaling -> softmax Dense (its coefficients)
            | dense: pooling -> Dense(relu) -> Dropout -> softmax Dense (from random)
 
 so training ``top`` trains ``full``. ``full`` is what the stages save: uint8 RGB pixels in,
 class probabilities out, loadable with ``keras.saving.load_model`` and no custom objects
 (the preprocessing is built from stock layers; see ``preprocess_layers``).
+
+VGG16 and VGG19 are chains: their layers are applied one by one. The other backbones branch
+(residual adds, inception blocks): they are cut where one tensor joins the frozen part to
+the rest (``unfreeze_index``), and each side is a Keras model on that tensor; the trainable
+side runs with ``training=False``, so its batch normalisation keeps the ImageNet statistics
+(Keras's advice for fine-tuning) while its scales and shifts train.
 
 The builders take fields, not configs (as ``keras.applications.VGG16`` does), and are
 deterministic for a given seed, so tests can rebuild a run's starting point.
@@ -23,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.extraction.backbone import BGR_MEANS, POLICIES, build_vgg16
+from pipeline.extraction.backbone import BACKBONE, BGR_MEANS, POLICIES, build, get_spec
 
 #: Every layer of the headless VGG16, in order (``--unfreeze-from`` takes any of them).
 VGG16_LAYERS: tuple[str, ...] = (
@@ -33,7 +39,7 @@ VGG16_LAYERS: tuple[str, ...] = (
     "block4_conv1", "block4_conv2", "block4_conv3", "block4_pool",
     "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool",
 )  # fmt: skip
-#: ``none``: frozen base, head only (phase 1 only); ``all``: every VGG16 layer trains in phase 2.
+#: ``none``: frozen base, head only (phase 1 only); ``all``: every layer of the backbone trains in phase 2.
 UNFREEZE_SPECIAL = ("none", "all")
 #: ``probe``: LP-FT, the fitted logistic-regression probe as the head; ``dense``: the classic head from random.
 HEADS = ("probe", "dense")
@@ -50,9 +56,10 @@ class Network:
         prefix: float RGB 0..255 -> output of the frozen part (never trained); None for scratch.
         top: prefix output (or float pixels for scratch) -> class probabilities.
         phases: (name, layers of ``top`` trainable in that phase) in training order.
-        cut: number of VGG16 layers in the frozen prefix.
+        cut: number of backbone layers in the frozen prefix.
         fitted_start: the head starts fitted (the LP-FT probe): its validation scores before
             any step are epoch 0 of the history.
+        cut_layer: the last frozen layer of the backbone (None: nothing frozen).
     """
 
     full: object
@@ -61,18 +68,24 @@ class Network:
     phases: list
     cut: int = 0
     fitted_start: bool = False
+    cut_layer: str | None = None
 
 
-def preprocess_layers():
-    """``backbone.preprocess`` (RGB->BGR, minus the ImageNet BGR means, float32) as stock Keras layers.
+def preprocess_layers(backbone: str = BACKBONE):
+    """``backbone.preprocess`` of ``backbone`` (float32) as stock Keras layers.
 
-    A frozen 3x3 permutation Dense flips the channels (exact: one weight is 1, the others 0,
-    and the values are still integers 0..255, so even TF32 or bfloat16 matmuls keep them),
-    then a Rescaling with a per-channel offset subtracts the means. Stock layers keep the
-    saved model loadable without custom objects or unsafe Lambda deserialisation; a test
-    checks the result is bit-identical to ``backbone.preprocess``.
+    ``caffe`` (VGG, ResNet50): a frozen 3x3 permutation Dense flips the channels (exact: one
+    weight is 1, the others 0, and the values are still integers 0..255, so even TF32 or
+    bfloat16 matmuls keep them), then a Rescaling with a per-channel offset subtracts the
+    means; a test checks the result is bit-identical to ``backbone.preprocess``. ``tf``
+    (ResNet50V2, InceptionV3, MobileNetV2): a Rescaling by 1/127.5 with offset -1 (a multiply
+    where Keras divides: equal within one float32 rounding). Stock layers keep the saved
+    model loadable without custom objects or unsafe Lambda deserialisation.
     """
     import keras
+
+    if get_spec(backbone).mode == "tf":
+        return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, dtype="float32", name="scale_to_plus_minus_1")]
 
     flip = keras.layers.Dense(3, use_bias=False, trainable=False, dtype="float32", name="rgb_to_bgr")
     flip.build((None, 3))
@@ -137,41 +150,114 @@ def _dense_init(seed: int):
     return keras.initializers.GlorotUniform(seed=seed)
 
 
+def unfreeze_index(model, backbone: str, unfreeze_from: str) -> int:
+    """Index in ``model.layers`` of the first layer trained for ``unfreeze_from`` (``model.layers[0]`` is the input).
+
+    ``all``: 1 (every layer); ``none``: ``len(model.layers)`` (nothing); a block name of the
+    backbone's ``blocks`` (InceptionV3's ``mixedN``): the layer after the block before it; any
+    other layer name: that layer, where the network can be cut: exactly one tensor of the
+    layers before it is used by it and the layers after it.
+
+    Raises:
+        ValueError: not a layer of the backbone, or a layer inside a branching block.
+    """
+    layers = model.layers
+    if unfreeze_from == "all":
+        return 1
+    if unfreeze_from == "none":
+        return len(layers)
+    names = [l.name for l in layers]
+    blocks = get_spec(backbone).blocks
+    if unfreeze_from in blocks:
+        k = names.index(blocks[unfreeze_from]) + 1
+    elif unfreeze_from in names[1:]:
+        k = names.index(unfreeze_from)
+    else:
+        raise ValueError(f"not a layer of {backbone}")
+    if len(cut_tensors(layers, k)) != 1:
+        raise ValueError(f"{backbone} branches there: more than one tensor joins the layers before it to the rest; choose the first layer of a block")
+    return k
+
+
+def cut_tensors(layers, k: int) -> list:
+    """The tensors made by ``layers[:k]`` that ``layers[k:]`` use (one: the network can be cut there)."""
+    made = {id(l.output): l.output for l in layers[:k]}
+    out: dict = {}
+    for layer in layers[k:]:
+        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        for t in inputs:
+            if id(t) in made:
+                out[id(t)] = t
+    return list(out.values())
+
+
+def unfreeze_choices(backbone: str) -> str:
+    """What ``--unfreeze-from`` accepts for ``backbone``, for messages."""
+    spec = get_spec(backbone)
+    if backbone == BACKBONE:
+        return "none, all or one of " + ", ".join(VGG16_LAYERS)
+    extra = f" or a block {', '.join(spec.blocks)}" if spec.blocks else ""
+    return f"none, all, a layer of keras.applications.{spec.constructor} where the network can be cut (e.g. its default {spec.unfreeze_from}){extra}"
+
+
 @dataclass
 class Base:
-    """The VGG16 base split at ``unfreeze_from``, before a head is attached.
+    """The backbone split at ``unfreeze_from``, before a head is attached.
 
     Attributes:
-        prefix: float RGB 0..255 -> VGG16 preprocessing -> the frozen VGG16 layers (never trained).
-        suffix: the VGG16 layers from ``unfreeze_from`` on (shared with the network built on it).
-        cut: number of VGG16 layers in the prefix.
+        prefix: float RGB 0..255 -> the backbone's preprocessing -> its frozen layers (never trained).
+        suffix: what follows: the layers from ``unfreeze_from`` on (a chain, VGG), or one Keras
+            model of them (a branching backbone); shared with the network built on it.
+        cut: number of backbone layers in the prefix.
+        cut_layer: the last layer of the prefix (None: only the preprocessing).
+        backbone: the backbone's name.
     """
 
     prefix: object
     suffix: list
     cut: int
+    cut_layer: str | None = None
+    backbone: str = BACKBONE
 
 
-def build_base(*, input_size: int, unfreeze_from: str, precision: str, seed: int, weights=None) -> Base:
-    """VGG16 (seeded; ``weights`` loaded when given) split into a frozen prefix and the layers from ``unfreeze_from`` on."""
+def build_base(*, input_size: int, unfreeze_from: str, precision: str, seed: int, weights=None, backbone: str = BACKBONE) -> Base:
+    """The backbone (seeded; ``weights`` loaded when given) split into a frozen prefix and the layers from ``unfreeze_from`` on.
+
+    Raises:
+        PipelineError: ``unfreeze_from`` is not a place where the backbone can be cut (checked
+            before the weights load), or the weights do not load.
+    """
     import keras
 
+    from pipeline.core.errors import PipelineError
     from pipeline.extraction.weights import load_weights
 
-    vgg = build_vgg16(input_size, precision, seed)
+    model = build(backbone, input_size, precision, seed)
+    try:
+        k = unfreeze_index(model, backbone, unfreeze_from)
+    except ValueError as exc:
+        raise PipelineError(f"--unfreeze-from {unfreeze_from}: {exc}; choose {unfreeze_choices(backbone)}") from None
     if weights is not None:
-        load_weights(vgg, weights)
-    vgg_layers = [vgg.get_layer(name) for name in VGG16_LAYERS]
-    cut = frozen_count(unfreeze_from)
+        load_weights(model, weights)
+    layers = model.layers
     prefix_in = keras.Input((input_size, input_size, 3), dtype="float32", name="rgb_0_255")
-    prefix_out = apply_layers(vgg_layers[:cut], apply_layers(preprocess_layers(), prefix_in))
+    x = apply_layers(preprocess_layers(backbone), prefix_in)
+    chain = all(layer.input is layers[i].output for i, layer in enumerate(layers[1:]))
+    if chain:
+        prefix_out, suffix = apply_layers(layers[1:k], x), list(layers[k:])
+    else:
+        cut = cut_tensors(layers, k)[0] if k < len(layers) else model.output
+        if k > 1:
+            x = keras.Model(model.input, cut, name=f"{backbone}_frozen")(x, training=False)
+        prefix_out = x
+        suffix = [] if k == len(layers) else [model if k == 1 else keras.Model(cut, model.output, name=f"{backbone}_trainable")]
     prefix = keras.Model(prefix_in, prefix_out, name="frozen_prefix")
     prefix.trainable = False
-    return Base(prefix, vgg_layers[cut:], cut)
+    return Base(prefix, suffix, k - 1, layers[k - 1].name if k > 1 else None, backbone)
 
 
 def base_features(base: Base, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """The frozen base's block5_pool outputs (float32, what ``extract`` stores) of uint8 RGB ``pixels``, batch by batch."""
+    """The frozen base's feature-layer outputs (float32, what ``extract`` stores) of uint8 RGB ``pixels``, batch by batch."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
@@ -210,14 +296,15 @@ def assemble(base: Base, head_layers: list, *, input_size: int, unfreeze_from: s
     s = input_size
     prefix_out = base.prefix.outputs[0]
     top_in = keras.Input(tuple(prefix_out.shape[1:]), dtype=prefix_out.dtype, name="prefix_output")
-    top = keras.Model(top_in, apply_layers(head_layers, apply_layers(base.suffix, top_in)), name="trainable_top")
+    # training=False: batch normalisation in the backbone keeps its statistics (none in VGG)
+    top = keras.Model(top_in, apply_layers(head_layers, apply_layers(base.suffix, top_in, training=False)), name="trainable_top")
     pixels = keras.Input((s, s, 3), dtype="uint8", name="pixels")
     x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(pixels)
-    full = keras.Model(pixels, top(base.prefix(x, training=False)), name="vgg16_finetune")
+    full = keras.Model(pixels, top(base.prefix(x, training=False)), name=f"{base.backbone}_finetune")
     phases = [("head", head_layers)] if head_phase else []
     if unfreeze_from != "none":
         phases.append(("finetune", base.suffix + head_layers))
-    return Network(full, base.prefix, top, phases, base.cut, fitted_start)
+    return Network(full, base.prefix, top, phases, base.cut, fitted_start, base.cut_layer)
 
 
 def build_finetune_network(
@@ -233,30 +320,32 @@ def build_finetune_network(
     seed: int,
     weights=None,
     probe=None,
+    backbone: str = BACKBONE,
 ) -> Network:
-    """VGG16 base + a head, split at ``unfreeze_from``.
+    """A backbone (VGG16 by default) + a head, split at ``unfreeze_from``.
 
     Args:
         n_classes: outputs of the softmax layer.
         input_size: square side of the input images (at least 32).
-        unfreeze_from: first VGG16 layer of ``top`` (trained in phase ``finetune``), ``none``
+        unfreeze_from: first backbone layer of ``top`` (trained in phase ``finetune``), ``none``
             (the whole base frozen, head only) or ``all`` (nothing frozen).
         head: ``dense`` (the classic head from random: phases ``head`` then ``finetune``) or
             ``probe`` (the fitted ``probe`` estimator as layers: phase ``finetune`` only).
         pool: ``flatten``, ``avg`` or ``max`` before the head.
         dense, dropout: units of the dense head's hidden layer and the dropout rate after it.
         precision: a resolved precision (``float32``, ``bfloat16``, ``float16``), not ``auto``.
-        seed: initialises the base (``build_vgg16``) and every new layer (each its own seed).
+        seed: initialises the base (``backbone.build``) and every new layer (each its own seed).
         weights: a ``WeightsInfo`` loaded into the base, or None to keep the seeded random init.
         probe: for ``head="probe"``, a fitted logistic-regression pipeline on pooled features.
+        backbone: the network (``backbone.BACKBONES``).
 
     Returns:
         Network: phases ``head`` (dense head only) and, unless ``none``, ``finetune``
-        (the unfrozen VGG16 layers and the head).
+        (the unfrozen backbone layers and the head).
     """
     from pipeline.nets.probe import probe_layers
 
-    base = build_base(input_size=input_size, unfreeze_from=unfreeze_from, precision=precision, seed=seed, weights=weights)
+    base = build_base(input_size=input_size, unfreeze_from=unfreeze_from, precision=precision, seed=seed, weights=weights, backbone=backbone)
     if head == "probe":
         layers = probe_layers(probe, pool, n_classes)
     else:

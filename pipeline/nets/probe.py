@@ -21,9 +21,9 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.fitting import fit_matrix
 from pipeline.classical.models import MODELS
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.backbone import BACKBONE, LAYER, PREPROCESSING, feature_shape
+from pipeline.extraction.backbone import BACKBONE, get_spec
 
-#: Pooling of the block5_pool features before a head, as ``train --pool``.
+#: Pooling of the backbone's features before a head, as ``train --pool``.
 POOLS = ("flatten", "avg", "max")
 #: Probe settings of a self-fitted probe: ``train``'s defaults (model, scaling, folds).
 PROBE_MODEL = "lr"
@@ -32,7 +32,7 @@ PROBE_CV = 3
 #: Feature-specification fields a probe bundle must share with the fine-tuning, and the
 #: flag that sets each on the fine-tuning's side.
 CHECKED_FIELDS = {
-    "backbone": None,
+    "backbone": "--backbone",
     "layer": None,
     "input_size": "--input-size",
     "preprocessing": None,
@@ -42,23 +42,25 @@ CHECKED_FIELDS = {
 }
 
 
-def feature_spec(*, input_size: int, resize: str, weights, pool: str) -> dict:
+def feature_spec(*, input_size: int, resize: str, weights, pool: str, backbone: str = BACKBONE) -> dict:
     """The feature specification of a fine-tuning's frozen base: what ``extract`` would record (plus ``pool``) for the same settings.
 
     Args:
         input_size, resize: the fine-tuning's ``--input-size`` and ``--resize``.
         weights: the resolved ``WeightsInfo`` loaded into the base.
         pool: the pooling before the head.
+        backbone: the fine-tuning's ``--backbone``.
     """
+    net = get_spec(backbone)
     return {
-        "backbone": BACKBONE,
-        "layer": LAYER,
+        "backbone": net.name,
+        "layer": net.layer,
         "input_size": int(input_size),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": net.preprocessing,
         "resize": resize,
         "weights": weights.name,
         "weights_checksum": weights.checksum,
-        "feature_shape": list(feature_shape(int(input_size))),
+        "feature_shape": list(net.feature_shape(int(input_size))),
         "pool": pool,
     }
 
@@ -180,7 +182,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, *, class_names, spec: di
     """Fit the logistic-regression probe on the frozen base's features of the training rows, with ``train``'s search.
 
     Args:
-        features: (n, h, w, 512) block5_pool outputs of the fine-tuning's training rows
+        features: (n, h, w, C) feature-layer outputs of the fine-tuning's training rows
             (the validation and test rows are never passed here). Scaled in place.
         labels: their labels.
         class_names, spec, precision: recorded in the bundle (``spec`` includes ``pool``).

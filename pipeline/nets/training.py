@@ -3,7 +3,7 @@
 "cached-prefix" mode runs the frozen prefix once per augmented copy of every training
 image (``cache_copies``) and once for the validation images, then trains only ``top`` on
 those cached tensors (each epoch draws one copy per image). "plain" mode (no cache, a
-prefix without VGG16 layers, or a cache over the memory budget) trains the whole chain
+prefix without backbone layers, or a cache over the memory budget) trains the whole chain
 with augmentation on the fly.
 """
 
@@ -108,7 +108,7 @@ def cache_plan(net: Network, data: Data, *, cache: bool, cache_copies: int, augm
     if not cache:
         return 0, None, 0, "--no-cache"
     if net.cut == 0:
-        return 0, None, 0, "the frozen prefix has no VGG16 layer (--unfreeze-from all/block1_conv1)"
+        return 0, None, 0, "the frozen prefix has no backbone layer (--unfreeze-from all or the first layer)"
     import tensorflow as tf
 
     out = net.prefix.outputs[0]

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.classical.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, check_spec, load_bundle, make_bundle, warn_on_version_change, write_bundle
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.backbone import BACKBONE, LAYER, PREPROCESSING
+from pipeline.extraction.backbone import BACKBONE, BACKBONES, LAYER, PREPROCESSING
 
 
 def spec(**changes) -> dict:
@@ -77,7 +77,11 @@ def test_a_folder_is_not_a_bundle(tmp_path):
     "changes,message",
     [
         ({"precision": "float64"}, r"m\.joblib: precision 'float64' is not one of float32, bfloat16, float16, int8$"),
-        ({"feature_spec": spec(backbone="resnet50")}, r"m\.joblib: the model expects backbone 'resnet50' but this program computes 'vgg16'$"),
+        ({"feature_spec": spec(backbone="alexnet")}, r"m\.joblib: the model expects backbone 'alexnet', which this program does not compute \(it computes vgg16, "),
+        # a bundle of another backbone whose features are VGG16's is refused, naming the field
+        ({"feature_spec": spec(backbone="resnet50")}, r"m\.joblib: the model expects layer 'block5_pool' but backbone resnet50 computes 'conv5_block3_out'$"),
+        ({"feature_spec": spec(backbone="inception_v3", layer="mixed10", preprocessing=BACKBONES["inception_v3"].preprocessing)},
+         r"m\.joblib: the model expects input_size 32 but backbone inception_v3 needs at least 75$"),
         ({"feature_spec": spec(layer="block4_pool")}, r"the model expects layer 'block4_pool'"),
         ({"feature_spec": spec(preprocessing="torch")}, r"the model expects preprocessing 'torch'"),
         ({"feature_spec": spec(feature_shape=[2, 2, 512])}, r"m\.joblib: feature_shape \[2, 2, 512\] does not match input_size 32 \(\[1, 1, 512\]\)$"),

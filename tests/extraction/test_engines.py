@@ -156,3 +156,28 @@ def test_the_int8_model_says_which_kernels_its_convolutions_run_on(int8_run, mon
     kernels = net.kernels()
     assert sum(kernels.values()) == 13  # VGG16's 13 convolutions, each on one kernel
     assert all(name.endswith("_I8") for name in kernels), kernels  # quantized: every convolution runs in int8
+
+
+def test_int8_works_for_another_backbone_and_its_key_names_it(int8_run, tmp_path, monkeypatch):
+    """ResNet50 with --weights none: its own OpenVINO model (another key than VGG16's for the same images), close to its float32 features."""
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    data = int8_run["data"]
+    assert extract.run(_cfg(data, tmp_path / "r8.h5", precision="int8", backbone="resnet50")) == 0
+    assert extract.run(_cfg(data, tmp_path / "r32.h5", precision="float32", backbone="resnet50")) == 0
+    key = _key(tmp_path / "r8.h5")
+    with h5py.File(tmp_path / "r8.h5", "r") as db:
+        record = json.loads(db.attrs["quantization"])
+        assert db.attrs["backbone"] == "resnet50" and db["features"].shape[1:] == (1, 1, 2048)
+    assert record["backbone"] == "resnet50" and record["layer"] == "conv5_block3_out" and record["key"] == key != _key(int8_run["int8"])
+    weights = resolve_weights("none", backbone="resnet50")
+    sample = engines.sample_calibration(list_images(data), input_size=32, resize="bilinear", weights_checksum="none", backbone="resnet50")
+    assert sample.key == key  # the key includes the backbone: VGG16's sample of the same files has another
+    assert engines.sample_calibration(list_images(data), input_size=32, resize="bilinear", weights_checksum="none").key == _key(int8_run["int8"])
+    a, _ = by_path(tmp_path / "r8.h5")
+    b, _ = by_path(tmp_path / "r32.h5")
+    x = np.stack([a[p][1] for p in sorted(a)]).astype(np.float32)
+    y = np.stack([b[p][1] for p in sorted(b)]).astype(np.float32)
+    assert _cosine(x, y).min() > 0.9 and np.abs(x - y).max() > 0
+    with pytest.raises(PipelineError, match=r"an int8 model of resnet50, not vgg16"):
+        engines.open_backbone(32, resolve_weights("none"), "int8", calibration=engines.Calibration.known(key))
+    assert engines.open_backbone(32, weights, "int8", calibration=engines.Calibration.known(key)).backbone == "resnet50"

@@ -7,13 +7,14 @@ import json
 import numpy as np
 
 from pipeline.cli import main
+from pipeline.extraction.backbone import PREPROCESSING
 from pipeline.extraction.shards import shard_path
 from pipeline.extraction.shardset import merge
 from pipeline.extraction.store import write_feature_file
 from pipeline.extraction.verify import verify
 
 #: Every attribute the contract asks of a file written by one extraction (``extract`` writes these).
-ATTRS = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "feature_shape": [1, 1, 512], "preprocessing": "caffe",
+ATTRS = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "feature_shape": [1, 1, 512], "preprocessing": PREPROCESSING,
          "resize": "bilinear", "weights": "none", "weights_source": "random init", "weights_checksum": "none", "precision": "float32",
          "storage_dtype": "float32", "batch_size": 4, "versions": "{}", "created": "2024-01-01T00:00:00+00:00",
          "command_line": "python -m pipeline extract", "data_dir": "/data", "extract_seconds": 0.5,

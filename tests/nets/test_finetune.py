@@ -180,7 +180,7 @@ def test_unfreeze_all_trains_block1(trees):
     before, after = start_of(config), result.net.full
     assert not np.array_equal(weights_of(before, "block1_conv1")[0], weights_of(after, "block1_conv1")[0])
     assert same(weights_of(before, "rgb_to_bgr"), weights_of(after, "rgb_to_bgr"))  # preprocessing is fixed
-    assert result.metrics["mode"] == "plain" and "no VGG16 layer" in result.metrics["plain_reason"]
+    assert result.metrics["mode"] == "plain" and "no backbone layer" in result.metrics["plain_reason"]
     assert result.metrics["strategy"] == "LP-FT (all layers)" and result.metrics["phases"][0]["best_epoch"] == 1
 
 
@@ -209,9 +209,11 @@ def test_cli_flags_build_the_config(monkeypatch, tmp_path):
 def test_flag_defaults_are_the_config_defaults():
     args = parse("finetune", "d")
     config = ft.FinetuneConfig(Path("d"))
+    assert ft.from_args(args, ["finetune", "d"]) == dataclasses.replace(config, command_line="python -m pipeline finetune d")
+    resolved = {"input_size": 224, "unfreeze_from": "block5_conv1"}  # none on the command line: the backbone's own
     for f in dataclasses.fields(ft.FinetuneConfig):
         if f.name != "command_line":
-            assert getattr(args, f.name) == getattr(config, f.name), f.name
+            assert (resolved[f.name] if f.name in resolved and getattr(args, f.name) is None else getattr(args, f.name)) == getattr(config, f.name), f.name
 
 
 @pytest.mark.parametrize(
@@ -242,7 +244,7 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
         (dict(unfreeze_from="block9_conv1"), r"--unfreeze-from block9_conv1: not a VGG16 layer; choose none, all or one of block1_conv1, .*block5_pool"),
         (dict(dropout=1.5), r"--dropout 1.5: must be in \[0, 1\)"),
         (dict(val_split=0.0), r"--val-split 0.0: must be between 0 and 1"),
-        (dict(input_size=16), r"--input-size 16: VGG16 needs at least 32 pixels"),
+        (dict(input_size=16), r"--input-size 16: every backbone needs at least 32 pixels"),
         (dict(cache_copies=0), r"--cache-copies 0: must be at least 1"),
         (dict(unfreeze_from="none", head="dense", head_epochs=0), r"nothing would be trained"),
         (dict(unfreeze_from="none"), r"--unfreeze-from none with --head probe: nothing would be fine-tuned"),

@@ -63,7 +63,7 @@ def test_cache_plan_sizes_and_reasons(net, monkeypatch):
 def test_plain_mode_when_nothing_is_frozen():
     everything = build_finetune_network(2, input_size=32, unfreeze_from="all", head="dense", pool="avg", dense=4, dropout=0.0, precision="float32", seed=0)
     copies, _, _, why = cache_plan(everything, fake_data(), cache=True, cache_copies=2, augment=True, pixel_bytes=0)
-    assert copies == 0 and "no VGG16 layer" in why
+    assert copies == 0 and "no backbone layer" in why
 
 
 def test_clean_cache_equals_the_prefix(net):
