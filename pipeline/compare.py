@@ -42,7 +42,7 @@ class CompareConfig:
         input_size: VGG16 input side for extraction and fine-tuning.
         scratch_input_size: input side of the from-scratch CNN.
         resnet_depth, resnet_input_size: the from-scratch ResNet's depth (6n+2) and input side
-            (None: the scratch stage's default for a ResNet, 32).
+            (None: the scratch stage's default for a ResNet).
         epochs, head_epochs, scratch_epochs, resnet_epochs: training lengths (early stopping
             may end the first three sooner; None: the scratch stage's default for a ResNet).
         seed: one seed for every split, initialisation and augmentation.
@@ -60,8 +60,8 @@ class CompareConfig:
     head_epochs: int = option(5, "dense-head epochs on the frozen base", rule=Interval(int, 0, MAX_INT))
     scratch_epochs: int = option(30, "from-scratch epochs", rule=Interval(int, 1, MAX_INT))
     resnet_depth: int = option(20, "layers of the from-scratch ResNet (6n+2)", rule=Interval(int, 8, MAX_INT))
-    resnet_input_size: int | None = option(None, "from-scratch ResNet input side; none = scratch's default (32)", rule=Interval(int, 4, MAX_INT))
-    resnet_epochs: int | None = option(None, "from-scratch ResNet epochs (step schedule); none = scratch's default", rule=Interval(int, 1, MAX_INT))
+    resnet_input_size: int | None = option(None, "from-scratch ResNet input side; none = scratch's default for a ResNet", rule=Interval(int, 4, MAX_INT))
+    resnet_epochs: int | None = option(None, "from-scratch ResNet epochs (step schedule); none = scratch's default for a ResNet", rule=Interval(int, 1, MAX_INT))
     seed: int = option(0, "one seed for every split, initialisation and augmentation", rule=Interval(int, 0, MAX_INT))
     weights: str = option("imagenet", "VGG16 weights: imagenet, none (tests only) or a weights file PATH")
     rerun: bool = option(False, "train again even where a metrics file exists")

@@ -32,6 +32,11 @@ ARCH_DEFAULTS = {
 }
 
 
+def _by_arch(name: str) -> str:
+    """``64 for cnn, 32 for resnet``: a flag's value per architecture, for its help."""
+    return ", ".join(f"{'every epoch' if v is None else f'{v:g}'} for {arch}" for arch, v in ((a, d[name]) for a, d in ARCH_DEFAULTS.items()))
+
+
 @dataclass(frozen=True)
 class ScratchConfig(NetConfig):
     """Settings of ``python -m pipeline scratch``: a network trained from random weights.
@@ -58,12 +63,12 @@ class ScratchConfig(NetConfig):
 
     arch: str = option("cnn", "cnn (the small baseline CNN) or resnet (the CIFAR ResNet of --depth layers; resnetN = --depth N)")
     depth: int | None = option(None, "layers of the ResNet, 6n+2; none = 20 (N of --arch resnetN)", rule=Interval(int, 8, MAX_INT))
-    input_size: int | None = option(None, "square input side; none = 64 for cnn, 32 for resnet", rule=COUNT)
+    input_size: int | None = option(None, f"square input side; none = {_by_arch('input_size')}", rule=COUNT)
     filters: tuple[int, ...] = option((32, 64, 128, 256), "filters of each conv block", cli=False)
     dense: int = option(128, "units of the cnn's hidden dense layer", rule=COUNT)
-    epochs: int | None = option(None, "training epochs (cnn: at most, early stopping); none = 30 for cnn, 40 for resnet", rule=COUNT)
-    lr: float | None = option(None, "learning rate (cnn: Adam; resnet: SGD before the steps); none = 0.001 for cnn, 0.1 for resnet", rule=RATE)
-    patience: int | None = option(None, "epochs without a better validation loss before stopping; none = 5 for cnn, every epoch for resnet", rule=COUNT_OR_ZERO)
+    epochs: int | None = option(None, f"training epochs (cnn: at most, early stopping); none = {_by_arch('epochs')}", rule=COUNT)
+    lr: float | None = option(None, f"learning rate (cnn: Adam; resnet: SGD before the steps); none = {_by_arch('lr')}", rule=RATE)
+    patience: int | None = option(None, f"epochs without a better validation loss before stopping; none = {_by_arch('patience')}", rule=COUNT_OR_ZERO)
 
     def __post_init__(self):
         family = self.family()
