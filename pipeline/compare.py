@@ -48,6 +48,8 @@ class CompareConfig:
         seed: one seed for every split, initialisation and augmentation.
         weights: VGG16 weights for extraction and fine-tuning (``none`` only for tests).
         rerun: train again even where a metrics file exists.
+        sizes: training images per class to draw each strategy against (``--sizes``; empty:
+            the one table of the whole training tree). See ``pipeline/sizes.py``.
     """
 
     data_root: Path = option(Path("data/fashion-mnist"), "folder with train/ and test/ class trees", flag="--data")
@@ -65,6 +67,7 @@ class CompareConfig:
     seed: int = option(0, "one seed for every split, initialisation and augmentation", rule=Interval(int, 0, MAX_INT))
     weights: str = option("imagenet", "VGG16 weights: imagenet, none (tests only) or a weights file PATH")
     rerun: bool = option(False, "train again even where a metrics file exists")
+    sizes: tuple[int, ...] = option((), cli=False)
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> "CompareConfig":
@@ -87,6 +90,10 @@ class CompareConfig:
         for point in self.unfreeze:
             if point not in (*VGG16_LAYERS, "all"):
                 raise PipelineError(f"--unfreeze {point}: not a VGG16 layer; choose all or one of {', '.join(VGG16_LAYERS)}")
+        if self.sizes:
+            from pipeline.sizes import check_sizes
+
+            check_sizes(self.sizes, self.strategies)
         for split in ("train", "test"):
             if not (self.data_root / split).is_dir():
                 raise PipelineError(f"{self.data_root / split}: missing; compare needs {self.data_root}/train and {self.data_root}/test class trees")
@@ -359,14 +366,21 @@ def collect(config: CompareConfig) -> list[dict]:
 def run(config: CompareConfig) -> list[dict]:
     """Produce every requested strategy's metrics (training what is missing) and write the comparison.
 
+    With ``sizes``, draw each strategy against the training images per class instead
+    (``sizes.run_sizes``: ``sizes.md``/``.csv``/``.json``/``.png``).
+
     Returns:
-        The table rows (each with ``n_train`` and ``n_val``).
+        The table rows (each with ``n_train`` and ``n_val``; with ``sizes``, ``per_class`` too).
 
     Raises:
         PipelineError: a bad data root, an unknown strategy or unfreeze point, or rows
             scored on different test sets.
     """
     config.validate()
+    if config.sizes:
+        from pipeline.sizes import run_sizes
+
+        return run_sizes(config, _extract, _keras)
     config.models.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows = collect(config)
@@ -393,6 +407,15 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+def _size_list(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(s) for s in _comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers (e.g. 100,300,500)") from None
+
+
 def add_parser(sub):
     """Register ``compare``; every flag's default comes from ``CompareConfig``."""
     p = sub.add_parser("compare", help="every strategy on the same test images, in one table and one chart")
@@ -400,6 +423,9 @@ def add_parser(sub):
                    help=f"comma list from {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
     p.add_argument("--unfreeze", type=_comma_list, default=DEFAULT_UNFREEZE, metavar="L1,L2,...",
                    help=f"one LP-FT row per point: VGG16 layers to fine-tune from, or all (default {','.join(DEFAULT_UNFREEZE)})")  # fmt: skip
+    p.add_argument("--sizes", type=_size_list, default=(), metavar="N1,N2,...",
+                   help="draw each strategy's test accuracy against these training images per class (nested seeded subsets of "
+                        "DATA/train; features extracted once, for the largest); writes sizes.md/.csv/.json/.png")  # fmt: skip
     add_options(p, CompareConfig)
     return p
 
