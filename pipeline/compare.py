@@ -425,7 +425,7 @@ def add_parser(sub):
                    help=f"one LP-FT row per point: VGG16 layers to fine-tune from, or all (default {','.join(DEFAULT_UNFREEZE)})")  # fmt: skip
     p.add_argument("--sizes", type=_size_list, default=(), metavar="N1,N2,...",
                    help="draw each strategy's test accuracy against these training images per class (nested seeded subsets of "
-                        "DATA/train; features extracted once, for the largest); writes sizes.md/.csv/.json/.png")  # fmt: skip
+                        "DATA/train; features extracted once, for the largest); writes sizes.md/.csv/.json/.png (default none: one table)")  # fmt: skip
     add_options(p, CompareConfig)
     return p
 
