@@ -15,12 +15,14 @@ from pipeline.core.config import from_args as config_from_args
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
 
-#: Every strategy compare knows, in table order. ``head``: frozen base + dense head;
+#: Every strategy compare knows, in table order. ``scratch``: the small CNN from random weights;
+#: ``scratch-resnet``: the CIFAR ResNet (``--resnet-depth``, ResNet-20) from random weights at
+#: its native small input; ``head``: frozen base + dense head;
 #: ``finetune-dense``: the classic fine-tuning (dense head from random first); ``probe``: the
 #: logistic-regression probe LP-FT starts from, alone; ``finetune``: LP-FT, one row per
 #: ``--unfreeze`` point; ``finetune-plain``: LP-FT from the first point with the plain Keras loop.
-STRATEGIES = ("scratch", "lr", "svm", "rf", "head", "finetune-dense", "probe", "finetune", "finetune-plain")
-DEFAULT_STRATEGIES = ("scratch", "lr", "svm", "rf", "head", "finetune-dense", "probe", "finetune")
+STRATEGIES = ("scratch", "scratch-resnet", "lr", "svm", "rf", "head", "finetune-dense", "probe", "finetune", "finetune-plain")
+DEFAULT_STRATEGIES = ("scratch", "scratch-resnet", "lr", "svm", "rf", "head", "finetune-dense", "probe", "finetune")
 DEFAULT_UNFREEZE = ("block5_conv1",)
 COLUMNS = ("strategy", "accuracy", "macro_f1", "n_train", "n_val", "train_seconds", "images_per_second", "model_bytes")
 CLASSICAL = ("lr", "svm", "rf")
@@ -39,10 +41,15 @@ class CompareConfig:
         unfreeze: the LP-FT rows' ``--unfreeze-from`` points (one row each).
         input_size: VGG16 input side for extraction and fine-tuning.
         scratch_input_size: input side of the from-scratch CNN.
-        epochs, head_epochs, scratch_epochs: training lengths (early stopping may end sooner).
+        resnet_depth, resnet_input_size: the from-scratch ResNet's depth (6n+2) and input side
+            (None: the scratch stage's default for a ResNet).
+        epochs, head_epochs, scratch_epochs, resnet_epochs: training lengths (early stopping
+            may end the first three sooner; None: the scratch stage's default for a ResNet).
         seed: one seed for every split, initialisation and augmentation.
         weights: VGG16 weights for extraction and fine-tuning (``none`` only for tests).
         rerun: train again even where a metrics file exists.
+        sizes: training images per class to draw each strategy against (``--sizes``; empty:
+            the one table of the whole training tree). See ``pipeline/sizes.py``.
     """
 
     data_root: Path = option(Path("data/fashion-mnist"), "folder with train/ and test/ class trees", flag="--data")
@@ -54,16 +61,21 @@ class CompareConfig:
     epochs: int = option(10, "fine-tuning epochs (early stopping may end sooner)", rule=Interval(int, 1, MAX_INT))
     head_epochs: int = option(5, "dense-head epochs on the frozen base", rule=Interval(int, 0, MAX_INT))
     scratch_epochs: int = option(30, "from-scratch epochs", rule=Interval(int, 1, MAX_INT))
+    resnet_depth: int = option(20, "layers of the from-scratch ResNet (6n+2)", rule=Interval(int, 8, MAX_INT))
+    resnet_input_size: int | None = option(None, "from-scratch ResNet input side; none = scratch's default for a ResNet", rule=Interval(int, 4, MAX_INT))
+    resnet_epochs: int | None = option(None, "from-scratch ResNet epochs (step schedule); none = scratch's default for a ResNet", rule=Interval(int, 1, MAX_INT))
     seed: int = option(0, "one seed for every split, initialisation and augmentation", rule=Interval(int, 0, MAX_INT))
     weights: str = option("imagenet", "VGG16 weights: imagenet, none (tests only) or a weights file PATH")
     rerun: bool = option(False, "train again even where a metrics file exists")
+    sizes: tuple[int, ...] = option((), cli=False)
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> "CompareConfig":
         """Check every value; return self.
 
         Raises:
-            PipelineError: an unknown strategy or unfreeze point, or a data root without train/ and test/.
+            PipelineError: an unknown strategy or unfreeze point, a ResNet depth that is not 6n+2,
+                or a data root without train/ and test/.
         """
         from pipeline.nets.networks import VGG16_LAYERS
 
@@ -71,11 +83,17 @@ class CompareConfig:
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise PipelineError(f"--strategies: unknown strategy '{s}'; choose from {', '.join(STRATEGIES)}")
+        if "scratch-resnet" in self.strategies and ((self.resnet_depth - 2) % 6 or self.resnet_depth < 8):
+            raise PipelineError(f"--resnet-depth {self.resnet_depth}: a CIFAR ResNet has 6n+2 layers (8, 14, 20, 32, 44, 56, 110, ...)")
         if not self.unfreeze:
             raise PipelineError("--unfreeze: needs at least one point")
         for point in self.unfreeze:
             if point not in (*VGG16_LAYERS, "all"):
                 raise PipelineError(f"--unfreeze {point}: not a VGG16 layer; choose all or one of {', '.join(VGG16_LAYERS)}")
+        if self.sizes:
+            from pipeline.sizes import check_sizes
+
+            check_sizes(self.sizes, self.strategies)
         for split in ("train", "test"):
             if not (self.data_root / split).is_dir():
                 raise PipelineError(f"{self.data_root / split}: missing; compare needs {self.data_root}/train and {self.data_root}/test class trees")
@@ -182,6 +200,10 @@ def _net_config(config: CompareConfig, strategy: str, unfreeze: str = DEFAULT_UN
     if strategy == "scratch":
         cfg = scratch.ScratchConfig(data_dir=data, test_dir=test, out_dir=config.models / "scratch", input_size=config.scratch_input_size,
                                     epochs=config.scratch_epochs, seed=config.seed, quiet=config.quiet)  # fmt: skip
+        return scratch, cfg, "scratch"
+    if strategy == "scratch-resnet":
+        cfg = scratch.ScratchConfig(data_dir=data, test_dir=test, out_dir=config.models / "scratch-resnet", arch="resnet", depth=config.resnet_depth,
+                                    input_size=config.resnet_input_size, epochs=config.resnet_epochs, seed=config.seed, quiet=config.quiet)  # fmt: skip
         return scratch, cfg, "scratch"
     folder = {"head": "head", "finetune-dense": "finetune-dense", "finetune": f"lpft-{unfreeze}", "finetune-plain": f"lpft-{unfreeze}-plain"}[strategy]
     dense = strategy in ("head", "finetune-dense")
@@ -344,14 +366,21 @@ def collect(config: CompareConfig) -> list[dict]:
 def run(config: CompareConfig) -> list[dict]:
     """Produce every requested strategy's metrics (training what is missing) and write the comparison.
 
+    With ``sizes``, draw each strategy against the training images per class instead
+    (``sizes.run_sizes``: ``sizes.md``/``.csv``/``.json``/``.png``).
+
     Returns:
-        The table rows (each with ``n_train`` and ``n_val``).
+        The table rows (each with ``n_train`` and ``n_val``; with ``sizes``, ``per_class`` too).
 
     Raises:
         PipelineError: a bad data root, an unknown strategy or unfreeze point, or rows
             scored on different test sets.
     """
     config.validate()
+    if config.sizes:
+        from pipeline.sizes import run_sizes
+
+        return run_sizes(config, _extract, _keras)
     config.models.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows = collect(config)
@@ -378,6 +407,15 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+def _size_list(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(s) for s in _comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers (e.g. 100,300,500)") from None
+
+
 def add_parser(sub):
     """Register ``compare``; every flag's default comes from ``CompareConfig``."""
     p = sub.add_parser("compare", help="every strategy on the same test images, in one table and one chart")
@@ -385,6 +423,9 @@ def add_parser(sub):
                    help=f"comma list from {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
     p.add_argument("--unfreeze", type=_comma_list, default=DEFAULT_UNFREEZE, metavar="L1,L2,...",
                    help=f"one LP-FT row per point: VGG16 layers to fine-tune from, or all (default {','.join(DEFAULT_UNFREEZE)})")  # fmt: skip
+    p.add_argument("--sizes", type=_size_list, default=(), metavar="N1,N2,...",
+                   help="draw each strategy's test accuracy against these training images per class (nested seeded subsets of "
+                        "DATA/train; features extracted once, for the largest); writes sizes.md/.csv/.json/.png (default none: one table)")  # fmt: skip
     add_options(p, CompareConfig)
     return p
 

@@ -21,7 +21,7 @@ ALLOWED = {
     "nets": {"core", "extraction", "classical", "nets"},
 }
 #: The top floor runs stages; everything else is a stage or a part.
-TOP = {"pipeline.cli", "pipeline.__main__", "pipeline.compare", "pipeline.bench", "pipeline.datasets", "pipeline.datapath"}
+TOP = {"pipeline.cli", "pipeline.__main__", "pipeline.compare", "pipeline.sizes", "pipeline.bench", "pipeline.datasets", "pipeline.datapath"}
 STAGES = set(COMMANDS.values()) - TOP
 
 

@@ -21,7 +21,8 @@ def test_compare_runs_every_strategy_and_writes_table_chart(tmp_path, capsys):
     make_tree(root / "test", classes=("a", "b"), per_class=3, size=(24, 24))
     out = tmp_path / "out"
     argv = ["compare", "--data", str(root), "-o", str(out), "--weights", "none", "--input-size", "32", "--unfreeze", "block5_conv1,block4_conv1",
-            "--scratch-input-size", "32", "--epochs", "1", "--head-epochs", "1", "--scratch-epochs", "1", "--quiet"]  # fmt: skip
+            "--scratch-input-size", "32", "--epochs", "1", "--head-epochs", "1", "--scratch-epochs", "1",
+            "--resnet-depth", "8", "--resnet-input-size", "16", "--resnet-epochs", "1", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     with open(out / "compare.csv") as f:
@@ -29,6 +30,7 @@ def test_compare_runs_every_strategy_and_writes_table_chart(tmp_path, capsys):
     assert tuple(rows[0]) == COLUMNS
     assert [r["strategy"] for r in rows] == [
         "from scratch CNN",
+        "from scratch ResNet-8",
         "frozen features + logistic regression",
         "frozen features + linear SVM",
         "frozen features + random forest",
@@ -58,7 +60,9 @@ def test_compare_runs_every_strategy_and_writes_table_chart(tmp_path, capsys):
 
     # a second run collects what exists instead of training again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("*.metrics.json")}
-    assert len(stamps) == 8
+    assert len(stamps) == 9
+    resnet = json.loads((out / "models" / "scratch-resnet" / "scratch.metrics.json").read_text())
+    assert (resnet["arch"], resnet["depth"], resnet["input_size"], resnet["epochs_run"]) == ("resnet", 8, 16, 1)
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # ... unless a row's settings changed: only that row trains again
@@ -104,3 +108,5 @@ def test_unknown_strategy_and_missing_split_are_clear(tmp_path, capsys):
     make_tree(tmp_path / "d" / "test")
     assert main(["compare", "--data", str(tmp_path / "d"), "--unfreeze", "block5_conv1,block9_conv1"]) == 2
     assert "--unfreeze block9_conv1: not a VGG16 layer" in capsys.readouterr().err
+    assert main(["compare", "--data", str(tmp_path / "d"), "--resnet-depth", "21"]) == 2
+    assert capsys.readouterr().err == "error: --resnet-depth 21: a CIFAR ResNet has 6n+2 layers (8, 14, 20, 32, 44, 56, 110, ...)\n"

@@ -1,4 +1,4 @@
-"""Plots written by the stages: confusion matrices, bar charts, training curves (matplotlib Agg, PNG files written atomically)."""
+"""Plots written by the stages: confusion matrices, bar charts, line charts, training curves (matplotlib Agg, PNG files written atomically)."""
 
 from __future__ import annotations
 
@@ -159,4 +159,36 @@ def training_curves(history: Mapping[str, Sequence[float]], path: Path | str, *,
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *, title: str = "", xlabel: str = "", ylabel: str = "") -> Path:
+    """One line with markers per series, x values sorted (e.g. accuracy against training images per class).
+
+    Args:
+        series: label -> {x: y}.
+        path: the PNG file to write (atomically).
+        title, xlabel, ylabel: texts of the figure.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``series`` is empty.
+    """
+    if not series:
+        raise ValueError("line_chart needs at least one series")
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    xs_all = sorted({x for points in series.values() for x in points})
+    for label, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [float(points[x]) for x in xs], marker="o", label=label)
+    ax.set_xticks(xs_all)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

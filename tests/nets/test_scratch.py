@@ -1,4 +1,4 @@
-"""The scratch stage: its outputs and metrics contract, its flags, and its own checks."""
+"""The scratch stage: its outputs and metrics contract for the CNN and the ResNet, its flags, the architecture's defaults, and its own checks."""
 
 from __future__ import annotations
 
@@ -48,8 +48,41 @@ def parse(*argv):
     return parser.parse_args(argv)
 
 
+def test_scratch_resnet_writes_its_outputs(data, tmp_path):
+    import keras
+
+    out = tmp_path / "resnet"
+    config = scratch.ScratchConfig(data, out_dir=out, arch="resnet", depth=8, input_size=16, epochs=2, batch_size=8, quiet=True)
+    assert config.patience == 2  # every epoch runs: the step schedule needs its whole length
+    metrics = scratch.run(config)
+    on_disk = json.loads((out / "scratch.metrics.json").read_text())
+    assert set(METRICS_KEYS) <= set(on_disk) and on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["strategy"] == "from scratch ResNet-8" and (on_disk["arch"], on_disk["depth"]) == ("resnet", 8)
+    assert on_disk["epochs_run"] == 2 and on_disk["input_size"] == 16 and on_disk["config"]["lr"] == 0.1
+    model = keras.saving.load_model(out / "scratch.keras")
+    assert model.count_params() == on_disk["parameters"]
+    assert tuple(model.outputs[0].shape) == (None, len(CLASSES))
+
+
+def test_arch_defaults_fill_the_flags_left_at_none():
+    cnn = scratch.ScratchConfig(Path("d"))
+    assert (cnn.arch, cnn.depth, cnn.input_size, cnn.epochs, cnn.lr, cnn.patience) == ("cnn", None, *scratch.ARCH_DEFAULTS["cnn"].values())
+    res = scratch.ScratchConfig(Path("d"), arch="resnet")
+    want = scratch.ARCH_DEFAULTS["resnet"]
+    assert (res.depth, res.input_size, res.epochs, res.lr, res.patience) == (scratch.DEFAULT_DEPTH, want["input_size"], want["epochs"], want["lr"], want["epochs"])
+    assert res.strategy() == f"from scratch ResNet-{scratch.DEFAULT_DEPTH}"
+    assert scratch.ScratchConfig(Path("d"), arch="resnet32").depth == 32
+    mine = scratch.ScratchConfig(Path("d"), arch="resnet", depth=14, input_size=40, epochs=7, lr=0.05, patience=2)
+    assert (mine.depth, mine.input_size, mine.epochs, mine.lr, mine.patience) == (14, 40, 7, 0.05, 2)
+    assert scratch.ScratchConfig(Path("d"), arch="resnet", epochs=9).patience == 9
+
+
 def test_cli_flags_build_the_config():
-    assert parse("scratch", "d").input_size == 64
+    assert parse("scratch", "d").input_size is None
+    assert scratch.from_args(parse("scratch", "d"), ["scratch", "d"]).input_size == scratch.ARCH_DEFAULTS["cnn"]["input_size"]
+    argv = ["scratch", "d", "--arch", "resnet20", "--epochs", "5"]
+    c = scratch.from_args(parse(*argv), argv)
+    assert (c.arch, c.depth, c.epochs, c.input_size) == ("resnet20", 20, 5, scratch.ARCH_DEFAULTS["resnet"]["input_size"])
     argv = ["scratch", "d", "--input-size", "48", "--epochs", "3", "--no-augment", "--quiet"]
     c = scratch.from_args(parse(*argv), argv)
     assert (c.data_dir, c.input_size, c.epochs, c.augment, c.quiet) == (Path("d"), 48, 3, False, True)
@@ -60,9 +93,11 @@ def test_cli_flags_build_the_config():
 def test_flag_defaults_are_the_config_defaults():
     args = parse("scratch", "d")
     config = scratch.ScratchConfig(Path("d"))
+    from_flags = scratch.from_args(args, ["scratch", "d"])
     for f in dataclasses.fields(scratch.ScratchConfig):
-        if f.name not in ("command_line", "filters"):
-            assert getattr(args, f.name) == getattr(config, f.name), f.name
+        if f.name not in ("command_line", "filters", "data_dir"):
+            assert getattr(args, f.name) == f.default, f.name
+            assert getattr(from_flags, f.name) == getattr(config, f.name), f.name
 
 
 @pytest.mark.parametrize(
@@ -73,6 +108,12 @@ def test_flag_defaults_are_the_config_defaults():
         (dict(epochs=0), r"^--epochs 0: must be a whole number in \[1, 4294967295\]$"),
         (dict(patience=-1), r"^--patience -1: must be a whole number in \[0, 4294967295\]$"),
         (dict(val_split=1.0), r"^--val-split 1.0: must be between 0 and 1"),
+        (dict(arch="vgg"), r"^--arch vgg: must be cnn, resnet or resnetN \(N = 6n\+2 layers, e.g. resnet20\)$"),
+        (dict(arch="resnet", depth=21), r"^--depth 21: a CIFAR ResNet has 6n\+2 layers"),
+        (dict(arch="resnet21"), r"^--depth 21: a CIFAR ResNet has 6n\+2 layers"),
+        (dict(arch="resnet20", depth=32), r"^--depth 32: --arch resnet20 means depth 20; give one of the two$"),
+        (dict(depth=20), r"^--depth 20: only for --arch resnet$"),
+        (dict(arch="resnet", input_size=3), r"^--input-size 3: a CIFAR ResNet halves the image twice"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, change, message):
