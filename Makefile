@@ -21,7 +21,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .DEFAULT_GOAL := help
 MODELS := $(FEATURES)/models
-.PHONY: help setup data extract train-lr train-svm train-rf predict compare bench demo test test-avx2 verify clean
+.PHONY: help setup data extract train-lr train-svm train-rf predict compare bench bench-backbones demo test test-avx2 verify clean
 
 help: ## list the targets
 	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,13 +62,17 @@ train-lr train-svm train-rf: train-%: setup ## a classifier (lr, svm or rf) on t
 predict: setup ## label images: make predict IMAGES=folder [MODEL=features/models/lr.joblib]
 	$(PY) -m pipeline predict $(or $(MODEL),$(MODELS)/lr.joblib) $(IMAGES) $(PREDICT_ARGS)
 
-compare: ## every strategy (scratch CNN, frozen features + LR/SVM/RF, frozen base + head, fine-tuning from a dense head and LP-FT from the LR probe) on the same test images
+compare: ## every strategy (scratch CNN and ResNet-20, frozen features + LR/SVM/RF, frozen base + head, fine-tuning from a dense head and LP-FT from the LR probe) on the same test images
 	@$(MAKE) --no-print-directory extract
 	$(PY) -m pipeline compare --data $(DATA_ROOT) -o $(FEATURES) $(COMPARE_ARGS)
 
 bench: ## measure extraction (naive loop, compute limit, precisions), memory, storage, incremental cost, accuracy
 	@$(MAKE) --no-print-directory data
 	$(PY) -m pipeline bench --data $(DATA_ROOT) -o $(FEATURES)/bench
+
+bench-backbones: ## extraction speed, feature shape and GMACs of every backbone, in one run (python -m pipeline bench --backbone all)
+	@$(MAKE) --no-print-directory data
+	$(PY) -m pipeline bench --data $(DATA_ROOT) --backbone all --images 64 -o $(FEATURES)/bench-backbones
 
 verify: ## check the invariants of the default feature files
 	$(PY) -m pipeline verify $(TRAIN_H5) $(TEST_H5)

@@ -95,28 +95,8 @@ def _md5(path: pathlib.Path) -> str:
 
 
 def _try_keras_download(progress: bool) -> tuple[pathlib.Path | None, str]:
-    """Run the normal Keras download with a socket timeout; return (path, "") or (None, why)."""
-    try:
-        import keras  # noqa: PLC0415 - heavy, only when needed
-    except ImportError as exc:
-        return None, f"keras is not importable ({exc})"
-    with contextlib.suppress(OSError):  # else get_file would silently use /tmp/.keras
-        keras_home().mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # urlretrieve has no timeout of its own
-    sink = sys.stderr if progress else io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink):  # Keras prints its progress bar on stdout
-            path = keras.utils.get_file(
-                KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_URL, cache_subdir="models",
-                file_hash=KERAS_WEIGHTS_MD5, cache_dir=str(keras_home()),
-            )
-    except Exception as exc:  # noqa: BLE001 - get_file raises a bare Exception
-        why = str(exc).rsplit(" -- ", 1)[-1].strip() or type(exc).__name__
-        return None, why
-    finally:
-        socket.setdefaulttimeout(previous)
-    return pathlib.Path(path), ""
+    """The normal Keras download of VGG16's notop file, with a socket timeout; (path, "") or (None, why)."""
+    return _keras_download(KERAS_WEIGHTS_URL, KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_MD5, progress)
 
 
 def _info_from_file(path: pathlib.Path, name: str, source: str) -> WeightsInfo:
