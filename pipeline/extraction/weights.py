@@ -150,11 +150,7 @@ def resolve_weights(spec: str, *, backbone: str = BACKBONE, allow_download: bool
     if backbone != BACKBONE:
         return _resolve_other(spec, backbone, allow_download=allow_download, progress=progress)
     if spec != "imagenet":
-        path = pathlib.Path(spec).expanduser()
-        if not path.exists():
-            raise PipelineError(f"weights file {path} does not exist")
-        if not path.is_file():
-            raise PipelineError(f"weights file {path} is not a file")
+        path = _weights_path(spec)
         return _info_from_file(path, "file", "explicit-file")
 
     tried = []
@@ -259,14 +255,20 @@ def _keras_download(url: str, file: str, md5: str | None, progress: bool) -> tup
     return pathlib.Path(path), ""
 
 
+def _weights_path(spec: str) -> pathlib.Path:
+    """The weights file a ``--weights PATH`` names; one line if it is missing or not a file."""
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        raise PipelineError(f"weights file {path} does not exist")
+    if not path.is_file():
+        raise PipelineError(f"weights file {path} is not a file")
+    return path
+
+
 def _resolve_other(spec: str, backbone: str, *, allow_download: bool, progress: bool) -> WeightsInfo:
     """The weights of a backbone other than VGG16: a file, or ImageNet from the Keras cache or the Keras download."""
     if spec != "imagenet":
-        path = pathlib.Path(spec).expanduser()
-        if not path.exists():
-            raise PipelineError(f"weights file {path} does not exist")
-        if not path.is_file():
-            raise PipelineError(f"weights file {path} is not a file")
+        path = _weights_path(spec)
         return WeightsInfo("file", str(path), "explicit-file", file_checksum(path), backbone)
     bs = get_spec(backbone)
     cached = keras_home() / "models" / bs.weights_file
