@@ -14,16 +14,16 @@ EXIT_USER_ERROR = 2
 #: ``add_parser(subparsers)`` (its flags), ``from_args(args, argv)`` (flags -> frozen config)
 #: and ``run(config)`` (an int is the exit status; any other result means 0).
 COMMANDS = {
-    "extract": "pipeline.extraction.extract",
-    "merge": "pipeline.extraction.merge",
-    "verify": "pipeline.extraction.verify",
-    "weights": "pipeline.extraction.provision",
+    "extract": "pipeline.extract.stage",
+    "merge": "pipeline.extract.merge",
+    "verify": "pipeline.extract.verify",
+    "weights": "pipeline.backbones.command",
     "train": "pipeline.classical.train",
     "predict": "pipeline.classical.predict",
     "finetune": "pipeline.nets.finetune",
     "scratch": "pipeline.nets.scratch",
-    "compare": "pipeline.compare",
-    "bench": "pipeline.bench",
+    "compare": "pipeline.compare.stage",
+    "bench": "pipeline.bench.stage",
 }
 
 def _module(name: str):

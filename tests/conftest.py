@@ -56,7 +56,7 @@ def cli():
 
 def by_path(path):
     """{path: (label name, features)} and the sorted rejected paths of a feature file."""
-    from pipeline.extraction.store import open_features
+    from pipeline.featurefile.store import open_features
 
     with open_features(path) as ff:
         names, feats = ff.label_names, ff.db["features"][:]

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
-from pipeline.extraction import reader
+from pipeline.images import reader
 from pipeline.cli import main
-from pipeline.extraction.store import open_features
-from pipeline.extraction.verify import verify
+from pipeline.featurefile.store import open_features
+from pipeline.extract.verify import verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
@@ -185,7 +185,7 @@ def test_hostile_inputs_each_extracted_or_rejected_and_counts_add_up(tmp_path, c
 
 def test_a_class_folder_whose_name_is_not_utf8(tmp_path, capsys):
     """Listing, digest, label_names in the file, reading it back, updates, shards and their merge."""
-    from pipeline.extraction.shards import shard_path
+    from pipeline.extract.fingerprints import shard_path
 
     weird = os.fsdecode(b"caf\xe9")
     data = make_tree(tmp_path / "data", classes=(weird, "dog"), per_class=3, size=(12, 12))

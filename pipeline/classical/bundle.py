@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.core.config import EXTRACT_PRECISIONS
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import atomic_output
-from pipeline.extraction.store import SPEC_KEYS
+from pipeline.featurefile.store import SPEC_KEYS
 
 BUNDLE_FORMAT = "transfer-pipeline-model"
 BUNDLE_VERSION = 1
@@ -134,7 +134,7 @@ def check_spec(model_path: Path, bundle: dict) -> None:
             layer or preprocessing than the backbone's, an input size below the backbone's
             minimum, or a ``feature_shape`` that does not follow from ``input_size``.
     """
-    from pipeline.extraction.backbone import BACKBONES
+    from pipeline.backbones.network import BACKBONES
 
     spec = bundle["feature_spec"]
     if bundle["precision"] not in BUNDLE_PRECISIONS:

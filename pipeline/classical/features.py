@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.classical.interrupts import stop_if_terminated
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.store import FeatureFile
+from pipeline.featurefile.store import FeatureFile
 
 POOLS = ("flatten", "avg", "max")
 SCALINGS = ("l2", "standard")

@@ -60,7 +60,7 @@ from pipeline.classical.models import MODELS
 from pipeline.classical.search import SearchResult, blas_limit, hit_max_iter, quiet_convergence, search
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
-from pipeline.extraction.store import FeatureFile
+from pipeline.featurefile.store import FeatureFile
 
 # ---------------------------------------------------------------------------
 # Linear-model helpers: row space and scale folding

@@ -28,7 +28,7 @@ from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line, prepare_output_dir
-from pipeline.extraction.reader import IMAGE_EXTENSIONS
+from pipeline.images.reader import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None 
         PipelineError: the weights cannot be resolved, or their checksum differs from
             the bundle's ``weights_checksum``.
     """
-    from pipeline.extraction.weights import resolve_weights
+    from pipeline.backbones.weights import resolve_weights
 
     spec = bundle["feature_spec"]
     name = override or spec["weights"]
@@ -166,7 +166,7 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     """
     from tqdm import tqdm
 
-    from pipeline.extraction.reader import Listing, iter_batches
+    from pipeline.images.reader import Listing, iter_batches
 
     spec = bundle["feature_spec"]
     check_engine("the model bundle", bundle, net)
@@ -238,7 +238,7 @@ def label_images(config: PredictConfig) -> list[dict]:
     if config.output is not None:
         check_output(Path(config.output), model_path, images, config.overwrite)
     warn_on_version_change(model_path, bundle)
-    from pipeline.extraction.engines import Calibration, open_backbone
+    from pipeline.backbones.int8 import Calibration, open_backbone
 
     info = resolve_bundle_weights(model_path, bundle, config.weights, progress=not config.quiet)
     spec = bundle["feature_spec"]

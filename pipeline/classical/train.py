@@ -40,7 +40,7 @@ from pipeline.core.outputs import (
     write_text_atomic,
 )
 from pipeline.core.splits import split_indices
-from pipeline.extraction.store import check_compatible, open_features
+from pipeline.featurefile.store import check_compatible, open_features
 
 DEFAULT_OUTPUT = Path("features/models")
 

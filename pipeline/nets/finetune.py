@@ -29,7 +29,7 @@ from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
 from pipeline.nets.images import gigabytes, load_data
-from pipeline.extraction.backbone import BACKBONE, BACKBONES
+from pipeline.backbones.network import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.probe import POOLS, feature_spec, fit_probe, load_probe, probe_layers
@@ -208,7 +208,7 @@ def fit(config: FinetuneConfig) -> Result:
             a ``--probe`` bundle that does not match, or too few images to split.
     """
     listing, test_listing, pixel_bytes, precision = prepare_run(config)
-    from pipeline.extraction.weights import resolve_weights
+    from pipeline.backbones.weights import resolve_weights
 
     weights = resolve_weights(config.weights, backbone=config.backbone, progress=not config.quiet)
     spec = feature_spec(input_size=config.input_size, resize=config.resize, weights=weights, pool=config.pool, backbone=config.backbone)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
-from pipeline.extraction.reader import Listing, iter_batches, list_images
+from pipeline.images.reader import Listing, iter_batches, list_images
 
 #: Pixels and cached prefix outputs must fit in this share of the machine's RAM.
 MEMORY_FRACTION = 0.5

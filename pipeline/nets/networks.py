@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.extraction.backbone import BACKBONE, BGR_MEANS, POLICIES, build, get_spec
+from pipeline.backbones.network import BACKBONE, BGR_MEANS, POLICIES, build, get_spec
 
 #: Every layer of the headless VGG16, in order (``--unfreeze-from`` takes any of them).
 VGG16_LAYERS: tuple[str, ...] = (
@@ -230,7 +230,7 @@ def build_base(*, input_size: int, unfreeze_from: str, precision: str, seed: int
     import keras
 
     from pipeline.core.errors import PipelineError
-    from pipeline.extraction.weights import load_weights
+    from pipeline.backbones.weights import load_weights
 
     model = build(backbone, input_size, precision, seed)
     try:

@@ -21,7 +21,7 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.fitting import fit_matrix
 from pipeline.classical.models import MODELS
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.backbone import BACKBONE, get_spec
+from pipeline.backbones.network import BACKBONE, get_spec
 
 #: Pooling of the backbone's features before a head, as ``train --pool``.
 POOLS = ("flatten", "avg", "max")

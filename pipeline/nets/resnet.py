@@ -14,7 +14,7 @@ momentum as in the paper).
 from __future__ import annotations
 
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.backbone import POLICIES
+from pipeline.backbones.network import POLICIES
 from pipeline.nets.networks import Network
 
 #: Filters of the three stages (the paper's CIFAR networks).

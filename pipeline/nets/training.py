@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from pipeline.core.outputs import prepare_output_dir
-from pipeline.extraction.backbone import resolve_precision
+from pipeline.backbones.network import resolve_precision
 from pipeline.nets.images import Data, check_pixel_memory, gigabytes, list_inputs, memory_budget
 from pipeline.nets.networks import Network, apply_layers, augmentation_layers
 from pipeline.nets.options import NetConfig

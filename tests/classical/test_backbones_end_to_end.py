@@ -16,11 +16,11 @@ from pipeline.classical.bundle import load_bundle
 from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
 from pipeline.core.errors import PipelineError
-from pipeline.extraction import extract
-from pipeline.extraction.backbone import BACKBONES
-from pipeline.extraction.extract import ExtractConfig
-from pipeline.extraction.store import open_features
-from pipeline.extraction.verify import verify
+from pipeline.extract import stage as extract
+from pipeline.backbones.network import BACKBONES
+from pipeline.extract.stage import ExtractConfig
+from pipeline.featurefile.store import open_features
+from pipeline.extract.verify import verify
 
 #: Each backbone of the issue's end-to-end test at a small input it accepts (InceptionV3 needs 75).
 RUNS = {"resnet50": 32, "inception_v3": 75}

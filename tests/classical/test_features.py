@@ -19,7 +19,7 @@ from pipeline.classical.features import (
     unit_rms_,
 )
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.store import open_features
+from pipeline.featurefile.store import open_features
 
 
 def test_pool_features_arithmetic():

@@ -20,14 +20,14 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
 from pipeline.classical.predictions import TEXT_MARKER
 from pipeline.core.errors import PipelineError
-from pipeline.extraction.extract import ExtractConfig
-from pipeline.extraction.store import open_features
+from pipeline.extract.stage import ExtractConfig
+from pipeline.featurefile.store import open_features
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny tree extracted with random weights at 32 px, and lr + svm trained on it."""
-    from pipeline.extraction import extract
+    from pipeline.extract import stage as extract
 
     root = tmp_path_factory.mktemp("predict")
     data = make_tree(root / "data", classes=("cat", "dog"), per_class=6)

@@ -13,11 +13,12 @@ from pipeline.classical.bundle import check_engine, check_spec, load_bundle
 from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
 from pipeline.core.errors import PipelineError
-from pipeline.extraction import engines, extract
-from pipeline.extraction.backbone import Backbone
-from pipeline.extraction.extract import ExtractConfig
-from pipeline.extraction.store import open_features
-from pipeline.extraction.weights import resolve_weights
+from pipeline.backbones import int8 as engines
+from pipeline.extract import stage as extract
+from pipeline.backbones.network import Backbone
+from pipeline.extract.stage import ExtractConfig
+from pipeline.featurefile.store import open_features
+from pipeline.backbones.weights import resolve_weights
 
 
 @pytest.fixture(scope="module")

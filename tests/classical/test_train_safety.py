@@ -20,7 +20,7 @@ from pipeline.classical.interrupts import finish_first, stop_if_terminated, stop
 from pipeline.classical.train import TrainConfig
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import Terminated
-from pipeline.extraction.store import open_features
+from pipeline.featurefile.store import open_features
 
 
 def config(features: Path, out: Path, model: str = "lr", **kw) -> TrainConfig:

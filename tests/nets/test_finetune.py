@@ -18,7 +18,7 @@ from pipeline.classical.bundle import load_bundle
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
-from pipeline.extraction.backbone import resolve_precision
+from pipeline.backbones.network import resolve_precision
 from pipeline.nets import finetune as ft
 from pipeline.nets.networks import VGG16_LAYERS, base_features, build_base, find_layer
 from pipeline.nets.probe import feature_spec, fit_probe
@@ -146,7 +146,7 @@ def test_metrics_contract_and_files(runs, trees):
     assert (cached["n_test"], cached["n_train"] + cached["n_val"]) == (len(test_rows), len(train_pool))
     assert cached["test_source"].startswith("split of")
     # ... and they are the same rows a feature file of the folder has: decodable images in listing order
-    from pipeline.extraction.reader import RejectedImage, list_images, load_image
+    from pipeline.images.reader import RejectedImage, list_images, load_image
 
     listing = list_images(data)
     decodable = []

@@ -22,7 +22,7 @@ FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, pre
 def test_preprocessing_layers_equal_backbone_preprocess():
     import keras
 
-    from pipeline.extraction.backbone import preprocess
+    from pipeline.backbones.network import preprocess
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
     inp = keras.Input((8, 8, 3), dtype="float32")

@@ -12,12 +12,12 @@ from pipeline.classical import train
 from pipeline.classical.bundle import load_bundle, write_bundle
 from pipeline.classical.features import pool_features
 from pipeline.core.errors import PipelineError
-from pipeline.extraction import extract
-from pipeline.extraction.store import open_features
+from pipeline.extract import stage as extract
+from pipeline.featurefile.store import open_features
 from pipeline.nets import finetune as ft
 from pipeline.nets.images import decode
 from pipeline.nets.networks import find_layer
-from pipeline.extraction.reader import list_images
+from pipeline.images.reader import list_images
 
 CLASSES = ("ant", "bee", "cat")
 FAST = dict(input_size=32, weights="none", precision="float32", batch_size=8, patience=1, epochs=1, cache_copies=2, quiet=True)

@@ -1,0 +1,1 @@
+"""The model zoo: the pretrained networks, their weights and their compute engines."""

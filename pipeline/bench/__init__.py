@@ -1,0 +1,1 @@
+"""The bench command: extraction and data-path measurements."""

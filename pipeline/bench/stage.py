@@ -1,0 +1,595 @@
+"""Benchmark: extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, extraction speed, feature shape and GMACs of each backbone instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dataclasses import dataclass
+
+from pipeline.core.config import MAX_INT, Interval, OneOf, add_options, option, validate
+from pipeline.core.config import from_args as config_from_args
+from pipeline.core.errors import PipelineError
+
+DEFAULT_DATA = Path("data/fashion-mnist")
+PRECISIONS_MEASURED = ("float32", "bfloat16", "float16", "int8")
+#: ``--isa``: ``avx2`` limits oneDNN (the kernels of TensorFlow and of OpenVINO's CPU plugin)
+#: to AVX2 in every step, and ``auto`` precision to float32: an AVX2-only CPU, on this one.
+ISAS = ("native", "avx2")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of ``python -m pipeline bench`` (every figure is a median over ``repeats``)."""
+
+    data: Path = option(DEFAULT_DATA, "folder with train/ and test/ class trees")
+    images: int = option(128, "images in the throughput slice", rule=Interval(int, 1, MAX_INT))
+    repeats: int = option(3, "repeats; figures are medians", rule=Interval(int, 1, MAX_INT))
+    input_size: int = option(224, "network input side", rule=Interval(int, 32, MAX_INT), message="VGG16 needs at least 32 pixels")
+    batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
+    precisions: tuple[str, ...] = option(PRECISIONS_MEASURED, cli=False)
+    backbones: tuple[str, ...] = option((), cli=False)
+    memory_images: int = option(64, "memory check on N and 10N images", rule=Interval(int, 1, MAX_INT))
+    incremental_images: int = option(1000, "images in the incremental check", rule=Interval(int, 2, MAX_INT))
+    quick: bool = option(False, "throughput table only")
+    isa: str = option("native", "native, or avx2: limit oneDNN (TensorFlow's and OpenVINO's kernels) to AVX2, as on an AVX2-only CPU", rule=OneOf(ISAS))
+    output: Path = option(Path("features/bench"), "where bench.json and bench.md go", short="-o")
+    quiet: bool = option(False, "no progress messages")
+    data_path: bool = option(False, "measure the data path alone (decode, compress, assemble; the network replaced by a stub replaying --replay's features)")
+    replay: Path = option(Path("features/train.h5"), "with --data-path: the feature file whose real rows the stub replays")
+
+    def validate(self) -> "BenchConfig":
+        validate(self)
+        unknown = [p for p in self.precisions if p not in PRECISIONS_MEASURED]
+        if unknown:
+            raise PipelineError(f"--precisions {','.join(self.precisions)}: unknown {', '.join(unknown)}; choose from {', '.join(PRECISIONS_MEASURED)}")
+        from pipeline.backbones.network import BACKBONES
+
+        if [b for b in self.backbones if b not in BACKBONES]:
+            raise PipelineError(f"--backbone {','.join(self.backbones)}: choose from all, {', '.join(BACKBONES)}")
+        if not (self.data / "train").is_dir():
+            raise PipelineError(f"{self.data}/train: no such folder; run `make data` first (or pass --data with train/ and test/)")
+        if "int8" in self.precisions:
+            from pipeline.backbones.int8 import require_int8
+
+            try:
+                require_int8()
+            except PipelineError as exc:
+                raise PipelineError(f"{exc}; or leave int8 out of --precisions") from None
+        return self
+
+
+# ----------------------------------------------------------------------------- child side
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _paths(data: Path) -> list[Path]:
+    from pipeline.images.reader import list_images
+
+    listing = list_images(data)
+    return [listing.root / p for p in listing.paths]
+
+
+def _calibration(data: Path, size: int, weights):
+    """The int8 calibration ``extract --precision int8`` picks for ``data`` (so every step uses one model)."""
+    from pipeline.backbones.int8 import sample_calibration
+    from pipeline.images.reader import list_images
+
+    return sample_calibration(list_images(data), input_size=size, resize="bilinear", weights_checksum=weights.checksum)
+
+
+def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
+    """The network alone on preprocessed batches already in memory: the hardware limit."""
+    from pipeline.backbones.int8 import open_backbone
+    from pipeline.images.reader import load_image
+    from pipeline.backbones.weights import resolve_weights
+
+    paths = _paths(data)
+    pixels = np.stack([load_image(p, size, "bilinear") for p in paths])
+    weights = resolve_weights("imagenet", progress=False)
+    calibration = _calibration(data, size, weights) if precision == "int8" else None
+    # Traced at construction, like extract's; no warm-up call, so both pay the same
+    # first-call cost and the ratio shows only what decoding and writing add.
+    net = open_backbone(size, weights, precision, batch_size=batch, calibration=calibration)
+    t0 = time.perf_counter()
+    net(pixels)
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds}
+
+
+def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
+    """The recipe copied from countless tutorials: one load_img at a time, predict on
+    batches of 32, accumulate everything, write float64 uncompressed HDF5."""
+    import h5py
+    import keras
+
+    from pipeline.backbones.network import build_vgg16
+    from pipeline.backbones.weights import load_weights, resolve_weights
+
+    paths = _paths(data)
+    model = build_vgg16(size, "float32")
+    load_weights(model, resolve_weights("imagenet", progress=False))
+    model.predict(np.zeros((batch, size, size, 3), np.float32), batch_size=batch, verbose=0)  # warm-up
+    t0 = time.perf_counter()
+    features, labels, pending = [], [], []
+    for p in paths:
+        img = keras.utils.load_img(p, target_size=(size, size))
+        x = keras.applications.vgg16.preprocess_input(keras.utils.img_to_array(img))
+        pending.append(x)
+        labels.append(p.parent.name)
+        if len(pending) == batch:
+            features.append(model.predict(np.array(pending), batch_size=batch, verbose=0))
+            pending = []
+    if pending:
+        features.append(model.predict(np.array(pending), batch_size=batch, verbose=0))
+    feats = np.concatenate(features).astype(np.float64)
+    with h5py.File(out, "w") as db:
+        db.create_dataset("features", data=feats)
+        db.create_dataset("labels", data=np.array(labels, dtype="S"))
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds, "bytes": out.stat().st_size}
+
+
+def _child_interleaved(data: Path, size: int, batch: int, precisions: list[str], rounds: int) -> dict:
+    """Every precision's network in one process, called in turn batch by batch: ratios a shared machine's load cannot skew."""
+    from pipeline.backbones.int8 import open_backbone
+    from pipeline.images.reader import load_image
+    from pipeline.backbones.weights import resolve_weights
+
+    pixels = np.stack([load_image(p, size, "bilinear") for p in _paths(data)])
+    weights = resolve_weights("imagenet", progress=False)
+    nets = {p: open_backbone(size, weights, p, batch_size=batch, calibration=_calibration(data, size, weights) if p == "int8" else None) for p in precisions}
+    for net in nets.values():
+        net(pixels[:batch])  # first-call costs out of the way
+    seconds: dict[str, list[float]] = {p: [] for p in nets}
+    for _ in range(rounds):
+        for i in range(0, len(pixels), batch):
+            for p, net in nets.items():
+                t0 = time.perf_counter()
+                net(pixels[i : i + batch])
+                seconds[p].append(time.perf_counter() - t0)
+    per_round = {p: np.asarray(s).reshape(rounds, -1).sum(1) for p, s in seconds.items()}
+    kernels = {p: net.kernels() for p, net in nets.items() if hasattr(net, "kernels")}
+    return {"images": len(pixels), "rounds": rounds, "int8_kernels": kernels.get("int8"),
+            "images_per_second": {p: float(np.median(len(pixels) / t)) for p, t in per_round.items()},
+            "vs_float32": {p: float(np.median(per_round["float32"] / t)) for p, t in per_round.items()} if "float32" in nets else {}}  # fmt: skip
+
+
+def _child_calibrate(data: Path, size: int) -> dict:
+    """Calibrate the int8 model of ``data`` from scratch (timed), then cache it unless it is cached already."""
+    from pipeline.backbones.int8 import install_model, models_dir, quantize
+    from pipeline.backbones.weights import resolve_weights
+
+    weights = resolve_weights("imagenet", progress=False)
+    calibration = _calibration(data, size, weights)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bench-", dir=models_dir()) as t:
+        t0 = time.perf_counter()
+        info = quantize(calibration, weights, input_size=size, folder=Path(t) / "model")
+        seconds = time.perf_counter() - t0
+        install_model(Path(t) / "model", calibration.key)
+    return {"images": info["calibration_images_read"], "seconds": seconds, "key": calibration.key}
+
+
+def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path, **settings) -> dict:
+    import h5py
+
+    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.stage import run
+
+    out.unlink(missing_ok=True)  # a fresh extraction each repeat, never "up to date"
+    t0 = time.perf_counter()
+    cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True, **settings)
+    if run(cfg) != 0:
+        raise PipelineError("extract failed inside the benchmark")
+    wall = time.perf_counter() - t0
+    with h5py.File(out, "r") as db:
+        n = int(db["features"].shape[0])
+        loop = float(db.attrs["extract_seconds"])
+        stored = int(db["features"].id.get_storage_size())
+    return {"images": n, "seconds": loop, "wall_seconds": wall, "bytes": out.stat().st_size, "feature_bytes": stored}
+
+
+def child_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("variant")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backbone", default="vgg16")
+    a = p.parse_args(argv)
+    if a.variant == "backbone":  # at its own default input side; speed does not depend on the weights
+        from pipeline.backbones.network import BACKBONES, build, count_macs
+
+        spec = BACKBONES[a.backbone]
+        r = _child_extract(a.data, spec.input_size, a.batch, a.precision, a.out, backbone=a.backbone, weights="imagenet" if a.backbone == "vgg16" else "none")
+        r.update(input_size=spec.input_size, feature_shape=list(spec.feature_shape(spec.input_size)), gmacs=count_macs(build(a.backbone, spec.input_size)) / 1e9)
+    elif a.variant == "compute":
+        r = _child_compute(a.data, a.size, a.batch, a.precision)
+    elif a.variant == "interleaved":
+        r = _child_interleaved(a.data, a.size, a.batch, a.precision.split(","), a.rounds)
+    elif a.variant == "calibrate":
+        r = _child_calibrate(a.data, a.size)
+    elif a.variant == "naive":
+        r = _child_naive(a.data, a.size, a.batch, a.out)
+    else:
+        r = _child_extract(a.data, a.size, a.batch, a.precision, a.out)
+    r["peak_rss_mb"] = _peak_rss_mb()
+    print("BENCH " + json.dumps(r))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent side
+def _run_child(*args: str) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.stage", "--child", *args], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise PipelineError(f"benchmark step {args[0]} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+
+
+def _sample_tree(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
+    """Symlink ``n`` images of ``src`` (evenly spread over its sorted listing, after ``skip``) into a class tree."""
+    from pipeline.images.reader import list_images
+
+    listing = list_images(src)
+    pick = np.linspace(0, len(listing) - 1, num=min(n + skip, len(listing))).astype(int)[skip:]
+    for i in pick.tolist():
+        target = dst / listing.paths[i]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.symlink((listing.root / listing.paths[i]).resolve(), target)
+    return dst
+
+
+def _throughput(args, tmp: Path, say) -> dict:
+    sample = _sample_tree(args.data / "train", tmp / "sample", args.images)
+    common = ["--data", str(sample), "--size", str(args.input_size), "--batch", str(args.batch_size)]
+    precisions = [p for p in PRECISIONS_MEASURED if p in args.precisions]
+    runs: dict[str, list[dict]] = {}
+    calibration = None
+    if "int8" in precisions:  # once, before the repeats: every int8 step then uses this model
+        calibration = _run_child("calibrate", *common)
+        say(f"  int8 calibration on {calibration['images']} images: {calibration['seconds']:.1f} s")
+    for rep in range(args.repeats):
+        order = ["naive"] + [f"compute-{p}" for p in precisions] + [f"extract-{p}" for p in precisions]
+        for name in order:
+            if name == "naive":
+                r = _run_child("naive", *common, "--out", str(tmp / "naive.h5"))
+            elif name.startswith("compute-"):
+                r = _run_child("compute", *common, "--precision", name[8:])
+            else:
+                r = _run_child("extract", *common, "--precision", name[8:], "--out", str(tmp / f"{name}.h5"))
+            r["images_per_second"] = r["images"] / r["seconds"]
+            runs.setdefault(name, []).append(r)
+            say(f"  repeat {rep + 1}/{args.repeats} {name:<18} {r['images_per_second']:7.2f} img/s  peak {r['peak_rss_mb']:.0f} MB")
+    rows = []
+    for name, rs in runs.items():
+        ips = [r["images_per_second"] for r in rs]
+        # Ratios within one repeat (same minute of a noisy machine), then the median.
+        vs_naive = [r["images_per_second"] / n["images_per_second"] for r, n in zip(rs, runs["naive"])]
+        precision = name.split("-", 1)[1] if "-" in name else "float32"
+        limit = runs.get(f"compute-{precision}", runs.get("compute-float32"))
+        vs_limit = [r["images_per_second"] / c["images_per_second"] for r, c in zip(rs, limit)] if limit else []
+        rows.append(
+            {
+                "variant": name,
+                "images_per_second": statistics.median(ips),
+                "vs_naive": statistics.median(vs_naive),
+                "vs_compute_limit": statistics.median(vs_limit) if vs_limit else None,
+                "vs_compute_float32": statistics.median(
+                    [r["images_per_second"] / c["images_per_second"] for r, c in zip(rs, runs["compute-float32"])]
+                )
+                if "compute-float32" in runs
+                else None,
+                "vs_extract_float32": _median_ratio(rs, runs.get("extract-float32")),
+                "vs_extract_bfloat16": _median_ratio(rs, runs.get("extract-bfloat16")),
+                "peak_rss_mb": statistics.median([r["peak_rss_mb"] for r in rs]),
+                "bytes_per_image": statistics.median([r.get("feature_bytes", r.get("bytes", 0)) / r["images"] for r in rs])
+                if not name.startswith("compute")
+                else None,
+                "repeats": len(rs),
+            }
+        )
+    interleaved = None
+    if len(precisions) > 1:
+        interleaved = _run_child("interleaved", *common, "--precision", ",".join(precisions), "--rounds", str(max(3, args.repeats)))
+        say("  interleaved: " + ", ".join(f"{p} {v:.2f} img/s" for p, v in interleaved["images_per_second"].items()))
+    return {"images": args.images, "rows": rows, "calibration": calibration, "interleaved": interleaved}
+
+
+def _median_ratio(rs: list[dict], base: list[dict] | None) -> float | None:
+    """Median over repeats of the speed ratio to ``base`` within each repeat (same minute of a noisy machine)."""
+    if not base:
+        return None
+    return statistics.median([r["images_per_second"] / b["images_per_second"] for r, b in zip(rs, base)])
+
+
+def _backbones(args, tmp: Path, say) -> dict:
+    """Each backbone's ``extract`` at ``auto`` precision on the same images, in turn within each repeat; ratios to the first within a repeat."""
+    sample = _sample_tree(args.data / "train", tmp / "sample", args.images)
+    runs: dict[str, list[dict]] = {b: [] for b in args.backbones}
+    for rep in range(args.repeats):
+        for b in args.backbones:
+            r = _run_child("backbone", "--data", str(sample), "--batch", str(args.batch_size), "--precision", "auto", "--backbone", b, "--out", str(tmp / f"{b}.h5"))
+            r["images_per_second"] = r["images"] / r["seconds"]
+            runs[b].append(r)
+            say(f"  repeat {rep + 1}: {b} {r['images_per_second']:.2f} img/s")
+    first = args.backbones[0]
+    rows = [
+        {"backbone": b, "input_size": rs[0]["input_size"], "feature_shape": rs[0]["feature_shape"], "gmacs": rs[0]["gmacs"],
+         "images_per_second": statistics.median(r["images_per_second"] for r in rs), "vs_first": _median_ratio(rs, runs[first]),
+         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)}
+        for b, rs in runs.items()
+    ]  # fmt: skip
+    return {"images": runs[first][0]["images"], "first": first, "rows": rows}
+
+
+def _memory_scaling(args, tmp: Path, say) -> dict:
+    """Peak RSS of extract on N and 10N images: rows are streamed, so it must not grow."""
+    out = {}
+    for n in (args.memory_images, 10 * args.memory_images):
+        tree = _sample_tree(args.data / "train", tmp / f"mem{n}", n)
+        r = _run_child("extract", "--data", str(tree), "--size", str(args.input_size), "--batch", str(args.batch_size), "--precision", "auto", "--out", str(tmp / f"mem{n}.h5"))
+        out[n] = r["peak_rss_mb"]
+        say(f"  memory: {n} images -> peak {r['peak_rss_mb']:.0f} MB")
+    small, large = out.values()
+    return {"images": list(out), "peak_rss_mb": list(out.values()), "growth": large / small - 1.0}
+
+
+def _incremental(args, tmp: Path, say) -> dict:
+    """A full run, then 1% added, then 1% removed: the updates must cost a small fraction."""
+    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.stage import run
+
+    n = args.incremental_images
+    tree = _sample_tree(args.data / "train", tmp / "inc", n)
+    out = tmp / "inc.h5"
+    cfg = ExtractConfig(data_dir=tree, output=out, input_size=args.input_size, batch_size=args.batch_size, quiet=True)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        if run(cfg) != 0:
+            raise PipelineError("extract failed inside the incremental benchmark")
+        return time.perf_counter() - t0
+
+    full = timed()
+    k = max(1, n // 100)
+    extra = _sample_tree(args.data / "test", tmp / "inc", k)  # 1% new images, from the test split
+    add = timed()
+    from pipeline.images.reader import list_images
+
+    listing = list_images(extra)
+    for p in listing.paths[:: max(1, len(listing) // k)][:k]:
+        (extra / p).unlink()
+    remove = timed()
+    say(f"  incremental: full {full:.1f} s, +{k} images {add:.2f} s, -{k} images {remove:.2f} s")
+    return {"images": n, "changed": k, "full_seconds": full, "add_seconds": add, "remove_seconds": remove,
+            "add_ratio": add / full, "remove_ratio": remove / full}  # fmt: skip
+
+
+def _accuracy(args, say) -> dict:
+    """Logistic regression (``train``'s protocol: C chosen by cross-validation on the training
+    features) on the default data's features at each precision, against float32; and the
+    cosine similarity of each image's features to its float32 features."""
+    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.stage import run as extract
+
+    results = {}
+    folder = args.output / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    for precision in ("float32", "bfloat16", "int8"):
+        if precision != "float32" and precision not in args.precisions:
+            continue
+        files = {}
+        for split in ("train", "test"):
+            files[split] = folder / f"{precision}-{split}.h5"
+            cfg = ExtractConfig(data_dir=args.data / split, output=files[split], precision=precision, quiet=True, batch_size=args.batch_size)
+            if extract(cfg) != 0:
+                raise PipelineError(f"extract failed for {files[split]}")
+        results[precision] = _lr_accuracy(files["train"], files["test"], args.output / f"lr-{precision}")
+        if precision != "float32":
+            results[precision]["cosine_to_float32"] = _cosines([folder / f"float32-{s}.h5" for s in ("train", "test")], [files["train"], files["test"]])
+        cos = results[precision].get("cosine_to_float32")
+        say(f"  accuracy: LR on {precision} features: {results[precision]['accuracy']:.4f}" + (f"; cosine to float32 min {cos['min']:.4f} median {cos['median']:.4f}" if cos else ""))
+    return results
+
+
+def _cosines(reference: list[Path], other: list[Path]) -> dict:
+    """Minimum and median cosine similarity of each image's features in ``other`` to the same image's (by path) in ``reference``."""
+    from pipeline.featurefile.store import open_features
+
+    sims = []
+    for ref, oth in zip(reference, other):
+        with open_features(ref) as a, open_features(oth) as b:
+            where = {p: i for i, p in enumerate(a.paths)}
+            order = np.asarray([where[p] for p in b.paths])
+            x = a.db["features"][:].astype(np.float32).reshape(len(a), -1)[order]
+            y = b.db["features"][:].astype(np.float32).reshape(len(b), -1)
+        sims.append((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)))
+    sims = np.concatenate(sims)
+    return {"images": int(len(sims)), "min": float(sims.min()), "median": float(np.median(sims))}
+
+
+def _lr_accuracy(train: Path, test: Path, out: Path) -> dict:
+    from pipeline.classical import train as train_stage
+
+    cfg = train_stage.TrainConfig(features=train, model="lr", test=test, output=out, quiet=True)
+    metrics = train_stage.run(cfg)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "fit_seconds": metrics.get("fit_seconds")}
+
+
+def _training(args, say) -> dict:
+    """Our default LR search against GridSearchCV(LogisticRegression(), C over 6 values, cv=3) on flattened features."""
+    folder = args.output / "features"
+    precision = "bfloat16" if "bfloat16" in args.precisions else "float32"
+    tr, te = folder / f"{precision}-train.h5", folder / f"{precision}-test.h5"
+    t0 = time.perf_counter()
+    ours = _lr_accuracy(tr, te, args.output / "lr-search")
+    ours_seconds = time.perf_counter() - t0
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    from pipeline.featurefile.store import open_features
+
+    def load(p):
+        with open_features(p) as ff:
+            return np.concatenate([b.reshape(len(b), -1) for _, b in ff.iter_chunks()]), ff.labels
+
+    xtr, ytr = load(tr)
+    xte, yte = load(te)
+    t0 = time.perf_counter()
+    grid = GridSearchCV(LogisticRegression(), {"C": [0.1, 1, 10, 100, 1000, 10000]}, cv=3).fit(xtr, ytr)
+    naive_seconds = time.perf_counter() - t0
+    naive_acc = float(grid.score(xte, yte))
+    say(f"  training: ours {ours_seconds:.1f} s acc {ours['accuracy']:.4f}; GridSearchCV {naive_seconds:.1f} s acc {naive_acc:.4f}")
+    return {"ours_seconds": ours_seconds, "ours_accuracy": ours["accuracy"], "gridsearch_seconds": naive_seconds,
+            "gridsearch_accuracy": naive_acc, "speedup": naive_seconds / ours_seconds}  # fmt: skip
+
+
+def _markdown(result: dict) -> str:
+    if "backbones" in result:
+        b = result["backbones"]
+        return "\n".join([
+            f"Backbones on {result['machine']}, each at its default input side, batch {result['batch_size']}, `extract` at auto precision "
+            f"on {b['images']} images, median of {result['repeats']} repeats (in turn within each repeat).", "",
+            f"| backbone | input | feature shape | GMACs/image | images/s | x {b['first']} | peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|",
+            *(f"| {r['backbone']} | {r['input_size']} | {'x'.join(map(str, r['feature_shape']))} | {r['gmacs']:.2f} | {r['images_per_second']:.2f} | "
+              f"{r['vs_first']:.2f} | {r['peak_rss_mb']:.0f} |" for r in b["rows"]),
+        ]) + "\n"  # fmt: skip
+    lines = [
+        f"Benchmark on {result['machine']}, input {result['input_size']}, batch {result['batch_size']}, "
+        f"{result['throughput']['images']} images, median of {result['repeats']} repeats.",
+        "",
+        "| variant | images/s | x naive | x extract float32 | x extract bfloat16 | x compute limit (same precision) | x compute limit (float32) | peak RSS MB | stored bytes/image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for r in result["throughput"]["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['images_per_second']:.2f} | {r['vs_naive']:.2f} | {f(r.get('vs_extract_float32'), '.2f')} | "
+            f"{f(r.get('vs_extract_bfloat16'), '.2f')} | {f(r['vs_compute_limit'], '.3f')} | "
+            f"{f(r['vs_compute_float32'], '.3f')} | {r['peak_rss_mb']:.0f} | {f(r['bytes_per_image'], ',.0f')} |"
+        )
+    il = result["throughput"].get("interleaved")
+    if il:
+        lines += ["", f"The networks alone, all in one process and called in turn batch by batch ({il['rounds']} rounds over the "
+                      f"{il['images']} images; medians; ratios that a shared machine's changing load does not skew): "
+                      + ", ".join(f"{p} {v:.2f} img/s ({il['vs_float32'].get(p, float('nan')):.2f}x float32)" for p, v in il["images_per_second"].items()) + "."]  # fmt: skip
+        if il.get("int8_kernels"):
+            lines[-1] += " int8 convolutions ran on OpenVINO's " + ", ".join(f"{k} ({n})" for k, n in il["int8_kernels"].items()) + " kernels."
+    c = result["throughput"].get("calibration")
+    if c:
+        lines += ["", f"int8 calibration (OpenVINO conversion + NNCF quantization on {c['images']} images, once per model, then cached): {c['seconds']:.1f} s."]
+    if "memory" in result:
+        m = result["memory"]
+        lines += ["", f"Peak memory of extract: {m['images'][0]} images {m['peak_rss_mb'][0]:.0f} MB, "
+                      f"{m['images'][1]} images {m['peak_rss_mb'][1]:.0f} MB ({100 * m['growth']:+.1f}%)."]  # fmt: skip
+    if "incremental" in result:
+        i = result["incremental"]
+        lines += ["", f"Incremental: full run of {i['images']} images {i['full_seconds']:.1f} s; "
+                      f"adding {i['changed']} {i['add_seconds']:.2f} s ({100 * i['add_ratio']:.1f}%); "
+                      f"removing {i['changed']} {i['remove_seconds']:.2f} s ({100 * i['remove_ratio']:.1f}%)."]  # fmt: skip
+    if "accuracy" in result:
+        a = result["accuracy"]
+        lines += ["", "| features | LR test accuracy | macro-F1 | vs float32 (points) | cosine to float32: min | median |", "|---|---:|---:|---:|---:|---:|"]
+        for k, v in a.items():
+            cos = v.get("cosine_to_float32") or {}
+            diff = 100 * (v["accuracy"] - a["float32"]["accuracy"]) if "float32" in a else None
+            lines.append(
+                f"| {k} | {v['accuracy']:.4f} | {v['macro_f1']:.4f} | {f(diff, '+.1f')} | {f(cos.get('min'), '.4f')} | {f(cos.get('median'), '.4f')} |"
+            )
+    if "training" in result:
+        t = result["training"]
+        lines += ["", f"Training: default LR search {t['ours_seconds']:.1f} s (accuracy {t['ours_accuracy']:.4f}) vs "
+                      f"GridSearchCV(LogisticRegression(), 6 C values, cv=3) {t['gridsearch_seconds']:.1f} s "
+                      f"(accuracy {t['gridsearch_accuracy']:.4f}): {t['speedup']:.1f}x faster."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run(args: BenchConfig) -> dict:
+    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures."""
+    if args.data_path:  # its own measurement (pipeline/datapath.py): no network, no data folder
+        from pipeline.bench import datapath
+
+        return datapath.run(args.replay, args.output, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)), args.repeats, batch_size=args.batch_size)
+    args.validate()
+    args.output.mkdir(parents=True, exist_ok=True)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    from pipeline.backbones.network import CPU_FLAGS_ENV, cpu_flags
+
+    machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in cpu_flags() else "")
+    if args.isa == "avx2":  # before any network loads here or in a child: oneDNN reads it once
+        os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", **{CPU_FLAGS_ENV: "avx2 fma"})
+        machine += ", oneDNN limited to AVX2 (an AVX2-only CPU)"
+    result = {"machine": machine, "input_size": args.input_size, "batch_size": args.batch_size, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="bench-") as t:
+        tmp = Path(t)
+        if args.backbones:  # the backbone table alone: the other tables are VGG16's
+            say("backbones (each extraction in its own process):")
+            result["backbones"] = _backbones(args, tmp, say)
+        else:
+            say("throughput (each variant in its own process):")
+            result["throughput"] = _throughput(args, tmp, say)
+        if not args.quick and not args.backbones:
+            result["memory"] = _memory_scaling(args, tmp, say)
+            result["incremental"] = _incremental(args, tmp, say)
+    if not args.quick and not args.backbones:
+        result["accuracy"] = _accuracy(args, say)
+        result["training"] = _training(args, say)
+    (args.output / "bench.json").write_text(json.dumps(result, indent=1))
+    md = _markdown(result)
+    (args.output / "bench.md").write_text(md)
+    print(md)
+    return result
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _backbone_list(text: str) -> tuple[str, ...]:
+    from pipeline.backbones.network import BACKBONES
+
+    return tuple(BACKBONES) if text.strip() == "all" else _list(text)
+
+
+def add_parser(sub):
+    """Register ``bench``; every flag's default comes from ``BenchConfig``."""
+    p = sub.add_parser("bench", help="measure extraction speed, memory, storage, incremental cost and accuracy")
+    p.add_argument("--precisions", type=_list, default=PRECISIONS_MEASURED, metavar="P1,P2,...",
+                   help=f"precisions to measure (default {','.join(PRECISIONS_MEASURED)})")  # fmt: skip
+    p.add_argument("--backbone", dest="backbones", type=_backbone_list, default=(), metavar="B1,B2,...|all",
+                   help="measure these backbones instead (extract img/s, feature shape, GMACs; each at its default input side) (default none: the precision tables)")  # fmt: skip
+    add_options(p, BenchConfig)
+    return p
+
+
+def from_args(args, argv=None) -> BenchConfig:
+    """The BenchConfig of parsed ``bench`` flags."""
+    return config_from_args(BenchConfig, args)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        raise SystemExit(child_main(sys.argv[2:]))
+    raise SystemExit("use: python -m pipeline bench")

@@ -1,0 +1,1 @@
+"""The compare command: every strategy on the same test images."""

@@ -1,0 +1,1 @@
+"""The extract job: images to a feature file, resumable, incremental, sharded."""

@@ -1,0 +1,233 @@
+"""The work area ``OUT.h5.partial/``: one small file per finished batch, written atomically, each naming the files (path and version) it holds, so a resumed run keeps every finished row whose image is unchanged; features are held as the compressed chunks the final file will copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.core.outputs import disk_error
+from pipeline.featurefile import chunks
+from pipeline.images.reader import Listing
+
+
+#: A part file: this magic, the head's length (8 bytes, little endian), the head (JSON), the features' bytes.
+MAGIC = b"PFPART1\n"
+
+
+def _read_part(part: Path, features: bool = True) -> tuple[dict, bytes]:
+    """A part's head (its files: paths, versions; rejections; how its features are held) and,
+    with ``features``, their bytes. Parts of the earlier ``.npz`` layout are read too."""
+    if part.suffix == ".npz":
+        with np.load(part) as z:
+            head = {
+                "paths": [os.fsdecode(bytes(p)) for p in z["paths"].tolist()],
+                "versions": z["versions"].tolist(),
+                "rejected_paths": [os.fsdecode(bytes(p)) for p in z["rejected_paths"].tolist()],
+                "rejected_versions": z["rejected_versions"].tolist(),
+                "reasons": z["reasons"].tolist(),
+                "limits": z["limits"].tolist(),
+            }
+            if features:
+                f = np.ascontiguousarray(z["features"])
+                head.update(dtype=f.dtype.name, shape=list(f.shape))
+                return head, f.tobytes()
+            return head, b""
+    with open(part, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise ValueError(f"{part}: not a part file")
+        size = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(size))
+        return head, (f.read() if features else b"")
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One finished batch, mapped onto the current listing: which listing rows it extracted
+    (``indices``, with ``rows`` the matching rows of its features) and which it rejected, why,
+    and under which limit."""
+
+    path: Path
+    indices: np.ndarray
+    rows: np.ndarray
+    rejected_indices: np.ndarray
+    reasons: list[str]
+    limits: list[str]
+
+    @property
+    def first(self) -> int:
+        return int(min(self.indices.min(initial=1 << 62), self.rejected_indices.min(initial=1 << 62)))
+
+
+class WorkArea:
+    """``OUT.h5.partial/``: one small file per finished batch, written atomically.
+
+    A run killed at any moment leaves only whole parts behind (a part is written to a
+    temporary name and renamed). Each part records the path and version (size, mtime,
+    inode, ctime) of every file it holds, so the next run maps it onto the listing of that
+    moment: rows of files that were changed, moved or deleted since are left out (and
+    extracted again), whatever else changed in the folder. ``manifest.json`` holds the
+    fingerprint of the settings and images the run started with.
+    """
+
+    def __init__(self, output: Path):
+        self.path = output.with_name(output.name + ".partial")
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def manifest(self) -> dict | None:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def start(self, fingerprint: dict) -> None:
+        """Create an empty work area for ``fingerprint`` (the caller removed any old one)."""
+        self.set_manifest(fingerprint)
+
+    def set_manifest(self, fingerprint: dict) -> None:
+        """Record ``fingerprint`` as the run's (atomically); the parts already there are kept."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.manifest_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+            os.replace(tmp, self.manifest_path)
+        except OSError as exc:
+            raise disk_error(self.path, exc) from None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def parts(self) -> list[Path]:
+        return sorted([*self.path.glob("part-*.part"), *self.path.glob("part-*.npz")], key=lambda p: p.stem)
+
+    def write_part(
+        self,
+        seq: int,
+        listing: Listing,
+        indices: np.ndarray,
+        features: "np.ndarray | chunks.Packed",
+        rejected_indices: np.ndarray,
+        reasons: list[str],
+        limits: list[str],
+    ) -> None:
+        """Atomically store one batch: ``features[k]`` belongs to listing row ``indices[k]``; rejected rows with their reasons and limits.
+
+        ``features`` is best given as compressed chunks (``chunks.pack``): the part holds them
+        as they are, and the final file copies them. Plain rows are stored as they are too.
+        """
+        name = self.path / f"part-{seq:09d}.part"
+        tmp = self.path / f".part-{seq:09d}.tmp"
+        idx = np.asarray(indices, np.int64)
+        rej = np.asarray(rejected_indices, np.int64)
+        head = {
+            "paths": [listing.paths[i] for i in idx.tolist()],
+            "versions": listing.versions(idx).tolist(),
+            "rejected_paths": [listing.paths[i] for i in rej.tolist()],
+            "rejected_versions": listing.versions(rej).tolist(),
+            "reasons": list(reasons),
+            "limits": list(limits),
+        }
+        if isinstance(features, chunks.Packed):
+            head.update(layout=features.layout.as_json(), chunk_bytes=[len(c) for c in features.chunks], chunk_rows=list(features.counts), finite=features.finite)
+            data = b"".join(features.chunks)
+        else:
+            values = np.ascontiguousarray(features)
+            head.update(dtype=values.dtype.name, shape=list(values.shape))
+            data = values.tobytes()
+        encoded = json.dumps(head).encode()  # names not valid UTF-8 as surrogate escapes, which JSON keeps
+        try:
+            with open(tmp, "wb") as f:
+                # One head and one blob: reading a part back costs one open and two reads, so
+                # assembly runs at disk speed.
+                f.write(MAGIC + len(encoded).to_bytes(8, "little") + encoded)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise disk_error(name, exc) from None
+
+    def next_seq(self) -> int:
+        parts = self.parts()
+        return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+
+    def index(self, listing: Listing, keep_rejected: Callable[[str], bool] = lambda limit: True, exclude: np.ndarray | None = None) -> list[PartInfo]:
+        """The finished parts mapped onto ``listing``, in listing order, without their features.
+
+        A row counts only if its file is still listed with the same version; a rejection also
+        only if ``keep_rejected(limit)``; rows in ``exclude`` (already accounted for) and rows
+        of an earlier part are left out. A part that cannot be read (damage from outside: only
+        whole parts are ever renamed into place) or that predates this layout is deleted, so
+        its rows are extracted again.
+        """
+        pos = {p: i for i, p in enumerate(listing.paths)}
+        taken = np.zeros(len(listing), bool)
+        if exclude is not None and len(exclude):
+            taken[np.asarray(exclude, np.int64)] = True
+
+        def mapped(paths: list[str], versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            idx = np.asarray([pos.get(p, -1) for p in paths], np.int64)
+            ok = idx >= 0
+            if ok.any():
+                ok[ok] = (listing.versions(idx[ok]) == versions[ok]).all(axis=1)
+            return idx, ok
+
+        infos = []
+        for part in self.parts():
+            try:
+                head, _ = _read_part(part, features=False)
+                paths, versions = head["paths"], np.asarray(head["versions"], np.int64).reshape(-1, 4)
+                rpaths, rversions = head["rejected_paths"], np.asarray(head["rejected_versions"], np.int64).reshape(-1, 4)
+                reasons, limits = [str(r) for r in head["reasons"]], [str(x) for x in head["limits"]]
+            except Exception:
+                part.unlink(missing_ok=True)
+                continue
+            idx, ok = mapped(paths, versions)
+            ridx, rok = mapped(rpaths, rversions)
+            rok &= np.fromiter((keep_rejected(x) for x in limits), bool, len(limits))
+            for sel, where in ((ok, idx), (rok, ridx)):
+                for k in np.flatnonzero(sel):  # never twice: a file is in one part, and not in ``exclude``
+                    if taken[where[k]]:
+                        sel[k] = False
+                    taken[where[k]] = True
+            keep_r = np.flatnonzero(rok)
+            infos.append(
+                PartInfo(part, idx[ok], np.flatnonzero(ok), ridx[rok], [reasons[k] for k in keep_r], [limits[k] for k in keep_r])
+            )
+        infos.sort(key=lambda p: p.first)
+        return infos
+
+    def done_indices(self, listing: Listing, keep_rejected: Callable[[str], bool] = lambda limit: True, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Listing indices covered by finished parts (extracted or rejected), as ``index`` maps them."""
+        infos = self.index(listing, keep_rejected, exclude)
+        return np.unique(np.concatenate([np.zeros(0, np.int64)] + [np.concatenate([p.indices, p.rejected_indices]) for p in infos]))
+
+    @staticmethod
+    def features(part: PartInfo) -> "np.ndarray | chunks.Packed":
+        """The part's rows that still count: its compressed chunks as they are when they all do,
+        else those rows decompressed (parts of plain rows, and ``.npz`` parts of before, are read too)."""
+        head, data = _read_part(part.path)
+        if "layout" in head:
+            sizes = head["chunk_bytes"]
+            ends = np.cumsum(sizes).tolist()
+            packed = chunks.Packed(
+                chunks.Layout.from_json(head["layout"]), [data[e - k : e] for e, k in zip(ends, sizes)], head["chunk_rows"], bool(head["finite"])
+            )
+            if len(part.rows) == len(packed):
+                return packed
+            feats = packed.array()
+        else:
+            feats = np.frombuffer(data, head["dtype"]).reshape(head["shape"])
+        return feats if len(part.rows) == len(feats) else feats[part.rows]

@@ -1,0 +1,1 @@
+"""The feature file: its schema, chunk layout, writer and validating reader."""

@@ -1,0 +1,1 @@
+"""Image input: listing a class-per-folder tree, decoding and resizing."""

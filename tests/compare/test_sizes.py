@@ -1,0 +1,90 @@
+"""compare --sizes: nested seeded subsets as link trees, features extracted once for the largest size, one row per size and strategy, the table and chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import make_tree
+from pipeline.cli import main
+from pipeline.core.errors import PipelineError
+from pipeline.compare.sizes import check_sizes, nested_subsets, table
+
+
+def test_subsets_are_nested_seeded_and_balanced(tmp_path):
+    make_tree(tmp_path / "train", classes=("a", "b", "c"), per_class=7, size=(8, 8))
+    subsets = nested_subsets(tmp_path / "train", (2, 5, 7), seed=0)
+    assert [len(subsets[n]) for n in (2, 5, 7)] == [6, 15, 21]
+    assert set(subsets[2]) < set(subsets[5]) < set(subsets[7])
+    for n in (2, 5):
+        assert sorted(p.split("/")[0] for p in subsets[n]) == sorted(["a", "b", "c"] * n)
+    assert nested_subsets(tmp_path / "train", (2, 5, 7), seed=0) == subsets
+    assert nested_subsets(tmp_path / "train", (2, 5, 7), seed=1)[2] != subsets[2]
+
+
+def test_a_size_over_a_class_is_refused(tmp_path):
+    make_tree(tmp_path / "train", classes=("a", "b"), per_class=3, size=(8, 8))
+    with pytest.raises(PipelineError, match=r"^--sizes 4: class 'a' of .*train has only 3 images$"):
+        nested_subsets(tmp_path / "train", (2, 4), seed=0)
+
+
+@pytest.mark.parametrize("sizes, strategies, message", [
+    ((0, 5), ("lr",), r"--sizes 0,5: every size must be a whole number"),
+    ((5, 5), ("lr",), r"--sizes 5,5: a size is repeated"),
+    ((5,), ("probe",), r"--sizes: strategy 'probe' cannot be drawn"),
+])  # fmt: skip
+def test_bad_sizes_are_refused(sizes, strategies, message):
+    with pytest.raises(PipelineError, match=message):
+        check_sizes(sizes, strategies)
+
+
+def test_bad_sizes_flag_is_one_error_line(tmp_path, capsys):
+    make_tree(tmp_path / "d" / "train")
+    make_tree(tmp_path / "d" / "test")
+    assert main(["compare", "--data", str(tmp_path / "d"), "--sizes", "3,3", "--strategies", "lr"]) == 2
+    assert capsys.readouterr().err == "error: --sizes 3,3: a size is repeated\n"
+
+
+def test_table_has_one_column_per_size():
+    rows = [{"strategy": "x", "per_class": 5, "accuracy": 0.5}, {"strategy": "x", "per_class": 8, "accuracy": 0.75}]
+    assert table(rows, (5, 8)) == "| strategy | 5/class | 8/class |\n|---|---:|---:|\n| x | 0.5000 | 0.7500 |\n"
+
+
+@pytest.mark.slow
+def test_compare_sizes_runs_each_strategy_at_each_size(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=9, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=3, size=(24, 24))
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(root), "-o", str(out), "--weights", "none", "--input-size", "32", "--sizes", "8,5",
+            "--strategies", "scratch-resnet,lr", "--resnet-depth", "8", "--resnet-input-size", "16", "--resnet-epochs", "1", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    with open(out / "sizes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["strategy"], r["per_class"]) for r in rows] == [
+        ("from scratch ResNet-8", "5"), ("frozen features + logistic regression", "5"),
+        ("from scratch ResNet-8", "8"), ("frozen features + logistic regression", "8"),
+    ]  # fmt: skip
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        n = int(r["per_class"])
+        if r["strategy"].startswith("frozen"):
+            assert (int(r["n_train"]), int(r["n_val"])) == (2 * n, 0)
+        else:
+            assert int(r["n_train"]) + int(r["n_val"]) == 2 * n and int(r["n_val"]) > 0
+    # the link trees: nested, the test tree shared
+    small = {p.relative_to(out / "sizes" / "5" / "train") for p in (out / "sizes" / "5" / "train").rglob("*.png")}
+    large = {p.relative_to(out / "sizes" / "8" / "train") for p in (out / "sizes" / "8" / "train").rglob("*.png")}
+    assert len(small) == 10 and len(large) == 16 and small < large
+    assert os.path.realpath(out / "sizes" / "5" / "test") == os.path.realpath(root / "test")
+    # features extracted once, for the largest size (and the test tree)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.h5")) == ["sizes/8/train.h5", "test.h5"]
+    saved = json.loads((out / "sizes.json").read_text())
+    assert {r["n_test"] for r in saved} == {6}
+    assert "| from scratch ResNet-8 |" in (out / "sizes.md").read_text()
+    assert Image.open(out / "sizes.png").size[0] > 100
+    assert "| frozen features + logistic regression |" in capsys.readouterr().out

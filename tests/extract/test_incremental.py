@@ -1,0 +1,109 @@
+"""Incremental updates: rows of unchanged files are kept (by path, size, modification time, inode, change time and class name), changed and removed ones are not, kept rows read back under the new labels; rejections of a changed limit, and rows of older files without inodes, are redone."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from conftest import make_tree, write_image
+import h5py
+import shutil
+
+from pipeline.extract.incremental import base_rows, plan_incremental, rejects_to_retry
+from pipeline.images.reader import Reject, limit_holds, limits, list_images
+from pipeline.featurefile.store import write_feature_file
+
+
+def write_from_listing(path, listing, rejected=()):
+    """A feature file of every listed file but the rejected ones; row i's features are its listing index."""
+    keep = [i for i, p in enumerate(listing.paths) if p not in {r[0] for r in rejected}]
+    idx = np.asarray(keep)
+    feats = idx.astype(np.float32)[:, None, None, None] * np.ones((1, 1, 1, 2), np.float32)
+    rows = iter([(feats, listing.labels[idx], [listing.paths[i] for i in keep], *listing.versions(idx).T)])
+    write_feature_file(path, row_shape=(1, 1, 2), storage="float32", class_names=listing.class_names, rows=rows, rejected=list(rejected), attrs={})
+    return {listing.paths[i]: float(i) for i in keep}
+
+
+def test_only_unchanged_files_are_kept(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("b", "c"), per_class=4, size=(6, 6))
+    before = list_images(data)
+    bad = Reject("c/003.png", "empty file (0 bytes)", *before.versions([len(before) - 1])[0].tolist())
+    old = write_from_listing(tmp_path / "old.h5", before, rejected=[bad])
+    (data / "b" / "001.png").unlink()  # removed
+    write_image(data / "c" / "000.png", size=(6, 6), seed=99)  # rewritten: other size or time
+    os.utime(data / "c" / "000.png", ns=(1, 1))
+    write_image(data / "a" / "000.png", size=(6, 6), seed=98)  # a new class sorting first: every label index moves
+    after = list_images(data)
+
+    base = plan_incremental(tmp_path / "old.h5", {"k": 1}, after)
+    kept = ["b/000.png", "b/002.png", "b/003.png", "c/001.png", "c/002.png"]
+    assert [after.paths[i] for i in base.keep_index] == kept
+    assert base.keep_rows.tolist() == [0, 2, 3, 5, 6] and base.old_rows == 7 and base.fingerprint == {"k": 1}
+    assert base.kept_rejected == [bad] and [after.paths[i] for i in base.kept_rejected_index] == ["c/003.png"]
+    assert sorted(after.paths[i] for i in base.covered) == sorted(kept + ["c/003.png"])
+
+    blocks = list(base_rows(base, after, block=2))
+    assert [len(b[0]) for b in blocks] == [2, 2, 1]
+    feats = np.concatenate([b[0] for b in blocks])[:, 0, 0, 0]
+    assert feats.tolist() == [old[p] for p in kept]  # copied from the old file, in its order
+    labels = np.concatenate([b[1] for b in blocks])
+    assert [after.class_names[k] for k in labels] == ["b", "b", "b", "c", "c"] and labels.tolist() == [1, 1, 1, 2, 2]
+    assert [p for b in blocks for p in b[2]] == kept
+
+
+def test_a_moved_file_is_extracted_again(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2, size=(6, 6))
+    write_from_listing(tmp_path / "old.h5", list_images(data))
+    (data / "b" / "000.png").rename(data / "a" / "x.png")
+    base = plan_incremental(tmp_path / "old.h5", {}, list_images(data))
+    assert [list_images(data).paths[i] for i in base.keep_index] == ["a/000.png", "a/001.png", "b/001.png"]
+
+
+def test_replaced_files_with_the_same_size_and_time_are_extracted_again(tmp_path):
+    """cp -p, rsync -a and tar keep the size and modification time; the inode or change time tells."""
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2, size=(6, 6), ext=".bmp")  # BMP: same size for same dimensions
+    write_from_listing(tmp_path / "old.h5", list_images(data))
+    st = os.stat(data / "a" / "000.bmp")
+    # rsync -a / tar: a new file renamed over the old one (new inode), with the old time
+    write_image(tmp_path / "new.bmp", size=(6, 6), seed=90)
+    os.replace(tmp_path / "new.bmp", data / "a" / "000.bmp")
+    os.utime(data / "a" / "000.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    # cp -p: rewritten in place (same inode), with the old time: only the change time differs
+    st = os.stat(data / "b" / "001.bmp")
+    write_image(tmp_path / "other.bmp", size=(6, 6), seed=91)
+    shutil.copyfile(tmp_path / "other.bmp", data / "b" / "001.bmp")
+    os.utime(data / "b" / "001.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = list_images(data)
+    assert os.stat(data / "b" / "001.bmp").st_ino == st.st_ino and after.sizes.tolist() == [int(st.st_size)] * 4
+    base = plan_incremental(tmp_path / "old.h5", {}, after)
+    assert [after.paths[i] for i in base.keep_index] == ["a/001.bmp", "b/000.bmp"]
+
+
+def test_an_older_file_without_inodes_keeps_nothing_once(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2, size=(6, 6))
+    listing = list_images(data)
+    bad = Reject("b/001.png", "corrupt", *listing.versions([3])[0].tolist())
+    write_from_listing(tmp_path / "old.h5", listing, rejected=[bad])
+    with h5py.File(tmp_path / "old.h5", "r+") as db:  # as written before format 2
+        for name in ("file_inodes", "file_ctimes_ns", "rejected/file_inodes", "rejected/file_ctimes_ns", "rejected/limits"):
+            del db[name]
+        db.attrs["format_version"] = 1
+    base = plan_incremental(tmp_path / "old.h5", {}, listing)
+    assert len(base.keep_index) == 0 and base.kept_rejected == [] and base.old_rows == 3  # unknown versions never match
+    assert list(next(base_rows(plan_incremental(tmp_path / "old.h5", {}, listing), listing), [])) == []
+
+
+def test_rejections_of_a_changed_limit_are_not_kept(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2, size=(6, 6))
+    listing = list_images(data)
+    slow = Reject("a/000.png", "decoding took longer than 0.5 s (per-image time limit)", *listing.versions([0])[0].tolist(), "image_timeout=0.5")
+    corrupt = Reject("b/001.png", "corrupt", *listing.versions([3])[0].tolist(), "")
+    write_from_listing(tmp_path / "old.h5", listing, rejected=[slow, corrupt])
+    for timeout, kept in ((0.5, [slow, corrupt]), (600.0, [corrupt])):
+        current = limits(timeout)
+        base = plan_incremental(tmp_path / "old.h5", {}, listing, lambda limit: limit_holds(limit, current))
+        assert base.kept_rejected == kept, timeout
+        assert rejects_to_retry(tmp_path / "old.h5", lambda limit: limit_holds(limit, current)) == 2 - len(kept)
+    assert plan_incremental(tmp_path / "old.h5", {}, listing, lambda limit: False).kept_rejected == []  # --retry-rejected
+    assert limit_holds("?", limits(0.5)) is False  # unknown (an older file): decoded again

@@ -1,0 +1,77 @@
+"""The merge stage: the command line writes the merged file and says so in one line; a bad shard set is one error line; SIGTERM leaves the previous output, no lock and no temporary file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from pipeline.extract import merge as merge_mod
+from pipeline.core.errors import PipelineError
+from conftest import ROOT
+from shard_data import make_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tree of 3 classes (21 images, one broken, one .txt), its single-process file and 3 shards."""
+    return make_run(tmp_path_factory.mktemp("merge"))
+
+
+def _merge_cli(*argv: str) -> int:
+    """``python -m pipeline merge ARGV`` through the stage's own parser and runner, with the CLI's error handling."""
+    parser = argparse.ArgumentParser()
+    merge_mod.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["merge", *argv])
+    try:
+        return merge_mod.run(merge_mod.from_args(args, ["merge", *argv]))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def test_cli(run, tmp_path, capsys):
+    data, reference, out, shards = run
+    assert _merge_cli(str(tmp_path / "c.h5"), *map(str, shards)) == 0
+    assert f"merged 3 shards: 21 images, 2 rejected -> {tmp_path / 'c.h5'}" in capsys.readouterr().out
+    with h5py.File(tmp_path / "c.h5", "r") as db:
+        assert db.attrs["command_line"].startswith("python -m pipeline merge ")
+    assert _merge_cli(str(tmp_path / "d.h5"), str(shards[0])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: missing shards 1, 2 of 3") and err.count("\n") == 1
+
+
+#: ``python -m pipeline ARGS`` that sends itself SIGTERM halfway through writing the merged file.
+_TERMINATED_MID_MERGE = """
+import os, signal, sys, time
+from pipeline.cli import main
+from pipeline.extract import shardset
+
+real = shardset._rejected
+
+def terminated(*args, **kwargs):  # called inside the temporary file's block
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    return real(*args, **kwargs)
+
+shardset._rejected = terminated
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_merge_says_so_and_leaves_no_lock(run, tmp_path):
+    data, reference, out, shards = run
+    merged = tmp_path / "m.h5"
+    assert _merge_cli(str(merged), *map(str, shards)) == 0
+    before = merged.read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-c", _TERMINATED_MID_MERGE, "merge", str(merged), *map(str, shards), "--overwrite"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.h5"]  # no lock, no temporary file
+    assert merged.read_bytes() == before

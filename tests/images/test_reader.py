@@ -1,0 +1,157 @@
+"""Reader: listing rules, every kind of bad file, colour modes, and parity with keras.utils.load_img."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_tree, write_image
+from pipeline.core.errors import PipelineError
+from pipeline.images.reader import RejectedImage, iter_batches, list_images, load_image
+
+
+def test_listing_sorted_by_class_then_path(tmp_path):
+    root = make_tree(tmp_path / "d", classes=("zebra", "ant", "moose"), per_class=2)
+    write_image(root / "ant" / "sub" / "deep.JPG", fmt="JPEG")
+    (root / "ant" / ".hidden.png").write_bytes(b"x")
+    (root / "moose" / "notes.txt").write_text("hi")
+    (root / "stray.png").write_bytes(b"x")
+    listing = list_images(root)
+    assert listing.class_names == ("ant", "moose", "zebra")
+    assert listing.paths == (
+        "ant/000.png", "ant/001.png", "ant/sub/deep.JPG",
+        "moose/000.png", "moose/001.png",
+        "zebra/000.png", "zebra/001.png",
+    )
+    assert listing.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert {(p, r) for p, r, _, _ in listing.unlisted} == {
+        ("stray.png", "not inside a class folder"),
+        ("moose/notes.txt", "unsupported file type '.txt'"),
+    }
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, r"data folder does not exist"),
+        (lambda root: root.mkdir(), r"no class sub-folders"),
+        (lambda root: make_tree(root, classes=("only",)), r"only one class folder \(only\)"),
+        (lambda root: (make_tree(root), (root / "empty").mkdir()), r"empty: class folder has no image files"),
+        (lambda root: (root.parent.mkdir(exist_ok=True), root.write_text("x")), r"not a folder"),
+    ],
+    ids=["missing", "no-classes", "one-class", "empty-class", "file-not-folder"],
+)
+def test_listing_errors_name_the_path(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(PipelineError, match=message) as err:
+        list_images(root)
+    assert str(tmp_path) in str(err.value)
+
+
+def _bomb(path: Path) -> None:
+    # 10000 x 9000 = 90M pixels: just over Pillow's default limit of 89,478,485, a few KB as PNG.
+    Image.new("1", (10000, 9000)).save(path)
+
+
+def _truncated(path: Path) -> None:
+    write_image(path, size=(64, 64), fmt="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_FILES = {
+    "empty.png": (lambda p: p.write_bytes(b""), "empty file"),
+    "truncated.jpg": (_truncated, "truncated or corrupt"),
+    "garbage.png": (lambda p: p.write_bytes(os.urandom(2000)), "not an image"),
+    "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n" * 20), "not an image"),
+    "html.png": (lambda p: p.write_text("<html><body>404 not found</body></html>"), "not an image"),
+    "postscript.png": (lambda p: p.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"), "not an image"),
+    "bomb.png": (_bomb, "decompression bomb"),
+    "dangling.png": (lambda p: os.symlink(p.parent / "no-such-file.png", p), "dangling symbolic link"),
+    "badpng.png": (lambda p: p.write_bytes(write_image(p).read_bytes()[:60] + b"\0" * 200), "corrupt"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_file_is_rejected_with_reason(tmp_path, name):
+    make, reason = BAD_FILES[name]
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(RejectedImage, match=reason):
+        load_image(path, 32, "bilinear")
+
+
+GOOD_MODES = {
+    "gray.png": lambda p: write_image(p, mode="L"),
+    "palette.png": lambda p: write_image(p, mode="P"),
+    "rgba.png": lambda p: write_image(p, mode="RGBA"),
+    "cmyk.jpg": lambda p: write_image(p, mode="CMYK", fmt="JPEG"),
+    "upper.JPEG": lambda p: write_image(p, fmt="JPEG"),
+    "bitmap.bmp": lambda p: write_image(p),
+    "anim.gif": None,
+    "photo.webp": lambda p: write_image(p, fmt="WEBP"),
+    "scan.tiff": lambda p: write_image(p, fmt="TIFF"),
+    "deep16.png": lambda p: Image.fromarray((np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)).save(p),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_MODES))
+def test_every_format_and_mode_becomes_rgb(tmp_path, name):
+    path = tmp_path / name
+    if name == "anim.gif":
+        frames = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 0, 255)]]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    else:
+        GOOD_MODES[name](path)
+    arr = load_image(path, 32, "bilinear")
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    if name == "anim.gif":  # the first frame, red
+        assert arr[..., 0].min() > 200 and arr[..., 2].max() < 50
+    if name == "deep16.png":  # 16-bit values are rescaled to 8 bits, not clipped to white
+        assert 0 < arr.mean() < 255 and arr.max() > arr.min()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = write_image(tmp_path / "upright.png", size=(20, 40))
+    img = Image.open(upright).transpose(Image.Transpose.ROTATE_90)  # stored sideways...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...with "rotate 90 CW to display"
+    img.save(tmp_path / "sideways.png", exif=exif)
+    np.testing.assert_array_equal(load_image(tmp_path / "sideways.png", 32, "bilinear"), load_image(upright, 32, "bilinear"))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest", "bicubic"])
+def test_pixels_match_keras_load_img(tmp_path, interpolation):
+    import keras
+
+    from pipeline.backbones.network import preprocess
+
+    paths = [
+        write_image(tmp_path / "a.png", size=(28, 28)),
+        write_image(tmp_path / "b.jpg", size=(300, 200), fmt="JPEG", seed=3),
+        write_image(tmp_path / "c.png", size=(50, 70), mode="L", seed=4),
+    ]
+    for p in paths:
+        ref = keras.utils.img_to_array(keras.utils.load_img(p, target_size=(64, 64), interpolation=interpolation))
+        ref = keras.applications.vgg16.preprocess_input(ref[None])[0]
+        ours = np.asarray(preprocess(load_image(p, 64, interpolation)[None]))[0]
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_batches_keep_index_with_rejects_in_order(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=5)
+    (root / "cat" / "002.png").write_bytes(b"")
+    listing = list_images(root)
+    # 10 images in batches of 4: [4, 4, 2], the empty file rejected in place.
+    batches = list(iter_batches(listing, np.arange(10), size=32, interpolation="bilinear", batch_size=4, workers=2))
+    assert [len(b.indices) for b in batches] == [4, 4, 2]
+    assert np.concatenate([b.indices for b in batches]).tolist() == list(range(10))
+    ok = np.concatenate([b.ok for b in batches])
+    assert ok.tolist() == [i != 2 for i in range(10)]
+    assert batches[0].reasons[2] == "empty file (0 bytes)"
+    np.testing.assert_array_equal(batches[1].pixels[1], load_image(root / listing.paths[5], 32, "bilinear"))
