@@ -1,4 +1,4 @@
-"""The feature-file contract: `verify` names every broken type, shape, length and attribute as one line (never a traceback), passes sound files of every format, and the README's table lists exactly what the code checks."""
+"""The feature-file contract: `verify` names every broken type, shape, length and attribute as one line (never a traceback), passes sound files of every format, and the table of docs/feature-file.md lists exactly what the code checks."""
 
 from __future__ import annotations
 
@@ -85,11 +85,11 @@ def test_a_folder_or_a_non_hdf5_file_is_one_reason(tmp_path, capsys):
     assert capsys.readouterr().out == f"FAIL {tmp_path}: is a folder, not a feature file\nFAIL {tmp_path / 'folder.h5'}: is a folder, not a feature file\n"
 
 
-def _readme_table() -> tuple[set[str], set[str]]:
-    """The dataset and attribute names of the README's feature-file table."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### The feature file") :]
-    section = section[: section.index("\n### ", 5)]
+def _docs_table() -> tuple[set[str], set[str]]:
+    """The dataset and attribute names of the feature-file table in docs/feature-file.md."""
+    text = (ROOT / "docs" / "feature-file.md").read_text()
+    section = text[text.index("## Datasets and attributes") :]
+    section = section[: section.index("\n## ", 5)]
     datasets, attributes = set(), set()
     for line in section.splitlines():
         if not line.startswith("| `"):
@@ -100,7 +100,7 @@ def _readme_table() -> tuple[set[str], set[str]]:
     return datasets, attributes
 
 
-def test_the_readme_table_lists_what_verify_checks():
-    datasets, attributes = _readme_table()
+def test_the_docs_table_lists_what_verify_checks():
+    datasets, attributes = _docs_table()
     assert datasets == {c.name for c in DATASETS}
     assert attributes == {a.name for a in ATTRIBUTES}
