@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.backbones.registry import BACKBONE, get_spec
 from pipeline.backbones.weights_file import (
     CONV_LAYERS,
@@ -228,7 +228,7 @@ def file_checksum(path) -> str:
                 digest.update(name.encode() + b"\0")
                 digest.update(np.ascontiguousarray(fh[name][()], dtype="<f4").tobytes())
     except OSError as exc:
-        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({first_line(exc)})") from None
     if not names:
         raise PipelineError(f"weights file {path} holds no weight tensors")
     return digest.hexdigest()
@@ -249,7 +249,7 @@ def _keras_download(url: str, file: str, md5: str | None, progress: bool) -> tup
         with contextlib.redirect_stdout(sink):  # Keras prints its progress bar on stdout
             path = keras.utils.get_file(file, url, cache_subdir="models", file_hash=md5, cache_dir=str(keras_home()))
     except Exception as exc:  # noqa: BLE001 - get_file raises a bare Exception
-        return None, str(exc).rsplit(" -- ", 1)[-1].strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, first_line(str(exc).rsplit(" -- ", 1)[-1] or exc)
     finally:
         socket.setdefaulttimeout(previous)
     return pathlib.Path(path), ""
@@ -309,8 +309,7 @@ def _load_other(model, info: WeightsInfo) -> str:
         try:
             model.load_weights(str(target))
         except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PipelineError(f"weights file {path} does not load into the {info.backbone} base: {first}") from None
+            raise PipelineError(f"weights file {path} does not load into the {info.backbone} base: {first_line(exc)}") from None
     return checksum
 
 
@@ -323,9 +322,7 @@ def _load_legacy(model, path: pathlib.Path) -> None:
         try:
             model.load_weights(str(target), by_name=True)
         except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
-            raise PipelineError(f"weights file {path} does not load into the VGG16 conv base: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                                ) from None
+            raise PipelineError(f"weights file {path} does not load into the VGG16 conv base: {first_line(exc)}") from None
 
 
 def load_weights(model, info: WeightsInfo) -> str:
