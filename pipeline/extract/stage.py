@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import EXTRACT_PRECISIONS, MAX_INT, RESIZE_METHODS, STORAGE_DTYPES, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, command_line, package_versions, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock, package_versions, sigterm_as_interrupt
 from pipeline.backbones import network as bb
 from pipeline.extract import distributed
 from pipeline.backbones import int8 as engines
@@ -140,17 +141,6 @@ class ExtractConfig:
                 raise PipelineError("--precision int8 with --ray: not supported yet; run the shards with --shards N --shard K (one calibration for all) and merge them")
             engines.require_int8()  # a missing extra fails here, before any work
         return self
-
-
-def add_parser(sub) -> None:
-    """The ``extract`` command and its flags, read from ``ExtractConfig``."""
-    p = sub.add_parser("extract", help="bottleneck features (VGG16 or --backbone) of a class-per-folder image tree into HDF5")
-    settings.add_options(p, ExtractConfig)
-
-
-def from_args(args, argv) -> ExtractConfig:
-    """The parsed flags as an ``ExtractConfig``, recording the command line."""
-    return settings.from_args(ExtractConfig, args, command_line=command_line(argv))
 
 
 #: What a run does with an existing output (``decide``).
@@ -484,3 +474,6 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
         attrs=attrs,
     )
     return n, len(rejected)
+
+
+COMMAND = Command("extract", ExtractConfig, run, "bottleneck features (VGG16 or --backbone) of a class-per-folder image tree into HDF5")

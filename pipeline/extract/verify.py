@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import option
 from pipeline.core.errors import first_line
 from pipeline.featurefile import schema as contract
@@ -77,17 +77,6 @@ def _non_finite(feats: h5py.Dataset) -> list[str]:
     return []
 
 
-def add_parser(sub) -> None:
-    """The ``verify`` command and its arguments."""
-    p = sub.add_parser("verify", help="check a feature file's invariants; exit 1 with the reasons if any fails")
-    settings.add_options(p, VerifyConfig)
-
-
-def from_args(args, argv) -> VerifyConfig:
-    """The parsed arguments as a ``VerifyConfig``."""
-    return settings.from_args(VerifyConfig, args)
-
-
 def run(config: VerifyConfig) -> int:
     """Check each file; print ``ok FILE`` or one ``FAIL reason`` line per broken invariant.
 
@@ -104,3 +93,6 @@ def run(config: VerifyConfig) -> int:
         else:
             print(f"ok {path}")
     return status
+
+
+COMMAND = Command("verify", VerifyConfig, run, "check a feature file's invariants; exit 1 with the reasons if any fails")
