@@ -53,11 +53,12 @@ def keras_home() -> pathlib.Path:
     return pathlib.Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
 
 
-def _keras_cache_candidates() -> list[pathlib.Path]:
+def _keras_cache_candidates(file: str) -> list[pathlib.Path]:
+    """Where Keras's cache may hold the weights ``file`` of a backbone (the registry's ``weights_file``)."""
     home = keras_home()
-    paths = [home / "models" / VGG16.weights_file]
+    paths = [home / "models" / file]
     # Keras's get_file falls back to /tmp/.keras when its home is not writable.
-    fallback = pathlib.Path("/tmp") / ".keras" / "models" / VGG16.weights_file
+    fallback = pathlib.Path("/tmp") / ".keras" / "models" / file
     if fallback not in paths and not os.access(home, os.W_OK):
         paths.append(fallback)
     return paths
@@ -137,7 +138,7 @@ def resolve_weights(spec: str, *, backbone: str = BACKBONE, allow_download: bool
 
     tried = []
     # 1. The file Keras itself downloads.
-    for candidate in _keras_cache_candidates():
+    for candidate in _keras_cache_candidates(VGG16.weights_file):
         if candidate.is_file():
             if _md5(candidate) != VGG16.weights_md5:
                 _note(progress, f"ignoring {candidate}: md5 is not Keras's {VGG16.weights_md5}")
@@ -253,9 +254,9 @@ def _resolve_other(spec: str, backbone: str, *, allow_download: bool, progress: 
         path = _weights_path(spec)
         return WeightsInfo("file", str(path), "explicit-file", file_checksum(path), backbone)
     bs = get_spec(backbone)
-    cached = keras_home() / "models" / bs.weights_file
-    fallback = pathlib.Path("/tmp") / ".keras" / "models" / bs.weights_file
-    for candidate in (cached, fallback) if not os.access(keras_home(), os.W_OK) else (cached,):
+    candidates = _keras_cache_candidates(bs.weights_file)
+    cached = candidates[0]  # where Keras itself caches it
+    for candidate in candidates:
         if candidate.is_file():
             if bs.weights_md5 and _md5(candidate) != bs.weights_md5:
                 _note(progress, f"ignoring {candidate}: md5 is not Keras's {bs.weights_md5}")
