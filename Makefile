@@ -44,7 +44,7 @@ setup: $(VENV)/.installed ## create .venv, install everything, provision the Ima
 	@$(PY) -m pipeline weights >/dev/null 2>&1 || $(PY) -m pipeline weights
 
 data: setup ## build the default class-per-folder PNG tree (TRAIN_PER_CLASS/TEST_PER_CLASS images per class)
-	$(PY) -m pipeline.datasets $(DATA_ROOT) --train-per-class $(TRAIN_PER_CLASS) --test-per-class $(TEST_PER_CLASS)
+	$(PY) -m pipeline data $(DATA_ROOT) --train-per-class $(TRAIN_PER_CLASS) --test-per-class $(TEST_PER_CLASS)
 
 extract: setup ## extract features: the default data's train/test splits, or DATA=folder OUT=file.h5
 ifneq ($(DATA),)

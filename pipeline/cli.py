@@ -1,51 +1,61 @@
-"""Command line: a plain dispatcher from command names to stage modules; user errors become one line and exit status 2."""
+"""Command line: the one list of commands, their parsers generated from each command's config, and the run of one (always validated first); user errors become one line and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+from pipeline.core.command import PROG, Command, validated
 from pipeline.core.errors import PipelineError
 
 EXIT_USER_ERROR = 2
 
+#: Every command's module, in the order ``--help`` lists them; each declares its ``COMMAND``.
+MODULES = (
+    "pipeline.datasets",
+    "pipeline.extract.stage",
+    "pipeline.extract.merge",
+    "pipeline.extract.verify",
+    "pipeline.backbones.command",
+    "pipeline.classical.train",
+    "pipeline.classical.predict",
+    "pipeline.nets.finetune",
+    "pipeline.nets.scratch",
+    "pipeline.compare.stage",
+    "pipeline.bench.stage",
+)
 
-#: Every command and the module that owns it. A command's module exposes the stage contract:
-#: ``add_parser(subparsers)`` (its flags), ``from_args(args, argv)`` (flags -> frozen config)
-#: and ``run(config)`` (an int is the exit status; any other result means 0).
-COMMANDS = {
-    "extract": "pipeline.extract.stage",
-    "merge": "pipeline.extract.merge",
-    "verify": "pipeline.extract.verify",
-    "weights": "pipeline.backbones.command",
-    "train": "pipeline.classical.train",
-    "predict": "pipeline.classical.predict",
-    "finetune": "pipeline.nets.finetune",
-    "scratch": "pipeline.nets.scratch",
-    "compare": "pipeline.compare.stage",
-    "bench": "pipeline.bench.stage",
-}
 
-def _module(name: str):
-    import importlib
+def _declared(module: str) -> Command:
+    return importlib.import_module(module).COMMAND
 
-    return importlib.import_module(COMMANDS[name])
+
+#: Command name -> the module that declares it.
+COMMANDS: dict[str, str] = {_declared(m).name: m for m in MODULES}
+
+
+def command(name: str) -> Command:
+    """The ``Command`` called ``name``."""
+    return _declared(COMMANDS[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Offline transfer learning for image classification: extract features, train, fine-tune, compare.")
+    """``python -m pipeline``'s parser: one sub-parser per command, its flags read from the command's config fields."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Offline transfer learning for image classification: extract features, train, fine-tune, compare.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        _module(name).add_parser(sub)
+        command(name).add_to(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, build and validate the command's config, run it; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        module = _module(args.command)
-        result = module.run(module.from_args(args, argv))
+        chosen = command(args.command)
+        result = chosen.run(validated(chosen.config(args, argv)))
         return result if type(result) is int else 0
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,8 +1,7 @@
-"""Build the default data set: a class-per-folder PNG tree sampled from Fashion-MNIST."""
+"""The ``data`` command: the default data set, a class-per-folder PNG tree sampled from Fashion-MNIST."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import json
@@ -13,9 +12,12 @@ import socket
 import sys
 import tempfile
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.command import Command
+from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
 
 FASHION_CLASSES = (
@@ -302,46 +304,40 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
             "built": True, "out_dir": str(out_dir)}
 
 
-def main(argv=None) -> int:
-    """Command line: ``python -m pipeline.datasets OUT_DIR [--train-per-class N] ...``.
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of ``python -m pipeline data``: where the tree goes and how many images of each split and class."""
 
-    Args:
-        argv: arguments (default sys.argv[1:]).
+    out_dir: pathlib.Path = option(help="folder to write (train/ and test/ class trees and MANIFEST.json)", positional=True, metavar="ROOT")
+    train_per_class: int = option(100, f"training images per class (at most {PER_CLASS_AVAILABLE['train']})", rule=Interval(int, 1, MAX_INT), metavar="N")
+    test_per_class: int = option(50, f"test images per class (at most {PER_CLASS_AVAILABLE['test']})", rule=Interval(int, 1, MAX_INT), metavar="N")
+    seed: int = option(0, "seed of the subset", rule=Interval(int, 0, MAX_INT))
+    all: bool = option(False, "take every image (60000 + 10000)")
+    source: pathlib.Path | None = option(
+        None, "folder with the four idx .gz files; none = the Debian package dataset-fashion-mnist, then the Keras download", metavar="DIR"
+    )
+    quiet: bool = option(False, "no progress output")
+
+
+def run(config: DataConfig) -> int:
+    """Build (or find up to date) the tree of ``config``; print one summary line.
 
     Returns:
-        0 on success; on a PipelineError prints ``error: ...`` to stderr and exits with 2.
+        0 once the tree holds the requested images.
+
+    Raises:
+        PipelineError: see ``build_fashion_mnist``.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.datasets",
-        description="Build a class-per-folder PNG tree (train/ and test/) from Fashion-MNIST.",
-    )
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
-    parser.add_argument("--train-per-class", type=int, default=100, metavar="N",
-                        help="training images per class (default 100; max 6000)")
-    parser.add_argument("--test-per-class", type=int, default=50, metavar="N",
-                        help="test images per class (default 50; max 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
-    parser.add_argument("--all", action="store_true", help="take every image (60000 + 10000)")
-    parser.add_argument("--source", metavar="DIR", default=None,
-                        help="folder with the four idx .gz files (default: the Debian package "
-                             "dataset-fashion-mnist, then the Keras download)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
-    try:
-        result = build_fashion_mnist(
-            args.out_dir,
-            train_per_class=None if args.all else args.train_per_class,
-            test_per_class=None if args.all else args.test_per_class,
-            seed=args.seed, source=args.source, progress=not args.quiet,
-        )
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result = build_fashion_mnist(
+        config.out_dir,
+        train_per_class=None if config.all else config.train_per_class,
+        test_per_class=None if config.all else config.test_per_class,
+        seed=config.seed, source=config.source, progress=not config.quiet,
+    )  # fmt: skip
     state = "built" if result["built"] else "already up to date"
     print(f"{result['out_dir']}: {result['train']} train + {result['test']} test images in "
-          f"{len(FASHION_CLASSES)} classes ({state}; source {result['source']})")
+          f"{len(FASHION_CLASSES)} classes ({state}; source {result['source']})")  # fmt: skip
     return 0
 
 
-if __name__ == "__main__":
-    main()
+COMMAND = Command("data", DataConfig, run, "build the default data set: a class-per-folder PNG tree (train/ and test/) sampled from Fashion-MNIST")

@@ -1,22 +1,31 @@
-"""The CLI dispatcher: every command has the stage contract, defaults show in --help, user errors are one line."""
+"""The CLI dispatcher: every command is declared as data, defaults show in --help, every config is validated before its run, user errors are one line."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 
 from pipeline import cli
+from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
-def test_every_command_has_the_stage_contract(command):
+def test_every_command_is_declared_as_data(command):
     module = importlib.import_module(cli.COMMANDS[command])
-    for name in ("add_parser", "from_args", "run"):
-        assert callable(getattr(module, name, None)), f"{cli.COMMANDS[command]} lacks {name}"
+    declared = module.COMMAND
+    assert isinstance(declared, Command) and declared.name == command and declared is cli.command(command)
+    assert dataclasses.is_dataclass(declared.Config) and declared.run is module.run and declared.help
+    assert not hasattr(module, "add_parser") and not hasattr(module, "from_args")
     assert module.__doc__ and module.__doc__.strip()
+
+
+def test_the_data_command_is_in_the_list():
+    assert cli.COMMANDS["data"] == "pipeline.datasets" and list(cli.COMMANDS)[0] == "data"
 
 
 def test_the_dispatcher_has_no_transition_table_left():
@@ -59,33 +68,29 @@ def test_flag_defaults_are_the_config_defaults():
 
 
 def test_a_user_error_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
-    module = importlib.import_module(cli.COMMANDS["verify"])
-
     def boom(config):
         raise PipelineError(f"{tmp_path}/x.h5: the rule that was broken")
 
-    monkeypatch.setattr(module, "run", boom)
+    monkeypatch.setattr(cli.command("verify"), "run", boom)
     assert cli.main(["verify", str(tmp_path / "x.h5")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path}/x.h5: the rule that was broken\n"
 
 
 def test_interrupt_exits_130(monkeypatch, capsys, tmp_path):
-    module = importlib.import_module(cli.COMMANDS["verify"])
-
     def stop(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "run", stop)
+    monkeypatch.setattr(cli.command("verify"), "run", stop)
     assert cli.main(["verify", str(tmp_path / "x.h5")]) == 130
     assert "interrupted" in capsys.readouterr().err
 
 
 def test_results_that_are_not_an_exit_status_mean_success(monkeypatch, tmp_path):
-    module = importlib.import_module(cli.COMMANDS["verify"])
-    monkeypatch.setattr(module, "run", lambda config: {"accuracy": 1.0})
+    verify = cli.command("verify")
+    monkeypatch.setattr(verify, "run", lambda config: {"accuracy": 1.0})
     assert cli.main(["verify", str(tmp_path / "x.h5")]) == 0
-    monkeypatch.setattr(module, "run", lambda config: 1)
+    monkeypatch.setattr(verify, "run", lambda config: 1)
     assert cli.main(["verify", str(tmp_path / "x.h5")]) == 1
 
 
@@ -93,3 +98,28 @@ def test_unknown_command_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["frobnicate"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--data-path", "--repeats", "0"], r"^error: --repeats 0: must be a whole number in \[1, 4294967295\]$"),
+        (["data", "d", "--train-per-class", "0"], r"^error: --train-per-class 0: must be a whole number in \[1, 4294967295\]$"),
+        (["verify"], None),
+    ],
+)
+def test_every_config_is_validated_before_its_run(argv, message, monkeypatch, capsys):
+    ran = []
+    for name in cli.COMMANDS:
+        monkeypatch.setattr(cli.command(name), "run", ran.append)
+    if message is None:  # verify has rules only: none broken, so it runs
+        assert cli.main([*argv, "x.h5"]) == 0 and len(ran) == 1
+        return
+    assert cli.main(argv) == 2 and ran == []
+    assert re.match(message, capsys.readouterr().err.strip())
+
+
+def test_the_command_line_is_recorded_where_the_config_keeps_one(tmp_path):
+    config = cli.command("merge").parse(["m.h5", "a.h5", "b.h5"])
+    assert config.command_line == "python -m pipeline merge m.h5 a.h5 b.h5" and config.shards == (Path("a.h5"), Path("b.h5"))
+    assert not hasattr(cli.command("verify").parse(["x.h5"]), "command_line")

@@ -1,13 +1,15 @@
-"""Tests for pipeline.datasets: the Fashion-MNIST PNG tree, its manifest and its errors."""
+"""The data command (pipeline.datasets): the Fashion-MNIST PNG tree, its manifest, its flags and its errors."""
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import datasets
+from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 
 # `make setup` installs the Debian package dataset-fashion-mnist; without it these tests fail, loudly.
@@ -142,15 +144,21 @@ def test_refuses_foreign_non_empty_folder(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_main_summary_and_error(tmp_path, capsys):
-    assert datasets.main([str(tmp_path / "d"), "--train-per-class", "2", "--test-per-class", "1",
-                          "--quiet"]) == 0
+def test_the_data_command_summary_and_error(tmp_path, capsys):
+    assert main(["data", str(tmp_path / "d"), "--train-per-class", "2", "--test-per-class", "1",
+                 "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "20 train + 10 test images" in out and "built" in out
-    with pytest.raises(SystemExit) as exc:
-        datasets.main([str(tmp_path / "e"), "--source", str(tmp_path / "missing"), "--quiet"])
-    assert exc.value.code == 2
-    assert capsys.readouterr().err.startswith("error: Fashion-MNIST source folder")
+    assert main(["data", str(tmp_path / "e"), "--source", str(tmp_path / "missing"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Fashion-MNIST source folder") and err.count("\n") == 1
+
+
+def test_the_data_command_defaults_and_all():
+    config = datasets.COMMAND.parse(["d"])
+    assert (config.out_dir, config.train_per_class, config.test_per_class, config.seed, config.all, config.source) == (
+        Path("d"), 100, 50, 0, False, None)
+    assert datasets.COMMAND.parse(["d", "--all", "--source", "s"]).all is True
 
 
 def test_keras_route_when_no_debian_files(tmp_path, monkeypatch, idx):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import option
 from pipeline.backbones.weights import provision
 from pipeline.backbones.weights_file import upgrade_converted
@@ -16,17 +16,6 @@ class WeightsConfig:
     """Settings of ``python -m pipeline weights``."""
 
     weights: str = option("imagenet", "imagenet or a weights file PATH to check")
-
-
-def add_parser(sub) -> None:
-    """The ``weights`` command and its flag."""
-    p = sub.add_parser("weights", help="provision the ImageNet VGG16 weights if needed and print the file in use")
-    settings.add_options(p, WeightsConfig)
-
-
-def from_args(args, argv) -> WeightsConfig:
-    """The parsed flags as a ``WeightsConfig``."""
-    return settings.from_args(WeightsConfig, args)
 
 
 def run(config: WeightsConfig) -> int:
@@ -51,3 +40,6 @@ def run(config: WeightsConfig) -> int:
     print(info.path)
     print(f"source: {info.source}; tensor sha256: {info.checksum}", file=sys.stderr)
     return 0
+
+
+COMMAND = Command("weights", WeightsConfig, run, "provision the ImageNet VGG16 weights if needed and print the file in use")

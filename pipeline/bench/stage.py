@@ -1,25 +1,27 @@
-"""Benchmark: extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, extraction speed, feature shape and GMACs of each backbone instead."""
+"""Benchmark (``python -m pipeline bench``): extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, each backbone's extraction speed, feature shape and GMACs instead; with ``--data-path``, the data path alone (``datapath``).
+
+Each speed is measured in a fresh process (``children``); the tables are written by ``report``.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dataclasses import dataclass
-
-from pipeline.core.config import MAX_INT, Interval, OneOf, add_options, option, validate
-from pipeline.core.config import from_args as config_from_args
+from pipeline.backbones.registry import BACKBONES
+from pipeline.bench import children, report
+from pipeline.core.command import Command
+from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, option, validate
 from pipeline.core.errors import PipelineError
 
 DEFAULT_DATA = Path("data/fashion-mnist")
@@ -38,8 +40,11 @@ class BenchConfig:
     repeats: int = option(3, "repeats; figures are medians", rule=Interval(int, 1, MAX_INT))
     input_size: int = option(224, "network input side", rule=Interval(int, 32, MAX_INT), message="VGG16 needs at least 32 pixels")
     batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
-    precisions: tuple[str, ...] = option(PRECISIONS_MEASURED, cli=False)
-    backbones: tuple[str, ...] = option((), cli=False)
+    precisions: tuple[str, ...] = option(PRECISIONS_MEASURED, "precisions to measure", rule=ListOf(what="precisions"), metavar="P1,P2,...")
+    backbones: tuple[str, ...] = option(
+        (), "measure these backbones instead of the precision tables (extract img/s, feature shape, GMACs; each at its default input side)",
+        rule=ListOf(what="backbones", everything=tuple(BACKBONES)), flag="--backbone", metavar="B1,B2,...|all",
+    )  # fmt: skip
     memory_images: int = option(64, "memory check on N and 10N images", rule=Interval(int, 1, MAX_INT))
     incremental_images: int = option(1000, "images in the incremental check", rule=Interval(int, 2, MAX_INT))
     quick: bool = option(False, "throughput table only")
@@ -50,12 +55,17 @@ class BenchConfig:
     replay: Path = option(Path("features/train.h5"), "with --data-path: the feature file whose real rows the stub replays")
 
     def validate(self) -> "BenchConfig":
+        """Check every value; return self. ``--data-path`` needs no data folder and measures no precision.
+
+        Raises:
+            PipelineError: a bad value, an unknown precision or backbone, no ``DATA/train``, int8 asked without its extra.
+        """
         validate(self)
+        if self.data_path:
+            return self
         unknown = [p for p in self.precisions if p not in PRECISIONS_MEASURED]
         if unknown:
             raise PipelineError(f"--precisions {','.join(self.precisions)}: unknown {', '.join(unknown)}; choose from {', '.join(PRECISIONS_MEASURED)}")
-        from pipeline.backbones.network import BACKBONES
-
         if [b for b in self.backbones if b not in BACKBONES]:
             raise PipelineError(f"--backbone {','.join(self.backbones)}: choose from all, {', '.join(BACKBONES)}")
         if not (self.data / "train").is_dir():
@@ -70,177 +80,13 @@ class BenchConfig:
         return self
 
 
-# ----------------------------------------------------------------------------- child side
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _paths(data: Path) -> list[Path]:
-    from pipeline.images.reader import list_images
-
-    listing = list_images(data)
-    return [listing.root / p for p in listing.paths]
-
-
-def _calibration(data: Path, size: int, weights):
-    """The int8 calibration ``extract --precision int8`` picks for ``data`` (so every step uses one model)."""
-    from pipeline.backbones.int8 import sample_calibration
-    from pipeline.images.reader import list_images
-
-    return sample_calibration(list_images(data), input_size=size, resize="bilinear", weights_checksum=weights.checksum)
-
-
-def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
-    """The network alone on preprocessed batches already in memory: the hardware limit."""
-    from pipeline.backbones.int8 import open_backbone
-    from pipeline.images.reader import load_image
-    from pipeline.backbones.weights import resolve_weights
-
-    paths = _paths(data)
-    pixels = np.stack([load_image(p, size, "bilinear") for p in paths])
-    weights = resolve_weights("imagenet", progress=False)
-    calibration = _calibration(data, size, weights) if precision == "int8" else None
-    # Traced at construction, like extract's; no warm-up call, so both pay the same
-    # first-call cost and the ratio shows only what decoding and writing add.
-    net = open_backbone(size, weights, precision, batch_size=batch, calibration=calibration)
-    t0 = time.perf_counter()
-    net(pixels)
-    seconds = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": seconds}
-
-
-def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
-    """The recipe copied from countless tutorials: one load_img at a time, predict on
-    batches of 32, accumulate everything, write float64 uncompressed HDF5."""
-    import h5py
-    import keras
-
-    from pipeline.backbones.network import build_vgg16
-    from pipeline.backbones.weights import load_weights, resolve_weights
-
-    paths = _paths(data)
-    model = build_vgg16(size, "float32")
-    load_weights(model, resolve_weights("imagenet", progress=False))
-    model.predict(np.zeros((batch, size, size, 3), np.float32), batch_size=batch, verbose=0)  # warm-up
-    t0 = time.perf_counter()
-    features, labels, pending = [], [], []
-    for p in paths:
-        img = keras.utils.load_img(p, target_size=(size, size))
-        x = keras.applications.vgg16.preprocess_input(keras.utils.img_to_array(img))
-        pending.append(x)
-        labels.append(p.parent.name)
-        if len(pending) == batch:
-            features.append(model.predict(np.array(pending), batch_size=batch, verbose=0))
-            pending = []
-    if pending:
-        features.append(model.predict(np.array(pending), batch_size=batch, verbose=0))
-    feats = np.concatenate(features).astype(np.float64)
-    with h5py.File(out, "w") as db:
-        db.create_dataset("features", data=feats)
-        db.create_dataset("labels", data=np.array(labels, dtype="S"))
-    seconds = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": seconds, "bytes": out.stat().st_size}
-
-
-def _child_interleaved(data: Path, size: int, batch: int, precisions: list[str], rounds: int) -> dict:
-    """Every precision's network in one process, called in turn batch by batch: ratios a shared machine's load cannot skew."""
-    from pipeline.backbones.int8 import open_backbone
-    from pipeline.images.reader import load_image
-    from pipeline.backbones.weights import resolve_weights
-
-    pixels = np.stack([load_image(p, size, "bilinear") for p in _paths(data)])
-    weights = resolve_weights("imagenet", progress=False)
-    nets = {p: open_backbone(size, weights, p, batch_size=batch, calibration=_calibration(data, size, weights) if p == "int8" else None) for p in precisions}
-    for net in nets.values():
-        net(pixels[:batch])  # first-call costs out of the way
-    seconds: dict[str, list[float]] = {p: [] for p in nets}
-    for _ in range(rounds):
-        for i in range(0, len(pixels), batch):
-            for p, net in nets.items():
-                t0 = time.perf_counter()
-                net(pixels[i : i + batch])
-                seconds[p].append(time.perf_counter() - t0)
-    per_round = {p: np.asarray(s).reshape(rounds, -1).sum(1) for p, s in seconds.items()}
-    kernels = {p: net.kernels() for p, net in nets.items() if hasattr(net, "kernels")}
-    return {"images": len(pixels), "rounds": rounds, "int8_kernels": kernels.get("int8"),
-            "images_per_second": {p: float(np.median(len(pixels) / t)) for p, t in per_round.items()},
-            "vs_float32": {p: float(np.median(per_round["float32"] / t)) for p, t in per_round.items()} if "float32" in nets else {}}  # fmt: skip
-
-
-def _child_calibrate(data: Path, size: int) -> dict:
-    """Calibrate the int8 model of ``data`` from scratch (timed), then cache it unless it is cached already."""
-    from pipeline.backbones.int8 import install_model, models_dir, quantize
-    from pipeline.backbones.weights import resolve_weights
-
-    weights = resolve_weights("imagenet", progress=False)
-    calibration = _calibration(data, size, weights)
-    models_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=models_dir()) as t:
-        t0 = time.perf_counter()
-        info = quantize(calibration, weights, input_size=size, folder=Path(t) / "model")
-        seconds = time.perf_counter() - t0
-        install_model(Path(t) / "model", calibration.key)
-    return {"images": info["calibration_images_read"], "seconds": seconds, "key": calibration.key}
-
-
-def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path, **settings) -> dict:
-    import h5py
-
-    from pipeline.extract.stage import ExtractConfig
-    from pipeline.extract.stage import run
-
-    out.unlink(missing_ok=True)  # a fresh extraction each repeat, never "up to date"
-    t0 = time.perf_counter()
-    cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True, **settings)
-    if run(cfg) != 0:
-        raise PipelineError("extract failed inside the benchmark")
-    wall = time.perf_counter() - t0
-    with h5py.File(out, "r") as db:
-        n = int(db["features"].shape[0])
-        loop = float(db.attrs["extract_seconds"])
-        stored = int(db["features"].id.get_storage_size())
-    return {"images": n, "seconds": loop, "wall_seconds": wall, "bytes": out.stat().st_size, "feature_bytes": stored}
-
-
-def child_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("variant")
-    p.add_argument("--data", type=Path)
-    p.add_argument("--size", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--precision", default="float32")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--backbone", default="vgg16")
-    a = p.parse_args(argv)
-    if a.variant == "backbone":  # at its own default input side; speed does not depend on the weights
-        from pipeline.backbones.network import BACKBONES, build, count_macs
-
-        spec = BACKBONES[a.backbone]
-        r = _child_extract(a.data, spec.input_size, a.batch, a.precision, a.out, backbone=a.backbone, weights="imagenet" if a.backbone == "vgg16" else "none")
-        r.update(input_size=spec.input_size, feature_shape=list(spec.feature_shape(spec.input_size)), gmacs=count_macs(build(a.backbone, spec.input_size)) / 1e9)
-    elif a.variant == "compute":
-        r = _child_compute(a.data, a.size, a.batch, a.precision)
-    elif a.variant == "interleaved":
-        r = _child_interleaved(a.data, a.size, a.batch, a.precision.split(","), a.rounds)
-    elif a.variant == "calibrate":
-        r = _child_calibrate(a.data, a.size)
-    elif a.variant == "naive":
-        r = _child_naive(a.data, a.size, a.batch, a.out)
-    else:
-        r = _child_extract(a.data, a.size, a.batch, a.precision, a.out)
-    r["peak_rss_mb"] = _peak_rss_mb()
-    print("BENCH " + json.dumps(r))
-    return 0
-
-
-# ----------------------------------------------------------------------------- parent side
 def _run_child(*args: str) -> dict:
+    """The figures of one step measured in a fresh process (``pipeline.bench.children``)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.stage", "--child", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.children", *args], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
-        if line.startswith("BENCH "):
-            return json.loads(line[6:])
+        if line.startswith(children.MARK):
+            return json.loads(line[len(children.MARK) :])
     raise PipelineError(f"benchmark step {args[0]} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
 
 
@@ -309,7 +155,7 @@ def _throughput(args, tmp: Path, say) -> dict:
         )
     interleaved = None
     if len(precisions) > 1:
-        interleaved = _run_child("interleaved", *common, "--precision", ",".join(precisions), "--rounds", str(max(3, args.repeats)))
+        interleaved = _run_child("interleaved", *common, "--precisions", ",".join(precisions), "--rounds", str(max(3, args.repeats)))
         say("  interleaved: " + ", ".join(f"{p} {v:.2f} img/s" for p, v in interleaved["images_per_second"].items()))
     return {"images": args.images, "rows": rows, "calibration": calibration, "interleaved": interleaved}
 
@@ -355,8 +201,7 @@ def _memory_scaling(args, tmp: Path, say) -> dict:
 
 def _incremental(args, tmp: Path, say) -> dict:
     """A full run, then 1% added, then 1% removed: the updates must cost a small fraction."""
-    from pipeline.extract.stage import ExtractConfig
-    from pipeline.extract.stage import run
+    from pipeline.extract.stage import ExtractConfig, run
 
     n = args.incremental_images
     tree = _sample_tree(args.data / "train", tmp / "inc", n)
@@ -463,78 +308,15 @@ def _training(args, say) -> dict:
             "gridsearch_accuracy": naive_acc, "speedup": naive_seconds / ours_seconds}  # fmt: skip
 
 
-def _markdown(result: dict) -> str:
-    if "backbones" in result:
-        b = result["backbones"]
-        return "\n".join([
-            f"Backbones on {result['machine']}, each at its default input side, batch {result['batch_size']}, `extract` at auto precision "
-            f"on {b['images']} images, median of {result['repeats']} repeats (in turn within each repeat).", "",
-            f"| backbone | input | feature shape | GMACs/image | images/s | x {b['first']} | peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|",
-            *(f"| {r['backbone']} | {r['input_size']} | {'x'.join(map(str, r['feature_shape']))} | {r['gmacs']:.2f} | {r['images_per_second']:.2f} | "
-              f"{r['vs_first']:.2f} | {r['peak_rss_mb']:.0f} |" for r in b["rows"]),
-        ]) + "\n"  # fmt: skip
-    lines = [
-        f"Benchmark on {result['machine']}, input {result['input_size']}, batch {result['batch_size']}, "
-        f"{result['throughput']['images']} images, median of {result['repeats']} repeats.",
-        "",
-        "| variant | images/s | x naive | x extract float32 | x extract bfloat16 | x compute limit (same precision) | x compute limit (float32) | peak RSS MB | stored bytes/image |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def f(v, fmt):
-        return "" if v is None else format(v, fmt)
-
-    for r in result["throughput"]["rows"]:
-        lines.append(
-            f"| {r['variant']} | {r['images_per_second']:.2f} | {r['vs_naive']:.2f} | {f(r.get('vs_extract_float32'), '.2f')} | "
-            f"{f(r.get('vs_extract_bfloat16'), '.2f')} | {f(r['vs_compute_limit'], '.3f')} | "
-            f"{f(r['vs_compute_float32'], '.3f')} | {r['peak_rss_mb']:.0f} | {f(r['bytes_per_image'], ',.0f')} |"
-        )
-    il = result["throughput"].get("interleaved")
-    if il:
-        lines += ["", f"The networks alone, all in one process and called in turn batch by batch ({il['rounds']} rounds over the "
-                      f"{il['images']} images; medians; ratios that a shared machine's changing load does not skew): "
-                      + ", ".join(f"{p} {v:.2f} img/s ({il['vs_float32'].get(p, float('nan')):.2f}x float32)" for p, v in il["images_per_second"].items()) + "."]  # fmt: skip
-        if il.get("int8_kernels"):
-            lines[-1] += " int8 convolutions ran on OpenVINO's " + ", ".join(f"{k} ({n})" for k, n in il["int8_kernels"].items()) + " kernels."
-    c = result["throughput"].get("calibration")
-    if c:
-        lines += ["", f"int8 calibration (OpenVINO conversion + NNCF quantization on {c['images']} images, once per model, then cached): {c['seconds']:.1f} s."]
-    if "memory" in result:
-        m = result["memory"]
-        lines += ["", f"Peak memory of extract: {m['images'][0]} images {m['peak_rss_mb'][0]:.0f} MB, "
-                      f"{m['images'][1]} images {m['peak_rss_mb'][1]:.0f} MB ({100 * m['growth']:+.1f}%)."]  # fmt: skip
-    if "incremental" in result:
-        i = result["incremental"]
-        lines += ["", f"Incremental: full run of {i['images']} images {i['full_seconds']:.1f} s; "
-                      f"adding {i['changed']} {i['add_seconds']:.2f} s ({100 * i['add_ratio']:.1f}%); "
-                      f"removing {i['changed']} {i['remove_seconds']:.2f} s ({100 * i['remove_ratio']:.1f}%)."]  # fmt: skip
-    if "accuracy" in result:
-        a = result["accuracy"]
-        lines += ["", "| features | LR test accuracy | macro-F1 | vs float32 (points) | cosine to float32: min | median |", "|---|---:|---:|---:|---:|---:|"]
-        for k, v in a.items():
-            cos = v.get("cosine_to_float32") or {}
-            diff = 100 * (v["accuracy"] - a["float32"]["accuracy"]) if "float32" in a else None
-            lines.append(
-                f"| {k} | {v['accuracy']:.4f} | {v['macro_f1']:.4f} | {f(diff, '+.1f')} | {f(cos.get('min'), '.4f')} | {f(cos.get('median'), '.4f')} |"
-            )
-    if "training" in result:
-        t = result["training"]
-        lines += ["", f"Training: default LR search {t['ours_seconds']:.1f} s (accuracy {t['ours_accuracy']:.4f}) vs "
-                      f"GridSearchCV(LogisticRegression(), 6 C values, cv=3) {t['gridsearch_seconds']:.1f} s "
-                      f"(accuracy {t['gridsearch_accuracy']:.4f}): {t['speedup']:.1f}x faster."]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def run(args: BenchConfig) -> dict:
     """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures."""
-    if args.data_path:  # its own measurement (pipeline/datapath.py): no network, no data folder
+    args.validate()
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.data_path:  # its own measurement (datapath.py): no network, no data folder
         from pipeline.bench import datapath
 
-        return datapath.run(args.replay, args.output, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)), args.repeats, batch_size=args.batch_size)
-    args.validate()
+        return datapath.run(args.replay, args.output, say, args.repeats, batch_size=args.batch_size)
     args.output.mkdir(parents=True, exist_ok=True)
-    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     from pipeline.backbones.network import CPU_FLAGS_ENV, cpu_flags
 
     machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in cpu_flags() else "")
@@ -557,39 +339,10 @@ def run(args: BenchConfig) -> dict:
         result["accuracy"] = _accuracy(args, say)
         result["training"] = _training(args, say)
     (args.output / "bench.json").write_text(json.dumps(result, indent=1))
-    md = _markdown(result)
+    md = report.markdown(result)
     (args.output / "bench.md").write_text(md)
     print(md)
     return result
 
 
-def _list(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def _backbone_list(text: str) -> tuple[str, ...]:
-    from pipeline.backbones.network import BACKBONES
-
-    return tuple(BACKBONES) if text.strip() == "all" else _list(text)
-
-
-def add_parser(sub):
-    """Register ``bench``; every flag's default comes from ``BenchConfig``."""
-    p = sub.add_parser("bench", help="measure extraction speed, memory, storage, incremental cost and accuracy")
-    p.add_argument("--precisions", type=_list, default=PRECISIONS_MEASURED, metavar="P1,P2,...",
-                   help=f"precisions to measure (default {','.join(PRECISIONS_MEASURED)})")  # fmt: skip
-    p.add_argument("--backbone", dest="backbones", type=_backbone_list, default=(), metavar="B1,B2,...|all",
-                   help="measure these backbones instead (extract img/s, feature shape, GMACs; each at its default input side) (default none: the precision tables)")  # fmt: skip
-    add_options(p, BenchConfig)
-    return p
-
-
-def from_args(args, argv=None) -> BenchConfig:
-    """The BenchConfig of parsed ``bench`` flags."""
-    return config_from_args(BenchConfig, args)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        raise SystemExit(child_main(sys.argv[2:]))
-    raise SystemExit("use: python -m pipeline bench")
+COMMAND = Command("bench", BenchConfig, run, "measure extraction speed, memory, storage, incremental cost and accuracy")

@@ -134,7 +134,7 @@ def check_spec(model_path: Path, bundle: dict) -> None:
             layer or preprocessing than the backbone's, an input size below the backbone's
             minimum, or a ``feature_shape`` that does not follow from ``input_size``.
     """
-    from pipeline.backbones.network import BACKBONES
+    from pipeline.backbones.registry import BACKBONES
 
     spec = bundle["feature_spec"]
     if bundle["precision"] not in BUNDLE_PRECISIONS:

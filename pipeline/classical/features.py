@@ -11,6 +11,7 @@ from pipeline.classical.interrupts import stop_if_terminated
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile.store import FeatureFile
 
+#: Pooling of a backbone's features into one row: ``train --pool`` and the head of ``finetune --pool``.
 POOLS = ("flatten", "avg", "max")
 SCALINGS = ("l2", "standard")
 #: Rows per ``partial_fit`` call in out-of-core mode.

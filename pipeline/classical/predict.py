@@ -12,7 +12,6 @@ UTF-8 are written as their original bytes (see ``predictions``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -25,9 +24,10 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.guard import refuse_inputs_as_outputs
 from pipeline.classical.predictions import FORMATS, format_results, is_predictions_file, write_predictions
 from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import command_line, prepare_output_dir
+from pipeline.core.outputs import prepare_output_dir
 from pipeline.images.reader import IMAGE_EXTENSIONS
 
 
@@ -287,13 +287,4 @@ def run(config: PredictConfig) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Register ``predict`` on an argparse sub-parsers object; returns the new parser."""
-    p = sub.add_parser("predict", help="label images with a trained model bundle (features rebuilt exactly as in training)")
-    settings.add_options(p, PredictConfig)
-    return p
-
-
-def from_args(args: argparse.Namespace, argv: list[str] | None = None) -> PredictConfig:
-    """The PredictConfig of parsed ``predict`` flags, recording the command line."""
-    return settings.from_args(PredictConfig, args, command_line=command_line(argv))
+COMMAND = Command("predict", PredictConfig, run, "label images with a trained model bundle (features rebuilt exactly as in training)")

@@ -12,7 +12,6 @@ outputs stay as they were.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 from dataclasses import dataclass
@@ -28,12 +27,12 @@ from pipeline.classical.guard import refuse_inputs_as_outputs
 from pipeline.classical.interrupts import finish_first, stop_if_terminated, stop_on_sigterm
 from pipeline.classical.models import MODELS, search_grid
 from pipeline.core import config as settings
-from pipeline.core.config import MAX_INT, Interval, OneOf, Rule, option
+from pipeline.core.command import Command
+from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import classification_report, scores
 from pipeline.core.outputs import (
     OutputLock,
-    command_line,
     package_versions,
     prepare_output_dir,
     write_json_atomic,
@@ -43,6 +42,22 @@ from pipeline.core.splits import split_indices
 from pipeline.featurefile.store import check_compatible, open_features
 
 DEFAULT_OUTPUT = Path("features/models")
+#: The grid flags: lists of values of one searched parameter each, overriding the model's default grid.
+GRID_FLAGS = ("C", "n_estimators", "max_features")
+
+
+def _max_feature(text: str):
+    """A ``--max-features`` word: sqrt, log2, a fraction (0.1) or a count (40)."""
+    if text in ("sqrt", "log2"):
+        return text
+    value = float(text)
+    return int(value) if value > 1 and value == int(value) and "." not in text else value
+
+
+def _grid_default(key: str, *models: str) -> str:
+    """A grid flag's default as ``--help`` shows it: the models' default values of ``key`` (``lr 0.001,0.01; svm 0.1``)."""
+    shown = {m: ListOf.show(f"{v:g}" if isinstance(v, float) else v for v in MODELS[m].grid[key]) for m in models}
+    return "; ".join(f"{m} {values}" if len(models) > 1 else values for m, values in shown.items())
 
 
 @dataclass(frozen=True)
@@ -70,8 +85,8 @@ class TrainConfig:
         test_size: share of each class held out when there is no ``test`` file.
         seed: seeds the split, the folds, the estimators and the out-of-core shuffling.
         cv: cross-validation folds (out of core: hold out 1/cv of the training rows).
-        grid: overrides of the model's default grid, parameter -> list of values
-            (the ``--C``, ``--n-estimators`` and ``--max-features`` flags).
+        C, n_estimators, max_features: values to search instead of the model's default grid's
+            (None: the default); ``grid`` gathers the ones given.
         memory_budget_mb: above this float32 training-matrix size, stream out of core.
         epochs: passes over the training rows when streaming.
         n_jobs: parallel workers (-1 = all cores).
@@ -99,7 +114,14 @@ class TrainConfig:
     cv: int = option(
         3, "cross-validation folds", rule=Interval(int, 2, MAX_INT), message=f"cross-validation needs at least 2 folds (a whole number in [2, {MAX_INT}])"
     )
-    grid: dict | None = option(None, cli=False)
+    C: tuple[float, ...] | None = option(None, "lr/svm: C values to search", rule=ListOf(float, what="numbers"), flag="--C", metavar="C1,C2,...", shown=_grid_default("C", "lr", "svm"))
+    n_estimators: tuple[int, ...] | None = option(
+        None, "rf: numbers of trees to search", rule=ListOf(int, what="whole numbers"), metavar="N1,N2,...", shown=_grid_default("n_estimators", "rf")
+    )
+    max_features: tuple | None = option(
+        None, "rf: features per split: sqrt, log2, a fraction or a count", rule=ListOf(_max_feature, what="sqrt, log2, fractions or counts"),
+        metavar="F1,F2,...", shown=_grid_default("max_features", "rf"),
+    )  # fmt: skip
     memory_budget_mb: float = option(
         2048,
         "stream out of core (SGD) above this float32 training-matrix size",
@@ -124,6 +146,11 @@ class TrainConfig:
         settings.validate(self)
         self.search_grid()
         return self
+
+    @property
+    def grid(self) -> dict[str, list] | None:
+        """The grid flags given, parameter -> values (None: none given)."""
+        return {key: list(getattr(self, key)) for key in GRID_FLAGS if getattr(self, key) is not None} or None
 
     def search_grid(self) -> dict[str, list]:
         """The model's default grid with ``grid`` overrides applied, values checked.
@@ -341,50 +368,6 @@ def _print_summary(metrics: dict, fitted: Fitted, paths: dict) -> None:
     print(f"  plot    {paths['confusion']}")
 
 
-# ---------------------------------------------------------------------------
-# Command line
-
-
-def _list_of(convert, what: str):
-    def parse(text: str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}")
-        try:
-            return [convert(t) for t in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {what}") from None
-
-    return parse
-
-
-def _max_feature(text: str):
-    if text in ("sqrt", "log2"):
-        return text
-    value = float(text)
-    return int(value) if value > 1 and value == int(value) and "." not in text else value
-
-
-#: The grid flags: comma-separated lists feeding ``TrainConfig.grid`` (parameter -> values).
-GRID_FLAGS = ("C", "n_estimators", "max_features")
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Register ``train`` on an argparse sub-parsers object; returns the new parser."""
-    p = sub.add_parser("train", help="fit lr/svm/rf on pooled bottleneck features, with a cross-validated search; writes the model bundle, metrics, report, confusion plot")
-    settings.add_options(p, TrainConfig)
-    lr_c, svm_c = (",".join(f"{c:g}" for c in MODELS[m].grid["C"]) for m in ("lr", "svm"))
-    rf = MODELS["rf"].grid
-    p.add_argument("--C", dest="C", type=_list_of(float, "numbers"), default=None, metavar="C1,C2,...",
-                   help=f"lr/svm: C values to search (default lr {lr_c}; svm {svm_c})")
-    p.add_argument("--n-estimators", dest="n_estimators", type=_list_of(int, "whole numbers"), default=None, metavar="N1,N2,...",
-                   help=f"rf: numbers of trees to search (default {','.join(map(str, rf['n_estimators']))})")
-    p.add_argument("--max-features", dest="max_features", type=_list_of(_max_feature, "sqrt, log2, fractions or counts"), default=None, metavar="F1,F2,...",
-                   help=f"rf: features per split: sqrt, log2, a fraction or a count (default {','.join(rf['max_features'])})")  # fmt: skip
-    return p
-
-
-def from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
-    """The TrainConfig of parsed ``train`` flags (grid overrides only for the grid flags given), recording the command line."""
-    grid = {key: getattr(args, key) for key in GRID_FLAGS if getattr(args, key, None) is not None}
-    return settings.from_args(TrainConfig, args, grid=grid or None, command_line=command_line(argv))
+COMMAND = Command(
+    "train", TrainConfig, run, "fit lr/svm/rf on pooled bottleneck features, with a cross-validated search; writes the model bundle, metrics, report, confusion plot"
+)

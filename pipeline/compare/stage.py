@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import MAX_INT, Interval, add_options, config_json, option, validate
-from pipeline.core.config import from_args as config_from_args
+from pipeline.core.command import Command
+from pipeline.core.config import MAX_INT, Interval, ListOf, config_json, option, validate
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
 
@@ -54,8 +54,10 @@ class CompareConfig:
 
     data_root: Path = option(Path("data/fashion-mnist"), "folder with train/ and test/ class trees", flag="--data")
     output: Path = option(Path("features"), "output folder (features, models, compare.md/.csv/.png)", short="-o")
-    strategies: tuple[str, ...] = option(DEFAULT_STRATEGIES, cli=False)
-    unfreeze: tuple[str, ...] = option(DEFAULT_UNFREEZE, cli=False)
+    strategies: tuple[str, ...] = option(DEFAULT_STRATEGIES, f"comma list from {', '.join(STRATEGIES)}", rule=ListOf(what="strategies"), metavar="S1,S2,...")
+    unfreeze: tuple[str, ...] = option(
+        DEFAULT_UNFREEZE, "one LP-FT row per point: VGG16 layers to fine-tune from, or all", rule=ListOf(what="layers"), metavar="L1,L2,..."
+    )
     input_size: int = option(224, "VGG16 input side", rule=Interval(int, 32, MAX_INT), message="VGG16 needs at least 32 pixels")
     scratch_input_size: int = option(64, "from-scratch CNN input side", rule=Interval(int, 16, MAX_INT))
     epochs: int = option(10, "fine-tuning epochs (early stopping may end sooner)", rule=Interval(int, 1, MAX_INT))
@@ -67,7 +69,13 @@ class CompareConfig:
     seed: int = option(0, "one seed for every split, initialisation and augmentation", rule=Interval(int, 0, MAX_INT))
     weights: str = option("imagenet", "VGG16 weights: imagenet, none (tests only) or a weights file PATH")
     rerun: bool = option(False, "train again even where a metrics file exists")
-    sizes: tuple[int, ...] = option((), cli=False)
+    sizes: tuple[int, ...] = option(
+        (),
+        "draw each strategy's test accuracy against these training images per class (nested seeded subsets of "
+        "DATA/train; features extracted once, for the largest); writes sizes.md/.csv/.json/.png; none = one table",
+        rule=ListOf(int, what="whole numbers (e.g. 100,300,500)"),
+        metavar="N1,N2,...",
+    )
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> "CompareConfig":
@@ -111,7 +119,7 @@ def _say(config: CompareConfig, message: str) -> None:
 
 def _conv_base_bytes() -> int:
     """Bytes of the VGG16 convolutional weights a frozen-feature model needs at prediction time."""
-    from pipeline.backbones.weights import CONV_LAYERS, KERNEL_SHAPES
+    from pipeline.backbones.registry import CONV_LAYERS, KERNEL_SHAPES
 
     total = 0
     for name in CONV_LAYERS:
@@ -403,33 +411,4 @@ def run(config: CompareConfig) -> list[dict]:
     return rows
 
 
-def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
-def _size_list(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        return tuple(int(s) for s in _comma_list(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers (e.g. 100,300,500)") from None
-
-
-def add_parser(sub):
-    """Register ``compare``; every flag's default comes from ``CompareConfig``."""
-    p = sub.add_parser("compare", help="every strategy on the same test images, in one table and one chart")
-    p.add_argument("--strategies", type=_comma_list, default=DEFAULT_STRATEGIES, metavar="S1,S2,...",
-                   help=f"comma list from {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
-    p.add_argument("--unfreeze", type=_comma_list, default=DEFAULT_UNFREEZE, metavar="L1,L2,...",
-                   help=f"one LP-FT row per point: VGG16 layers to fine-tune from, or all (default {','.join(DEFAULT_UNFREEZE)})")  # fmt: skip
-    p.add_argument("--sizes", type=_size_list, default=(), metavar="N1,N2,...",
-                   help="draw each strategy's test accuracy against these training images per class (nested seeded subsets of "
-                        "DATA/train; features extracted once, for the largest); writes sizes.md/.csv/.json/.png (default none: one table)")  # fmt: skip
-    add_options(p, CompareConfig)
-    return p
-
-
-def from_args(args, argv=None) -> CompareConfig:
-    """The CompareConfig of parsed ``compare`` flags."""
-    return config_from_args(CompareConfig, args)
+COMMAND = Command("compare", CompareConfig, run, "every strategy on the same test images, in one table and one chart")

@@ -10,6 +10,9 @@ A stage's config is a frozen dataclass whose fields are declared with ``option``
 ``--batch-size 0: must be a whole number in [1, 4294967295]``; ``add_options(parser, Config)``
 declares the flags with the field's default (the help text shows it); ``from_args(Config,
 args)`` builds the config from the parsed flags. So a default is written once.
+
+A list setting (``--strategies a,b``) has a ``ListOf`` rule: the one parser of comma lists
+on the command line (a tuple in the config) and the rule each item obeys.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pipeline.core.errors import PipelineError
 
@@ -95,6 +99,44 @@ class OneOf(Rule):
         return "one of " + ", ".join(map(str, self.choices))
 
 
+@dataclass(frozen=True)
+class ListOf(Rule):
+    """A list setting: a comma list on the command line (``a,b``), a tuple in the config.
+
+    ``item`` turns each word into a value (a ValueError: the word is not one); ``each``, if
+    given, is the rule every item obeys; ``what`` names the items in the parse error;
+    ``everything``, if given, is what the word ``all`` stands for.
+    """
+
+    item: Callable = str
+    each: Rule | None = None
+    what: str = "values"
+    everything: tuple | None = None
+
+    def parse(self, text: str) -> tuple:
+        """The tuple of a comma list (blanks around the commas ignored); argparse's error for an empty or bad one."""
+        if self.everything is not None and text.strip() == "all":
+            return tuple(self.everything)
+        words = [w.strip() for w in text.split(",") if w.strip()]
+        try:
+            if not words:
+                raise ValueError(text)
+            return tuple(self.item(w) for w in words)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {self.what}") from None
+
+    def check(self, value) -> bool:
+        return isinstance(value, (tuple, list)) and (self.each is None or all(self.each.check(v) for v in value))
+
+    def describe(self) -> str:
+        return "a list of " + (self.each.describe() if self.each is not None else self.what)
+
+    @staticmethod
+    def show(value) -> str:
+        """A list as it is typed: ``a,b`` (``none`` when empty)."""
+        return ",".join(map(str, value)) or "none"
+
+
 def option(
     default=dataclasses.MISSING,
     help: str = "",
@@ -107,6 +149,7 @@ def option(
     positional: bool = False,
     nargs: str | None = None,
     cli: bool = True,
+    shown: str | None = None,
     default_factory=dataclasses.MISSING,
 ):
     """A config field: its default, help text, rule and command-line flag, in one place.
@@ -120,8 +163,11 @@ def option(
         short: a short flag such as ``-o``.
         metavar, positional, nargs: as in argparse (``nargs="+"`` fields are tuples).
         cli: False for fields that are not flags (set by the stage, e.g. ``command_line``).
+        shown: the default as the help shows it, where the field's own value would not say it
+            (a default that depends on another setting).
     """
-    meta = {"help": help, "rule": rule, "message": message, "flag": flag, "short": short, "metavar": metavar, "positional": positional, "nargs": nargs, "cli": cli}
+    meta = {"help": help, "rule": rule, "message": message, "flag": flag, "short": short, "metavar": metavar, "positional": positional, "nargs": nargs,
+            "cli": cli, "shown": shown}  # fmt: skip
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -180,8 +226,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
     """Declare one flag per ``option`` field of ``cls`` (except ``skip`` and ``cli=False`` fields).
 
     Types come from the annotations (int, float, str, Path; bool becomes ``--x`` when the
-    default is False and ``--no-x`` when it is True); choices from ``OneOf`` rules; the
-    default from the field, shown in the help.
+    default is False and ``--no-x`` when it is True); choices from ``OneOf`` rules; comma
+    lists from ``ListOf`` rules; the default from the field, shown in the help.
     """
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -204,10 +250,10 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
                 parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue
         rule = meta.get("rule")
-        shown = "none" if has_default and f.default is None else (f.default if has_default else None)
+        shown = meta.get("shown") or ("none" if f.default is None else ListOf.show(f.default) if isinstance(rule, ListOf) else f.default)
         kwargs = {
             "dest": f.name,
-            "type": kind if kind in (int, float, Path) else str,
+            "type": rule.parse if isinstance(rule, ListOf) else kind if kind in (int, float, Path) else str,
             "metavar": meta.get("metavar"),
             "help": help_text + (f" (default {shown})" if has_default else ""),
         }

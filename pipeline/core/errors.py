@@ -7,3 +7,9 @@ class PipelineError(Exception):
     Raised for anything the user can fix (a missing folder, a wrong file, a bad flag).
     The CLI prints ``error: <message>`` without a traceback and exits with status 2.
     """
+
+
+def first_line(error: object) -> str:
+    """The first line of an error's message, stripped (HDF5's and Keras's span many); the error's type name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,7 +42,7 @@ def h5_oserror(exc: RuntimeError) -> OSError:
     m = re.search(r"errno = (\d+), error message = '([^']*)'", str(exc))
     if m:
         return OSError(int(m.group(1)), m.group(2))
-    return OSError(0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return OSError(0, first_line(exc))
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import OutputLock
 from pipeline.extract.workarea import WorkArea
 
@@ -298,8 +298,7 @@ def run_shards(
                     else:
                         failures.append(f"shard {k}: {cause} (after {retries} retries)")
                 except ray.exceptions.RayError as exc:  # worker or node died on every attempt
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    failures.append(f"shard {k}: {type(exc).__name__} after {retries} retries: {first}")
+                    failures.append(f"shard {k}: {type(exc).__name__} after {retries} retries: {first_line(exc)}")
             bar.n = _approx_done(paths, finished, batch_size, sizes)
             bar.set_postfix(shards=f"{len(finished)}/{len(configs)}", refresh=False)
             bar.refresh()

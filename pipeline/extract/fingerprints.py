@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones import network as bb
+from pipeline.backbones.registry import get_spec
 from pipeline.images.reader import Listing
 
 #: How files are assigned to shards; recorded in the fingerprint of every sharded output.
@@ -91,7 +91,7 @@ def fingerprint(
         listing (``whole_listing_sha256``, ``whole_n_files``), which every shard of one
         extraction shares: ``merge`` refuses shards of other folders or other listings.
     """
-    net = bb.get_spec(weights.backbone)
+    net = get_spec(weights.backbone)
     fp = {
         "backbone": net.name,
         "layer": net.layer,

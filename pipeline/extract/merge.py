@@ -24,9 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import option
-from pipeline.core.outputs import OutputLock, command_line, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock, sigterm_as_interrupt
 from pipeline.extract.shardset import merge_locked
 
 
@@ -38,22 +38,6 @@ class MergeConfig:
     shards: tuple[Path, ...] = option(help="every shard file of one `extract --shards N --shard K` run", positional=True, nargs="+")
     overwrite: bool = option(False, "replace an existing output")
     command_line: str = option("", cli=False)
-
-
-def add_parser(sub) -> None:
-    """The ``merge`` command and its arguments."""
-    p = sub.add_parser(
-        "merge",
-        help="merge shard feature files into one file of HDF5 virtual datasets (rows: shard 0's, then shard 1's, ...)",
-        description="Write OUT.h5 whose features/labels/paths are virtual datasets over the shard files "
-        "(which must stay next to it); refuses shards of different settings, incomplete or missing shards.",
-    )
-    settings.add_options(p, MergeConfig)
-
-
-def from_args(args, argv) -> MergeConfig:
-    """The parsed arguments as a ``MergeConfig``, recording the command line."""
-    return settings.from_args(MergeConfig, args, command_line=command_line(argv))
 
 
 def run(config: MergeConfig) -> int:
@@ -78,3 +62,7 @@ def run(config: MergeConfig) -> int:
     if n_rej:
         print(f"note: rejected files are listed in rejected/ of {output}", file=sys.stderr)
     return 0
+
+
+COMMAND = Command("merge", MergeConfig, run, "merge shard feature files into one file of HDF5 virtual datasets (rows: shard 0's, then shard 1's, ...)",
+                  description="Write OUT.h5 whose features/labels/paths are virtual datasets over the shard files (which must stay next to it); refuses shards of different settings, incomplete or missing shards.")

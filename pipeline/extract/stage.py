@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import EXTRACT_PRECISIONS, MAX_INT, RESIZE_METHODS, STORAGE_DTYPES, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, command_line, package_versions, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock, package_versions, sigterm_as_interrupt
 from pipeline.backbones import network as bb
+from pipeline.backbones.registry import BACKBONE, BACKBONES, get_spec
 from pipeline.extract import distributed
 from pipeline.backbones import int8 as engines
 from pipeline.extract import preflight
@@ -80,7 +82,7 @@ class ExtractConfig:
 
     data_dir: Path = option(help="folder with one sub-folder per class", positional=True)
     output: Path = option(help="HDF5 file to write (e.g. features/train.h5)", short="-o")
-    backbone: str = option(bb.BACKBONE, "network: " + ", ".join(bb.BACKBONES) + " (only vgg16 has the offline weights route)", rule=OneOf(tuple(bb.BACKBONES)))
+    backbone: str = option(BACKBONE, "network: " + ", ".join(BACKBONES) + " (only vgg16 has the offline weights route)", rule=OneOf(tuple(BACKBONES)))
     input_size: int | None = option(
         None, "square input side; none = the backbone's default (224, inception_v3 299; vgg16 at 224 gives 7x7x512 features)",
         rule=Interval(int, 32, MAX_INT), message=f"every backbone needs at least 32 pixels (a whole number in [32, {MAX_INT}])",
@@ -114,8 +116,8 @@ class ExtractConfig:
 
     def __post_init__(self):
         # --input-size none: the backbone's default side, resolved once, where the config is made.
-        if self.input_size is None and self.backbone in bb.BACKBONES:
-            object.__setattr__(self, "input_size", bb.BACKBONES[self.backbone].input_size)
+        if self.input_size is None and self.backbone in BACKBONES:
+            object.__setattr__(self, "input_size", BACKBONES[self.backbone].input_size)
 
     def validate(self) -> "ExtractConfig":
         """Check every value (each field's rule, then the rules across fields); return self.
@@ -124,7 +126,7 @@ class ExtractConfig:
             PipelineError: naming the flag, its value and what is allowed.
         """
         settings.validate(self)
-        least = bb.BACKBONES[self.backbone].min_size
+        least = BACKBONES[self.backbone].min_size
         if self.input_size < least:
             raise PipelineError(f"--input-size {self.input_size}: {self.backbone} needs at least {least} pixels")
         if self.shard >= self.shards:
@@ -140,17 +142,6 @@ class ExtractConfig:
                 raise PipelineError("--precision int8 with --ray: not supported yet; run the shards with --shards N --shard K (one calibration for all) and merge them")
             engines.require_int8()  # a missing extra fails here, before any work
         return self
-
-
-def add_parser(sub) -> None:
-    """The ``extract`` command and its flags, read from ``ExtractConfig``."""
-    p = sub.add_parser("extract", help="bottleneck features (VGG16 or --backbone) of a class-per-folder image tree into HDF5")
-    settings.add_options(p, ExtractConfig)
-
-
-def from_args(args, argv) -> ExtractConfig:
-    """The parsed flags as an ``ExtractConfig``, recording the command line."""
-    return settings.from_args(ExtractConfig, args, command_line=command_line(argv))
 
 
 #: What a run does with an existing output (``decide``).
@@ -447,7 +438,7 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
                 listing.ctimes_ns[idx],
             )
 
-    net = bb.get_spec(config.backbone)
+    net = get_spec(config.backbone)
     attrs = {
         "backbone": net.name,
         "layer": net.layer,
@@ -484,3 +475,6 @@ def _assemble(config, listing: Listing, work: WorkArea, fp: dict, weights, preci
         attrs=attrs,
     )
     return n, len(rejected)
+
+
+COMMAND = Command("extract", ExtractConfig, run, "bottleneck features (VGG16 or --backbone) of a class-per-folder image tree into HDF5")

@@ -8,10 +8,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import option
+from pipeline.core.errors import first_line
 from pipeline.featurefile import schema as contract
-from pipeline.featurefile.schema import one_line
 from pipeline.extract.shardset import stale_sources
 
 
@@ -38,12 +38,12 @@ def verify(path: Path | str) -> list[str]:
     try:
         db = h5py.File(path, "r")
     except Exception as exc:
-        return [f"{path}: not a readable HDF5 feature file ({one_line(exc)})"]
+        return [f"{path}: not a readable HDF5 feature file ({first_line(exc)})"]
     try:
         with db:
-            return [one_line(msg) for msg in _problems(db, path)]
+            return [first_line(msg) for msg in _problems(db, path)]
     except Exception as exc:  # damage below what the checks read (a corrupt B-tree, a torn chunk)
-        return [f"{path}: corrupt feature file ({one_line(exc)})"]
+        return [f"{path}: corrupt feature file ({first_line(exc)})"]
 
 
 def _problems(db: h5py.File, path: Path) -> list[str]:
@@ -62,7 +62,7 @@ def _problems(db: h5py.File, path: Path) -> list[str]:
         try:
             problems += check()
         except Exception as exc:  # a check that cannot read what it checks is a reason, not a crash
-            problems.append(f"{path}: {what} unreadable ({one_line(exc)})")
+            problems.append(f"{path}: {what} unreadable ({first_line(exc)})")
     return problems
 
 
@@ -75,17 +75,6 @@ def _non_finite(feats: h5py.Dataset) -> list[str]:
         if bad.any():
             return [f"non-finite feature values (first in row {start + int(np.flatnonzero(bad)[0])})"]
     return []
-
-
-def add_parser(sub) -> None:
-    """The ``verify`` command and its arguments."""
-    p = sub.add_parser("verify", help="check a feature file's invariants; exit 1 with the reasons if any fails")
-    settings.add_options(p, VerifyConfig)
-
-
-def from_args(args, argv) -> VerifyConfig:
-    """The parsed arguments as a ``VerifyConfig``."""
-    return settings.from_args(VerifyConfig, args)
 
 
 def run(config: VerifyConfig) -> int:
@@ -104,3 +93,6 @@ def run(config: VerifyConfig) -> int:
         else:
             print(f"ok {path}")
     return status
+
+
+COMMAND = Command("verify", VerifyConfig, run, "check a feature file's invariants; exit 1 with the reasons if any fails")

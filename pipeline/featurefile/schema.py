@@ -114,12 +114,6 @@ def is_complete(attrs) -> bool:
     return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
-def one_line(text: object) -> str:
-    """The first line of a message (HDF5's errors span many)."""
-    lines = str(text).strip().splitlines()
-    return lines[0].strip() if lines else type(text).__name__
-
-
 def _kind_ok(dtype: np.dtype, kind: str) -> bool:
     if kind == "float":
         return dtype.kind == "f"

@@ -11,10 +11,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import atomic_output
 from pipeline.featurefile import chunks
-from pipeline.featurefile.schema import DATASETS, FORMAT_VERSION, column_problem, is_complete, one_line
+from pipeline.featurefile.schema import DATASETS, FORMAT_VERSION, column_problem, is_complete
 from pipeline.images.reader import UNKNOWN, Reject
 
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
@@ -309,7 +309,7 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
     try:
         db = h5py.File(path, "r")
     except Exception as exc:
-        raise PipelineError(f"{path}: not a readable HDF5 feature file ({one_line(exc)})") from None
+        raise PipelineError(f"{path}: not a readable HDF5 feature file ({first_line(exc)})") from None
     try:
         if require_complete and not is_complete(db.attrs):
             raise PipelineError(f"{path}: incomplete feature file (attribute 'complete' is not set; the extraction did not finish)")
@@ -344,7 +344,7 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         raise
     except Exception as exc:
         db.close()
-        raise PipelineError(f"{path}: corrupt feature file ({one_line(exc)})") from None
+        raise PipelineError(f"{path}: corrupt feature file ({first_line(exc)})") from None
     return FeatureFile(path, db)
 
 

@@ -24,15 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.classical.bundle import write_bundle
+from pipeline.classical.features import POOLS
 from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import command_line
 from pipeline.nets.images import gigabytes, load_data
-from pipeline.backbones.network import BACKBONE, BACKBONES
+from pipeline.backbones.registry import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
-from pipeline.nets.probe import POOLS, feature_spec, fit_probe, load_probe, probe_layers
+from pipeline.nets.probe import feature_spec, fit_probe, load_probe, probe_layers
 from pipeline.nets.results import Result, finish
 from pipeline.nets.training import build_cache, cache_plan, prepare_run, train_phases
 
@@ -277,12 +278,4 @@ def run(config: FinetuneConfig) -> dict:
     return fit(config).metrics
 
 
-def add_parser(subparsers) -> None:
-    """Register ``finetune`` and its flags (generated from FinetuneConfig's fields) on an argparse sub-parsers object."""
-    p = subparsers.add_parser("finetune", help="fine-tune VGG16 (or --backbone) on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")
-    settings.add_options(p, FinetuneConfig)
-
-
-def from_args(args, argv) -> FinetuneConfig:
-    """The parsed flags as a FinetuneConfig, recording the command line."""
-    return settings.from_args(FinetuneConfig, args, command_line=command_line(argv))
+COMMAND = Command("finetune", FinetuneConfig, run, "fine-tune VGG16 (or --backbone) on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")

@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import load_bundle, make_bundle
-from pipeline.classical.features import pool_features
+from pipeline.classical.features import POOLS, pool_features
 from pipeline.classical.fitting import fit_matrix
 from pipeline.classical.models import MODELS
 from pipeline.core.errors import PipelineError
-from pipeline.backbones.network import BACKBONE, get_spec
+from pipeline.backbones.registry import BACKBONE, get_spec
 
-#: Pooling of the backbone's features before a head, as ``train --pool``.
-POOLS = ("flatten", "avg", "max")
 #: Probe settings of a self-fitted probe: ``train``'s defaults (model, scaling, folds).
 PROBE_MODEL = "lr"
 PROBE_SCALING = "l2"

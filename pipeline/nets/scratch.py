@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 
 from pipeline.core import config as settings
+from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import command_line
 from pipeline.nets.images import load_data
 from pipeline.nets.networks import Network, build_scratch_network
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
@@ -172,12 +172,4 @@ def run(config: ScratchConfig) -> dict:
     return fit(config).metrics
 
 
-def add_parser(subparsers) -> None:
-    """Register ``scratch`` and its flags (generated from ScratchConfig's fields) on an argparse sub-parsers object."""
-    p = subparsers.add_parser("scratch", help="train a small CNN or a CIFAR ResNet from scratch on the same splits; writes scratch.keras/.metrics.json/.curves.png")
-    settings.add_options(p, ScratchConfig)
-
-
-def from_args(args, argv) -> ScratchConfig:
-    """The parsed flags as a ScratchConfig, recording the command line."""
-    return settings.from_args(ScratchConfig, args, command_line=command_line(argv))
+COMMAND = Command("scratch", ScratchConfig, run, "train a small CNN or a CIFAR ResNet from scratch on the same splits; writes scratch.keras/.metrics.json/.curves.png")

@@ -10,7 +10,8 @@ import pytest
 from conftest import assert_recomputed_close, make_tree
 from pipeline.core.errors import PipelineError
 from pipeline.backbones import network as bb
-from pipeline.backbones.network import BACKBONES, Backbone, count_macs, feature_shape, preprocess
+from pipeline.backbones.network import Backbone, count_macs, preprocess
+from pipeline.backbones.registry import BACKBONES, feature_shape
 from pipeline.images.reader import list_images, load_image
 from pipeline.backbones.weights import file_checksum, load_weights, resolve_weights
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline.backbones.network import Backbone, feature_shape, resolve_precision
+from pipeline.backbones.network import Backbone, resolve_precision
+from pipeline.backbones.registry import feature_shape
 from pipeline.images.reader import list_images, load_image
 from pipeline.backbones.weights import resolve_weights
 

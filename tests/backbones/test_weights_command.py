@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.cli import main
 from pipeline.backbones import weights_onnx
-from pipeline.backbones.weights import IMAGENET_TENSOR_SHA256
+from pipeline.backbones.registry import IMAGENET_TENSOR_SHA256
 
 
 def test_prints_the_file_its_source_and_checksum(capsys):
@@ -24,7 +24,8 @@ def test_plain_keras_loads_the_printed_file_and_a_first_layout_cache_is_upgraded
     import h5py
     import keras
 
-    from pipeline.backbones.weights_file import CONV_LAYERS, CONVERTED_FORMAT, keras_loadable, read_tensors, tensor_checksum
+    from pipeline.backbones.registry import CONV_LAYERS
+    from pipeline.backbones.weights_file import CONVERTED_FORMAT, keras_loadable, read_tensors, tensor_checksum
 
     cache, home = tmp_path / "cache", tmp_path / "keras"
     cache.mkdir()

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import PipelineError
+from pipeline.backbones.registry import CONV_LAYERS, KERNEL_SHAPES
 from pipeline.backbones.weights_file import (
-    CONV_LAYERS,
     CONVERTED_FORMAT,
-    KERNEL_SHAPES,
     checksum_tensors,
     keras_loadable,
     read_tensors,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -10,13 +9,12 @@ import pytest
 from conftest import make_tree
 from pipeline.bench import stage as bench
 from pipeline.core.errors import PipelineError
-from pipeline.backbones.network import BACKBONES, build, count_macs
+from pipeline.backbones.network import build, count_macs
+from pipeline.backbones.registry import BACKBONES
 
 
 def _parse(*argv):
-    parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
-    return bench.from_args(parser.parse_args(["bench", *argv]))
+    return bench.COMMAND.parse(list(argv))
 
 
 def test_the_flag_takes_a_list_or_all(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import h5py
@@ -17,7 +16,7 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
-from pipeline.backbones.network import BACKBONES
+from pipeline.backbones.registry import BACKBONES
 from pipeline.extract.stage import ExtractConfig
 from pipeline.featurefile.store import open_features
 from pipeline.extract.verify import verify
@@ -38,7 +37,7 @@ def runs(tmp_path_factory):
     for name, size in RUNS.items():
         features = root / f"{name}.h5"
         assert _extract(data, features, backbone=name, input_size=size) == 0
-        train.run(train.TrainConfig(features=features, model="lr", output=root / name, grid={"C": [1.0]}, pool="avg", quiet=True))
+        train.run(train.TrainConfig(features=features, model="lr", output=root / name, C=(1.0,), pool="avg", quiet=True))
         out[name] = {"features": features, "bundle": root / name / "lr.joblib", "size": size}
     return out
 
@@ -94,10 +93,7 @@ def test_predict_refuses_a_bundle_whose_layer_is_not_its_backbones(runs, tmp_pat
 
 def test_backbone_flag_and_default_input_size(tmp_path):
     """``--backbone`` is a flag; the input side defaults to the backbone's own (299 for InceptionV3); below its minimum is refused."""
-    parser = argparse.ArgumentParser()
-    extract.add_parser(parser.add_subparsers(dest="command"))
-    argv = ["extract", str(tmp_path), "-o", str(tmp_path / "x.h5"), "--backbone", "inception_v3"]
-    config = extract.from_args(parser.parse_args(argv), argv)
+    config = extract.COMMAND.parse([str(tmp_path), "-o", str(tmp_path / "x.h5"), "--backbone", "inception_v3"])
     assert (config.backbone, config.input_size) == ("inception_v3", 299)
     assert ExtractConfig(data_dir=tmp_path, output=tmp_path / "x.h5").input_size == 224
     with pytest.raises(PipelineError, match=r"^--input-size 64: inception_v3 needs at least 75 pixels$"):

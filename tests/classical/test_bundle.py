@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.classical.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, check_spec, load_bundle, make_bundle, warn_on_version_change, write_bundle
 from pipeline.core.errors import PipelineError
-from pipeline.backbones.network import BACKBONE, BACKBONES, LAYER, PREPROCESSING
+from pipeline.backbones.registry import BACKBONE, BACKBONES, LAYER, PREPROCESSING
 
 
 def spec(**changes) -> dict:

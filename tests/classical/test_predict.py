@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -34,8 +33,8 @@ def trained(tmp_path_factory):
     features = root / "features.h5"
     assert extract.run(ExtractConfig(data_dir=data, output=features, weights="none", input_size=32, batch_size=8, quiet=True)) == 0
     models = root / "models"
-    train.run(train.TrainConfig(features=features, model="lr", output=models, grid={"C": [1.0]}, quiet=True))
-    train.run(train.TrainConfig(features=features, model="svm", output=models, grid={"C": [0.01]}, quiet=True))
+    train.run(train.TrainConfig(features=features, model="lr", output=models, C=(1.0,), quiet=True))
+    train.run(train.TrainConfig(features=features, model="svm", output=models, C=(0.01,), quiet=True))
     return {"data": data, "features": features, "lr": models / "lr.joblib", "svm": models / "svm.joblib", "root": root}
 
 
@@ -51,11 +50,8 @@ def images(trained, tmp_path) -> Path:
 
 
 def cli(*argv: str) -> int:
-    """What ``python -m pipeline predict ARGV`` does: parse, ``from_args``, ``run`` (the exit status)."""
-    parser = argparse.ArgumentParser()
-    predict.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["predict", *map(str, argv)])
-    return predict.run(predict.from_args(args, ["predict", *map(str, argv)]))
+    """What ``python -m pipeline predict ARGV`` does: parse, ``run`` (the exit status)."""
+    return predict.run(predict.COMMAND.parse(list(argv)))
 
 
 def test_json_output_with_a_broken_image(trained, images, tmp_path, capsys):

@@ -33,7 +33,7 @@ def bundles(tmp_path_factory):
             features = root / f"{precision}.h5"
             cfg = ExtractConfig(data_dir=data, output=features, weights="none", input_size=32, batch_size=8, precision=precision, quiet=True)
             assert extract.run(cfg) == 0
-            train.run(train.TrainConfig(features=features, model="lr", output=root / precision, grid={"C": [1.0]}, quiet=True))
+            train.run(train.TrainConfig(features=features, model="lr", output=root / precision, C=(1.0,), quiet=True))
             out[precision] = {"features": features, "bundle": root / precision / "lr.joblib"}
         yield out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import typing
@@ -26,7 +25,8 @@ from pipeline.core.splits import split_indices
 
 
 def config(features: Path, out: Path, model: str = "lr", **kw) -> TrainConfig:
-    kw.setdefault("grid", FAST_GRID[model])
+    if not set(kw) & set(train.GRID_FLAGS):
+        kw.update(FAST_GRID[model])
     return TrainConfig(features=features, model=model, output=out, quiet=True, **kw)
 
 
@@ -89,7 +89,7 @@ def test_metrics_hold_the_confusion_matrix_versions_and_config(feats, tmp_path):
     assert saved["confusion"] == m["confusion"] and np.array(saved["confusion"]).shape == (3, 3)
     assert np.trace(saved["confusion"]) / saved["n_test"] == pytest.approx(saved["accuracy"]) and np.sum(saved["confusion"]) == saved["n_test"]
     assert {"scikit-learn", "numpy", "joblib", "h5py"} <= set(saved["versions"])
-    assert saved["config"]["seed"] == 3 and saved["config"]["features"] == str(feats) and saved["config"]["grid"] == {"C": [0.01, 1.0]}
+    assert saved["config"]["seed"] == 3 and saved["config"]["features"] == str(feats) and saved["config"]["C"] == [0.01, 1.0]
 
 
 # ---------------------------------------------------------------------------
@@ -97,34 +97,30 @@ def test_metrics_hold_the_confusion_matrix_versions_and_config(feats, tmp_path):
 
 
 def test_grid_override_sets_the_best_params(feats, tmp_path):
-    m = train.run(config(feats, tmp_path / "a", "lr", grid={"C": [0.37]}))
+    m = train.run(config(feats, tmp_path / "a", "lr", C=(0.37,)))
     assert m["best_params"] == {"C": 0.37} and len(m["search"]["results"]) == 1
-    m = train.run(config(feats, tmp_path / "b", "rf", grid={"n_estimators": [7], "max_features": [0.5]}))
+    m = train.run(config(feats, tmp_path / "b", "rf", n_estimators=(7,), max_features=(0.5,)))
     assert m["best_params"] == {"n_estimators": 7, "max_features": 0.5}
-    m = train.run(config(feats, tmp_path / "c", "rf", grid={"n_estimators": [3, 9], "max_features": ["sqrt", "log2"]}))
+    m = train.run(config(feats, tmp_path / "c", "rf", n_estimators=(3, 9), max_features=("sqrt", "log2")))
     assert len(m["search"]["results"]) == 4 and all(len(r["scores"]) == 3 for r in m["search"]["results"])
 
 
 def test_search_picks_the_c_that_works(tmp_path):
     """Unbalanced classes: a vanishing C leaves only the intercepts, which predict the big class everywhere."""
     f = make_features(tmp_path / "x.h5", per_class=[40, 10, 10])
-    m = train.run(config(f, tmp_path / "m", "lr", grid={"C": [1e-9, 1.0]}))
+    m = train.run(config(f, tmp_path / "m", "lr", C=(1e-9, 1.0)))
     scores = {r["params"]["C"]: r["mean"] for r in m["search"]["results"]}
     assert scores[1.0] > scores[1e-9] and m["best_params"] == {"C": 1.0}
 
 
 def test_default_grids_and_cli_flags_reach_the_config(feats, tmp_path):
-    parser = argparse.ArgumentParser()
-    train.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", str(feats), "--model", "rf", "--n-estimators", "5,9", "--max-features", "sqrt,0.1,40", "-o", str(tmp_path)])
-    cfg = train.from_args(args, ["train"])
+    cfg = train.COMMAND.parse([str(feats), "--model", "rf", "--n-estimators", "5,9", "--max-features", "sqrt,0.1,40", "-o", str(tmp_path)])
     assert cfg.search_grid() == {"n_estimators": [5, 9], "max_features": ["sqrt", 0.1, 40]}
-    args = parser.parse_args(["train", str(feats)])
-    cfg = train.from_args(args)
+    cfg = train.COMMAND.parse([str(feats)])
     assert cfg.model == "lr" and cfg.pool == "flatten" and cfg.cv == 3 and cfg.memory_budget_mb == 2048 and cfg.output == Path("features/models")
     assert cfg.search_grid() == {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
     with pytest.raises(SystemExit) as exc:
-        parser.parse_args(["train", str(feats), "--model", "xgboost"])
+        train.COMMAND.parse([str(feats), "--model", "xgboost"])
     assert exc.value.code == 2
 
 
@@ -163,8 +159,8 @@ def test_out_of_core_streams_through_sgd(model, tmp_path):
 
 def test_out_of_core_is_deterministic(tmp_path):
     f = make_features(tmp_path / "x.h5", per_class=30)
-    a = train.run(config(f, tmp_path / "a", "lr", memory_budget_mb=0.01, grid={"C": [1.0]}, scaling="standard"))
-    b = train.run(config(f, tmp_path / "b", "lr", memory_budget_mb=0.01, grid={"C": [1.0]}, scaling="standard"))
+    a = train.run(config(f, tmp_path / "a", "lr", memory_budget_mb=0.01, C=(1.0,), scaling="standard"))
+    b = train.run(config(f, tmp_path / "b", "lr", memory_budget_mb=0.01, C=(1.0,), scaling="standard"))
     assert a["mode"] == "out-of-core" and a["search"]["kind"] == "none"
     assert a["per_class"] == b["per_class"] and a["accuracy"] > 0.8
 
@@ -260,9 +256,9 @@ def test_too_few_rows_per_class_for_the_folds(tmp_path):
         ({"cv": 1}, r"--cv 1: cross-validation needs at least 2 folds"),
         ({"test_size": 0.0}, r"--test-size 0.0"),
         ({"memory_budget_mb": 0}, r"--memory-budget 0"),
-        ({"model": "rf", "grid": {"C": [1.0]}}, r"--C: --model rf has no parameter 'C'"),
-        ({"grid": {"C": [-1.0]}}, r"--C -1.0: C must be a positive number"),
-        ({"model": "rf", "grid": {"max_features": ["most"]}}, r"--max-features 'most'"),
+        ({"model": "rf", "C": (1.0,)}, r"--C: --model rf has no parameter 'C'"),
+        ({"C": (-1.0,)}, r"--C -1.0: C must be a positive number"),
+        ({"model": "rf", "max_features": ("most",)}, r"--max-features 'most'"),
     ],
 )
 def test_bad_settings_are_refused_before_reading(changes, message, tmp_path):
@@ -341,12 +337,9 @@ def test_n_jobs_all_cores_and_the_config_defaults_pass():
         TrainConfig(features=Path("x.h5"), n_jobs=-1.0).validate()
 
 
-def test_from_args_records_the_command_line_and_only_the_grid_flags_given(tmp_path):
-    parser = argparse.ArgumentParser()
-    train.add_parser(parser.add_subparsers(dest="command"))
-    argv = ["train", "f.h5", "--model", "svm", "--C", "0.5, 2", "--seed", "7"]
-    cfg = train.from_args(parser.parse_args(argv), argv)
+def test_the_flags_record_the_command_line_and_only_the_grid_flags_given(tmp_path):
+    cfg = train.COMMAND.parse(["f.h5", "--model", "svm", "--C", "0.5, 2", "--seed", "7"])
     assert cfg.grid == {"C": [0.5, 2.0]} and cfg.seed == 7 and cfg.features == Path("f.h5")
     assert cfg.command_line == "python -m pipeline train f.h5 --model svm --C '0.5, 2' --seed 7"
     with pytest.raises(SystemExit):
-        parser.parse_args(["train", "f.h5", "--C", "a,b"])
+        train.COMMAND.parse(["f.h5", "--C", "a,b"])

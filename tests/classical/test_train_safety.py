@@ -24,7 +24,7 @@ from pipeline.featurefile.store import open_features
 
 
 def config(features: Path, out: Path, model: str = "lr", **kw) -> TrainConfig:
-    kw.setdefault("grid", FAST_GRID[model])
+    kw = {**FAST_GRID[model], **kw}
     return TrainConfig(features=features, model=model, output=out, quiet=True, **kw)
 
 

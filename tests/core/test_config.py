@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.config import MAX_INT, Interval, OneOf, add_options, config_json, from_args, option, validate
+from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, add_options, config_json, from_args, option, validate
 from pipeline.core.errors import PipelineError
 
 
@@ -78,3 +78,29 @@ def test_valid_config_passes_and_none_is_allowed_for_optional_fields():
     config = Demo(Path("d"), limit=None)
     assert validate(config) is config
     assert config_json(Demo(Path("d"), files=(Path("a"),))) ["files"] == ["a"]
+
+
+@dataclass(frozen=True)
+class Lists:
+    sizes: tuple[int, ...] = option((), "sizes", rule=ListOf(int, each=Interval(int, 1, MAX_INT), what="whole numbers"), metavar="N1,N2,...")
+    names: tuple[str, ...] = option(("a", "b"), "names", rule=ListOf(what="names", everything=("a", "b", "c")))
+
+
+def test_a_list_field_is_a_comma_list_whose_default_is_written_once():
+    p = argparse.ArgumentParser()
+    add_options(p, Lists)
+    assert from_args(Lists, p.parse_args([])) == Lists()
+    assert "(default a,b)" in p.format_help() and "(default none)" in p.format_help()
+    config = from_args(Lists, p.parse_args(["--sizes", "100, 300,500", "--names", "all"]))
+    assert config.sizes == (100, 300, 500) and config.names == ("a", "b", "c")
+    for bad in ("1,x", ",", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--sizes", bad])
+
+
+def test_a_list_field_checks_each_item_with_its_rule():
+    with pytest.raises(PipelineError, match=r"^--sizes \(5, 0\): must be a list of a whole number in \[1, 4294967295\]$"):
+        validate(Lists(sizes=(5, 0)))
+    with pytest.raises(PipelineError, match=r"^--names abc: must be a list of names$"):
+        validate(Lists(names="abc"))
+    assert ListOf(float, what="numbers").parse("0.5, 2") == (0.5, 2.0) and ListOf.show(()) == "none"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -24,11 +23,9 @@ def run(tmp_path_factory):
 
 def _merge_cli(*argv: str) -> int:
     """``python -m pipeline merge ARGV`` through the stage's own parser and runner, with the CLI's error handling."""
-    parser = argparse.ArgumentParser()
-    merge_mod.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["merge", *argv])
+    config = merge_mod.COMMAND.parse(list(argv))
     try:
-        return merge_mod.run(merge_mod.from_args(args, ["merge", *argv]))
+        return merge_mod.run(config)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

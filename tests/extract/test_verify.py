@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from pipeline.cli import main
-from pipeline.backbones.network import PREPROCESSING
+from pipeline.backbones.registry import PREPROCESSING
 from pipeline.extract.fingerprints import shard_path
 from pipeline.extract.shardset import merge
 from pipeline.featurefile.store import write_feature_file

@@ -185,23 +185,23 @@ def test_unfreeze_all_trains_block1(trees):
 
 
 def parse(*argv):
+    """The flags of ``python -m pipeline ARGV`` (argv starts with ``finetune``), as argparse leaves them."""
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    ft.add_parser(sub)
+    ft.COMMAND.add_to(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
 def test_cli_flags_build_the_config(monkeypatch, tmp_path):
     argv = ["finetune", str(tmp_path), "--test", "t", "-o", "m", "--unfreeze-from", "none", "--head", "dense", "--pool", "avg",
             "--no-augment", "--no-cache", "--cache-copies", "3", "--lr", "2e-5", "--seed", "7"]  # fmt: skip
-    c = ft.from_args(parse(*argv), argv)
+    c = ft.COMMAND.config(parse(*argv), argv)
     assert (c.test_dir, c.out_dir, c.unfreeze_from, c.head, c.pool, c.augment, c.cache, c.cache_copies, c.lr, c.seed) == (
         Path("t"), Path("m"), "none", "dense", "avg", False, False, 3, 2e-5, 7)
     assert c.input_size == 224 and c.weights == "imagenet" and c.probe is None and "finetune" in c.command_line
-    assert ft.from_args(parse("finetune", "d", "--probe", "lr.joblib"), []).probe == Path("lr.joblib")
+    assert ft.COMMAND.parse(["d", "--probe", "lr.joblib"]).probe == Path("lr.joblib")
     # the dispatcher hands the same config to the stage's run
     seen = {}
-    monkeypatch.setattr(ft, "run", lambda config: seen.setdefault("c", config))
+    monkeypatch.setattr(ft.COMMAND, "run", lambda config: seen.setdefault("c", config))
     assert main(argv) == 0
     assert seen["c"] == c
 
@@ -209,7 +209,7 @@ def test_cli_flags_build_the_config(monkeypatch, tmp_path):
 def test_flag_defaults_are_the_config_defaults():
     args = parse("finetune", "d")
     config = ft.FinetuneConfig(Path("d"))
-    assert ft.from_args(args, ["finetune", "d"]) == dataclasses.replace(config, command_line="python -m pipeline finetune d")
+    assert ft.COMMAND.config(args, ["finetune", "d"]) == dataclasses.replace(config, command_line="python -m pipeline finetune d")
     resolved = {"input_size": 224, "unfreeze_from": "block5_conv1"}  # none on the command line: the backbone's own
     for f in dataclasses.fields(ft.FinetuneConfig):
         if f.name != "command_line":

@@ -11,7 +11,8 @@ import pytest
 from conftest import assert_recomputed_close
 from pipeline.classical.bundle import load_bundle
 from pipeline.core.errors import PipelineError
-from pipeline.backbones.network import BACKBONES, Backbone, preprocess
+from pipeline.backbones.network import Backbone, preprocess
+from pipeline.backbones.registry import BACKBONES
 from pipeline.backbones.weights import resolve_weights
 from pipeline.nets import finetune as ft
 from pipeline.nets.networks import apply_layers, base_features, build_base, find_layer, preprocess_layers

@@ -1,22 +1,29 @@
-"""The networks: builders that take fields, the split at --unfreeze-from, seeded starts, and preprocessing equal to the backbone's."""
+"""The networks: the fine-tuning network split at --unfreeze-from, builders that take fields, seeded starts, and preprocessing equal to the backbone's."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.nets.finetune import FinetuneConfig, build_network
 from pipeline.nets.networks import (
     VGG16_LAYERS,
     apply_layers,
     augmentation_layers,
-    build_finetune_network,
     build_scratch_network,
     find_layer,
     frozen_count,
     preprocess_layers,
 )
 
-FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, precision="float32", seed=0)
+FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, seed=0)
+
+
+def build_finetune_network(n_classes: int, **fields):
+    """The fine-tuning network of ``finetune --head dense`` with these fields, in float32, random weights."""
+    return build_network(FinetuneConfig(Path("d"), **fields), n_classes, "float32")
 
 
 def test_preprocessing_layers_equal_backbone_preprocess():

@@ -42,9 +42,9 @@ def test_scratch_writes_its_outputs(data, tmp_path):
 
 
 def parse(*argv):
+    """The flags of ``python -m pipeline ARGV`` (argv starts with ``scratch``), as argparse leaves them."""
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    scratch.add_parser(sub)
+    scratch.COMMAND.add_to(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -79,12 +79,12 @@ def test_arch_defaults_fill_the_flags_left_at_none():
 
 def test_cli_flags_build_the_config():
     assert parse("scratch", "d").input_size is None
-    assert scratch.from_args(parse("scratch", "d"), ["scratch", "d"]).input_size == scratch.ARCH_DEFAULTS["cnn"]["input_size"]
+    assert scratch.COMMAND.config(parse("scratch", "d"), ["scratch", "d"]).input_size == scratch.ARCH_DEFAULTS["cnn"]["input_size"]
     argv = ["scratch", "d", "--arch", "resnet20", "--epochs", "5"]
-    c = scratch.from_args(parse(*argv), argv)
+    c = scratch.COMMAND.config(parse(*argv), argv)
     assert (c.arch, c.depth, c.epochs, c.input_size) == ("resnet20", 20, 5, scratch.ARCH_DEFAULTS["resnet"]["input_size"])
     argv = ["scratch", "d", "--input-size", "48", "--epochs", "3", "--no-augment", "--quiet"]
-    c = scratch.from_args(parse(*argv), argv)
+    c = scratch.COMMAND.config(parse(*argv), argv)
     assert (c.data_dir, c.input_size, c.epochs, c.augment, c.quiet) == (Path("d"), 48, 3, False, True)
     assert c.filters == (32, 64, 128, 256) and c.command_line.startswith("python -m pipeline scratch d")
     assert not hasattr(parse("scratch", "d"), "filters")  # not a flag
@@ -93,7 +93,7 @@ def test_cli_flags_build_the_config():
 def test_flag_defaults_are_the_config_defaults():
     args = parse("scratch", "d")
     config = scratch.ScratchConfig(Path("d"))
-    from_flags = scratch.from_args(args, ["scratch", "d"])
+    from_flags = scratch.COMMAND.config(args, ["scratch", "d"])
     for f in dataclasses.fields(scratch.ScratchConfig):
         if f.name not in ("command_line", "filters", "data_dir"):
             assert getattr(args, f.name) == f.default, f.name
