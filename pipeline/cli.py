@@ -22,6 +22,7 @@ COMMANDS = {
     "predict": "pipeline.classical.predict",
     "finetune": "pipeline.nets.finetune",
     "scratch": "pipeline.nets.scratch",
+    "export": "pipeline.nets.export",
     "compare": "pipeline.compare.stage",
     "bench": "pipeline.bench.stage",
 }

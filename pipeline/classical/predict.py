@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classical.bundle import check_engine, check_spec, load_bundle, warn_on_version_change
+from pipeline.classical.bundle import check_engine, check_spec, load_bundle, resolve_bundle_weights, warn_on_version_change
 from pipeline.classical.features import pool_features
 from pipeline.classical.guard import refuse_inputs_as_outputs
 from pipeline.classical.predictions import FORMATS, format_results, is_predictions_file, write_predictions
@@ -102,38 +102,6 @@ def collect_images(inputs) -> list[Path]:
     if not found:
         raise PipelineError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, inputs))}")
     return found
-
-
-def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None = None, progress: bool = True):
-    """Resolve the weights a bundle was trained with and check their checksum.
-
-    Args:
-        model_path: the bundle file (for messages).
-        bundle: from ``load_bundle``.
-        override: a weights spec to resolve instead of the bundle's name (``imagenet``,
-            ``none`` or a file path); needed when the model was trained on a weights file.
-        progress: let ``resolve_weights`` report provisioning on stderr.
-
-    Returns:
-        The ``WeightsInfo``.
-
-    Raises:
-        PipelineError: the weights cannot be resolved, or their checksum differs from
-            the bundle's ``weights_checksum``.
-    """
-    from pipeline.backbones.weights import resolve_weights
-
-    spec = bundle["feature_spec"]
-    name = override or spec["weights"]
-    if name == "file":
-        raise PipelineError(f"{model_path}: the model was trained on features from a weights file; pass --weights PATH to that file")
-    info = resolve_weights(name, backbone=spec["backbone"], progress=progress)
-    if info.checksum != spec["weights_checksum"]:
-        raise PipelineError(
-            f"{model_path}: trained with weights {spec['weights']!r} (checksum {str(spec['weights_checksum'])[:16]}...) but the "
-            f"resolved weights {info.path or info.name} have checksum {str(info.checksum)[:16]}...; features would differ, refusing"
-        )
-    return info
 
 
 def _scores(estimator, X: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
