@@ -20,6 +20,7 @@ COMMANDS = {
     "weights": "pipeline.backbones.command",
     "train": "pipeline.classical.train",
     "predict": "pipeline.classical.predict",
+    "evaluate": "pipeline.classical.evaluate",
     "finetune": "pipeline.nets.finetune",
     "scratch": "pipeline.nets.scratch",
     "export": "pipeline.nets.export",

@@ -216,3 +216,23 @@ def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None 
             f"resolved weights {info.path or info.name} have checksum {str(info.checksum)[:16]}...; features would differ, refusing"
         )
     return info
+
+
+def check_features_match(model_path: Path | str, bundle: dict, ff) -> None:
+    """Refuse a feature file whose features are not what the bundle was trained on (another backbone, layer, size, resize, weights, shape or precision).
+
+    Raises:
+        PipelineError: naming the file, the field and both values.
+    """
+    from pipeline.featurefile.store import SPEC_KEYS
+
+    spec, theirs = bundle["feature_spec"], ff.spec
+    pairs = [(key, theirs.get(key), spec.get(key)) for key in (*SPEC_KEYS, "feature_shape")]
+    pairs.append(("precision", ff.attrs.get("precision"), bundle["precision"]))
+    for key, got, want in pairs:
+        if got != want:
+            raise PipelineError(f"{ff.path}: {key} is {got!r} but the model {model_path} was trained on {want!r}; extract the images with the training file's settings")
+    if bundle["precision"] == "int8":
+        key = json.loads(ff.attrs.get("quantization") or "{}").get("key")
+        if key != spec.get("int8_model"):
+            raise PipelineError(f"{ff.path}: int8 features of model {str(key)[:16]}... but the model {model_path} was trained on int8 model {str(spec.get('int8_model'))[:16]}...")
