@@ -1,8 +1,21 @@
-"""Offline transfer learning for image classification: VGG16 bottleneck features, classical classifiers, fine-tuning, comparison."""
+"""Offline transfer learning for image classification: bottleneck features of an ImageNet backbone, classical classifiers, fine-tuning, comparison.
 
-import os
+The Python API (``pipeline.api``): ``extract_features`` and ``load_model``, importable from here.
+"""
 
-# TensorFlow's C++ start-up chatter (oneDNN notices, CUDA probes) drowns the progress bar.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pipeline.core.quiet import quiet_tensorflow
+
+# TensorFlow's start-up chatter (log-level notices, oneDNN and CUDA probes) drowns the progress bar.
+quiet_tensorflow()
 
 __version__ = "0.1.0"
+__all__ = ["extract_features", "load_model", "__version__"]
+
+
+def __getattr__(name):
+    # Lazily: `import pipeline` (every command) must not load numpy, Pillow or TensorFlow.
+    if name in ("extract_features", "load_model"):
+        from pipeline import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

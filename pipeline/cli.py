@@ -20,8 +20,10 @@ MODULES = (
     "pipeline.backbones.command",
     "pipeline.classical.train",
     "pipeline.classical.predict",
+    "pipeline.classical.evaluate",
     "pipeline.nets.finetune",
     "pipeline.nets.scratch",
+    "pipeline.nets.export",
     "pipeline.compare.stage",
     "pipeline.bench.stage",
 )

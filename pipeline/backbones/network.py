@@ -9,8 +9,6 @@ import numpy as np
 
 from pipeline.backbones.registry import BACKBONE, feature_shape, get_spec
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 #: ImageNet BGR channel means used by ``preprocess_input`` in ``caffe`` mode (VGG, ResNet50).
 BGR_MEANS = (103.939, 116.779, 123.68)
 #: ``--precision`` name -> Keras dtype policy.

@@ -184,3 +184,55 @@ def warn_on_version_change(model_path: Path, bundle: dict) -> None:
         return
     if saved and saved != now:
         print(f"warning: {model_path} was written with scikit-learn {saved}, this is {now}; predictions may differ", file=sys.stderr)
+
+
+def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None = None, progress: bool = True):
+    """Resolve the weights a bundle was trained with and check their checksum.
+
+    Args:
+        model_path: the bundle file (for messages).
+        bundle: from ``load_bundle``.
+        override: a weights spec to resolve instead of the bundle's name (``imagenet``,
+            ``none`` or a file path); needed when the model was trained on a weights file.
+        progress: let ``resolve_weights`` report provisioning on stderr.
+
+    Returns:
+        The ``WeightsInfo``.
+
+    Raises:
+        PipelineError: the weights cannot be resolved, or their checksum differs from
+            the bundle's ``weights_checksum``.
+    """
+    from pipeline.backbones.weights import resolve_weights
+
+    spec = bundle["feature_spec"]
+    name = override or spec["weights"]
+    if name == "file":
+        raise PipelineError(f"{model_path}: the model was trained on features from a weights file; pass --weights PATH to that file")
+    info = resolve_weights(name, backbone=spec["backbone"], progress=progress)
+    if info.checksum != spec["weights_checksum"]:
+        raise PipelineError(
+            f"{model_path}: trained with weights {spec['weights']!r} (checksum {str(spec['weights_checksum'])[:16]}...) but the "
+            f"resolved weights {info.path or info.name} have checksum {str(info.checksum)[:16]}...; features would differ, refusing"
+        )
+    return info
+
+
+def check_features_match(model_path: Path | str, bundle: dict, ff) -> None:
+    """Refuse a feature file whose features are not what the bundle was trained on (another backbone, layer, size, resize, weights, shape or precision).
+
+    Raises:
+        PipelineError: naming the file, the field and both values.
+    """
+    from pipeline.featurefile.store import SPEC_KEYS
+
+    spec, theirs = bundle["feature_spec"], ff.spec
+    pairs = [(key, theirs.get(key), spec.get(key)) for key in (*SPEC_KEYS, "feature_shape")]
+    pairs.append(("precision", ff.attrs.get("precision"), bundle["precision"]))
+    for key, got, want in pairs:
+        if got != want:
+            raise PipelineError(f"{ff.path}: {key} is {got!r} but the model {model_path} was trained on {want!r}; extract the images with the training file's settings")
+    if bundle["precision"] == "int8":
+        key = json.loads(ff.attrs.get("quantization") or "{}").get("key")
+        if key != spec.get("int8_model"):
+            raise PipelineError(f"{ff.path}: int8 features of model {str(key)[:16]}... but the model {model_path} was trained on int8 model {str(spec.get('int8_model'))[:16]}...")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classical.bundle import check_engine, check_spec, load_bundle, warn_on_version_change
+from pipeline.classical.bundle import check_engine, check_spec, load_bundle, resolve_bundle_weights, warn_on_version_change
 from pipeline.classical.features import pool_features
 from pipeline.classical.guard import refuse_inputs_as_outputs
 from pipeline.classical.predictions import FORMATS, format_results, is_predictions_file, write_predictions
@@ -42,6 +42,8 @@ class PredictConfig:
         output: file to write (atomically); None = standard output. Never one of the
             inputs; an existing file is replaced only if ``predict`` wrote it, or with ``overwrite``.
         batch_size: images per network call.
+        top_k: the K best classes per image (1: the label and its score only).
+        probabilities: every class's probability per image (probability bundles: lr, rf).
         weights: weights to resolve instead of the bundle's name (needed when the model
             was trained on a weights file); the checksum must still match the bundle's.
         quiet: no progress bar or summary (the count of unreadable images is still printed).
@@ -56,6 +58,8 @@ class PredictConfig:
     )
     output: Path | None = option(None, "write the results to this file (never an input; replaces only an earlier predictions file); none = standard output", short="-o")
     batch_size: int = option(32, "images per network call", rule=Interval(int, 1, MAX_INT))
+    top_k: int = option(1, "also write the K best classes with their scores, best first", rule=Interval(int, 1, MAX_INT), metavar="K")
+    probabilities: bool = option(False, "also write every class's probability (csv: one p:CLASS column each; json: a probabilities object); lr and rf models")
     weights: str | None = option(None, "weights to use instead of the bundle's (needed for models trained on a weights FILE); the checksum must match")
     quiet: bool = option(False, "no progress bar or summary")
     overwrite: bool = option(False, "let -o replace an existing file that is not a predictions file (never an input)")
@@ -104,53 +108,49 @@ def collect_images(inputs) -> list[Path]:
     return found
 
 
-def resolve_bundle_weights(model_path: Path, bundle: dict, override: str | None = None, progress: bool = True):
-    """Resolve the weights a bundle was trained with and check their checksum.
+def class_scores(estimator, X: np.ndarray, kind: str) -> np.ndarray:
+    """(n, k) scores of each row for the estimator's k classes (``estimator.classes_`` order).
 
-    Args:
-        model_path: the bundle file (for messages).
-        bundle: from ``load_bundle``.
-        override: a weights spec to resolve instead of the bundle's name (``imagenet``,
-            ``none`` or a file path); needed when the model was trained on a weights file.
-        progress: let ``resolve_weights`` report provisioning on stderr.
-
-    Returns:
-        The ``WeightsInfo``.
-
-    Raises:
-        PipelineError: the weights cannot be resolved, or their checksum differs from
-            the bundle's ``weights_checksum``.
+    ``probability``: ``predict_proba``. ``decision``: the decision function's margins, a binary
+    one's margin ``d`` as the two columns ``-d, d`` (so the best column is the class and ``|d|``).
     """
-    from pipeline.backbones.weights import resolve_weights
+    if kind == "probability" and hasattr(estimator, "predict_proba"):
+        return estimator.predict_proba(X)
+    d = estimator.decision_function(X)
+    return np.stack([-d, d], axis=1) if d.ndim == 1 else d
+
+
+def pooled_batches(bundle: dict, images: list[Path], net, *, batch_size: int = 32, quiet: bool = True):
+    """The bundle's view of ``images``, batch by batch: ``(indices, ok, reasons, X)``, X the pooled features of the readable ones.
+
+    Features are computed by ``net`` (checked against the bundle: ``bundle.check_engine``) and
+    rounded to the training file's storage dtype, as the estimator saw them.
+    """
+    from tqdm import tqdm
+
+    from pipeline.images.reader import Listing, iter_batches
 
     spec = bundle["feature_spec"]
-    name = override or spec["weights"]
-    if name == "file":
-        raise PipelineError(f"{model_path}: the model was trained on features from a weights file; pass --weights PATH to that file")
-    info = resolve_weights(name, backbone=spec["backbone"], progress=progress)
-    if info.checksum != spec["weights_checksum"]:
-        raise PipelineError(
-            f"{model_path}: trained with weights {spec['weights']!r} (checksum {str(spec['weights_checksum'])[:16]}...) but the "
-            f"resolved weights {info.path or info.name} have checksum {str(info.checksum)[:16]}...; features would differ, refusing"
-        )
-    return info
+    check_engine("the model bundle", bundle, net)
+    storage = bundle.get("storage_dtype")
+    n = len(images)
+    # The reader's Listing joins root and path: "." keeps relative paths relative and
+    # absolute ones absolute. Labels are unknown here, so all zero.
+    listing = Listing(Path("."), ("?",), tuple(str(p) for p in images), np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    with tqdm(total=n, desc="predict", unit="img", disable=quiet, dynamic_ncols=True, leave=False) as bar:
+        for batch in iter_batches(listing, np.arange(n), size=int(spec["input_size"]), interpolation=spec["resize"], batch_size=batch_size):
+            ok = batch.ok
+            X = None
+            if ok.any():
+                feats = net(batch.pixels[ok])
+                if storage:  # the model saw features rounded to the file's storage dtype
+                    feats = feats.astype(storage).astype(np.float32)
+                X = pool_features(feats, spec["pool"])
+            yield batch.indices, ok, batch.reasons, X
+            bar.update(len(batch.indices))
 
 
-def _scores(estimator, X: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Class index (into ``label_names``) and score of each row."""
-    classes = np.asarray(estimator.classes_)
-    if kind == "probability" and hasattr(estimator, "predict_proba"):
-        p = estimator.predict_proba(X)
-        j = p.argmax(axis=1)
-        return classes[j], p[np.arange(len(p)), j]
-    d = estimator.decision_function(X)
-    if d.ndim == 1:  # two classes: the sign picks the class, the margin is the score
-        return classes[(d > 0).astype(int)], np.abs(d)
-    j = d.argmax(axis=1)
-    return classes[j], d[np.arange(len(d)), j]
-
-
-def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 32, quiet: bool = True) -> list[dict]:
+def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 32, quiet: bool = True, top_k: int = 1, probabilities: bool = False) -> list[dict]:
     """Label every image; unreadable ones get ``label``/``score`` None and an ``error``.
 
     Args:
@@ -160,42 +160,61 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
             one of another precision or int8 model is refused (``bundle.check_engine``).
         batch_size: images decoded per batch.
         quiet: no progress bar.
+        top_k: with more than 1, each result also has ``top``: the ``top_k`` best classes
+            (``label``, ``score``), best first.
+        probabilities: each result also has ``probabilities``: every class name -> its probability
+            (a class the estimator never saw: 0). Probability bundles only.
 
     Returns:
-        One dict per image, in order: ``path``, ``label``, ``score``, ``error``.
+        One dict per image, in order: ``path``, ``label``, ``score``, ``error`` (and ``top``,
+        ``probabilities`` as asked).
     """
-    from tqdm import tqdm
-
-    from pipeline.images.reader import Listing, iter_batches
-
-    spec = bundle["feature_spec"]
-    check_engine("the model bundle", bundle, net)
     names = list(bundle["label_names"])
     estimator = bundle["estimator"]
     kind = bundle.get("score", "probability")
-    storage = bundle.get("storage_dtype")
-    n = len(images)
-    # The reader's Listing joins root and path: "." keeps relative paths relative and
-    # absolute ones absolute. Labels are unknown here, so all zero.
-    listing = Listing(Path("."), ("?",), tuple(str(p) for p in images), np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    out: list[dict] = [{}] * n
-    with tqdm(total=n, desc="predict", unit="img", disable=quiet, dynamic_ncols=True, leave=False) as bar:
-        for batch in iter_batches(listing, np.arange(n), size=int(spec["input_size"]), interpolation=spec["resize"], batch_size=batch_size):
-            ok = batch.ok
-            if ok.any():
-                feats = net(batch.pixels[ok])
-                if storage:  # the model saw features rounded to the file's storage dtype
-                    feats = feats.astype(storage).astype(np.float32)
-                labels, scores = _scores(estimator, pool_features(feats, spec["pool"]), kind)
-            good = iter(zip(labels.tolist(), scores.tolist())) if ok.any() else iter(())
-            for i, is_ok, reason in zip(batch.indices.tolist(), ok.tolist(), batch.reasons):
-                if is_ok:
-                    label, score = next(good)
-                    out[i] = {"path": str(images[i]), "label": names[int(label)], "score": float(score), "error": None}
-                else:
-                    out[i] = {"path": str(images[i]), "label": None, "score": None, "error": reason}
-            bar.update(len(batch.indices))
+    classes = np.asarray(estimator.classes_)
+    out: list[dict] = [{}] * len(images)
+    for indices, ok, reasons, X in pooled_batches(bundle, images, net, batch_size=batch_size, quiet=quiet):
+        scores = class_scores(estimator, X, kind) if X is not None else np.zeros((0, len(classes)))
+        rows = iter(scores)
+        for i, is_ok, reason in zip(indices.tolist(), ok.tolist(), reasons):
+            r = {"path": str(images[i]), "label": None, "score": None, "error": reason}
+            if is_ok:
+                s = next(rows)
+                order = np.argsort(-s, kind="stable")[: max(1, top_k)]
+                r.update(label=names[int(classes[order[0]])], score=float(s[order[0]]), error=None)
+                if top_k > 1:
+                    r["top"] = [{"label": names[int(classes[j])], "score": float(s[j])} for j in order]
+                if probabilities:
+                    r["probabilities"] = {name: 0.0 for name in names} | {names[int(c)]: float(p) for c, p in zip(classes, s)}
+            elif top_k > 1:
+                r["top"] = []
+            out[i] = r
     return out
+
+
+def open_bundle_network(model_path: Path, bundle: dict, *, weights: str | None = None, batch_size: int = 32, progress: bool = False):
+    """The network that computes a bundle's features: its backbone, weights (checksum checked), input side and precision.
+
+    For an int8 bundle, the very quantized model the training features came from, found in
+    the cache by its key.
+
+    Raises:
+        PipelineError: weights that cannot be resolved or do not match the bundle, an int8
+            model that is not in the cache (the message says how to get it).
+    """
+    from pipeline.backbones.int8 import Calibration, open_backbone
+
+    info = resolve_bundle_weights(model_path, bundle, weights, progress=progress)
+    spec = bundle["feature_spec"]
+    int8_model = Calibration.known(spec["int8_model"]) if bundle["precision"] == "int8" else None
+    try:
+        net = open_backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=batch_size, calibration=int8_model, backbone=spec["backbone"])
+    except PipelineError as exc:
+        raise PipelineError(f"{model_path}: {exc}") from None
+    if net.weights_checksum != spec["weights_checksum"]:
+        raise PipelineError(f"{model_path}: the loaded weights have checksum {net.weights_checksum[:16]}..., not the model's {str(spec['weights_checksum'])[:16]}...")
+    return net
 
 
 def check_output(output: Path, model_path: Path, images: list[Path], overwrite: bool = False) -> None:
@@ -234,24 +253,15 @@ def label_images(config: PredictConfig) -> list[dict]:
     model_path = Path(config.model)
     bundle = load_bundle(model_path)
     check_spec(model_path, bundle)
+    if config.probabilities and bundle.get("score", "probability") != "probability":
+        raise PipelineError(f"{model_path}: a {bundle.get('model')} model gives decision margins, not probabilities; --probabilities needs an lr or rf model")
     images = collect_images(config.inputs)
     if config.output is not None:
         check_output(Path(config.output), model_path, images, config.overwrite)
     warn_on_version_change(model_path, bundle)
-    from pipeline.backbones.int8 import Calibration, open_backbone
-
-    info = resolve_bundle_weights(model_path, bundle, config.weights, progress=not config.quiet)
-    spec = bundle["feature_spec"]
-    # int8: the very model the training features came from, found in the cache by its key.
-    int8_model = Calibration.known(spec["int8_model"]) if bundle["precision"] == "int8" else None
-    try:
-        net = open_backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=config.batch_size, calibration=int8_model, backbone=spec["backbone"])
-    except PipelineError as exc:
-        raise PipelineError(f"{model_path}: {exc}") from None
-    if net.weights_checksum != spec["weights_checksum"]:
-        raise PipelineError(f"{model_path}: the loaded weights have checksum {net.weights_checksum[:16]}..., not the model's {str(spec['weights_checksum'])[:16]}...")
-    results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet)
-    text = format_results(results, config.format)
+    net = open_bundle_network(model_path, bundle, weights=config.weights, batch_size=config.batch_size, progress=not config.quiet)
+    results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet, top_k=config.top_k, probabilities=config.probabilities)
+    text = format_results(results, config.format, top_k=config.top_k, class_names=list(bundle["label_names"]) if config.probabilities else None)
     try:
         write_predictions(text, config.output)
     except PipelineError as exc:

@@ -23,11 +23,10 @@ from pathlib import Path
 from pipeline.core.outputs import atomic_output
 
 FORMATS = ("text", "csv", "json")
-COLUMNS = ("path", "label", "score", "error")
 #: First line of the text format: marks a file as predictions (``-o`` replaces such a file without ``--overwrite``).
 TEXT_MARKER = "# transfer-pipeline predictions: path, label, score (or ERROR and the reason)"
 #: How each format begins; a file starting so was written by ``predict``.
-_STARTS = (TEXT_MARKER + "\n", ",".join(COLUMNS) + "\n", '[\n  {\n    "path": ')
+_STARTS = (TEXT_MARKER + "\n", "path,label,score,", '[\n  {\n    "path": ')
 #: Encoding error handler for names: surrogate-escaped bytes back to the bytes, any other
 #: lone surrogate (not from a file name) as a ``\\uXXXX`` escape.
 NAME_ERRORS = "transfer-pipeline-names"
@@ -51,23 +50,36 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", NAME_ERRORS)
 
 
-def format_results(results: list[dict], fmt: str) -> str:
-    """Render results as ``text`` (a marker line, then aligned columns), ``csv`` (path,label,score,error) or ``json`` (a list of objects)."""
+def format_results(results: list[dict], fmt: str, *, top_k: int = 1, class_names: list[str] | None = None) -> str:
+    """Render results as ``text`` (a marker line, then aligned columns), ``csv`` or ``json`` (a list of objects).
+
+    CSV columns: ``path,label,score``, then ``label_2,score_2`` ... up to ``top_k``, then one
+    ``p:CLASS`` column per class when ``class_names`` is given (the probabilities), then ``error``.
+    Text: the K labels and scores on one line. JSON carries ``top`` and ``probabilities`` as the results have them.
+    """
     if fmt == "json":
         return json.dumps(results, indent=2) + "\n"
+    extra = range(1, top_k)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(COLUMNS)
+        w.writerow(["path", "label", "score", *(f"{c}_{k + 1}" for k in extra for c in ("label", "score")), *(f"p:{n}" for n in class_names or ()), "error"])
         for r in results:
-            w.writerow([r["path"], r["label"] or "", "" if r["score"] is None else f"{r['score']:.6g}", r["error"] or ""])
+            top = r.get("top") or []
+            cells = [r["path"], r["label"] or "", "" if r["score"] is None else f"{r['score']:.6g}"]
+            for k in extra:
+                cells += [top[k]["label"], f"{top[k]['score']:.6g}"] if k < len(top) else ["", ""]
+            probs = r.get("probabilities") or {}
+            cells += [f"{probs[n]:.6g}" if n in probs else "" for n in class_names or ()]
+            w.writerow([*cells, r["error"] or ""])
         return buf.getvalue()
     pw = min(60, max(len(r["path"]) for r in results))
     lw = max([len(r["label"]) for r in results if r["label"]] or [5])
     lines = [TEXT_MARKER]
     for r in results:
         if r["error"] is None:
-            lines.append(f"{r['path']:<{pw}}  {r['label']:<{lw}}  {r['score']:.4f}")
+            more = "".join(f"  {t['label']} {t['score']:.4f}" for t in (r.get("top") or [])[1:])
+            lines.append(f"{r['path']:<{pw}}  {r['label']:<{lw}}  {r['score']:.4f}{more}")
         else:
             lines.append(f"{r['path']:<{pw}}  {'ERROR':<{lw}}  {r['error']}")
     return "\n".join(lines) + "\n"

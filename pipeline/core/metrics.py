@@ -1,21 +1,30 @@
-"""Test-set scores every stage reports the same way: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix."""
+"""Test-set scores every stage reports the same way: accuracy with its 95% interval and number of images, macro-F1, per-class precision/recall/F1, confusion matrix."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+#: Below this many test images an accuracy is flagged as rough (its 95% interval spans about +-10 points).
+ROUGH_BELOW = 100
+
 
 def scores(y_true, y_pred, class_names: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (a list of lists).
+    """Accuracy, its Wilson 95% interval and number of images, macro-F1, per-class precision/recall/F1/support and the confusion matrix (a list of lists).
 
     Every class of ``class_names`` is scored, also one absent from ``y_true`` (zero support).
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    import numpy as np
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from pipeline.core.stats import wilson
 
     labels = list(range(len(class_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    correct, n = int(np.sum(np.asarray(y_true) == np.asarray(y_pred))), len(y_true)
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": correct / n,
+        "accuracy_ci95": list(wilson(correct, n)),
+        "n_scored": n,
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
@@ -30,3 +39,16 @@ def classification_report(y_true, y_pred, class_names: Sequence[str], digits: in
     from sklearn.metrics import classification_report as report
 
     return report(y_true, y_pred, labels=list(range(len(class_names))), target_names=list(class_names), digits=digits, zero_division=0)
+
+
+def accuracy_text(m: dict) -> str:
+    """``accuracy 0.894 (95% CI 0.866-0.917, 500 images)`` of a ``scores`` dict."""
+    lo, hi = m["accuracy_ci95"]
+    return f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {m['n_scored']} images)"
+
+
+def rough_warning(n: int) -> str | None:
+    """A warning line when ``n`` test images are too few for a precise accuracy, else None."""
+    if n >= ROUGH_BELOW:
+        return None
+    return f"warning: only {n} test images: the accuracy is rough (its 95% interval is wide); test on {ROUGH_BELOW} or more"

@@ -82,6 +82,45 @@ def atomic_output(output: Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``folder``; when the block ends, it replaces ``folder`` as a whole.
+
+    The set of files a stage writes is published together: the previous folder is renamed
+    aside, the new one renamed into place, then the previous one removed. A failure inside the
+    block (a full disk, an interrupt) removes the temporary folder and leaves the previous
+    set whole.
+
+    Raises:
+        PipelineError: the folder could not be written or renamed.
+    """
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if folder.exists() or folder.is_symlink():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        fsync_dir(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.rename(old, folder)
+        raise disk_error(folder, exc) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file (JSON, CSV, Markdown) through ``atomic_output``."""
     with atomic_output(Path(path)) as tmp:

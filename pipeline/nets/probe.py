@@ -63,20 +63,26 @@ def feature_spec(*, input_size: int, resize: str, weights, pool: str, backbone: 
     }
 
 
-def _classifier(path, estimator):
-    """(scaling step or None, LogisticRegression) of a bundle's estimator, or a one-line error."""
+def _classifier(path, estimator, margins: bool = False):
+    """(scaling step or None, the linear classifier) of a bundle's estimator, or a one-line error.
+
+    A logistic regression always; a ``LinearSVC`` too when ``margins`` (its outputs are margins, not probabilities).
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
+    from sklearn.svm import LinearSVC
 
+    kinds = (LogisticRegression, LinearSVC) if margins else (LogisticRegression,)
     steps = [s for _, s in estimator.steps] if isinstance(estimator, Pipeline) else [estimator]
     clf, prep = steps[-1], steps[:-1]
-    if not isinstance(clf, LogisticRegression):
-        raise PipelineError(f"--probe {path}: its estimator is {type(clf).__name__}, not a logistic regression; fit the probe with `train --model lr`")
+    if not isinstance(clf, kinds):
+        wanted = "a logistic regression or a linear SVM (`train --model lr` or `--model svm`)" if margins else "a logistic regression; fit the probe with `train --model lr`"
+        raise PipelineError(f"{path}: its estimator is {type(clf).__name__}, not {wanted}")
     if len(prep) > 1 or (prep and not isinstance(prep[0], (Normalizer, StandardScaler))):
-        raise PipelineError(f"--probe {path}: its scaling {[type(s).__name__ for s in prep]} is not one Normalizer or StandardScaler (what train writes)")
+        raise PipelineError(f"{path}: its scaling {[type(s).__name__ for s in prep]} is not one Normalizer or StandardScaler (what train writes)")
     if prep and isinstance(prep[0], Normalizer) and prep[0].norm != "l2":
-        raise PipelineError(f"--probe {path}: its Normalizer has norm {prep[0].norm!r}; LP-FT rebuilds the l2 norm only")
+        raise PipelineError(f"{path}: its Normalizer has norm {prep[0].norm!r}; only the l2 norm is rebuilt as layers")
     return (prep[0] if prep else None), clf
 
 
@@ -105,7 +111,7 @@ def check_probe(path: Path, bundle: dict, spec: dict, class_names, against: str 
             )
     if list(bundle["label_names"]) != list(class_names):
         raise PipelineError(f"--probe {path}: its classes {list(bundle['label_names'])} differ from the training tree's {list(class_names)}")
-    _, clf = _classifier(path, bundle["estimator"])
+    _, clf = _classifier(f"--probe {path}", bundle["estimator"])
     if list(clf.classes_) != list(range(len(class_names))):
         raise PipelineError(f"--probe {path}: it was fitted on labels {list(clf.classes_)}, not on all {len(class_names)} classes")
 
@@ -131,7 +137,7 @@ def pool_layer(pool: str, name: str):
     return kinds[pool](dtype="float32", name=f"{name}_{pool}")
 
 
-def probe_layers(estimator, pool: str, n_classes: int, path="probe") -> list:
+def probe_layers(estimator, pool: str, n_classes: int, path="probe", *, name: str = "probe", margins: bool = False) -> list:
     """The probe as stock Keras layers (float32): pooling, the row scaling, a softmax Dense holding the coefficients.
 
     ``Normalizer`` becomes ``UnitNormalization`` (unit L2 norm; the coefficients were
@@ -145,23 +151,30 @@ def probe_layers(estimator, pool: str, n_classes: int, path="probe") -> list:
         pool: the pooling it was fitted on.
         n_classes: outputs of the network.
         path: named in errors.
+        name: prefix of the layer names.
+        margins: also take a ``LinearSVC``; its Dense is linear and gives the decision
+            function's values (a binary one's margin ``d`` as the two columns ``-d, d``).
 
     Raises:
         PipelineError: the estimator is not a (scaled) logistic regression.
     """
     import keras
 
-    prep, clf = _classifier(path, estimator)
+    from sklearn.linear_model import LogisticRegression
+
+    prep, clf = _classifier(path, estimator, margins)
+    softmax = isinstance(clf, LogisticRegression)
     coef = np.asarray(clf.coef_, np.float64)
     bias = np.asarray(clf.intercept_, np.float64)
     if coef.shape[0] == 1 and n_classes == 2:
-        coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
-    layers = [pool_layer(pool, "probe")]
+        half = 2.0 if softmax else 1.0
+        coef, bias = np.concatenate([-coef / half, coef / half]), np.concatenate([-bias / half, bias / half])
+    layers = [pool_layer(pool, name)]
     if prep is not None and hasattr(prep, "mean_"):
-        layers.append(keras.layers.Normalization(mean=prep.mean_, variance=np.square(prep.scale_), dtype="float32", name="probe_standard_scaler"))
+        layers.append(keras.layers.Normalization(mean=prep.mean_, variance=np.square(prep.scale_), dtype="float32", name=f"{name}_standard_scaler"))
     elif prep is not None:
-        layers.append(keras.layers.UnitNormalization(axis=-1, dtype="float32", name="probe_unit_norm"))
-    dense = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="probe_logistic")
+        layers.append(keras.layers.UnitNormalization(axis=-1, dtype="float32", name=f"{name}_unit_norm"))
+    dense = keras.layers.Dense(n_classes, activation="softmax" if softmax else None, dtype="float32", name=f"{name}_{'logistic' if softmax else 'margins'}")
     dense.build((None, coef.shape[1]))
     dense.set_weights([coef.T.astype(np.float32), bias.astype(np.float32)])
     return [*layers, dense]

@@ -260,3 +260,27 @@ def test_predictions_survive_an_output_that_fails_after_the_work(trained, images
         cli(trained["lr"], images, "--format", "csv", "-o", out, "--quiet")
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 5 and sum(r["label"] in ("cat", "dog") for r in rows) == 4
+
+
+def test_top_k_and_probabilities(trained, images, tmp_path):
+    """--top-k 3 of two classes: both, best first, the first being the label; --probabilities: every class, summing to 1."""
+    out = tmp_path / "top.json"
+    assert cli(trained["lr"], images, "--format", "json", "-o", out, "--quiet", "--top-k", "3", "--probabilities") == 0
+    rows = [r for r in json.loads(out.read_text()) if r["error"] is None]
+    assert len(rows) == 4
+    for r in rows:
+        assert [t["label"] for t in r["top"]][:1] == [r["label"]] and sorted(t["label"] for t in r["top"]) == ["cat", "dog"]
+        assert r["top"][0]["score"] == r["score"] >= r["top"][1]["score"]
+        assert set(r["probabilities"]) == {"cat", "dog"} and abs(sum(r["probabilities"].values()) - 1) < 1e-6
+        assert r["probabilities"][r["label"]] == r["score"]
+    assert cli(trained["lr"], images / "sub", "--format", "csv", "-o", tmp_path / "top.csv", "--quiet", "--top-k", "2", "--probabilities") == 0
+    table = list(csv.DictReader(io.StringIO((tmp_path / "top.csv").read_text())))
+    assert list(table[0]) == ["path", "label", "score", "label_2", "score_2", "p:cat", "p:dog", "error"]
+    good = next(r for r in table if not r["error"])
+    assert {good["label"], good["label_2"]} == {"cat", "dog"} and float(good["score"]) >= float(good["score_2"])
+    assert cli(trained["lr"], images / "sub", "--format", "csv", "-o", tmp_path / "top.csv", "--quiet", "--top-k", "2") == 0  # replaces its own file
+
+
+def test_probabilities_of_a_margin_model_are_refused(trained, images):
+    with pytest.raises(PipelineError, match=r"svm\.joblib: a svm model gives decision margins, not probabilities; --probabilities needs an lr or rf model"):
+        cli(trained["svm"], images, "--probabilities")

@@ -1,0 +1,184 @@
+"""Evaluate stage: score a trained bundle on a labelled feature file or a labelled image folder: accuracy with its 95% interval, macro-F1, per-class report, confusion plot and the misclassified images, written as one set.
+
+A feature file must hold what the bundle was trained on (backbone, layer, size, resize,
+weights, precision: ``bundle.check_features_match``); a folder is read like ``predict`` reads
+images (features rebuilt exactly as in training), its unreadable images listed with their
+reason. Classes are matched by name: every class of the data must be one of the model's.
+The outputs (``metrics.json``, ``report.txt``, ``confusion.png``, ``misclassified.csv``,
+``rejected.csv``) go into one folder that replaces the previous evaluation only when all are
+written (``core.outputs.atomic_folder``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
+from pipeline.classical.features import read_groups
+from pipeline.classical.guard import refuse_inputs_as_outputs
+from pipeline.core import config as settings
+from pipeline.core.command import Command
+from pipeline.core.config import MAX_INT, Interval, option
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import accuracy_text, classification_report, rough_warning, scores
+from pipeline.core.outputs import atomic_folder, is_within, package_versions, write_json_atomic, write_text_atomic
+
+#: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
+MARKER = "metrics.json"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of ``python -m pipeline evaluate``.
+
+    Attributes:
+        model: the bundle written by ``train``.
+        data: a labelled feature file (``.h5`` from ``extract``) or a class-per-folder image tree.
+        output: the evaluation folder; None = ``MODEL-evaluation/`` beside the model.
+        batch_size: images per network call (folders only).
+        weights: weights to resolve instead of the bundle's (folders only), as ``predict --weights``.
+        overwrite: replace an existing ``output`` folder that is not an evaluation.
+        quiet: no progress bar.
+        command_line: recorded in the metrics.
+    """
+
+    model: Path = option(help="model bundle written by train", positional=True, metavar="MODEL.joblib")
+    data: Path = option(help="labelled test data: a feature file (.h5) or a class-per-folder image tree", positional=True, metavar="FEATURES.h5|DIR")
+    output: Path | None = option(None, "evaluation folder; none = MODEL-evaluation/ beside the model", short="-o")
+    batch_size: int = option(32, "images per network call (image folders)", rule=Interval(int, 1, MAX_INT))
+    weights: str | None = option(None, "weights to use instead of the bundle's (image folders; a model trained on a weights FILE needs its path)")
+    overwrite: bool = option(False, "let -o replace an existing folder that is not an evaluation")
+    quiet: bool = option(False, "no progress bar")
+    command_line: str = option("", cli=False)
+
+    @property
+    def folder(self) -> Path:
+        model = Path(self.model)
+        return Path(self.output) if self.output is not None else model.with_name(f"{model.stem}-evaluation")
+
+
+def _class_map(where: Path, data_names: list[str], model_names: list[str]) -> np.ndarray:
+    """Data label index -> model label index, by class name."""
+    unknown = [n for n in data_names if n not in model_names]
+    if unknown:
+        raise PipelineError(f"{where}: class {unknown[0]!r} is not one of the model's classes ({', '.join(model_names)}); evaluate on data of the same classes")
+    return np.asarray([model_names.index(n) for n in data_names], np.int64)
+
+
+def _from_feature_file(config: EvaluateConfig, bundle: dict):
+    """(true labels, predicted labels, scores of the prediction, paths, rejected) of a feature file's rows."""
+    from pipeline.classical.predict import class_scores
+    from pipeline.featurefile.store import open_features
+
+    with open_features(config.data) as ff:
+        check_features_match(config.model, bundle, ff)
+        to_model = _class_map(ff.path, ff.label_names, list(bundle["label_names"]))
+        rows = np.arange(len(ff))
+        if not len(rows):
+            raise PipelineError(f"{ff.path}: the feature file has no rows to evaluate")
+        (X,) = read_groups(ff, [rows], bundle["feature_spec"]["pool"], quiet=config.quiet)
+        y = to_model[ff.labels]
+        paths = ff.paths
+        rejected = [(os.fsdecode(p), os.fsdecode(r)) for p, r in zip(ff.db["rejected/paths"][:], ff.db["rejected/reasons"][:])] if "rejected" in ff.db else []
+    estimator = bundle["estimator"]
+    s = class_scores(estimator, X, bundle.get("score", "probability"))
+    classes = np.asarray(estimator.classes_)
+    return y, classes[s.argmax(axis=1)], s.max(axis=1), paths, rejected
+
+
+def _from_folder(config: EvaluateConfig, bundle: dict):
+    """The same for a class-per-folder tree, its features computed as ``predict`` computes them."""
+    from pipeline.classical.predict import class_scores, open_bundle_network, pooled_batches
+    from pipeline.images.reader import list_images
+
+    listing = list_images(config.data)
+    to_model = _class_map(Path(config.data), list(listing.class_names), list(bundle["label_names"]))
+    net = open_bundle_network(config.model, bundle, weights=config.weights, batch_size=config.batch_size, progress=not config.quiet)
+    paths = [listing.root / p for p in listing.paths]
+    estimator = bundle["estimator"]
+    classes = np.asarray(estimator.classes_)
+    kept, pred, score, rejected = [], [], [], [(p, r) for p, r, *_ in listing.unlisted]
+    for indices, ok, reasons, X in pooled_batches(bundle, paths, net, batch_size=config.batch_size, quiet=config.quiet):
+        if X is not None:
+            s = class_scores(estimator, X, bundle.get("score", "probability"))
+            pred += classes[s.argmax(axis=1)].tolist()
+            score += s.max(axis=1).tolist()
+        kept += indices[ok].tolist()
+        rejected += [(listing.paths[i], r) for i, good, r in zip(indices.tolist(), ok.tolist(), reasons) if not good]
+    if not kept:
+        raise PipelineError(f"{config.data}: none of the {len(listing)} images could be read")
+    return to_model[listing.labels[kept]], np.asarray(pred), np.asarray(score), [listing.paths[i] for i in kept], rejected
+
+
+def _csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _check_output(config: EvaluateConfig) -> Path:
+    folder = config.folder
+    inputs = [("the model bundle", Path(config.model)), ("the test data", Path(config.data))]
+    refuse_inputs_as_outputs([folder], inputs, "choose another -o folder")
+    if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
+        raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
+    if (folder.exists() or folder.is_symlink()) and not config.overwrite and not (folder.is_dir() and (folder / MARKER).is_file()):
+        raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; pass --overwrite to replace it")
+    return folder
+
+
+def run(config: EvaluateConfig) -> dict:
+    """``python -m pipeline evaluate``: score the bundle on the labelled data and write the evaluation folder.
+
+    Returns:
+        The metrics dict (also ``metrics.json``).
+
+    Raises:
+        PipelineError: bad settings; a missing or foreign bundle; data that is neither a
+            feature file nor a class-per-folder tree; a feature file of other features than
+            the model's; a class the model does not know; no readable image; an output that
+            is an input, inside the data folder, or an existing folder that is not an evaluation.
+    """
+    settings.validate(config)
+    model_path, data = Path(config.model), Path(config.data)
+    bundle = load_bundle(model_path)
+    check_spec(model_path, bundle)
+    if not data.exists():
+        raise PipelineError(f"{data}: no such feature file or folder")
+    folder = _check_output(config)
+    warn_on_version_change(model_path, bundle)
+    y, pred, score, paths, rejected = (_from_folder if data.is_dir() else _from_feature_file)(config, bundle)
+    names = list(bundle["label_names"])
+    metrics = {
+        "model": str(model_path), "data": str(data), **scores(y, pred, names),
+        "score_kind": bundle.get("score", "probability"), "n_rejected": len(rejected),
+        "command_line": config.command_line, "versions": package_versions(),
+    }  # fmt: skip
+    wrong = np.flatnonzero(pred != y)
+    header = f"{bundle.get('model')} {model_path} on {data}: {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f}\n\n"
+    from pipeline.core import plots
+
+    with atomic_folder(folder) as tmp:
+        write_json_atomic(tmp / MARKER, metrics)
+        write_text_atomic(tmp / "report.txt", header + classification_report(y, pred, names))
+        score_name = "probability" if metrics["score_kind"] == "probability" else "margin"
+        write_text_atomic(tmp / "misclassified.csv", _csv(["path", "true", "predicted", score_name], [(paths[i], names[y[i]], names[pred[i]], f"{score[i]:.6g}") for i in wrong]))
+        write_text_atomic(tmp / "rejected.csv", _csv(["path", "reason"], rejected))
+        plots.confusion_matrix(np.asarray(metrics["confusion"]), names, tmp / "confusion.png", title=f"{bundle.get('model')}: {accuracy_text(metrics)}")
+    print(f"{header.strip()}; {len(wrong)} misclassified, {len(rejected)} unreadable -> {folder}/", file=sys.stderr)
+    warning = rough_warning(metrics["n_scored"])
+    if warning:
+        print(warning, file=sys.stderr)
+    return metrics
+
+
+COMMAND = Command("evaluate", EvaluateConfig, run, "score a trained model on a labelled feature file or image folder (interval, report, confusion, misclassified images)")

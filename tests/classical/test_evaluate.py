@@ -1,0 +1,86 @@
+"""evaluate: a model scored on a labelled feature file or image folder, with its interval, report, confusion plot and misclassified images, as one output set."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_tree
+from pipeline.classical import evaluate, train
+from pipeline.core.errors import PipelineError
+from pipeline.extract import stage as extract
+
+TINY = dict(input_size=32, weights="none", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    make_tree(root / "train", classes=("cat", "dog"), per_class=6)
+    test = make_tree(root / "test", classes=("cat", "dog"), per_class=4, size=(36, 28))
+    (test / "dog" / "broken.png").write_bytes(b"")
+    for split in ("train", "test"):
+        extract.run(extract.ExtractConfig(data_dir=root / split, output=root / f"{split}.h5", **TINY))
+    metrics = train.run(train.TrainConfig(features=root / "train.h5", test=root / "test.h5", model="lr", output=root / "models", cv=2, quiet=True))
+    return root, metrics
+
+
+def rows(path):
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_a_feature_file_scores_as_train_scored_it(setup, tmp_path, capsys):
+    root, trained = setup
+    m = evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True))
+    assert m["accuracy"] == trained["accuracy"] and m["n_scored"] == 8 == trained["n_test"]
+    lo, hi = m["accuracy_ci95"]
+    assert 0 <= lo <= m["accuracy"] <= hi <= 1 and hi - lo > 0.2  # 8 images: a wide interval
+    wrong = rows(tmp_path / "ev" / "misclassified.csv")
+    assert len(wrong) == round(8 * (1 - m["accuracy"])) and all(r["true"] != r["predicted"] for r in wrong)
+    assert all(0 <= float(r["probability"]) <= 1 for r in wrong)
+    assert [r["path"] for r in rows(tmp_path / "ev" / "rejected.csv")] == ["dog/broken.png"]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 0 and "macro avg" in (tmp_path / "ev" / "report.txt").read_text()
+    err = capsys.readouterr().err
+    assert "95% CI" in err and "8 images" in err and "warning: only 8 test images: the accuracy is rough" in err
+
+
+def test_an_image_folder_scores_like_its_feature_file(setup, tmp_path):
+    root, _ = setup
+    by_file = evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "a", quiet=True))
+    by_folder = evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test", output=tmp_path / "b", quiet=True))
+    assert by_folder["n_scored"] == 8 and by_folder["n_rejected"] == 1
+    assert abs(by_folder["accuracy"] - by_file["accuracy"]) <= 1 / 8  # recomputed features: at most one near-tie may flip
+    assert [r["path"] for r in rows(tmp_path / "b" / "rejected.csv")] == ["dog/broken.png"]
+
+
+def test_a_new_evaluation_replaces_the_old_set_and_foreign_folders_are_kept(setup, tmp_path):
+    root, _ = setup
+    cfg = evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True)
+    evaluate.run(cfg)
+    (tmp_path / "ev" / "stale.txt").write_text("from before")
+    evaluate.run(cfg)
+    assert not (tmp_path / "ev" / "stale.txt").exists() and (tmp_path / "ev" / "metrics.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no temporary or previous folder left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(PipelineError, match=r"mine: exists and is not an evaluation folder written by evaluate; pass --overwrite"):
+        evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "mine", quiet=True))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(PipelineError, match=r"is inside the test data folder"):
+        evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test", output=root / "test" / "cat" / "ev", quiet=True))
+
+
+def test_other_features_or_classes_are_refused(setup, tmp_path):
+    root, _ = setup
+    extract.run(extract.ExtractConfig(data_dir=root / "test", output=tmp_path / "t64.h5", **{**TINY, "input_size": 64}))
+    with pytest.raises(PipelineError, match=r"t64\.h5: input_size is 64 but the model .*lr\.joblib was trained on 32"):
+        evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=tmp_path / "t64.h5", output=tmp_path / "ev", quiet=True))
+    make_tree(tmp_path / "zoo", classes=("cat", "emu"), per_class=2)
+    with pytest.raises(PipelineError, match=r"zoo: class 'emu' is not one of the model's classes \(cat, dog\)"):
+        evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=tmp_path / "zoo", output=tmp_path / "ev", quiet=True))
+    assert not (tmp_path / "ev").exists()
