@@ -44,7 +44,10 @@ def command(name: str) -> Command:
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m pipeline``'s parser: one sub-parser per command, its flags read from the command's config fields."""
+    from pipeline import __version__
+
     parser = argparse.ArgumentParser(prog=PROG, description="Offline transfer learning for image classification: extract features, train, fine-tune, compare.")
+    parser.add_argument("--version", action="version", version=f"transfer-pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         command(name).add_to(sub)

@@ -123,3 +123,8 @@ def test_the_command_line_is_recorded_where_the_config_keeps_one(tmp_path):
     config = cli.command("merge").parse(["m.h5", "a.h5", "b.h5"])
     assert config.command_line == "python -m pipeline merge m.h5 a.h5 b.h5" and config.shards == (Path("a.h5"), Path("b.h5"))
     assert not hasattr(cli.command("verify").parse(["x.h5"]), "command_line")
+
+
+def test_version(cli):
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == "transfer-pipeline 0.1.0"

@@ -102,8 +102,17 @@ def load_bundle(path: Path | str) -> dict:
         raise PipelineError(f"{path}: model file does not exist (run `python -m pipeline train` first)")
     if path.is_dir():
         raise PipelineError(f"{path}: is a folder, not a model file")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise PipelineError(f"{path}: is not a regular file (a pipe or device?); pass the .joblib model file")
     import joblib
 
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the model file ({exc.strerror or exc})") from None
+    if head == b"\x89HDF\r\n\x1a\n":
+        raise PipelineError(f"{path}: is an HDF5 feature file, not a model bundle; pass the .joblib that `python -m pipeline train` wrote (e.g. features/models/lr.joblib)")
     try:
         bundle = joblib.load(path)
     except Exception as exc:  # pickle raises anything for a file that is not one

@@ -97,3 +97,18 @@ def test_another_scikit_learn_is_a_warning(tmp_path, capsys):
     assert "was written with scikit-learn 0.0.1" in capsys.readouterr().err
     warn_on_version_change(tmp_path / "m.joblib", bundle())
     assert capsys.readouterr().err == ""
+
+
+def test_a_feature_file_or_a_pipe_given_as_the_model_is_one_line(tmp_path):
+    import os
+
+    import h5py
+
+    h5 = tmp_path / "train.h5"
+    with h5py.File(h5, "w") as db:
+        db["labels"] = [0, 1]
+    with pytest.raises(PipelineError, match=r"train\.h5: is an HDF5 feature file, not a model bundle; pass the \.joblib"):
+        load_bundle(h5)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(PipelineError, match=r"pipe: is not a regular file"):
+        load_bundle(tmp_path / "pipe")
