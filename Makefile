@@ -13,6 +13,9 @@ TEST_PER_CLASS ?= 50
 FEATURES ?= features
 TRAIN_H5 := $(FEATURES)/train.h5
 TEST_H5 := $(FEATURES)/test.h5
+# What train-* and predict use: the default data's files, or the ones you name.
+TRAIN ?= $(TRAIN_H5)
+TEST ?= $(if $(filter $(TRAIN_H5),$(TRAIN)),$(TEST_H5),)
 # `make extract DATA=path/to/images OUT=features/x.h5` extracts any folder.
 DATA ?=
 OUT ?=
@@ -20,11 +23,18 @@ EXTRACT_ARGS ?=
 FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .DEFAULT_GOAL := help
-MODELS := $(FEATURES)/models
+MODELS ?= $(FEATURES)/models
+MODEL ?= $(MODELS)/lr.joblib
 .PHONY: help setup data extract train-lr train-svm train-rf predict compare bench bench-backbones demo test test-avx2 verify clean
 
 help: ## list the targets
 	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo ""
+	@echo "Your own images (one sub-folder per class, train/ and test/ kept apart):"
+	@echo "  make extract DATA=mydata/train OUT=features/my-train.h5"
+	@echo "  make extract DATA=mydata/test OUT=features/my-test.h5"
+	@echo "  make train-lr TRAIN=features/my-train.h5 TEST=features/my-test.h5 MODELS=features/my-models"
+	@echo "  make predict IMAGES=new-images/ MODEL=features/my-models/lr.joblib"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,12 +65,20 @@ else
 	$(PY) -m pipeline extract $(DATA_ROOT)/test -o $(TEST_H5) $(EXTRACT_ARGS)
 endif
 
-train-lr train-svm train-rf: train-%: setup ## a classifier (lr, svm or rf) on the extracted features, tested on the test split
-	@[ -f $(TRAIN_H5) ] && [ -f $(TEST_H5) ] || $(MAKE) --no-print-directory extract
-	$(PY) -m pipeline train $(TRAIN_H5) --model $* --test $(TEST_H5) -o $(MODELS)
+train-lr train-svm train-rf: train-%: setup ## a classifier (lr, svm or rf): the default features, or TRAIN=file.h5 [TEST=file.h5] [MODELS=folder]
+ifneq ($(DATA)$(OUT),)
+	@echo "error: train-$* reads feature files, not images: make train-$* TRAIN=file.h5 [TEST=file.h5] (DATA=/OUT= are extract's)" >&2; exit 2
+endif
+	@if [ "$(TRAIN)" = "$(TRAIN_H5)" ]; then [ -f $(TRAIN_H5) ] && [ -f $(TEST_H5) ] || $(MAKE) --no-print-directory extract; fi
+	@echo "train-$*: $(TRAIN) -> $(MODELS)/$*.joblib, tested on $(or $(TEST),a held-out split of $(TRAIN))"
+	$(PY) -m pipeline train $(TRAIN) --model $* $(if $(TEST),--test $(TEST)) -o $(MODELS) $(TRAIN_ARGS)
 
 predict: setup ## label images: make predict IMAGES=folder [MODEL=features/models/lr.joblib]
-	$(PY) -m pipeline predict $(or $(MODEL),$(MODELS)/lr.joblib) $(IMAGES) $(PREDICT_ARGS)
+ifeq ($(IMAGES),)
+	@echo "error: make predict IMAGES=folder_or_files [MODEL=$(MODEL)]" >&2; exit 2
+endif
+	@echo "predict: $(IMAGES) with $(MODEL)"
+	$(PY) -m pipeline predict $(MODEL) $(IMAGES) $(PREDICT_ARGS)
 
 compare: ## every strategy (scratch CNN and ResNet-20, frozen features + LR/SVM/RF, frozen base + head, fine-tuning from a dense head and LP-FT from the LR probe) on the same test images
 	@$(MAKE) --no-print-directory extract
