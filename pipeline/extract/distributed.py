@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Callable, Iterator
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock
+from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.workarea import WorkArea
 
 #: How long a retried shard waits when it finds its shard still locked before trying again:
@@ -190,23 +189,14 @@ def cluster(ray, address: str | None) -> Iterator[None]:
     Ctrl-C (a ``KeyboardInterrupt``): tasks cancelled, work areas kept, our cluster shut down.
     """
     started = False
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main = threading.current_thread() is threading.main_thread()
     try:
-        if in_main:
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        if not ray.is_initialized():
-            started = _init_ray(ray, address)
-        yield
+        with sigterm_as_interrupt():
+            if not ray.is_initialized():
+                started = _init_ray(ray, address)
+            yield
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

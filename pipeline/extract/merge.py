@@ -26,7 +26,8 @@ from pathlib import Path
 
 from pipeline.core import config as settings
 from pipeline.core.config import option
-from pipeline.core.outputs import OutputLock, command_line, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock, command_line
+from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.shardset import merge_locked
 
 
@@ -68,7 +69,7 @@ def run(config: MergeConfig) -> int:
             older sharding) than the others, or overlapping another; the output is one of the
             shards (however spelled) or a symbolic link, exists (without ``--overwrite``), is
             locked or cannot be written.
-        KeyboardInterrupt: SIGINT or SIGTERM (``core.outputs.Terminated``); nothing is left behind.
+        KeyboardInterrupt: SIGINT or SIGTERM (``core.signals.Terminated``); nothing is left behind.
     """
     output = Path(config.output)
     # SIGTERM unwinds like Ctrl-C: the lock and the temporary file go, a previous output stays.

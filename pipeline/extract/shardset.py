@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, atomic_output, same_file, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock, atomic_output, same_file
+from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.featurefile.schema import is_complete
 from pipeline.extract.preflight import check_names_fit, check_not_a_link
 from pipeline.extract.fingerprints import LEGACY_SHARDING, SHARD_LOCAL_KEYS, SHARDING, merged_fingerprint, sharding_of

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,7 +23,8 @@ import numpy as np
 from pipeline.core import config as settings
 from pipeline.core.config import EXTRACT_PRECISIONS, MAX_INT, RESIZE_METHODS, STORAGE_DTYPES, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, command_line, package_versions, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock, command_line, package_versions
+from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.backbones import network as bb
 from pipeline.extract import distributed
 from pipeline.backbones import int8 as engines
@@ -248,14 +247,6 @@ def keep_rejected(config: ExtractConfig, retry: bool | None = None):
     return lambda limit: limit_holds(limit, current)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _raise_interrupt(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
-
-
 def _run_local(config: ExtractConfig, listing: Listing, weights, whole: Listing) -> int:
     """Extract ``listing`` (one shard's of ``whole``, or all) into ``config.output`` in this process."""
     output = config.output
@@ -308,23 +299,20 @@ def _run_local(config: ExtractConfig, listing: Listing, weights, whole: Listing)
         _say(config, f"resuming {output}: {len(done)} of {len(listing)} files already done")
     t0 = time.perf_counter()
     loop_seconds = 0.0
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if threading.current_thread() is threading.main_thread():
-            for s in previous:
-                signal.signal(s, _raise_interrupt)
-        if len(todo):
-            loop_seconds = extract_rows(
-                listing, todo, work, weights, precision,
-                input_size=config.input_size, batch_size=config.batch_size, storage=config.storage, resize=config.resize,
-                workers=config.workers, image_timeout=config.image_timeout, progress=not config.quiet, done=len(covered),
-                calibration=calibration,
-            )  # fmt: skip
-        # Still under the handlers: an interrupt while assembling leaves the work area
-        # whole (the temporary file is removed) and says so, like one during extraction.
-        n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo), keep_parts)
-        work.remove()
-    except (_Interrupted, KeyboardInterrupt) as exc:
+        with sigterm_as_interrupt():
+            if len(todo):
+                loop_seconds = extract_rows(
+                    listing, todo, work, weights, precision,
+                    input_size=config.input_size, batch_size=config.batch_size, storage=config.storage, resize=config.resize,
+                    workers=config.workers, image_timeout=config.image_timeout, progress=not config.quiet, done=len(covered),
+                    calibration=calibration,
+                )  # fmt: skip
+            # Still in the block: an interrupt while assembling leaves the work area
+            # whole (the temporary file is removed) and says so, like one during extraction.
+            n, n_rej = _assemble(config, listing, work, fp, weights, precision, base, loop_seconds, len(todo), keep_parts)
+            work.remove()
+    except KeyboardInterrupt as exc:
         finished = len(work.done_indices(listing, keep_parts, exclude))
         print(
             f"interrupted ({exc or 'SIGINT'}) with {finished} files of this run done; "
@@ -332,10 +320,6 @@ def _run_local(config: ExtractConfig, listing: Listing, weights, whole: Listing)
             file=sys.stderr,
         )
         return 130
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for s, h in previous.items():
-                signal.signal(s, h)
     seconds = time.perf_counter() - t0
     rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
     return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict)
