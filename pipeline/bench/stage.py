@@ -76,7 +76,7 @@ def _peak_rss_mb() -> float:
 
 
 def _paths(data: Path) -> list[Path]:
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(data)
     return [listing.root / p for p in listing.paths]
@@ -85,7 +85,7 @@ def _paths(data: Path) -> list[Path]:
 def _calibration(data: Path, size: int, weights):
     """The int8 calibration ``extract --precision int8`` picks for ``data`` (so every step uses one model)."""
     from pipeline.backbones.int8 import sample_calibration
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     return sample_calibration(list_images(data), input_size=size, resize="bilinear", weights_checksum=weights.checksum)
 
@@ -93,7 +93,7 @@ def _calibration(data: Path, size: int, weights):
 def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
     """The network alone on preprocessed batches already in memory: the hardware limit."""
     from pipeline.backbones.int8 import open_backbone
-    from pipeline.images.reader import load_image
+    from pipeline.images.decode import load_image
     from pipeline.backbones.weights import resolve_weights
 
     paths = _paths(data)
@@ -145,7 +145,7 @@ def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
 def _child_interleaved(data: Path, size: int, batch: int, precisions: list[str], rounds: int) -> dict:
     """Every precision's network in one process, called in turn batch by batch: ratios a shared machine's load cannot skew."""
     from pipeline.backbones.int8 import open_backbone
-    from pipeline.images.reader import load_image
+    from pipeline.images.decode import load_image
     from pipeline.backbones.weights import resolve_weights
 
     pixels = np.stack([load_image(p, size, "bilinear") for p in _paths(data)])
@@ -186,13 +186,13 @@ def _child_calibrate(data: Path, size: int) -> dict:
 def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path, **settings) -> dict:
     import h5py
 
-    from pipeline.extract.stage import ExtractConfig
-    from pipeline.extract.stage import run
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
 
     out.unlink(missing_ok=True)  # a fresh extraction each repeat, never "up to date"
     t0 = time.perf_counter()
     cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True, **settings)
-    if run(cfg) != 0:
+    if extract.run(cfg) != 0:
         raise PipelineError("extract failed inside the benchmark")
     wall = time.perf_counter() - t0
     with h5py.File(out, "r") as db:
@@ -246,7 +246,7 @@ def _run_child(*args: str) -> dict:
 
 def _sample_tree(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
     """Symlink ``n`` images of ``src`` (evenly spread over its sorted listing, after ``skip``) into a class tree."""
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(src)
     pick = np.linspace(0, len(listing) - 1, num=min(n + skip, len(listing))).astype(int)[skip:]
@@ -355,8 +355,8 @@ def _memory_scaling(args, tmp: Path, say) -> dict:
 
 def _incremental(args, tmp: Path, say) -> dict:
     """A full run, then 1% added, then 1% removed: the updates must cost a small fraction."""
-    from pipeline.extract.stage import ExtractConfig
-    from pipeline.extract.stage import run
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
 
     n = args.incremental_images
     tree = _sample_tree(args.data / "train", tmp / "inc", n)
@@ -365,7 +365,7 @@ def _incremental(args, tmp: Path, say) -> dict:
 
     def timed() -> float:
         t0 = time.perf_counter()
-        if run(cfg) != 0:
+        if extract.run(cfg) != 0:
             raise PipelineError("extract failed inside the incremental benchmark")
         return time.perf_counter() - t0
 
@@ -373,7 +373,7 @@ def _incremental(args, tmp: Path, say) -> dict:
     k = max(1, n // 100)
     extra = _sample_tree(args.data / "test", tmp / "inc", k)  # 1% new images, from the test split
     add = timed()
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(extra)
     for p in listing.paths[:: max(1, len(listing) // k)][:k]:
@@ -388,7 +388,7 @@ def _accuracy(args, say) -> dict:
     """Logistic regression (``train``'s protocol: C chosen by cross-validation on the training
     features) on the default data's features at each precision, against float32; and the
     cosine similarity of each image's features to its float32 features."""
-    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.config import ExtractConfig
     from pipeline.extract.stage import run as extract
 
     results = {}

@@ -28,7 +28,7 @@ from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line, prepare_output_dir
-from pipeline.images.reader import IMAGE_EXTENSIONS
+from pipeline.images.listing import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     """
     from tqdm import tqdm
 
-    from pipeline.images.reader import Listing, iter_batches
+    from pipeline.images.listing import Listing
+    from pipeline.images.decode import iter_batches
 
     spec = bundle["feature_spec"]
     check_engine("the model bundle", bundle, net)

@@ -1,7 +1,7 @@
 """Ray runner: a list of per-shard configs as Ray tasks (a GPU each where there are GPUs), retried when a worker dies; the caller says what a task runs.
 
-``extract --ray`` (``pipeline.extract.stage``) decides what needs doing, lays the
-shards out with ``plan``, builds one config per shard and hands them here with its own
+``extract --ray`` (``pipeline.extract.stage``) decides what needs doing
+(``pipeline.extract.plan``), places the shards with ``place``, builds one config per shard and hands them here with its own
 ``run`` as the worker: each task calls ``worker(config)`` on one shard file
 (``OUT.shard-0000K-of-0000N.h5`` next to ``OUT.h5``). Everything the single-process path
 has comes with it per shard: rejects, the lock, incremental updates and resume after a
@@ -128,8 +128,8 @@ def _locked(output: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How the shards are laid out on the cluster."""
+class Placement:
+    """How the shards are placed on the cluster."""
 
     workers: int  # shard tasks running at once
     shards: int
@@ -137,7 +137,7 @@ class Plan:
     num_gpus: int  # per task (0 or 1)
 
 
-def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
+def place(nodes: list[dict], workers: int | None, shards: int | None) -> Placement:
     """Choose tasks' resources from the alive nodes' Ray resources.
 
     With GPUs: one GPU per task, the GPU nodes' CPUs split evenly among their GPUs, one
@@ -150,7 +150,7 @@ def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
         n_gpus = sum(int(r["GPU"]) for r in gpu_nodes)
         cpus = max(1, min(int(r.get("CPU", 1)) // int(r["GPU"]) for r in gpu_nodes))
         workers = workers or n_gpus
-        return Plan(workers, shards or workers, cpus, 1)
+        return Placement(workers, shards or workers, cpus, 1)
     node_cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU", 0) >= 1]
     if not node_cpus:
         raise PipelineError("the Ray cluster has no CPU or GPU to run tasks on")
@@ -159,7 +159,7 @@ def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
         cpus = min(node_cpus)
     else:
         cpus = max(1, min(max(node_cpus), sum(node_cpus) // workers))
-    return Plan(workers, shards or workers, cpus, 0)
+    return Placement(workers, shards or workers, cpus, 0)
 
 
 def alive_nodes(ray) -> list[dict]:
@@ -237,7 +237,7 @@ def _init_ray(ray, address: str | None) -> bool:
 
 
 def run_shards(
-    ray, worker: Callable[[object], int], configs: list, p: Plan, *, retries: int, sizes: list[int], batch_size: int, progress: bool
+    ray, worker: Callable[[object], int], configs: list, p: Placement, *, retries: int, sizes: list[int], batch_size: int, progress: bool
 ) -> list[dict]:
     """Run ``worker(configs[k])`` for every shard k as Ray tasks laid out by ``p``; wait for all.
 
@@ -245,7 +245,7 @@ def run_shards(
         ray: the ``ray`` module, initialised (see ``cluster``).
         worker: the stage's ``run``; importable by the workers (Ray sends it by reference).
         configs: one config per shard, in shard order (``.output`` the shard file, ``.shard`` its index).
-        p: the layout (``plan``): resources per task.
+        p: the placement (``place``): resources per task.
         retries: attempts after the first for a shard whose worker died or failed with an
             unexpected error (user errors are not retried).
         sizes, batch_size: files per shard and images per part, for the progress bar.

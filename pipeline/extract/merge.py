@@ -65,8 +65,8 @@ def run(config: MergeConfig) -> int:
 
     Raises:
         PipelineError: a shard is missing, given twice, incomplete or unreadable, made from
-            another data folder or another state of it, with other settings or weights (or an
-            older sharding) than the others, or overlapping another; the output is one of the
+            another data folder or another state of it, with other settings or weights than
+            the others, or overlapping another; the output is one of the
             shards (however spelled) or a symbolic link, exists (without ``--overwrite``), is
             locked or cannot be written.
         KeyboardInterrupt: SIGINT or SIGTERM (``core.signals.Terminated``); nothing is left behind.

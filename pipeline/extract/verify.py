@@ -1,18 +1,13 @@
-"""Verify stage: the feature-file contract checker; every broken rule of a file (single or merged), one line each, never a traceback; ``python -m pipeline verify FILE...`` exits 1 if any."""
+"""Verify stage: ``python -m pipeline verify FILE...`` prints ``ok FILE`` or each broken rule of the feature-file contract (``pipeline.featurefile.verify``) as one ``FAIL`` line, and exits 1 if any."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 from pipeline.core import config as settings
 from pipeline.core.config import option
-from pipeline.featurefile import schema as contract
-from pipeline.featurefile.schema import one_line
-from pipeline.extract.shardset import stale_sources
+from pipeline.featurefile.verify import verify
 
 
 @dataclass(frozen=True)
@@ -20,61 +15,6 @@ class VerifyConfig:
     """Settings of ``python -m pipeline verify``."""
 
     files: tuple[Path, ...] = option(help="feature files (.h5)", positional=True, nargs="+")
-
-
-def verify(path: Path | str) -> list[str]:
-    """Every broken rule of the feature-file contract (``pipeline.featurefile.schema``), one line each (empty list: the file is sound).
-
-    Checks every dataset's and attribute's type, rank and length, the counts, label range,
-    duplicate paths, paths both extracted and rejected, finite features, ``complete``, and
-    for a merged file its record and shard files. Never raises for a bad file: whatever
-    cannot be read is a reason too.
-    """
-    path = Path(path)
-    if not path.exists():
-        return [f"{path}: feature file does not exist (run `python -m pipeline extract` first)"]
-    if path.is_dir():
-        return [f"{path}: is a folder, not a feature file"]
-    try:
-        db = h5py.File(path, "r")
-    except Exception as exc:
-        return [f"{path}: not a readable HDF5 feature file ({one_line(exc)})"]
-    try:
-        with db:
-            return [one_line(msg) for msg in _problems(db, path)]
-    except Exception as exc:  # damage below what the checks read (a corrupt B-tree, a torn chunk)
-        return [f"{path}: corrupt feature file ({one_line(exc)})"]
-
-
-def _problems(db: h5py.File, path: Path) -> list[str]:
-    feats = db.get("features")
-    if isinstance(feats, h5py.Dataset) and feats.is_virtual:
-        gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})
-        if gone:  # everything else would read fill values: this is the one reason
-            return [f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"]
-    problems: list[str] = []
-    checks = (
-        ("layout", lambda: [f"{path}: {m}" for m in contract.problems(db, path)]),
-        ("shard files", lambda: stale_sources(path) if "merged" in db and contract.merged_record_ok(db) else []),  # named by their own paths
-        ("features", lambda: [f"{path}: {m}" for m in _non_finite(feats)] if isinstance(feats, h5py.Dataset) and contract.column_problem(db, contract.DATASETS[0]) is None else []),
-    )
-    for what, check in checks:
-        try:
-            problems += check()
-        except Exception as exc:  # a check that cannot read what it checks is a reason, not a crash
-            problems.append(f"{path}: {what} unreadable ({one_line(exc)})")
-    return problems
-
-
-def _non_finite(feats: h5py.Dataset) -> list[str]:
-    """The first row with a NaN or an infinity, read a block at a time."""
-    step = max(1, int(feats.chunks[0]) if feats.chunks else 256)
-    for start in range(0, feats.shape[0], step):
-        block = feats[start : start + step]
-        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        if bad.any():
-            return [f"non-finite feature values (first in row {start + int(np.flatnonzero(bad)[0])})"]
-    return []
 
 
 def add_parser(sub) -> None:

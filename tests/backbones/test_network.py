@@ -7,7 +7,8 @@ import pytest
 
 from conftest import make_tree
 from pipeline.backbones.network import Backbone, feature_shape, resolve_precision
-from pipeline.images.reader import list_images, load_image
+from pipeline.images.listing import list_images
+from pipeline.images.decode import load_image
 from pipeline.backbones.weights import resolve_weights
 
 

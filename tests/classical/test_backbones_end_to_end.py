@@ -18,9 +18,9 @@ from pipeline.classical.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
 from pipeline.backbones.network import BACKBONES
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
+from pipeline.featurefile.verify import verify
 
 #: Each backbone of the issue's end-to-end test at a small input it accepts (InceptionV3 needs 75).
 RUNS = {"resnet50": 32, "inception_v3": 75}

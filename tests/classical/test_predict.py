@@ -20,7 +20,7 @@ from pipeline.classical.features import pool_features
 from pipeline.classical.predict import PredictConfig
 from pipeline.classical.predictions import TEXT_MARKER
 from pipeline.core.errors import PipelineError
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.featurefile.store import open_features
 
 

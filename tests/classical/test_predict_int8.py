@@ -16,7 +16,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.backbones import int8 as engines
 from pipeline.extract import stage as extract
 from pipeline.backbones.network import Backbone
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.featurefile.store import open_features
 from pipeline.backbones.weights import resolve_weights
 

@@ -1,0 +1,95 @@
+"""The feature-file checker: every broken rule of a file (single or merged), one line each, never a traceback; and whether a merged file still reads the shard files it was merged from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.featurefile import schema as contract
+from pipeline.featurefile.schema import is_complete, one_line
+
+
+def verify(path: Path | str) -> list[str]:
+    """Every broken rule of the feature-file contract (``pipeline.featurefile.schema``), one line each (empty list: the file is sound).
+
+    Checks every dataset's and attribute's type, rank and length, the counts, label range,
+    duplicate paths, paths both extracted and rejected, finite features, ``complete``, and
+    for a merged file its record and shard files. Never raises for a bad file: whatever
+    cannot be read is a reason too.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [f"{path}: feature file does not exist (run `python -m pipeline extract` first)"]
+    if path.is_dir():
+        return [f"{path}: is a folder, not a feature file"]
+    try:
+        db = h5py.File(path, "r")
+    except Exception as exc:
+        return [f"{path}: not a readable HDF5 feature file ({one_line(exc)})"]
+    try:
+        with db:
+            return [one_line(msg) for msg in _problems(db, path)]
+    except Exception as exc:  # damage below what the checks read (a corrupt B-tree, a torn chunk)
+        return [f"{path}: corrupt feature file ({one_line(exc)})"]
+
+
+def _problems(db: h5py.File, path: Path) -> list[str]:
+    feats = db.get("features")
+    if isinstance(feats, h5py.Dataset) and feats.is_virtual:
+        gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})
+        if gone:  # everything else would read fill values: this is the one reason
+            return [f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"]
+    problems: list[str] = []
+    checks = (
+        ("layout", lambda: [f"{path}: {m}" for m in contract.problems(db, path)]),
+        ("shard files", lambda: stale_sources(path) if "merged" in db and contract.merged_record_ok(db) else []),  # named by their own paths
+        ("features", lambda: [f"{path}: {m}" for m in _non_finite(feats)] if isinstance(feats, h5py.Dataset) and contract.column_problem(db, contract.DATASETS[0]) is None else []),
+    )
+    for what, check in checks:
+        try:
+            problems += check()
+        except Exception as exc:  # a check that cannot read what it checks is a reason, not a crash
+            problems.append(f"{path}: {what} unreadable ({one_line(exc)})")
+    return problems
+
+
+def _non_finite(feats: h5py.Dataset) -> list[str]:
+    """The first row with a NaN or an infinity, read a block at a time."""
+    step = max(1, int(feats.chunks[0]) if feats.chunks else 256)
+    for start in range(0, feats.shape[0], step):
+        block = feats[start : start + step]
+        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if bad.any():
+            return [f"non-finite feature values (first in row {start + int(np.flatnonzero(bad)[0])})"]
+    return []
+
+
+def stale_sources(path: Path | str) -> list[str]:
+    """Why a merged file no longer reads what was merged (empty list: every shard is as merged).
+
+    A shard file that was removed, replaced or re-extracted after the merge makes the
+    virtual datasets read fill values or other rows; this compares each shard's stored
+    fingerprint and row count with the file now on disk.
+    """
+    path = Path(path)
+    problems = []
+    with h5py.File(path, "r") as db:
+        if "merged" not in db:
+            return [f"{path}: not a merged file"]
+        files = [os.fsdecode(x) for x in db["merged/files"][:]]
+        fps = [x.decode("utf-8", "replace") for x in db["merged/fingerprints"][:]]
+        rows = db["merged/rows"][:].tolist()
+    for name, fp, k in zip(files, fps, rows):
+        src = path.parent / name
+        try:
+            with h5py.File(src, "r") as s:
+                same = is_complete(s.attrs) and str(s.attrs.get("fingerprint")) == fp and s["features"].shape[0] == k
+        except Exception:
+            problems.append(f"{src}: shard file missing or unreadable")
+            continue
+        if not same:
+            problems.append(f"{src}: shard file changed since the merge")
+    return problems
