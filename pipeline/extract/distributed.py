@@ -1,8 +1,8 @@
-"""Ray runner: a list of per-shard configs as Ray tasks (a GPU each where there are GPUs), retried when a worker dies; the caller says what a task runs.
+"""Ray runner: one extraction's shards as Ray tasks (a GPU each where there are GPUs), retried when a worker dies; the caller says what a task runs.
 
 ``extract --ray`` (``pipeline.extract.stage``) decides what needs doing
-(``pipeline.extract.plan``), places the shards with ``place``, builds one config per shard and hands them here with its own
-``run`` as the worker: each task calls ``worker(config)`` on one shard file
+(``pipeline.extract.plan``), places the shards with ``place`` and hands its config here with
+its own ``run`` as the worker: each task calls ``worker(shard_config)`` on one shard file
 (``OUT.shard-0000K-of-0000N.h5`` next to ``OUT.h5``). Everything the single-process path
 has comes with it per shard: rejects, the lock, incremental updates and resume after a
 kill, so a task Ray retries after its worker died carries on from its shard's work area
@@ -18,6 +18,7 @@ Ray is optional (``pip install .[ray]``) and imported only here, only when used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import socket
@@ -29,7 +30,10 @@ from typing import Callable, Iterator
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock
 from pipeline.core.signals import sigterm_as_interrupt
+from pipeline.extract.config import RAY_RETRIES, ExtractConfig
+from pipeline.extract.fingerprints import shard_listing, shard_path
 from pipeline.extract.workarea import WorkArea
+from pipeline.images.listing import Listing
 
 #: How long a retried shard waits when it finds its shard still locked before trying again:
 #: after a node dies, its lock on shared storage (NFS) lingers until the server's lease expires.
@@ -81,8 +85,8 @@ def run_shard(worker: Callable[[object], int], config, threads: int) -> dict:
         threads: the task's share of the node's cores.
 
     Returns:
-        A summary dict: shard, code, summary (what the worker printed), host, pid,
-        resumed_parts, seconds, and rewritten (whether the shard file was written by this task).
+        A summary dict: shard, output (the shard file), code, summary (what the worker printed),
+        host, pid, resumed_parts, seconds, and rewritten (whether the shard file was written by this task).
 
     Raises:
         PipelineError: a user error (not retried).
@@ -109,6 +113,7 @@ def run_shard(worker: Callable[[object], int], config, threads: int) -> dict:
         raise ShardError(f"shard {config.shard} on {socket.gethostname()} was interrupted")
     return {
         "shard": config.shard,
+        "output": config.output,
         "code": code,
         "summary": out.getvalue().strip(),
         "host": socket.gethostname(),
@@ -236,20 +241,28 @@ def _init_ray(ray, address: str | None) -> bool:
         raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
-def run_shards(
-    ray, worker: Callable[[object], int], configs: list, p: Placement, *, retries: int, sizes: list[int], batch_size: int, progress: bool
-) -> list[dict]:
-    """Run ``worker(configs[k])`` for every shard k as Ray tasks laid out by ``p``; wait for all.
+def shard_configs(config: ExtractConfig, p: Placement) -> list[ExtractConfig]:
+    """The config of each shard of a ``--ray`` run: a quiet single-process extract of one shard file, on the task's share of the cores."""
+    return [
+        dataclasses.replace(
+            config, output=shard_path(config.output, k, p.shards), shards=p.shards, shard=k, ray=False, address=None,
+            ray_workers=None, ray_retries=RAY_RETRIES, quiet=True, strict=False, workers=config.workers or p.num_cpus,
+        )  # fmt: skip
+        for k in range(p.shards)
+    ]
+
+
+def run_shards(ray, worker: Callable[[ExtractConfig], int], config: ExtractConfig, listing: Listing, p: Placement) -> list[dict]:
+    """Run ``worker`` on every shard of ``config`` (``shard_configs``) as Ray tasks placed by ``p``; wait for all.
 
     Args:
         ray: the ``ray`` module, initialised (see ``cluster``).
         worker: the stage's ``run``; importable by the workers (Ray sends it by reference).
-        configs: one config per shard, in shard order (``.output`` the shard file, ``.shard`` its index).
-        p: the placement (``place``): resources per task.
-        retries: attempts after the first for a shard whose worker died or failed with an
-            unexpected error (user errors are not retried).
-        sizes, batch_size: files per shard and images per part, for the progress bar.
-        progress: show a progress bar.
+        config: the ``--ray`` run's settings: ``ray_retries`` are the attempts after the first
+            for a shard whose worker died or failed with an unexpected error (user errors are
+            not retried); ``batch_size`` and ``quiet`` set the progress bar.
+        listing: the files of the whole run, counted per shard for the progress bar.
+        p: the placement (``place``): shards, and resources per task.
 
     Returns:
         Each shard's ``run_shard`` summary, in shard order.
@@ -260,6 +273,8 @@ def run_shards(
     """
     from tqdm import tqdm
 
+    configs, retries, batch_size = shard_configs(config, p), config.ray_retries, config.batch_size
+    sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
     task = ray.remote(run_shard).options(
         num_cpus=p.num_cpus,
         num_gpus=p.num_gpus,
@@ -272,7 +287,7 @@ def run_shards(
     results: dict[int, dict] = {}
     failures: list[str] = []
     finished: dict[int, int] = {}
-    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=config.quiet, dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)

@@ -24,8 +24,8 @@ from pipeline.backbones import int8 as engines
 from pipeline.backbones import network as bb
 from pipeline.backbones.weights import resolve_weights
 from pipeline.extract import distributed, preflight
-from pipeline.extract.config import RAY_RETRIES, ExtractConfig
-from pipeline.extract.fingerprints import shard_listing, shard_path
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.fingerprints import shard_path
 from pipeline.extract.incremental import kept_blocks
 from pipeline.extract.loop import extract_rows
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan
@@ -55,8 +55,9 @@ def run(config: ExtractConfig) -> int:
     ray = distributed.import_ray() if config.ray else None
     if ray is not None:  # workers may run elsewhere and in another folder: send absolute paths
         config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
+    longest = shard_path(config.output, 0, 2) if ray is not None else config.output  # the names made beside the output
     preflight.check_not_a_link(config.output)
-    preflight.check_names_fit(shard_path(config.output, 0, 2) if ray is not None else config.output)
+    preflight.check_names_fit(longest)
     preflight.check_outside_folder(config.output, config.data_dir)
     whole = list_images(config.data_dir)  # a bad data folder fails here, before any work
     preflight.check_not_an_input(config.output, whole, config.weights)
@@ -109,17 +110,6 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
     return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict)
 
 
-def _shard_configs(config: ExtractConfig, shards: int, workers: int) -> list[ExtractConfig]:
-    """The config of each of ``shards`` shards of a ``--ray`` run: a quiet single-process extract of one shard file."""
-    return [
-        dataclasses.replace(
-            config, output=shard_path(config.output, k, shards), shards=shards, shard=k, ray=False, address=None,
-            ray_workers=None, ray_retries=RAY_RETRIES, quiet=True, strict=False, workers=workers,
-        )  # fmt: skip
-        for k in range(shards)
-    ]
-
-
 def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     """Carry ``plan`` out on a Ray cluster: every shard a task running ``run`` on its shard file, then merge them into ``config.output``."""
     output, listing = config.output, plan.listing
@@ -131,11 +121,7 @@ def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
             nodes = distributed.alive_nodes(ray)
             p = distributed.place(nodes, config.ray_workers, plan.shards)
             _say(config, f"ray: {len(nodes)} node(s), {p.shards} shards, {p.workers} at once, {'1 GPU + ' if p.num_gpus else ''}{p.num_cpus} CPU(s) per task")
-            configs = _shard_configs(config, p.shards, config.workers or p.num_cpus)
-            sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
-            results = distributed.run_shards(
-                ray, run, configs, p, retries=config.ray_retries, sizes=sizes, batch_size=config.batch_size, progress=not config.quiet
-            )
+            results = distributed.run_shards(ray, run, config, listing, p)
     except KeyboardInterrupt:
         print(f"interrupted; finished shards are kept and running ones resume: run the same command again to finish {output}", file=sys.stderr)
         return 130
@@ -143,7 +129,7 @@ def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     ran = {r["shard"] for r in results if r["rewritten"]}  # the others were up to date
     try:
         with sigterm_as_interrupt():
-            n, n_rej = merge_locked(output, [c.output for c in configs], overwrite=True, command_line=config.command_line, ran=ran)
+            n, n_rej = merge_locked(output, [r["output"] for r in results], overwrite=True, command_line=config.command_line, ran=ran)
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'}) while merging; the shards are complete: run the same command again to merge them into {output}", file=sys.stderr)
         return 130

@@ -11,7 +11,9 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import disk_error
+from pipeline.extract.fingerprints import describe_difference, same_settings
 from pipeline.featurefile import chunks
 from pipeline.images.listing import Listing
 
@@ -88,6 +90,33 @@ class WorkArea:
             os.replace(tmp, self.manifest_path)
         except OSError as exc:
             raise disk_error(self.path, exc) from None
+
+    def resume(self, manifest: dict, fingerprint: dict, overwrite: bool) -> "WorkArea":
+        """Make the work area this run's: its finished parts kept while they still hold, else started afresh; returns self.
+
+        ``manifest`` is what this run records (``fingerprint``, the settings and images, and
+        what else it depends on). An area left with the same settings but other images (or
+        another previous output) keeps the finished parts of files that are unchanged, as an
+        update's kept rows do; one of other settings is removed with ``overwrite`` (or when
+        its manifest is unreadable).
+
+        Raises:
+            PipelineError: an interrupted run with other settings, and ``overwrite`` is not set.
+        """
+        found = self.manifest() if self.exists() else manifest
+        if found != manifest:
+            if found is not None and same_settings(found, fingerprint):
+                self.set_manifest(manifest)
+            elif overwrite or found is None:
+                self.remove()
+            else:
+                raise PipelineError(
+                    f"{self.path}: an interrupted run with other settings ({describe_difference(found, fingerprint)}); "
+                    "re-run with its settings to resume, or pass --overwrite to start again"
+                )
+        if not self.exists():
+            self.start(manifest)
+        return self
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

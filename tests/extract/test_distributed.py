@@ -23,6 +23,7 @@ from pipeline.images.listing import list_images
 from pipeline.extract.fingerprints import shard_of, shard_path
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.verify import stale_sources, verify
+from shard_data import without_sharding
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 
@@ -280,18 +281,13 @@ def _attr(path: Path, name: str):
 def test_a_merged_output_of_another_sharding_differs_in_it(tree, tmp_path):
     """A merged file without `sharding` in its fingerprint is not updated in place: `extract --ray`
     names the difference and asks for --overwrite."""
-    import h5py
-
     data, reference = tree
     out = tmp_path / "x.h5"
     shards = [shard_path(out, k, 2) for k in range(2)]
     for k, p in enumerate(shards):
         assert main(["extract", str(data), "-o", str(p), *FAST, "--shards", "2", "--shard", str(k)]) == 0
     assert main(["merge", str(out), *map(str, shards)]) == 0
-    with h5py.File(out, "r+") as db:
-        fp = json.loads(db.attrs["fingerprint"])
-        del fp["sharding"]
-        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    without_sharding(out)
     before = _identity(out)
     with pytest.raises(PipelineError, match=r"x.h5: exists and differs: sharding None -> 'path-hash'; pass --overwrite to replace it$"):
         extract.run(config(data, out, ray=True))

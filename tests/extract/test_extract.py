@@ -301,15 +301,16 @@ def test_config_validation_names_the_flag_and_the_rule(tmp_path, flags, message)
 def test_flags_build_the_config_with_its_defaults(tmp_path):
     import argparse
 
+    from pipeline.extract import config as settings
     from pipeline.extract import stage
 
     parser = argparse.ArgumentParser()
     stage.add_parser(parser.add_subparsers(dest="command"))
     argv = ["extract", str(tmp_path), "-o", "x.h5", "--ray", "--ray-workers", "2"]
     config = stage.from_args(parser.parse_args(argv), argv)
-    assert config == stage.ExtractConfig(data_dir=tmp_path, output=Path("x.h5"), ray=True, ray_workers=2, command_line=config.command_line)
+    assert config == settings.ExtractConfig(data_dir=tmp_path, output=Path("x.h5"), ray=True, ray_workers=2, command_line=config.command_line)
     assert config.command_line == f"python -m pipeline extract {tmp_path} -o x.h5 --ray --ray-workers 2"
-    assert config.input_size == 224 and config.ray_retries == stage.RAY_RETRIES == 3 and config.validate() is config
+    assert config.input_size == 224 and config.ray_retries == settings.RAY_RETRIES == 3 and config.validate() is config
 
 
 def test_one_decision_for_an_existing_output(tmp_path):

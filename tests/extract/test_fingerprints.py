@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from pipeline.extract.fingerprints import SHARDING, describe_difference, fingerp
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.verify import verify
 from pipeline.backbones.weights import resolve_weights
-from shard_data import N, extract, make_run
+from shard_data import N, extract, make_run, without_sharding
 
 
 def test_shard_of_is_a_stable_hash_of_the_path():
@@ -117,15 +116,8 @@ def test_shards_partition_the_sorted_listing(run, capsys):
 def test_a_shard_file_of_another_sharding_differs_in_it(run, tmp_path, capsys):
     """A shard file without `sharding` in its fingerprint holds other files: a rerun names the
     difference and needs --overwrite, which extracts it again."""
-    import shutil
-
     data, reference, out, shards = run
-    older = tmp_path / shards[2].name
-    shutil.copy2(shards[2], older)
-    with h5py.File(older, "r+") as db:
-        fp = json.loads(db.attrs["fingerprint"])
-        del fp["sharding"]
-        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    older = without_sharding(shards[2], tmp_path / shards[2].name)
     assert extract(data, older, "--shards", str(N), "--shard", "2") == 2
     err = capsys.readouterr().err
     assert err == f"error: {older}: exists and differs: sharding None -> 'path-hash'; pass --overwrite to replace it\n"
