@@ -38,7 +38,7 @@ class Features(NamedTuple):
 
 def _listing(source):
     """A class-per-folder tree's listing, or an unlabelled listing of image paths."""
-    from pipeline.images.reader import Listing, list_images
+    from pipeline.images.listing import Listing, list_images
 
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         return list_images(source), True
@@ -88,7 +88,7 @@ def extract_features(
     from pipeline.backbones.network import get_spec, resolve_precision
     from pipeline.backbones.weights import resolve_weights
     from pipeline.core.config import EXTRACT_PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
-    from pipeline.images.reader import iter_batches
+    from pipeline.images.decode import iter_batches
 
     for name, value, allowed in (("precision", precision, EXTRACT_PRECISIONS), ("resize", resize, RESIZE_METHODS), ("storage", storage, STORAGE_DTYPES)):
         if value not in allowed:
@@ -102,7 +102,7 @@ def extract_features(
     precision = resolve_precision(precision)
     calibration = sample_calibration(listing, input_size=size, resize=resize, weights_checksum=info.checksum, backbone=backbone) if precision == "int8" else None
     net = open_backbone(size, info, precision, batch_size=batch_size, calibration=calibration, progress=progress, backbone=backbone)
-    rows, kept, rejected = [], [], [(p, r) for p, r, *_ in listing.unlisted]
+    rows, kept, rejected = [], [], [(r.path, r.reason) for r in listing.skipped]
     with tqdm(total=len(listing), desc="extract", unit="img", disable=not progress, leave=False) as bar:
         for batch in iter_batches(listing, np.arange(len(listing)), size=size, interpolation=resize, batch_size=batch_size):
             if batch.ok.any():
@@ -125,7 +125,7 @@ class Model:
 
     def __init__(self, path, *, weights: str | None = None, batch_size: int = 32):
         from pipeline.classical.bundle import check_spec, load_bundle
-        from pipeline.classical.predict import open_bundle_network
+        from pipeline.inference.scoring import open_bundle_network
 
         self.path = Path(path)
         self.bundle = load_bundle(self.path)
@@ -137,7 +137,7 @@ class Model:
 
     def _scores(self, images) -> np.ndarray:
         """(n, C) scores, one row per image in input order (NaN rows for unreadable images), columns in ``label_names`` order."""
-        from pipeline.classical.predict import class_scores, collect_images, pooled_batches
+        from pipeline.inference.scoring import class_scores, collect_images, pooled_batches
 
         paths = collect_images([images] if isinstance(images, (str, Path)) else list(images))
         estimator = self.bundle["estimator"]

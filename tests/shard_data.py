@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+
+import h5py
 
 from conftest import make_tree
 from pipeline.cli import main
@@ -39,3 +43,14 @@ def make_run(root: Path):
     out = root / "sharded" / "x.h5"
     shards = extract_shards(data, out)
     return data, reference, out, shards
+
+
+def without_sharding(path: Path, copy_to: Path | None = None) -> Path:
+    """``path`` (or a copy of it at ``copy_to``) with no ``sharding`` in its fingerprint: another sharding than this version's."""
+    if copy_to is not None:
+        path = Path(shutil.copy2(path, copy_to))
+    with h5py.File(path, "r+") as db:
+        fp = json.loads(db.attrs["fingerprint"])
+        del fp["sharding"]
+        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    return path

@@ -7,7 +7,8 @@ import pytest
 
 import pipeline
 from conftest import assert_recomputed_close, by_path, make_tree
-from pipeline.classical import predict, train
+from pipeline.classical import train
+from pipeline.inference import predict
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
 

@@ -13,7 +13,7 @@ from pipeline.cli import COMMANDS
 PACKAGE = ROOT / "pipeline"
 MAX_LINES = 450
 MAX_FOLDER_LINES = 2000
-#: The floors, lowest first: images < backbones < featurefile < extract / classical < nets < compare / bench.
+#: The floors, lowest first: images < backbones < featurefile < extract / classical < nets < inference / compare / bench.
 #: A module of each folder may import its own folder and the folders listed for it.
 ALLOWED = {"core": {"core"}}
 ALLOWED["images"] = ALLOWED["core"] | {"images"}
@@ -23,10 +23,11 @@ ALLOWED["extract"] = ALLOWED["featurefile"] | {"extract"}
 ALLOWED["classical"] = ALLOWED["featurefile"] | {"classical"}
 # LP-FT starts fine-tuning from a classical model bundle: nets may use classical's parts (not its stages).
 ALLOWED["nets"] = ALLOWED["classical"] | {"nets"}
+ALLOWED["inference"] = ALLOWED["nets"] | {"inference"}
 ALLOWED["compare"] = ALLOWED["extract"] | ALLOWED["nets"] | {"compare"}
 ALLOWED["bench"] = ALLOWED["extract"] | ALLOWED["classical"] | {"bench"}
 #: The top floor runs stages: the command line, and the compare and bench families (they call stages).
-TOP = {"pipeline.cli", "pipeline.__main__", "pipeline"} | {
+TOP = {"pipeline.cli", "pipeline.__main__", "pipeline", "pipeline.api"} | {
     ".".join(p.relative_to(ROOT).with_suffix("").parts) for fam in ("compare", "bench") for p in (PACKAGE / fam).glob("*.py") if p.name != "__init__.py"
 }
 STAGES = set(COMMANDS.values()) - TOP

@@ -58,7 +58,7 @@ def argparse_suppress():
 
 def test_flag_defaults_are_the_config_defaults():
     from pipeline.classical.train import TrainConfig
-    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.config import ExtractConfig
 
     for command, cls in (("extract", ExtractConfig), ("train", TrainConfig)):
         defaults = {a.dest: a.default for a in _subparser(command)._actions}

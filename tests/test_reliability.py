@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
-from pipeline.images import reader
+from pipeline.images import decode
+from pipeline.images.listing import list_images
 from pipeline.cli import main
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import verify
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
@@ -230,29 +231,29 @@ def _tiny_png(seed: int) -> bytes:
 
 def test_files_vanishing_or_changing_between_listing_and_reading(tmp_path, monkeypatch):
     data = make_tree(tmp_path / "data", per_class=4)
-    listing = reader.list_images(data)
+    listing = list_images(data)
     (data / "cat" / "001.png").unlink()  # vanished after listing
     write_image(data / "dog" / "002.png", size=(50, 50), seed=42)  # changed after listing: read as it is now
-    batches = list(reader.iter_batches(listing, np.arange(len(listing)), size=32, interpolation="bilinear", batch_size=8))
+    batches = list(decode.iter_batches(listing, np.arange(len(listing)), size=32, interpolation="bilinear", batch_size=8))
     b = batches[0]
     assert b.reasons[1] == "file vanished before it could be read" and not b.ok[1]
     assert b.ok[6]
-    np.testing.assert_array_equal(b.pixels[6], reader.load_image(data / "dog" / "002.png", 32, "bilinear"))
+    np.testing.assert_array_equal(b.pixels[6], decode.load_image(data / "dog" / "002.png", 32, "bilinear"))
 
 
 def test_a_hanging_decode_is_rejected_by_the_time_limit_and_the_run_goes_on(tmp_path, monkeypatch):
     data = make_tree(tmp_path / "data", per_class=3)
-    real = reader.load_image
+    real = decode.load_image
 
     def slow(path, size, interpolation):
         if Path(path).name == "001.png" and Path(path).parent.name == "cat":
             time.sleep(5)  # a decoder stuck far beyond the limit
         return real(path, size, interpolation)
 
-    monkeypatch.setattr(reader, "load_image", slow)
-    listing = reader.list_images(data)
+    monkeypatch.setattr(decode, "load_image", slow)
+    listing = list_images(data)
     t0 = time.perf_counter()
-    batches = list(reader.iter_batches(listing, np.arange(6), size=32, interpolation="bilinear", batch_size=4, workers=2, timeout=0.5))
+    batches = list(decode.iter_batches(listing, np.arange(6), size=32, interpolation="bilinear", batch_size=4, workers=2, timeout=0.5))
     assert time.perf_counter() - t0 < 4.0, "the run must not wait for the stuck decode"
     ok = np.concatenate([b.ok for b in batches])
     reasons = sum((b.reasons for b in batches), [])

@@ -63,7 +63,7 @@ def open_backbone(
         input_size, weights, batch_size: as for ``backbone.Backbone``.
         backbone: the network (``backbone.BACKBONES``); default: the one ``weights`` are for.
         precision: a resolved precision (``float32``, ``bfloat16``, ``float16`` or ``int8``).
-        calibration: for ``int8``, the model to use (``plan_calibration``, ``sample_calibration``
+        calibration: for ``int8``, the model to use (``sample_calibration``
             or ``Calibration.known``).
         progress: say on stderr when an int8 model is being calibrated.
 
@@ -178,30 +178,6 @@ def sample_calibration(
     return Calibration(key, digest, k, seed, Path(listing.root), tuple(listing.paths[i] for i in pick.tolist()), resize)
 
 
-#: Fingerprint settings an int8 output's model depends on: when an existing output agrees
-#: on them, an update keeps its model (and so computes features like its kept rows).
-_MODEL_SETTINGS = ("backbone", "layer", "preprocessing", "input_size", "resize", "weights_checksum")
-
-
-def plan_calibration(listing, old: dict | None, *, input_size: int, resize: str, weights) -> Calibration:
-    """The calibration of an int8 extraction of ``listing``.
-
-    An existing int8 output made with the same network settings (``old``, its fingerprint)
-    keeps its model, so an incremental update or a rerun computes new rows like its kept
-    ones; otherwise a fresh seeded sample of ``listing`` (``sample_calibration``). Pass
-    ``old=None`` to calibrate afresh (``--overwrite``).
-    """
-    fresh = sample_calibration(listing, input_size=input_size, resize=resize, weights_checksum=weights.checksum, backbone=weights.backbone)
-    if not old or old.get("precision") != INT8 or not old.get("calibration") or old["calibration"] == fresh.key:
-        return fresh
-    spec = get_spec(weights.backbone)
-    ours = {"backbone": spec.name, "layer": spec.layer, "preprocessing": spec.preprocessing,
-            "input_size": input_size, "resize": resize, "weights_checksum": weights.checksum}  # fmt: skip
-    if all(old.get(k) == ours[k] for k in _MODEL_SETTINGS):
-        return Calibration.known(old["calibration"])
-    return fresh
-
-
 def models_dir() -> Path:
     """Where int8 models are cached: ``int8/`` in the pipeline cache (``$PIPELINE_CACHE``, else ``~/.cache/transfer-pipeline``)."""
     from pipeline.backbones.weights import cache_dir
@@ -256,7 +232,7 @@ def missing_model_message(key: str) -> str:
 
 
 def _load_calibration_pixels(calibration: Calibration, input_size: int, resize: str) -> np.ndarray:
-    from pipeline.images.reader import RejectedImage, load_image
+    from pipeline.images.decode import load_image, RejectedImage
 
     rows = []
     for p in calibration.paths:

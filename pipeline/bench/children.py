@@ -44,7 +44,7 @@ def _peak_rss_mb() -> float:
 
 
 def _paths(data: Path) -> list[Path]:
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(data)
     return [listing.root / p for p in listing.paths]
@@ -53,7 +53,7 @@ def _paths(data: Path) -> list[Path]:
 def _calibration(data: Path, size: int, weights):
     """The int8 calibration ``extract --precision int8`` picks for ``data`` (so every step uses one model)."""
     from pipeline.backbones.int8 import sample_calibration
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     return sample_calibration(list_images(data), input_size=size, resize="bilinear", weights_checksum=weights.checksum)
 
@@ -61,7 +61,7 @@ def _calibration(data: Path, size: int, weights):
 def _child_compute(data: Path, size: int, batch: int, precision: str) -> dict:
     """The network alone on preprocessed batches already in memory: the hardware limit."""
     from pipeline.backbones.int8 import open_backbone
-    from pipeline.images.reader import load_image
+    from pipeline.images.decode import load_image
     from pipeline.backbones.weights import resolve_weights
 
     paths = _paths(data)
@@ -113,7 +113,7 @@ def _child_naive(data: Path, size: int, batch: int, out: Path) -> dict:
 def _child_interleaved(data: Path, size: int, batch: int, precisions: list[str], rounds: int) -> dict:
     """Every precision's network in one process, called in turn batch by batch: ratios a shared machine's load cannot skew."""
     from pipeline.backbones.int8 import open_backbone
-    from pipeline.images.reader import load_image
+    from pipeline.images.decode import load_image
     from pipeline.backbones.weights import resolve_weights
 
     pixels = np.stack([load_image(p, size, "bilinear") for p in _paths(data)])
@@ -154,12 +154,13 @@ def _child_calibrate(data: Path, size: int) -> dict:
 def _child_extract(data: Path, size: int, batch: int, precision: str, out: Path, **settings) -> dict:
     import h5py
 
-    from pipeline.extract.stage import ExtractConfig, run
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
 
     out.unlink(missing_ok=True)  # a fresh extraction each repeat, never "up to date"
     t0 = time.perf_counter()
     cfg = ExtractConfig(data_dir=data, output=out, input_size=size, batch_size=batch, precision=precision, quiet=True, **settings)
-    if run(cfg) != 0:
+    if extract.run(cfg) != 0:
         raise PipelineError("extract failed inside the benchmark")
     wall = time.perf_counter() - t0
     with h5py.File(out, "r") as db:

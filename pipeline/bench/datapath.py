@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile import chunks
-from pipeline.images.reader import iter_batches, list_images
+from pipeline.images.listing import list_images
+from pipeline.images.decode import iter_batches
 from pipeline.extract.loop import extract_rows
 from pipeline.featurefile.store import open_features, write_feature_file
 from pipeline.extract.workarea import WorkArea

@@ -92,7 +92,7 @@ def _run_child(*args: str) -> dict:
 
 def _sample_tree(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
     """Symlink ``n`` images of ``src`` (evenly spread over its sorted listing, after ``skip``) into a class tree."""
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(src)
     pick = np.linspace(0, len(listing) - 1, num=min(n + skip, len(listing))).astype(int)[skip:]
@@ -201,7 +201,8 @@ def _memory_scaling(args, tmp: Path, say) -> dict:
 
 def _incremental(args, tmp: Path, say) -> dict:
     """A full run, then 1% added, then 1% removed: the updates must cost a small fraction."""
-    from pipeline.extract.stage import ExtractConfig, run
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
 
     n = args.incremental_images
     tree = _sample_tree(args.data / "train", tmp / "inc", n)
@@ -210,7 +211,7 @@ def _incremental(args, tmp: Path, say) -> dict:
 
     def timed() -> float:
         t0 = time.perf_counter()
-        if run(cfg) != 0:
+        if extract.run(cfg) != 0:
             raise PipelineError("extract failed inside the incremental benchmark")
         return time.perf_counter() - t0
 
@@ -218,7 +219,7 @@ def _incremental(args, tmp: Path, say) -> dict:
     k = max(1, n // 100)
     extra = _sample_tree(args.data / "test", tmp / "inc", k)  # 1% new images, from the test split
     add = timed()
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(extra)
     for p in listing.paths[:: max(1, len(listing) // k)][:k]:
@@ -233,8 +234,8 @@ def _accuracy(args, say) -> dict:
     """Logistic regression (``train``'s protocol: C chosen by cross-validation on the training
     features) on the default data's features at each precision, against float32; and the
     cosine similarity of each image's features to its float32 features."""
-    from pipeline.extract.stage import ExtractConfig
-    from pipeline.extract.stage import run as extract
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
 
     results = {}
     folder = args.output / "features"
@@ -246,7 +247,7 @@ def _accuracy(args, say) -> dict:
         for split in ("train", "test"):
             files[split] = folder / f"{precision}-{split}.h5"
             cfg = ExtractConfig(data_dir=args.data / split, output=files[split], precision=precision, quiet=True, batch_size=args.batch_size)
-            if extract(cfg) != 0:
+            if extract.run(cfg) != 0:
                 raise PipelineError(f"extract failed for {files[split]}")
         results[precision] = _lr_accuracy(files["train"], files["test"], args.output / f"lr-{precision}")
         if precision != "float32":

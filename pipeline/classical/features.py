@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.classical.interrupts import stop_if_terminated
+from pipeline.core.signals import stop_if_terminated
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile.store import FeatureFile
 

@@ -55,7 +55,7 @@ from pipeline.classical.features import (
     shuffled_batches,
     stream_rows,
 )
-from pipeline.classical.interrupts import stop_if_terminated
+from pipeline.core.signals import stop_if_terminated
 from pipeline.classical.models import MODELS
 from pipeline.classical.search import SearchResult, blas_limit, hit_max_iter, quiet_convergence, search
 from pipeline.core.errors import PipelineError

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.classical.features import progress_bar
-from pipeline.classical.interrupts import stop_if_terminated
+from pipeline.core.signals import stop_if_terminated
 from pipeline.classical.models import MODELS, ModelFamily
 
 

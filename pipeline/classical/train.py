@@ -23,8 +23,8 @@ import numpy as np
 from pipeline.classical.bundle import make_bundle, write_bundle
 from pipeline.classical.features import POOLS, SCALINGS, pooled_dim, read_groups
 from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream
-from pipeline.classical.guard import refuse_inputs_as_outputs
-from pipeline.classical.interrupts import finish_first, stop_if_terminated, stop_on_sigterm
+from pipeline.core.guard import refuse_inputs_as_outputs
+from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
 from pipeline.core import config as settings
 from pipeline.core.command import Command
@@ -211,7 +211,7 @@ def run(config: TrainConfig) -> dict:
     grid = config.search_grid()
     output = Path(config.output)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(stop_on_sigterm())
+        stack.enter_context(sigterm_as_interrupt())
         _load_libraries()
         ff = stack.enter_context(open_features(config.features))
         test_ff = None

@@ -45,7 +45,7 @@ def nested_subsets(train_dir: Path, sizes: tuple[int, ...], seed: int) -> dict[i
     Raises:
         PipelineError: a class has fewer images than the largest size.
     """
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     listing = list_images(train_dir)
     paths = np.asarray(listing.paths, dtype=object)

@@ -129,12 +129,12 @@ def _conv_base_bytes() -> int:
 
 
 def _extract(config: CompareConfig, split: str) -> Path:
-    from pipeline.extract.stage import ExtractConfig
-    from pipeline.extract.stage import run
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
 
     out = config.output / f"{split}.h5"
     cfg = ExtractConfig(data_dir=config.data_root / split, output=out, input_size=config.input_size, weights=config.weights, quiet=config.quiet)
-    if run(cfg) not in (0, 1):
+    if extract.run(cfg) not in (0, 1):
         raise PipelineError(f"extract of {config.data_root / split} failed")
     return out
 

@@ -244,32 +244,3 @@ def is_within(path: Path, folder: Path) -> bool:
     """Whether ``path`` (existing or not) lies inside ``folder`` or is ``folder``, by resolved paths."""
     p, f = os.path.realpath(path), os.path.realpath(folder)
     return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM turned into an interrupt, so ``with`` blocks (locks, temporary files) unwind as for Ctrl-C."""
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread.
-
-    Locks are released and temporary files removed on the way out, previous outputs stay
-    intact, and the CLI prints its one-line "interrupted" message. Outside the main thread
-    (where Python cannot install handlers) the block runs unchanged.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -1,8 +1,8 @@
-"""Ray runner: a list of per-shard configs as Ray tasks (a GPU each where there are GPUs), retried when a worker dies; the caller says what a task runs.
+"""Ray runner: one extraction's shards as Ray tasks (a GPU each where there are GPUs), retried when a worker dies; the caller says what a task runs.
 
-``extract --ray`` (``pipeline.extract.stage``) decides what needs doing, lays the
-shards out with ``plan``, builds one config per shard and hands them here with its own
-``run`` as the worker: each task calls ``worker(config)`` on one shard file
+``extract --ray`` (``pipeline.extract.stage``) decides what needs doing
+(``pipeline.extract.plan``), places the shards with ``place`` and hands its config here with
+its own ``run`` as the worker: each task calls ``worker(shard_config)`` on one shard file
 (``OUT.shard-0000K-of-0000N.h5`` next to ``OUT.h5``). Everything the single-process path
 has comes with it per shard: rejects, the lock, incremental updates and resume after a
 kill, so a task Ray retries after its worker died carries on from its shard's work area
@@ -18,11 +18,10 @@ Ray is optional (``pip install .[ray]``) and imported only here, only when used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
-import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,11 @@ from typing import Callable, Iterator
 
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import OutputLock
+from pipeline.core.signals import sigterm_as_interrupt
+from pipeline.extract.config import RAY_RETRIES, ExtractConfig
+from pipeline.extract.fingerprints import shard_listing, shard_path
 from pipeline.extract.workarea import WorkArea
+from pipeline.images.listing import Listing
 
 #: How long a retried shard waits when it finds its shard still locked before trying again:
 #: after a node dies, its lock on shared storage (NFS) lingers until the server's lease expires.
@@ -82,8 +85,8 @@ def run_shard(worker: Callable[[object], int], config, threads: int) -> dict:
         threads: the task's share of the node's cores.
 
     Returns:
-        A summary dict: shard, code, summary (what the worker printed), host, pid,
-        resumed_parts, seconds, and rewritten (whether the shard file was written by this task).
+        A summary dict: shard, output (the shard file), code, summary (what the worker printed),
+        host, pid, resumed_parts, seconds, and rewritten (whether the shard file was written by this task).
 
     Raises:
         PipelineError: a user error (not retried).
@@ -110,6 +113,7 @@ def run_shard(worker: Callable[[object], int], config, threads: int) -> dict:
         raise ShardError(f"shard {config.shard} on {socket.gethostname()} was interrupted")
     return {
         "shard": config.shard,
+        "output": config.output,
         "code": code,
         "summary": out.getvalue().strip(),
         "host": socket.gethostname(),
@@ -129,8 +133,8 @@ def _locked(output: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How the shards are laid out on the cluster."""
+class Placement:
+    """How the shards are placed on the cluster."""
 
     workers: int  # shard tasks running at once
     shards: int
@@ -138,7 +142,7 @@ class Plan:
     num_gpus: int  # per task (0 or 1)
 
 
-def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
+def place(nodes: list[dict], workers: int | None, shards: int | None) -> Placement:
     """Choose tasks' resources from the alive nodes' Ray resources.
 
     With GPUs: one GPU per task, the GPU nodes' CPUs split evenly among their GPUs, one
@@ -151,7 +155,7 @@ def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
         n_gpus = sum(int(r["GPU"]) for r in gpu_nodes)
         cpus = max(1, min(int(r.get("CPU", 1)) // int(r["GPU"]) for r in gpu_nodes))
         workers = workers or n_gpus
-        return Plan(workers, shards or workers, cpus, 1)
+        return Placement(workers, shards or workers, cpus, 1)
     node_cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU", 0) >= 1]
     if not node_cpus:
         raise PipelineError("the Ray cluster has no CPU or GPU to run tasks on")
@@ -160,7 +164,7 @@ def plan(nodes: list[dict], workers: int | None, shards: int | None) -> Plan:
         cpus = min(node_cpus)
     else:
         cpus = max(1, min(max(node_cpus), sum(node_cpus) // workers))
-    return Plan(workers, shards or workers, cpus, 0)
+    return Placement(workers, shards or workers, cpus, 0)
 
 
 def alive_nodes(ray) -> list[dict]:
@@ -190,23 +194,14 @@ def cluster(ray, address: str | None) -> Iterator[None]:
     Ctrl-C (a ``KeyboardInterrupt``): tasks cancelled, work areas kept, our cluster shut down.
     """
     started = False
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main = threading.current_thread() is threading.main_thread()
     try:
-        if in_main:
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        if not ray.is_initialized():
-            started = _init_ray(ray, address)
-        yield
+        with sigterm_as_interrupt():
+            if not ray.is_initialized():
+                started = _init_ray(ray, address)
+            yield
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -246,20 +241,28 @@ def _init_ray(ray, address: str | None) -> bool:
         raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
-def run_shards(
-    ray, worker: Callable[[object], int], configs: list, p: Plan, *, retries: int, sizes: list[int], batch_size: int, progress: bool
-) -> list[dict]:
-    """Run ``worker(configs[k])`` for every shard k as Ray tasks laid out by ``p``; wait for all.
+def shard_configs(config: ExtractConfig, p: Placement) -> list[ExtractConfig]:
+    """The config of each shard of a ``--ray`` run: a quiet single-process extract of one shard file, on the task's share of the cores."""
+    return [
+        dataclasses.replace(
+            config, output=shard_path(config.output, k, p.shards), shards=p.shards, shard=k, ray=False, address=None,
+            ray_workers=None, ray_retries=RAY_RETRIES, quiet=True, strict=False, workers=config.workers or p.num_cpus,
+        )  # fmt: skip
+        for k in range(p.shards)
+    ]
+
+
+def run_shards(ray, worker: Callable[[ExtractConfig], int], config: ExtractConfig, listing: Listing, p: Placement) -> list[dict]:
+    """Run ``worker`` on every shard of ``config`` (``shard_configs``) as Ray tasks placed by ``p``; wait for all.
 
     Args:
         ray: the ``ray`` module, initialised (see ``cluster``).
         worker: the stage's ``run``; importable by the workers (Ray sends it by reference).
-        configs: one config per shard, in shard order (``.output`` the shard file, ``.shard`` its index).
-        p: the layout (``plan``): resources per task.
-        retries: attempts after the first for a shard whose worker died or failed with an
-            unexpected error (user errors are not retried).
-        sizes, batch_size: files per shard and images per part, for the progress bar.
-        progress: show a progress bar.
+        config: the ``--ray`` run's settings: ``ray_retries`` are the attempts after the first
+            for a shard whose worker died or failed with an unexpected error (user errors are
+            not retried); ``batch_size`` and ``quiet`` set the progress bar.
+        listing: the files of the whole run, counted per shard for the progress bar.
+        p: the placement (``place``): shards, and resources per task.
 
     Returns:
         Each shard's ``run_shard`` summary, in shard order.
@@ -270,6 +273,8 @@ def run_shards(
     """
     from tqdm import tqdm
 
+    configs, retries, batch_size = shard_configs(config, p), config.ray_retries, config.batch_size
+    sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
     task = ray.remote(run_shard).options(
         num_cpus=p.num_cpus,
         num_gpus=p.num_gpus,
@@ -282,7 +287,7 @@ def run_shards(
     results: dict[int, dict] = {}
     failures: list[str] = []
     finished: dict[int, int] = {}
-    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=config.quiet, dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)

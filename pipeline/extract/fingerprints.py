@@ -4,11 +4,6 @@ A file's shard is a hash of its path relative to the data folder, modulo the num
 shards. It depends on nothing else, so adding or removing images never moves another
 image to another shard: after adding 1% of the images, each shard of an ``extract
 --ray`` rerun extracts only its own new images, as a single-process update does.
-
-Shard files written before this scheme took every N-th file of the sorted listing
-(``LEGACY_SHARDING``); their fingerprints carry no ``sharding`` key. They are told apart
-by that: ``merge`` refuses to mix them with path-hash shards, and ``extract`` over them
-reports the difference and asks for ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -20,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.images.listing import Listing
 from pipeline.backbones.registry import get_spec
-from pipeline.images.reader import Listing
 
 #: How files are assigned to shards; recorded in the fingerprint of every sharded output.
 SHARDING = "path-hash"
-#: The scheme of sharded fingerprints that have no ``sharding`` key: every N-th file of the
-#: sorted listing, so one added image moved every later image to another shard.
-LEGACY_SHARDING = "every-nth"
 #: Fingerprint keys that may differ for an incremental update (the images themselves, and
 #: where they are: rows are matched by relative path and file version, not by folder).
 LISTING_KEYS = ("listing_sha256", "n_files", "class_names", "data_dir", "whole_listing_sha256", "whole_n_files")
@@ -50,18 +42,13 @@ def shard_of(path: str, shards: int) -> int:
 def shard_listing(listing: Listing, shards: int, shard: int) -> Listing:
     """The files of ``listing`` that belong to shard ``shard`` of ``shards``, in listing order.
 
-    Files that can never be images (``listing.unlisted``) are assigned the same way, so
-    each is rejected in exactly one shard.
+    The files the listing skipped (``listing.skipped``) are assigned the same way, so each
+    is rejected in exactly one shard.
     """
     if shards == 1:
         return listing
     keep = np.flatnonzero(np.fromiter((shard_of(p, shards) == shard for p in listing.paths), bool, len(listing)))
-    mine = [k for k, u in enumerate(listing.unlisted) if shard_of(u[0], shards) == shard]
-    return dataclasses.replace(
-        listing.select(keep),
-        unlisted=tuple(listing.unlisted[k] for k in mine),
-        unlisted_versions=tuple(listing.unlisted_versions[k] for k in mine),
-    )
+    return dataclasses.replace(listing.select(keep), skipped=tuple(r for r in listing.skipped if shard_of(r.path, shards) == shard))
 
 
 def shard_path(output: Path, shard: int, shards: int) -> Path:
@@ -103,7 +90,7 @@ def fingerprint(
         "precision": precision,
         "storage": storage,
         "class_names": list(listing.class_names),
-        "n_files": len(listing) + len(listing.unlisted),
+        "n_files": len(listing) + len(listing.skipped),
         "listing_sha256": listing.digest(),
         "shards": shards,
         "shard": shard,
@@ -111,19 +98,12 @@ def fingerprint(
     }
     if calibration is not None:
         fp["calibration"] = calibration
-    if shards > 1:  # one shard is the whole listing, whatever the scheme
+    if shards > 1:
         whole = listing if whole is None else whole
         fp["sharding"] = SHARDING
         fp["whole_listing_sha256"] = whole.digest()
-        fp["whole_n_files"] = len(whole) + len(whole.unlisted)
+        fp["whole_n_files"] = len(whole) + len(whole.skipped)
     return fp
-
-
-def sharding_of(fp: dict) -> str | None:
-    """The sharding scheme of a fingerprint (None for an unsharded one)."""
-    if int(fp.get("shards", 1)) <= 1:
-        return None
-    return fp.get("sharding", LEGACY_SHARDING)
 
 
 def merged_fingerprint(shard_fingerprints: list[dict]) -> dict:
@@ -145,16 +125,8 @@ def merged_fingerprint(shard_fingerprints: list[dict]) -> dict:
 
 def describe_difference(old: dict, new: dict) -> str:
     """One phrase naming what differs between two fingerprints."""
-    diffs = []
-    for key in new:
-        if key in _DIGEST_KEYS:
-            continue
-        before = sharding_of(old) if key == "sharding" else old.get(key)
-        if before != new[key]:
-            diffs.append(f"{key} {before!r} -> {new[key]!r}")
-    # Shards of two schemes hold other files, so their digests differ anyway: name only the scheme.
-    schemes = {sharding_of(old), sharding_of(new)}
-    if old.get("listing_sha256") != new["listing_sha256"] and not (None not in schemes and len(schemes) == 2):
+    diffs = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key not in _DIGEST_KEYS and old.get(key) != value]
+    if old.get("listing_sha256") != new["listing_sha256"]:
         diffs.append(f"the images changed ({old.get('n_files')} files before, {new['n_files']} now, or files modified)")
     return "; ".join(diffs) or "nothing"
 

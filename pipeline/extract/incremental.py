@@ -1,113 +1,64 @@
-"""Incremental updates: which rows and rejects of a previous complete output still hold for the current listing, and reading those rows back."""
+"""Incremental updates: which rows and rejections of a previous complete output still hold for the current listing (same path, file version and class), and reading those rows back as blocks, whole compressed chunks as they are stored."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 
 from pipeline.featurefile import chunks
-from pipeline.images.reader import UNKNOWN, Listing, Reject
+from pipeline.featurefile.schema import RowBlock
+from pipeline.featurefile.store import stored_rows
+from pipeline.images.listing import Listing, Reject
 
-#: The version columns of a feature file (rows, and rejected/), in ``Listing.versions`` order.
-VERSION_COLUMNS = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
 
-
-@dataclass
-class Base:
-    """What an incremental run keeps of the previous complete output."""
+@dataclass(frozen=True)
+class Kept:
+    """What an update keeps of the previous complete output at ``path``."""
 
     path: Path
-    fingerprint: dict
-    keep_rows: np.ndarray  # rows of the old file still valid (ascending)
-    keep_index: np.ndarray  # their listing indices
-    kept_rejected: list[Reject]  # old rejects still valid
-    kept_rejected_index: np.ndarray
+    rows: np.ndarray  # rows of the old file still valid (ascending)
+    index: np.ndarray  # their listing indices
+    rejected: list[Reject]  # old rejections still valid
+    rejected_index: np.ndarray
     old_rows: int
 
     @property
     def covered(self) -> np.ndarray:
-        """Listing indices this base already accounts for (kept rows and kept rejects)."""
-        return np.concatenate([self.keep_index, self.kept_rejected_index]).astype(np.int64)
+        """Listing indices this update already accounts for (kept rows and kept rejections)."""
+        return np.concatenate([self.index, self.rejected_index]).astype(np.int64)
 
 
-def _versions(group: h5py.Group, n: int) -> np.ndarray:
-    """``(n, 4)`` versions of a group's rows; a column an older file lacks is unknown (-1), so its rows never match."""
-    return np.stack([group[c][:] if c in group else np.full(n, UNKNOWN, np.int64) for c in VERSION_COLUMNS], axis=1).astype(np.int64)
-
-
-def _rejects(db: h5py.File) -> list[Reject]:
-    """The ``rejected/`` records of an open feature file (an unknown limit is "?")."""
-    rej = db["rejected"]
-    k = rej["paths"].shape[0]
-    versions = _versions(rej, k).tolist()
-    limits = [x.decode("utf-8", "replace") for x in rej["limits"][:]] if "limits" in rej else ["?"] * k
-    reasons = [x.decode("utf-8", "replace") for x in rej["reasons"][:]]
-    return [Reject(os.fsdecode(p), r, *v, lim) for p, r, v, lim in zip(rej["paths"][:], reasons, versions, limits)]
-
-
-def rejects_to_retry(output: Path, keep_rejected: Callable[[str], bool]) -> int:
-    """How many rejections of the complete file ``output`` would not be kept (their limit changed, or a retry was asked for)."""
-    try:
-        with h5py.File(output, "r") as db:
-            return sum(not keep_rejected(r.limit) for r in _rejects(db))
-    except Exception:  # not a readable feature file: the caller's fingerprint check decides
-        return 0
-
-
-def plan_incremental(output: Path, old: dict, listing: Listing, keep_rejected: Callable[[str], bool] = lambda limit: True) -> Base:
+def find_kept(output: Path, listing: Listing, keep_rejected: Callable[[str], bool] = lambda limit: True) -> Kept:
     """Match the old file's rows to the listing by path, version (size, mtime, inode, ctime) and class.
 
     A rejection is kept only if its file is unchanged and ``keep_rejected(limit)``: a
     rejection caused by a limit that has changed since is decoded again.
     """
-    pos = {p: i for i, p in enumerate(listing.paths)}
-    with h5py.File(output, "r") as db:
-        names = [os.fsdecode(x) for x in db["label_names"][:]]
-        old_paths = [os.fsdecode(x) for x in db["paths"][:]]
-        versions, labels = _versions(db, len(old_paths)), db["labels"][:]
-        rejects = _rejects(db)
-
-    def unchanged(paths: list[str], old_versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.asarray([pos.get(p, -1) for p in paths], np.int64)
-        ok = idx >= 0
-        if ok.any():
-            ok[ok] = (listing.versions(idx[ok]) == old_versions[ok]).all(axis=1)
-        return idx, ok
-
-    idx, ok = unchanged(old_paths, versions)
-    keep_rows, keep_index = [], []
-    for r in np.flatnonzero(ok).tolist():
-        i = int(idx[r])
-        if listing.class_names[listing.labels[i]] == names[labels[r]]:
-            keep_rows.append(r)
-            keep_index.append(i)
-    ridx, rok = unchanged([rec.path for rec in rejects], np.asarray([rec[2:6] for rec in rejects], np.int64).reshape(-1, 4))
-    kept_rejected, kept_rejected_index = [], []
-    for rec, i, good in zip(rejects, ridx.tolist(), rok.tolist()):
-        if good and keep_rejected(rec.limit):
-            kept_rejected.append(rec)
-            kept_rejected_index.append(i)
-    return Base(
-        output, old, np.asarray(keep_rows, np.int64), np.asarray(keep_index, np.int64),
-        kept_rejected, np.asarray(kept_rejected_index, np.int64), len(old_paths),
+    paths, versions, classes, rejects = stored_rows(output)
+    idx, same = listing.match(paths, versions)
+    rows = [r for r in np.flatnonzero(same).tolist() if listing.class_names[listing.labels[idx[r]]] == classes[r]]
+    ridx, rsame = listing.match([r.path for r in rejects], np.asarray([r[2:6] for r in rejects], np.int64).reshape(-1, 4))
+    kept = [k for k, (rec, good) in enumerate(zip(rejects, rsame.tolist())) if good and keep_rejected(rec.limit)]
+    return Kept(
+        output, np.asarray(rows, np.int64), idx[rows].astype(np.int64),
+        [rejects[k] for k in kept], ridx[kept].astype(np.int64), len(paths),
     )  # fmt: skip
 
 
-def base_rows(base: Base, listing: Listing, block: int = 1024):
+def kept_blocks(kept: Kept, listing: Listing, block: int = 1024) -> Iterator[RowBlock]:
     """The kept rows of the previous output, in their old order, a block at a time.
 
     Where every row of one of the old file's chunks is kept, the chunk comes as it is stored
-    (``chunks.Packed``, read with ``read_direct_chunk``), so a file of the same layout copies
-    it without recompressing; the other kept rows come as values.
+    (``chunks.Packed``, read with ``read_direct_chunk``), so the new file copies it without
+    recompressing; the other kept rows come as values.
     """
-    with h5py.File(base.path, "r") as db:
+    with h5py.File(kept.path, "r") as db:
         feats = db["features"]
-        rows, index = base.keep_rows, base.keep_index
+        rows, index = kept.rows, kept.index
         layout = chunks.layout_of(feats)
         whole = np.zeros(0, bool)
         if layout is not None and len(rows):
@@ -126,8 +77,7 @@ def base_rows(base: Base, listing: Listing, block: int = 1024):
                     data.append(raw)
                     stop += layout.rows
                 if data:
-                    f = chunks.Packed(layout, data, [layout.rows] * len(data))
-                    yield _meta_block(f, listing, index[start:stop])
+                    yield RowBlock.of(chunks.Packed(layout, data, [layout.rows] * len(data)), listing, index[start:stop])
                     start = stop
                     continue
             stop = start + 1
@@ -136,10 +86,5 @@ def base_rows(base: Base, listing: Listing, block: int = 1024):
             r = rows[start:stop]
             lo, hi = int(r[0]), int(r[-1]) + 1
             # Kept rows are mostly dense: one contiguous read, then pick; sparse ones one by one.
-            f = feats[lo:hi][r - lo] if hi - lo <= 2 * len(r) else feats[r]
-            yield _meta_block(f, listing, index[start:stop])
+            yield RowBlock.of(feats[lo:hi][r - lo] if hi - lo <= 2 * len(r) else feats[r], listing, index[start:stop])
             start = stop
-
-
-def _meta_block(f, listing: Listing, i: np.ndarray) -> tuple:
-    return f, listing.labels[i], [listing.paths[k] for k in i.tolist()], listing.sizes[i], listing.mtimes_ns[i], listing.inodes[i], listing.ctimes_ns[i]

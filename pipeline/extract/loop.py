@@ -11,7 +11,8 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile import chunks
 from pipeline.backbones import int8 as engines
-from pipeline.images.reader import Listing, iter_batches
+from pipeline.images.listing import Listing
+from pipeline.images.decode import iter_batches
 from pipeline.extract.workarea import WorkArea
 
 
@@ -108,7 +109,7 @@ def extract_rows(
         weights, precision: the resolved ``WeightsInfo`` and compute precision.
         input_size, batch_size, storage, resize, workers, image_timeout: the extraction's settings.
         progress: show a progress bar; ``done`` rows count as already done in it.
-        calibration: for ``int8``, the quantized model to use (``engines.plan_calibration``).
+        calibration: for ``int8``, the quantized model to use (``extract.plan.make_plan`` chooses it).
         net: the network to run (default: built from the settings); ``bench --data-path`` passes
             a stub replaying real features, to measure everything but the network.
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from pipeline.core.command import Command
 from pipeline.core.config import option
-from pipeline.core.outputs import OutputLock, sigterm_as_interrupt
+from pipeline.core.outputs import OutputLock
+from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.shardset import merge_locked
 
 
@@ -48,11 +49,11 @@ def run(config: MergeConfig) -> int:
 
     Raises:
         PipelineError: a shard is missing, given twice, incomplete or unreadable, made from
-            another data folder or another state of it, with other settings or weights (or an
-            older sharding) than the others, or overlapping another; the output is one of the
+            another data folder or another state of it, with other settings or weights than
+            the others, or overlapping another; the output is one of the
             shards (however spelled) or a symbolic link, exists (without ``--overwrite``), is
             locked or cannot be written.
-        KeyboardInterrupt: SIGINT or SIGTERM (``core.outputs.Terminated``); nothing is left behind.
+        KeyboardInterrupt: SIGINT or SIGTERM (``core.signals.Terminated``); nothing is left behind.
     """
     output = Path(config.output)
     # SIGTERM unwinds like Ctrl-C: the lock and the temporary file go, a previous output stays.

@@ -9,12 +9,12 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import is_within, same_file
-from pipeline.images.reader import Listing
+from pipeline.images.listing import Listing
 
 #: Digits of the process id in a temporary name (Linux's pid_max is at most 4194304).
 PID_DIGITS = 7
-#: The longest name created inside the work area (``.part-000000000.tmp.npz``).
-PART_NAME = ".part-000000000.tmp.npz"
+#: The longest name created inside the work area (``.part-000000000.tmp``).
+PART_NAME = ".part-000000000.tmp"
 _FEATURE_SUFFIXES = (".h5", ".hdf5")
 
 
@@ -110,7 +110,7 @@ def check_not_an_input(output: Path, listing: Listing, weights: str | None = Non
     # Candidates: files with the output's inode (links, hard links), and feature-file names
     # (a link to an output that does not exist yet).
     candidates = [listing.paths[i] for i in np.flatnonzero(listing.inodes == inode).tolist()] if inode is not None else []
-    candidates += [u[0] for u, (ino, _) in zip(listing.unlisted, listing.unlisted_versions) if ino == inode or u[0].lower().endswith(_FEATURE_SUFFIXES)]
+    candidates += [r.path for r in listing.skipped if r.inode == inode or r.path.lower().endswith(_FEATURE_SUFFIXES)]
     for path in candidates:
         if same_file(root / path, output):
             raise PipelineError(f"{output}: is the data folder's file {root / path}; write the output elsewhere")

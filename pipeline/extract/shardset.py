@@ -1,4 +1,4 @@
-"""Shard sets: read and check one extraction's shard files, write the merged file of HDF5 virtual datasets over them, and tell whether a merged file still reads what was merged.
+"""Shard sets: read and check one extraction's shard files, and write the merged file of HDF5 virtual datasets over them.
 
 The merged file's ``features``, ``labels``, ``paths`` and file versions (``file_sizes``,
 ``file_mtimes_ns``, ``file_inodes``, ``file_ctimes_ns``) are virtual datasets (VDS) over the shards: no feature is copied, and h5py,
@@ -20,22 +20,20 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, atomic_output, same_file, sigterm_as_interrupt
-from pipeline.featurefile.schema import is_complete
+from pipeline.core.outputs import OutputLock, atomic_output, same_file
+from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.preflight import check_names_fit, check_not_a_link
-from pipeline.extract.fingerprints import LEGACY_SHARDING, SHARD_LOCAL_KEYS, SHARDING, merged_fingerprint, sharding_of
+from pipeline.extract.fingerprints import SHARD_LOCAL_KEYS, merged_fingerprint
+from pipeline.featurefile.schema import VERSION_COLUMNS
 from pipeline.featurefile.store import STR, open_features
 
 #: Row datasets, one value per extracted image: merged as virtual datasets.
-ROW_DATASETS = ("features", "labels", "paths", "file_sizes", "file_mtimes_ns")
-#: Row datasets of format 2 (file_inodes, file_ctimes_ns): merged when every shard has them.
-NEWER_ROW_DATASETS = ("file_inodes", "file_ctimes_ns")
-#: ``rejected/`` columns: always, and of format 2 (when every shard has them).
-REJECTED = ("paths", "reasons", "file_sizes", "file_mtimes_ns")
-NEWER_REJECTED = ("file_inodes", "file_ctimes_ns", "limits")
+ROW_DATASETS = ("features", "labels", "paths", *VERSION_COLUMNS)
+#: ``rejected/`` columns: copied.
+REJECTED = ("paths", "reasons", *VERSION_COLUMNS, "limits")
 #: What a virtual dataset reads where a source file is missing: values every reader rejects
 #: (NaN features fail ``verify``, label -1 fails ``open_features``), never plausible zeros.
-_FILL = {"features": np.nan, "labels": -1, "file_sizes": -1, "file_mtimes_ns": -1, "file_inodes": -1, "file_ctimes_ns": -1}
+_FILL = {"features": np.nan, "labels": -1, **{c: -1 for c in VERSION_COLUMNS}}
 #: Fingerprint keys that say which images a shard belongs to, named as such when they differ.
 _LISTING = {"whole_listing_sha256": "the listing of the whole data folder", "whole_n_files": "the number of files in the data folder"}
 #: Attributes of shard 0 that describe one shard's run, not the merged file: recomputed.
@@ -56,7 +54,6 @@ class _Shard:
     row_shape: tuple[int, ...]
     dtype: np.dtype
     label_names: list[str]
-    newer: bool  # has the format-2 columns
 
 
 def _read_shard(path: Path) -> _Shard:
@@ -75,9 +72,7 @@ def _read_shard(path: Path) -> _Shard:
             raise PipelineError(f"{path}: missing dataset(s) {', '.join(missing)}")
         if not 0 <= index < total:
             raise PipelineError(f"{path}: shard index {index} outside 0..{total - 1}")
-        feats = ff.db["features"]
-        newer = all(n in ff.db for n in NEWER_ROW_DATASETS) and all(n in ff.db["rejected"] for n in NEWER_REJECTED)
-        return _Shard(path, index, fp, fp_json, a, len(ff), ff.row_shape, feats.dtype, ff.label_names, newer)
+        return _Shard(path, index, fp, fp_json, a, len(ff), ff.row_shape, ff.db["features"].dtype, ff.label_names)
 
 
 def _check_shards(shards: list[_Shard]) -> list[_Shard]:
@@ -85,13 +80,6 @@ def _check_shards(shards: list[_Shard]) -> list[_Shard]:
     first = min(shards, key=lambda s: s.index)
     ref = {k: v for k, v in first.fingerprint.items() if k not in SHARD_LOCAL_KEYS}
     for s in shards:
-        schemes = (sharding_of(s.fingerprint), sharding_of(first.fingerprint))
-        if LEGACY_SHARDING in schemes and SHARDING in schemes:  # the same images, split another way
-            older, newer = (s, first) if schemes[0] == LEGACY_SHARDING else (first, s)
-            raise PipelineError(
-                f"{older.path}: shard file of an older version (every N-th file in a shard), "
-                f"cannot be merged with path-hash shards such as {newer.path}; re-extract it with --overwrite"
-            )
         here = {k: v for k, v in s.fingerprint.items() if k not in SHARD_LOCAL_KEYS}
         for key in sorted(set(ref) | set(here)):
             if key == "data_dir" and ref.get(key) and here.get(key) and same_file(Path(ref[key]), Path(here[key])):
@@ -148,10 +136,7 @@ def _row_specs(first: _Shard) -> dict:
         "features": (first.dtype, first.row_shape),
         "labels": (np.dtype(np.int32), ()),
         "paths": (STR, ()),
-        "file_sizes": (np.dtype(np.int64), ()),
-        "file_mtimes_ns": (np.dtype(np.int64), ()),
-        "file_inodes": (np.dtype(np.int64), ()),
-        "file_ctimes_ns": (np.dtype(np.int64), ()),
+        **{c: (np.dtype(np.int64), ()) for c in VERSION_COLUMNS},
     }
 
 
@@ -175,8 +160,6 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
     fresh = [s for s in shards if ran is None or s.index in ran]
     kept = [s for s in shards if ran is not None and s.index not in ran]
     names = [_source_name(s.path, output) for s in shards]
-    newer = all(s.newer for s in shards)
-    specs = {k: v for k, v in _row_specs(first).items() if newer or k not in NEWER_ROW_DATASETS}
     attrs = {k: v for k, v in first.attrs.items() if k not in _PER_RUN_ATTRS}
     attrs.update(
         fingerprint=json.dumps(merged_fingerprint([s.fingerprint for s in shards]), sort_keys=True),
@@ -193,13 +176,13 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
     # attributes (merged_from of thousands of shards).
     with atomic_output(output) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as db:
         db.attrs["complete"] = False
-        for name, (dtype, row_shape) in specs.items():
+        for name, (dtype, row_shape) in _row_specs(first).items():
             if n == 0:  # a VDS needs at least one mapping: an empty real dataset instead
                 db.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype)
             else:
                 db.create_virtual_dataset(name, _layout(name, shards, names, n, dtype, row_shape), fillvalue=_FILL.get(name))
         db.create_dataset("label_names", data=np.asarray([os.fsencode(c) for c in first.label_names], dtype=object), dtype=STR)
-        rejected = _rejected(shards, REJECTED + (NEWER_REJECTED if newer else ()))
+        rejected = _rejected(shards, REJECTED)
         grp = db.create_group("rejected")
         for name, data in rejected.items():
             grp.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
@@ -297,31 +280,3 @@ def merge(output: Path | str, shards: list[Path | str], *, overwrite: bool = Fal
     with sigterm_as_interrupt(), OutputLock(output):
         n, _ = merge_locked(output, [Path(p) for p in shards], overwrite=overwrite, command_line=command_line)
     return n
-
-
-def stale_sources(path: Path | str) -> list[str]:
-    """Why a merged file no longer reads what was merged (empty list: every shard is as merged).
-
-    A shard file that was removed, replaced or re-extracted after the merge makes the
-    virtual datasets read fill values or other rows; this compares each shard's stored
-    fingerprint and row count with the file now on disk.
-    """
-    path = Path(path)
-    problems = []
-    with h5py.File(path, "r") as db:
-        if "merged" not in db:
-            return [f"{path}: not a merged file"]
-        files = [os.fsdecode(x) for x in db["merged/files"][:]]
-        fps = [x.decode("utf-8", "replace") for x in db["merged/fingerprints"][:]]
-        rows = db["merged/rows"][:].tolist()
-    for name, fp, k in zip(files, fps, rows):
-        src = path.parent / name
-        try:
-            with h5py.File(src, "r") as s:
-                same = is_complete(s.attrs) and str(s.attrs.get("fingerprint")) == fp and s["features"].shape[0] == k
-        except Exception:
-            problems.append(f"{src}: shard file missing or unreadable")
-            continue
-        if not same:
-            problems.append(f"{src}: shard file changed since the merge")
-    return problems

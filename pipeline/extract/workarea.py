@@ -11,9 +11,11 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import disk_error
+from pipeline.extract.fingerprints import describe_difference, same_settings
 from pipeline.featurefile import chunks
-from pipeline.images.reader import Listing
+from pipeline.images.listing import Listing
 
 
 #: A part file: this magic, the head's length (8 bytes, little endian), the head (JSON), the features' bytes.
@@ -21,23 +23,7 @@ MAGIC = b"PFPART1\n"
 
 
 def _read_part(part: Path, features: bool = True) -> tuple[dict, bytes]:
-    """A part's head (its files: paths, versions; rejections; how its features are held) and,
-    with ``features``, their bytes. Parts of the earlier ``.npz`` layout are read too."""
-    if part.suffix == ".npz":
-        with np.load(part) as z:
-            head = {
-                "paths": [os.fsdecode(bytes(p)) for p in z["paths"].tolist()],
-                "versions": z["versions"].tolist(),
-                "rejected_paths": [os.fsdecode(bytes(p)) for p in z["rejected_paths"].tolist()],
-                "rejected_versions": z["rejected_versions"].tolist(),
-                "reasons": z["reasons"].tolist(),
-                "limits": z["limits"].tolist(),
-            }
-            if features:
-                f = np.ascontiguousarray(z["features"])
-                head.update(dtype=f.dtype.name, shape=list(f.shape))
-                return head, f.tobytes()
-            return head, b""
+    """A part's head (its files: paths, versions; rejections; how its chunks are cut) and, with ``features``, the chunks' bytes."""
     with open(part, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError(f"{part}: not a part file")
@@ -105,27 +91,53 @@ class WorkArea:
         except OSError as exc:
             raise disk_error(self.path, exc) from None
 
+    def resume(self, manifest: dict, fingerprint: dict, overwrite: bool) -> "WorkArea":
+        """Make the work area this run's: its finished parts kept while they still hold, else started afresh; returns self.
+
+        ``manifest`` is what this run records (``fingerprint``, the settings and images, and
+        what else it depends on). An area left with the same settings but other images (or
+        another previous output) keeps the finished parts of files that are unchanged, as an
+        update's kept rows do; one of other settings is removed with ``overwrite`` (or when
+        its manifest is unreadable).
+
+        Raises:
+            PipelineError: an interrupted run with other settings, and ``overwrite`` is not set.
+        """
+        found = self.manifest() if self.exists() else manifest
+        if found != manifest:
+            if found is not None and same_settings(found, fingerprint):
+                self.set_manifest(manifest)
+            elif overwrite or found is None:
+                self.remove()
+            else:
+                raise PipelineError(
+                    f"{self.path}: an interrupted run with other settings ({describe_difference(found, fingerprint)}); "
+                    "re-run with its settings to resume, or pass --overwrite to start again"
+                )
+        if not self.exists():
+            self.start(manifest)
+        return self
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def parts(self) -> list[Path]:
-        return sorted([*self.path.glob("part-*.part"), *self.path.glob("part-*.npz")], key=lambda p: p.stem)
+        """Every part file, in the order written (also one that ``index`` will find unreadable)."""
+        return sorted(self.path.glob("part-*"), key=lambda p: p.stem)
 
     def write_part(
         self,
         seq: int,
         listing: Listing,
         indices: np.ndarray,
-        features: "np.ndarray | chunks.Packed",
+        features: chunks.Packed,
         rejected_indices: np.ndarray,
         reasons: list[str],
         limits: list[str],
     ) -> None:
-        """Atomically store one batch: ``features[k]`` belongs to listing row ``indices[k]``; rejected rows with their reasons and limits.
-
-        ``features`` is best given as compressed chunks (``chunks.pack``): the part holds them
-        as they are, and the final file copies them. Plain rows are stored as they are too.
-        """
+        """Atomically store one batch: row ``k`` of ``features`` (compressed chunks, ``chunks.pack``: the
+        part holds them as they are, and the final file copies them) belongs to listing row
+        ``indices[k]``; rejected rows with their reasons and limits."""
         name = self.path / f"part-{seq:09d}.part"
         tmp = self.path / f".part-{seq:09d}.tmp"
         idx = np.asarray(indices, np.int64)
@@ -138,13 +150,8 @@ class WorkArea:
             "reasons": list(reasons),
             "limits": list(limits),
         }
-        if isinstance(features, chunks.Packed):
-            head.update(layout=features.layout.as_json(), chunk_bytes=[len(c) for c in features.chunks], chunk_rows=list(features.counts), finite=features.finite)
-            data = b"".join(features.chunks)
-        else:
-            values = np.ascontiguousarray(features)
-            head.update(dtype=values.dtype.name, shape=list(values.shape))
-            data = values.tobytes()
+        head.update(layout=features.layout.as_json(), chunk_bytes=[len(c) for c in features.chunks], chunk_rows=list(features.counts), finite=features.finite)
+        data = b"".join(features.chunks)
         encoded = json.dumps(head).encode()  # names not valid UTF-8 as surrogate escapes, which JSON keeps
         try:
             with open(tmp, "wb") as f:
@@ -169,33 +176,22 @@ class WorkArea:
         A row counts only if its file is still listed with the same version; a rejection also
         only if ``keep_rejected(limit)``; rows in ``exclude`` (already accounted for) and rows
         of an earlier part are left out. A part that cannot be read (damage from outside: only
-        whole parts are ever renamed into place) or that predates this layout is deleted, so
-        its rows are extracted again.
+        whole parts are ever renamed into place; or one of another version of the pipeline) is
+        deleted, so its rows are extracted again.
         """
-        pos = {p: i for i, p in enumerate(listing.paths)}
         taken = np.zeros(len(listing), bool)
         if exclude is not None and len(exclude):
             taken[np.asarray(exclude, np.int64)] = True
-
-        def mapped(paths: list[str], versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            idx = np.asarray([pos.get(p, -1) for p in paths], np.int64)
-            ok = idx >= 0
-            if ok.any():
-                ok[ok] = (listing.versions(idx[ok]) == versions[ok]).all(axis=1)
-            return idx, ok
-
         infos = []
         for part in self.parts():
             try:
                 head, _ = _read_part(part, features=False)
-                paths, versions = head["paths"], np.asarray(head["versions"], np.int64).reshape(-1, 4)
-                rpaths, rversions = head["rejected_paths"], np.asarray(head["rejected_versions"], np.int64).reshape(-1, 4)
+                idx, ok = listing.match(head["paths"], np.asarray(head["versions"], np.int64).reshape(-1, 4))
+                ridx, rok = listing.match(head["rejected_paths"], np.asarray(head["rejected_versions"], np.int64).reshape(-1, 4))
                 reasons, limits = [str(r) for r in head["reasons"]], [str(x) for x in head["limits"]]
             except Exception:
                 part.unlink(missing_ok=True)
                 continue
-            idx, ok = mapped(paths, versions)
-            ridx, rok = mapped(rpaths, rversions)
             rok &= np.fromiter((keep_rejected(x) for x in limits), bool, len(limits))
             for sel, where in ((ok, idx), (rok, ridx)):
                 for k in np.flatnonzero(sel):  # never twice: a file is in one part, and not in ``exclude``
@@ -216,18 +212,9 @@ class WorkArea:
 
     @staticmethod
     def features(part: PartInfo) -> "np.ndarray | chunks.Packed":
-        """The part's rows that still count: its compressed chunks as they are when they all do,
-        else those rows decompressed (parts of plain rows, and ``.npz`` parts of before, are read too)."""
+        """The part's rows that still count: its compressed chunks as they are when they all do, else those rows decompressed."""
         head, data = _read_part(part.path)
-        if "layout" in head:
-            sizes = head["chunk_bytes"]
-            ends = np.cumsum(sizes).tolist()
-            packed = chunks.Packed(
-                chunks.Layout.from_json(head["layout"]), [data[e - k : e] for e, k in zip(ends, sizes)], head["chunk_rows"], bool(head["finite"])
-            )
-            if len(part.rows) == len(packed):
-                return packed
-            feats = packed.array()
-        else:
-            feats = np.frombuffer(data, head["dtype"]).reshape(head["shape"])
-        return feats if len(part.rows) == len(feats) else feats[part.rows]
+        sizes = head["chunk_bytes"]
+        ends = np.cumsum(sizes).tolist()
+        packed = chunks.Packed(chunks.Layout.from_json(head["layout"]), [data[e - k : e] for e, k in zip(ends, sizes)], head["chunk_rows"], bool(head["finite"]))
+        return packed if len(part.rows) == len(packed) else packed.array()[part.rows]

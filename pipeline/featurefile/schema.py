@@ -1,10 +1,9 @@
-"""The feature file's contract: every dataset and attribute with its type, rank and length, checked into one-line reasons (never an exception) for ``verify`` and the validating reader.
+"""The feature file's contract: every dataset and attribute with its type, rank and length, the version columns and the block of rows a writer takes, checked into one-line reasons (never an exception) for ``verify`` and the validating reader.
 
 The tables below are the README's feature-file table in code (a test keeps the two equal).
 ``problems(db, path)`` returns every broken rule of an open file; a check that cannot even
-read what it checks becomes a reason too. Files of an older ``format_version`` lack the
-columns added since (``Column.since``): they are still sound, and an extraction over them
-treats the missing values as unknown (the rows are extracted again once).
+read what it checks becomes a reason too. A file of another ``format_version`` or chunk
+layout was written by another version of the pipeline: it is refused, to be extracted again.
 """
 
 from __future__ import annotations
@@ -14,28 +13,30 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 from pipeline.core.config import EXTRACT_PRECISIONS, RESIZE_METHODS, STORAGE_DTYPES
 from pipeline.backbones.registry import BACKBONES
+from pipeline.featurefile import chunks
 
-#: 1: the first layout; 2: adds file_inodes, file_ctimes_ns (rows and rejected/) and rejected/limits.
+#: The layout this version writes and reads (1, before it, had no inodes, change times or limits).
 FORMAT_VERSION = 2
+#: The version columns of a feature file's rows (and of ``rejected/``), in ``Listing.versions`` order.
+VERSION_COLUMNS = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
 
 
 @dataclass(frozen=True)
 class Column:
     """One dataset: its name, element kind (``float``, ``int``, ``str``), length (``N`` rows,
-    ``R`` rejected files, ``C`` classes, ``S`` shards), rank (0: at least 2) and the format
-    version that introduced it."""
+    ``R`` rejected files, ``C`` classes, ``S`` shards) and rank (0: at least 2)."""
 
     name: str
     kind: str
     length: str
     rank: int = 1
-    since: int = 1
     merged_only: bool = False
 
 
@@ -46,15 +47,15 @@ DATASETS = (
     Column("paths", "str", "N"),
     Column("file_sizes", "int", "N"),
     Column("file_mtimes_ns", "int", "N"),
-    Column("file_inodes", "int", "N", since=2),
-    Column("file_ctimes_ns", "int", "N", since=2),
+    Column("file_inodes", "int", "N"),
+    Column("file_ctimes_ns", "int", "N"),
     Column("rejected/paths", "str", "R"),
     Column("rejected/reasons", "str", "R"),
     Column("rejected/file_sizes", "int", "R"),
     Column("rejected/file_mtimes_ns", "int", "R"),
-    Column("rejected/file_inodes", "int", "R", since=2),
-    Column("rejected/file_ctimes_ns", "int", "R", since=2),
-    Column("rejected/limits", "str", "R", since=2),
+    Column("rejected/file_inodes", "int", "R"),
+    Column("rejected/file_ctimes_ns", "int", "R"),
+    Column("rejected/limits", "str", "R"),
     Column("merged/files", "str", "S", merged_only=True),
     Column("merged/fingerprints", "str", "S", merged_only=True),
     Column("merged/rows", "int", "S", merged_only=True),
@@ -108,6 +109,25 @@ ATTRIBUTES = (
 )
 
 
+class RowBlock(NamedTuple):
+    """Consecutive rows on their way into a feature file: the features (an array, or
+    ``chunks.Packed`` compressed chunks) and each row's label, path and file version."""
+
+    features: "np.ndarray | chunks.Packed"
+    labels: np.ndarray
+    paths: list[str]
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    inodes: np.ndarray | None = None  # None: not known (synthetic rows), stored as -1
+    ctimes_ns: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, features, listing, indices: np.ndarray) -> "RowBlock":
+        """The block of ``features`` for the rows ``indices`` of ``listing`` (an ``images.listing.Listing``)."""
+        idx = np.asarray(indices, np.int64)
+        return cls(features, listing.labels[idx], [listing.paths[i] for i in idx.tolist()], *listing.versions(idx).T)
+
+
 def is_complete(attrs) -> bool:
     """Whether ``complete`` is a true boolean (a string such as ``"yes"`` is not)."""
     value = attrs.get("complete", False)
@@ -120,6 +140,21 @@ def _kind_ok(dtype: np.dtype, kind: str) -> bool:
     if kind == "int":
         return dtype.kind in "iu"
     return h5py.check_string_dtype(dtype) is not None
+
+
+def version_problem(db: h5py.File) -> str | None:
+    """Why a file with sound columns was written by another version of the pipeline (None: it was
+    written by this one): another ``format_version``, or ``features`` in another chunk layout."""
+    version = db.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        return f"format_version {version}, this version reads {FORMAT_VERSION}"
+    feats = db["features"]
+    if not feats.is_virtual:
+        layout, current = chunks.layout_of(feats), chunks.default_layout(feats.shape[1:], feats.dtype.name)
+        if layout != current:
+            found = f"{layout.rows} rows, gzip {layout.level}{' + shuffle' if layout.shuffle else ''}" if layout else "unchunked or other filters"
+            return f"features stored in chunks of {found}, not the {current.rows} rows, gzip {current.level} of this version"
+    return None
 
 
 def column_problem(db: h5py.File, col: Column) -> str | None:
@@ -174,8 +209,6 @@ def problems(db: h5py.File, path: Path) -> list[str]:
     out: list[str] = []
     attrs = dict(db.attrs.items())
     merged = "merged" in db or "merged_from" in attrs
-    version = attrs.get("format_version", FORMAT_VERSION)
-    version = int(version) if isinstance(version, (int, np.integer)) else FORMAT_VERSION
     if not is_complete(attrs):
         out.append("incomplete (attribute 'complete' is not true)")
     for a in ATTRIBUTES:
@@ -187,15 +220,12 @@ def problems(db: h5py.File, path: Path) -> list[str]:
             problem = _attr_problem(attrs[a.name], a)
             if problem:
                 out.append(problem)
-    if isinstance(attrs.get("format_version"), (int, np.integer)) and not 1 <= version <= FORMAT_VERSION:
-        out.append(f"attribute 'format_version' is {version}; this version reads 1..{FORMAT_VERSION}")
     good: dict[str, Column] = {}
     for col in DATASETS:
         if col.merged_only and not merged:
             continue
         if col.name not in db:
-            if col.since <= version:
-                out.append(f"missing dataset '{col.name}'")
+            out.append(f"missing dataset '{col.name}'")
             continue
         problem = column_problem(db, col)
         if problem:
@@ -208,6 +238,10 @@ def problems(db: h5py.File, path: Path) -> list[str]:
     for group, sizes in lengths.items():
         if len(set(sizes.values())) > 1:
             out.append(f"datasets have different lengths: {sizes}")
+    if "features" in good and isinstance(attrs.get("format_version"), (int, np.integer)):
+        problem = version_problem(db)
+        if problem:
+            out.append(f"written by another version of the pipeline ({problem}); extract it again")
     out += _cross_checks(db, attrs, good, merged)
     return out
 

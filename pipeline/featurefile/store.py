@@ -1,4 +1,4 @@
-"""Feature store: the output path check, the HDF5 feature file an extraction becomes (written atomically, pre-compressed chunks copied as they are), and the reader that validates one."""
+"""Feature store: the output path check, what an existing output holds for the next run (fingerprint, rejections, row index), the HDF5 feature file an extraction becomes (written atomically, pre-compressed chunks copied as they are), and the reader that validates one."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import atomic_output
 from pipeline.featurefile import chunks
-from pipeline.featurefile.schema import DATASETS, FORMAT_VERSION, column_problem, is_complete
-from pipeline.images.reader import UNKNOWN, Reject
+from pipeline.featurefile.schema import DATASETS, FORMAT_VERSION, VERSION_COLUMNS, RowBlock, column_problem, is_complete, version_problem
+from pipeline.images.listing import UNKNOWN, Reject
 
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
 STR = h5py.string_dtype("utf-8")
@@ -47,29 +47,57 @@ def check_output_writable(output: Path) -> None:
         raise PipelineError(f"{output}: output file is not writable")
 
 
-def stored_fingerprint(output: Path) -> tuple[dict | None, bool]:
-    """The fingerprint of a complete feature file at ``output`` and whether it is a merged file.
+@dataclass(frozen=True)
+class Stored:
+    """What a new run must know of an existing output before it decides: the fingerprint of a
+    complete feature file of this version, whether it is a merged file, and its rejections;
+    without a fingerprint, ``problem`` says why there is none."""
 
-    ``(None, False)`` when there is no file, or it is incomplete or unreadable.
-    """
+    fingerprint: dict | None = None
+    merged: bool = False
+    rejected: tuple[Reject, ...] = ()
+    problem: str = "it is not a complete feature file"
+
+
+def stored_output(output: Path) -> Stored:
+    """What the file at ``output`` holds for a new run (a missing, incomplete or unreadable file: no fingerprint)."""
     try:
         with h5py.File(output, "r") as db:
             if not is_complete(db.attrs):
-                return None, False
-            return json.loads(db.attrs["fingerprint"]), "merged_from" in db.attrs
+                return Stored()
+            problem = version_problem(db)
+            if problem:
+                return Stored(problem=f"it was written by another version of the pipeline ({problem})")
+            return Stored(json.loads(db.attrs["fingerprint"]), "merged_from" in db.attrs, tuple(_rejects(db)), "")
     except Exception:
-        return None, False
+        return Stored()
 
 
-#: The version columns of a feature file's rows (and of ``rejected/``).
-VERSION_COLUMNS = ("file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns")
+def _versions(group: h5py.Group) -> np.ndarray:
+    """``(n, 4)`` file versions of a group's rows, in ``VERSION_COLUMNS`` order."""
+    return np.stack([group[c][:] for c in VERSION_COLUMNS], axis=1).astype(np.int64)
 
 
-def _meta(block: tuple) -> tuple:
+def _rejects(db: h5py.File) -> list[Reject]:
+    """The ``rejected/`` records of an open feature file."""
+    rej = db["rejected"]
+    texts = [[x.decode("utf-8", "replace") for x in rej[c][:]] for c in ("reasons", "limits")]
+    return [Reject(os.fsdecode(p), r, *v, lim) for p, r, v, lim in zip(rej["paths"][:], texts[0], _versions(rej).tolist(), texts[1])]
+
+
+def stored_rows(output: Path) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """The row index of a complete feature file: each row's path, file version ``(n, 4)`` and class name, and the file's rejections."""
+    with h5py.File(output, "r") as db:
+        names = [os.fsdecode(x) for x in db["label_names"][:]]
+        paths = [os.fsdecode(x) for x in db["paths"][:]]
+        return paths, _versions(db), [names[k] for k in db["labels"][:].tolist()], _rejects(db)
+
+
+def _meta(block: RowBlock) -> tuple:
     """A block's row columns (labels, encoded paths, four version columns; unknown versions as -1)."""
-    k = len(block[0])
-    versions = [np.asarray(v, np.int64) for v in block[3:]] + [np.full(k, UNKNOWN, np.int64)] * (7 - len(block))
-    return (np.asarray(block[1], np.int32), _encoded(block[2]), *versions)
+    unknown = np.full(len(block.labels), UNKNOWN, np.int64)
+    versions = [unknown if v is None else np.asarray(v, np.int64) for v in (block.sizes, block.mtimes_ns, block.inodes, block.ctimes_ns)]
+    return (np.asarray(block.labels, np.int32), _encoded(block.paths), *versions)
 
 
 def _take(meta: tuple, start: int, count: int) -> tuple:
@@ -151,22 +179,21 @@ def write_feature_file(
     row_shape: tuple[int, ...],
     storage: str,
     class_names: tuple[str, ...],
-    rows: Iterator[tuple],
-    rejected: list[tuple],
+    rows: Iterator[RowBlock],
+    rejected: list[Reject | tuple],
     attrs: dict,
 ) -> int:
     """Write a complete feature file through a temporary name and an atomic rename.
 
-    ``rows`` yields ``(features, labels, paths, sizes, mtimes_ns[, inodes, ctimes_ns])``
-    blocks; they are appended chunk by chunk, so memory stays flat (without inodes and
-    ctimes, those are stored as unknown, -1). ``features`` is an array, or a
+    ``rows`` yields ``RowBlock``s (or tuples of their fields); they are appended chunk by
+    chunk, so memory stays flat. ``features`` is an array, or a
     ``chunks.Packed`` of compressed chunks: those of the file's layout (``chunks.default_layout``)
     that hold a whole chunk of rows are copied into the file as they are
     (``write_direct_chunk``); every other row waits until a chunk's worth has gathered and is
     compressed on a thread pool. So rows keep their order, except that rows waiting for a chunk
     are stored after the whole chunks that came meanwhile; every column follows its rows.
-    ``rejected`` holds ``Reject`` records (or their first four fields: path, reason, size,
-    mtime_ns). ``complete`` is set last. Returns the number of rows written.
+    ``rejected`` holds ``Reject`` records (or tuples of their fields). ``complete`` is set
+    last. Returns the number of rows written.
 
     Raises:
         PipelineError: the disk filled up or the output cannot be written; any previous
@@ -184,7 +211,8 @@ def write_feature_file(
         pending = _Pending(layout)
         try:
             for block in rows:
-                f, meta = block[0], _meta(block)
+                block = RowBlock(*block)
+                f, meta = block.features, _meta(block)
                 k = len(f)
                 if k == 0:
                     continue
@@ -298,8 +326,8 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
 
     Raises:
         PipelineError: the file is missing, not HDF5 (or corrupt), incomplete, lacks a
-            dataset, has rows of different lengths, labels outside ``label_names``, or a
-            single class.
+            dataset, was written by another version of the pipeline, has rows of different
+            lengths, labels outside ``label_names``, or a single class.
     """
     path = Path(path)
     if not path.exists():
@@ -320,6 +348,9 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
             problem = column_problem(db, col) if col.name in REQUIRED_DATASETS else None
             if problem:
                 raise PipelineError(f"{path}: {problem}")
+        problem = version_problem(db)
+        if problem:
+            raise PipelineError(f"{path}: written by another version of the pipeline ({problem}); extract it again")
         feats = db["features"]
         if feats.is_virtual:
             gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})

@@ -12,7 +12,8 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
-from pipeline.images.reader import Listing, iter_batches, list_images
+from pipeline.images.listing import list_images, Listing
+from pipeline.images.decode import iter_batches
 
 #: Pixels and cached prefix outputs must fit in this share of the machine's RAM.
 MEMORY_FRACTION = 0.5
@@ -97,7 +98,7 @@ def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc:
     n = len(listing)
     pixels = np.empty((n, input_size, input_size, 3), np.uint8)
     labels = np.empty(n, np.int32)
-    rejected = [(str(Path(listing.root) / p), reason) for p, reason, _, _ in listing.unlisted]
+    rejected = [(str(Path(listing.root) / r.path), r.reason) for r in listing.skipped]
     k = 0
     with tqdm(total=n, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
         for batch in iter_batches(listing, np.arange(n), size=input_size, interpolation=resize, batch_size=_DECODE_BATCH):

@@ -12,7 +12,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.backbones import network as bb
 from pipeline.backbones.network import Backbone, count_macs, preprocess
 from pipeline.backbones.registry import BACKBONES, feature_shape
-from pipeline.images.reader import list_images, load_image
+from pipeline.images.listing import list_images
+from pipeline.images.decode import load_image
 from pipeline.backbones.weights import file_checksum, load_weights, resolve_weights
 
 #: The smallest input each backbone builds at (tiny inputs keep the tests fast).

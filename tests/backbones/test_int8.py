@@ -13,8 +13,9 @@ from conftest import assert_recomputed_close, by_path, make_tree, write_image
 from pipeline.core.errors import PipelineError
 from pipeline.backbones import int8 as engines
 from pipeline.extract import stage as extract
-from pipeline.extract.stage import ExtractConfig
-from pipeline.images.reader import list_images, load_image
+from pipeline.extract.config import ExtractConfig
+from pipeline.images.listing import list_images
+from pipeline.images.decode import load_image
 from pipeline.backbones.weights import resolve_weights
 
 

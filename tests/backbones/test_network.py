@@ -8,7 +8,8 @@ import pytest
 from conftest import make_tree
 from pipeline.backbones.network import Backbone, resolve_precision
 from pipeline.backbones.registry import feature_shape
-from pipeline.images.reader import list_images, load_image
+from pipeline.images.listing import list_images
+from pipeline.images.decode import load_image
 from pipeline.backbones.weights import resolve_weights
 
 

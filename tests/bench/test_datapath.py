@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.bench import datapath
 from pipeline.cli import main
-from pipeline.images.reader import list_images
+from pipeline.images.listing import list_images
 from pipeline.featurefile.store import write_feature_file
 
 

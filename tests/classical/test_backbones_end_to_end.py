@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline.classical import predict, train
+from pipeline.classical import train
+from pipeline.inference import predict
 from pipeline.classical.bundle import load_bundle
 from pipeline.classical.features import pool_features
-from pipeline.classical.predict import PredictConfig
+from pipeline.inference.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
 from pipeline.backbones.registry import BACKBONES
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import verify
 
 #: Each backbone of the issue's end-to-end test at a small input it accepts (InceptionV3 needs 75).
 RUNS = {"resnet50": 32, "inception_v3": 75}

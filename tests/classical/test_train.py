@@ -16,7 +16,7 @@ from feature_data import CLASSES, FAST_GRID, PNG, make_features
 from pipeline.classical import train
 from pipeline.classical.features import pool_features
 from pipeline.classical.models import MODELS
-from pipeline.classical.predict import PredictConfig
+from pipeline.inference.predict import PredictConfig
 from pipeline.classical.train import TrainConfig
 from pipeline.cli import main
 from pipeline.core import config as settings

@@ -16,10 +16,8 @@ import pytest
 from conftest import ROOT
 from feature_data import FAST_GRID, make_features
 from pipeline.classical import features, train
-from pipeline.classical.interrupts import finish_first, stop_if_terminated, stop_on_sigterm
 from pipeline.classical.train import TrainConfig
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import Terminated
 from pipeline.featurefile.store import open_features
 
 
@@ -157,64 +155,3 @@ def test_sigterm_during_train_says_so_removes_the_lock_and_keeps_the_previous_ou
     assert proc.returncode == 130 and err.splitlines()[-1] == "error: interrupted", err  # the CLI's interrupt branch, not a crash
     assert not lock.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous  # no temporary file either
-
-
-def _sigterm_swallowed_by_a_library() -> None:
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the handler raises here
-    except BaseException:  # what some library code does
-        pass
-
-
-def test_a_sigterm_that_library_code_swallowed_is_raised_again_at_the_next_checkpoint():
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated):
-        with stop_on_sigterm():
-            _sigterm_swallowed_by_a_library()
-            stop_if_terminated()
-            raise AssertionError("not reached: the checkpoint raises")
-    stop_if_terminated()  # outside the block: nothing pending
-    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
-
-
-def test_an_error_a_sigterm_turned_into_becomes_terminated():
-    """An import cut short by the interrupt raised ``RuntimeError: Error calling __set_name__`` (seen in a train run): it is the interrupt."""
-    with pytest.raises(Terminated) as exc:
-        with stop_on_sigterm():
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(1)
-            except BaseException as inner:
-                raise RuntimeError("Error calling __set_name__") from inner
-    assert isinstance(exc.value.__cause__, RuntimeError)
-    with pytest.raises(RuntimeError):  # without a SIGTERM, errors pass unchanged
-        with stop_on_sigterm():
-            raise RuntimeError("a real error")
-
-
-def test_a_sigterm_during_an_import_lets_the_import_finish_then_stops(tmp_path, monkeypatch):
-    """Raising inside the import machinery breaks the module (seen: ``Exception ignored in ... _get_module_lock``); the signal waits for the import."""
-    (tmp_path / "sigterm_mid_import.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\nDONE = True\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "sigterm_mid_import", raising=False)
-    with pytest.raises(Terminated):
-        with stop_on_sigterm():
-            import sigterm_mid_import  # noqa: F401  (sends SIGTERM to this process while it is imported)
-
-            assert sigterm_mid_import.DONE  # the module is whole
-    monkeypatch.delitem(sys.modules, "sigterm_mid_import")
-
-
-def test_a_sigterm_while_the_outputs_are_written_waits_for_all_of_them():
-    written = []
-    with pytest.raises(Terminated):
-        with stop_on_sigterm():
-            with finish_first():
-                for name in ("bundle", "metrics", "report", "plot"):
-                    if name == "metrics":
-                        os.kill(os.getpid(), signal.SIGTERM)
-                        time.sleep(0.2)
-                    written.append(name)
-            written.append("after")
-    assert written == ["bundle", "metrics", "report", "plot"]

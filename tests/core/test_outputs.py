@@ -1,14 +1,10 @@
-"""The ground floor's output helpers: file identity however spelled, paths within a folder, SIGTERM as an interrupt."""
+"""The ground floor's output helpers: file identity however spelled, paths within a folder."""
 
 from __future__ import annotations
 
 import os
-import signal
-import time
 
-import pytest
-
-from pipeline.core.outputs import Terminated, is_within, same_file, sigterm_as_interrupt
+from pipeline.core.outputs import is_within, same_file
 
 
 def test_same_file_sees_through_spellings_and_links(tmp_path):
@@ -27,11 +23,3 @@ def test_is_within(tmp_path):
     assert is_within(tmp_path / "a" / "b.h5", tmp_path / "a")
     assert is_within(tmp_path / "a", tmp_path / "a")
     assert not is_within(tmp_path / "ab" / "x", tmp_path / "a")
-
-
-def test_sigterm_becomes_an_interrupt_only_inside_the_block():
-    with pytest.raises(Terminated):
-        with sigterm_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(10)  # the handler raises as soon as the signal arrives
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

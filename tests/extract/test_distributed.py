@@ -17,13 +17,13 @@ from conftest import assert_same_rows, ROOT, make_tree
 from pipeline.extract import distributed
 from pipeline.extract import stage as extract
 from pipeline.cli import main
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.core.errors import PipelineError
-from pipeline.images.reader import list_images
+from pipeline.images.listing import list_images
 from pipeline.extract.fingerprints import shard_of, shard_path
-from pipeline.extract.shardset import stale_sources
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import stale_sources, verify
+from shard_data import without_sharding
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
 
@@ -144,16 +144,16 @@ def test_refusals_before_any_cluster_work(tree, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "nodes, workers, shards, expected",
     [
-        ([{"CPU": 2.0}], None, None, distributed.Plan(1, 1, 2, 0)),  # one task per node, all its cores
-        ([{"CPU": 2.0}], 2, None, distributed.Plan(2, 2, 1, 0)),
-        ([{"CPU": 16.0}, {"CPU": 8.0}], None, 6, distributed.Plan(2, 6, 8, 0)),
-        ([{"CPU": 16.0}, {"CPU": 8.0}], 3, None, distributed.Plan(3, 3, 8, 0)),
-        ([{"CPU": 32.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 64.0}], None, None, distributed.Plan(6, 6, 4, 1)),
+        ([{"CPU": 2.0}], None, None, distributed.Placement(1, 1, 2, 0)),  # one task per node, all its cores
+        ([{"CPU": 2.0}], 2, None, distributed.Placement(2, 2, 1, 0)),
+        ([{"CPU": 16.0}, {"CPU": 8.0}], None, 6, distributed.Placement(2, 6, 8, 0)),
+        ([{"CPU": 16.0}, {"CPU": 8.0}], 3, None, distributed.Placement(3, 3, 8, 0)),
+        ([{"CPU": 32.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 64.0}], None, None, distributed.Placement(6, 6, 4, 1)),
     ],
     ids=["local-default", "local-2", "two-nodes", "two-nodes-3", "gpus"],
 )
 def test_plan(nodes, workers, shards, expected):
-    assert distributed.plan(nodes, workers, shards) == expected
+    assert distributed.place(nodes, workers, shards) == expected
 
 
 def test_a_locked_shard_is_retried_and_a_user_error_is_not(tree, tmp_path, monkeypatch):
@@ -278,22 +278,17 @@ def _attr(path: Path, name: str):
         return db.attrs[name]
 
 
-def test_an_older_merged_output_differs_in_its_sharding(tree, tmp_path):
-    """A merged file of every-N-th shards (written before path-hash sharding; no `sharding` in
-    its fingerprint) is not updated in place: `extract --ray` names the difference and asks for --overwrite."""
-    import h5py
-
+def test_a_merged_output_of_another_sharding_differs_in_it(tree, tmp_path):
+    """A merged file without `sharding` in its fingerprint is not updated in place: `extract --ray`
+    names the difference and asks for --overwrite."""
     data, reference = tree
     out = tmp_path / "x.h5"
     shards = [shard_path(out, k, 2) for k in range(2)]
     for k, p in enumerate(shards):
         assert main(["extract", str(data), "-o", str(p), *FAST, "--shards", "2", "--shard", str(k)]) == 0
     assert main(["merge", str(out), *map(str, shards)]) == 0
-    with h5py.File(out, "r+") as db:
-        fp = json.loads(db.attrs["fingerprint"])
-        del fp["sharding"]
-        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    without_sharding(out)
     before = _identity(out)
-    with pytest.raises(PipelineError, match=r"x.h5: exists and differs: sharding 'every-nth' -> 'path-hash'; pass --overwrite to replace it$"):
+    with pytest.raises(PipelineError, match=r"x.h5: exists and differs: sharding None -> 'path-hash'; pass --overwrite to replace it$"):
         extract.run(config(data, out, ray=True))
     assert _identity(out) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import pytest
 from conftest import ROOT, assert_recomputed_close, make_tree, write_image
 from pipeline.cli import main
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import verify
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
@@ -56,7 +58,7 @@ def test_layout_of_the_feature_file(tmp_path, capsys):
 def test_features_match_a_direct_model_call(tmp_path):
     """The stored rows are the network's output for the right file, in the listed order."""
     from pipeline.backbones.network import Backbone
-    from pipeline.images.reader import load_image
+    from pipeline.images.decode import load_image
     from pipeline.backbones.weights import resolve_weights
 
     data = make_tree(tmp_path / "data", per_class=4)
@@ -290,24 +292,25 @@ def _by_stem(path):
 )
 def test_config_validation_names_the_flag_and_the_rule(tmp_path, flags, message):
     from pipeline.core.errors import PipelineError
-    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.config import ExtractConfig
 
     with pytest.raises(PipelineError, match=message):
         ExtractConfig(data_dir=tmp_path, output=tmp_path / "x.h5", **flags).validate()
 
 
 def test_flags_build_the_config_with_its_defaults(tmp_path):
+    from pipeline.extract import config as settings
     from pipeline.extract import stage
 
     config = stage.COMMAND.parse([str(tmp_path), "-o", "x.h5", "--ray", "--ray-workers", "2"])
-    assert config == stage.ExtractConfig(data_dir=tmp_path, output=Path("x.h5"), ray=True, ray_workers=2, command_line=config.command_line)
+    assert config == settings.ExtractConfig(data_dir=tmp_path, output=Path("x.h5"), ray=True, ray_workers=2, command_line=config.command_line)
     assert config.command_line == f"python -m pipeline extract {tmp_path} -o x.h5 --ray --ray-workers 2"
-    assert config.input_size == 224 and config.ray_retries == stage.RAY_RETRIES == 3 and config.validate() is config
+    assert config.input_size == 224 and config.ray_retries == settings.RAY_RETRIES == 3 and config.validate() is config
 
 
 def test_one_decision_for_an_existing_output(tmp_path):
     from pipeline.core.errors import PipelineError
-    from pipeline.extract.stage import REPLACE, UP_TO_DATE, UPDATE, decide
+    from pipeline.extract.plan import REPLACE, UP_TO_DATE, UPDATE, decide
 
     out = tmp_path / "x.h5"
     fp = {"storage": "float16", "listing_sha256": "new", "n_files": 3, "class_names": ["a", "b"]}
@@ -330,15 +333,15 @@ def test_one_decision_for_an_existing_output(tmp_path):
 
 def _slow_decoding(monkeypatch, seconds):
     """Every image takes ``seconds`` to decode (a slow disk or decoder)."""
-    from pipeline.images import reader
+    from pipeline.images import decode
 
-    real = reader.load_image
+    real = decode.load_image
 
     def slow(path, size, interpolation):
         time.sleep(seconds)
         return real(path, size, interpolation)
 
-    monkeypatch.setattr(reader, "load_image", slow)
+    monkeypatch.setattr(decode, "load_image", slow)
 
 
 def test_rejections_caused_by_a_limit_are_retried_when_it_changes_or_when_asked(tmp_path, capsys, monkeypatch):
@@ -406,32 +409,26 @@ def test_files_replaced_with_the_same_size_and_time_are_extracted_again(tmp_path
     assert verify(out) == []
 
 
-def test_an_older_feature_file_is_read_verified_and_updated(tmp_path, capsys):
-    """A file written before inodes and change times were recorded (format 1): sound, readable,
-    and brought up to date by extracting its rows once more (their versions are unknown)."""
-    import json
-
+def test_a_feature_file_of_an_earlier_format_is_refused_in_one_line(tmp_path, capsys):
+    """A file written before inodes and change times were recorded (format 1): every command
+    that reads it names it and says to extract it again; ``--overwrite`` does."""
     data = make_tree(tmp_path / "data")
-    (data / "cat" / "bad.png").write_bytes(b"")
     out = tmp_path / "x.h5"
     assert extract(data, out) == 0
     with h5py.File(out, "r+") as db:
         for name in ("file_inodes", "file_ctimes_ns", "rejected/file_inodes", "rejected/file_ctimes_ns", "rejected/limits"):
             del db[name]
         db.attrs["format_version"] = 1
-        fp = json.loads(db.attrs["fingerprint"])
-        del fp["data_dir"]
-        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
-    assert verify(out) == []
-    with open_features(out) as ff:
-        assert len(ff) == 6
+    why = "written by another version of the pipeline (format_version 1, this version reads 2)"
+    assert f"{out}: {why}; extract it again" in verify(out)
+    with pytest.raises(PipelineError, match=re.escape(f"{out}: {why}; extract it again")):
+        open_features(out)
     capsys.readouterr()
-    assert extract(data, out) == 0
-    summary = capsys.readouterr().out
-    assert "extracted 6 images, rejected 1 " in summary and "; 7 processed this run" in summary
+    assert extract(data, out) == 2
+    assert capsys.readouterr().err == f"error: {out}: exists and it was {why}; pass --overwrite to replace it\n"
+    assert extract(data, out, "--overwrite") == 0 and verify(out) == []
     with h5py.File(out, "r") as db:
         assert db.attrs["format_version"] == 2 and "file_inodes" in db and "limits" in db["rejected"]
-    assert extract(data, out) == 0 and "up to date" in capsys.readouterr().out
 
 
 def test_resume_after_an_image_changed_keeps_the_finished_parts_of_unchanged_images(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""Shard identity: a file's shard is a hash of its path (stable when files come and go, even across shards and classes); shard files partition the listing; older every-N-th shard files are told apart."""
+"""Shard identity: a file's shard is a hash of its path (stable when files come and go, even across shards and classes); shard files partition the listing; a shard file of another sharding is named as such."""
 
 from __future__ import annotations
 
@@ -6,27 +6,16 @@ import hashlib
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from conftest import make_tree, write_image
-from pipeline.images.reader import list_images
-from pipeline.extract.fingerprints import (
-    LEGACY_SHARDING,
-    SHARDING,
-    describe_difference,
-    fingerprint,
-    merged_fingerprint,
-    shard_listing,
-    shard_of,
-    shard_path,
-    sharding_of,
-)
+from pipeline.images.listing import list_images
+from pipeline.extract.fingerprints import SHARDING, describe_difference, fingerprint, merged_fingerprint, shard_listing, shard_of, shard_path
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import verify
 from pipeline.backbones.weights import resolve_weights
-from shard_data import N, extract, make_run
+from shard_data import N, extract, make_run, without_sharding
 
 
 def test_shard_of_is_a_stable_hash_of_the_path():
@@ -66,7 +55,7 @@ def test_shards_partition_the_listing_evenly_with_every_class_in_every_shard(tmp
     shards = 4
     parts = [shard_listing(listing, shards, k) for k in range(shards)]
     assert sorted(p for part in parts for p in part.paths) == sorted(listing.paths)
-    assert sum(len(part.unlisted) for part in parts) == len(listing.unlisted) == 1
+    assert sum(len(part.skipped) for part in parts) == len(listing.skipped) == 1
     sizes = [len(part) for part in parts]
     assert all(abs(n - len(listing) / shards) < 0.2 * len(listing) / shards for n in sizes), sizes
     for part in parts:
@@ -88,14 +77,13 @@ def test_fingerprints_record_the_sharding(tmp_path):
     weights = resolve_weights("none")
     settings = {"input_size": 32, "resize": "bilinear", "storage": "float16"}
     single = fingerprint(listing, weights, "float32", shards=1, shard=0, **settings)
-    assert "sharding" not in single and sharding_of(single) is None  # one shard is the whole listing, whatever the scheme
+    assert "sharding" not in single  # one shard is the whole listing, whatever the scheme
     fps = [fingerprint(shard_listing(listing, 3, k), weights, "float32", shards=3, shard=k, **settings) for k in range(3)]
     assert all(fp["sharding"] == SHARDING == "path-hash" for fp in fps)
     merged = merged_fingerprint(fps)
     assert merged["sharding"] == SHARDING and merged["n_files"] == 15 and "shard" not in merged
     older = {k: v for k, v in merged.items() if k != "sharding"}
-    assert sharding_of(older) == LEGACY_SHARDING
-    assert describe_difference(older, merged) == "sharding 'every-nth' -> 'path-hash'"
+    assert describe_difference(older, merged) == "sharding None -> 'path-hash'"
     assert describe_difference(merged, dict(merged, storage="float32")) == "storage 'float16' -> 'float32'"
 
 
@@ -117,7 +105,7 @@ def test_shards_partition_the_sorted_listing(run, capsys):
             assert [x for x in listing.paths if shard_of(x, N) == k and x not in rejected] == ff.paths
             got += ff.paths + rejected
         assert verify(p) == []
-    assert sorted(got) == sorted(listing.paths + tuple(u[0] for u in listing.unlisted))
+    assert sorted(got) == sorted(listing.paths + tuple(r.path for r in listing.skipped))
     capsys.readouterr()
     assert extract(data, shards[1], "--shards", str(N), "--shard", "1") == 0
     assert "up to date" in capsys.readouterr().out
@@ -125,21 +113,14 @@ def test_shards_partition_the_sorted_listing(run, capsys):
     assert f"--shard {N} of --shards {N}: need 0 <= shard < shards" in capsys.readouterr().err
 
 
-def test_an_older_shard_file_differs_in_its_sharding(run, tmp_path, capsys):
-    """A shard file written before path-hash sharding (no `sharding` in its fingerprint) holds
-    other files: a rerun names the difference and needs --overwrite, which re-extracts it."""
-    import shutil
-
+def test_a_shard_file_of_another_sharding_differs_in_it(run, tmp_path, capsys):
+    """A shard file without `sharding` in its fingerprint holds other files: a rerun names the
+    difference and needs --overwrite, which extracts it again."""
     data, reference, out, shards = run
-    older = tmp_path / shards[2].name
-    shutil.copy2(shards[2], older)
-    with h5py.File(older, "r+") as db:
-        fp = json.loads(db.attrs["fingerprint"])
-        del fp["sharding"]
-        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
+    older = without_sharding(shards[2], tmp_path / shards[2].name)
     assert extract(data, older, "--shards", str(N), "--shard", "2") == 2
     err = capsys.readouterr().err
-    assert err == f"error: {older}: exists and differs: sharding 'every-nth' -> 'path-hash'; pass --overwrite to replace it\n"
+    assert err == f"error: {older}: exists and differs: sharding None -> 'path-hash'; pass --overwrite to replace it\n"
     assert extract(data, older, "--shards", str(N), "--shard", "2", "--overwrite") == 0
     with open_features(older) as ff:
         assert json.loads(ff.attrs["fingerprint"])["sharding"] == "path-hash" and not ff.attrs["incremental"]

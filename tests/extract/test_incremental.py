@@ -1,4 +1,4 @@
-"""Incremental updates: rows of unchanged files are kept (by path, size, modification time, inode, change time and class name), changed and removed ones are not, kept rows read back under the new labels; rejections of a changed limit, and rows of older files without inodes, are redone."""
+"""Incremental updates: rows of unchanged files are kept (by path, size, modification time, inode, change time and class name), changed and removed ones are not, kept rows read back under the new labels; rejections of a changed limit are redone."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import os
 import numpy as np
 
 from conftest import make_tree, write_image
-import h5py
 import shutil
 
-from pipeline.extract.incremental import base_rows, plan_incremental, rejects_to_retry
-from pipeline.images.reader import Reject, limit_holds, limits, list_images
-from pipeline.featurefile.store import write_feature_file
+from pipeline.extract.incremental import find_kept, kept_blocks
+from pipeline.images.listing import list_images, Reject
+from pipeline.images.decode import limit_holds, limits
+from pipeline.featurefile.store import stored_rows, write_feature_file
 
 
 def write_from_listing(path, listing, rejected=()):
@@ -36,28 +36,29 @@ def test_only_unchanged_files_are_kept(tmp_path):
     write_image(data / "a" / "000.png", size=(6, 6), seed=98)  # a new class sorting first: every label index moves
     after = list_images(data)
 
-    base = plan_incremental(tmp_path / "old.h5", {"k": 1}, after)
+    base = find_kept(tmp_path / "old.h5", after)
     kept = ["b/000.png", "b/002.png", "b/003.png", "c/001.png", "c/002.png"]
-    assert [after.paths[i] for i in base.keep_index] == kept
-    assert base.keep_rows.tolist() == [0, 2, 3, 5, 6] and base.old_rows == 7 and base.fingerprint == {"k": 1}
-    assert base.kept_rejected == [bad] and [after.paths[i] for i in base.kept_rejected_index] == ["c/003.png"]
+    assert [after.paths[i] for i in base.index] == kept
+    assert base.rows.tolist() == [0, 2, 3, 5, 6] and base.old_rows == 7
+    assert base.rejected == [bad] and [after.paths[i] for i in base.rejected_index] == ["c/003.png"]
     assert sorted(after.paths[i] for i in base.covered) == sorted(kept + ["c/003.png"])
 
-    blocks = list(base_rows(base, after, block=2))
-    assert [len(b[0]) for b in blocks] == [2, 2, 1]
-    feats = np.concatenate([b[0] for b in blocks])[:, 0, 0, 0]
+    blocks = list(kept_blocks(base, after, block=2))
+    assert [len(b.features) for b in blocks] == [2, 2, 1]
+    feats = np.concatenate([b.features for b in blocks])[:, 0, 0, 0]
     assert feats.tolist() == [old[p] for p in kept]  # copied from the old file, in its order
-    labels = np.concatenate([b[1] for b in blocks])
+    labels = np.concatenate([b.labels for b in blocks])
     assert [after.class_names[k] for k in labels] == ["b", "b", "b", "c", "c"] and labels.tolist() == [1, 1, 1, 2, 2]
-    assert [p for b in blocks for p in b[2]] == kept
+    assert [p for b in blocks for p in b.paths] == kept
+    np.testing.assert_array_equal(np.concatenate([b.inodes for b in blocks]), after.inodes[base.index])
 
 
 def test_a_moved_file_is_extracted_again(tmp_path):
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2, size=(6, 6))
     write_from_listing(tmp_path / "old.h5", list_images(data))
     (data / "b" / "000.png").rename(data / "a" / "x.png")
-    base = plan_incremental(tmp_path / "old.h5", {}, list_images(data))
-    assert [list_images(data).paths[i] for i in base.keep_index] == ["a/000.png", "a/001.png", "b/001.png"]
+    base = find_kept(tmp_path / "old.h5", list_images(data))
+    assert [list_images(data).paths[i] for i in base.index] == ["a/000.png", "a/001.png", "b/001.png"]
 
 
 def test_replaced_files_with_the_same_size_and_time_are_extracted_again(tmp_path):
@@ -76,22 +77,8 @@ def test_replaced_files_with_the_same_size_and_time_are_extracted_again(tmp_path
     os.utime(data / "b" / "001.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
     after = list_images(data)
     assert os.stat(data / "b" / "001.bmp").st_ino == st.st_ino and after.sizes.tolist() == [int(st.st_size)] * 4
-    base = plan_incremental(tmp_path / "old.h5", {}, after)
-    assert [after.paths[i] for i in base.keep_index] == ["a/001.bmp", "b/000.bmp"]
-
-
-def test_an_older_file_without_inodes_keeps_nothing_once(tmp_path):
-    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=2, size=(6, 6))
-    listing = list_images(data)
-    bad = Reject("b/001.png", "corrupt", *listing.versions([3])[0].tolist())
-    write_from_listing(tmp_path / "old.h5", listing, rejected=[bad])
-    with h5py.File(tmp_path / "old.h5", "r+") as db:  # as written before format 2
-        for name in ("file_inodes", "file_ctimes_ns", "rejected/file_inodes", "rejected/file_ctimes_ns", "rejected/limits"):
-            del db[name]
-        db.attrs["format_version"] = 1
-    base = plan_incremental(tmp_path / "old.h5", {}, listing)
-    assert len(base.keep_index) == 0 and base.kept_rejected == [] and base.old_rows == 3  # unknown versions never match
-    assert list(next(base_rows(plan_incremental(tmp_path / "old.h5", {}, listing), listing), [])) == []
+    base = find_kept(tmp_path / "old.h5", after)
+    assert [after.paths[i] for i in base.index] == ["a/001.bmp", "b/000.bmp"]
 
 
 def test_rejections_of_a_changed_limit_are_not_kept(tmp_path):
@@ -102,8 +89,7 @@ def test_rejections_of_a_changed_limit_are_not_kept(tmp_path):
     write_from_listing(tmp_path / "old.h5", listing, rejected=[slow, corrupt])
     for timeout, kept in ((0.5, [slow, corrupt]), (600.0, [corrupt])):
         current = limits(timeout)
-        base = plan_incremental(tmp_path / "old.h5", {}, listing, lambda limit: limit_holds(limit, current))
-        assert base.kept_rejected == kept, timeout
-        assert rejects_to_retry(tmp_path / "old.h5", lambda limit: limit_holds(limit, current)) == 2 - len(kept)
-    assert plan_incremental(tmp_path / "old.h5", {}, listing, lambda limit: False).kept_rejected == []  # --retry-rejected
-    assert limit_holds("?", limits(0.5)) is False  # unknown (an older file): decoded again
+        base = find_kept(tmp_path / "old.h5", listing, lambda limit: limit_holds(limit, current))
+        assert base.rejected == kept, timeout
+        assert [r for r in stored_rows(tmp_path / "old.h5")[3] if not limit_holds(r.limit, current)] == [slow][: 2 - len(kept)]  # to retry
+    assert find_kept(tmp_path / "old.h5", listing, lambda limit: False).rejected == []  # --retry-rejected

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_tree
 from pipeline.featurefile import chunks
-from pipeline.images.reader import list_images
+from pipeline.images.listing import list_images
 from pipeline.extract.loop import PartWriter, prefetch_depth
 from pipeline.extract.workarea import WorkArea
 

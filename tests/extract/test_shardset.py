@@ -1,4 +1,4 @@
-"""The merge library: shards merged into one virtual file equal a single run, read like one, move with their folder; bad shard sets (older every-N-th shards mixed with path-hash ones, shards of other folders or of another state of the folder, an output that is a shard however spelled) are refused."""
+"""The merge library: shards merged into one virtual file equal a single run, read like one, move with their folder; bad shard sets (a shard of another version of the pipeline or of another sharding, shards of other folders or of another state of the folder, an output that is a shard however spelled) are refused."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock
 from pipeline.extract import shardset
 from pipeline.extract.fingerprints import merged_fingerprint
-from pipeline.extract.shardset import merge, stale_sources
+from pipeline.extract.shardset import merge
+from pipeline.featurefile.checks import stale_sources, verify
 from pipeline.featurefile.store import open_features
-from pipeline.extract.verify import verify
-from shard_data import N, extract, extract_shards, make_run, one_shard
+from shard_data import N, extract, extract_shards, make_run, one_shard, without_sharding
 
 
 def read(path, name):
@@ -160,31 +160,24 @@ def test_empty_shards_are_merged(tmp_path):
         assert sorted(ff.paths) == ["a/000.png", "a/001.png", "b/000.png", "b/001.png"]
 
 
-def _as_older(src: Path, dest: Path) -> Path:
-    """A copy of shard ``src`` as written before path-hash sharding: no ``sharding`` in its fingerprint."""
-    shutil.copy2(src, dest)
-    with h5py.File(dest, "r+") as db:
-        fp = json.loads(db.attrs["fingerprint"])
-        del fp["sharding"]
-        db.attrs["fingerprint"] = json.dumps(fp, sort_keys=True)
-    return dest
-
-
-def test_older_shards_are_not_mixed_with_path_hash_ones(run, tmp_path):
+def test_a_shard_of_another_version_of_the_pipeline_is_refused_in_one_line(run, tmp_path):
     data, reference, out, shards = run
-    older = _as_older(shards[1], tmp_path / "old.shard-00001-of-00003.h5")
-    for given in ([shards[0], older, shards[2]], [older, shards[0], shards[2]]):
-        with pytest.raises(PipelineError) as exc:
-            merge(tmp_path / "m.h5", given)
-        message = str(exc.value)
-        assert message.startswith(f"{older}: shard file of an older version (every N-th file in a shard)") and "--overwrite" in message
-        assert "\n" not in message
+    older = tmp_path / shards[1].name
+    shutil.copy2(shards[1], older)
+    with h5py.File(older, "r+") as db:
+        db.attrs["format_version"] = 1
+    with pytest.raises(PipelineError) as exc:
+        merge(tmp_path / "m.h5", [shards[0], older, shards[2]])
+    assert str(exc.value) == f"{older}: written by another version of the pipeline (format_version 1, this version reads 2); extract it again"
     assert not (tmp_path / "m.h5").exists()
-    # A whole set of older shards is still one consistent extraction: it merges, and says what it is.
-    olds = [_as_older(p, tmp_path / p.name) for p in shards]
-    assert merge(tmp_path / "o.h5", olds) == 21
-    with open_features(tmp_path / "o.h5") as ff:
-        assert "sharding" not in json.loads(ff.attrs["fingerprint"])
+
+
+def test_shards_of_another_sharding_are_not_mixed(run, tmp_path):
+    data, reference, out, shards = run
+    other = without_sharding(shards[1], tmp_path / shards[1].name)
+    with pytest.raises(PipelineError) as exc:
+        merge(tmp_path / "m.h5", [shards[0], other, shards[2]])
+    assert str(exc.value) == f"{other}: made with sharding None but {shards[0]} with 'path-hash'; all shards must come from one extraction's data folder, settings and weights"
 
 
 def test_per_run_attributes_count_only_the_shards_that_ran(run, tmp_path):
@@ -239,7 +232,7 @@ def _shard_holding(paths, n, k):
 
 def test_shards_of_another_state_of_the_folder_are_refused(tmp_path):
     """Images deleted, then only the other shard re-extracted: the merge would still hold the deleted images."""
-    from pipeline.images.reader import list_images
+    from pipeline.images.listing import list_images
 
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=6, size=(12, 12))
     out = tmp_path / "x.h5"

@@ -1,4 +1,4 @@
-"""Pre-compressed chunks: byte for byte HDF5's own gzip (and shuffle) chunks; a file assembled from them reads, through plain h5py, exactly as one written the old way; work-area parts hold them; kept rows of an older (shuffle) or current file are copied bit for bit."""
+"""Pre-compressed chunks: byte for byte HDF5's own gzip (and shuffle) chunks; a file assembled from them reads, through plain h5py, exactly as one written the old way; work-area parts hold them; kept rows are copied bit for bit; a file of the earlier chunk layout is refused in one line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile import chunks
-from pipeline.extract.incremental import base_rows, plan_incremental
-from pipeline.images.reader import list_images
+from pipeline.extract.incremental import find_kept, kept_blocks
+from pipeline.images.listing import list_images
 from pipeline.featurefile.store import write_feature_file
 from pipeline.extract.workarea import WorkArea
 from conftest import make_tree
@@ -98,20 +98,18 @@ def test_non_finite_precompressed_rows_are_refused(tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_parts_hold_compressed_chunks_and_older_plain_parts_still_read(tmp_path):
+def test_parts_hold_compressed_chunks(tmp_path):
     listing = list_images(make_tree(tmp_path / "data", per_class=20, size=(6, 6)))
     work = WorkArea(tmp_path / "x.h5")
     work.start({"k": 1})
     layout = chunks.default_layout(ROW, "float16")
     feats = sparse_features(20, seed=3)
     work.write_part(0, listing, np.arange(20), chunks.pack(feats, layout), np.zeros(0, np.int64), [], [])
-    work.write_part(1, listing, np.arange(20, 24), feats[:4], np.zeros(0, np.int64), [], [])  # a part of plain rows
-    packed_part, plain_part = work.index(listing)
+    [packed_part] = work.index(listing)
     got = WorkArea.features(packed_part)
     assert isinstance(got, chunks.Packed) and got.layout == layout and got.counts == [layout.rows, 20 - layout.rows]
     np.testing.assert_array_equal(got.array().view(np.uint16), feats.view(np.uint16))
     assert (tmp_path / "x.h5.partial" / "part-000000000.part").stat().st_size < feats.nbytes / 2  # compressed on disk
-    np.testing.assert_array_equal(WorkArea.features(plain_part), feats[:4])
     (listing.root / listing.paths[5]).write_bytes(b"changed")  # one of the part's files changed: the others still count
     changed = list_images(listing.root)
     part = work.index(changed)[0]
@@ -119,8 +117,7 @@ def test_parts_hold_compressed_chunks_and_older_plain_parts_still_read(tmp_path)
     np.testing.assert_array_equal(WorkArea.features(part), np.delete(feats, 5, axis=0))
 
 
-@pytest.mark.parametrize("older", [True, False])
-def test_kept_rows_are_copied_bit_for_bit_from_older_and_current_files(tmp_path, older):
+def test_kept_rows_are_copied_bit_for_bit(tmp_path):
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=30, size=(6, 6))
     listing = list_images(data)
     n = len(listing)
@@ -128,76 +125,43 @@ def test_kept_rows_are_copied_bit_for_bit_from_older_and_current_files(tmp_path,
     path = tmp_path / "old.h5"
     rows = iter([(feats, listing.labels, list(listing.paths), *listing.versions(np.arange(n)).T)])
     write_feature_file(path, row_shape=ROW, storage="float16", class_names=listing.class_names, rows=rows, rejected=[], attrs={})
-    if older:  # rewrite features in the layout of files before pre-compressed chunks (shuffle on)
-        with h5py.File(path, "r+") as db:
-            del db["features"]
-            db.create_dataset("features", data=feats, chunks=(20, *ROW), compression="gzip", compression_opts=4, shuffle=True)
     (data / "a" / "003.png").unlink()  # one row of the first chunk dropped
     after = list_images(data)
-    base = plan_incremental(path, {"k": 1}, after)
-    blocks = list(base_rows(base, after))
-    packed = [b for b in blocks if isinstance(b[0], chunks.Packed)]
-    if older:
-        assert all(b[0].layout.shuffle and b[0].layout.rows == 20 for b in packed) and len(packed) >= 1
-    else:
-        assert sum(len(b[0]) for b in packed) >= n - 2 * chunks.default_layout(ROW, "float16").rows
+    blocks = list(kept_blocks(find_kept(path, after), after))
+    packed = [b for b in blocks if isinstance(b.features, chunks.Packed)]
+    assert sum(len(b.features) for b in packed) >= n - 2 * chunks.default_layout(ROW, "float16").rows
     out = tmp_path / "new.h5"
     write_feature_file(out, row_shape=ROW, storage="float16", class_names=after.class_names, rows=iter(blocks), rejected=[], attrs={})
     expected = {p: feats[k] for k, p in enumerate(listing.paths) if p != "a/003.png"}
     with h5py.File(out, "r") as db:
         got = dict(zip([p.decode() for p in db["paths"][:]], db["features"][:]))
-        assert chunks.layout_of(db["features"]) == chunks.default_layout(ROW, "float16")  # rewritten in the current layout
+        assert chunks.layout_of(db["features"]) == chunks.default_layout(ROW, "float16")
     assert set(got) == set(expected)
     for p, f in expected.items():
         np.testing.assert_array_equal(got[p].view(np.uint16), f.view(np.uint16), err_msg=p)
 
 
-def test_an_older_shuffle_file_is_read_verified_and_updated(tmp_path, capsys):
-    from conftest import write_image
+def test_a_file_of_the_earlier_chunk_layout_is_refused_in_one_line(tmp_path, capsys):
     from pipeline.cli import main
+    from pipeline.core.errors import PipelineError
     from pipeline.featurefile.store import open_features
-    from pipeline.extract.verify import verify
+    from pipeline.featurefile.checks import verify
 
     data = make_tree(tmp_path / "data", per_class=12, size=(8, 8))
     out = tmp_path / "x.h5"
     fast = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--quiet"]
     assert main(["extract", str(data), "-o", str(out), *fast]) == 0
-    with h5py.File(out, "r+") as db:  # the layout files had before pre-compressed chunks
+    with h5py.File(out, "r+") as db:  # the layout files had before pre-compressed chunks (an earlier version)
         feats = db["features"][:]
         del db["features"]
         db.create_dataset("features", data=feats, maxshape=(None, *feats.shape[1:]), chunks=(20, *feats.shape[1:]), compression="gzip", compression_opts=4, shuffle=True)
-        old = dict(zip([p.decode() for p in db["paths"][:]], feats))
-    assert verify(out) == []
-    with open_features(out) as ff:
-        assert len(ff) == 24 and ff.db["features"].shuffle
-    write_image(data / "dog" / "new.png", size=(8, 8), seed=50)
+    why = "written by another version of the pipeline (features stored in chunks of 20 rows, gzip 4 + shuffle, not the 16 rows, gzip 2 of this version)"
+    assert verify(out) == [f"{out}: {why}; extract it again"]
+    with pytest.raises(PipelineError) as exc:
+        open_features(out)
+    assert str(exc.value) == f"{out}: {why}; extract it again"
     capsys.readouterr()
-    assert main(["extract", str(data), "-o", str(out), *fast]) == 0
-    assert "extracted 25 images" in capsys.readouterr().out
+    assert main(["extract", str(data), "-o", str(out), *fast]) == 2
+    assert capsys.readouterr().err == f"error: {out}: exists and it was {why}; pass --overwrite to replace it\n"
+    assert main(["extract", str(data), "-o", str(out), *fast, "--overwrite"]) == 0
     assert verify(out) == []
-    with open_features(out) as ff:
-        assert chunks.layout_of(ff.db["features"]) == chunks.default_layout(feats.shape[1:], "float16")
-        got = dict(zip(ff.paths, ff.db["features"][:]))
-    assert set(got) == set(old) | {"dog/new.png"}
-    for p, f in old.items():  # kept rows: copied bit for bit out of the shuffled chunks
-        np.testing.assert_array_equal(got[p].view(np.uint16), f.view(np.uint16), err_msg=p)
-
-
-def test_parts_of_the_earlier_npz_layout_are_still_read(tmp_path):
-    """A work area left by a run before pre-compressed chunks: its plain-row parts still count when resumed."""
-    listing = list_images(make_tree(tmp_path / "data", per_class=3, size=(6, 6)))
-    work = WorkArea(tmp_path / "x.h5")
-    work.start({"k": 1})
-    feats = sparse_features(2)
-    enc = lambda ps: np.asarray([p.encode() for p in ps], dtype=bytes)  # noqa: E731
-    np.savez(
-        work.path / "part-000000000.npz", indices=np.array([1, 2]), features=feats, paths=enc(listing.paths[1:3]),
-        versions=listing.versions(np.array([1, 2])), rejected_indices=np.array([0]), rejected_paths=enc(listing.paths[:1]),
-        rejected_versions=listing.versions(np.array([0])), reasons=np.asarray(["empty file (0 bytes)"]), limits=np.asarray([""]),
-    )  # fmt: skip
-    work.write_part(1, listing, np.array([3]), chunks.pack(feats[:1], chunks.default_layout(ROW, "float16")), np.zeros(0, np.int64), [], [])
-    assert work.next_seq() == 2 and work.done_indices(listing).tolist() == [0, 1, 2, 3]
-    old, new = work.index(listing)
-    assert old.reasons == ["empty file (0 bytes)"]
-    np.testing.assert_array_equal(WorkArea.features(old), feats)
-    np.testing.assert_array_equal(WorkArea.features(new).array(), feats[:1])

@@ -1,4 +1,4 @@
-"""The feature-file contract: `verify` names every broken type, shape, length and attribute as one line (never a traceback), passes sound files of every format, and the table of docs/feature-file.md lists exactly what the code checks."""
+"""The feature-file contract: `verify` names every broken type, shape, length and attribute as one line (never a traceback), passes sound files, refuses files of another version of the pipeline, and the table of docs/feature-file.md lists exactly what the code checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, make_tree
 from pipeline.cli import main
 from pipeline.featurefile.schema import ATTRIBUTES, DATASETS
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import verify
 from shard_data import extract
 
 
@@ -55,7 +55,7 @@ DAMAGE = {
     "no-versions": (lambda db: db.attrs.__delitem__("versions"), "attribute 'versions' missing"),
     "no-file-inodes": (lambda db: db.__delitem__("file_inodes"), "missing dataset 'file_inodes'"),
     "rejected-lengths": (lambda db: _replace(db, "rejected/file_sizes", np.zeros(3, np.int64)), "datasets have different lengths: {'rejected/paths': 1, 'rejected/reasons': 1, 'rejected/file_sizes': 3"),
-    "version": (lambda db: db.attrs.__setitem__("format_version", 7), "attribute 'format_version' is 7; this version reads 1..2"),
+    "version": (lambda db: db.attrs.__setitem__("format_version", 1), "written by another version of the pipeline (format_version 1, this version reads 2); extract it again"),
     "features-group": (lambda db: (db.__delitem__("features"), db.create_group("features")), "'features' is a group, not a dataset"),
 }
 

@@ -16,10 +16,12 @@ from pipeline.featurefile.store import (
     SPEC_KEYS,
     check_compatible,
     check_output_writable,
+    Stored,
     open_features,
-    stored_fingerprint,
+    stored_output,
     write_feature_file,
 )
+from pipeline.images.listing import Reject
 
 SPEC = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "preprocessing": "caffe", "resize": "bilinear", "weights": "none", "weights_checksum": "none"}
 
@@ -39,7 +41,7 @@ def write(path, *, n=7, classes=("a", "b"), block=3, rejected=(), attrs=None, fe
 
 def test_writer_and_reader_round_trip(tmp_path):
     out = tmp_path / "x.h5"
-    assert write(out, rejected=[("b/bad.png", "empty file (0 bytes)", 0, 5)], attrs={"fingerprint": json.dumps({"k": 1})}) == 7
+    assert write(out, rejected=[Reject("b/bad.png", "empty file (0 bytes)", 0, 5)], attrs={"fingerprint": json.dumps({"k": 1})}) == 7
     with open_features(out) as ff:
         assert len(ff) == 7 and ff.row_shape == (1, 1, 4) and ff.label_names == ["a", "b"]
         assert ff.labels.tolist() == [0, 1, 0, 1, 0, 1, 0]
@@ -58,7 +60,7 @@ def test_writer_and_reader_round_trip(tmp_path):
         picked = np.concatenate([b for _, b in ff.iter_chunks(rows=2, indices=np.array([1, 4, 6]))])
         np.testing.assert_allclose(picked[:, 0, 0, 0], [0.1, 0.4, 0.6], atol=1e-3)
         assert [x.decode() for x in ff.db["rejected/reasons"][:]] == ["empty file (0 bytes)"]
-    assert stored_fingerprint(out) == ({"k": 1}, False)
+    assert stored_output(out) == Stored({"k": 1}, False, (Reject("b/bad.png", "empty file (0 bytes)", 0, 5),), "")
 
 
 def test_non_finite_features_are_refused_and_nothing_is_left(tmp_path):
@@ -104,7 +106,11 @@ def test_open_features_refuses_a_single_class_and_can_read_an_incomplete_file(tm
     _edit(out, lambda db: db.attrs.__setitem__("complete", False))
     with open_features(out, require_complete=False) as ff:
         assert len(ff) == 7
-    assert stored_fingerprint(out) == (None, False) and stored_fingerprint(tmp_path / "nope.h5") == (None, False)
+    assert stored_output(out) == stored_output(tmp_path / "nope.h5") == Stored(problem="it is not a complete feature file")
+    _edit(out, lambda db: (db.attrs.__setitem__("complete", True), db.attrs.__setitem__("format_version", 1)))
+    assert stored_output(out).problem == "it was written by another version of the pipeline (format_version 1, this version reads 2)"
+    with pytest.raises(PipelineError, match=r"x.h5: written by another version of the pipeline \(format_version 1, this version reads 2\); extract it again$"):
+        open_features(out)
 
 
 def _edit(path, change):

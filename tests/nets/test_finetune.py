@@ -146,7 +146,8 @@ def test_metrics_contract_and_files(runs, trees):
     assert (cached["n_test"], cached["n_train"] + cached["n_val"]) == (len(test_rows), len(train_pool))
     assert cached["test_source"].startswith("split of")
     # ... and they are the same rows a feature file of the folder has: decodable images in listing order
-    from pipeline.images.reader import RejectedImage, list_images, load_image
+    from pipeline.images.listing import list_images
+    from pipeline.images.decode import load_image, RejectedImage
 
     listing = list_images(data)
     decodable = []

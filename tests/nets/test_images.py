@@ -8,7 +8,7 @@ import pytest
 from conftest import make_tree
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
-from pipeline.images.reader import load_image
+from pipeline.images.decode import load_image
 from pipeline.nets import images
 from pipeline.nets.images import check_pixel_memory, list_inputs, load_data, split_rows
 

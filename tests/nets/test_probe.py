@@ -17,7 +17,7 @@ from pipeline.featurefile.store import open_features
 from pipeline.nets import finetune as ft
 from pipeline.nets.images import decode
 from pipeline.nets.networks import find_layer
-from pipeline.images.reader import list_images
+from pipeline.images.listing import list_images
 
 CLASSES = ("ant", "bee", "cat")
 FAST = dict(input_size=32, weights="none", precision="float32", batch_size=8, patience=1, epochs=1, cache_copies=2, quiet=True)

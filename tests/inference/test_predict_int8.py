@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline.classical import predict, train
+from pipeline.classical import train
+from pipeline.inference import predict
 from pipeline.classical.bundle import check_engine, check_spec, load_bundle
 from pipeline.classical.features import pool_features
-from pipeline.classical.predict import PredictConfig
+from pipeline.inference.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.backbones import int8 as engines
 from pipeline.extract import stage as extract
 from pipeline.backbones.network import Backbone
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.featurefile.store import open_features
 from pipeline.backbones.weights import resolve_weights
 

@@ -12,23 +12,21 @@ UTF-8 are written as their original bytes (see ``predictions``).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.classical.bundle import check_engine, check_spec, load_bundle, resolve_bundle_weights, warn_on_version_change
-from pipeline.classical.features import pool_features
-from pipeline.classical.guard import refuse_inputs_as_outputs
-from pipeline.classical.predictions import FORMATS, format_results, is_predictions_file, write_predictions
+from pipeline.classical.bundle import check_spec, load_bundle, warn_on_version_change
+from pipeline.inference.scoring import class_scores, collect_images, open_bundle_network, pooled_batches
+from pipeline.core.guard import refuse_inputs_as_outputs
+from pipeline.inference.predictions import FORMATS, format_results, is_predictions_file, write_predictions
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import prepare_output_dir
-from pipeline.images.reader import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -80,76 +78,6 @@ class PredictConfig:
         return self
 
 
-def collect_images(inputs) -> list[Path]:
-    """The images to predict: files as given, folders walked recursively (sorted, hidden names skipped).
-
-    Folder walks keep the extensions of ``reader.IMAGE_EXTENSIONS``; a file named directly
-    is always taken (if it is no image, it is reported as such). Duplicates are dropped.
-
-    Raises:
-        PipelineError: a path does not exist, or no image was found at all.
-    """
-    found: list[Path] = []
-    for raw in inputs:
-        p = Path(raw)
-        if not p.exists() and not p.is_symlink():
-            raise PipelineError(f"{p}: no such file or folder")
-        if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                        found.append(Path(dirpath) / name)
-        else:
-            found.append(p)
-    found = list(dict.fromkeys(found))
-    if not found:
-        raise PipelineError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, inputs))}")
-    return found
-
-
-def class_scores(estimator, X: np.ndarray, kind: str) -> np.ndarray:
-    """(n, k) scores of each row for the estimator's k classes (``estimator.classes_`` order).
-
-    ``probability``: ``predict_proba``. ``decision``: the decision function's margins, a binary
-    one's margin ``d`` as the two columns ``-d, d`` (so the best column is the class and ``|d|``).
-    """
-    if kind == "probability" and hasattr(estimator, "predict_proba"):
-        return estimator.predict_proba(X)
-    d = estimator.decision_function(X)
-    return np.stack([-d, d], axis=1) if d.ndim == 1 else d
-
-
-def pooled_batches(bundle: dict, images: list[Path], net, *, batch_size: int = 32, quiet: bool = True):
-    """The bundle's view of ``images``, batch by batch: ``(indices, ok, reasons, X)``, X the pooled features of the readable ones.
-
-    Features are computed by ``net`` (checked against the bundle: ``bundle.check_engine``) and
-    rounded to the training file's storage dtype, as the estimator saw them.
-    """
-    from tqdm import tqdm
-
-    from pipeline.images.reader import Listing, iter_batches
-
-    spec = bundle["feature_spec"]
-    check_engine("the model bundle", bundle, net)
-    storage = bundle.get("storage_dtype")
-    n = len(images)
-    # The reader's Listing joins root and path: "." keeps relative paths relative and
-    # absolute ones absolute. Labels are unknown here, so all zero.
-    listing = Listing(Path("."), ("?",), tuple(str(p) for p in images), np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    with tqdm(total=n, desc="predict", unit="img", disable=quiet, dynamic_ncols=True, leave=False) as bar:
-        for batch in iter_batches(listing, np.arange(n), size=int(spec["input_size"]), interpolation=spec["resize"], batch_size=batch_size):
-            ok = batch.ok
-            X = None
-            if ok.any():
-                feats = net(batch.pixels[ok])
-                if storage:  # the model saw features rounded to the file's storage dtype
-                    feats = feats.astype(storage).astype(np.float32)
-                X = pool_features(feats, spec["pool"])
-            yield batch.indices, ok, batch.reasons, X
-            bar.update(len(batch.indices))
-
-
 def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 32, quiet: bool = True, top_k: int = 1, probabilities: bool = False) -> list[dict]:
     """Label every image; unreadable ones get ``label``/``score`` None and an ``error``.
 
@@ -191,30 +119,6 @@ def predict_images(bundle: dict, images: list[Path], net, *, batch_size: int = 3
                 r["top"] = []
             out[i] = r
     return out
-
-
-def open_bundle_network(model_path: Path, bundle: dict, *, weights: str | None = None, batch_size: int = 32, progress: bool = False):
-    """The network that computes a bundle's features: its backbone, weights (checksum checked), input side and precision.
-
-    For an int8 bundle, the very quantized model the training features came from, found in
-    the cache by its key.
-
-    Raises:
-        PipelineError: weights that cannot be resolved or do not match the bundle, an int8
-            model that is not in the cache (the message says how to get it).
-    """
-    from pipeline.backbones.int8 import Calibration, open_backbone
-
-    info = resolve_bundle_weights(model_path, bundle, weights, progress=progress)
-    spec = bundle["feature_spec"]
-    int8_model = Calibration.known(spec["int8_model"]) if bundle["precision"] == "int8" else None
-    try:
-        net = open_backbone(int(spec["input_size"]), info, bundle["precision"], batch_size=batch_size, calibration=int8_model, backbone=spec["backbone"])
-    except PipelineError as exc:
-        raise PipelineError(f"{model_path}: {exc}") from None
-    if net.weights_checksum != spec["weights_checksum"]:
-        raise PipelineError(f"{model_path}: the loaded weights have checksum {net.weights_checksum[:16]}..., not the model's {str(spec['weights_checksum'])[:16]}...")
-    return net
 
 
 def check_output(output: Path, model_path: Path, images: list[Path], overwrite: bool = False) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tree
-from pipeline.classical import evaluate, train
+from pipeline.classical import train
+from pipeline.inference import evaluate
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import check_spec, load_bundle, resolve_bundle_weights
-from pipeline.classical.guard import refuse_inputs_as_outputs
+from pipeline.core.guard import refuse_inputs_as_outputs
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import OneOf, option

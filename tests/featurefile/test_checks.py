@@ -11,7 +11,7 @@ from pipeline.backbones.registry import PREPROCESSING
 from pipeline.extract.fingerprints import shard_path
 from pipeline.extract.shardset import merge
 from pipeline.featurefile.store import write_feature_file
-from pipeline.extract.verify import verify
+from pipeline.featurefile.checks import verify
 
 #: Every attribute the contract asks of a file written by one extraction (``extract`` writes these).
 ATTRS = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "feature_shape": [1, 1, 512], "preprocessing": PREPROCESSING,

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
 from pipeline.classical.features import read_groups
-from pipeline.classical.guard import refuse_inputs_as_outputs
+from pipeline.core.guard import refuse_inputs_as_outputs
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
@@ -74,7 +74,7 @@ def _class_map(where: Path, data_names: list[str], model_names: list[str]) -> np
 
 def _from_feature_file(config: EvaluateConfig, bundle: dict):
     """(true labels, predicted labels, scores of the prediction, paths, rejected) of a feature file's rows."""
-    from pipeline.classical.predict import class_scores
+    from pipeline.inference.scoring import class_scores
     from pipeline.featurefile.store import open_features
 
     with open_features(config.data) as ff:
@@ -95,8 +95,8 @@ def _from_feature_file(config: EvaluateConfig, bundle: dict):
 
 def _from_folder(config: EvaluateConfig, bundle: dict):
     """The same for a class-per-folder tree, its features computed as ``predict`` computes them."""
-    from pipeline.classical.predict import class_scores, open_bundle_network, pooled_batches
-    from pipeline.images.reader import list_images
+    from pipeline.inference.scoring import class_scores, open_bundle_network, pooled_batches
+    from pipeline.images.listing import list_images
 
     listing = list_images(config.data)
     to_model = _class_map(Path(config.data), list(listing.class_names), list(bundle["label_names"]))
@@ -104,7 +104,7 @@ def _from_folder(config: EvaluateConfig, bundle: dict):
     paths = [listing.root / p for p in listing.paths]
     estimator = bundle["estimator"]
     classes = np.asarray(estimator.classes_)
-    kept, pred, score, rejected = [], [], [], [(p, r) for p, r, *_ in listing.unlisted]
+    kept, pred, score, rejected = [], [], [], [(r.path, r.reason) for r in listing.skipped]
     for indices, ok, reasons, X in pooled_batches(bundle, paths, net, batch_size=config.batch_size, quiet=config.quiet):
         if X is not None:
             s = class_scores(estimator, X, bundle.get("score", "probability"))

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import make_tree, write_image
-from pipeline.classical import predict, train
+from pipeline.classical import train
+from pipeline.inference import predict
 from pipeline.classical.bundle import load_bundle
 from pipeline.classical.features import pool_features
-from pipeline.classical.predict import PredictConfig
-from pipeline.classical.predictions import TEXT_MARKER
+from pipeline.inference.predict import PredictConfig
+from pipeline.inference.predictions import TEXT_MARKER
 from pipeline.core.errors import PipelineError
-from pipeline.extract.stage import ExtractConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.featurefile.store import open_features
 
 
@@ -237,7 +238,7 @@ def test_names_that_are_not_utf8_are_kept_in_every_format(trained, tmp_path, cap
 
 
 def test_encode_keeps_name_bytes_and_never_fails():
-    from pipeline.classical.predictions import encode
+    from pipeline.inference.predictions import encode
 
     assert encode(os.fsdecode(b"a\xe9\xff.png") + " \u00e9") == b"a\xe9\xff.png \xc3\xa9"
     assert encode("lone \ud800") == b"lone \\ud800"  # a surrogate no file name decodes to

@@ -1,4 +1,4 @@
-"""Reader: listing rules, every kind of bad file, colour modes, and parity with keras.utils.load_img."""
+"""Decoding: every kind of bad file, colour modes, parity with keras.utils.load_img, and batches that keep each row's listing index."""
 
 from __future__ import annotations
 
@@ -10,47 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_tree, write_image
-from pipeline.core.errors import PipelineError
-from pipeline.images.reader import RejectedImage, iter_batches, list_images, load_image
-
-
-def test_listing_sorted_by_class_then_path(tmp_path):
-    root = make_tree(tmp_path / "d", classes=("zebra", "ant", "moose"), per_class=2)
-    write_image(root / "ant" / "sub" / "deep.JPG", fmt="JPEG")
-    (root / "ant" / ".hidden.png").write_bytes(b"x")
-    (root / "moose" / "notes.txt").write_text("hi")
-    (root / "stray.png").write_bytes(b"x")
-    listing = list_images(root)
-    assert listing.class_names == ("ant", "moose", "zebra")
-    assert listing.paths == (
-        "ant/000.png", "ant/001.png", "ant/sub/deep.JPG",
-        "moose/000.png", "moose/001.png",
-        "zebra/000.png", "zebra/001.png",
-    )
-    assert listing.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
-    assert {(p, r) for p, r, _, _ in listing.unlisted} == {
-        ("stray.png", "not inside a class folder"),
-        ("moose/notes.txt", "unsupported file type '.txt'"),
-    }
-
-
-@pytest.mark.parametrize(
-    "setup, message",
-    [
-        (lambda root: None, r"data folder does not exist"),
-        (lambda root: root.mkdir(), r"no class sub-folders"),
-        (lambda root: make_tree(root, classes=("only",)), r"only one class folder \(only\)"),
-        (lambda root: (make_tree(root), (root / "empty").mkdir()), r"empty: class folder has no image files"),
-        (lambda root: (root.parent.mkdir(exist_ok=True), root.write_text("x")), r"not a folder"),
-    ],
-    ids=["missing", "no-classes", "one-class", "empty-class", "file-not-folder"],
-)
-def test_listing_errors_name_the_path(tmp_path, setup, message):
-    root = tmp_path / "data"
-    setup(root)
-    with pytest.raises(PipelineError, match=message) as err:
-        list_images(root)
-    assert str(tmp_path) in str(err.value)
+from pipeline.images.decode import RejectedImage, iter_batches, load_image
+from pipeline.images.listing import list_images
 
 
 def _bomb(path: Path) -> None:

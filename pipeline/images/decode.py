@@ -1,30 +1,26 @@
-"""Image reader: lists a class-per-folder tree, decodes and resizes images in parallel, and turns bad files into reject records."""
+"""Image decoding: one file into resized RGB pixels (or a ``RejectedImage`` saying why not), the limits a file can be rejected by, and batches decoded in parallel ahead of the network, each row keeping its listing index."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
+import stat
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-import stat
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.core.errors import PipelineError
+from pipeline.images.listing import Listing
 
 # Never let Pillow pad a truncated file with grey: a truncated image is a reject.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-#: Accepted extensions (any case). The content decides how a file is decoded, not its name:
-#: a PNG saved as ``.jpg`` is read like ``keras.utils.load_img`` and Pillow read it.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: The Pillow formats a file's content may have, whatever its supported extension (Pillow's
 #: JPEG opener also reads multi-picture MPO files). Other formats Pillow knows (PostScript,
 #: PSD, ICO, ...) are not tried: they are rejected as "not an image".
@@ -46,19 +42,6 @@ class RejectedImage(Exception):
         self.limit = limit
 
 
-class Reject(NamedTuple):
-    """One file that was not extracted: its path (relative to the data folder), why, its version
-    (-1: unknown) and the limit behind it (``name=value``; "" for its content, "?" when unknown)."""
-
-    path: str
-    reason: str
-    size: int
-    mtime_ns: int
-    inode: int = -1
-    ctime_ns: int = -1
-    limit: str = ""
-
-
 def limits(image_timeout: float) -> dict[str, str]:
     """The current value of every limit a file can be rejected by, as recorded in ``Reject.limit`` (``name=value``)."""
     return {
@@ -69,176 +52,11 @@ def limits(image_timeout: float) -> dict[str, str]:
 
 
 def limit_holds(limit: str, current: dict[str, str]) -> bool:
-    """Whether a rejection caused by ``limit`` would happen again under the ``current`` limits.
-
-    A content rejection (``""``) always holds; an unknown one (``"?"``, from an older file) never does.
-    """
+    """Whether a rejection caused by ``limit`` would happen again under the ``current`` limits (a content rejection, ``""``, always does)."""
     if not limit:
         return True
     name, _, value = limit.partition("=")
     return current.get(name) == value
-
-
-#: The unknown version of a file (older feature files did not record inodes and ctimes).
-UNKNOWN = -1
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Every candidate file under a data folder, in the order rows are written.
-
-    ``paths`` are POSIX paths relative to ``root`` (sorted by class, then path);
-    ``labels[i]`` indexes ``class_names``; ``sizes``/``mtimes_ns``/``inodes``/``ctimes_ns``
-    identify the file version so a later run can tell what changed (a file replaced by
-    ``cp -p``, ``rsync -a`` or ``tar``, which keep the size and modification time, gets
-    another inode or change time). ``unlisted`` holds files that can never be images
-    (unsupported extension, outside a class folder) as ``(path, reason, size, mtime_ns)``,
-    and ``unlisted_versions`` their ``(inode, ctime_ns)``: they are rejected without decoding.
-    """
-
-    root: Path
-    class_names: tuple[str, ...]
-    paths: tuple[str, ...]
-    labels: np.ndarray
-    sizes: np.ndarray
-    mtimes_ns: np.ndarray
-    unlisted: tuple[tuple[str, str, int, int], ...] = ()
-    inodes: np.ndarray | None = None
-    ctimes_ns: np.ndarray | None = None
-    unlisted_versions: tuple[tuple[int, int], ...] | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.paths)
-        for name in ("inodes", "ctimes_ns"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, np.full(n, UNKNOWN, np.int64))
-        if self.unlisted_versions is None:
-            object.__setattr__(self, "unlisted_versions", tuple((UNKNOWN, UNKNOWN) for _ in self.unlisted))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def versions(self, indices) -> np.ndarray:
-        """``(k, 4)`` int64: size, mtime_ns, inode and ctime_ns of the given rows."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return np.stack([self.sizes[idx], self.mtimes_ns[idx], self.inodes[idx], self.ctimes_ns[idx]], axis=1).astype(np.int64)
-
-    def unlisted_rejects(self) -> list[Reject]:
-        """The unlisted files as reject records (never decoded, so never caused by a limit)."""
-        return [Reject(p, r, s, m, i, c, "") for (p, r, s, m), (i, c) in zip(self.unlisted, self.unlisted_versions)]
-
-    def digest(self) -> str:
-        """sha256 of the class names and the (path, label, size, mtime, inode, ctime) of every file, including the unlisted ones."""
-        h = hashlib.sha256()
-        h.update(b"\0".join(os.fsencode(c) for c in self.class_names))
-        rows = zip(self.paths, self.labels.tolist(), self.sizes.tolist(), self.mtimes_ns.tolist(), self.inodes.tolist(), self.ctimes_ns.tolist())
-        for p, lab, s, m, i, c in rows:
-            h.update(os.fsencode(p) + b"\0" + f"{lab}:{s}:{m}:{i}:{c}\n".encode())
-        for (p, reason, s, m), (i, c) in zip(self.unlisted, self.unlisted_versions):
-            h.update(b"U" + os.fsencode(p) + f"\0{s}:{m}:{i}:{c}\n".encode())
-        return h.hexdigest()
-
-    def select(self, indices: np.ndarray) -> "Listing":
-        """A listing of the given rows only (same classes, same root, same unlisted files)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return Listing(
-            self.root,
-            self.class_names,
-            tuple(self.paths[i] for i in idx.tolist()),
-            self.labels[idx],
-            self.sizes[idx],
-            self.mtimes_ns[idx],
-            self.unlisted,
-            self.inodes[idx],
-            self.ctimes_ns[idx],
-            self.unlisted_versions,
-        )
-
-
-def _stat(path: Path) -> tuple[int, int, int, int]:
-    """The version of a file: size, mtime_ns, inode and ctime_ns (of the link itself when it dangles)."""
-    try:
-        st = path.stat()
-    except OSError:  # dangling link or vanished file: decoding will reject it with its reason
-        st = path.lstat()
-    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
-
-
-def list_images(data_dir: Path | str) -> Listing:
-    """List the images of a class-per-folder tree.
-
-    Classes are the sub-folders of ``data_dir`` sorted by name; each class takes every
-    file below its folder (recursively, not following links to folders). Hidden files
-    (names starting with a dot) are ignored.
-
-    Raises:
-        PipelineError: the folder is missing or not a folder, has no class sub-folders,
-            has only one class, a class folder holds no image files, or there are no images.
-    """
-    root = Path(data_dir)
-    if not root.exists():
-        raise PipelineError(f"{root}: data folder does not exist")
-    if not root.is_dir():
-        raise PipelineError(f"{root}: not a folder (expected one sub-folder per class)")
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    unlisted: list[tuple[str, str, int, int]] = []
-    unlisted_versions: list[tuple[int, int]] = []
-    for e in entries:
-        if not e.name.startswith(".") and not e.is_dir():
-            s, m, ino, c = _stat(Path(e.path))
-            unlisted.append((e.name, "not inside a class folder", s, m))
-            unlisted_versions.append((ino, c))
-    if not classes:
-        raise PipelineError(f"{root}: no class sub-folders (expected one sub-folder per class, e.g. {root}/cats/*.jpg)")
-    if len(classes) < 2:
-        raise PipelineError(f"{root}: only one class folder ({classes[0]}); classification needs at least two")
-
-    paths: list[str] = []
-    labels: list[int] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    inodes: list[int] = []
-    ctimes: list[int] = []
-    for label, name in enumerate(classes):
-        found = 0
-        class_dir = root / name
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                if fname.startswith("."):
-                    continue
-                full = Path(dirpath) / fname
-                rel = full.relative_to(root).as_posix()
-                s, m, ino, c = _stat(full)
-                if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
-                    unlisted.append((rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m))
-                    unlisted_versions.append((ino, c))
-                    continue
-                paths.append(rel)
-                labels.append(label)
-                sizes.append(s)
-                mtimes.append(m)
-                inodes.append(ino)
-                ctimes.append(c)
-                found += 1
-        if found == 0:
-            raise PipelineError(
-                f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                "remove it or add images"
-            )
-    return Listing(
-        root,
-        tuple(classes),
-        tuple(paths),
-        np.asarray(labels, dtype=np.int32),
-        np.asarray(sizes, dtype=np.int64),
-        np.asarray(mtimes, dtype=np.int64),
-        tuple(unlisted),
-        np.asarray(inodes, dtype=np.int64),
-        np.asarray(ctimes, dtype=np.int64),
-        tuple(unlisted_versions),
-    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -11,11 +11,13 @@ import pytest
 
 from PIL import Image
 
-from pipeline.classical import predict, train
+from pipeline.classical import train
+from pipeline.inference import predict
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
-from pipeline.images.reader import list_images, load_image
-from pipeline.nets import export
+from pipeline.images.listing import list_images
+from pipeline.images.decode import load_image
+from pipeline.inference import export
 
 CLASSES = ("ant", "bee", "cat")
 #: Loads the exported file with `import pipeline` made impossible: proof it needs only Keras.

@@ -1,25 +1,17 @@
-"""Verify stage: the feature-file contract checker; every broken rule of a file (single or merged), one line each, never a traceback; ``python -m pipeline verify FILE...`` exits 1 if any."""
+"""The feature-file checker: every broken rule of a file (single or merged), one line each, never a traceback; and whether a merged file still reads the shard files it was merged from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from pipeline.core.command import Command
-from pipeline.core.config import option
-from pipeline.core.errors import first_line
 from pipeline.featurefile import schema as contract
-from pipeline.extract.shardset import stale_sources
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    """Settings of ``python -m pipeline verify``."""
-
-    files: tuple[Path, ...] = option(help="feature files (.h5)", positional=True, nargs="+")
+from pipeline.core.errors import first_line
+from pipeline.featurefile.schema import is_complete
 
 
 def verify(path: Path | str) -> list[str]:
@@ -77,22 +69,29 @@ def _non_finite(feats: h5py.Dataset) -> list[str]:
     return []
 
 
-def run(config: VerifyConfig) -> int:
-    """Check each file; print ``ok FILE`` or one ``FAIL reason`` line per broken invariant.
+def stale_sources(path: Path | str) -> list[str]:
+    """Why a merged file no longer reads what was merged (empty list: every shard is as merged).
 
-    Returns:
-        0 when every file is sound, else 1.
+    A shard file that was removed, replaced or re-extracted after the merge makes the
+    virtual datasets read fill values or other rows; this compares each shard's stored
+    fingerprint and row count with the file now on disk.
     """
-    status = 0
-    for path in config.files:
-        problems = verify(path)
-        if problems:
-            status = 1
-            for msg in problems:
-                print(f"FAIL {msg}")
-        else:
-            print(f"ok {path}")
-    return status
-
-
-COMMAND = Command("verify", VerifyConfig, run, "check a feature file's invariants; exit 1 with the reasons if any fails")
+    path = Path(path)
+    problems = []
+    with h5py.File(path, "r") as db:
+        if "merged" not in db:
+            return [f"{path}: not a merged file"]
+        files = [os.fsdecode(x) for x in db["merged/files"][:]]
+        fps = [x.decode("utf-8", "replace") for x in db["merged/fingerprints"][:]]
+        rows = db["merged/rows"][:].tolist()
+    for name, fp, k in zip(files, fps, rows):
+        src = path.parent / name
+        try:
+            with h5py.File(src, "r") as s:
+                same = is_complete(s.attrs) and str(s.attrs.get("fingerprint")) == fp and s["features"].shape[0] == k
+        except Exception:
+            problems.append(f"{src}: shard file missing or unreadable")
+            continue
+        if not same:
+            problems.append(f"{src}: shard file changed since the merge")
+    return problems

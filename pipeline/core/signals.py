@@ -1,0 +1,98 @@
+"""SIGTERM as an interrupt, in one place: within a block SIGTERM raises ``Terminated`` (a KeyboardInterrupt), so locks, temporary files and work areas unwind as for Ctrl-C; a signal that lands where raising would do harm is remembered and raised as soon as it is safe.
+
+Raising wherever the main thread happens to be goes wrong inside library code in two ways
+(both seen in ``train`` runs): an import cut short turns the signal into another error (a
+traceback instead of "interrupted"), and code that runs in a finaliser or catches
+``BaseException`` drops it, and the run goes on. So the signal is also remembered: during an
+import, or a ``finish_first`` block, it is only remembered (the import finishes whole, the
+outputs are all written); ``stop_if_terminated()``, called by long loops at every step, raises
+it (again); any error that escapes the block after the signal came becomes ``Terminated``, and
+so does the end of the block.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an interrupt, so ``with`` blocks (locks, temporary files) unwind as for Ctrl-C."""
+
+
+class _Received:
+    """Whether SIGTERM came (a plain flag: an Event's lock could deadlock inside a signal handler), and whether to hold it back."""
+
+    flag = False
+    hold = False
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside the import machinery (raising there breaks the module being imported)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_unless_unsafe(signum, frame) -> None:
+    _Received.flag = True
+    if not _Received.hold and not _importing(frame):
+        raise Terminated(signal.Signals(signum).name)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, and keeps raising it.
+
+    Locks are released and temporary files removed on the way out, previous outputs stay
+    intact, and the CLI prints its one-line "interrupted" message. Outside the main thread
+    (where Python cannot install handlers) the block runs unchanged.
+
+    Raises:
+        Terminated: SIGTERM came: at once (outside imports and ``finish_first``), at the next
+            ``stop_if_terminated()``, from any error that escapes the block (chained as the
+            cause), or when the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = _Received.flag, _Received.hold
+    _Received.flag = _Received.hold = False
+    previous = signal.signal(signal.SIGTERM, _raise_unless_unsafe)
+    try:
+        yield
+        stop_if_terminated()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        if _Received.flag:
+            raise Terminated("SIGTERM") from exc
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _Received.flag, _Received.hold = saved
+
+
+@contextmanager
+def finish_first() -> Iterator[None]:
+    """Within ``sigterm_as_interrupt``, a block SIGTERM does not cut short: it is raised when the block ends.
+
+    For outputs that must change together (a bundle and its metrics): all are replaced, or
+    none, whenever the signal comes.
+    """
+    _Received.hold = True
+    try:
+        yield
+    finally:
+        _Received.hold = False
+    stop_if_terminated()
+
+
+def stop_if_terminated() -> None:
+    """Raise ``Terminated`` if SIGTERM came within ``sigterm_as_interrupt`` (a no-op otherwise)."""
+    if _Received.flag:
+        raise Terminated("SIGTERM")

@@ -1,0 +1,193 @@
+"""The image listing: every candidate file of a class-per-folder tree with its label and version (size, mtime, inode, ctime), matched against stored rows by path and version; files that can never be rows are reject records."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+
+#: Accepted extensions (any case). The content decides how a file is decoded, not its name:
+#: a PNG saved as ``.jpg`` is read like ``keras.utils.load_img`` and Pillow read it.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: The version of a file that is not known (a listing made from bare paths, as ``predict``'s): it matches no stored row.
+UNKNOWN = -1
+
+
+class Reject(NamedTuple):
+    """One file that was not extracted: its path (relative to the data folder), why, its version
+    (-1: unknown) and the limit behind it (``name=value``; "" for its content)."""
+
+    path: str
+    reason: str
+    size: int
+    mtime_ns: int
+    inode: int = UNKNOWN
+    ctime_ns: int = UNKNOWN
+    limit: str = ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every candidate file under a data folder, in the order rows are written.
+
+    ``paths`` are POSIX paths relative to ``root`` (sorted by class, then path);
+    ``labels[i]`` indexes ``class_names``; ``sizes``/``mtimes_ns``/``inodes``/``ctimes_ns``
+    identify the file version so a later run can tell what changed (a file replaced by
+    ``cp -p``, ``rsync -a`` or ``tar``, which keep the size and modification time, gets
+    another inode or change time); a listing made from bare paths has unknown inodes and
+    change times. ``skipped`` holds the files that can never be rows (an unsupported
+    extension, outside a class folder) as reject records: they are never decoded.
+    """
+
+    root: Path
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    skipped: tuple[Reject, ...] = ()
+    inodes: np.ndarray | None = None
+    ctimes_ns: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("inodes", "ctimes_ns"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.full(len(self.paths), UNKNOWN, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def versions(self, indices) -> np.ndarray:
+        """``(k, 4)`` int64: size, mtime_ns, inode and ctime_ns of the given rows."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return np.stack([self.sizes[idx], self.mtimes_ns[idx], self.inodes[idx], self.ctimes_ns[idx]], axis=1).astype(np.int64)
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.paths)}
+
+    def match(self, paths: list[str], versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where stored rows of ``paths`` (with their ``(k, 4)`` ``versions``) stand in this listing.
+
+        Returns:
+            ``(indices, same)``: each path's listing index (-1: not listed), and whether the
+            listed file is still the stored version (size, mtime_ns, inode and ctime_ns all equal).
+        """
+        idx = np.asarray([self._positions.get(p, -1) for p in paths], np.int64)
+        same = idx >= 0
+        if same.any():
+            same[same] = (self.versions(idx[same]) == np.asarray(versions, np.int64).reshape(-1, 4)[same]).all(axis=1)
+        return idx, same
+
+    def digest(self) -> str:
+        """sha256 of the class names and the (path, label, size, mtime, inode, ctime) of every file, including the skipped ones."""
+        h = hashlib.sha256()
+        h.update(b"\0".join(os.fsencode(c) for c in self.class_names))
+        rows = zip(self.paths, self.labels.tolist(), self.sizes.tolist(), self.mtimes_ns.tolist(), self.inodes.tolist(), self.ctimes_ns.tolist())
+        for p, lab, s, m, i, c in rows:
+            h.update(os.fsencode(p) + b"\0" + f"{lab}:{s}:{m}:{i}:{c}\n".encode())
+        for p, _, s, m, i, c, _ in self.skipped:
+            h.update(b"U" + os.fsencode(p) + f"\0{s}:{m}:{i}:{c}\n".encode())
+        return h.hexdigest()
+
+    def select(self, indices: np.ndarray) -> "Listing":
+        """A listing of the given rows only (same classes, same root, same skipped files)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return Listing(
+            self.root,
+            self.class_names,
+            tuple(self.paths[i] for i in idx.tolist()),
+            self.labels[idx],
+            self.sizes[idx],
+            self.mtimes_ns[idx],
+            self.skipped,
+            self.inodes[idx],
+            self.ctimes_ns[idx],
+        )
+
+
+def _stat(path: Path) -> tuple[int, int, int, int]:
+    """The version of a file: size, mtime_ns, inode and ctime_ns (of the link itself when it dangles)."""
+    try:
+        st = path.stat()
+    except OSError:  # dangling link or vanished file: decoding will reject it with its reason
+        st = path.lstat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def list_images(data_dir: Path | str) -> Listing:
+    """List the images of a class-per-folder tree.
+
+    Classes are the sub-folders of ``data_dir`` sorted by name; each class takes every
+    file below its folder (recursively, not following links to folders). Hidden files
+    (names starting with a dot) are ignored.
+
+    Raises:
+        PipelineError: the folder is missing or not a folder, has no class sub-folders,
+            has only one class, a class folder holds no image files, or there are no images.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise PipelineError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise PipelineError(f"{root}: not a folder (expected one sub-folder per class)")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    skipped = [Reject(e.name, "not inside a class folder", *_stat(Path(e.path))) for e in entries if not e.name.startswith(".") and not e.is_dir()]
+    if not classes:
+        raise PipelineError(f"{root}: no class sub-folders (expected one sub-folder per class, e.g. {root}/cats/*.jpg)")
+    if len(classes) < 2:
+        raise PipelineError(f"{root}: only one class folder ({classes[0]}); classification needs at least two")
+
+    paths: list[str] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    inodes: list[int] = []
+    ctimes: list[int] = []
+    for label, name in enumerate(classes):
+        found = 0
+        class_dir = root / name
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                full = Path(dirpath) / fname
+                rel = full.relative_to(root).as_posix()
+                s, m, ino, c = _stat(full)
+                if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.append(Reject(rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m, ino, c))
+                    continue
+                paths.append(rel)
+                labels.append(label)
+                sizes.append(s)
+                mtimes.append(m)
+                inodes.append(ino)
+                ctimes.append(c)
+                found += 1
+        if found == 0:
+            raise PipelineError(
+                f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "remove it or add images"
+            )
+    return Listing(
+        root,
+        tuple(classes),
+        tuple(paths),
+        np.asarray(labels, dtype=np.int32),
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(mtimes, dtype=np.int64),
+        tuple(skipped),
+        np.asarray(inodes, dtype=np.int64),
+        np.asarray(ctimes, dtype=np.int64),
+    )
+
+

@@ -1,0 +1,82 @@
+"""SIGTERM as an interrupt: raised inside the block only, raised again after library code swallowed it, the cause of an error it provoked, held back during an import and a finish_first block."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from pipeline.core.signals import Terminated, finish_first, sigterm_as_interrupt, stop_if_terminated
+
+
+def test_sigterm_becomes_an_interrupt_only_inside_the_block():
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what a library (ray.init) installed
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises as soon as the signal arrives
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _sigterm_swallowed_by_a_library() -> None:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler raises here
+    except BaseException:  # what some library code does
+        pass
+
+
+def test_a_sigterm_that_library_code_swallowed_is_raised_again_at_the_next_checkpoint():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            _sigterm_swallowed_by_a_library()
+            stop_if_terminated()
+            raise AssertionError("not reached: the checkpoint raises")
+    stop_if_terminated()  # outside the block: nothing pending
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_an_error_a_sigterm_turned_into_becomes_terminated():
+    """An import cut short by the interrupt raised ``RuntimeError: Error calling __set_name__`` (seen in a train run): it is the interrupt."""
+    with pytest.raises(Terminated) as exc:
+        with sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except BaseException as inner:
+                raise RuntimeError("Error calling __set_name__") from inner
+    assert isinstance(exc.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError):  # without a SIGTERM, errors pass unchanged
+        with sigterm_as_interrupt():
+            raise RuntimeError("a real error")
+
+
+def test_a_sigterm_during_an_import_lets_the_import_finish_then_stops(tmp_path, monkeypatch):
+    """Raising inside the import machinery breaks the module (seen: ``Exception ignored in ... _get_module_lock``); the signal waits for the import."""
+    (tmp_path / "sigterm_mid_import.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sigterm_mid_import", raising=False)
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            import sigterm_mid_import  # noqa: F401  (sends SIGTERM to this process while it is imported)
+
+            assert sigterm_mid_import.DONE  # the module is whole
+    monkeypatch.delitem(sys.modules, "sigterm_mid_import")
+
+
+def test_a_sigterm_while_the_outputs_are_written_waits_for_all_of_them():
+    written = []
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            with finish_first():
+                for name in ("bundle", "metrics", "report", "plot"):
+                    if name == "metrics":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(0.2)
+                    written.append(name)
+            written.append("after")
+    assert written == ["bundle", "metrics", "report", "plot"]
