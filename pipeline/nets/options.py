@@ -34,6 +34,9 @@ class NetConfig:
         augment: random flip/translation/rotation/zoom of training images.
         precision: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (mixed precision).
         resize: Pillow interpolation, as in extract.
+        refit: after choosing the epochs on the validation rows, train the final model again
+            from its start on the training + validation rows for those epochs (the VTAB-1k /
+            VPT protocol: every strategy's final model sees every training image).
         seed: seeds Keras, the splits, the augmentation and the epoch sampling.
         quiet: no progress bars; the summary line is still printed.
         command_line: recorded in the metrics.
@@ -60,6 +63,7 @@ class NetConfig:
     augment: bool = option(True, "no random flip/translation/rotation/zoom of training images")
     precision: str = option("auto", "compute precision; auto = fastest that keeps accuracy", rule=OneOf(PRECISIONS))
     resize: str = option("bilinear", "resize interpolation, as in extract", rule=OneOf(RESIZE_METHODS))
+    refit: bool = option(True, "keep the model trained on the training rows only (no refit on training + validation rows for the epochs validation chose)")
     seed: int = option(0, "seed of Keras, the splits and the augmentation", rule=COUNT_OR_ZERO)
     quiet: bool = option(False, "no progress bars; the summary line is still printed")
     command_line: str = option("", cli=False)

@@ -18,12 +18,17 @@ from pipeline.nets.options import NetConfig
 #: ``train_seconds`` = decoding the images + building the prefix cache + every epoch (model
 #: construction and the test evaluation excluded); ``seconds_per_epoch`` = mean wall time of
 #: an epoch of the last phase (fine-tuning; the head phase for ``none``; validation included);
-#: ``images_per_second`` = test-set inference of the saved (full) model, after a warm-up.
+#: ``images_per_second`` = test-set inference of the saved (full) model, after a warm-up (on
+#: the first THROUGHPUT_SAMPLE test images when the prefix's test outputs were reused).
+#: ``test_predictions`` holds each test image's path, label and predicted label: compare pairs
+#: rows on them (McNemar) and ``refit`` says what the final model was fitted on.
 METRICS_KEYS = (
     "strategy", "accuracy", "macro_f1", "per_class", "train_seconds", "images_per_second",
     "model_bytes", "seed", "n_train", "n_val", "n_test", "test_source", "epochs_run",
     "seconds_per_epoch", "mode", "input_size", "unfreeze_from", "precision", "rejected",
+    "test_predictions", "refit",
 )  # fmt: skip
+THROUGHPUT_SAMPLE = 256
 
 
 @dataclass
@@ -35,8 +40,18 @@ class Result:
     metrics: dict
 
 
-def evaluate(full, data: Data, batch_size: int):
-    """Test-set probabilities from the full model and its measured throughput (images/s)."""
+def evaluate(full, data: Data, batch_size: int, top=None, test_features=None):
+    """Test-set probabilities from the full model and its measured throughput (images/s).
+
+    With ``test_features`` (the frozen prefix's outputs for the test images, computed once
+    and shared), the probabilities come from ``top`` on them, and the full model's
+    throughput is measured on the first THROUGHPUT_SAMPLE test images.
+    """
+    if test_features is not None:
+        probs = top.predict(test_features, batch_size=batch_size, verbose=0)
+        sample = Data(data.class_names, data.train_x[:0], data.train_y[:0], data.val_x[:0], data.val_y[:0],
+                      data.test_x[:THROUGHPUT_SAMPLE], data.test_y[:THROUGHPUT_SAMPLE], data.test_source)  # fmt: skip
+        return probs, evaluate(full, sample, batch_size)[1]
     n = len(data.test_y)
     # warm up on both batch shapes the timed run will see, so tracing is not timed
     r = n % batch_size
@@ -66,7 +81,8 @@ def curves_title(strategy: str, input_size: int, history: dict, mode: str, preci
     return f"{strategy}, {mode}, {input_size}px, {precision} (epochs: {', '.join(spans)})"
 
 
-def finish(name: str, net: Network, data: Data, config: NetConfig, precision: str, history: dict, records: list, extra: dict, train_seconds: float) -> dict:
+def finish(name: str, net: Network, data: Data, config: NetConfig, precision: str, history: dict, records: list, extra: dict, train_seconds: float,
+           test_features=None) -> dict:
     """Evaluate ``net.full`` on the test set, write the three outputs ``OUT_DIR/NAME.*``, print the summary.
 
     Args:
@@ -75,8 +91,10 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         config: the stage's config (recorded in the metrics).
         precision: the resolved precision.
         history, records: from ``training.train_phases``.
-        extra: the stage's own metrics (must include ``mode`` and ``unfreeze_from``).
+        extra: the stage's own metrics (must include ``mode``, ``unfreeze_from`` and ``refit``;
+            a refit's ``n_train`` replaces the selection's).
         train_seconds: decoding + caching + training time.
+        test_features: the frozen prefix's outputs for the test images, or None (``evaluate``).
 
     Returns:
         The metrics written to ``OUT_DIR/NAME.metrics.json`` (every key of METRICS_KEYS and more).
@@ -85,7 +103,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         PipelineError: an output could not be written (e.g. the disk is full).
     """
     out_dir = Path(config.out_dir)
-    probs, ips = evaluate(net.full, data, config.batch_size)
+    probs, ips = evaluate(net.full, data, config.batch_size, net.top, test_features)
     y_pred = probs.argmax(axis=1)
     model_path = out_dir / f"{name}.keras"
     model_bytes = save_model(net.full, model_path)
@@ -100,7 +118,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         "images_per_second": ips,
         "model_bytes": model_bytes,
         "seed": config.seed,
-        "n_train": int(len(data.train_y)),
+        "n_train": int((extra.get("refit") or {}).get("n_train") or len(data.train_y)),
         "n_val": int(len(data.val_y)),
         "n_test": int(len(data.test_y)),
         "test_source": data.test_source,
@@ -119,6 +137,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         "curves_file": str(curves),
         "augmentation": AUGMENTATION if config.augment else None,
         "seeds": {"keras": config.seed, "split": config.seed, "augmentation": config.seed, "epoch_sampling": config.seed + 1},
+        "test_predictions": {"paths": list(data.test_paths), "y_true": data.test_y.tolist(), "y_pred": y_pred.tolist()},
         "config": config_json(config),
         "versions": package_versions(),
     }

@@ -10,12 +10,12 @@ from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
-from pipeline.nets.images import load_data
+from pipeline.nets.images import listing_digest, load_data
 from pipeline.nets.networks import Network, build_scratch_network
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.resnet import blocks_per_stage, build_resnet_network, sgd
 from pipeline.nets.results import Result, finish
-from pipeline.nets.training import prepare_run, train_phases
+from pipeline.nets.training import chosen_epochs, prepare_run, train_phases
 
 
 #: ``--arch``: ``cnn`` or ``resnet``; ``resnetN`` is ``resnet`` with ``--depth N`` (``resnet20``).
@@ -132,6 +132,10 @@ def build_network(config: ScratchConfig, n_classes: int, precision: str) -> Netw
 def fit(config: ScratchConfig) -> Result:
     """Train the network of ``config.arch`` from random weights on the same splits and augmentation as ``finetune``.
 
+    With ``refit`` (the default) the epoch the validation loss chose is kept, and the
+    network is trained again from the same start on the training + validation rows for
+    that many epochs: that is the model saved and scored.
+
     Returns:
         Result: the network, the data and the metrics written to ``OUT_DIR/scratch.metrics.json``.
 
@@ -139,21 +143,38 @@ def fit(config: ScratchConfig) -> Result:
         PipelineError: bad settings, a bad data or test folder, an unwritable output
             folder, images over the memory budget, or too few images to split.
     """
+    import keras
+
     listing, test_listing, _pixel_bytes, precision = prepare_run(config)
     net = build_network(config, len(listing.class_names), precision)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     t0 = time.perf_counter()
-    history, records = train_phases(
-        net, data, {"train": (config.epochs, config.lr)}, precision=precision, batch_size=config.batch_size,
-        patience=config.patience, augment=config.augment, seed=config.seed, quiet=config.quiet,
-        make_optimizer=sgd if config.family() == "resnet" else None,
-    )  # fmt: skip
+    plan = {"train": (config.epochs, config.lr)}
+    common = dict(precision=precision, batch_size=config.batch_size, patience=config.patience, augment=config.augment, seed=config.seed, quiet=config.quiet,
+                  make_optimizer=sgd if config.family() == "resnet" else None)  # fmt: skip
+    history, records = train_phases(net, data, plan, **common)
+    refit = None
+    if config.refit:
+        # the same start (seeded build), every training and validation row, the epochs validation chose; a
+        # ResNet runs the first epochs of the same step schedule (its length stays --epochs)
+        chosen = chosen_epochs(records)
+        every = data.all_rows()
+        keras.utils.set_random_seed(config.seed)
+        net = build_network(config, len(listing.class_names), precision)
+        t_refit = time.perf_counter()
+        again, refit_records = train_phases(net, every, {"train": (chosen["train"], config.lr)}, validate=False, schedule={"train": config.epochs}, **common)
+        for key, values in again.items():
+            history[key] += values
+        refit = {"chosen_epochs": chosen, "n_train": int(len(every.train_y)), "chosen_on": f"{len(data.val_y)} validation rows",
+                 "phases": refit_records, "seconds": round(time.perf_counter() - t_refit, 3)}  # fmt: skip
     train_seconds = data.decode_seconds + time.perf_counter() - t0
+    digest = {"train": listing_digest(listing), "test": listing_digest(test_listing) if test_listing is not None else None}
     if config.family() == "resnet":
         extra = {"mode": "plain", "unfreeze_from": None, "arch": "resnet", "depth": config.depth, "parameters": int(net.full.count_params()),
                  "optimizer": "SGD momentum 0.9, step schedule: lr / 10 at 50% and 75% of the epochs, weight decay 1e-4"}  # fmt: skip
     else:
         extra = {"mode": "plain", "unfreeze_from": None, "arch": "cnn", "filters": list(config.filters), "parameters": int(net.full.count_params())}
+    extra.update(refit=refit, data_digest=digest)
     return Result(net, data, finish("scratch", net, data, config, precision, history, records, extra, train_seconds))
 
 
