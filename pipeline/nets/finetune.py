@@ -23,18 +23,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.classical.bundle import write_bundle
 from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
+from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
-from pipeline.nets.images import Data, gigabytes, listing_digest, load_data
+from pipeline.nets.images import Data, gigabytes, load_data
 from pipeline.backbones.network import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.probe import POOLS, feature_spec, fit_probe, load_probe, probe_layers
 from pipeline.nets.results import Result, finish
-from pipeline.nets.training import build_cache, cache_plan, chosen_epochs, prepare_run, train_phases
+from pipeline.nets.training import build_cache, cache_plan, prepare_run, train_phases
+from pipeline.nets.training import refit as train_refit
 
 
 #: The fine-tuning learning rate of the classic recipe (dense head from random first), as in the seeds.
@@ -198,15 +202,18 @@ def _test_features(config: FinetuneConfig, net: Network, data, precision: str, w
         return None, None
     import tensorflow as tf
 
-    from pipeline.nets.prefixcache import load_or_compute
-    from pipeline.nets.training import prefix_outputs
+    from pipeline.core.digests import load_or_compute
+
+    def compute():  # no augmentation, in order
+        step = config.batch_size
+        return np.concatenate([net.prefix(tf.cast(data.test_x[s : s + step], tf.float32), training=False).numpy() for s in range(0, len(data.test_y), step)])
 
     out = net.prefix.outputs[0]
     fields = {"backbone": config.backbone, "weights": weights.checksum, "input_size": config.input_size, "resize": config.resize,
               "cut_layer": net.cut_layer, "precision": precision, "test_images": test_digest, "seed": config.seed if weights.name == "none" else None}  # fmt: skip
     dtype = tf.as_dtype(out.dtype).as_numpy_dtype
     x, reused = load_or_compute(config.prefix_cache, fields, (len(data.test_y), *out.shape[1:]), dtype,
-                                lambda: prefix_outputs(net, data.test_x, config.batch_size))  # fmt: skip
+                                compute)  # fmt: skip
     return x, {"folder": str(config.prefix_cache), "reused": reused, "cut_layer": net.cut_layer}
 
 
@@ -232,8 +239,6 @@ def fit(config: FinetuneConfig) -> Result:
             unwritable output folder, images over the memory budget, unusable weights,
             a ``--probe`` bundle that does not match, or too few images to split.
     """
-    import keras
-
     listing, test_listing, pixel_bytes, precision = prepare_run(config)
     from pipeline.backbones.weights import resolve_weights
 
@@ -241,8 +246,7 @@ def fit(config: FinetuneConfig) -> Result:
     spec = feature_spec(input_size=config.input_size, resize=config.resize, weights=weights, pool=config.pool, backbone=config.backbone)
     bundle = load_probe(config.probe, spec, listing.class_names) if config.probe is not None else None
 
-    def start_base():
-        keras.utils.set_random_seed(config.seed)  # the refit starts exactly where the selection started
+    def start_base():  # seeded: the refit starts exactly where the selection started
         return build_base(input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights,
                           backbone=config.backbone)  # fmt: skip
 
@@ -256,15 +260,14 @@ def fit(config: FinetuneConfig) -> Result:
         if not config.quiet:
             print(f"probe: frozen features of {len((every or data).train_y)} images", file=sys.stderr)
         features = base_features(base, (every or data).train_x, config.batch_size)
-    probe_rows = features[:n_train].copy() if features is not None and config.refit else (features[:n_train] if features is not None else None)
+    probe_rows = None if features is None else features[:n_train].copy()  # fit_probe scales its rows in place
     estimator, probe_info = _probe(config, bundle, probe_rows, data.train_y, data, precision, spec, write=not config.refit) if config.head == "probe" else (None, None)
     net = _on_base(config, base, len(listing.class_names), precision, estimator)
     t_cache = time.perf_counter()
     # with a refit, the cache holds every row's augmented copies: the selection trains on the first n_train of them
     source = data if every is None else Data(data.class_names, every.train_x, every.train_y, data.val_x, data.val_y, data.test_x, data.test_y, data.test_source)
     copies, dtype, cache_bytes, why_plain = cache_plan(net, source, cache=config.cache, cache_copies=config.cache_copies, augment=config.augment, pixel_bytes=pixel_bytes)
-    cache = None
-    cache_seconds = 0.0
+    cache, cache_seconds = None, 0.0
     if copies:
         if not config.quiet:
             shape = "x".join(str(d) for d in net.prefix.outputs[0].shape[1:])
@@ -280,23 +283,17 @@ def fit(config: FinetuneConfig) -> Result:
     history, records = train_phases(net, data, plan, cache=None if cache is None else (cache[0][:, :n_train], cache[1]), **common)
     refit = None
     if config.refit:
-        chosen = chosen_epochs(records)
+        def rebuilt():
+            nonlocal estimator, probe_info
+            if config.head == "probe":
+                estimator, probe_info = _probe(config, bundle, features, every.train_y, data, precision, spec, write=True)
+            return _on_base(config, start_base(), len(listing.class_names), precision, estimator)
+
         del net
-        base = start_base()
-        if config.head == "probe":
-            estimator, probe_info = _probe(config, bundle, features, every.train_y, data, precision, spec, write=True)
-        net = _on_base(config, base, len(listing.class_names), precision, estimator)
-        t_refit = time.perf_counter()
-        refit_plan = {name: (chosen.get(name, 0), lr) for name, (_, lr) in plan.items()}
-        again, refit_records = train_phases(net, every, refit_plan, cache=None if cache is None else (cache[0], cache[1][:0]), validate=False, **common)
-        for key, values in again.items():  # the curves run on: selection, then the refit (no validation scores)
-            history[key] += values
-        refit = {"chosen_epochs": chosen, "n_train": int(len(every.train_y)), "chosen_on": f"{len(data.val_y)} validation rows",
-                 "phases": refit_records, "seconds": round(time.perf_counter() - t_refit, 3)}  # fmt: skip
-    del features
+        net, refit = train_refit(rebuilt, data, records, plan, history, cache=None if cache is None else (cache[0], cache[1][:0]), **common)
+    del features, cache
     train_seconds = data.decode_seconds + time.perf_counter() - t0
-    del cache
-    test_digest = listing_digest(test_listing) if test_listing is not None else None
+    test_digest = tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None
     test_features, prefix_info = _test_features(config, net, data, precision, weights, test_digest)
     head = next((r for r in records if r["name"] == "head"), None)
     extra = {
@@ -315,7 +312,7 @@ def fit(config: FinetuneConfig) -> Result:
         "seconds_per_epoch_head": head["seconds_per_epoch"] if head else None,
         "weights": {"name": weights.name, "source": weights.source, "checksum": weights.checksum},
         "test_prefix": prefix_info,
-        "data_digest": {"train": listing_digest(listing), "test": test_digest},
+        "data_digest": {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": test_digest},
     }
     return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds, test_features))
 

@@ -45,20 +45,6 @@ class Data:
                     self.test_x, self.test_y, self.test_source, self.rejected, self.decode_seconds, self.test_paths)  # fmt: skip
 
 
-def listing_digest(listing: Listing) -> str:
-    """SHA-256 of a tree's listed files: each relative path, its label and its bytes (a changed, added or removed image changes it)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path, label in zip(listing.paths, listing.labels.tolist()):
-        h.update(os.fsencode(path) + b"\0" + str(label).encode() + b"\0")
-        try:
-            h.update(hashlib.sha256((Path(listing.root) / path).read_bytes()).digest())
-        except OSError as exc:
-            h.update(f"unreadable: {exc.strerror}".encode())
-    return h.hexdigest()
-
-
 def list_inputs(data_dir: Path, test_dir: Path | None) -> tuple[Listing, Listing | None]:
     """The listings of the training tree and of the test tree (None without ``--test``).
 

@@ -307,52 +307,6 @@ def assemble(base: Base, head_layers: list, *, input_size: int, unfreeze_from: s
     return Network(full, base.prefix, top, phases, base.cut, fitted_start, base.cut_layer)
 
 
-def build_finetune_network(
-    n_classes: int,
-    *,
-    input_size: int,
-    unfreeze_from: str,
-    head: str,
-    pool: str,
-    dense: int,
-    dropout: float,
-    precision: str,
-    seed: int,
-    weights=None,
-    probe=None,
-    backbone: str = BACKBONE,
-) -> Network:
-    """A backbone (VGG16 by default) + a head, split at ``unfreeze_from``.
-
-    Args:
-        n_classes: outputs of the softmax layer.
-        input_size: square side of the input images (at least 32).
-        unfreeze_from: first backbone layer of ``top`` (trained in phase ``finetune``), ``none``
-            (the whole base frozen, head only) or ``all`` (nothing frozen).
-        head: ``dense`` (the classic head from random: phases ``head`` then ``finetune``) or
-            ``probe`` (the fitted ``probe`` estimator as layers: phase ``finetune`` only).
-        pool: ``flatten``, ``avg`` or ``max`` before the head.
-        dense, dropout: units of the dense head's hidden layer and the dropout rate after it.
-        precision: a resolved precision (``float32``, ``bfloat16``, ``float16``), not ``auto``.
-        seed: initialises the base (``backbone.build``) and every new layer (each its own seed).
-        weights: a ``WeightsInfo`` loaded into the base, or None to keep the seeded random init.
-        probe: for ``head="probe"``, a fitted logistic-regression pipeline on pooled features.
-        backbone: the network (``backbone.BACKBONES``).
-
-    Returns:
-        Network: phases ``head`` (dense head only) and, unless ``none``, ``finetune``
-        (the unfrozen backbone layers and the head).
-    """
-    from pipeline.nets.probe import probe_layers
-
-    base = build_base(input_size=input_size, unfreeze_from=unfreeze_from, precision=precision, seed=seed, weights=weights, backbone=backbone)
-    if head == "probe":
-        layers = probe_layers(probe, pool, n_classes)
-    else:
-        layers = dense_head(n_classes, pool=pool, dense=dense, dropout=dropout, precision=precision, seed=seed)
-    return assemble(base, layers, input_size=input_size, unfreeze_from=unfreeze_from, head_phase=head != "probe", fitted_start=head == "probe")
-
-
 def build_scratch_network(
     n_classes: int,
     *,

@@ -41,25 +41,20 @@ class Result:
 
 
 def evaluate(full, data: Data, batch_size: int, top=None, test_features=None):
-    """Test-set probabilities from the full model and its measured throughput (images/s).
+    """Test-set probabilities and the full model's measured throughput (images/s), after a warm-up on both batch shapes.
 
     With ``test_features`` (the frozen prefix's outputs for the test images, computed once
-    and shared), the probabilities come from ``top`` on them, and the full model's
-    throughput is measured on the first THROUGHPUT_SAMPLE test images.
+    and shared) the probabilities come from ``top`` on them, and the throughput is measured
+    on the first THROUGHPUT_SAMPLE test images.
     """
+    x = data.test_x if test_features is None else data.test_x[:THROUGHPUT_SAMPLE]
+    n = len(x)
+    full.predict(x[: min(n, batch_size + n % batch_size)], batch_size=batch_size, verbose=0)  # tracing is not timed
+    t0 = time.perf_counter()
+    probs = full.predict(x, batch_size=batch_size, verbose=0)
+    seconds = time.perf_counter() - t0
     if test_features is not None:
         probs = top.predict(test_features, batch_size=batch_size, verbose=0)
-        sample = Data(data.class_names, data.train_x[:0], data.train_y[:0], data.val_x[:0], data.val_y[:0],
-                      data.test_x[:THROUGHPUT_SAMPLE], data.test_y[:THROUGHPUT_SAMPLE], data.test_source)  # fmt: skip
-        return probs, evaluate(full, sample, batch_size)[1]
-    n = len(data.test_y)
-    # warm up on both batch shapes the timed run will see, so tracing is not timed
-    r = n % batch_size
-    warm = data.test_x[: min(n, batch_size + r)]
-    full.predict(warm, batch_size=batch_size, verbose=0)
-    t0 = time.perf_counter()
-    probs = full.predict(data.test_x, batch_size=batch_size, verbose=0)
-    seconds = time.perf_counter() - t0
     return probs, (n / seconds if seconds > 0 else 0.0)
 
 

@@ -8,14 +8,16 @@ from dataclasses import dataclass
 
 from pipeline.core import config as settings
 from pipeline.core.config import MAX_INT, Interval, option
+from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import command_line
-from pipeline.nets.images import listing_digest, load_data
+from pipeline.nets.images import load_data
 from pipeline.nets.networks import Network, build_scratch_network
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.resnet import blocks_per_stage, build_resnet_network, sgd
 from pipeline.nets.results import Result, finish
-from pipeline.nets.training import chosen_epochs, prepare_run, train_phases
+from pipeline.nets.training import prepare_run, train_phases
+from pipeline.nets.training import refit as train_refit
 
 
 #: ``--arch``: ``cnn`` or ``resnet``; ``resnetN`` is ``resnet`` with ``--depth N`` (``resnet20``).
@@ -143,8 +145,6 @@ def fit(config: ScratchConfig) -> Result:
         PipelineError: bad settings, a bad data or test folder, an unwritable output
             folder, images over the memory budget, or too few images to split.
     """
-    import keras
-
     listing, test_listing, _pixel_bytes, precision = prepare_run(config)
     net = build_network(config, len(listing.class_names), precision)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
@@ -154,21 +154,10 @@ def fit(config: ScratchConfig) -> Result:
                   make_optimizer=sgd if config.family() == "resnet" else None)  # fmt: skip
     history, records = train_phases(net, data, plan, **common)
     refit = None
-    if config.refit:
-        # the same start (seeded build), every training and validation row, the epochs validation chose; a
-        # ResNet runs the first epochs of the same step schedule (its length stays --epochs)
-        chosen = chosen_epochs(records)
-        every = data.all_rows()
-        keras.utils.set_random_seed(config.seed)
-        net = build_network(config, len(listing.class_names), precision)
-        t_refit = time.perf_counter()
-        again, refit_records = train_phases(net, every, {"train": (chosen["train"], config.lr)}, validate=False, schedule={"train": config.epochs}, **common)
-        for key, values in again.items():
-            history[key] += values
-        refit = {"chosen_epochs": chosen, "n_train": int(len(every.train_y)), "chosen_on": f"{len(data.val_y)} validation rows",
-                 "phases": refit_records, "seconds": round(time.perf_counter() - t_refit, 3)}  # fmt: skip
+    if config.refit:  # a ResNet runs the first epochs of the same step schedule (its length stays --epochs)
+        net, refit = train_refit(lambda: build_network(config, len(listing.class_names), precision), data, records, plan, history, **common)
     train_seconds = data.decode_seconds + time.perf_counter() - t0
-    digest = {"train": listing_digest(listing), "test": listing_digest(test_listing) if test_listing is not None else None}
+    digest = {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None}
     if config.family() == "resnet":
         extra = {"mode": "plain", "unfreeze_from": None, "arch": "resnet", "depth": config.depth, "parameters": int(net.full.count_params()),
                  "optimizer": "SGD momentum 0.9, step schedule: lr / 10 at 50% and 75% of the epochs, weight decay 1e-4"}  # fmt: skip

@@ -309,29 +309,26 @@ def _fixed_phase(model, train_ds, name: str, epochs: int, lr: float, history: di
         print(f"refit phase {name}: {epochs} epochs (chosen on validation), lr {lr:g}", file=sys.stderr)
     h = model.fit(train_ds, epochs=epochs, shuffle=False, verbose=_verbose(quiet))
     seconds = time.perf_counter() - t0
-    for key in ("loss", "accuracy"):
-        history[key] += [float(v) for v in h.history.get(key, [])]
-    history["val_loss"] += [math.nan] * epochs
-    history["val_accuracy"] += [math.nan] * epochs
-    history["phase"] += [f"refit {name}"] * epochs
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "phase"):
+        history[key] += [f"refit {name}"] * epochs if key == "phase" else [float(v) for v in h.history.get(key, [math.nan] * epochs)]
     return {"name": name, "epochs_run": epochs, "best_epoch": epochs, "lr": lr, "seconds": round(seconds, 3),
             "seconds_per_epoch": seconds / epochs, "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))}  # fmt: skip
 
 
-def chosen_epochs(records: list) -> dict:
-    """Phase name -> the epoch the validation loss chose (0: the phase's start was kept), from ``train_phases``' records."""
-    return {r["name"]: int(r["best_epoch"]) for r in records}
+def refit(build, data: Data, records: list, plan: dict, history: dict, **train_options) -> tuple[Network, dict]:
+    """The refit: ``build()`` (seeded again: the selection's start) trained on every training and validation row of ``data`` for the
+    epochs the validation loss chose in each phase of ``plan`` (the selection's; a schedule keeps its length), its epochs appended
+    to the selection's ``history``; ``train_options`` as ``train_phases``'. Returns (the network, the metrics' ``refit`` section).
+    """
+    import keras
 
-
-def prefix_outputs(net: Network, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The frozen prefix's outputs for the uint8 images ``x`` (no augmentation), in order."""
-    import tensorflow as tf
-
-    prefix = net.prefix
-
-    @tf.function(reduce_retracing=True)
-    def clean(batch):
-        return prefix(tf.cast(batch, tf.float32), training=False)
-
-    parts = [clean(x[s : s + batch_size]).numpy() for s in range(0, len(x), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, *prefix.outputs[0].shape[1:]), np.float32)
+    chosen = {r["name"]: int(r["best_epoch"]) for r in records}
+    every, t0 = data.all_rows(), time.perf_counter()
+    keras.utils.set_random_seed(train_options["seed"])
+    net = build()
+    again, done = train_phases(net, every, {name: (chosen.get(name, 0), lr) for name, (_, lr) in plan.items()}, validate=False,
+                               schedule={name: epochs for name, (epochs, _) in plan.items()}, **train_options)  # fmt: skip
+    for key, values in again.items():  # the curves run on: selection, then the refit (no validation scores)
+        history[key] += values
+    return net, {"chosen_epochs": chosen, "n_train": int(len(every.train_y)), "chosen_on": f"{len(data.val_y)} validation rows",
+                 "phases": done, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip

@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import make_tree
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
-from pipeline.compare.sizes import check_sizes, nested_subsets, table
+from pipeline.compare.config import check_sizes
+from pipeline.compare.sizes import nested_subsets, table
 
 
 def test_subsets_are_nested_seeded_and_balanced(tmp_path):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from pipeline.nets import finetune
 from pipeline.nets.networks import (
     VGG16_LAYERS,
     apply_layers,
     augmentation_layers,
-    build_finetune_network,
     build_scratch_network,
     find_layer,
     frozen_count,
@@ -17,6 +19,11 @@ from pipeline.nets.networks import (
 )
 
 FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, precision="float32", seed=0)
+
+
+def build_finetune_network(n_classes, *, precision, **fields):
+    """The finetune stage's network of these fields (seeded random weights)."""
+    return finetune.build_network(finetune.FinetuneConfig(Path("d"), weights="none", **fields), n_classes, precision)
 
 
 def test_preprocessing_layers_equal_backbone_preprocess():

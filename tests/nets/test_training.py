@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipeline.nets import training
 from pipeline.nets.images import Data
-from pipeline.nets.networks import build_finetune_network, build_scratch_network
+from pipeline.nets.finetune import FinetuneConfig, build_network
+from pipeline.nets.networks import build_scratch_network
 from pipeline.nets.training import batches, build_cache, cache_plan, train_phases
 
 
@@ -42,9 +45,15 @@ def test_cached_batches_draw_one_copy_of_each_row_and_every_copy_once_in_k_epoch
     assert len({tuple(c) for c in seen.values()}) > 1  # each row walks its copies in its own order
 
 
+def finetune_net(unfreeze_from: str, pool: str = "flatten"):
+    """The finetune stage's network with a small dense head, seeded random weights."""
+    config = FinetuneConfig(Path("d"), input_size=32, unfreeze_from=unfreeze_from, head="dense", pool=pool, dense=4, dropout=0.0, weights="none")
+    return build_network(config, 2, "float32")
+
+
 @pytest.fixture(scope="module")
 def net():
-    return build_finetune_network(2, input_size=32, unfreeze_from="block5_conv1", head="dense", pool="flatten", dense=4, dropout=0.0, precision="float32", seed=0)
+    return finetune_net("block5_conv1")
 
 
 def test_cache_plan_sizes_and_reasons(net, monkeypatch):
@@ -61,7 +70,7 @@ def test_cache_plan_sizes_and_reasons(net, monkeypatch):
 
 
 def test_plain_mode_when_nothing_is_frozen():
-    everything = build_finetune_network(2, input_size=32, unfreeze_from="all", head="dense", pool="avg", dense=4, dropout=0.0, precision="float32", seed=0)
+    everything = finetune_net("all", pool="avg")
     copies, _, _, why = cache_plan(everything, fake_data(), cache=True, cache_copies=2, augment=True, pixel_bytes=0)
     assert copies == 0 and "no backbone layer" in why
 
@@ -89,7 +98,7 @@ def test_each_phase_keeps_its_best_weights_its_start_included(lr, improves):
     a huge one raises it, and the phase returns exactly the weights it started from (epoch 0)."""
     data = fake_data(n_train=8)
     data.val_x, data.val_y = data.train_x, data.train_y
-    net = build_finetune_network(2, input_size=32, unfreeze_from="none", head="dense", pool="flatten", dense=4, dropout=0.0, precision="float32", seed=0)
+    net = finetune_net("none")
     start = [w.copy() for w in net.top.get_weights()]
     history, (record,) = train_phases(net, data, {"head": (2, lr)}, precision="float32", batch_size=8, patience=1, augment=False, seed=0, quiet=True)
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, net.top.get_weights(), strict=True))
