@@ -146,6 +146,9 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
         "images_per_second": deployed_rate(test_h5, predict_seconds, n_test),
         "model_bytes": len(pickle.dumps(fitted.estimator)) + backbone_bytes(backbone, config.input_size),
         "n_test": n_test,
+        "seeds": [config.seed],
+        "seed_accuracies": [s["accuracy"]],
+        "accuracy_sd": None,
         "best_params": fitted.search.best_params,
         "source": str(record),
         "notes": f"fitted on all {n_train} training images; hyper-parameters ({_params(fitted.search.best_params)}) by {cfg.cv}-fold "
