@@ -145,7 +145,7 @@ def write_outputs(output: Path, rows: list[dict], sizes: tuple[int, ...]) -> Non
     lines = "\n".join(f"- {s}" for s in summaries(rows, sizes))
     write_text_atomic(output / "sizes.md", f"Test accuracy on the same {n_test} test images by training images per class "
                                            f"(nested seeded subsets of the training tree), with {CONFIDENCE:.0%} Wilson intervals; "
-                                           "* = tied with that size's best (exact paired McNemar test, p >= {ALPHA:.2g}).\n\n" + md + "\n" + lines + "\n")  # fmt: skip
+                                           f"* = tied with that size's best (exact paired McNemar test, p >= {ALPHA:.2g}).\n\n" + md + "\n" + lines + "\n")  # fmt: skip
     csv_lines = ["strategy,per_class,accuracy,ci_low,ci_high,p_value,status,macro_f1,n_train,n_val"]
     csv_lines += [f"{r['strategy']},{r['per_class']},{r['accuracy']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['p_value']:.4g},{r['status']},"
                   f"{r['macro_f1']:.4f},{r['n_train']},{r['n_val']}" for r in rows]  # fmt: skip

@@ -34,9 +34,8 @@ class NetConfig:
         augment: random flip/translation/rotation/zoom of training images.
         precision: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (mixed precision).
         resize: Pillow interpolation, as in extract.
-        refit: after choosing the epochs on the validation rows, train the final model again
-            from its start on the training + validation rows for those epochs (the VTAB-1k /
-            VPT protocol: every strategy's final model sees every training image).
+        refit: train the final model again from its start on the training + validation rows for the
+            epochs chosen on validation (the VTAB-1k / VPT protocol: the final model sees every image).
         seed: seeds Keras, the splits, the augmentation and the epoch sampling.
         quiet: no progress bars; the summary line is still printed.
         command_line: recorded in the metrics.

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.core import plots
 from pipeline.core.config import config_json
 from pipeline.core.metrics import scores
+from pipeline.core.stats import wilson
 from pipeline.core.outputs import atomic_output, package_versions, write_json_atomic
 from pipeline.nets.images import Data
 from pipeline.nets.networks import AUGMENTATION, Network
@@ -20,8 +21,7 @@ from pipeline.nets.options import NetConfig
 #: an epoch of the last phase (fine-tuning; the head phase for ``none``; validation included);
 #: ``images_per_second`` = test-set inference of the saved (full) model, after a warm-up (on
 #: the first THROUGHPUT_SAMPLE test images when the prefix's test outputs were reused).
-#: ``test_predictions`` holds each test image's path, label and predicted label: compare pairs
-#: rows on them (McNemar) and ``refit`` says what the final model was fitted on.
+#: ``test_predictions``: each test image's path, label and prediction (compare pairs rows on them); ``refit``: see training.refit.
 METRICS_KEYS = (
     "strategy", "accuracy", "macro_f1", "per_class", "train_seconds", "images_per_second",
     "model_bytes", "seed", "n_train", "n_val", "n_test", "test_source", "epochs_run",
@@ -141,8 +141,9 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         raise RuntimeError(f"metrics lack contract keys {missing}")
     metrics_path = out_dir / f"{name}.metrics.json"
     write_json_atomic(metrics_path, metrics)
+    low, high = wilson(int(round(metrics["accuracy"] * metrics["n_test"])), metrics["n_test"])
     print(
-        f"{config.strategy()}: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"{config.strategy()}: test accuracy {metrics['accuracy']:.4f} (95% interval {low:.3f}-{high:.3f}), macro-F1 {metrics['macro_f1']:.4f} "
         f"on {metrics['n_test']} images; {metrics['mode']}, {metrics['seconds_per_epoch']:.2f} s/epoch, "
         f"{metrics['epochs_run']} epochs, {len(data.rejected)} rejected -> {model_path}, {metrics_path.name}, {curves.name}"
     )
