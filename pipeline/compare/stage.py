@@ -132,8 +132,8 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def chart_label(row: dict) -> str:
-    """A row's label on the chart: the strategy, its training + validation rows and train seconds."""
-    return f"{row['strategy']}\n{row['n_train']} train + {row['n_val']} val, {row['train_seconds']:.0f} s"
+    """A row's label on the chart: the strategy, its training rows, the validation rows that chose its settings, and train seconds."""
+    return f"{row['strategy']}\n{row['n_train']} train rows, {row['n_val']} val rows, {row['train_seconds']:.0f} s"
 
 
 def header(config: CompareConfig, rows: list[dict]) -> str:

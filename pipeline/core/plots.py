@@ -234,7 +234,9 @@ def interval_figure(rows: Mapping[str, tuple[float, float, float, str]], *, titl
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     handles = [ax.errorbar([], [], xerr=[[], []], fmt="o", color=c, label=s) for s, c in STATUS_COLOURS.items()]
-    ax.legend(handles=handles, labels=["best", "tied with the best", "different from the best"], fontsize=8, loc="lower right")
+    # below the axis, so it never hides a row
+    ax.legend(handles=handles, labels=["best", "tied with the best", "different from the best"], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.08 - 0.5 / len(labels)), ncol=3, frameon=False)
     if title:
         ax.set_title(title, fontsize=9, wrap=True)
     return fig

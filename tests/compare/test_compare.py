@@ -129,7 +129,7 @@ def test_table_formats():
     md = to_markdown(rows)
     assert "| x | 0.8750 | [0.529, 0.978] |  | best | 0.8750 | 8 | 2 | 2 val rows, then refit | 1 | 2.0 | 0.0 |" in md
     assert "| y | 0.5000 | [0.215, 0.785] | 0.25 | yes |" in md
-    assert chart_label(rows[1]) == "y\n10 train + 0 val, 1 s"
+    assert chart_label(rows[1]) == "y\n10 train rows, 0 val rows, 1 s"
 
 
 def test_unknown_strategy_and_missing_split_are_clear(tmp_path, capsys):
