@@ -11,6 +11,11 @@ DATA_ROOT ?= data/fashion-mnist
 TRAIN_PER_CLASS ?= 100
 TEST_PER_CLASS ?= 50
 FEATURES ?= features
+# compare scores 200 test images per class (2,000): enough to tell strategies apart (README, "Compare"); its
+# training images are the default data's (the datasets tool draws the test images with their own seed).
+COMPARE_ROOT ?= data/fashion-mnist-compare
+COMPARE_TEST_PER_CLASS ?= 200
+COMPARE_OUT ?= $(FEATURES)/compare
 TRAIN_H5 := $(FEATURES)/train.h5
 TEST_H5 := $(FEATURES)/test.h5
 # What train-* and predict use: the default data's files, or the ones you name.
@@ -25,7 +30,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 .DEFAULT_GOAL := help
 MODELS ?= $(FEATURES)/models
 MODEL ?= $(MODELS)/lr.joblib
-.PHONY: help setup data extract train-lr train-svm train-rf predict compare bench bench-backbones demo test test-avx2 verify clean
+.PHONY: help setup data extract train-lr train-svm train-rf predict compare-data compare bench bench-backbones demo test test-avx2 verify clean
 
 help: ## list the targets
 	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -80,9 +85,11 @@ endif
 	@echo "predict: $(IMAGES) with $(MODEL)"
 	$(PY) -m pipeline predict $(MODEL) $(IMAGES) $(PREDICT_ARGS)
 
-compare: ## every strategy (scratch CNN and ResNet-20, frozen features + LR/SVM/RF, frozen base + head, fine-tuning from a dense head and LP-FT from the LR probe) on the same test images
-	@$(MAKE) --no-print-directory extract
-	$(PY) -m pipeline compare --data $(DATA_ROOT) -o $(FEATURES) $(COMPARE_ARGS)
+compare-data: setup ## the comparison's data: the default training images, COMPARE_TEST_PER_CLASS test images per class (2,000)
+	$(PY) -m pipeline data $(COMPARE_ROOT) --train-per-class $(TRAIN_PER_CLASS) --test-per-class $(COMPARE_TEST_PER_CLASS)
+
+compare: compare-data ## every strategy (scratch CNN and ResNet-20, frozen features + LR/SVM/RF, frozen base + head, fine-tuning from a dense head and LP-FT from the LR probe), each final model fitted on all training images, on the same 2,000 test images, with intervals and paired tests
+	$(PY) -m pipeline compare --data $(COMPARE_ROOT) -o $(COMPARE_OUT) $(COMPARE_ARGS)
 
 bench: ## measure extraction (naive loop, compute limit, precisions), memory, storage, incremental cost, accuracy
 	@$(MAKE) --no-print-directory data

@@ -175,6 +175,93 @@ def _fmt_params(params: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+@dataclass(frozen=True)
+class FitPlan:
+    """What a fit will use, decided (and checked) before any row is read: the rows, the test source, in memory or out of core."""
+
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    test_source: dict
+    mode: str
+    estimate_mb: float
+    d: int
+
+
+def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | None = None) -> FitPlan:
+    """The rows and the mode of fitting ``config.model`` on ``ff`` (checks only, no reading of features).
+
+    Args:
+        config: the validated settings.
+        ff, test_ff: the open training and (or None) test feature files, checked compatible.
+        train_rows: sorted rows of ``ff`` to fit on (e.g. ``compare --sizes``' subset; only
+            with ``test_ff``); None = every row, or the split's training side without ``test_ff``.
+
+    Raises:
+        PipelineError: an empty test split or file, fewer than two classes, ``rf`` over the
+            memory budget, or fewer training rows per class than ``--cv``.
+    """
+    labels, names, family = ff.labels, ff.label_names, MODELS[config.model]
+    if test_ff is None:
+        train_rows, test_rows = split_indices(labels, config.test_size, config.seed)
+        test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}
+        if len(test_rows) == 0:
+            raise PipelineError(f"{ff.path}: the test split is empty ({len(ff)} rows, --test-size {config.test_size}); add rows or pass --test")
+    else:
+        train_rows = np.arange(len(ff), dtype=np.int64) if train_rows is None else np.asarray(train_rows, np.int64)
+        test_rows = np.arange(len(test_ff), dtype=np.int64)
+        test_source = {"kind": "file", "file": str(test_ff.path)}
+        if len(test_rows) == 0:
+            raise PipelineError(f"{test_ff.path}: test feature file has no rows")
+    present, counts = np.unique(labels[train_rows], return_counts=True)
+    if len(present) < 2:
+        raise PipelineError(f"{ff.path}: the training rows hold {len(present)} class; classification needs at least two")
+    d = pooled_dim(ff.row_shape, config.pool)
+    estimate_mb = len(train_rows) * d * 4 / (1 << 20)
+    mode = "in-memory" if estimate_mb <= config.memory_budget_mb else "out-of-core"
+    if mode == "out-of-core" and family.stream_loss is None:
+        raise PipelineError(
+            f"{ff.path}: the {config.pool}-pooled training matrix needs {estimate_mb:.0f} MB, over --memory-budget "
+            f"{config.memory_budget_mb:g} MB, and --model {config.model} cannot be trained out of core; "
+            "use --pool avg or --pool max, or raise --memory-budget"
+        )
+    if mode == "in-memory" and counts.min() < config.cv:
+        worst = names[int(present[np.argmin(counts)])]
+        raise PipelineError(f"{ff.path}: class {worst!r} has {counts.min()} training rows but --cv {config.cv} needs at least {config.cv} per class; lower --cv or add rows")
+    return FitPlan(train_rows, test_rows, test_source, mode, estimate_mb, d)
+
+
+def fit_predict(config: TrainConfig, ff, test_ff, plan: FitPlan):
+    """Search and fit ``config.model`` on ``plan.train_rows``, then label the test rows: the one fit of ``train`` (and of ``compare``'s frozen-feature rows).
+
+    Returns:
+        ``(fitted, y_test, y_pred, predict_seconds)``.
+
+    Raises:
+        PipelineError: a non-finite feature value (naming the file and row).
+    """
+    labels, train_rows, test_rows = ff.labels, plan.train_rows, plan.test_rows
+    common = dict(model=config.model, pool=config.pool, scaling=config.scaling, cv=config.cv, seed=config.seed, quiet=config.quiet,
+                  memory_budget_mb=config.memory_budget_mb)  # fmt: skip
+    grid = config.search_grid()
+    if plan.mode == "in-memory":
+        if test_ff is not None:  # read (and checked) before the fit: a bad test file fails fast
+            (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
+        same_file_test = [test_rows] if test_ff is None else []
+        fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, **common)
+        if test_ff is None:
+            x_test, y_test = extras[0], labels[test_rows]
+        else:
+            y_test = test_ff.labels
+        t0 = time.perf_counter()
+        y_pred = predict_matrix(fitted.estimator, x_test)
+        return fitted, y_test, y_pred, time.perf_counter() - t0
+    fitted = fit_out_of_core(ff, train_rows, labels, grid, epochs=config.epochs, **common)
+    src, y_all = (ff, labels) if test_ff is None else (test_ff, test_ff.labels)
+    t0 = time.perf_counter()
+    y_pred = predict_stream(fitted.estimator, src, test_rows, config.pool)  # includes reading the rows
+    return fitted, y_all[test_rows], y_pred, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------
 # The stage
 
@@ -218,64 +305,16 @@ def run(config: TrainConfig) -> dict:
         if config.test is not None:
             test_ff = stack.enter_context(open_features(config.test))
             check_compatible(ff, test_ff)
-        labels = ff.labels
         names = ff.label_names
-        if test_ff is None:
-            train_rows, test_rows = split_indices(labels, config.test_size, config.seed)
-            test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}
-            if len(test_rows) == 0:
-                raise PipelineError(f"{ff.path}: the test split is empty ({len(ff)} rows, --test-size {config.test_size}); add rows or pass --test")
-        else:
-            train_rows = np.arange(len(ff), dtype=np.int64)
-            test_rows = np.arange(len(test_ff), dtype=np.int64)
-            test_source = {"kind": "file", "file": str(test_ff.path)}
-            if len(test_rows) == 0:
-                raise PipelineError(f"{test_ff.path}: test feature file has no rows")
-        y_train = labels[train_rows]
-        present, counts = np.unique(y_train, return_counts=True)
-        if len(present) < 2:
-            raise PipelineError(f"{ff.path}: the training rows hold {len(present)} class; classification needs at least two")
-        d = pooled_dim(ff.row_shape, config.pool)
-        estimate_mb = len(train_rows) * d * 4 / (1 << 20)
-        mode = "in-memory" if estimate_mb <= config.memory_budget_mb else "out-of-core"
-        if mode == "out-of-core" and family.stream_loss is None:
-            raise PipelineError(
-                f"{ff.path}: the {config.pool}-pooled training matrix needs {estimate_mb:.0f} MB, over --memory-budget "
-                f"{config.memory_budget_mb:g} MB, and --model {config.model} cannot be trained out of core; "
-                "use --pool avg or --pool max, or raise --memory-budget"
-            )
-        if mode == "in-memory" and counts.min() < config.cv:
-            worst = names[int(present[np.argmin(counts)])]
-            raise PipelineError(f"{ff.path}: class {worst!r} has {counts.min()} training rows but --cv {config.cv} needs at least {config.cv} per class; lower --cv or add rows")
+        plan = plan_fit(config, ff, test_ff)
         paths = output_paths(output, config.model)
         lock = OutputLock(paths["bundle"])
         inputs = [("the feature file", ff.path)] + ([("the test feature file", test_ff.path)] if test_ff is not None else [])
         refuse_inputs_as_outputs([output, *paths.values(), lock.path], inputs, "choose another -o folder")
         prepare_output_dir(output)
         stack.enter_context(lock)
-
-        common = dict(model=config.model, pool=config.pool, scaling=config.scaling, cv=config.cv, seed=config.seed, quiet=config.quiet,
-                      memory_budget_mb=config.memory_budget_mb)  # fmt: skip
-        if mode == "in-memory":
-            if test_ff is not None:  # read (and checked) before the fit: a bad test file fails fast
-                (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
-            same_file_test = [test_rows] if test_ff is None else []
-            fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, **common)
-            if test_ff is None:
-                x_test, y_test = extras[0], labels[test_rows]
-            else:
-                y_test = test_ff.labels
-            t0 = time.perf_counter()
-            y_pred = predict_matrix(fitted.estimator, x_test)
-            predict_seconds = time.perf_counter() - t0
-            del x_test, extras
-        else:
-            fitted = fit_out_of_core(ff, train_rows, labels, grid, epochs=config.epochs, **common)
-            src, y_all = (ff, labels) if test_ff is None else (test_ff, test_ff.labels)
-            t0 = time.perf_counter()
-            y_pred = predict_stream(fitted.estimator, src, test_rows, config.pool)  # includes reading the rows
-            predict_seconds = time.perf_counter() - t0
-            y_test = y_all[test_rows]
+        fitted, y_test, y_pred, predict_seconds = fit_predict(config, ff, test_ff, plan)
+        train_rows, test_rows, test_source, mode, estimate_mb, d = plan.train_rows, plan.test_rows, plan.test_source, plan.mode, plan.estimate_mb, plan.d
         test_scores = scores(y_test, y_pred, names)
         report = classification_report(y_test, y_pred, names)
         attrs = ff.attrs

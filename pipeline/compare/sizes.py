@@ -4,9 +4,11 @@ For sizes N1 < N2 < ... every class's training images are taken in one seeded or
 size N keeps the first N of them, so each smaller set is inside the larger ones. Size N's
 images are a tree of symbolic links, ``OUT/sizes/N/train/<class>/<file>`` (its ``test``
 links to the real test tree: every size is scored on the same test images). The networks
-train on those trees exactly as ``compare`` runs them; the frozen-feature rows are fitted
-(with ``train``'s search and defaults) on the rows of one feature file extracted from the
-largest size's tree, so no image is extracted twice.
+train on those trees exactly as ``compare`` runs them (``compare.rows``); the frozen-feature
+rows are fitted by ``train``'s own plan and fit (its search and defaults) on that size's rows
+of one feature file extracted from the largest size's tree, so no image is extracted twice.
+Each point carries its Wilson interval and its paired test against the best strategy at
+that size.
 """
 
 from __future__ import annotations
@@ -20,24 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.compare import rows as kinds
+from pipeline.compare.config import CLASSICAL
+from pipeline.compare.verdicts import judged, summaries
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
-
-#: The strategies ``--sizes`` can draw (every one that trains on images or on feature rows).
-SIZE_STRATEGIES = ("scratch", "scratch-resnet", "lr", "svm", "rf", "head", "finetune-dense", "finetune", "finetune-plain")
-CLASSICAL = ("lr", "svm", "rf")
-
-
-def check_sizes(sizes: tuple[int, ...], strategies: tuple[str, ...]) -> None:
-    """Refuse sizes below 1, repeated sizes, and strategies ``--sizes`` cannot draw (before any work)."""
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-        raise PipelineError(f"--sizes {','.join(map(str, sizes))}: every size must be a whole number of training images per class, at least 1")
-    if len(set(sizes)) != len(sizes):
-        raise PipelineError(f"--sizes {','.join(map(str, sizes))}: a size is repeated")
-    unfit = [s for s in strategies if s not in SIZE_STRATEGIES]
-    if unfit:
-        raise PipelineError(f"--sizes: strategy {unfit[0]!r} cannot be drawn against the data size; choose from {', '.join(SIZE_STRATEGIES)}")
-
+from pipeline.core.stats import ALPHA, CONFIDENCE
 
 def nested_subsets(train_dir: Path, sizes: tuple[int, ...], seed: int) -> dict[int, list[str]]:
     """Size -> the relative paths of its images: per class, the first N of one seeded order.
@@ -82,42 +72,15 @@ def link_tree(root: Path, source: Path, test_dir: Path, paths: list[str]) -> Pat
     return root
 
 
-def _classical_row(config, model: str, train_h5: Path, test_h5: Path, paths: list[str]) -> dict:
-    """A frozen-feature row at one size: ``train``'s defaults and search on that size's rows of the largest size's feature file."""
-    from pipeline.classical import train
-    from pipeline.classical.fitting import fit_in_memory, predict_matrix
-    from pipeline.classical.features import read_groups
-    from pipeline.core.metrics import scores
-    from pipeline.featurefile.store import check_compatible, open_features
-
-    cfg = train.TrainConfig(features=train_h5, model=model, test=test_h5, output=config.output, seed=config.seed, quiet=config.quiet)
-    cfg.validate()
-    with open_features(train_h5) as ff, open_features(test_h5) as test_ff:
-        check_compatible(ff, test_ff)
-        index = {p: i for i, p in enumerate(ff.paths)}
-        missing = [p for p in paths if p not in index]
-        if missing:
-            raise PipelineError(f"{train_h5}: no row for {missing[0]} (rejected at extraction?); remove it from the training tree")
-        rows = np.sort(np.asarray([index[p] for p in paths], np.int64))
-        (x_test,) = read_groups(test_ff, [np.arange(len(test_ff))], cfg.pool, None, True)
-        fitted, _ = fit_in_memory(ff, rows, [], ff.labels, cfg.search_grid(), model=model, pool=cfg.pool, scaling=cfg.scaling, cv=cfg.cv,
-                                  seed=cfg.seed, n_jobs=cfg.n_jobs, quiet=True, memory_budget_mb=cfg.memory_budget_mb)  # fmt: skip
-        s = scores(test_ff.labels, predict_matrix(fitted.estimator, x_test), test_ff.label_names)
-    names = {"lr": "frozen features + logistic regression", "svm": "frozen features + linear SVM", "rf": "frozen features + random forest"}
-    return {"strategy": names[model], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n_train": int(len(rows)), "n_val": 0,
-            "n_test": int(len(x_test)), "best_params": fitted.search.best_params}  # fmt: skip
-
-
-def run_sizes(config, extract, keras_row) -> list[dict]:
+def run_sizes(config) -> list[dict]:
     """Every (size, strategy) row, training what is missing; writes ``sizes.md``, ``.csv``, ``.json`` and ``sizes.png``.
 
     Args:
         config: the ``CompareConfig`` (``sizes`` non-empty).
-        extract: ``(config, split) -> feature file`` (compare's extraction of ``data_root/split``).
-        keras_row: ``(config, strategy, unfreeze) -> row`` (compare's nets row).
 
     Returns:
-        One row per size and strategy, each with ``per_class`` (the size).
+        One row per size and strategy, each with ``per_class`` (the size), its interval,
+        its p-value against the best strategy at that size and its status.
 
     Raises:
         PipelineError: a class with fewer images than the largest size, or rows scored on
@@ -131,19 +94,23 @@ def run_sizes(config, extract, keras_row) -> list[dict]:
     base = config.output / "sizes"
     roots = {n: link_tree(base / str(n), config.data_root / "train", config.data_root / "test", subsets[n]) for n in sizes}
     largest = dataclasses.replace(config, data_root=roots[sizes[-1]], output=base / str(sizes[-1]), sizes=())
-    classical = [s for s in config.strategies if s in CLASSICAL]
-    if classical:
-        train_h5, test_h5 = extract(largest, "train"), extract(config, "test")
+    if any(s in CLASSICAL for s in config.strategies):
+        train_h5, test_h5 = kinds.extract(largest, "train"), kinds.extract(config, "test")
     rows = []
     with tqdm(total=len(sizes) * len(config.strategies), desc="compare --sizes", unit="run", disable=config.quiet, file=sys.stderr) as bar:
         for n in sizes:
             sub = dataclasses.replace(config, data_root=roots[n], output=base / str(n), sizes=())
+            inputs = kinds.Inputs(roots[n])
+            at_size = []
             for s in config.strategies:
-                points = config.unfreeze if s == "finetune" else config.unfreeze[:1]
-                for point in points:
-                    row = _classical_row(sub, s, train_h5, test_h5, subsets[n]) if s in CLASSICAL else keras_row(sub, s, point)
-                    rows.append({**row, "per_class": n})
+                for point in config.points if s == "finetune" else config.points[:1]:
+                    if s in CLASSICAL:
+                        row = kinds.classical_row(sub, s, train_h5, test_h5, train_paths=subsets[n], folder=sub.models)
+                    else:
+                        row = kinds.net_row(sub, s, point, inputs)
+                    at_size.append({**row, "per_class": n})
                 bar.update(1)
+            rows += judged(at_size)
     counts = {(r["strategy"], r["per_class"]): r.get("n_test") for r in rows}
     if len(set(counts.values())) > 1:
         raise PipelineError(f"rows were scored on different test sets (n_test: {counts}); re-run with --rerun")
@@ -153,29 +120,43 @@ def run_sizes(config, extract, keras_row) -> list[dict]:
 
 
 def table(rows: list[dict], sizes: tuple[int, ...]) -> str:
-    """Markdown: one line per strategy, one accuracy column per size."""
+    """Markdown: one line per strategy, one column per size: the accuracy, with its interval when the rows are judged (``*``: tied with that size's best)."""
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    acc = {(r["strategy"], r["per_class"]): r["accuracy"] for r in rows}
+    by = {(r["strategy"], r["per_class"]): r for r in rows}
+
+    def cell(r):
+        if "ci_low" not in r:
+            return f"{r['accuracy']:.4f}"
+        mark = {"best": " (best)", "tied": " *", "different": ""}[r["status"]]
+        return f"{r['accuracy']:.4f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{mark}"
+
     lines = ["| strategy | " + " | ".join(f"{n}/class" for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for s in strategies:
-        lines.append(f"| {s} | " + " | ".join(f"{acc[(s, n)]:.4f}" if (s, n) in acc else "" for n in sizes) + " |")
+        lines.append(f"| {s} | " + " | ".join(cell(by[(s, n)]) if (s, n) in by else "" for n in sizes) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(output: Path, rows: list[dict], sizes: tuple[int, ...]) -> None:
-    """``sizes.md`` (the table), ``sizes.csv``, ``sizes.json`` and the chart ``sizes.png``."""
+    """``sizes.md`` (the table and each size's best and ties), ``sizes.csv``, ``sizes.json`` and the chart ``sizes.png`` (with the intervals)."""
     from pipeline.core.plots import line_chart
 
     md = table(rows, sizes)
     n_test = rows[0].get("n_test") if rows else 0
+    lines = "\n".join(f"- {s}" for s in summaries(rows, sizes))
     write_text_atomic(output / "sizes.md", f"Test accuracy on the same {n_test} test images by training images per class "
-                                           "(nested seeded subsets of the training tree).\n\n" + md)  # fmt: skip
-    csv_lines = ["strategy,per_class,accuracy,macro_f1,n_train,n_val"]
-    csv_lines += [f"{r['strategy']},{r['per_class']},{r['accuracy']:.4f},{r['macro_f1']:.4f},{r['n_train']},{r['n_val']}" for r in rows]
+                                           f"(nested seeded subsets of the training tree), with {CONFIDENCE:.0%} Wilson intervals; "
+                                           f"* = tied with that size's best (exact paired McNemar test, p >= {ALPHA:.2g}).\n\n" + md + "\n" + lines + "\n")  # fmt: skip
+    csv_lines = ["strategy,per_class,accuracy,ci_low,ci_high,p_value,status,macro_f1,n_train,n_val"]
+    csv_lines += [f"{r['strategy']},{r['per_class']},{r['accuracy']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['p_value']:.4g},{r['status']},"
+                  f"{r['macro_f1']:.4f},{r['n_train']},{r['n_val']}" for r in rows]  # fmt: skip
     write_text_atomic(output / "sizes.csv", "\n".join(csv_lines) + "\n")
-    write_text_atomic(output / "sizes.json", json.dumps(rows, indent=1, default=str))
+    write_text_atomic(output / "sizes.json", json.dumps([{k: v for k, v in r.items() if k != "predictions"} for r in rows], indent=1, default=str))
     series: dict[str, dict[int, float]] = {}
+    bands: dict[str, dict[int, tuple[float, float]]] = {}
     for r in rows:
         series.setdefault(r["strategy"], {})[r["per_class"]] = r["accuracy"]
-    line_chart(series, output / "sizes.png", title=f"Test accuracy on the same {n_test} images", xlabel="training images per class", ylabel="accuracy")
+        bands.setdefault(r["strategy"], {})[r["per_class"]] = (r["ci_low"], r["ci_high"])
+    line_chart(series, output / "sizes.png", title=f"Test accuracy on the same {n_test} images ({CONFIDENCE:.0%} Wilson intervals)",
+               xlabel="training images per class", ylabel="accuracy", bands=bands)  # fmt: skip
     print(md, end="")
+    print("\n".join(summaries(rows, sizes)))

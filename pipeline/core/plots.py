@@ -162,13 +162,15 @@ def training_curves(history: Mapping[str, Sequence[float]], path: Path | str, *,
     return _save(fig, path)
 
 
-def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *, title: str = "", xlabel: str = "", ylabel: str = "") -> Path:
+def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *, title: str = "", xlabel: str = "", ylabel: str = "",
+               bands: Mapping[str, Mapping[float, tuple[float, float]]] | None = None) -> Path:
     """One line with markers per series, x values sorted (e.g. accuracy against training images per class).
 
     Args:
         series: label -> {x: y}.
         path: the PNG file to write (atomically).
         title, xlabel, ylabel: texts of the figure.
+        bands: optional label -> {x: (low, high)}, drawn as a shaded band and error bars in the line's colour (e.g. 95% intervals).
 
     Returns:
         ``path``.
@@ -183,7 +185,13 @@ def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *,
     xs_all = sorted({x for points in series.values() for x in points})
     for label, points in series.items():
         xs = sorted(points)
-        ax.plot(xs, [float(points[x]) for x in xs], marker="o", label=label)
+        ys = [float(points[x]) for x in xs]
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        band = (bands or {}).get(label)
+        if band and all(x in band for x in xs):
+            lo, hi = [band[x][0] for x in xs], [band[x][1] for x in xs]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.errorbar(xs, ys, yerr=[np.subtract(ys, lo), np.subtract(hi, ys)], fmt="none", ecolor=line.get_color(), capsize=3)
     ax.set_xticks(xs_all)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -192,3 +200,60 @@ def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+#: Colours of the interval chart by a row's status against the best row.
+STATUS_COLOURS = {"best": "tab:green", "tied": "tab:blue", "different": "tab:gray"}
+
+
+def interval_figure(rows: Mapping[str, tuple[float, float, float, str]], *, title: str = "", xlabel: str = ""):
+    """The figure of ``interval_chart`` (for tests that measure it): one horizontal interval per row, top to bottom in the given order."""
+    if not rows:
+        raise ValueError("interval_chart needs at least one row")
+    labels = list(rows)
+    values = np.array([[float(v) for v in rows[k][:3]] for k in labels])
+    lines = max(k.count("\n") + 1 for k in labels)
+    # one band of height per row, tall enough for its label's lines: labels cannot overlap
+    fig = _figure(10.0, 1.0 + len(labels) * max(0.45, 0.2 * lines + 0.15))
+    ax = fig.add_subplot()
+    y = np.arange(len(labels))[::-1]
+    for i, k in enumerate(labels):
+        acc, lo, hi = values[i]
+        colour = STATUS_COLOURS.get(rows[k][3], "tab:gray")
+        ax.errorbar([acc], [y[i]], xerr=[[acc - lo], [hi - acc]], fmt="o", color=colour, capsize=4)
+        ax.annotate(f"{acc:.3f}", (hi, y[i]), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    best = [i for i, k in enumerate(labels) if rows[k][3] == "best"]
+    if best:
+        ax.axvspan(values[best[0], 1], values[best[0], 2], color=STATUS_COLOURS["best"], alpha=0.1, label="best row's interval")
+    # the axis spans the intervals (plus room for the annotations), not 0-1: the differences are what matters
+    lo, hi = values[:, 1].min(), values[:, 2].max()
+    pad = max(0.1 * (hi - lo), 0.005)
+    ax.set_xlim(max(0.0, lo - pad), hi + 3 * pad)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_yticks(y, labels=labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    handles = [ax.errorbar([], [], xerr=[[], []], fmt="o", color=c, label=s) for s, c in STATUS_COLOURS.items()]
+    # below the axis, so it never hides a row
+    ax.legend(handles=handles, labels=["best", "tied with the best", "different from the best"], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.08 - 0.5 / len(labels)), ncol=3, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
+    return fig
+
+
+def interval_chart(rows: Mapping[str, tuple[float, float, float, str]], path: Path | str, *, title: str = "", xlabel: str = "") -> Path:
+    """One horizontal interval per row (accuracy, low, high), coloured by its status against the best (best, tied, different).
+
+    Args:
+        rows: label -> (value, low, high, status), top to bottom.
+        path: the PNG file to write (atomically).
+        title, xlabel: texts of the figure.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``rows`` is empty.
+    """
+    return _save(interval_figure(rows, title=title, xlabel=xlabel), path)

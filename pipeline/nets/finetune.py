@@ -23,19 +23,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.classical.bundle import write_bundle
 from pipeline.classical.features import POOLS
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
+from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
-from pipeline.nets.images import gigabytes, load_data
+from pipeline.nets.images import Data, gigabytes, load_data
 from pipeline.backbones.registry import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.probe import feature_spec, fit_probe, load_probe, probe_layers
 from pipeline.nets.results import Result, finish
 from pipeline.nets.training import build_cache, cache_plan, prepare_run, train_phases
+from pipeline.nets.training import refit as train_refit
 
 
 #: The fine-tuning learning rate of the classic recipe (dense head from random first), as in the seeds.
@@ -66,6 +70,8 @@ class FinetuneConfig(NetConfig):
         weights: ``imagenet``, ``none`` (random init, for tests) or a weights file path.
         cache: cache the frozen prefix's outputs (``cached-prefix`` mode) when it has layers.
         cache_copies: augmented copies of each training image in the cache.
+        prefix_cache: folder of the frozen prefix's outputs for the test images (with
+            ``--test``), shared by the runs that have the same prefix (compare passes one).
     """
 
     backbone: str = option(BACKBONE, "network: " + ", ".join(BACKBONES) + " (only vgg16 has the offline weights route)", rule=OneOf(tuple(BACKBONES)))
@@ -96,6 +102,9 @@ class FinetuneConfig(NetConfig):
     patience: int = option(3, "epochs without a better validation loss before stopping", rule=COUNT_OR_ZERO)
     weights: str = option("imagenet", "imagenet, none (random init) or a weights file PATH")
     cache: bool = option(True, "plain Keras loop: full model, augmentation on the fly")
+    prefix_cache: Path | None = option(
+        None, "folder keeping the frozen prefix's outputs for the --test images, reused by runs with the same prefix and test images", metavar="DIR"
+    )
     cache_copies: int = option(
         4,
         "cache the frozen prefix's outputs for K augmented copies of each training image, so epochs run only the trainable layers",
@@ -171,22 +180,42 @@ def _on_base(config: FinetuneConfig, base, n_classes: int, precision: str, probe
                     fitted_start=config.head == "probe")  # fmt: skip
 
 
-def _probe(config: FinetuneConfig, bundle, base, data, precision: str, spec: dict):
-    """(estimator, metrics section) of the probe: the ``--probe`` bundle, or one fitted here on the training rows and written next to the model."""
+def _probe(config: FinetuneConfig, bundle, features, labels, data, precision: str, spec: dict, write: bool):
+    """(estimator, metrics section) of the probe: the ``--probe`` bundle, or one fitted here on ``features`` (the rows it may see), written next to the model when ``write``."""
     if bundle is not None:
         fitted = bundle.get("metrics") or {}
         return bundle["estimator"], {"source": str(config.probe), "n_train": fitted.get("n_train"), "best_params": fitted.get("best_params"),
                                      "cv_score": fitted.get("cv_score"), "pool": config.pool, "file": str(config.probe)}  # fmt: skip
     t0 = time.perf_counter()
     if not config.quiet:
-        print(f"probe: frozen features of the {len(data.train_y)} training images, then logistic regression (train's search)", file=sys.stderr)
-    features = base_features(base, data.train_x, config.batch_size)
-    probe = fit_probe(features, data.train_y, class_names=data.class_names, spec=spec, precision=precision, seed=config.seed,
+        print(f"probe: logistic regression (train's search) on the frozen features of {len(labels)} images", file=sys.stderr)
+    probe = fit_probe(features, labels, class_names=data.class_names, spec=spec, precision=precision, seed=config.seed,
                       quiet=config.quiet, where=str(config.data_dir))  # fmt: skip
-    del features
     path = Path(config.out_dir) / "finetune.probe.joblib"
-    write_bundle(path, probe.bundle)
+    if write:
+        write_bundle(path, probe.bundle)
     return probe.estimator, {**probe.info, "file": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _test_features(config: FinetuneConfig, net: Network, data, precision: str, weights, test_digest: str | None):
+    """The frozen prefix's outputs for the test images, shared through ``--prefix-cache`` (None without it, or without a prefix)."""
+    if config.prefix_cache is None or net.cut == 0 or test_digest is None:
+        return None, None
+    import tensorflow as tf
+
+    from pipeline.core.digests import load_or_compute
+
+    def compute():  # no augmentation, in order
+        step = config.batch_size
+        return np.concatenate([net.prefix(tf.cast(data.test_x[s : s + step], tf.float32), training=False).numpy() for s in range(0, len(data.test_y), step)])
+
+    out = net.prefix.outputs[0]
+    fields = {"backbone": config.backbone, "weights": weights.checksum, "input_size": config.input_size, "resize": config.resize,
+              "cut_layer": net.cut_layer, "precision": precision, "test_images": test_digest, "seed": config.seed if weights.name == "none" else None}  # fmt: skip
+    dtype = tf.as_dtype(out.dtype).as_numpy_dtype
+    x, reused = load_or_compute(config.prefix_cache, fields, (len(data.test_y), *out.shape[1:]), dtype,
+                                compute)  # fmt: skip
+    return x, {"folder": str(config.prefix_cache), "reused": reused, "cut_layer": net.cut_layer}
 
 
 def fit(config: FinetuneConfig) -> Result:
@@ -197,7 +226,10 @@ def fit(config: FinetuneConfig) -> Result:
     ``unfreeze_from`` on and trains them with the head at ``lr``. ``--head dense``: phase
     ``head`` trains a new head on the frozen base (``head_lr``), then phase ``finetune``
     (skipped for ``none``). Every phase stops early on the validation loss and keeps the
-    best weights, its start included.
+    best weights, its start included. With ``refit`` (the default) the network is then
+    built again from its start (the probe fitted on the training + validation rows) and
+    trained on all those rows for the epochs validation chose in each phase: that is the
+    model saved and scored.
 
     Returns:
         Result: the trained network, the data and the metrics written to
@@ -214,36 +246,56 @@ def fit(config: FinetuneConfig) -> Result:
     weights = resolve_weights(config.weights, backbone=config.backbone, progress=not config.quiet)
     spec = feature_spec(input_size=config.input_size, resize=config.resize, weights=weights, pool=config.pool, backbone=config.backbone)
     bundle = load_probe(config.probe, spec, listing.class_names) if config.probe is not None else None
-    base = build_base(
-        input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights, backbone=config.backbone
-    )
+
+    def start_base():  # seeded: the refit starts exactly where the selection started
+        return build_base(input_size=config.input_size, unfreeze_from=config.unfreeze_from, precision=precision, seed=config.seed, weights=weights,
+                          backbone=config.backbone)  # fmt: skip
+
+    base = start_base()
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
+    every = data.all_rows() if config.refit else None
+    n_train = len(data.train_y)
     t0 = time.perf_counter()
-    estimator, probe_info = _probe(config, bundle, base, data, precision, spec) if config.head == "probe" else (None, None)
+    features = None
+    if config.head == "probe" and bundle is None:  # the frozen features of every row the probes may see, computed once
+        if not config.quiet:
+            print(f"probe: frozen features of {len((every or data).train_y)} images", file=sys.stderr)
+        features = base_features(base, (every or data).train_x, config.batch_size)
+    probe_rows = None if features is None else features[:n_train].copy()  # fit_probe scales its rows in place
+    estimator, probe_info = _probe(config, bundle, probe_rows, data.train_y, data, precision, spec, write=not config.refit) if config.head == "probe" else (None, None)
     net = _on_base(config, base, len(listing.class_names), precision, estimator)
     t_cache = time.perf_counter()
-    copies, dtype, cache_bytes, why_plain = cache_plan(
-        net, data, cache=config.cache, cache_copies=config.cache_copies, augment=config.augment, pixel_bytes=pixel_bytes
-    )
-    cache = None
-    cache_seconds = 0.0
+    # with a refit, the cache holds every row's augmented copies: the selection trains on the first n_train of them
+    source = data if every is None else Data(data.class_names, every.train_x, every.train_y, data.val_x, data.val_y, data.test_x, data.test_y, data.test_source)
+    copies, dtype, cache_bytes, why_plain = cache_plan(net, source, cache=config.cache, cache_copies=config.cache_copies, augment=config.augment, pixel_bytes=pixel_bytes)
+    cache, cache_seconds = None, 0.0
     if copies:
         if not config.quiet:
             shape = "x".join(str(d) for d in net.prefix.outputs[0].shape[1:])
             print(f"caching the frozen prefix (up to {net.cut_layer}, {shape} {dtype.name}): "
-                  f"{copies} cop{'ies' if copies > 1 else 'y'} of {len(data.train_y)} training + {len(data.val_y)} "
+                  f"{copies} cop{'ies' if copies > 1 else 'y'} of {len(source.train_y)} training + {len(source.val_y)} "
                   f"validation images = {gigabytes(cache_bytes)}", file=sys.stderr)  # fmt: skip
-        cache = build_cache(net, data, copies, dtype, augment=config.augment, seed=config.seed, batch_size=config.batch_size, quiet=config.quiet)
+        cache = build_cache(net, source, copies, dtype, augment=config.augment, seed=config.seed, batch_size=config.batch_size, quiet=config.quiet)
         cache_seconds = time.perf_counter() - t_cache
     elif not config.quiet:
         print(f"plain mode (no prefix cache): {why_plain}", file=sys.stderr)
-    history, records = train_phases(
-        net, data, {"head": (config.head_epochs, config.head_lr), "finetune": (config.epochs, config.lr)},
-        precision=precision, batch_size=config.batch_size, patience=config.patience, augment=config.augment,
-        seed=config.seed, quiet=config.quiet, cache=cache,
-    )  # fmt: skip
+    plan = {"head": (config.head_epochs, config.head_lr), "finetune": (config.epochs, config.lr)}
+    common = dict(precision=precision, batch_size=config.batch_size, patience=config.patience, augment=config.augment, seed=config.seed, quiet=config.quiet)
+    history, records = train_phases(net, data, plan, cache=None if cache is None else (cache[0][:, :n_train], cache[1]), **common)
+    refit = None
+    if config.refit:
+        def rebuilt():
+            nonlocal estimator, probe_info
+            if config.head == "probe":
+                estimator, probe_info = _probe(config, bundle, features, every.train_y, data, precision, spec, write=True)
+            return _on_base(config, start_base(), len(listing.class_names), precision, estimator)
+
+        del net
+        net, refit = train_refit(rebuilt, data, records, plan, history, cache=None if cache is None else (cache[0], cache[1][:0]), **common)
+    del features, cache
     train_seconds = data.decode_seconds + time.perf_counter() - t0
-    del cache
+    test_digest = tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None
+    test_features, prefix_info = _test_features(config, net, data, precision, weights, test_digest)
     head = next((r for r in records if r["name"] == "head"), None)
     extra = {
         "mode": "cached-prefix" if copies else "plain",
@@ -252,6 +304,7 @@ def fit(config: FinetuneConfig) -> Result:
         "head": config.head,
         "pool": config.pool,
         "probe": probe_info,
+        "refit": refit,
         "cache_copies": copies,
         "cache_bytes": cache_bytes if copies else 0,
         "cache_seconds": cache_seconds,
@@ -259,8 +312,10 @@ def fit(config: FinetuneConfig) -> Result:
         "plain_reason": why_plain or None,
         "seconds_per_epoch_head": head["seconds_per_epoch"] if head else None,
         "weights": {"name": weights.name, "source": weights.source, "checksum": weights.checksum},
+        "test_prefix": prefix_info,
+        "data_digest": {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": test_digest},
     }
-    return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds))
+    return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds, test_features))
 
 
 def run(config: FinetuneConfig) -> dict:

@@ -37,6 +37,13 @@ class Data:
     test_source: str
     rejected: list = field(default_factory=list)  # [(path, reason)]
     decode_seconds: float = 0.0
+    test_paths: tuple[str, ...] = ()  # each test image's path relative to its tree, as a feature file records it
+
+    def all_rows(self) -> "Data":
+        """The training and validation images as one training set (no validation): the data of a refit."""
+        empty_x, empty_y = self.val_x[:0], self.val_y[:0]
+        return Data(self.class_names, np.concatenate([self.train_x, self.val_x]), np.concatenate([self.train_y, self.val_y]), empty_x, empty_y,
+                    self.test_x, self.test_y, self.test_source, self.rejected, self.decode_seconds, self.test_paths)  # fmt: skip
 
 
 def list_inputs(data_dir: Path, test_dir: Path | None) -> tuple[Listing, Listing | None]:
@@ -91,8 +98,11 @@ def check_pixel_memory(data_dir: Path, n_images: int, input_size: int) -> int:
     return need
 
 
-def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc: str):
-    """All decodable images of ``listing`` in listing order, their labels, and the rejects [(path, reason)]."""
+def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc: str, kept: list | None = None):
+    """All decodable images of ``listing`` in listing order, their labels, and the rejects [(path, reason)].
+
+    ``kept``: a list that receives the relative path of each decoded image, in order.
+    """
     from tqdm import tqdm
 
     n = len(listing)
@@ -106,6 +116,8 @@ def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc:
             m = int(ok.sum())
             pixels[k : k + m] = batch.pixels[ok]
             labels[k : k + m] = listing.labels[batch.indices[ok]]
+            if kept is not None:
+                kept.extend(listing.paths[i] for i in batch.indices[ok].tolist())
             k += m
             for i, good, reason in zip(batch.indices.tolist(), ok.tolist(), batch.reasons):
                 if not good:
@@ -137,11 +149,12 @@ def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int
     """
     data_dir = listing.root
     t0 = time.perf_counter()
-    x, y, rejected = decode(listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode train")
+    train_paths, test_paths = [], []
+    x, y, rejected = decode(listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode train", kept=train_paths)
     if len(y) == 0:
         raise PipelineError(f"{data_dir}: none of the {len(listing)} images could be decoded")
     if test_listing is not None:
-        test_x, test_y, rej = decode(test_listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode test")
+        test_x, test_y, rej = decode(test_listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode test", kept=test_paths)
         rejected += rej
         if len(test_y) == 0:
             raise PipelineError(f"--test {test_listing.root}: none of the {len(test_listing)} images could be decoded")
@@ -150,12 +163,13 @@ def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int
     else:
         pool, test_rows = split_rows(y, TEST_SIZE, seed, f"{data_dir} (test split)")
         test_x, test_y = x[test_rows], y[test_rows]
+        test_paths = [train_paths[i] for i in test_rows.tolist()]
         test_source = f"split of {Path(data_dir).resolve()} (split_indices test_size {TEST_SIZE}, seed {seed})"
     tr, va = split_rows(y[pool], val_split, seed, f"{data_dir} (validation split, --val-split {val_split})")
     tr, va = pool[tr], pool[va]
     for rows, what in ((tr, "training"), (va, "validation (--val-split)"), (test_y, "test")):
         if len(rows) == 0:
             raise PipelineError(f"{data_dir}: {len(y)} decodable images leave no {what} images; add images")
-    data = Data(listing.class_names, x[tr], y[tr], x[va], y[va], test_x, test_y, test_source, rejected)
+    data = Data(listing.class_names, x[tr], y[tr], x[va], y[va], test_x, test_y, test_source, rejected, test_paths=tuple(test_paths))
     data.decode_seconds = time.perf_counter() - t0
     return data

@@ -34,6 +34,8 @@ class NetConfig:
         augment: random flip/translation/rotation/zoom of training images.
         precision: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (mixed precision).
         resize: Pillow interpolation, as in extract.
+        refit: train the final model again from its start on the training + validation rows for the
+            epochs chosen on validation (the VTAB-1k / VPT protocol: the final model sees every image).
         seed: seeds Keras, the splits, the augmentation and the epoch sampling.
         quiet: no progress bars; the summary line is still printed.
         command_line: recorded in the metrics.
@@ -60,6 +62,7 @@ class NetConfig:
     augment: bool = option(True, "no random flip/translation/rotation/zoom of training images")
     precision: str = option("auto", "compute precision; auto = fastest that keeps accuracy", rule=OneOf(PRECISIONS))
     resize: str = option("bilinear", "resize interpolation, as in extract", rule=OneOf(RESIZE_METHODS))
+    refit: bool = option(True, "keep the model trained on the training rows only (no refit on training + validation rows for the epochs validation chose)")
     seed: int = option(0, "seed of Keras, the splits and the augmentation", rule=COUNT_OR_ZERO)
     quiet: bool = option(False, "no progress bars; the summary line is still printed")
     command_line: str = option("", cli=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.core import plots
 from pipeline.core.config import config_json
 from pipeline.core.metrics import scores
+from pipeline.core.stats import wilson
 from pipeline.core.outputs import atomic_output, package_versions, write_json_atomic
 from pipeline.nets.images import Data
 from pipeline.nets.networks import AUGMENTATION, Network
@@ -18,12 +19,16 @@ from pipeline.nets.options import NetConfig
 #: ``train_seconds`` = decoding the images + building the prefix cache + every epoch (model
 #: construction and the test evaluation excluded); ``seconds_per_epoch`` = mean wall time of
 #: an epoch of the last phase (fine-tuning; the head phase for ``none``; validation included);
-#: ``images_per_second`` = test-set inference of the saved (full) model, after a warm-up.
+#: ``images_per_second`` = test-set inference of the saved (full) model, after a warm-up (on
+#: the first THROUGHPUT_SAMPLE test images when the prefix's test outputs were reused).
+#: ``test_predictions``: each test image's path, label and prediction (compare pairs rows on them); ``refit``: see training.refit.
 METRICS_KEYS = (
     "strategy", "accuracy", "macro_f1", "per_class", "train_seconds", "images_per_second",
     "model_bytes", "seed", "n_train", "n_val", "n_test", "test_source", "epochs_run",
     "seconds_per_epoch", "mode", "input_size", "unfreeze_from", "precision", "rejected",
+    "test_predictions", "refit",
 )  # fmt: skip
+THROUGHPUT_SAMPLE = 256
 
 
 @dataclass
@@ -35,16 +40,21 @@ class Result:
     metrics: dict
 
 
-def evaluate(full, data: Data, batch_size: int):
-    """Test-set probabilities from the full model and its measured throughput (images/s)."""
-    n = len(data.test_y)
-    # warm up on both batch shapes the timed run will see, so tracing is not timed
-    r = n % batch_size
-    warm = data.test_x[: min(n, batch_size + r)]
-    full.predict(warm, batch_size=batch_size, verbose=0)
+def evaluate(full, data: Data, batch_size: int, top=None, test_features=None):
+    """Test-set probabilities and the full model's measured throughput (images/s), after a warm-up on both batch shapes.
+
+    With ``test_features`` (the frozen prefix's outputs for the test images, computed once
+    and shared) the probabilities come from ``top`` on them, and the throughput is measured
+    on the first THROUGHPUT_SAMPLE test images.
+    """
+    x = data.test_x if test_features is None else data.test_x[:THROUGHPUT_SAMPLE]
+    n = len(x)
+    full.predict(x[: min(n, batch_size + n % batch_size)], batch_size=batch_size, verbose=0)  # tracing is not timed
     t0 = time.perf_counter()
-    probs = full.predict(data.test_x, batch_size=batch_size, verbose=0)
+    probs = full.predict(x, batch_size=batch_size, verbose=0)
     seconds = time.perf_counter() - t0
+    if test_features is not None:
+        probs = top.predict(test_features, batch_size=batch_size, verbose=0)
     return probs, (n / seconds if seconds > 0 else 0.0)
 
 
@@ -66,7 +76,8 @@ def curves_title(strategy: str, input_size: int, history: dict, mode: str, preci
     return f"{strategy}, {mode}, {input_size}px, {precision} (epochs: {', '.join(spans)})"
 
 
-def finish(name: str, net: Network, data: Data, config: NetConfig, precision: str, history: dict, records: list, extra: dict, train_seconds: float) -> dict:
+def finish(name: str, net: Network, data: Data, config: NetConfig, precision: str, history: dict, records: list, extra: dict, train_seconds: float,
+           test_features=None) -> dict:
     """Evaluate ``net.full`` on the test set, write the three outputs ``OUT_DIR/NAME.*``, print the summary.
 
     Args:
@@ -75,8 +86,10 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         config: the stage's config (recorded in the metrics).
         precision: the resolved precision.
         history, records: from ``training.train_phases``.
-        extra: the stage's own metrics (must include ``mode`` and ``unfreeze_from``).
+        extra: the stage's own metrics (must include ``mode``, ``unfreeze_from`` and ``refit``;
+            a refit's ``n_train`` replaces the selection's).
         train_seconds: decoding + caching + training time.
+        test_features: the frozen prefix's outputs for the test images, or None (``evaluate``).
 
     Returns:
         The metrics written to ``OUT_DIR/NAME.metrics.json`` (every key of METRICS_KEYS and more).
@@ -85,7 +98,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         PipelineError: an output could not be written (e.g. the disk is full).
     """
     out_dir = Path(config.out_dir)
-    probs, ips = evaluate(net.full, data, config.batch_size)
+    probs, ips = evaluate(net.full, data, config.batch_size, net.top, test_features)
     y_pred = probs.argmax(axis=1)
     model_path = out_dir / f"{name}.keras"
     model_bytes = save_model(net.full, model_path)
@@ -100,7 +113,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         "images_per_second": ips,
         "model_bytes": model_bytes,
         "seed": config.seed,
-        "n_train": int(len(data.train_y)),
+        "n_train": int((extra.get("refit") or {}).get("n_train") or len(data.train_y)),
         "n_val": int(len(data.val_y)),
         "n_test": int(len(data.test_y)),
         "test_source": data.test_source,
@@ -119,6 +132,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         "curves_file": str(curves),
         "augmentation": AUGMENTATION if config.augment else None,
         "seeds": {"keras": config.seed, "split": config.seed, "augmentation": config.seed, "epoch_sampling": config.seed + 1},
+        "test_predictions": {"paths": list(data.test_paths), "y_true": data.test_y.tolist(), "y_pred": y_pred.tolist()},
         "config": config_json(config),
         "versions": package_versions(),
     }
@@ -127,8 +141,9 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
         raise RuntimeError(f"metrics lack contract keys {missing}")
     metrics_path = out_dir / f"{name}.metrics.json"
     write_json_atomic(metrics_path, metrics)
+    low, high = wilson(int(round(metrics["accuracy"] * metrics["n_test"])), metrics["n_test"])
     print(
-        f"{config.strategy()}: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"{config.strategy()}: test accuracy {metrics['accuracy']:.4f} (95% interval {low:.3f}-{high:.3f}), macro-F1 {metrics['macro_f1']:.4f} "
         f"on {metrics['n_test']} images; {metrics['mode']}, {metrics['seconds_per_epoch']:.2f} s/epoch, "
         f"{metrics['epochs_run']} epochs, {len(data.rejected)} rejected -> {model_path}, {metrics_path.name}, {curves.name}"
     )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
+from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
 from pipeline.nets.images import load_data
 from pipeline.nets.networks import Network, build_scratch_network
@@ -16,6 +17,7 @@ from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.resnet import blocks_per_stage, build_resnet_network, sgd
 from pipeline.nets.results import Result, finish
 from pipeline.nets.training import prepare_run, train_phases
+from pipeline.nets.training import refit as train_refit
 
 
 #: ``--arch``: ``cnn`` or ``resnet``; ``resnetN`` is ``resnet`` with ``--depth N`` (``resnet20``).
@@ -132,6 +134,10 @@ def build_network(config: ScratchConfig, n_classes: int, precision: str) -> Netw
 def fit(config: ScratchConfig) -> Result:
     """Train the network of ``config.arch`` from random weights on the same splits and augmentation as ``finetune``.
 
+    With ``refit`` (the default) the epoch the validation loss chose is kept, and the
+    network is trained again from the same start on the training + validation rows for
+    that many epochs: that is the model saved and scored.
+
     Returns:
         Result: the network, the data and the metrics written to ``OUT_DIR/scratch.metrics.json``.
 
@@ -143,17 +149,21 @@ def fit(config: ScratchConfig) -> Result:
     net = build_network(config, len(listing.class_names), precision)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     t0 = time.perf_counter()
-    history, records = train_phases(
-        net, data, {"train": (config.epochs, config.lr)}, precision=precision, batch_size=config.batch_size,
-        patience=config.patience, augment=config.augment, seed=config.seed, quiet=config.quiet,
-        make_optimizer=sgd if config.family() == "resnet" else None,
-    )  # fmt: skip
+    plan = {"train": (config.epochs, config.lr)}
+    common = dict(precision=precision, batch_size=config.batch_size, patience=config.patience, augment=config.augment, seed=config.seed, quiet=config.quiet,
+                  make_optimizer=sgd if config.family() == "resnet" else None)  # fmt: skip
+    history, records = train_phases(net, data, plan, **common)
+    refit = None
+    if config.refit:  # a ResNet runs the first epochs of the same step schedule (its length stays --epochs)
+        net, refit = train_refit(lambda: build_network(config, len(listing.class_names), precision), data, records, plan, history, **common)
     train_seconds = data.decode_seconds + time.perf_counter() - t0
+    digest = {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None}
     if config.family() == "resnet":
         extra = {"mode": "plain", "unfreeze_from": None, "arch": "resnet", "depth": config.depth, "parameters": int(net.full.count_params()),
                  "optimizer": "SGD momentum 0.9, step schedule: lr / 10 at 50% and 75% of the epochs, weight decay 1e-4"}  # fmt: skip
     else:
         extra = {"mode": "plain", "unfreeze_from": None, "arch": "cnn", "filters": list(config.filters), "parameters": int(net.full.count_params())}
+    extra.update(refit=refit, data_digest=digest)
     return Result(net, data, finish("scratch", net, data, config, precision, history, records, extra, train_seconds))
 
 

@@ -35,7 +35,8 @@ def prepare_run(config: NetConfig):
     config.validate()
     listing, test_listing = list_inputs(config.data_dir, config.test_dir)
     prepare_output_dir(config.out_dir)
-    n_images = len(listing) + (len(test_listing) if test_listing is not None else 0)
+    # a refit holds the training images twice: split for the selection, joined for the refit
+    n_images = len(listing) * (2 if config.refit else 1) + (len(test_listing) if test_listing is not None else 0)
     pixel_bytes = check_pixel_memory(config.data_dir, n_images, config.input_size)
     precision = resolve_precision(config.precision)
     import keras
@@ -216,7 +217,7 @@ def keep_best(patience: int, start_loss: float, start_weights: list):
 
 
 def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_size: int, patience: int, augment: bool, seed: int, quiet: bool, cache=None,
-                 make_optimizer=None):
+                 make_optimizer=None, validate: bool = True, schedule: dict | None = None):
     """Run the phases of ``net`` in order; each stops early on the validation loss and keeps its best weights, its start included.
 
     Args:
@@ -228,6 +229,10 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
         cache: (train, val) prefix outputs from ``build_cache``, or None for plain mode.
         make_optimizer: ``(lr, epochs, steps_per_epoch) -> optimizer`` for each phase (e.g.
             SGD over a step schedule); None = Adam at the phase's learning rate.
+        validate: False for a refit: every phase runs exactly its epochs, on every row of
+            ``data.train_*``, without validation, early stopping or a kept start.
+        schedule: phase name -> the epochs its optimizer's schedule spans (a refit runs the
+            first epochs of the selection's schedule); None = the phase's epochs.
 
     Returns:
         (history, records): per-epoch ``loss``/``accuracy``/``val_loss``/``val_accuracy``/``phase``
@@ -259,8 +264,12 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
         chosen = {id(l) for l in trainable}
         for layer in top_layers:
             layer.trainable = id(layer) in chosen
-        base = make_optimizer(lr, epochs, math.ceil(len(data.train_y) / batch_size)) if make_optimizer else None
+        span = (schedule or {}).get(name, epochs)
+        base = make_optimizer(lr, span, math.ceil(len(data.train_y) / batch_size)) if make_optimizer else None
         model.compile(optimizer=optimizer(lr, precision, base), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        if not validate:
+            records.append(_fixed_phase(model, train_ds, name, epochs, lr, history, quiet))
+            continue
         start = model.evaluate(val_ds, verbose=0, return_dict=True)
         if net.fitted_start and not records:
             for key, value in (("loss", math.nan), ("accuracy", math.nan), ("val_loss", start["loss"]), ("val_accuracy", start["accuracy"]), ("phase", "probe")):
@@ -291,3 +300,35 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
     for layer in top_layers:  # leave the saved model in its natural state: head and suffix trainable
         layer.trainable = True
     return history, records
+
+
+def _fixed_phase(model, train_ds, name: str, epochs: int, lr: float, history: dict, quiet: bool) -> dict:
+    """One phase of a refit: exactly ``epochs`` epochs on every row, no validation; its record (``best_epoch`` = ``epochs``)."""
+    t0 = time.perf_counter()
+    if not quiet:
+        print(f"refit phase {name}: {epochs} epochs (chosen on validation), lr {lr:g}", file=sys.stderr)
+    h = model.fit(train_ds, epochs=epochs, shuffle=False, verbose=_verbose(quiet))
+    seconds = time.perf_counter() - t0
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "phase"):
+        history[key] += [f"refit {name}"] * epochs if key == "phase" else [float(v) for v in h.history.get(key, [math.nan] * epochs)]
+    return {"name": name, "epochs_run": epochs, "best_epoch": epochs, "lr": lr, "seconds": round(seconds, 3),
+            "seconds_per_epoch": seconds / epochs, "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))}  # fmt: skip
+
+
+def refit(build, data: Data, records: list, plan: dict, history: dict, **train_options) -> tuple[Network, dict]:
+    """The refit: ``build()`` (seeded again: the selection's start) trained on every training and validation row of ``data`` for the
+    epochs the validation loss chose in each phase of ``plan`` (the selection's; a schedule keeps its length), its epochs appended
+    to the selection's ``history``; ``train_options`` as ``train_phases``'. Returns (the network, the metrics' ``refit`` section).
+    """
+    import keras
+
+    chosen = {r["name"]: int(r["best_epoch"]) for r in records}
+    every, t0 = data.all_rows(), time.perf_counter()
+    keras.utils.set_random_seed(train_options["seed"])
+    net = build()
+    again, done = train_phases(net, every, {name: (chosen.get(name, 0), lr) for name, (_, lr) in plan.items()}, validate=False,
+                               schedule={name: epochs for name, (epochs, _) in plan.items()}, **train_options)  # fmt: skip
+    for key, values in again.items():  # the curves run on: selection, then the refit (no validation scores)
+        history[key] += values
+    return net, {"chosen_epochs": chosen, "n_train": int(len(every.train_y)), "chosen_on": f"{len(data.val_y)} validation rows",
+                 "phases": done, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip

@@ -321,7 +321,7 @@ def test_every_whole_number_flag_has_a_bounded_range(command, tmp_path, capsys):
     else:
         flags = _whole_number_flags(PredictConfig)
         head = ["predict", str(tmp_path / "never-read.joblib"), str(tmp_path), "-o", str(tmp_path / "m" / "out.csv")]
-        assert flags == ["--batch-size"]
+        assert flags == ["--batch-size", "--top-k"]
     for flag in flags:
         assert main([*head, flag, "4294967296"]) == 2, flag
         err = capsys.readouterr().err

@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import make_tree
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
-from pipeline.compare.sizes import check_sizes, nested_subsets, table
+from pipeline.compare.config import check_sizes
+from pipeline.compare.sizes import nested_subsets, table
 
 
 def test_subsets_are_nested_seeded_and_balanced(tmp_path):
@@ -52,6 +53,8 @@ def test_bad_sizes_flag_is_one_error_line(tmp_path, capsys):
 def test_table_has_one_column_per_size():
     rows = [{"strategy": "x", "per_class": 5, "accuracy": 0.5}, {"strategy": "x", "per_class": 8, "accuracy": 0.75}]
     assert table(rows, (5, 8)) == "| strategy | 5/class | 8/class |\n|---|---:|---:|\n| x | 0.5000 | 0.7500 |\n"
+    rows[1].update(ci_low=0.7, ci_high=0.8, status="tied")
+    assert table(rows, (5, 8)).splitlines()[-1] == "| x | 0.5000 | 0.7500 [0.700, 0.800] * |"
 
 
 @pytest.mark.slow
@@ -72,10 +75,9 @@ def test_compare_sizes_runs_each_strategy_at_each_size(tmp_path, capsys):
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
         n = int(r["per_class"])
-        if r["strategy"].startswith("frozen"):
-            assert (int(r["n_train"]), int(r["n_val"])) == (2 * n, 0)
-        else:
-            assert int(r["n_train"]) + int(r["n_val"]) == 2 * n and int(r["n_val"]) > 0
+        # every final model saw the size's 2n images; the network chose its epochs on validation rows held out of them first
+        assert int(r["n_train"]) == 2 * n and (int(r["n_val"]) == 0) == r["strategy"].startswith("frozen")
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) and r["status"] in ("best", "tied", "different")
     # the link trees: nested, the test tree shared
     small = {p.relative_to(out / "sizes" / "5" / "train") for p in (out / "sizes" / "5" / "train").rglob("*.png")}
     large = {p.relative_to(out / "sizes" / "8" / "train") for p in (out / "sizes" / "8" / "train").rglob("*.png")}
@@ -85,6 +87,7 @@ def test_compare_sizes_runs_each_strategy_at_each_size(tmp_path, capsys):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.h5")) == ["sizes/8/train.h5", "test.h5"]
     saved = json.loads((out / "sizes.json").read_text())
     assert {r["n_test"] for r in saved} == {6}
-    assert "| from scratch ResNet-8 |" in (out / "sizes.md").read_text()
+    md = (out / "sizes.md").read_text()
+    assert "| from scratch ResNet-8 |" in md and "- 5/class: best: " in md and "- 8/class: best: " in md
     assert Image.open(out / "sizes.png").size[0] > 100
     assert "| frozen features + logistic regression |" in capsys.readouterr().out

@@ -31,3 +31,31 @@ def test_line_chart(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["sizes.png"]  # written atomically: no temporary left
     with pytest.raises(ValueError, match="at least one series"):
         plots.line_chart({}, tmp_path / "none.png")
+
+
+def test_line_chart_draws_interval_bands(tmp_path):
+    series = {"LR": {100: 0.85, 300: 0.9}}
+    bands = {"LR": {100: (0.83, 0.87), 300: (0.88, 0.92)}}
+    p = plots.line_chart(series, tmp_path / "sizes.png", title="accuracy", bands=bands)
+    assert p.read_bytes().startswith(PNG)
+
+
+def test_interval_chart_zooms_on_the_differences_and_its_labels_do_not_overlap(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = {f"strategy {i} with a long name\n{1000} train + {200 * (i % 2)} val, {i * 10} s": (0.86 + 0.004 * i, 0.845 + 0.004 * i, 0.875 + 0.004 * i,
+            "best" if i == 9 else ("tied" if i > 6 else "different")) for i in range(10)}  # fmt: skip
+    fig = plots.interval_figure(rows, title="t", xlabel="accuracy")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert 0.8 < lo < 0.845 and 0.911 < hi < 0.95  # the axis spans the intervals, not 0-1
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in ax.get_yticklabels()), key=lambda b: b.y0)
+    assert len(boxes) == 10
+    assert all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+    top = max(ax.get_yticklabels(), key=lambda t: t.get_position()[1])
+    assert top.get_text() == list(rows)[0]  # the first row is drawn on top
+    assert plots.interval_chart(rows, tmp_path / "c.png").read_bytes().startswith(PNG)
+    with pytest.raises(ValueError, match="at least one row"):
+        plots.interval_chart({}, tmp_path / "none.png")

@@ -25,7 +25,7 @@ from pipeline.nets.probe import feature_spec, fit_probe
 from pipeline.nets.results import METRICS_KEYS
 
 CLASSES = ("ant", "bee", "cat")
-FAST = dict(input_size=32, weights="none", dense=8, head_epochs=1, epochs=1, batch_size=8, patience=2, cache_copies=2, quiet=True)
+FAST = dict(input_size=32, weights="none", dense=8, head_epochs=1, epochs=1, batch_size=8, patience=2, cache_copies=2, refit=False, quiet=True)
 FROZEN = [n for n in VGG16_LAYERS if n.startswith(("block1", "block2", "block3", "block4")) and "conv" in n]
 BLOCK5 = ["block5_conv1", "block5_conv2", "block5_conv3"]
 HEAD = {"probe": ["probe_logistic"], "dense": ["head_dense", "predictions"]}
@@ -268,3 +268,28 @@ def test_bad_folders_fail_before_any_work(trees, tmp_path):
     with pytest.raises(PipelineError, match=r"--test .*other: its classes \['ant', 'dog'\] differ from \['ant', 'bee', 'cat'\]"):
         ft.run(ft.FinetuneConfig(data, test_dir=other, out_dir=tmp_path / "out", **FAST))
     assert not (tmp_path / "out").exists()
+
+
+def test_refit_trains_every_row_for_the_epochs_validation_chose_and_shares_the_test_prefix(trees):
+    root, data, test = trees
+    fast = dict(FAST, refit=True, epochs=2, head_epochs=2)
+    config = ft.FinetuneConfig(data, test_dir=test, out_dir=root / "refit", precision="float32", head="dense", prefix_cache=root / "prefix", **fast)
+    result = ft.fit(config)
+    m = result.metrics
+    chosen = {p["name"]: p["best_epoch"] for p in m["phases"]}  # the selection: trained on the training rows, validated on the rest
+    assert set(chosen) == {"head", "finetune"} and m["refit"]["chosen_epochs"] == chosen
+    assert [(p["name"], p["epochs_run"]) for p in m["refit"]["phases"]] == [(k, n) for k, n in chosen.items() if n > 0]
+    # the final model saw every training and validation image: 18 decodable (the broken bee is skipped)
+    assert m["n_train"] == m["refit"]["n_train"] == 18 == len(result.data.train_y) + len(result.data.val_y) and m["n_val"] == len(result.data.val_y) > 0
+    assert m["refit"]["chosen_on"] == f"{m['n_val']} validation rows"
+    # one prediction per test image, scored through the prefix outputs, as the full model predicts
+    tp = m["test_predictions"]
+    assert len(tp["paths"]) == 6 and tp["paths"][0] == "ant/000.png" and tp["y_true"] == result.data.test_y.tolist()
+    assert m["accuracy"] == pytest.approx(np.mean(np.array(tp["y_pred"]) == np.array(tp["y_true"])))
+    assert tp["y_pred"] == result.net.full.predict(result.data.test_x, verbose=0).argmax(axis=1).tolist()
+    assert m["test_prefix"] == {"folder": str(root / "prefix"), "reused": False, "cut_layer": "block4_pool"}
+    assert m["data_digest"]["test"] and m["data_digest"]["train"] != m["data_digest"]["test"]
+    # LP-FT on the same prefix reuses the test images' prefix outputs; its probe is fitted on every row
+    lpft = ft.fit(dataclasses.replace(config, out_dir=root / "refit-lpft", head="probe")).metrics
+    assert lpft["test_prefix"]["reused"] is True and lpft["probe"]["n_train"] == lpft["n_train"] == 18
+    assert load_bundle(Path(lpft["probe"]["file"]))["metrics"]["n_train"] == 18

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.nets.finetune import FinetuneConfig, build_network
+from pipeline.nets import finetune
 from pipeline.nets.networks import (
     VGG16_LAYERS,
     apply_layers,
@@ -24,6 +24,11 @@ FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, see
 def build_finetune_network(n_classes: int, **fields):
     """The fine-tuning network of ``finetune --head dense`` with these fields, in float32, random weights."""
     return build_network(FinetuneConfig(Path("d"), **fields), n_classes, "float32")
+
+
+def build_finetune_network(n_classes, *, precision, **fields):
+    """The finetune stage's network of these fields (seeded random weights)."""
+    return finetune.build_network(finetune.FinetuneConfig(Path("d"), weights="none", **fields), n_classes, precision)
 
 
 def test_preprocessing_layers_equal_backbone_preprocess():

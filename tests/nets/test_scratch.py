@@ -126,3 +126,18 @@ def test_bad_settings_fail_before_any_work(tmp_path, change, message):
 def test_test_folder_must_differ_from_the_data_folder(data, tmp_path, capsys):
     assert main(["scratch", str(data), "--test", str(data), "-o", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: --test {data}: is the training folder; pass a separate test tree or omit --test\n"
+
+
+def test_refit_retrains_from_the_same_start_on_every_row(data, tmp_path):
+    config = scratch.ScratchConfig(data, out_dir=tmp_path / "refit", input_size=32, filters=(8, 16, 16), dense=8, epochs=3, patience=3, batch_size=8, quiet=True)
+    assert config.refit  # the default
+    result = scratch.fit(config)
+    m = result.metrics
+    best = m["phases"][0]["best_epoch"]
+    assert m["refit"]["chosen_epochs"] == {"train": best}
+    assert [p["epochs_run"] for p in m["refit"]["phases"]] == ([best] if best else [])
+    assert m["n_train"] == m["refit"]["n_train"] == len(result.data.train_y) + len(result.data.val_y) and m["n_val"] == len(result.data.val_y) > 0
+    assert len(m["history"]["phase"]) == m["epochs_run"] + best and m["history"]["phase"][-1] == ("refit train" if best else "train")
+    off = scratch.fit(dataclasses.replace(config, out_dir=tmp_path / "selection", refit=False)).metrics
+    assert off["refit"] is None and off["n_train"] == len(result.data.train_y)
+    assert off["phases"][0]["best_epoch"] == best  # the selection is the same run with or without the refit

@@ -45,14 +45,15 @@ def test_cached_batches_draw_one_copy_of_each_row_and_every_copy_once_in_k_epoch
     assert len({tuple(c) for c in seen.values()}) > 1  # each row walks its copies in its own order
 
 
-def dense_network(**fields):
-    """A 2-class VGG16 fine-tuning network with a small dense head, float32, random weights."""
-    return build_network(FinetuneConfig(Path("d"), input_size=32, head="dense", dense=4, dropout=0.0, seed=0, **fields), 2, "float32")
+def finetune_net(unfreeze_from: str, pool: str = "flatten"):
+    """The finetune stage's network with a small dense head, seeded random weights."""
+    config = FinetuneConfig(Path("d"), input_size=32, unfreeze_from=unfreeze_from, head="dense", pool=pool, dense=4, dropout=0.0, weights="none")
+    return build_network(config, 2, "float32")
 
 
 @pytest.fixture(scope="module")
 def net():
-    return dense_network(unfreeze_from="block5_conv1", pool="flatten")
+    return finetune_net("block5_conv1")
 
 
 def test_cache_plan_sizes_and_reasons(net, monkeypatch):
@@ -69,7 +70,7 @@ def test_cache_plan_sizes_and_reasons(net, monkeypatch):
 
 
 def test_plain_mode_when_nothing_is_frozen():
-    everything = dense_network(unfreeze_from="all", pool="avg")
+    everything = finetune_net("all", pool="avg")
     copies, _, _, why = cache_plan(everything, fake_data(), cache=True, cache_copies=2, augment=True, pixel_bytes=0)
     assert copies == 0 and "no backbone layer" in why
 
@@ -97,7 +98,7 @@ def test_each_phase_keeps_its_best_weights_its_start_included(lr, improves):
     a huge one raises it, and the phase returns exactly the weights it started from (epoch 0)."""
     data = fake_data(n_train=8)
     data.val_x, data.val_y = data.train_x, data.train_y
-    net = dense_network(unfreeze_from="none", pool="flatten")
+    net = finetune_net("none")
     start = [w.copy() for w in net.top.get_weights()]
     history, (record,) = train_phases(net, data, {"head": (2, lr)}, precision="float32", batch_size=8, patience=1, augment=False, seed=0, quiet=True)
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, net.top.get_weights(), strict=True))
