@@ -13,6 +13,7 @@ outputs stay as they were.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,11 +27,12 @@ from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, p
 from pipeline.core.guard import refuse_inputs_as_outputs
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
+from pipeline.classical.overlap import check_no_overlap
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.metrics import classification_report, scores
+from pipeline.core.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
 from pipeline.core.outputs import (
     OutputLock,
     package_versions,
@@ -90,6 +92,9 @@ class TrainConfig:
         memory_budget_mb: above this float32 training-matrix size, stream out of core.
         epochs: passes over the training rows when streaming.
         n_jobs: parallel workers (-1 = all cores).
+        refit: without ``test``, refit the saved model on every row (with the search's choice)
+            after it was scored on the held-out split; False keeps the split's model.
+        allow_overlap: score on a ``test`` file that shares images with ``features``.
         quiet: no progress bars; the summary is still printed.
         command_line: recorded in the metrics.
     """
@@ -132,6 +137,8 @@ class TrainConfig:
     )
     epochs: int = option(5, "passes over the data when streaming out of core", rule=Interval(int, 1, MAX_INT))
     n_jobs: int = option(2, "parallel workers, -1 = all cores", rule=Jobs())
+    refit: bool = option(True, "without --test: keep the model fitted on the split's training side (default: after scoring it on the held-out rows, refit the saved model on every row)")
+    allow_overlap: bool = option(False, "score on a --test file that shares images (same file or same content) with FEATURES")
     quiet: bool = option(False, "no progress bars; the summary is still printed")
     command_line: str = option("", cli=False)
 
@@ -162,13 +169,25 @@ class TrainConfig:
 
 
 def output_paths(output: Path, model: str) -> dict[str, Path]:
-    """Where ``run`` writes for ``model``: ``bundle``, ``metrics``, ``report``, ``confusion``."""
+    """Where ``run`` writes for ``model``: ``bundle``, ``metrics``, ``report``, ``confusion``, ``misclassified``."""
     return {
         "bundle": output / f"{model}.joblib",
         "metrics": output / f"{model}.metrics.json",
         "report": output / f"{model}.report.txt",
         "confusion": output / f"{model}.confusion.png",
+        "misclassified": output / f"{model}.misclassified.csv",
     }
+
+
+def refit_on_every_row(config: TrainConfig, ff, plan: FitPlan, fitted: Fitted) -> Fitted:
+    """The search's choice fitted again on every row of ``ff`` (the model ``train`` saves when it scored on a split)."""
+    rows = np.arange(len(ff), dtype=np.int64)
+    grid = {k: [v] for k, v in fitted.search.best_params.items()}
+    common = dict(model=config.model, pool=config.pool, scaling=config.scaling, cv=config.cv, seed=config.seed, quiet=config.quiet,
+                  memory_budget_mb=config.memory_budget_mb)  # fmt: skip
+    if plan.mode == "in-memory":
+        return fit_in_memory(ff, rows, [], ff.labels, grid, n_jobs=config.n_jobs, **common)[0]
+    return fit_out_of_core(ff, rows, ff.labels, grid, epochs=config.epochs, **common)
 
 
 def _fmt_params(params: dict) -> str:
@@ -305,6 +324,7 @@ def run(config: TrainConfig) -> dict:
         if config.test is not None:
             test_ff = stack.enter_context(open_features(config.test))
             check_compatible(ff, test_ff)
+            check_no_overlap(ff, test_ff, config.allow_overlap)
         names = ff.label_names
         plan = plan_fit(config, ff, test_ff)
         paths = output_paths(output, config.model)
@@ -316,6 +336,9 @@ def run(config: TrainConfig) -> dict:
         fitted, y_test, y_pred, predict_seconds = fit_predict(config, ff, test_ff, plan)
         train_rows, test_rows, test_source, mode, estimate_mb, d = plan.train_rows, plan.test_rows, plan.test_source, plan.mode, plan.estimate_mb, plan.d
         test_scores = scores(y_test, y_pred, names)
+        scored_on = (ff if test_ff is None else test_ff).paths
+        wrong = [(scored_on[int(r)], names[int(t)], names[int(p_)]) for r, t, p_ in zip(test_rows, y_test, y_pred) if t != p_]
+        final = refit_on_every_row(config, ff, plan, fitted) if test_ff is None and config.refit else None
         report = classification_report(y_test, y_pred, names)
         attrs = ff.attrs
         metrics = {
@@ -337,6 +360,8 @@ def run(config: TrainConfig) -> dict:
             "read_seconds": round(fitted.read_seconds, 3),
             "n_train": int(len(train_rows)),
             "n_test": int(len(test_rows)),
+            "final_model": {"rows": int(len(ff)), "refit": True, "why": "chosen and scored on the held-out split, then refitted on every row"}
+            if final is not None else {"rows": int(len(train_rows)), "refit": False},
             "n_features": d,
             "mode": mode,
             "memory_estimate_mb": round(estimate_mb, 1),
@@ -353,13 +378,13 @@ def run(config: TrainConfig) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         bundle = make_bundle(
-            model=config.model, estimator=fitted.estimator, label_names=names, feature_spec=ff.spec, pool=config.pool,
+            model=config.model, estimator=(final or fitted).estimator, label_names=names, feature_spec=ff.spec, pool=config.pool,
             precision=attrs.get("precision"), storage_dtype=attrs.get("storage_dtype"), score=family.score, metrics=metrics,
             quantization=attrs.get("quantization"),
         )  # fmt: skip
         stop_if_terminated()
         with finish_first():  # all four outputs replaced, or none
-            _write_outputs(paths, bundle, metrics, report, names, test_source)
+            _write_outputs(paths, bundle, metrics, report, names, test_source, wrong)
     _print_summary(metrics, fitted, paths)
     return metrics
 
@@ -373,7 +398,7 @@ def _load_libraries() -> None:
         importlib.import_module(name)
 
 
-def _write_outputs(paths: dict, bundle: dict, metrics: dict, report: str, names: list[str], test_source: dict) -> None:
+def _write_outputs(paths: dict, bundle: dict, metrics: dict, report: str, names: list[str], test_source: dict, wrong: list) -> None:
     from pipeline.core import plots
 
     model = metrics["model"]
@@ -382,12 +407,14 @@ def _write_outputs(paths: dict, bundle: dict, metrics: dict, report: str, names:
         f"features: {metrics['features']} ({metrics['n_train']} training rows)",
         f"test: {test_source['file']}" + (f" (stratified split, test size {test_source['test_size']}, seed {test_source['seed']})" if test_source["kind"] == "split" else "")
         + f", {metrics['n_test']} rows",
-        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+        f"{accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.4f}",
+        f"saved model: fitted on {metrics['final_model']['rows']} rows" + (" (refitted on every row after scoring)" if metrics["final_model"]["refit"] else ""),
         "",
     ]
     write_bundle(paths["bundle"], bundle)
     write_json_atomic(paths["metrics"], metrics)
     write_text_atomic(paths["report"], "\n".join(header) + report)
+    write_text_atomic(paths["misclassified"], csv_text(("path", "true", "predicted"), wrong))
     cm = np.asarray(metrics["confusion"])
     try:
         plots.confusion_matrix(cm, names, paths["confusion"], title=f"{model}: accuracy {metrics['accuracy']:.3f} on {metrics['n_test']} test rows")
@@ -399,12 +426,19 @@ def _print_summary(metrics: dict, fitted: Fitted, paths: dict) -> None:
     cv = metrics["cv_score"]
     cv_text = "" if cv != cv else f", {'cv' if metrics['search']['kind'] == 'cv' else 'hold-out'} {cv:.3f}"
     print(
-        f"{metrics['model']}: test accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} on {metrics['n_test']} rows "
+        f"{metrics['model']}: test {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f} "
         f"({metrics['mode']}, pool {metrics['pool']}, {_fmt_params(metrics['best_params'])}{cv_text}, fit {fitted.fit_seconds:.1f} s)"
     )
+    final = metrics["final_model"]
+    if final["refit"]:
+        print(f"  the saved model is refitted on all {final['rows']} rows (scored above on the held-out split; --no-refit keeps the split's model)")
+    warning = rough_warning(metrics["n_scored"])
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"  model   {paths['bundle']}")
     print(f"  report  {paths['report']}")
     print(f"  plot    {paths['confusion']}")
+    print(f"  wrong   {paths['misclassified']}")
 
 
 COMMAND = Command(

@@ -52,3 +52,15 @@ def rough_warning(n: int) -> str | None:
     if n >= ROUGH_BELOW:
         return None
     return f"warning: only {n} test images: the accuracy is rough (its 95% interval is wide); test on {ROUGH_BELOW} or more"
+
+
+def csv_text(header, rows) -> str:
+    """A CSV table (header, then rows) as text, quoted where needed."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()

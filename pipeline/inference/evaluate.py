@@ -11,8 +11,6 @@ written (``core.outputs.atomic_folder``).
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.metrics import accuracy_text, classification_report, rough_warning, scores
+from pipeline.core.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
 from pipeline.core.outputs import atomic_folder, is_within, package_versions, write_json_atomic, write_text_atomic
 
 #: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
@@ -117,14 +115,6 @@ def _from_folder(config: EvaluateConfig, bundle: dict):
     return to_model[listing.labels[kept]], np.asarray(pred), np.asarray(score), [listing.paths[i] for i in kept], rejected
 
 
-def _csv(header, rows) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def _check_output(config: EvaluateConfig) -> Path:
     folder = config.folder
     inputs = [("the model bundle", Path(config.model)), ("the test data", Path(config.data))]
@@ -171,8 +161,8 @@ def run(config: EvaluateConfig) -> dict:
         write_json_atomic(tmp / MARKER, metrics)
         write_text_atomic(tmp / "report.txt", header + classification_report(y, pred, names))
         score_name = "probability" if metrics["score_kind"] == "probability" else "margin"
-        write_text_atomic(tmp / "misclassified.csv", _csv(["path", "true", "predicted", score_name], [(paths[i], names[y[i]], names[pred[i]], f"{score[i]:.6g}") for i in wrong]))
-        write_text_atomic(tmp / "rejected.csv", _csv(["path", "reason"], rejected))
+        write_text_atomic(tmp / "misclassified.csv", csv_text(["path", "true", "predicted", score_name], [(paths[i], names[y[i]], names[pred[i]], f"{score[i]:.6g}") for i in wrong]))
+        write_text_atomic(tmp / "rejected.csv", csv_text(["path", "reason"], rejected))
         plots.confusion_matrix(np.asarray(metrics["confusion"]), names, tmp / "confusion.png", title=f"{bundle.get('model')}: {accuracy_text(metrics)}")
     print(f"{header.strip()}; {len(wrong)} misclassified, {len(rejected)} unreadable -> {folder}/", file=sys.stderr)
     warning = rough_warning(metrics["n_scored"])

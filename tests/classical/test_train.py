@@ -42,7 +42,7 @@ def feats(tmp_path) -> Path:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_model_fits_and_writes_all_outputs(model, feats, tmp_path, capsys):
     out = tmp_path / "models"
-    metrics = train.run(config(feats, out, model))
+    metrics = train.run(config(feats, out, model, refit=False))  # the saved model is the scored one
     files = train.output_paths(out, model)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files.values())  # no temp files left
 

@@ -1,0 +1,73 @@
+"""train against a newcomer's traps: a test file that is the training file or shares its images is refused, the saved model is refitted on every row when scored on a split, and every accuracy comes with its interval, its image count and a warning when it is rough."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import joblib
+import numpy as np
+import pytest
+
+from conftest import make_tree
+from feature_data import FAST_GRID, make_features
+from pipeline.classical import train
+from pipeline.classical.train import TrainConfig
+from pipeline.core.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.config import ExtractConfig
+
+TINY = dict(input_size=32, weights="none", quiet=True)
+
+
+def test_the_training_file_as_test_file_is_refused(tmp_path):
+    feats = make_features(tmp_path / "train.h5")
+    (tmp_path / "alias.h5").symlink_to(feats)
+    for test in (feats, tmp_path / "alias.h5"):
+        with pytest.raises(PipelineError, match=r"is the training file .*train\.h5; a test set must hold other images"):
+            train.run(TrainConfig(features=feats, test=test, output=tmp_path / "m", quiet=True, **FAST_GRID["lr"]))
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_test_folder_sharing_images_is_refused_unless_allowed(tmp_path):
+    data = make_tree(tmp_path / "train", classes=("cat", "dog"), per_class=4)
+    test = make_tree(tmp_path / "test", classes=("cat", "dog"), per_class=3, size=(30, 40))
+    shutil.copy(data / "dog" / "001.png", test / "dog" / "copied.png")  # the same content under another name
+    for split in ("train", "test"):
+        extract.run(ExtractConfig(data_dir=tmp_path / split, output=tmp_path / f"{split}.h5", **TINY))
+    cfg = dict(features=tmp_path / "train.h5", test=tmp_path / "test.h5", output=tmp_path / "m", cv=2, quiet=True)
+    with pytest.raises(PipelineError, match=r"test\.h5: 1 of its 7 images are also training images of .*train\.h5 \(first: .*test/dog/copied\.png, the same content as .*train/dog/001\.png\); test on other images, or pass --allow-overlap"):
+        train.run(TrainConfig(**cfg))
+    metrics = train.run(TrainConfig(**cfg, allow_overlap=True))
+    assert metrics["n_test"] == 7 and metrics["final_model"] == {"rows": 8, "refit": False}
+
+
+def test_scored_on_a_split_the_saved_model_is_refitted_on_every_row(tmp_path, capsys):
+    feats = make_features(tmp_path / "train.h5")  # 60 rows: 48 train, 12 held out
+    kept = train.run(TrainConfig(features=feats, output=tmp_path / "split", refit=False, quiet=True, **FAST_GRID["lr"]))
+    refit = train.run(TrainConfig(features=feats, output=tmp_path / "all", quiet=True, **FAST_GRID["lr"]))
+    assert kept["final_model"] == {"rows": 48, "refit": False}
+    assert refit["final_model"]["rows"] == 60 and refit["final_model"]["refit"] is True
+    assert refit["accuracy"] == kept["accuracy"] and refit["n_train"] == kept["n_train"] == 48  # scored the same way
+    a = joblib.load(tmp_path / "split" / "lr.joblib")["estimator"]
+    b = joblib.load(tmp_path / "all" / "lr.joblib")["estimator"]
+    assert a.get_params()["clf__C"] == b.get_params()["clf__C"]  # the search's choice, fitted again
+    assert not np.allclose(a[-1].coef_, b[-1].coef_)  # on more rows
+    out = capsys.readouterr()
+    assert "the saved model is refitted on all 60 rows" in out.out
+    assert "95% CI" in out.out and "12 images" in out.out
+    assert "warning: only 12 test images: the accuracy is rough" in out.err
+    report = (tmp_path / "all" / "lr.report.txt").read_text()
+    assert "saved model: fitted on 60 rows (refitted on every row after scoring)" in report
+
+
+def test_the_misclassified_test_rows_are_listed(tmp_path):
+    feats = make_features(tmp_path / "train.h5", noise=40.0)  # classes overlap: some rows are wrong
+    m = train.run(TrainConfig(features=feats, output=tmp_path / "m", refit=False, quiet=True, **FAST_GRID["lr"]))
+    lines = (tmp_path / "m" / "lr.misclassified.csv").read_text().splitlines()
+    assert lines[0] == "path,true,predicted"
+    assert len(lines) - 1 == round(m["n_test"] * (1 - m["accuracy"])) > 0
+    assert all(row.split(",")[1] != row.split(",")[2] for row in lines[1:])
+    saved = json.loads((tmp_path / "m" / "lr.metrics.json").read_text())
+    lo, hi = saved["accuracy_ci95"]
+    assert lo <= saved["accuracy"] <= hi and saved["n_scored"] == m["n_test"]
