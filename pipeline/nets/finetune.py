@@ -82,9 +82,10 @@ class FinetuneConfig(NetConfig):
     unfreeze_from: str | None = option(
         None,
         "first backbone layer fine-tuned (a layer name of the backbone; inception_v3 also mixed1..mixed10), "
-        "none = frozen base + dense head only, all = every layer; default = the backbone's last block (vgg16: block5_conv1, "
-        + ", ".join(f"{b.name}: {b.unfreeze_from}" for b in BACKBONES.values() if b.name != BACKBONE) + ")",
+        "none = frozen base + dense head only, all = every layer; the default is the backbone's last block ("
+        + ", ".join(f"{b.name}: {b.unfreeze_from}" for b in BACKBONES.values()) + ")",
         metavar="LAYER",
+        shown="the backbone's last block",
     )
     head: str = option(
         "probe", "probe = LP-FT, start from the logistic-regression probe; dense = the classic dense head trained from random first", rule=OneOf(HEADS)
@@ -97,7 +98,7 @@ class FinetuneConfig(NetConfig):
     head_epochs: int = option(5, "--head dense: epochs of the new head on the frozen base (the probe is fitted instead)", rule=COUNT_OR_ZERO)
     epochs: int = option(10, "maximum training epochs, early stopping", rule=COUNT_OR_ZERO)
     # 3e-5: lowest validation loss over the plateau of LP-FT runs at 1e-5, 3e-5 and 1e-4 (README, Fine-tune and from scratch)
-    lr: float = option(3e-5, "fine-tuning Adam learning rate (the seeds' dense-head recipe used 1e-5: CLASSIC_LR)", rule=RATE)
+    lr: float = option(3e-5, "fine-tuning Adam learning rate (chosen on validation rows for LP-FT; compare's classic dense-head row uses 1e-5)", rule=RATE)
     head_lr: float = option(1e-3, "--head dense: Adam learning rate of the new head on the frozen base", rule=RATE)
     patience: int = option(3, "epochs without a better validation loss before stopping", rule=COUNT_OR_ZERO)
     weights: str = option("imagenet", "imagenet, none (random init) or a weights file PATH")
