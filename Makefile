@@ -44,7 +44,8 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# the build backend's editable-install banner (a UserWarning) is not for users
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	@touch $@
 
 $(FMNIST_DEB):
