@@ -30,7 +30,7 @@ class Inputs:
 
     def digest(self, split: str) -> str:
         if split not in self.digests:
-            from pipeline.images.reader import list_images
+            from pipeline.images.listing import list_images
 
             listing = list_images(Path(self.data_root) / split)
             self.digests[split] = tree_digest(listing.root, listing.paths, listing.labels)
@@ -48,7 +48,7 @@ def features_path(output: Path, split: str, backbone: str = BACKBONE) -> Path:
 
 def extract(config: CompareConfig, split: str, backbone: str = BACKBONE) -> Path:
     """Extract (or bring up to date) the features of ``data_root/split`` with ``backbone``; the feature file."""
-    from pipeline.extract.stage import ExtractConfig
+    from pipeline.extract.config import ExtractConfig
     from pipeline.extract.stage import run as run_extract
 
     out = features_path(config.output, split, backbone)
