@@ -84,8 +84,7 @@ class FinetuneConfig(NetConfig):
         "first backbone layer fine-tuned (a layer name of the backbone; inception_v3 also mixed1..mixed10), "
         "none = frozen base + dense head only, all = every layer; the default is the backbone's last block ("
         + ", ".join(f"{b.name}: {b.unfreeze_from}" for b in BACKBONES.values()) + ")",
-        metavar="LAYER",
-        shown="the backbone's last block",
+        metavar="LAYER", shown="the backbone's last block",
     )
     head: str = option(
         "probe", "probe = LP-FT, start from the logistic-regression probe; dense = the classic dense head trained from random first", rule=OneOf(HEADS)

@@ -42,14 +42,10 @@ class NetConfig:
     """
 
     data_dir: Path = option(help="training images, one sub-folder per class", positional=True)
-    test_dir: Path | None = option(
-        None,
-        # argparse %-formats help texts: the percent sign is doubled
-        f"test images with the same class sub-folders; none = {TEST_SIZE * 100:.0f}%% of DATA_DIR via the shared seeded split, "
-        "the rows train scores on",
-        flag="--test",
-        metavar="TEST_DIR",
-    )
+    test_dir: Path | None = option(  # argparse %-formats help texts: the percent sign is doubled
+        None, f"test images with the same class sub-folders; none = {TEST_SIZE * 100:.0f}%% of DATA_DIR via the shared seeded split, "
+        "the rows train scores on", flag="--test", metavar="TEST_DIR",
+    )  # fmt: skip
     out_dir: Path = option(DEFAULT_OUT_DIR, "folder for the model, metrics and curves", flag="--output-dir", short="-o")
     dropout: float = option(0.5, "dropout rate after the dense layer", rule=Interval(float, 0.0, 1.0, closed="left"), message="must be in [0, 1)")
     batch_size: int = option(32, "images per step", rule=COUNT)

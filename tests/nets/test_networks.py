@@ -21,12 +21,7 @@ from pipeline.nets.networks import (
 FIELDS = dict(input_size=32, head="dense", pool="avg", dense=4, dropout=0.1, seed=0)
 
 
-def build_finetune_network(n_classes: int, **fields):
-    """The fine-tuning network of ``finetune --head dense`` with these fields, in float32, random weights."""
-    return build_network(FinetuneConfig(Path("d"), **fields), n_classes, "float32")
-
-
-def build_finetune_network(n_classes, *, precision, **fields):
+def build_finetune_network(n_classes, *, precision="float32", **fields):
     """The finetune stage's network of these fields (seeded random weights)."""
     return finetune.build_network(finetune.FinetuneConfig(Path("d"), weights="none", **fields), n_classes, precision)
 
