@@ -93,6 +93,14 @@ def stored_rows(output: Path) -> tuple[list[str], np.ndarray, list[str], np.ndar
         return paths, _versions(db), [names[k] for k in db["labels"][:].tolist()], _rejects(db)
 
 
+def class_counts(path: Path) -> list[tuple[str, int]]:
+    """Each class of a feature file with its number of rows, in ``label_names`` order (reads the labels only)."""
+    with h5py.File(path, "r") as db:
+        names = [os.fsdecode(x) for x in db["label_names"][:]]
+        counts = np.bincount(db["labels"][:].astype(np.int64), minlength=len(names))
+    return list(zip(names, counts.tolist()))
+
+
 def _meta(block: RowBlock) -> tuple:
     """A block's row columns (labels, encoded paths, four version columns; unknown versions as -1)."""
     unknown = np.full(len(block.labels), UNKNOWN, np.int64)

@@ -462,3 +462,28 @@ def test_resume_after_an_image_changed_keeps_the_finished_parts_of_unchanged_ima
     assert extract(data, tmp_path / "fresh.h5") == 0
     assert_same_rows(out, tmp_path / "fresh.h5")
     assert verify(out) == []
+
+
+def test_the_summary_names_the_classes_with_their_counts_and_warns_of_a_small_class(tmp_path, capsys):
+    """Issue #23: the summary named no classes and no counts."""
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=20, size=(8, 8))
+    write_image(data / "owl" / "only.png", size=(8, 8))
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and captured.out.rstrip().endswith(f"-> {out} (3 classes: cat 20, dog 20, owl 1)")
+    assert "warning: class 'owl' has 1 of the 41 images (2.4%)" in captured.err
+    assert extract(data, out) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{out}: up to date (41 images, nothing changed; 3 classes: cat 20, dog 20, owl 1)\n"
+    assert "warning: class 'owl'" in captured.err
+
+
+def test_a_folder_of_splits_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    """Issue #23: `extract mydata` where mydata/ holds train/ and test/ succeeded with two classes, test and train."""
+    for split in ("train", "test"):
+        make_tree(tmp_path / "mydata" / split, per_class=1, size=(8, 8))
+    assert extract(tmp_path / "mydata", tmp_path / "x.h5") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"point at {tmp_path / 'mydata' / 'train'} for the training split and at {tmp_path / 'mydata' / 'test'}" in err
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
