@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.core.outputs import atomic_output
+from pipeline.core.outputs import atomic_output, refuse_special, special_kind
 from pipeline.featurefile import chunks
 from pipeline.featurefile.schema import DATASETS, FORMAT_VERSION, VERSION_COLUMNS, RowBlock, column_problem, is_complete, version_problem
 from pipeline.images.listing import UNKNOWN, Reject
@@ -34,6 +34,7 @@ def check_output_writable(output: Path) -> None:
     parent = output.parent if str(output.parent) else Path(".")
     if output.exists() and output.is_dir():
         raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
+    refuse_special(output, "the output")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,8 @@ class Stored:
 
 def stored_output(output: Path) -> Stored:
     """What the file at ``output`` holds for a new run (a missing, incomplete or unreadable file: no fingerprint)."""
+    if special_kind(output):  # never opened: a FIFO blocks
+        return Stored(problem=f"it is {special_kind(output)}, not a feature file")
     try:
         with h5py.File(output, "r") as db:
             if not is_complete(db.attrs):
@@ -342,6 +345,7 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         raise PipelineError(f"{path}: feature file does not exist (run `python -m pipeline extract` first)")
     if path.is_dir():
         raise PipelineError(f"{path}: is a folder, not a feature file")
+    refuse_special(path, "a feature file")
     try:
         db = h5py.File(path, "r")
     except Exception as exc:
