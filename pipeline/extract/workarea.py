@@ -98,14 +98,17 @@ class WorkArea:
         what else it depends on). An area left with the same settings but other images (or
         another previous output) keeps the finished parts of files that are unchanged, as an
         update's kept rows do; one of other settings is removed with ``overwrite`` (or when
-        its manifest is unreadable).
+        its manifest is unreadable, or when it holds no part: a run that failed before its
+        first batch).
 
         Raises:
             PipelineError: an interrupted run with other settings, and ``overwrite`` is not set.
         """
         found = self.manifest() if self.exists() else manifest
         if found != manifest:
-            if found is not None and same_settings(found, fingerprint):
+            if not self.parts():  # a run that processed no image left nothing to keep: never a reason to refuse
+                self.remove()
+            elif found is not None and same_settings(found, fingerprint):
                 self.set_manifest(manifest)
             elif overwrite or found is None:
                 self.remove()
