@@ -82,6 +82,10 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
         work.remove()  # left over if a run was killed between rename and clean-up
         print(f"{output}: up to date ({len(listing)} images, nothing changed; {describe_classes(output, config.shards == 1)})")
         return 0
+    if kept and kept.damaged:
+        start, stop, why = kept.damaged[0]
+        more = f" (and {len(kept.damaged) - 1} more chunks)" if len(kept.damaged) > 1 else ""
+        _say(config, f"{output}: the chunk of rows {start}..{stop} {why}{more}: its images are extracted again")
     if kept:
         _say(config, f"updating {output}: keeping {len(kept.rows)} rows, dropping {kept.old_rows - len(kept.rows)}, {len(todo)} new or changed files to extract")
     elif len(plan.done):

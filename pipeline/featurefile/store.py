@@ -62,7 +62,12 @@ class Stored:
 
 
 def stored_output(output: Path) -> Stored:
-    """What the file at ``output`` holds for a new run (a missing, incomplete or unreadable file: no fingerprint)."""
+    """What the file at ``output`` holds for a new run (a missing, incomplete or unreadable file: no fingerprint).
+
+    A complete file of this version that breaks a rule of the contract (``verify``'s, but the
+    scan of the features: an update checks the chunks it keeps) has no fingerprint either: it
+    was changed by another tool, and nothing in it is reused.
+    """
     if special_kind(output):  # never opened: a FIFO blocks
         return Stored(problem=f"it is {special_kind(output)}, not a feature file")
     try:
@@ -72,6 +77,10 @@ def stored_output(output: Path) -> Stored:
             problem = version_problem(db)
             if problem:
                 return Stored(problem=f"it was written by another version of the pipeline ({problem})")
+            broken = contract.problems(db, Path(output))
+            if broken:
+                more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+                return Stored(problem=f"it breaks the feature-file contract ({broken[0]}{more}: `python -m pipeline verify {output}`)")
             return Stored(json.loads(db.attrs["fingerprint"]), "merged_from" in db.attrs, tuple(_rejects(db)), "")
     except Exception:
         return Stored()
