@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -232,21 +233,12 @@ def ray_temp_dir() -> Path:
 
 
 def check_ray_temp(need: int = RAY_TMP_BYTES) -> None:
-    """Refuse to start a local cluster whose temporary folder is missing, not a folder, or nearly full.
-
-    Raises:
-        PipelineError: naming the folder, its free space and how to choose another.
-    """
-    import shutil
-
-    folder = ray_temp_dir()
-    how = "set RAY_TMPDIR (or TMPDIR) to a folder with room"
+    """Refuse to start a local cluster whose temporary folder is unusable or nearly full: PipelineError naming it, its free space and the way out."""
+    folder, how = ray_temp_dir(), "set RAY_TMPDIR (or TMPDIR) to a folder with room"
     try:
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(os.path.join(folder, "")).free  # the trailing separator: a file there is "Not a directory"
     except OSError as exc:
         raise PipelineError(f"{folder}: Ray's temporary folder is unusable ({exc.strerror or exc}); {how}") from None
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: Ray's temporary folder is not a folder; {how}")
     if free < need:
         raise PipelineError(f"{folder}: Ray's temporary folder has {free / 1024**2:.1f} MiB free, under the {need / 1024**2:.0f} MiB a local cluster needs; {how}")
 

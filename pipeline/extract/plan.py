@@ -101,11 +101,8 @@ def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, 
 
 def _shard_whole(output: Path, whole: Listing, shards: int, k: int, keep) -> bool:
     """Whether shard ``k`` of a merged ``output`` still holds its files as extracted (an up-to-date shard)."""
-    path = shard_path(output, k, shards)
-    if stored_output(path).fingerprint is None:
-        return False
-    listing = shard_listing(whole, shards, k)
-    return find_kept(path, listing, keep).whole(len(listing))
+    path, listing = shard_path(output, k, shards), shard_listing(whole, shards, k)
+    return stored_output(path).fingerprint is not None and find_kept(path, listing, keep).whole(len(listing))
 
 
 def make_plan(config: ExtractConfig, whole: Listing, weights) -> Plan:

@@ -30,7 +30,7 @@ from pipeline.extract.loop import extract_rows
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan
 from pipeline.extract.shardset import merge_locked
 from pipeline.featurefile.schema import RowBlock
-from pipeline.featurefile.store import check_output_writable, class_counts, write_feature_file
+from pipeline.featurefile.store import check_output_writable, class_summary, write_feature_file
 from pipeline.images.listing import Reject, list_images
 from pipeline.backbones.registry import get_spec
 
@@ -80,7 +80,7 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
     output, listing, work, kept, todo = config.output, plan.listing, plan.work, plan.kept, plan.todo
     if plan.action == UP_TO_DATE:
         work.remove()  # left over if a run was killed between rename and clean-up
-        print(f"{output}: up to date ({len(listing)} images, nothing changed; {describe_classes(output, config.shards == 1)})")
+        print(f"{output}: up to date ({len(listing)} images, nothing changed; {class_summary(output, config.shards == 1)})")
         return 0
     if kept and kept.damaged:
         start, stop, why = kept.damaged[0]
@@ -118,7 +118,7 @@ def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     """Carry ``plan`` out on a Ray cluster: every shard a task running ``run`` on its shard file, then merge them into ``config.output``."""
     output, listing = config.output, plan.listing
     if plan.action == UP_TO_DATE:
-        print(f"{output}: up to date ({len(listing)} images in {plan.shards} shards, nothing changed; {describe_classes(output)})")
+        print(f"{output}: up to date ({len(listing)} images in {plan.shards} shards, nothing changed; {class_summary(output)})")
         return 0
     try:
         with distributed.cluster(ray, config.address):
@@ -147,33 +147,12 @@ def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     return summarize(output, n, n_rej, detail, config.strict)
 
 
-#: Classes named one by one in a summary; beyond, the smallest and the largest.
-NAMED_CLASSES = 12
-#: A class with under this share of the images is named in a warning (or under half an even share, when there are many classes).
-SMALL_CLASS = 0.05
-
-
-def describe_classes(output: Path, warn: bool = True) -> str:
-    """The classes of ``output`` with their image counts, for a summary line; with ``warn``, a class with few images is warned about on stderr (not for one shard: a shard's share says nothing of the data)."""
-    counts = [(_text(name), k) for name, k in class_counts(output)]  # names that are not UTF-8 printed as escapes
-    total = sum(k for _, k in counts)
-    limit = min(SMALL_CLASS, 0.5 / len(counts)) * total
-    for name, k in counts:
-        if warn and k < limit:
-            print(f"warning: class {name!r} has {k} of the {total} images ({100 * k / max(total, 1):.1f}%); "
-                  "its scores will rest on very few rows", file=sys.stderr)  # fmt: skip
-    if len(counts) <= NAMED_CLASSES:
-        return f"{len(counts)} classes: " + ", ".join(f"{name} {k}" for name, k in counts)
-    small, large = min(counts, key=lambda c: c[1]), max(counts, key=lambda c: c[1])
-    return f"{len(counts)} classes, {small[1]} ({small[0]}) to {large[1]} ({large[0]}) images each"
-
-
 def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool, warn: bool = True) -> int:
     """Print the one-line end-of-run summary (with the classes and their image counts); return the exit status (1 for rejects under --strict)."""
     print(
         f"extracted {n} images, rejected {n_rejected}"
         + (f" (listed in rejected/ of {output})" if n_rejected else "")
-        + f"; {detail} -> {output} ({describe_classes(output, warn)})"
+        + f"; {detail} -> {output} ({class_summary(output, warn)})"
     )
     if strict and n_rejected:
         print(f"error: --strict: {n_rejected} files were rejected (see rejected/ in {output})", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -112,6 +113,27 @@ def class_counts(path: Path) -> list[tuple[str, int]]:
         names = [os.fsdecode(x) for x in db["label_names"][:]]
         counts = np.bincount(db["labels"][:].astype(np.int64), minlength=len(names))
     return list(zip(names, counts.tolist()))
+
+
+#: Classes named one by one in a summary; beyond, the smallest and the largest.
+NAMED_CLASSES = 12
+#: A class with under this share of the images is named in a warning (or under half an even share, when there are many classes).
+SMALL_CLASS = 0.05
+
+
+def class_summary(output: Path, warn: bool = True) -> str:
+    """The classes of ``output`` with their image counts, for a summary line; with ``warn``, a class with few images is warned about on stderr (not for one shard: a shard's share says nothing of the data)."""
+    counts = [(os.fsencode(name).decode("utf-8", "backslashreplace"), k) for name, k in class_counts(output)]  # names not UTF-8: escapes
+    total = sum(k for _, k in counts)
+    limit = min(SMALL_CLASS, 0.5 / len(counts)) * total
+    for name, k in counts:
+        if warn and k < limit:
+            print(f"warning: class {name!r} has {k} of the {total} images ({100 * k / max(total, 1):.1f}%); "
+                  "its scores will rest on very few rows", file=sys.stderr)  # fmt: skip
+    if len(counts) <= NAMED_CLASSES:
+        return f"{len(counts)} classes: " + ", ".join(f"{name} {k}" for name, k in counts)
+    small, large = min(counts, key=lambda c: c[1]), max(counts, key=lambda c: c[1])
+    return f"{len(counts)} classes, {small[1]} ({small[0]}) to {large[1]} ({large[0]}) images each"
 
 
 def _rows(key, n: int) -> str:

@@ -177,7 +177,11 @@ def _walk(root: Path, folder: Path, chain: tuple[str, ...], classes: dict[str, s
     subs = []
     for e in entries:
         full = Path(e.path)
-        if not e.is_dir():
+        try:
+            is_dir = e.is_dir()
+        except OSError:  # a link to itself (ELOOP): a file that decoding rejects with its reason
+            is_dir = False
+        if not is_dir:
             files.append(full)
             continue
         if e.is_symlink():

@@ -299,7 +299,15 @@ def test_a_ray_temporary_folder_that_is_full_or_unusable_is_one_line_before_ray_
     import shutil
     from collections import namedtuple
 
+    import ray
+
     data, _ = tree
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, whatever this module started
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", started)
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "file").write_text("x")
