@@ -178,25 +178,73 @@ def _select(labels: np.ndarray, per_class: int | None, seed: int, split_no: int)
     return chosen
 
 
+def _plan(data: dict, params: dict) -> dict[str, list[np.ndarray]]:
+    """Per split, per class, the idx indices a set of ``params`` (per-class counts, seed) takes."""
+    return {split: _select(data[split][1], params[f"{split}_per_class"], int(params["seed"] or 0), split_no)
+            for split_no, split in enumerate(IDX_FILES)}
+
+
 def _read_manifest(out_dir: pathlib.Path) -> dict | None:
-    try:
-        return json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
+    """The folder's manifest; None when there is none.
+
+    Raises:
+        PipelineError: a manifest that cannot be read or parsed (nothing in the folder is then known to be ours).
+    """
+    path = out_dir / MANIFEST
+    if not path.exists():
         return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable manifest ({exc}); nothing in {out_dir} is known to be this tool's: "
+                            "choose another folder or empty it") from None
+    if not isinstance(manifest, dict) or manifest.get("dataset") != "fashion-mnist":
+        raise PipelineError(f"{path} is not a Fashion-MNIST manifest; choose another folder")
+    return manifest
 
 
-def _tree_matches(out_dir: pathlib.Path, manifest: dict) -> bool:
-    """Cheap check that the PNG tree still holds what the manifest says."""
-    per_class = manifest.get("per_class", {})
-    for split in IDX_FILES:
-        counts = per_class.get(split, {})
-        for cls in FASHION_CLASSES:
-            folder = out_dir / split / cls
-            if not folder.is_dir():
-                return False
-            if sum(1 for p in folder.iterdir() if p.suffix == ".png") != counts.get(cls, -1):
-                return False
-    return True
+def _file_names(chosen: dict[str, list[np.ndarray]]) -> dict[str, dict[str, list[int]]]:
+    """The manifest's record of the files written: per split and class, the idx indices (file names)."""
+    return {split: {cls: [int(i) for i in idx] for cls, idx in zip(FASHION_CLASSES, per, strict=True)}
+            for split, per in chosen.items()}
+
+
+def _manifest_files(manifest: dict) -> set[str]:
+    """The paths (relative, POSIX) of every file and folder the manifest says this tool wrote."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return set()
+    out = {MANIFEST}
+    for split, per in files.items():
+        out.add(split)
+        for cls, indices in per.items():
+            out.add(f"{split}/{cls}")
+            out.update(f"{split}/{cls}/{int(i):0{_INDEX_WIDTH}d}.png" for i in indices)
+    return out
+
+
+def _foreign(out_dir: pathlib.Path, ours: set[str]) -> list[str]:
+    """Every file or folder under ``out_dir`` that is not in ``ours`` (links are not followed), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out_dir):
+        rel = pathlib.Path(dirpath).relative_to(out_dir)
+        for name in sorted(dirnames):
+            if (rel / name).as_posix() not in ours:
+                found.append((rel / name).as_posix() + "/")
+        dirnames[:] = sorted(d for d in dirnames if (rel / d).as_posix() in ours)
+        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours]
+    return sorted(found)
+
+
+def _why_rebuild(out_dir: pathlib.Path, existing: dict, params: dict, ours: set[str]) -> str | None:
+    """Why the folder built from ``existing`` does not hold the set ``params`` asks for (None: it does)."""
+    changed = [f"{k} {existing.get(k)!r} -> {v!r}" for k, v in params.items() if existing.get(k) != v]
+    if changed:
+        return "settings changed: " + ", ".join(changed)
+    missing = sorted(p for p in ours if p != MANIFEST and p.endswith(".png") and not (out_dir / p).is_file())
+    if missing:
+        return f"{len(missing)} file(s) listed in {MANIFEST} are missing (e.g. {missing[0]})"
+    return None
 
 
 def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed=0,
@@ -243,24 +291,34 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
     if out_dir.is_dir() and existing is None and any(out_dir.iterdir()):
         raise PipelineError(f"{out_dir} is not empty and was not built by this tool (no {MANIFEST}); "
                             "choose another folder or empty it")
+    loaded = None
+    why = None
+    ours: set[str] = set()
     if existing is not None:
-        if existing.get("dataset") != "fashion-mnist":
-            raise PipelineError(f"{out_dir}/{MANIFEST} is not a Fashion-MNIST manifest; "
-                                "choose another folder")
-        same = all(existing.get(k) == v for k, v in params.items())
-        if same and _tree_matches(out_dir, existing):
+        if not isinstance(existing.get("files"), dict):  # an earlier version's manifest: its files follow from its settings
+            loaded = load_fashion_mnist(source)
+            existing["files"] = _file_names(_plan(loaded[0], existing))
+        ours = _manifest_files(existing)
+        why = _why_rebuild(out_dir, existing, params, ours)
+        foreign = _foreign(out_dir, ours)
+        if why is None:
             if progress:
+                kept = f"; {len(foreign)} file(s) not written by this tool left as they are (e.g. {foreign[0]})" if foreign else ""
                 print(f"fashion-mnist: {out_dir} already holds the requested set "
                       f"({existing['counts']['train']} train, {existing['counts']['test']} test); "
-                      "nothing to do", file=sys.stderr, flush=True)
+                      f"nothing to do{kept}", file=sys.stderr, flush=True)
             return {"train": existing["counts"]["train"], "test": existing["counts"]["test"],
-                    "source": existing.get("source", "?"), "built": False, "out_dir": str(out_dir)}
+                    "source": existing.get("source", "?"), "built": False, "out_dir": str(out_dir), "why": None}
+        if foreign:
+            raise PipelineError(
+                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}); "
+                f"it would rebuild the folder ({why}), which would delete them: move them out of {out_dir} or choose another folder"
+            )
+        if progress:
+            print(f"fashion-mnist: rebuilding {out_dir}: {why}", file=sys.stderr, flush=True)
 
-    data, source_desc = load_fashion_mnist(source)
-    plan = {}
-    for split_no, split in enumerate(IDX_FILES):
-        _images, labels = data[split]
-        plan[split] = _select(labels, params[f"{split}_per_class"], int(seed), split_no)
+    data, source_desc = loaded or load_fashion_mnist(source)
+    plan = _plan(data, params | {"seed": int(seed)})
     total = sum(len(i) for chosen in plan.values() for i in chosen)
 
     from PIL import Image  # noqa: PLC0415
@@ -284,14 +342,14 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
                     per_class[split][cls] = int(len(indices))
         counts = {split: sum(per_class[split].values()) for split in per_class}
         manifest = dict(params, source=source_desc, counts=counts, per_class=per_class,
-                        classes=list(FASHION_CLASSES))
+                        classes=list(FASHION_CLASSES), files=_file_names(plan))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "tree")
             os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_ours(old, ours)
         else:
             os.replace(tmp, out_dir)
     finally:
@@ -301,7 +359,27 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
         print(f"fashion-mnist: wrote {counts['train']} train + {counts['test']} test PNGs to "
               f"{out_dir} (from {source_desc})", file=sys.stderr, flush=True)
     return {"train": counts["train"], "test": counts["test"], "source": source_desc,
-            "built": True, "out_dir": str(out_dir)}
+            "built": True, "out_dir": str(out_dir), "why": why}
+
+
+def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
+    """Delete the previous tree (moved to ``old/tree``): only the files its manifest lists, then the folders left empty.
+
+    Anything else (a file added between the check and the swap) stays where it is, and is named.
+    """
+    tree = old / "tree"
+    for rel in sorted(ours, key=lambda r: -r.count("/")):  # files before their folders
+        path = tree / rel
+        try:
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError:
+            pass
+    for folder in (tree, old):
+        try:
+            folder.rmdir()
+        except OSError:
+            print(f"fashion-mnist: kept files this tool did not write in {tree}", file=sys.stderr, flush=True)
+            return
 
 
 @dataclass(frozen=True)
@@ -334,7 +412,7 @@ def run(config: DataConfig) -> int:
         test_per_class=None if config.all else config.test_per_class,
         seed=config.seed, source=config.source, progress=not config.quiet,
     )  # fmt: skip
-    state = "built" if result["built"] else "already up to date"
+    state = "already up to date" if not result["built"] else f"rebuilt: {result['why']}" if result.get("why") else "built"
     print(f"{result['out_dir']}: {result['train']} train + {result['test']} test images in "
           f"{len(FASHION_CLASSES)} classes ({state}; source {result['source']})")  # fmt: skip
     return 0

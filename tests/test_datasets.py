@@ -34,7 +34,7 @@ def _pngs(out):
 def test_tree_counts_and_result(tiny):
     out, result = tiny
     assert result == {"train": 30, "test": 20, "source": f"debian:{datasets.DEBIAN_DIR}",
-                      "built": True, "out_dir": str(out)}
+                      "built": True, "out_dir": str(out), "why": None}
     for split, n in (("train", 3), ("test", 2)):
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(datasets.FASHION_CLASSES)
         for cls in datasets.FASHION_CLASSES:
@@ -82,9 +82,48 @@ def test_changed_parameters_rebuild_cleanly(tiny):
 
 def test_deleted_file_triggers_rebuild(tiny):
     out, _result = tiny
-    next(out.rglob("*.png")).unlink()
+    gone = sorted(out.rglob("*.png"))[0]
+    gone.unlink()
     result = datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
     assert result["built"] is True and len(_pngs(out)) == 50
+    assert result["why"] == f"1 file(s) listed in MANIFEST.json are missing (e.g. {gone.relative_to(out).as_posix()})"
+
+
+def test_a_rebuild_never_deletes_what_the_tool_did_not_write(tiny, capsys):
+    """Issue #22: a count mismatch rebuilt the root, deleting the user's images, notes and feature file, and said "built"."""
+    out, _result = tiny
+    mine = {out / "train" / "dress" / "my-own.png": b"user image", out / "notes.txt": b"keep me", out / "features" / "train.h5": b"HDF5"}
+    for path, data in mine.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+    ours = sorted(out.rglob("0*.png"))
+    # Added files alone: the set is still there, nothing to do and nothing touched.
+    again = datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=True)
+    assert again["built"] is False and "3 file(s) not written by this tool left as they are" in capsys.readouterr().err
+    ours[0].unlink()  # now a rebuild is due: it refuses, naming a file it would delete
+    with pytest.raises(PipelineError, match=r"holds 3 file\(s\) this tool did not write \(e.g. features/: .* \(1 file\(s\) listed in MANIFEST.json are missing"):
+        datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
+    with pytest.raises(PipelineError, match=r"settings changed: train_per_class 3 -> 4"):
+        datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
+    assert all(path.read_bytes() == data for path, data in mine.items())
+    assert sorted(out.rglob("0*.png")) == ours[1:]
+    assert main(["data", str(out), "--train-per-class", "3", "--test-per-class", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.txt" not in err and "did not write" in err
+
+
+def test_the_command_says_why_it_rebuilt_and_a_manifest_without_a_file_list_still_counts(tiny, capsys):
+    out, _result = tiny
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    del manifest["files"]  # as the first version wrote it: its files follow from its settings
+    (out / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)["built"] is False
+    assert main(["data", str(out), "--train-per-class", "2", "--test-per-class", "2", "--quiet"]) == 0
+    assert "(rebuilt: settings changed: train_per_class 3 -> 2;" in capsys.readouterr().out
+    assert len(_pngs(out)) == 40 and [p.name for p in out.parent.iterdir()] == ["fmnist"]
+    (out / "MANIFEST.json").write_text("{not json")
+    with pytest.raises(PipelineError, match="MANIFEST.json: unreadable manifest"):
+        datasets.build_fashion_mnist(out, train_per_class=2, test_per_class=2, progress=False)
 
 
 def test_same_seed_same_subset(tiny, tmp_path):

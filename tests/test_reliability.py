@@ -20,6 +20,7 @@ from conftest import ROOT, assert_recomputed_close, make_tree, write_image
 from pipeline.images import decode
 from pipeline.images.listing import list_images
 from pipeline.cli import main
+from pipeline.core.errors import PipelineError
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.checks import verify
 
@@ -357,3 +358,25 @@ def test_readers_see_the_previous_complete_file_or_nothing(tmp_path):
         assert proc.returncode == 0, proc.communicate()
     assert (1, 120, "float16") in seen or (1, 120, "float32") in seen
     assert all(n == 120 for _, n, _ in seen)
+
+
+# --------------------------------------------------------------------------- non-regular files
+def test_a_fifo_is_refused_in_one_line_wherever_a_file_is_expected(tmp_path):
+    """Issue #22: a FIFO given as an output or a feature file hung forever with no output."""
+    data = make_tree(tmp_path / "data", per_class=2, size=(8, 8))
+    good = tmp_path / "good.h5"
+    assert extract(data, good) == 0
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    cases = {
+        "extract output": ["extract", str(data), "-o", str(fifo), *FAST],
+        "verify": ["verify", str(fifo)],
+        "train input": ["train", str(fifo), "-o", str(tmp_path / "m")],
+        "merge input": ["merge", str(tmp_path / "m.h5"), str(fifo), str(good)],
+    }
+    for what, args in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *args], env=ENV, capture_output=True, text=True, timeout=120)
+        lines = [x for x in proc.stdout.splitlines() + proc.stderr.splitlines() if x]
+        assert proc.returncode in (1, 2) and len(lines) == 1 and "is a FIFO (named pipe)" in lines[0], (what, proc.stdout, proc.stderr)
+    with pytest.raises(PipelineError, match=r"pipe\.h5: is a FIFO \(named pipe\), not a regular file; a feature file must be a regular file"):
+        open_features(fifo)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.backbones import network as bb
 from pipeline.backbones.registry import BACKBONE, feature_shape, get_spec
 
@@ -190,6 +190,10 @@ def model_dir(key: str) -> Path:
     return models_dir() / key
 
 
+#: The files of a cached model OpenVINO reads, with the ``info.json`` field holding each one's sha256.
+MODEL_FILES = {"model.xml": "xml_sha256", "model.bin": "bin_sha256"}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -202,7 +206,7 @@ def read_model_info(key: str) -> dict | None:
     """The ``info.json`` of the cached model ``key``, checked against its files; None if it is not cached.
 
     Raises:
-        PipelineError: the cached model is corrupt (another key, or ``model.bin`` changed).
+        PipelineError: the cached model is corrupt (another key, or a file OpenVINO reads changed since it was made).
     """
     folder = model_dir(key)
     try:
@@ -211,14 +215,17 @@ def read_model_info(key: str) -> dict | None:
         return None
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{folder}/info.json: unreadable ({exc}); delete {folder} to calibrate again") from None
-    if info.get("key") != key or not (folder / "model.xml").is_file():
-        raise PipelineError(f"{folder}: not the int8 model {key[:16]}... (info.json or model.xml); delete it to calibrate again")
-    try:
-        actual = _sha256(folder / "model.bin")
-    except OSError as exc:
-        raise PipelineError(f"{folder}/model.bin: unreadable ({exc}); delete {folder} to calibrate again") from None
-    if actual != info.get("bin_sha256"):
-        raise PipelineError(f"{folder}/model.bin: checksum {actual[:16]}... differs from its info.json's; delete {folder} to calibrate again")
+    if not isinstance(info, dict) or info.get("key") != key:
+        raise PipelineError(f"{folder}: not the int8 model {key[:16]}... (info.json); delete it to calibrate again")
+    for name, field in MODEL_FILES.items():  # every file OpenVINO will read, checked before it reads it
+        if not isinstance(info.get(field), str):
+            raise PipelineError(f"{folder}: made by an earlier version of the pipeline (info.json has no checksum of {name}); delete {folder} to calibrate again")
+        try:
+            actual = _sha256(folder / name)
+        except OSError as exc:
+            raise PipelineError(f"{folder}/{name}: unreadable ({exc.strerror or exc}); delete {folder} to calibrate again") from None
+        if actual != info[field]:
+            raise PipelineError(f"{folder}/{name}: checksum {actual[:16]}... differs from its info.json's; delete {folder} to calibrate again")
     return info
 
 
@@ -305,7 +312,7 @@ def quantize(calibration: Calibration, weights, *, input_size: int, folder: Path
         "calibration_seconds": round(time.perf_counter() - t0, 2),
         "versions": int8_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bin_sha256": _sha256(folder / "model.bin"),
+        **{field: _sha256(folder / name) for name, field in MODEL_FILES.items()},
     }
     (folder / "info.json").write_text(json.dumps(info, indent=1))
     return info
@@ -377,7 +384,10 @@ class Int8Backbone:
         self.backbone = weights.backbone
         self.output_shape = feature_shape(input_size, weights.backbone)
         core = ov.Core()
-        self._compiled = core.compile_model(core.read_model(model_dir(self.key) / "model.xml"), "CPU", COMPILE_CONFIG)
+        try:
+            self._compiled = core.compile_model(core.read_model(model_dir(self.key) / "model.xml"), "CPU", COMPILE_CONFIG)
+        except (RuntimeError, OSError) as exc:  # a file changed after its check: never a traceback
+            raise PipelineError(f"{model_dir(self.key)}: OpenVINO cannot load the model ({first_line(exc)}); delete it to calibrate again") from None
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Features (n, h, w, channels) as float32 for uint8 RGB pixels (n, size, size, 3)."""

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shlex
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,33 @@ def disk_error(path: Path, exc: OSError) -> PipelineError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return PipelineError(f"{path}: no space left (or file size limit reached) while writing: {exc.strerror}")
     return PipelineError(f"{path}: write failed: {exc.strerror or exc}")
+
+
+#: What a non-regular file is, by its ``stat`` type.
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (links followed); None otherwise.
+
+    Only ``stat`` is called: opening a FIFO would block until a writer comes.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
+def refuse_special(path: Path, role: str) -> None:
+    """Refuse a path that is a FIFO, a device or a socket, before anything opens it (reading or writing one blocks or never ends).
+
+    Raises:
+        PipelineError: ``PATH: is a FIFO (named pipe), not a regular file; ROLE must be a file``.
+    """
+    kind = special_kind(path)
+    if kind is not None:
+        raise PipelineError(f"{path}: is {kind}, not a regular file; {role} must be a regular file")
 
 
 def h5_oserror(exc: RuntimeError) -> OSError:
@@ -182,20 +210,62 @@ def command_line(argv) -> str:
     return shlex.join(["python", "-m", "pipeline", *map(str, argv or [])])
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Remove the temporary files ``atomic_output`` left beside ``output`` (``.OUT.tmp-PID[suffix]``) when process PID is gone (a ``kill -9``).
+
+    A temporary of a live process (also a pid reused since) is left alone. Returns what was removed.
+    """
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    pattern = re.compile(re.escape(f".{output.name}.tmp-") + r"(\d+)(\..*)?$")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            path = parent / name
+            try:
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 class OutputLock:
     """An exclusive, non-blocking lock on ``OUT.lock``; the OS drops it when the process dies (even ``kill -9``)."""
 
     def __init__(self, output: Path):
         output = Path(output)
+        self.output = output
         self.path = output.with_name(output.name + ".lock")
         self._fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
         for _ in range(10):
+            refuse_special(self.path, "a lock file")  # opening a FIFO could block; writing into one never ends
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
             except OSError as exc:
                 raise PipelineError(f"{self.path}: cannot create lock file: {exc.strerror}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the check and the open
+                os.close(fd)
+                raise PipelineError(f"{self.path}: the lock file is not a regular file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -212,8 +282,13 @@ class OutputLock:
                 same = False
             if same:
                 self._fd = fd
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                try:  # the holder's pid, for the message of a second run; a full disk fails here first
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, str(os.getpid()).encode(), 0)
+                except OSError as exc:
+                    self.__exit__()
+                    raise disk_error(self.path, exc) from None
+                remove_stale_temporaries(self.output)
                 return self
             os.close(fd)
         raise PipelineError(f"{self.path}: could not take the lock (the lock file keeps changing)")

@@ -27,6 +27,7 @@ class _Received:
 
     flag = False
     hold = False
+    active = 0  # nesting depth of ``sigterm_as_interrupt`` blocks in the main thread
 
 
 def _importing(frame) -> bool:
@@ -63,6 +64,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     saved = _Received.flag, _Received.hold
     _Received.flag = _Received.hold = False
     previous = signal.signal(signal.SIGTERM, _raise_unless_unsafe)
+    _Received.active += 1
     try:
         yield
         stop_if_terminated()
@@ -73,8 +75,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
             raise Terminated("SIGTERM") from exc
         raise
     finally:
+        _Received.active -= 1
         signal.signal(signal.SIGTERM, previous)
         _Received.flag, _Received.hold = saved
+
+
+def reclaim_sigterm() -> None:
+    """Inside ``sigterm_as_interrupt``, install its SIGTERM handler again: a library started in the block
+    (``ray.init`` installs one that exits at once) replaced it, and SIGTERM would skip the unwinding and
+    the "interrupted" message. A no-op outside the block and outside the main thread."""
+    if _Received.active and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_unless_unsafe)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Callable, Iterator
 
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import OutputLock
-from pipeline.core.signals import sigterm_as_interrupt
+from pipeline.core.signals import reclaim_sigterm, sigterm_as_interrupt
 from pipeline.extract.config import RAY_RETRIES, ExtractConfig
 from pipeline.extract.fingerprints import shard_listing, shard_path
 from pipeline.extract.workarea import WorkArea
@@ -197,7 +198,14 @@ def cluster(ray, address: str | None) -> Iterator[None]:
     try:
         with sigterm_as_interrupt():
             if not ray.is_initialized():
-                started = _init_ray(ray, address)
+                try:
+                    started = _init_ray(ray, address)
+                except BaseException:
+                    if ray.is_initialized():  # interrupted half-way: stop what was started
+                        ray.shutdown()
+                    raise
+                finally:
+                    reclaim_sigterm()  # ray.init installs its own SIGTERM handler (an immediate exit with Ray's dump)
             yield
     finally:
         if started:
@@ -214,6 +222,27 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         raise PipelineError(f"--address {address}: cannot reach the Ray cluster ({exc.strerror or exc}); is `ray start --head` running there?") from None
 
 
+#: Free space a local cluster needs in its temporary folder (session files, logs, sockets): with
+#: less, Ray's start-up waits 30 s for a file it cannot write and fails with a traceback.
+RAY_TMP_BYTES = 64 * 1024**2
+
+
+def ray_temp_dir() -> Path:
+    """Where a local Ray cluster writes its session (``$RAY_TMPDIR``, else ``$TMPDIR``, else /tmp: Ray's own rule on Linux)."""
+    return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
+
+
+def check_ray_temp(need: int = RAY_TMP_BYTES) -> None:
+    """Refuse to start a local cluster whose temporary folder is unusable or nearly full: PipelineError naming it, its free space and the way out."""
+    folder, how = ray_temp_dir(), "set RAY_TMPDIR (or TMPDIR) to a folder with room"
+    try:
+        free = shutil.disk_usage(os.path.join(folder, "")).free  # the trailing separator: a file there is "Not a directory"
+    except OSError as exc:
+        raise PipelineError(f"{folder}: Ray's temporary folder is unusable ({exc.strerror or exc}); {how}") from None
+    if free < need:
+        raise PipelineError(f"{folder}: Ray's temporary folder has {free / 1024**2:.1f} MiB free, under the {need / 1024**2:.0f} MiB a local cluster needs; {how}")
+
+
 def _init_ray(ray, address: str | None) -> bool:
     """Join ``address`` (or ``$RAY_ADDRESS``) or start a local cluster; True if we started one."""
     import logging
@@ -221,6 +250,8 @@ def _init_ray(ray, address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto" and not address.startswith("ray://"):
         _check_reachable(address)  # Ray itself keeps retrying an unreachable address for minutes
+    if not address:
+        check_ray_temp()
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -239,6 +270,9 @@ def _init_ray(ray, address: str | None) -> bool:
         return True
     except ConnectionError as exc:
         raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    except (OSError, RuntimeError) as exc:  # a temporary folder that filled up meanwhile, a raylet that did not start
+        where = f"at {address}" if address else f"locally (temporary folder {ray_temp_dir()})"
+        raise PipelineError(f"Ray could not start {where}: {first_line(exc)}") from None
 
 
 def shard_configs(config: ExtractConfig, p: Placement) -> list[ExtractConfig]:

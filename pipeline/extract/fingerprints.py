@@ -123,10 +123,27 @@ def merged_fingerprint(shard_fingerprints: list[dict]) -> dict:
     return out
 
 
+def _whole_listing(fp: dict) -> tuple:
+    """The digest and file count of the whole data folder a fingerprint was made from (a shard's records its folder's)."""
+    if int(fp.get("shards", 1) or 1) > 1 and "whole_listing_sha256" in fp:
+        return fp["whole_listing_sha256"], fp.get("whole_n_files")
+    return fp.get("listing_sha256"), fp.get("n_files")
+
+
 def describe_difference(old: dict, new: dict) -> str:
-    """One phrase naming what differs between two fingerprints."""
-    diffs = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key not in _DIGEST_KEYS and old.get(key) != value]
-    if old.get("listing_sha256") != new["listing_sha256"]:
+    """One phrase naming what differs between two fingerprints.
+
+    When the sharding differs (``--shards``, ``--shard``), each file holds other images by
+    design: "the images changed" is said only when the whole data folder did.
+    """
+    resharded = any(old.get(k) != new.get(k) for k in ("shards", "shard"))
+    hidden = _DIGEST_KEYS + (("sharding",) if resharded else ())
+    diffs = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key not in hidden and old.get(key) != value]
+    if resharded:
+        (before, n_before), (now, n_now) = _whole_listing(old), _whole_listing(new)
+        if before != now:
+            diffs.append(f"the images changed ({n_before} files before, {n_now} now, or files modified)")
+    elif old.get("listing_sha256") != new["listing_sha256"]:
         diffs.append(f"the images changed ({old.get('n_files')} files before, {new['n_files']} now, or files modified)")
     return "; ".join(diffs) or "nothing"
 

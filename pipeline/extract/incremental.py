@@ -25,7 +25,11 @@ class Kept:
     rejected: list[Reject]  # old rejections still valid
     rejected_index: np.ndarray
     old_rows: int
+    damaged: tuple[tuple[int, int, str], ...] = ()  # row ranges of the old file whose chunk cannot be trusted: extracted again
 
+    def whole(self, listed: int) -> bool:
+        """Whether the old file holds exactly the ``listed`` files, every row still valid: nothing to extract, nothing to drop."""
+        return len(self.rows) == self.old_rows and len(self.covered) == listed
     @property
     def covered(self) -> np.ndarray:
         """Listing indices this update already accounts for (kept rows and kept rejections)."""
@@ -36,16 +40,24 @@ def find_kept(output: Path, listing: Listing, keep_rejected: Callable[[str], boo
     """Match the old file's rows to the listing by path, version (size, mtime, inode, ctime) and class.
 
     A rejection is kept only if its file is unchanged and ``keep_rejected(limit)``: a
-    rejection caused by a limit that has changed since is decoded again.
+    rejection caused by a limit that has changed since is decoded again. A row is kept only
+    if its chunk of the old file decompresses to finite values (``chunks.damaged_rows``):
+    bytes copied into the new file are checked first, and the rows of a damaged chunk are
+    extracted again.
     """
     paths, versions, classes, rejects = stored_rows(output)
+    with h5py.File(output, "r") as db:
+        damaged = tuple(chunks.damaged_rows(db["features"]))
+    bad = np.zeros(len(paths), bool)
+    for start, stop, _ in damaged:
+        bad[start:stop] = True
     idx, same = listing.match(paths, versions)
-    rows = [r for r in np.flatnonzero(same).tolist() if listing.class_names[listing.labels[idx[r]]] == classes[r]]
+    rows = [r for r in np.flatnonzero(same & ~bad).tolist() if listing.class_names[listing.labels[idx[r]]] == classes[r]]
     ridx, rsame = listing.match([r.path for r in rejects], np.asarray([r[2:6] for r in rejects], np.int64).reshape(-1, 4))
     kept = [k for k, (rec, good) in enumerate(zip(rejects, rsame.tolist())) if good and keep_rejected(rec.limit)]
     return Kept(
         output, np.asarray(rows, np.int64), idx[rows].astype(np.int64),
-        [rejects[k] for k in kept], ridx[kept].astype(np.int64), len(paths),
+        [rejects[k] for k in kept], ridx[kept].astype(np.int64), len(paths), damaged,
     )  # fmt: skip
 
 

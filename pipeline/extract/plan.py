@@ -17,7 +17,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.backbones import int8 as engines
 from pipeline.backbones import network as bb
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.fingerprints import describe_difference, fingerprint, merged_fingerprint, same_settings, shard_listing
+from pipeline.extract.fingerprints import describe_difference, fingerprint, merged_fingerprint, same_settings, shard_listing, shard_path
 from pipeline.extract.incremental import Kept, find_kept
 from pipeline.extract.workarea import WorkArea
 from pipeline.featurefile.store import stored_output
@@ -99,6 +99,12 @@ def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, 
     raise PipelineError(f"{output}: exists and {why}; pass --overwrite to replace it")
 
 
+def _shard_whole(output: Path, whole: Listing, shards: int, k: int, keep) -> bool:
+    """Whether shard ``k`` of a merged ``output`` still holds its files as extracted (an up-to-date shard)."""
+    path, listing = shard_path(output, k, shards), shard_listing(whole, shards, k)
+    return stored_output(path).fingerprint is not None and find_kept(path, listing, keep).whole(len(listing))
+
+
 def make_plan(config: ExtractConfig, whole: Listing, weights) -> Plan:
     """Decide what a run of ``config`` over the data folder's listing ``whole`` must do.
 
@@ -140,9 +146,16 @@ def make_plan(config: ExtractConfig, whole: Listing, weights) -> Plan:
             fp["calibration"] = calibration.key
         fresh = not retry
     action = decide(output, old, fp, overwrite, current=fresh, unusable=unusable)
-    if config.ray or action == UP_TO_DATE:
-        return Plan(action, listing, precision, fp, calibration, work=None if config.ray else WorkArea(output), shards=shards)
-    kept = find_kept(output, listing, keep) if action == UPDATE else None
+    if config.ray and action == UP_TO_DATE and not all(_shard_whole(output, whole, shards, k, keep) for k in range(shards)):
+        action = UPDATE  # a shard changed by another tool or damaged: its task repairs it, then the merge
+    if config.ray:
+        return Plan(action, listing, precision, fp, calibration, work=None, shards=shards)
+    # Up to date only if the file still holds every listed file, each row as extracted (by
+    # path, version and class, in chunks that decompress): else an update repairs it.
+    kept = find_kept(output, listing, keep) if action in (UP_TO_DATE, UPDATE) else None
+    if action == UP_TO_DATE and kept.whole(len(listing)):
+        return Plan(action, listing, precision, fp, calibration, work=WorkArea(output), shards=shards)
+    action = UPDATE if kept is not None else action
     # The work area also records the output an update keeps rows of.
     work = WorkArea(output).resume(dict(fp, kept_from=old["listing_sha256"] if kept else None), fp, overwrite)
     covered = kept.covered if kept else None

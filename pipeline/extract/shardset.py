@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, atomic_output, same_file
+from pipeline.core.outputs import OutputLock, atomic_output, refuse_special, same_file
 from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.preflight import check_names_fit, check_not_a_link
 from pipeline.extract.fingerprints import SHARD_LOCAL_KEYS, merged_fingerprint
@@ -243,6 +243,9 @@ def merge_locked(
         raise PipelineError(f"{output}: the output must be an HDF5 file ending in .h5 or .hdf5")
     check_not_a_link(output)
     check_names_fit(output)
+    refuse_special(output, "the merged output")
+    for p in shards:
+        refuse_special(Path(p), "a shard file")  # before any work: reading a FIFO blocks
     for p in shards:
         if same_file(Path(p), output):  # by identity: `//x`, `a/../x` or a linked folder name the same file
             raise PipelineError(f"{p}: is both the output ({output}) and a shard; write the merged file elsewhere")

@@ -30,7 +30,7 @@ from pipeline.extract.loop import extract_rows
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan
 from pipeline.extract.shardset import merge_locked
 from pipeline.featurefile.schema import RowBlock
-from pipeline.featurefile.store import check_output_writable, write_feature_file
+from pipeline.featurefile.store import check_output_writable, class_summary, write_feature_file
 from pipeline.images.listing import Reject, list_images
 from pipeline.backbones.registry import get_spec
 
@@ -80,8 +80,12 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
     output, listing, work, kept, todo = config.output, plan.listing, plan.work, plan.kept, plan.todo
     if plan.action == UP_TO_DATE:
         work.remove()  # left over if a run was killed between rename and clean-up
-        print(f"{output}: up to date ({len(listing)} images, nothing changed)")
+        print(f"{output}: up to date ({len(listing)} images, nothing changed; {class_summary(output, config.shards == 1)})")
         return 0
+    if kept and kept.damaged:
+        start, stop, why = kept.damaged[0]
+        more = f" (and {len(kept.damaged) - 1} more chunks)" if len(kept.damaged) > 1 else ""
+        _say(config, f"{output}: the chunk of rows {start}..{stop} {why}{more}: its images are extracted again")
     if kept:
         _say(config, f"updating {output}: keeping {len(kept.rows)} rows, dropping {kept.old_rows - len(kept.rows)}, {len(todo)} new or changed files to extract")
     elif len(plan.done):
@@ -107,14 +111,14 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
         return 130
     seconds = time.perf_counter() - t0
     rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
-    return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict)
+    return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict, config.shards == 1)
 
 
 def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     """Carry ``plan`` out on a Ray cluster: every shard a task running ``run`` on its shard file, then merge them into ``config.output``."""
     output, listing = config.output, plan.listing
     if plan.action == UP_TO_DATE:
-        print(f"{output}: up to date ({len(listing)} images in {plan.shards} shards, nothing changed)")
+        print(f"{output}: up to date ({len(listing)} images in {plan.shards} shards, nothing changed; {class_summary(output)})")
         return 0
     try:
         with distributed.cluster(ray, config.address):
@@ -143,12 +147,12 @@ def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     return summarize(output, n, n_rej, detail, config.strict)
 
 
-def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool) -> int:
-    """Print the one-line end-of-run summary; return the exit status (1 for rejects under --strict)."""
+def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool, warn: bool = True) -> int:
+    """Print the one-line end-of-run summary (with the classes and their image counts); return the exit status (1 for rejects under --strict)."""
     print(
         f"extracted {n} images, rejected {n_rejected}"
         + (f" (listed in rejected/ of {output})" if n_rejected else "")
-        + f"; {detail} -> {output}"
+        + f"; {detail} -> {output} ({class_summary(output, warn)})"
     )
     if strict and n_rejected:
         print(f"error: --strict: {n_rejected} files were rejected (see rejected/ in {output})", file=sys.stderr)

@@ -32,6 +32,23 @@ def _read_part(part: Path, features: bool = True) -> tuple[dict, bytes]:
         return head, (f.read() if features else b"")
 
 
+def _part_sound(part: Path) -> bool:
+    """Whether a part's chunks are whole: their sizes add up to its bytes and each one decompresses to a full chunk of its layout."""
+    try:
+        head, data = _read_part(part)
+        sizes, counts = [int(k) for k in head["chunk_bytes"]], [int(k) for k in head["chunk_rows"]]
+        layout = chunks.Layout.from_json(head["layout"])
+        if sum(sizes) != len(data) or len(sizes) != len(counts) or sum(counts) != len(head["paths"]):
+            return False
+        start = 0
+        for size, rows in zip(sizes, counts):
+            chunks.decompress(data[start : start + size], layout, rows)
+            start += size
+        return True
+    except Exception:  # unreadable, truncated, another version's part, a chunk that does not decompress
+        return False
+
+
 @dataclass(frozen=True)
 class PartInfo:
     """One finished batch, mapped onto the current listing: which listing rows it extracted
@@ -98,14 +115,17 @@ class WorkArea:
         what else it depends on). An area left with the same settings but other images (or
         another previous output) keeps the finished parts of files that are unchanged, as an
         update's kept rows do; one of other settings is removed with ``overwrite`` (or when
-        its manifest is unreadable).
+        its manifest is unreadable, or when it holds no part: a run that failed before its
+        first batch).
 
         Raises:
             PipelineError: an interrupted run with other settings, and ``overwrite`` is not set.
         """
         found = self.manifest() if self.exists() else manifest
         if found != manifest:
-            if found is not None and same_settings(found, fingerprint):
+            if not self.parts():  # a run that processed no image left nothing to keep: never a reason to refuse
+                self.remove()
+            elif found is not None and same_settings(found, fingerprint):
                 self.set_manifest(manifest)
             elif overwrite or found is None:
                 self.remove()
@@ -116,7 +136,16 @@ class WorkArea:
                 )
         if not self.exists():
             self.start(manifest)
+        self.drop_damaged()
         return self
+
+    def drop_damaged(self) -> list[Path]:
+        """Delete every part whose features cannot be trusted (a chunk that does not decompress to a whole chunk,
+        chunk sizes that do not add up): its rows are extracted again, never copied into the output. Returns them."""
+        bad = [part for part in self.parts() if not _part_sound(part)]
+        for part in bad:
+            part.unlink(missing_ok=True)
+        return bad
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

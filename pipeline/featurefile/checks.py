@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.featurefile import schema as contract
 from pipeline.core.errors import first_line
+from pipeline.core.outputs import special_kind
 from pipeline.featurefile.schema import is_complete
 
 
@@ -27,6 +28,8 @@ def verify(path: Path | str) -> list[str]:
         return [f"{path}: feature file does not exist (run `python -m pipeline extract` first)"]
     if path.is_dir():
         return [f"{path}: is a folder, not a feature file"]
+    if special_kind(path):  # never opened: reading a FIFO blocks until a writer comes
+        return [f"{path}: is {special_kind(path)}, not a feature file"]
     try:
         db = h5py.File(path, "r")
     except Exception as exc:
@@ -86,6 +89,9 @@ def stale_sources(path: Path | str) -> list[str]:
         rows = db["merged/rows"][:].tolist()
     for name, fp, k in zip(files, fps, rows):
         src = path.parent / name
+        if special_kind(src):
+            problems.append(f"{src}: shard file is {special_kind(src)}, not a feature file")
+            continue
         try:
             with h5py.File(src, "r") as s:
                 same = is_complete(s.attrs) and str(s.attrs.get("fingerprint")) == fp and s["features"].shape[0] == k

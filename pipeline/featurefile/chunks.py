@@ -201,3 +201,68 @@ class ChunkSink:
         """Give up (the file is being discarded): stop the pool without writing what is left."""
         self.window.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunk_problem(raw: bytes, layout: Layout, rows: int) -> str | None:
+    """Why one stored chunk cannot be trusted (None: it decompresses to a whole chunk of finite values)."""
+    try:
+        block = decompress(raw, layout, rows)
+    except (zlib.error, ValueError) as exc:
+        return f"does not decompress ({exc})"
+    return None if all_finite(np.ascontiguousarray(block)) else "holds non-finite values"
+
+
+def damaged_rows(ds, workers: int | None = None) -> list[tuple[int, int, str]]:
+    """The rows of an h5py ``features`` dataset that cannot be trusted, as ``(start, stop, why)`` per chunk.
+
+    Every chunk is read as stored and decompressed (zlib checks its own checksum) on a thread
+    pool, and its values checked to be finite: a chunk damaged on disk, or rewritten by another
+    tool, is found before its bytes are copied into a new file or its rows called up to date.
+    A dataset of another layout (virtual, other filters) is read as values instead.
+    """
+    n = int(ds.shape[0])
+    layout = layout_of(ds)
+    if layout is None:
+        step = int(ds.chunks[0]) if ds.chunks else 256
+        out = []
+        for s in range(0, n, step):
+            try:
+                block = np.asarray(ds[s : s + step])
+            except OSError as exc:
+                out.append((s, min(n, s + step), f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"))
+                continue
+            if not all_finite(np.ascontiguousarray(block)):
+                out.append((s, min(n, s + step), "holds non-finite values"))
+        return out
+    found: list[tuple[int, int, str]] = []
+    window: collections.deque = collections.deque()
+    limit = 4 * (workers or threads())
+
+    def drain(keep: int) -> None:
+        while len(window) > keep:
+            start, stop, future = window.popleft()
+            why = future.result()
+            if why:
+                found.append((start, stop, why))
+
+    with ThreadPoolExecutor(max_workers=workers or threads(), thread_name_prefix="check") as pool:
+        for start in range(0, n, layout.rows):
+            stop = min(n, start + layout.rows)
+            try:
+                mask, raw = ds.id.read_direct_chunk((start,) + (0,) * (len(ds.shape) - 1))
+            except (OSError, KeyError, ValueError) as exc:
+                found.append((start, stop, f"unreadable ({exc})"))
+                continue
+            if mask:  # a filter was skipped for this chunk: HDF5 reads it as values
+                try:
+                    finite = all_finite(np.ascontiguousarray(ds[start:stop]))
+                except OSError as exc:
+                    found.append((start, stop, f"unreadable ({exc})"))
+                    continue
+                if not finite:
+                    found.append((start, stop, "holds non-finite values"))
+                continue
+            window.append((start, stop, pool.submit(_chunk_problem, raw, layout, stop - start)))
+            drain(limit)
+        drain(0)
+    return sorted(found)

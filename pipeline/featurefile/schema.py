@@ -109,6 +109,12 @@ ATTRIBUTES = (
 )
 
 
+#: The attributes a reader (``open_features``) requires: those every writer of this format sets
+#: itself. The feature specification and the provenance may be missing from a file written by another
+#: tool (``verify`` requires them); a present attribute must still be well formed.
+READER_ATTRS = frozenset({"complete", "format_version", "n_images", "n_rejected"})
+
+
 class RowBlock(NamedTuple):
     """Consecutive rows on their way into a feature file: the features (an array, or
     ``chunks.Packed`` compressed chunks) and each row's label, path and file version."""
@@ -204,8 +210,14 @@ def _attr_problem(value, a: Attr) -> str | None:
     return None
 
 
-def problems(db: h5py.File, path: Path) -> list[str]:
-    """Every broken rule of the open feature file ``db`` at ``path``, one line each (empty: sound)."""
+def problems(db: h5py.File, path: Path, *, reader: bool = False) -> list[str]:
+    """Every broken rule of the open feature file ``db`` at ``path``, one line each (empty: sound).
+
+    With ``reader``, the rules of the file's own consistency a reader needs: the same, except
+    that only the attributes of ``READER_ATTRS`` must be present (any present one must still be
+    well formed) and the rows are not compared with the backbone registry (shape for the
+    input size, layer, preprocessing).
+    """
     out: list[str] = []
     attrs = dict(db.attrs.items())
     merged = "merged" in db or "merged_from" in attrs
@@ -215,7 +227,8 @@ def problems(db: h5py.File, path: Path) -> list[str]:
         if a.where == "single" and merged or a.where == "merged" and not merged or a.where == "int8" and attrs.get("precision") != "int8":
             continue
         if a.name not in attrs:
-            out.append(f"attribute '{a.name}' missing")
+            if not reader or a.name in READER_ATTRS:
+                out.append(f"attribute '{a.name}' missing")
         elif a.name != "complete" or not isinstance(attrs[a.name], (bool, np.bool_)):
             problem = _attr_problem(attrs[a.name], a)
             if problem:
@@ -242,7 +255,7 @@ def problems(db: h5py.File, path: Path) -> list[str]:
         problem = version_problem(db)
         if problem:
             out.append(f"written by another version of the pipeline ({problem}); extract it again")
-    out += _cross_checks(db, attrs, good, merged)
+    out += _cross_checks(db, attrs, good, merged, registry=not reader)
     return out
 
 
@@ -251,8 +264,8 @@ def _count(attrs: dict, name: str):
     return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) else None
 
 
-def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool) -> list[str]:
-    """The rules that relate values: shapes to attributes, counts to lengths, labels to classes, paths to rejects."""
+def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry: bool = True) -> list[str]:
+    """The rules that relate values: shapes to attributes (and, with ``registry``, to the backbone's), counts to lengths, labels to classes, paths to rejects."""
     out: list[str] = []
     if "features" in good:
         feats = db["features"]
@@ -260,7 +273,7 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool) -> list[
         if isinstance(shape, np.ndarray) and tuple(shape.tolist()) != tuple(feats.shape[1:]):
             out.append(f"features have rows of shape {tuple(feats.shape[1:])} but attribute 'feature_shape' is {shape.tolist()}")
         size = _count(attrs, "input_size")
-        net = BACKBONES.get(attrs.get("backbone")) if isinstance(attrs.get("backbone"), str) else None
+        net = BACKBONES.get(attrs.get("backbone")) if registry and isinstance(attrs.get("backbone"), str) else None
         if size is not None and net is not None and size < net.min_size:
             out.append(f"attribute 'input_size' is {size}; backbone {net.name} needs at least {net.min_size}")
         elif size is not None and net is not None and size >= 32 and tuple(feats.shape[1:]) != net.feature_shape(size):

@@ -1,9 +1,10 @@
-"""Feature store: the output path check, what an existing output holds for the next run (fingerprint, rejections, row index), the HDF5 feature file an extraction becomes (written atomically, pre-compressed chunks copied as they are), and the reader that validates one."""
+"""Feature store: the output path check, what an existing output holds for the next run (fingerprint, rejections, row index), and the reader that validates a file (the rules of ``verify`` that cost no pass over the features) and guards every read of its features; the writer is ``featurefile.writer`` (re-exported here)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -12,13 +13,14 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.core.outputs import atomic_output
-from pipeline.featurefile import chunks
-from pipeline.featurefile.schema import DATASETS, FORMAT_VERSION, VERSION_COLUMNS, RowBlock, column_problem, is_complete, version_problem
-from pipeline.images.listing import UNKNOWN, Reject
+from pipeline.core.outputs import refuse_special, special_kind
+from pipeline.featurefile import schema as contract
+from pipeline.featurefile.checks import stale_sources
+from pipeline.featurefile.schema import DATASETS, VERSION_COLUMNS, column_problem, is_complete, version_problem
+from pipeline.featurefile.writer import STR, write_feature_file  # noqa: F401 - the store's writer, re-exported for its callers
+from pipeline.images.listing import Reject
 
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
-STR = h5py.string_dtype("utf-8")
 #: Attributes whose difference makes two feature files incompatible (train vs test, shards).
 SPEC_KEYS = ("backbone", "layer", "input_size", "preprocessing", "resize", "weights", "weights_checksum")
 
@@ -34,6 +36,7 @@ def check_output_writable(output: Path) -> None:
     parent = output.parent if str(output.parent) else Path(".")
     if output.exists() and output.is_dir():
         raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
+    refuse_special(output, "the output")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +63,14 @@ class Stored:
 
 
 def stored_output(output: Path) -> Stored:
-    """What the file at ``output`` holds for a new run (a missing, incomplete or unreadable file: no fingerprint)."""
+    """What the file at ``output`` holds for a new run (a missing, incomplete or unreadable file: no fingerprint).
+
+    A complete file of this version that breaks a rule of the contract (``verify``'s, but the
+    scan of the features: an update checks the chunks it keeps) has no fingerprint either: it
+    was changed by another tool, and nothing in it is reused.
+    """
+    if special_kind(output):  # never opened: a FIFO blocks
+        return Stored(problem=f"it is {special_kind(output)}, not a feature file")
     try:
         with h5py.File(output, "r") as db:
             if not is_complete(db.attrs):
@@ -68,6 +78,10 @@ def stored_output(output: Path) -> Stored:
             problem = version_problem(db)
             if problem:
                 return Stored(problem=f"it was written by another version of the pipeline ({problem})")
+            broken = contract.problems(db, Path(output))
+            if broken:
+                more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+                return Stored(problem=f"it breaks the feature-file contract ({broken[0]}{more}: `python -m pipeline verify {output}`)")
             return Stored(json.loads(db.attrs["fingerprint"]), "merged_from" in db.attrs, tuple(_rejects(db)), "")
     except Exception:
         return Stored()
@@ -93,173 +107,83 @@ def stored_rows(output: Path) -> tuple[list[str], np.ndarray, list[str], np.ndar
         return paths, _versions(db), [names[k] for k in db["labels"][:].tolist()], _rejects(db)
 
 
-def _meta(block: RowBlock) -> tuple:
-    """A block's row columns (labels, encoded paths, four version columns; unknown versions as -1)."""
-    unknown = np.full(len(block.labels), UNKNOWN, np.int64)
-    versions = [unknown if v is None else np.asarray(v, np.int64) for v in (block.sizes, block.mtimes_ns, block.inodes, block.ctimes_ns)]
-    return (np.asarray(block.labels, np.int32), _encoded(block.paths), *versions)
+def class_counts(path: Path) -> list[tuple[str, int]]:
+    """Each class of a feature file with its number of rows, in ``label_names`` order (reads the labels only)."""
+    with h5py.File(path, "r") as db:
+        names = [os.fsdecode(x) for x in db["label_names"][:]]
+        counts = np.bincount(db["labels"][:].astype(np.int64), minlength=len(names))
+    return list(zip(names, counts.tolist()))
 
 
-def _take(meta: tuple, start: int, count: int) -> tuple:
-    return tuple(c[start : start + count] for c in meta)
+#: Classes named one by one in a summary; beyond, the smallest and the largest.
+NAMED_CLASSES = 12
+#: A class with under this share of the images is named in a warning (or under half an even share, when there are many classes).
+SMALL_CLASS = 0.05
 
 
-def _finite(f: np.ndarray, dtype: np.dtype) -> bool:
-    with np.errstate(over="ignore"):  # an overflow of the storage dtype becomes inf: refused
-        return chunks.all_finite(np.ascontiguousarray(np.asarray(f).astype(dtype, copy=False)))
+def class_summary(output: Path, warn: bool = True) -> str:
+    """The classes of ``output`` with their image counts, for a summary line; with ``warn``, a class with few images is warned about on stderr (not for one shard: a shard's share says nothing of the data)."""
+    counts = [(os.fsencode(name).decode("utf-8", "backslashreplace"), k) for name, k in class_counts(output)]  # names not UTF-8: escapes
+    total = sum(k for _, k in counts)
+    limit = min(SMALL_CLASS, 0.5 / len(counts)) * total
+    for name, k in counts:
+        if warn and k < limit:
+            print(f"warning: class {name!r} has {k} of the {total} images ({100 * k / max(total, 1):.1f}%); "
+                  "its scores will rest on very few rows", file=sys.stderr)  # fmt: skip
+    if len(counts) <= NAMED_CLASSES:
+        return f"{len(counts)} classes: " + ", ".join(f"{name} {k}" for name, k in counts)
+    small, large = min(counts, key=lambda c: c[1]), max(counts, key=lambda c: c[1])
+    return f"{len(counts)} classes, {small[1]} ({small[0]}) to {large[1]} ({large[0]}) images each"
 
 
-class _Pending:
-    """Rows waiting to fill a chunk (features with their columns), first in, first out."""
-
-    def __init__(self, layout: chunks.Layout):
-        self.layout = layout
-        self.blocks: list[tuple] = []
-        self.n = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def add(self, features: np.ndarray, meta: tuple) -> None:
-        self.blocks.append((features, meta))
-        self.n += len(features)
-
-    def take(self, k: int) -> tuple[np.ndarray, tuple]:
-        feats = np.concatenate([f for f, _ in self.blocks]) if len(self.blocks) > 1 else self.blocks[0][0]
-        meta = tuple(np.concatenate(c) for c in zip(*(m for _, m in self.blocks)))
-        rest = len(feats) - k
-        self.blocks = [(feats[k:], _take(meta, k, rest))] if rest else []
-        self.n = rest
-        return feats[:k], _take(meta, 0, k)
+def _rows(key, n: int) -> str:
+    """The rows a dataset read asks for, as ``a..b``."""
+    key = key[0] if isinstance(key, tuple) and key else key
+    if isinstance(key, slice):
+        start, stop, _ = key.indices(n)
+        return f"{start}..{stop}"
+    try:
+        idx = np.asarray(key).reshape(-1)
+        return f"{int(idx.min())}..{int(idx.max()) + 1}" if idx.size else "(none)"
+    except (TypeError, ValueError):
+        return "(some)"
 
 
-class _Columns:
-    """The row columns of a file being written (labels, paths, versions), appended in large blocks."""
+class GuardedFeatures(h5py.Dataset):
+    """The ``features`` dataset of an open feature file: a read that meets damaged data (a chunk that does not
+    decompress) is one ``PipelineError`` naming the file and the rows, not HDF5's stack of errors."""
 
-    FLUSH = 1 << 16
+    def __init__(self, ds: h5py.Dataset, path: Path):
+        super().__init__(ds.id)
+        self.file_path = path
 
-    def __init__(self, db: h5py.File):
-        self.labels = db.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
-        self.paths = db.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
-        versions = [db.create_dataset(c, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)) for c in VERSION_COLUMNS]
-        self.datasets = (self.labels, self.paths, *versions)
-        self.buffer: list[tuple] = []
-        self.buffered = 0
-        self.n = 0
+    def _damaged(self, key, exc: Exception) -> PipelineError:
+        return PipelineError(
+            f"{self.file_path}: features of rows {_rows(key, self.shape[0])} cannot be read ({first_line(exc)}); "
+            "the file is damaged: extract it again (`python -m pipeline verify` names what else is wrong)"
+        )
 
-    def add(self, meta: tuple) -> None:
-        self.buffer.append(meta)
-        self.buffered += len(meta[0])
-        if self.buffered >= self.FLUSH:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffered:
-            return
-        k = self.buffered
-        for ds, parts in zip(self.datasets, zip(*self.buffer)):
-            ds.resize(self.n + k, axis=0)
-            ds[self.n : self.n + k] = np.concatenate(parts)
-        self.n += k
-        self.buffer, self.buffered = [], 0
-
-    def close(self) -> int:
-        self.flush()
-        return self.n
-
-
-def _encoded(values) -> np.ndarray:
-    """File names (str, surrogate-escaped where not UTF-8) as the bytes an HDF5 string dataset stores."""
-    return np.asarray([os.fsencode(v) for v in values], dtype=object)
-
-
-def write_feature_file(
-    output: Path,
-    *,
-    row_shape: tuple[int, ...],
-    storage: str,
-    class_names: tuple[str, ...],
-    rows: Iterator[RowBlock],
-    rejected: list[Reject | tuple],
-    attrs: dict,
-) -> int:
-    """Write a complete feature file through a temporary name and an atomic rename.
-
-    ``rows`` yields ``RowBlock``s (or tuples of their fields); they are appended chunk by
-    chunk, so memory stays flat. ``features`` is an array, or a
-    ``chunks.Packed`` of compressed chunks: those of the file's layout (``chunks.default_layout``)
-    that hold a whole chunk of rows are copied into the file as they are
-    (``write_direct_chunk``); every other row waits until a chunk's worth has gathered and is
-    compressed on a thread pool. So rows keep their order, except that rows waiting for a chunk
-    are stored after the whole chunks that came meanwhile; every column follows its rows.
-    ``rejected`` holds ``Reject`` records (or tuples of their fields). ``complete`` is set
-    last. Returns the number of rows written.
-
-    Raises:
-        PipelineError: the disk filled up or the output cannot be written; any previous
-            file at ``output`` is left untouched.
-    """
-    dtype = np.dtype(storage)
-    layout = chunks.default_layout(row_shape, dtype.name)
-    rejected = [Reject(*r) for r in rejected]
-    with atomic_output(output) as tmp, h5py.File(tmp, "w") as db:
-        db.attrs["complete"] = False
-        feats = db.create_dataset("features", shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, **layout.h5_options())
-        cols = _Columns(db)
-        db.create_dataset("label_names", data=_encoded(class_names), dtype=STR)
-        sink = chunks.ChunkSink(feats, layout)
-        pending = _Pending(layout)
+    def __getitem__(self, key):
         try:
-            for block in rows:
-                block = RowBlock(*block)
-                f, meta = block.features, _meta(block)
-                k = len(f)
-                if k == 0:
-                    continue
-                seen = sink.rows + len(pending)  # rows taken so far, for messages
-                if isinstance(f, chunks.Packed) and not f.finite or not isinstance(f, chunks.Packed) and not _finite(f, dtype):
-                    raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {seen}..{seen + k}")
-                if isinstance(f, chunks.Packed) and f.layout == layout:
-                    # Whole chunks go in as they are; a short one joins the rows waiting for a chunk.
-                    start = 0
-                    for data, count in zip(f.chunks, f.counts):
-                        if count == layout.rows:
-                            sink.put_compressed(data, count)
-                            cols.add(_take(meta, start, count))
-                        else:
-                            pending.add(chunks.decompress(data, layout, count), _take(meta, start, count))
-                        start += count
-                else:
-                    values = f.array() if isinstance(f, chunks.Packed) else f
-                    with np.errstate(over="ignore"):
-                        pending.add(np.asarray(values).astype(dtype, copy=False), meta)
-                while len(pending) >= layout.rows:
-                    block_rows, block_meta = pending.take(layout.rows)
-                    sink.put_rows(block_rows)
-                    cols.add(block_meta)
-            if len(pending):
-                block_rows, block_meta = pending.take(len(pending))
-                sink.put_rows(block_rows)
-                cols.add(block_meta)
-        except BaseException:
-            sink.abort()
-            raise
-        sink.close()
-        n = cols.close()
-        grp = db.create_group("rejected")
-        grp.create_dataset("paths", data=_encoded(r.path for r in rejected), dtype=STR)
-        grp.create_dataset("reasons", data=np.asarray([r.reason.encode("utf-8", "backslashreplace") for r in rejected], dtype=object), dtype=STR)
-        for name, field in zip(VERSION_COLUMNS, ("size", "mtime_ns", "inode", "ctime_ns")):
-            grp.create_dataset(name, data=np.asarray([getattr(r, field) for r in rejected], dtype=np.int64))
-        grp.create_dataset("limits", data=np.asarray([r.limit.encode() for r in rejected], dtype=object), dtype=STR)
-        for key, value in attrs.items():
-            db.attrs[key] = value
-        db.attrs["format_version"] = FORMAT_VERSION
-        db.attrs["n_images"] = n
-        db.attrs["n_rejected"] = len(rejected)
-        db.flush()
-        db.attrs["complete"] = True
-    return n
+            return super().__getitem__(key)
+        except OSError as exc:
+            raise self._damaged(key, exc) from None
+
+    def read_direct(self, dest, source_sel=None, dest_sel=None):
+        try:
+            return super().read_direct(dest, source_sel, dest_sel)
+        except OSError as exc:
+            raise self._damaged(source_sel if source_sel is not None else slice(None), exc) from None
+
+
+class FeatureDB(h5py.File):
+    """An h5py file whose ``features`` reads are guarded (``GuardedFeatures``)."""
+
+    def __getitem__(self, name):
+        obj = super().__getitem__(name)
+        if isinstance(name, str) and name.strip("/") == "features" and isinstance(obj, h5py.Dataset):
+            return GuardedFeatures(obj, Path(self.filename))
+        return obj
 
 
 @dataclass
@@ -334,8 +258,9 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         raise PipelineError(f"{path}: feature file does not exist (run `python -m pipeline extract` first)")
     if path.is_dir():
         raise PipelineError(f"{path}: is a folder, not a feature file")
+    refuse_special(path, "a feature file")
     try:
-        db = h5py.File(path, "r")
+        db = FeatureDB(path, "r")
     except Exception as exc:
         raise PipelineError(f"{path}: not a readable HDF5 feature file ({first_line(exc)})") from None
     try:
@@ -370,6 +295,7 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= n_classes:
                 raise PipelineError(f"{path}: labels range {lo}..{hi} falls outside label_names (0..{n_classes - 1})")
+        _reader_contract(db, path, require_complete)
     except PipelineError:
         db.close()
         raise
@@ -377,6 +303,22 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         db.close()
         raise PipelineError(f"{path}: corrupt feature file ({first_line(exc)})") from None
     return FeatureFile(path, db)
+
+
+def _reader_contract(db: h5py.File, path: Path, require_complete: bool) -> None:
+    """The rest of ``verify``'s rules that cost no pass over the features: attributes, lengths, counts, duplicate
+    or both extracted and rejected paths; for a merged file, shard files changed since the merge.
+
+    Raises:
+        PipelineError: the first broken rule, and how many more ``verify`` would list.
+    """
+    found = [m for m in contract.problems(db, path, reader=True) if require_complete or not m.startswith("incomplete")]
+    if "merged" in db and contract.merged_record_ok(db):
+        found += [f"{m} (merge again, or run `extract --ray` again)" for m in stale_sources(path)]
+    if found:
+        more = f" (and {len(found) - 1} more: `python -m pipeline verify {path}` lists them)" if len(found) > 1 else ""
+        first = found[0] if found[0].startswith(str(path)) else f"{path}: {found[0]}"
+        raise PipelineError(f"{first}{more}; a reader trusts only files verify accepts")
 
 
 def check_compatible(a: FeatureFile, b: FeatureFile) -> None:

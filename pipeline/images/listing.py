@@ -43,7 +43,8 @@ class Listing:
     ``cp -p``, ``rsync -a`` or ``tar``, which keep the size and modification time, gets
     another inode or change time); a listing made from bare paths has unknown inodes and
     change times. ``skipped`` holds the files that can never be rows (an unsupported
-    extension, outside a class folder) as reject records: they are never decoded.
+    extension, outside a class folder) and the linked sub-folders not followed (into a
+    class folder, a loop) or unreadable folders, as reject records: they are never decoded.
     """
 
     root: Path
@@ -122,16 +123,104 @@ def _stat(path: Path) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
+#: Sub-folder names that are splits of a data set, not classes (compared in lower case).
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
+
+
+def _split_folders(root: Path, classes: list[str]) -> None:
+    """Refuse a data folder whose sub-folders are split names (``train``, ``test``, ...): taken as classes, every image would get its split as its label."""
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if len(splits) >= 2 or (splits and len(splits) == len(classes)):
+        train = next((c for c in splits if c.lower() == "train"), splits[0])
+        test = next((c for c in splits if c.lower() == "test"), None)
+        raise PipelineError(
+            f"{root}: its sub-folder{'s' if len(splits) > 1 else ''} {', '.join(splits)} {'are split names' if len(splits) > 1 else 'is a split name'}, "
+            "not classes (one sub-folder per class is expected): "
+            f"point at {root / train} for the training split" + (f" and at {root / test} for the test split" if test else "")
+        )
+
+
+def _class_folders(root: Path, classes: list[str]) -> dict[str, str]:
+    """The resolved path of every class folder; refuses a class folder that resolves into another (or the data folder): its images would be listed under two labels."""
+    real = {c: os.path.realpath(root / c) for c in classes}
+    top = os.path.realpath(root)
+    for c in classes:
+        r = real[c]
+        if _inside(top, r):
+            raise PipelineError(f"{root / c}: class folder is a link to {r}, which holds the data folder itself; remove the link")
+        for other in classes:
+            if other != c and _inside(r, real[other]) and (root / c).is_symlink():
+                raise PipelineError(
+                    f"{root / c}: class folder is a link to {r}, inside class folder {root / other}; its images would be listed "
+                    f"under two labels: remove the link (or make {c} a folder of its own)"
+                )
+    return real
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: Path, folder: Path, chain: tuple[str, ...], classes: dict[str, str], own: str, files: list, skipped: list, followed: dict[str, str]) -> None:
+    """Every file below ``folder`` (sorted: a folder's files, then its sub-folders), following linked sub-folders.
+
+    A linked sub-folder is followed unless it leads into a class folder (its images are
+    listed there: never twice, never under another label) or into a folder being walked (a
+    loop): then it is a reject record with its reason, so every entry of the tree is a row
+    or a reject.
+    """
+    try:
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:  # its files can be neither rows nor rejects one by one: the folder is the reject
+        skipped.append(Reject(folder.relative_to(root).as_posix() + "/", f"unreadable folder ({exc.strerror or exc})", *_stat(folder)))
+        return
+    subs = []
+    for e in entries:
+        full = Path(e.path)
+        try:
+            is_dir = e.is_dir()
+        except OSError:  # a link to itself (ELOOP): a file that decoding rejects with its reason
+            is_dir = False
+        if not is_dir:
+            files.append(full)
+            continue
+        if e.is_symlink():
+            real = os.path.realpath(full)
+            rel = full.relative_to(root).as_posix()
+            inside = next((c for c, r in classes.items() if _inside(real, r)), None)
+            before = next((v for r, v in followed.items() if _inside(real, r)), None)
+            if any(_inside(c, real) for c in chain):
+                why = f"link loop: a link to {real}, which holds this folder"
+            elif inside is not None:
+                why = f"link to a folder of {'this class folder' if classes[inside] == own else f'class folder {inside}'} ({real}): its images are listed there, not twice"
+            elif before is not None:
+                why = f"link to {real}, already listed through {before}: its images are listed once"
+            else:
+                followed[real] = rel
+                subs.append((full, chain + (real,)))
+                continue
+            skipped.append(Reject(rel, why, *_stat(full)))
+        else:
+            subs.append((full, chain + (os.path.realpath(full),)))
+    for sub, sub_chain in subs:
+        _walk(root, sub, sub_chain, classes, own, files, skipped, followed)
+
+
 def list_images(data_dir: Path | str) -> Listing:
     """List the images of a class-per-folder tree.
 
     Classes are the sub-folders of ``data_dir`` sorted by name; each class takes every
-    file below its folder (recursively, not following links to folders). Hidden files
-    (names starting with a dot) are ignored.
+    file below its folder (recursively). Hidden files and folders (names starting with a dot)
+    are ignored. Links: a class folder may link anywhere but into another class folder or
+    the data folder (refused); a linked sub-folder is followed, unless it leads into a class
+    folder or makes a loop: then it is a reject record saying so. So every file is a row
+    or a reject record, once.
 
     Raises:
         PipelineError: the folder is missing or not a folder, has no class sub-folders,
-            has only one class, a class folder holds no image files, or there are no images.
+            has only one class, its sub-folders are split names (``train``, ``test``, ...),
+            a class folder links to another, a class folder holds no image files, or
+            there are no images.
     """
     root = Path(data_dir)
     if not root.exists():
@@ -141,10 +230,13 @@ def list_images(data_dir: Path | str) -> Listing:
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     skipped = [Reject(e.name, "not inside a class folder", *_stat(Path(e.path))) for e in entries if not e.name.startswith(".") and not e.is_dir()]
+    _split_folders(root, classes)
     if not classes:
         raise PipelineError(f"{root}: no class sub-folders (expected one sub-folder per class, e.g. {root}/cats/*.jpg)")
     if len(classes) < 2:
         raise PipelineError(f"{root}: only one class folder ({classes[0]}); classification needs at least two")
+    real = _class_folders(root, classes)
+    followed: dict[str, str] = {}  # resolved folder of each linked sub-folder followed -> its path in the listing
 
     paths: list[str] = []
     labels: list[int] = []
@@ -155,24 +247,22 @@ def list_images(data_dir: Path | str) -> Listing:
     for label, name in enumerate(classes):
         found = 0
         class_dir = root / name
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                if fname.startswith("."):
-                    continue
-                full = Path(dirpath) / fname
-                rel = full.relative_to(root).as_posix()
-                s, m, ino, c = _stat(full)
-                if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.append(Reject(rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m, ino, c))
-                    continue
-                paths.append(rel)
-                labels.append(label)
-                sizes.append(s)
-                mtimes.append(m)
-                inodes.append(ino)
-                ctimes.append(c)
-                found += 1
+        class_files: list[Path] = []
+        _walk(root, class_dir, (real[name],), real, real[name], class_files, skipped, followed)
+        for full in class_files:
+            fname = full.name
+            rel = full.relative_to(root).as_posix()
+            s, m, ino, c = _stat(full)
+            if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(Reject(rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m, ino, c))
+                continue
+            paths.append(rel)
+            labels.append(label)
+            sizes.append(s)
+            mtimes.append(m)
+            inodes.append(ino)
+            ctimes.append(c)
+            found += 1
         if found == 0:
             raise PipelineError(
                 f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "

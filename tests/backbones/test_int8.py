@@ -117,16 +117,24 @@ def test_a_model_not_in_the_cache_and_without_its_images_is_a_one_line_error(tmp
         engines.open_backbone(32, resolve_weights("none"), "int8", calibration=engines.Calibration.known("0" * 64))
 
 
-def test_a_corrupt_cached_model_is_refused(int8_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["model.bin", "model.xml"])
+def test_a_corrupt_cached_model_is_refused(int8_run, tmp_path, monkeypatch, name):
+    """Issue #22: a damaged model.xml (only model.bin was checksummed) gave OpenVINO's traceback."""
     import shutil
 
     key = _key(int8_run["int8"])
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
     shutil.copytree(int8_run["root"] / "cache" / "int8" / key, tmp_path / "cache" / "int8" / key)
-    with open(tmp_path / "cache" / "int8" / key / "model.bin", "r+b") as f:
+    with open(tmp_path / "cache" / "int8" / key / name, "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xff\xff\xff")
-    with pytest.raises(PipelineError, match=r"model\.bin: checksum .* differs from its info\.json's; delete .* to calibrate again"):
+    with pytest.raises(PipelineError, match=rf"{name}: checksum .* differs from its info\.json's; delete .* to calibrate again"):
+        engines.open_backbone(32, resolve_weights("none"), "int8", calibration=engines.Calibration.known(key))
+    info = tmp_path / "cache" / "int8" / key / "info.json"
+    record = json.loads(info.read_text())
+    del record["xml_sha256"]  # a model cached by the version that checked model.bin only
+    info.write_text(json.dumps(record))
+    with pytest.raises(PipelineError, match=r"made by an earlier version of the pipeline \(info\.json has no checksum of model\.xml\); delete"):
         engines.open_backbone(32, resolve_weights("none"), "int8", calibration=engines.Calibration.known(key))
 
 

@@ -1,10 +1,16 @@
-"""The ground floor's output helpers: file identity however spelled, paths within a folder."""
+"""The ground floor's output helpers: file identity however spelled, paths within a folder, the output lock (a full disk, a FIFO, stale temporaries)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 
-from pipeline.core.outputs import is_within, same_file
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import OutputLock, is_within, same_file
 
 
 def test_same_file_sees_through_spellings_and_links(tmp_path):
@@ -23,3 +29,38 @@ def test_is_within(tmp_path):
     assert is_within(tmp_path / "a" / "b.h5", tmp_path / "a")
     assert is_within(tmp_path / "a", tmp_path / "a")
     assert not is_within(tmp_path / "ab" / "x", tmp_path / "a")
+
+
+def test_a_full_disk_in_the_lock_write_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    """Issue #22: a 100% full disk failed in the lock's pwrite with a traceback."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(PipelineError, match=r"x\.h5\.lock: no space left \(or file size limit reached\) while writing"):
+        with OutputLock(tmp_path / "x.h5"):
+            pass
+    monkeypatch.undo()
+    assert not (tmp_path / "x.h5.lock").exists()
+    with OutputLock(tmp_path / "x.h5"):  # and the next run takes it
+        pass
+
+
+def test_a_fifo_as_the_lock_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "x.h5.lock")
+    with pytest.raises(PipelineError, match=r"x\.h5\.lock: is a FIFO \(named pipe\), not a regular file"):
+        with OutputLock(tmp_path / "x.h5"):
+            pass
+
+
+def test_temporaries_of_dead_processes_are_removed_by_the_next_lock_holder(tmp_path):
+    """Issue #22: after kill -9 during assembly, .OUT.h5.tmp-PID was never removed."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".x.h5.tmp-{dead}"
+    alive = tmp_path / f".x.h5.tmp-{os.getppid()}"  # a live process's: kept
+    other = tmp_path / f".y.h5.tmp-{dead}"  # another output's: not this lock's business
+    for p in (stale, alive, other):
+        p.write_bytes(b"partial")
+    with OutputLock(tmp_path / "x.h5"):
+        pass
+    assert not stale.exists() and alive.exists() and other.exists()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.core.signals import Terminated, finish_first, sigterm_as_interrupt, stop_if_terminated
+from pipeline.core.signals import Terminated, finish_first, reclaim_sigterm, sigterm_as_interrupt, stop_if_terminated
 
 
 def test_sigterm_becomes_an_interrupt_only_inside_the_block():
@@ -80,3 +80,18 @@ def test_a_sigterm_while_the_outputs_are_written_waits_for_all_of_them():
                     written.append(name)
             written.append("after")
     assert written == ["bundle", "metrics", "report", "plot"]
+
+
+def test_a_handler_a_library_installed_in_the_block_is_replaced_again_by_reclaim():
+    """ray.init installs its own SIGTERM handler inside the block; reclaim_sigterm puts ours back (outside a block it does nothing)."""
+    seen = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # what ray.init does
+            reclaim_sigterm()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+    assert seen == [] and signal.getsignal(signal.SIGTERM) is before
+    reclaim_sigterm()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -292,3 +292,54 @@ def test_a_merged_output_of_another_sharding_differs_in_it(tree, tmp_path):
     with pytest.raises(PipelineError, match=r"x.h5: exists and differs: sharding None -> 'path-hash'; pass --overwrite to replace it$"):
         extract.run(config(data, out, ray=True))
     assert _identity(out) == before
+
+
+def test_a_ray_temporary_folder_that_is_full_or_unusable_is_one_line_before_ray_starts(tree, tmp_path, monkeypatch, capsys):
+    """Issue #22: `extract --ray` with TMPDIR on a full disk waited 30 s, then gave Ray's traceback."""
+    import shutil
+    from collections import namedtuple
+
+    import ray
+
+    data, _ = tree
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, whatever this module started
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "file" / "sub"))
+    assert main(["extract", str(data), "-o", str(tmp_path / "x.h5"), *FAST, "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'file' / 'sub'}: Ray's temporary folder is unusable" in err
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(PipelineError, match=rf"{tmp_path}: Ray's temporary folder has 0\.0 MiB free, under the 64 MiB a local cluster needs; set RAY_TMPDIR"):
+        extract.run(config(data, tmp_path / "x.h5", ray=True))
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ray_run_is_the_interrupted_message_not_rays_dump(tmp_path):
+    """Issue #22: Ray replaced the SIGTERM handler installed before ray.init: its native dump, exit 1/15/143."""
+    import subprocess
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=150, size=(12, 12))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "pipeline", "extract", str(data), "-o", str(tmp_path / "x.h5"), *FAST[:-1], "--ray", "--ray-workers", "1", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # "ray: 1 node(s), ..." once the cluster is up and the tasks are placed
+        lines.append(line)
+        if line.startswith("ray: "):
+            break
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert "interrupted; finished shards are kept and running ones resume" in err and "Traceback" not in err, err

@@ -462,3 +462,62 @@ def test_resume_after_an_image_changed_keeps_the_finished_parts_of_unchanged_ima
     assert extract(data, tmp_path / "fresh.h5") == 0
     assert_same_rows(out, tmp_path / "fresh.h5")
     assert verify(out) == []
+
+
+def test_the_summary_names_the_classes_with_their_counts_and_warns_of_a_small_class(tmp_path, capsys):
+    """Issue #23: the summary named no classes and no counts."""
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=20, size=(8, 8))
+    write_image(data / "owl" / "only.png", size=(8, 8))
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and captured.out.rstrip().endswith(f"-> {out} (3 classes: cat 20, dog 20, owl 1)")
+    assert "warning: class 'owl' has 1 of the 41 images (2.4%)" in captured.err
+    assert extract(data, out) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{out}: up to date (41 images, nothing changed; 3 classes: cat 20, dog 20, owl 1)\n"
+    assert "warning: class 'owl'" in captured.err
+
+
+def test_a_folder_of_splits_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    """Issue #23: `extract mydata` where mydata/ holds train/ and test/ succeeded with two classes, test and train."""
+    for split in ("train", "test"):
+        make_tree(tmp_path / "mydata" / split, per_class=1, size=(8, 8))
+    assert extract(tmp_path / "mydata", tmp_path / "x.h5") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"point at {tmp_path / 'mydata' / 'train'} for the training split and at {tmp_path / 'mydata' / 'test'}" in err
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
+
+
+def test_a_run_that_processed_no_image_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys, monkeypatch):
+    """Issue #22: a run failing before its first image left a work area that made the corrected command refuse ("re-run with its settings")."""
+    from pipeline.backbones import int8 as engines
+
+    data = make_tree(tmp_path / "data", per_class=2, size=(8, 8))
+    out = tmp_path / "x.h5"
+
+    def broken(*args, **kwargs):
+        raise PipelineError("the network could not be built")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engines, "open_backbone", broken)
+        assert extract(data, out, "--storage", "float32") == 2
+    assert out.with_name("x.h5.partial").exists()  # its manifest, and no part
+    stale = tmp_path / ".x.h5.tmp-4194303"  # beyond Linux's pid_max: a process that is gone (kill -9 during assembly)
+    stale.write_bytes(b"partial")
+    capsys.readouterr()
+    assert extract(data, out) == 0, capsys.readouterr().err  # the corrected command: other settings
+    assert verify(out) == [] and not stale.exists() and not out.with_name("x.h5.partial").exists()
+
+
+def test_changing_only_the_sharding_is_named_as_such(tmp_path, capsys):
+    """Issue #22: changing only --shards was reported as "the images changed"."""
+    data = make_tree(tmp_path / "data", per_class=4, size=(8, 8))
+    out = tmp_path / "x.h5"
+    assert extract(data, out) == 0
+    assert extract(data, out, "--shards", "2", "--shard", "0") == 2
+    err = capsys.readouterr().err
+    assert "exists and differs: shards 1 -> 2; pass --overwrite" in err and "images changed" not in err
+    write_image(data / "cat" / "new.png", size=(8, 8), seed=9)
+    assert extract(data, out, "--shards", "2", "--shard", "0") == 2
+    assert "exists and differs: shards 1 -> 2; the images changed (8 files before, 9 now" in capsys.readouterr().err

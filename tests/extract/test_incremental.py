@@ -93,3 +93,95 @@ def test_rejections_of_a_changed_limit_are_not_kept(tmp_path):
         assert base.rejected == kept, timeout
         assert [r for r in stored_rows(tmp_path / "old.h5")[3] if not limit_holds(r.limit, current)] == [slow][: 2 - len(kept)]  # to retry
     assert find_kept(tmp_path / "old.h5", listing, lambda limit: False).rejected == []  # --retry-rejected
+
+
+# --------------------------------------------------------------------------- reuse only what is provably unchanged
+FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--quiet"]
+
+
+def _extract(data, out, *extra):
+    from pipeline.cli import main
+
+    return main(["extract", str(data), "-o", str(out), *FAST, *extra])
+
+
+def _labels_follow_folders(out) -> bool:
+    from conftest import by_path
+
+    rows, _ = by_path(out)
+    return all(label == path.split("/")[0] for path, (label, _) in rows.items())
+
+
+def test_a_file_edited_by_another_tool_is_not_up_to_date(tmp_path, capsys):
+    """Issue #22: only the fingerprint was compared: rows dropped or labels flipped by another tool were "up to date"."""
+    import h5py
+
+    from pipeline.featurefile.checks import verify
+
+    data = make_tree(tmp_path / "data", per_class=5, size=(8, 8))
+    out = tmp_path / "x.h5"
+    assert _extract(data, out) == 0
+    with h5py.File(out, "r+") as db:  # labels flipped: still a sound file, but not what the folders say
+        db["labels"][0:2] = 1 - db["labels"][0:2]
+    assert verify(out) == [] and not _labels_follow_folders(out)
+    capsys.readouterr()
+    assert _extract(data, out) == 0
+    assert "2 processed this run" in capsys.readouterr().out
+    assert verify(out) == [] and _labels_follow_folders(out)
+    with h5py.File(out, "r+") as db:  # a row dropped from every column, the counts made to agree: a sound file of 9 images
+        for name in ("features", "labels", "paths", "file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns"):
+            db[name].resize(9, axis=0)
+        db.attrs["n_images"] = 9
+    assert verify(out) == []
+    assert _extract(data, out) == 0 and "1 processed this run" in capsys.readouterr().out
+    with h5py.File(out, "r+") as db:  # a row dropped from the features only: the file breaks the contract
+        db["features"].resize(9, axis=0)
+    assert _extract(data, out) == 2
+    assert "exists and it breaks the feature-file contract (" in capsys.readouterr().err
+    assert _extract(data, out, "--overwrite") == 0 and verify(out) == []
+
+
+def test_a_damaged_chunk_of_the_previous_output_is_extracted_again_never_copied(tmp_path, capsys):
+    """Issue #22: a damaged chunk was copied as it was: a "complete" file verify rejects, then "up to date"."""
+    from featurefile.test_checks import damage_chunk
+    from pipeline.featurefile.checks import verify
+
+    data = make_tree(tmp_path / "data", per_class=20, size=(8, 8))
+    out = tmp_path / "x.h5"
+    assert _extract(data, out) == 0
+    damage_chunk(out, 20)
+    assert verify(out)
+    capsys.readouterr()
+    assert _extract(data, out, "--batch-size", "4") == 0  # the same command: not up to date
+    assert "16 processed this run" in capsys.readouterr().out
+    assert verify(out) == [] and _labels_follow_folders(out)
+    damage_chunk(out, 0)
+    write_image(data / "dog" / "new.png", size=(8, 8), seed=77)  # an update keeping the other rows
+    assert _extract(data, out) == 0 and "17 processed this run" in capsys.readouterr().out
+    assert verify(out) == []
+    assert _extract(data, out) == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_a_damaged_part_of_the_work_area_is_extracted_again(tmp_path, capsys, monkeypatch):
+    """Issue #22: a work-area part's chunks were copied unchecked (the docs promise a bad part is re-extracted)."""
+    from pipeline.extract import stage
+    from pipeline.featurefile.checks import verify
+
+    data = make_tree(tmp_path / "data", per_class=8, size=(8, 8))
+    out = tmp_path / "x.h5"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("SIGTERM")
+
+    with monkeypatch.context() as mp:  # every part written, then interrupted while assembling
+        mp.setattr(stage, "write_feature_file", interrupted)
+        assert _extract(data, out) == 130
+    parts = sorted(out.with_name("x.h5.partial").glob("part-*.part"))
+    assert len(parts) == 4
+    with open(parts[1], "r+b") as f:  # the last bytes of its features: inside its last chunk
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\xff" * 8)
+    capsys.readouterr()
+    assert _extract(data, out) == 0
+    assert "4 processed this run" in capsys.readouterr().out  # the damaged part's batch only
+    assert verify(out) == [] and _labels_follow_folders(out)

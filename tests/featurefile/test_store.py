@@ -60,7 +60,13 @@ def test_writer_and_reader_round_trip(tmp_path):
         picked = np.concatenate([b for _, b in ff.iter_chunks(rows=2, indices=np.array([1, 4, 6]))])
         np.testing.assert_allclose(picked[:, 0, 0, 0], [0.1, 0.4, 0.6], atol=1e-3)
         assert [x.decode() for x in ff.db["rejected/reasons"][:]] == ["empty file (0 bytes)"]
-    assert stored_output(out) == Stored({"k": 1}, False, (Reject("b/bad.png", "empty file (0 bytes)", 0, 5),), "")
+    toy = stored_output(out)  # rows of 4 values for vgg16, no provenance: not a file extract can reuse
+    assert toy.fingerprint is None and toy.problem.startswith("it breaks the feature-file contract (attribute 'feature_shape' missing and ")
+    from featurefile.test_checks import write as write_sound
+
+    sound = write_sound(out.with_name("sound.h5"), ["a/1.png", "b/2.png"], rejected=[Reject("b/bad.png", "empty file (0 bytes)", 0, 5)])
+    fp = {"backbone": "vgg16", "listing_sha256": "['a/1.png', 'b/2.png']", "n_files": 2, "shard": 0, "shards": 1}
+    assert stored_output(sound) == Stored(fp, False, (Reject("b/bad.png", "empty file (0 bytes)", 0, 5),), "")
 
 
 def test_non_finite_features_are_refused_and_nothing_is_left(tmp_path):

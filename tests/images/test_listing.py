@@ -63,3 +63,43 @@ def test_match_finds_stored_rows_by_path_and_version(tmp_path):
     idx, same = list_images(root).match(stored, versions)
     assert idx.tolist() == [4, -1, 2, 0] and same.tolist() == [True, False, False, False]
     assert [a.tolist() for a in listing.match([], np.zeros((0, 4), np.int64))] == [[], []]
+
+
+def test_links_are_followed_once_and_every_other_entry_is_a_reject_with_its_reason(tmp_path):
+    """Issue #22: images in a linked sub-folder and a link loop were neither rows nor rejects; a class linked to another doubled its images."""
+    root = make_tree(tmp_path / "d", classes=("cat", "dog"), per_class=2)
+    outside = make_tree(tmp_path / "elsewhere", classes=("more",), per_class=2) / "more"
+    (root / "cat" / "linked").symlink_to(outside)  # followed: its images are cat's
+    (root / "dog" / "again").symlink_to(outside)  # the same folder through a second link: listed once
+    (root / "cat" / "loop").symlink_to(root / "cat")  # a loop
+    (root / "dog" / "cats").symlink_to(root / "cat")  # into another class folder
+    listing = list_images(root)
+    assert listing.paths == ("cat/000.png", "cat/001.png", "cat/linked/000.png", "cat/linked/001.png", "dog/000.png", "dog/001.png")
+    reasons = {r.path: r.reason for r in listing.skipped}
+    assert reasons.keys() == {"cat/loop", "dog/again", "dog/cats"}
+    assert reasons["cat/loop"].startswith("link loop: a link to ")
+    assert reasons["dog/cats"].startswith("link to a folder of class folder cat (") and reasons["dog/cats"].endswith("its images are listed there, not twice")
+    assert reasons["dog/again"].endswith("already listed through cat/linked: its images are listed once")
+
+
+@pytest.mark.parametrize("target", ["cat", "cat/sub", "."], ids=["class", "inside-a-class", "the-data-folder"])
+def test_a_class_folder_linked_to_another_class_folder_is_refused(tmp_path, target):
+    root = make_tree(tmp_path / "d", classes=("cat", "dog"), per_class=2)
+    write_image(root / "cat" / "sub" / "x.png")
+    (root / "kitten").symlink_to(root / target)
+    with pytest.raises(PipelineError, match=r"kitten: class folder is a link to .*(inside class folder .*cat; its images would be listed under two labels|holds the data folder itself)"):
+        list_images(root)
+
+
+@pytest.mark.parametrize("splits", [("train", "test"), ("Train", "VAL"), ("validation",)])
+def test_split_named_sub_folders_are_not_taken_as_classes(tmp_path, splits):
+    """Issue #23: `extract mydata` with mydata/train and mydata/test gave two classes named test and train."""
+    root = tmp_path / "mydata"
+    for split in splits:
+        make_tree(root / split, classes=("cat", "dog"), per_class=1)
+    with pytest.raises(PipelineError, match=r"(are split names|is a split name), not classes") as err:
+        list_images(root)
+    first = next((s for s in splits if s.lower() == "train"), splits[0])
+    assert f"point at {root / first} for the training split" in str(err.value)
+    assert ("and at" in str(err.value)) == ("test" in [s.lower() for s in splits])
+    assert list_images(root / splits[0]).class_names == ("cat", "dog")  # the split itself is a data folder
