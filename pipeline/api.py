@@ -82,7 +82,7 @@ def extract_features(
         PipelineError: a bad setting, a folder that is not a class-per-folder tree, a missing
             path, weights that cannot be had (the message names the file and ``--weights``).
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress as progress_bar
 
     from pipeline.backbones.int8 import open_backbone, sample_calibration
     from pipeline.backbones.network import get_spec, resolve_precision
@@ -103,7 +103,7 @@ def extract_features(
     calibration = sample_calibration(listing, input_size=size, resize=resize, weights_checksum=info.checksum, backbone=backbone) if precision == "int8" else None
     net = open_backbone(size, info, precision, batch_size=batch_size, calibration=calibration, progress=progress, backbone=backbone)
     rows, kept, rejected = [], [], [(r.path, r.reason) for r in listing.skipped]
-    with tqdm(total=len(listing), desc="extract", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(len(listing), "extract", quiet=not progress) as bar:
         for batch in iter_batches(listing, np.arange(len(listing)), size=size, interpolation=resize, batch_size=batch_size):
             if batch.ok.any():
                 rows.append(net(batch.pixels[batch.ok]).astype(storage))

@@ -322,14 +322,13 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
     total = sum(len(i) for chosen in plan.values() for i in chosen)
 
     from PIL import Image  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
+    from pipeline.core.progress import progress as progress_bar
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         per_class: dict[str, dict[str, int]] = {}
-        with tqdm(total=total, desc=f"fashion-mnist -> {out_dir.name}", unit="img",
-                  disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(total, f"fashion-mnist -> {out_dir.name}", quiet=not progress) as bar:
             for split, chosen in plan.items():
                 images, _labels = data[split]
                 per_class[split] = {}

@@ -19,7 +19,8 @@ from pipeline.featurefile import chunks
 from pipeline.images.listing import list_images
 from pipeline.images.decode import iter_batches
 from pipeline.extract.loop import extract_rows
-from pipeline.featurefile.store import open_features, write_feature_file
+from pipeline.featurefile.store import open_features
+from pipeline.featurefile.writer import write_feature_file
 from pipeline.extract.workarea import WorkArea
 
 #: Photo-sized JPEGs: the size of a typical ImageNet/Pascal photo, at a common camera quality.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def run_sizes(config) -> list[dict]:
         PipelineError: a class with fewer images than the largest size, or rows scored on
             different test sets.
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     t0 = time.perf_counter()
     sizes = tuple(sorted(config.sizes))
@@ -97,7 +96,7 @@ def run_sizes(config) -> list[dict]:
     if any(s in CLASSICAL for s in config.strategies):
         train_h5, test_h5 = kinds.extract(largest, "train"), kinds.extract(config, "test")
     rows = []
-    with tqdm(total=len(sizes) * len(config.strategies), desc="compare --sizes", unit="run", disable=config.quiet, file=sys.stderr) as bar:
+    with progress(len(sizes) * len(config.strategies), "compare --sizes", "run", quiet=config.quiet) as bar:
         for n in sizes:
             sub = dataclasses.replace(config, data_root=roots[n], output=base / str(n), sizes=())
             inputs = kinds.Inputs(roots[n])

@@ -305,7 +305,7 @@ def run_shards(ray, worker: Callable[[ExtractConfig], int], config: ExtractConfi
         PipelineError: some shards still failed after their retries (the others are kept).
         KeyboardInterrupt: the pending tasks were cancelled (they keep their work areas).
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     configs, retries, batch_size = shard_configs(config, p), config.ray_retries, config.batch_size
     sizes = [len(shard_listing(listing, p.shards, k)) for k in range(p.shards)]
@@ -321,7 +321,7 @@ def run_shards(ray, worker: Callable[[ExtractConfig], int], config: ExtractConfi
     results: dict[int, dict] = {}
     failures: list[str] = []
     finished: dict[int, int] = {}
-    bar = tqdm(total=sum(sizes), unit="img", desc="extract (ray)", disable=config.quiet, dynamic_ncols=True)
+    bar = progress(sum(sizes), "extract (ray)", quiet=config.quiet)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)

@@ -119,7 +119,7 @@ def extract_rows(
     Raises:
         PipelineError: the weights changed while loading; a part could not be written.
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress as progress_bar
 
     if net is None:
         net = engines.open_backbone(input_size, weights, precision, batch_size=batch_size, calibration=calibration, progress=progress)
@@ -129,7 +129,7 @@ def extract_rows(
     writer = PartWriter(work, listing, work.next_seq(), chunks.default_layout(tuple(net.output_shape), dtype.name))
     writer.start()
     n_rejected = 0
-    bar = tqdm(total=done + len(todo), initial=done, unit="img", desc="extract", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    bar = progress_bar(done + len(todo), "extract", quiet=not progress, initial=done, smoothing=0.1)
     t0 = time.perf_counter()
     try:
         for run in _runs(todo):

@@ -25,7 +25,8 @@ from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.preflight import check_names_fit, check_not_a_link
 from pipeline.extract.fingerprints import SHARD_LOCAL_KEYS, merged_fingerprint
 from pipeline.featurefile.schema import VERSION_COLUMNS
-from pipeline.featurefile.store import STR, open_features
+from pipeline.featurefile.store import open_features
+from pipeline.featurefile.writer import STR
 
 #: Row datasets, one value per extracted image: merged as virtual datasets.
 ROW_DATASETS = ("features", "labels", "paths", *VERSION_COLUMNS)

@@ -30,7 +30,8 @@ from pipeline.extract.loop import extract_rows
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan
 from pipeline.extract.shardset import merge_locked
 from pipeline.featurefile.schema import RowBlock
-from pipeline.featurefile.store import check_output_writable, class_summary, write_feature_file
+from pipeline.featurefile.store import check_output_writable, class_summary
+from pipeline.featurefile.writer import write_feature_file
 from pipeline.images.listing import Reject, list_images
 from pipeline.backbones.registry import get_spec
 

@@ -17,7 +17,6 @@ from pipeline.core.outputs import refuse_special, special_kind
 from pipeline.featurefile import schema as contract
 from pipeline.featurefile.checks import stale_sources
 from pipeline.featurefile.schema import DATASETS, VERSION_COLUMNS, column_problem, is_complete, version_problem
-from pipeline.featurefile.writer import STR, write_feature_file  # noqa: F401 - the store's writer, re-exported for its callers
 from pipeline.images.listing import Reject
 
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")

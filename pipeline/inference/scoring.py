@@ -83,7 +83,7 @@ def pooled_batches(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     Features are computed by ``net`` (checked against the bundle: ``bundle.check_engine``) and
     rounded to the training file's storage dtype, as the estimator saw them.
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     from pipeline.images.listing import Listing
     from pipeline.images.decode import iter_batches
@@ -95,7 +95,7 @@ def pooled_batches(bundle: dict, images: list[Path], net, *, batch_size: int = 3
     # The reader's Listing joins root and path: "." keeps relative paths relative and
     # absolute ones absolute. Labels are unknown here, so all zero.
     listing = Listing(Path("."), ("?",), tuple(str(p) for p in images), np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    with tqdm(total=n, desc="predict", unit="img", disable=quiet, dynamic_ncols=True, leave=False) as bar:
+    with progress(n, "predict", quiet=quiet) as bar:
         for batch in iter_batches(listing, np.arange(n), size=int(spec["input_size"]), interpolation=spec["resize"], batch_size=batch_size):
             ok = batch.ok
             X = None

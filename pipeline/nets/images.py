@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,14 +102,14 @@ def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc:
 
     ``kept``: a list that receives the relative path of each decoded image, in order.
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     n = len(listing)
     pixels = np.empty((n, input_size, input_size, 3), np.uint8)
     labels = np.empty(n, np.int32)
     rejected = [(str(Path(listing.root) / r.path), r.reason) for r in listing.skipped]
     k = 0
-    with tqdm(total=n, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress(n, desc, quiet=quiet) as bar:
         for batch in iter_batches(listing, np.arange(n), size=input_size, interpolation=resize, batch_size=_DECODE_BATCH):
             ok = batch.ok
             m = int(ok.sum())

@@ -127,7 +127,7 @@ def cache_plan(net: Network, data: Data, *, cache: bool, cache_copies: int, augm
 def build_cache(net: Network, data: Data, copies: int, dtype, *, augment: bool, seed: int, batch_size: int, quiet: bool):
     """Prefix outputs: (copies, n_train, ...) of augmented training images and (n_val, ...) of validation images."""
     import tensorflow as tf
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     prefix = net.prefix
     aug = augmentation_layers(seed) if augment else []
@@ -148,7 +148,7 @@ def build_cache(net: Network, data: Data, copies: int, dtype, *, augment: bool, 
     train = np.empty((copies, n, *shape), dtype)
     val = np.empty((len(data.val_y), *shape), dtype)
     total = copies * n + len(data.val_y)
-    with tqdm(total=total, desc=f"cache {copies}x", unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress(total, f"cache {copies}x", quiet=quiet) as bar:
         for k in range(copies):
             fn = augmented if aug else clean
             for s in range(0, n, bs):

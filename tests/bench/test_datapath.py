@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.bench import datapath
 from pipeline.cli import main
 from pipeline.images.listing import list_images
-from pipeline.featurefile.store import write_feature_file
+from pipeline.featurefile.writer import write_feature_file
 
 
 def replay_file(path, n=40, row=(1, 1, 16)):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.featurefile.store import write_feature_file
+from pipeline.featurefile.writer import write_feature_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("ant", "bee", "cat")

@@ -12,7 +12,8 @@ import shutil
 from pipeline.extract.incremental import find_kept, kept_blocks
 from pipeline.images.listing import list_images, Reject
 from pipeline.images.decode import limit_holds, limits
-from pipeline.featurefile.store import stored_rows, write_feature_file
+from pipeline.featurefile.store import stored_rows
+from pipeline.featurefile.writer import write_feature_file
 
 
 def write_from_listing(path, listing, rejected=()):

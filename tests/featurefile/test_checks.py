@@ -10,7 +10,7 @@ from pipeline.cli import main
 from pipeline.backbones.registry import PREPROCESSING
 from pipeline.extract.fingerprints import shard_path
 from pipeline.extract.shardset import merge
-from pipeline.featurefile.store import write_feature_file
+from pipeline.featurefile.writer import write_feature_file
 from pipeline.featurefile.checks import verify
 
 #: Every attribute the contract asks of a file written by one extraction (``extract`` writes these).

@@ -10,7 +10,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.featurefile import chunks
 from pipeline.extract.incremental import find_kept, kept_blocks
 from pipeline.images.listing import list_images
-from pipeline.featurefile.store import write_feature_file
+from pipeline.featurefile.writer import write_feature_file
 from pipeline.extract.workarea import WorkArea
 from conftest import make_tree
 

@@ -19,8 +19,8 @@ from pipeline.featurefile.store import (
     Stored,
     open_features,
     stored_output,
-    write_feature_file,
 )
+from pipeline.featurefile.writer import write_feature_file
 from pipeline.images.listing import Reject
 
 SPEC = {"backbone": "vgg16", "layer": "block5_pool", "input_size": 32, "preprocessing": "caffe", "resize": "bilinear", "weights": "none", "weights_checksum": "none"}
