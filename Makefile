@@ -33,7 +33,7 @@ MODEL ?= $(MODELS)/lr.joblib
 .PHONY: help setup data extract train-lr train-svm train-rf predict compare-data compare bench bench-backbones demo test test-avx2 verify clean
 
 help: ## list the targets
-	@grep -E "^[a-zA-Z_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E "^[a-zA-Z0-9_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo ""
 	@echo "Your own images (one sub-folder per class, train/ and test/ kept apart):"
 	@echo "  make extract DATA=mydata/train OUT=features/my-train.h5"

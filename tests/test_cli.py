@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from pipeline import cli
 from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
@@ -128,3 +129,36 @@ def test_the_command_line_is_recorded_where_the_config_keeps_one(tmp_path):
 def test_version(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.strip() == "transfer-pipeline 0.1.0"
+
+
+def test_a_quiet_extract_prints_only_its_summary_line(tree, tmp_path):
+    """No TensorFlow start-up lines (absl's pre-init warning, the oneDNN notice) on stderr; stdout is the one summary line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as on a user's machine
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "pipeline", "extract", str(tree), "-o", str(tmp_path / "x.h5"), "--weights", "none", "--input-size", "32", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert len(proc.stdout.splitlines()) == 1 and proc.stdout.startswith("extracted 6 images") and "(2 classes: cat 3, dog 3)" in proc.stdout
+
+
+def test_the_start_up_filter_drops_only_tensorflow_s_notices():
+    """Lines written to fd 2 inside the filter come back, except the known start-up notices."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from pipeline.core.quiet import filtered_stderr\n"
+        "with filtered_stderr():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "    os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see ...\\n')\n"
+        "    os.write(2, b'a real warning\\n')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0 and proc.stderr == "a real warning\n"

@@ -1,13 +1,14 @@
-"""Train stage: pooled bottleneck features from HDF5 -> a cross-validated scikit-learn classifier, its model bundle, metrics, report and confusion plot.
+"""Train stage: pooled bottleneck features from HDF5 -> a cross-validated scikit-learn classifier, its model bundle, metrics, report, confusion plot and misclassified test rows.
 
 The parts: ``features`` (pooling, scaling, reading), ``models`` (the ``--model`` registry),
 ``search`` (the cross-validated search), ``fitting`` (in memory or out of core; its module
 doc says how the linear models are fitted, and why) and ``bundle`` (the file predict reads).
 
-Safety: no output path may be an input (``guard``); every chunk read is checked for
-non-finite values (``features.check_finite``); SIGTERM is an interrupt that library code
-cannot lose (``interrupts``), so the lock and temporary files unwind and the previous
-outputs stay as they were.
+Safety: no output path may be an input (``core.guard``), and no test file may share the
+training file's images (``overlap``); every chunk read is checked for non-finite values
+(``features.check_finite``); SIGTERM is an interrupt that library code cannot lose
+(``core.signals``), so the lock and temporary files unwind and the previous outputs stay as
+they were.
 """
 
 from __future__ import annotations
@@ -290,10 +291,10 @@ def run(config: TrainConfig) -> dict:
 
     Writes ``<model>.joblib`` (the bundle: estimator on pooled features, label names,
     feature spec incl. pooling, precision, metrics), ``<model>.metrics.json``,
-    ``<model>.report.txt`` and ``<model>.confusion.png`` into ``config.output``, each
-    atomically, under the lock ``<model>.joblib.lock``; prints a short summary. SIGTERM
-    raises ``Terminated`` (a KeyboardInterrupt): the lock and temporary files are
-    removed and the previous outputs are left intact (once writing has begun, the four
+    ``<model>.report.txt``, ``<model>.confusion.png`` and ``<model>.misclassified.csv`` into
+    ``config.output``, each atomically, under the lock ``<model>.joblib.lock``; prints a short
+    summary. SIGTERM raises ``Terminated`` (a KeyboardInterrupt): the lock and temporary files
+    are removed and the previous outputs are left intact (once writing has begun, the five
     outputs are all written first).
 
     Args:
@@ -383,7 +384,7 @@ def run(config: TrainConfig) -> dict:
             quantization=attrs.get("quantization"),
         )  # fmt: skip
         stop_if_terminated()
-        with finish_first():  # all four outputs replaced, or none
+        with finish_first():  # all five outputs replaced, or none
             _write_outputs(paths, bundle, metrics, report, names, test_source, wrong)
     _print_summary(metrics, fitted, paths)
     return metrics

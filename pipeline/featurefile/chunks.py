@@ -19,7 +19,7 @@ import numpy as np
 TARGET_CHUNK_BYTES = 1 << 20
 #: At most this many rows per chunk, so a batch of 32 (or any multiple) fills whole chunks.
 MAX_ROWS = 16
-#: gzip level of new files (chosen by measurement: see the README, "Feature storage").
+#: gzip level of new files (chosen by measurement: docs/results.md, "Feature storage").
 LEVEL = 2
 #: HDF5's shuffle filter before gzip in new files (off: measured larger and slower on these features).
 SHUFFLE = False

@@ -1,6 +1,6 @@
 """The feature file's contract: every dataset and attribute with its type, rank and length, the version columns and the block of rows a writer takes, checked into one-line reasons (never an exception) for ``verify`` and the validating reader.
 
-The tables below are the README's feature-file table in code (a test keeps the two equal).
+The tables below are docs/feature-file.md's table in code (a test keeps the two equal).
 ``problems(db, path)`` returns every broken rule of an open file; a check that cannot even
 read what it checks becomes a reason too. A file of another ``format_version`` or chunk
 layout was written by another version of the pipeline: it is refused, to be extracted again.

@@ -96,7 +96,7 @@ class FinetuneConfig(NetConfig):
     dense: int = option(256, "units of the dense head's hidden layer", rule=COUNT)
     head_epochs: int = option(5, "--head dense: epochs of the new head on the frozen base (the probe is fitted instead)", rule=COUNT_OR_ZERO)
     epochs: int = option(10, "maximum training epochs, early stopping", rule=COUNT_OR_ZERO)
-    # 3e-5: lowest validation loss over the plateau of LP-FT runs at 1e-5, 3e-5 and 1e-4 (README, Fine-tune and from scratch)
+    # 3e-5: lowest validation loss over the plateau of LP-FT runs at 1e-5, 3e-5 and 1e-4 (docs/results.md)
     lr: float = option(3e-5, "fine-tuning Adam learning rate (chosen on validation rows for LP-FT; compare's classic dense-head row uses 1e-5)", rule=RATE)
     head_lr: float = option(1e-3, "--head dense: Adam learning rate of the new head on the frozen base", rule=RATE)
     patience: int = option(3, "epochs without a better validation loss before stopping", rule=COUNT_OR_ZERO)

@@ -27,7 +27,7 @@ DEFAULT_DEPTH = 20
 #: the CNN's Adam run with early stopping; the ResNet's native small input and SGD over
 #: the step schedule, every epoch run (the schedule needs its whole length; the epoch with
 #: the lowest validation loss is kept). The ResNet's epochs and learning rate were chosen
-#: on validation rows only (README, "Fine-tune and from scratch").
+#: on validation rows only (docs/results.md).
 ARCH_DEFAULTS = {
     "cnn": {"input_size": 64, "epochs": 30, "lr": 1e-3, "patience": 5},
     "resnet": {"input_size": 32, "epochs": 40, "lr": 0.1, "patience": None},

@@ -110,3 +110,19 @@ def test_what_cannot_be_rebuilt_or_would_be_destroyed_is_refused(vgg, tmp_path):
     with pytest.raises(PipelineError, match=r"taken\.keras: exists; pass --overwrite"):
         export.run(export.ExportConfig(model=lr, output=tmp_path / "taken.keras"))
     assert (tmp_path / "taken.keras").read_text() == "mine"
+
+
+def test_a_savedmodel_export_serves_the_same_scores(vgg, tmp_path):
+    """--format savedmodel: a TensorFlow SavedModel folder whose serving function gives the .keras file's scores."""
+    import tensorflow as tf
+
+    root, data = vgg
+    bundle = root / "models" / "lr.joblib"
+    folder = export.run(export.ExportConfig(model=bundle, output=tmp_path / "lr-saved", format="savedmodel"))
+    keras_file = export.run(export.ExportConfig(model=bundle, output=tmp_path / "lr.keras"))
+    meta = json.loads((tmp_path / "lr-saved.json").read_text())
+    listing = list_images(data)
+    pixels = np.stack([load_image(listing.root / p, meta["input_size"], meta["resize"]) for p in listing.paths]).astype(np.float32)
+    loaded = tf.saved_model.load(str(folder))  # kept: its variables live as long as it does
+    served = loaded.serve(tf.constant(pixels)).numpy()
+    np.testing.assert_allclose(served, _plain_keras(keras_file, pixels, tmp_path), rtol=1e-4, atol=1e-5)
