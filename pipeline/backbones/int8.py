@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.digests import file_digest
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.backbones import network as bb
 from pipeline.backbones.registry import BACKBONE, feature_shape, get_spec
@@ -194,14 +195,6 @@ def model_dir(key: str) -> Path:
 MODEL_FILES = {"model.xml": "xml_sha256", "model.bin": "bin_sha256"}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_model_info(key: str) -> dict | None:
     """The ``info.json`` of the cached model ``key``, checked against its files; None if it is not cached.
 
@@ -221,7 +214,7 @@ def read_model_info(key: str) -> dict | None:
         if not isinstance(info.get(field), str):
             raise PipelineError(f"{folder}: made by an earlier version of the pipeline (info.json has no checksum of {name}); delete {folder} to calibrate again")
         try:
-            actual = _sha256(folder / name)
+            actual = file_digest(folder / name)
         except OSError as exc:
             raise PipelineError(f"{folder}/{name}: unreadable ({exc.strerror or exc}); delete {folder} to calibrate again") from None
         if actual != info[field]:
@@ -312,7 +305,7 @@ def quantize(calibration: Calibration, weights, *, input_size: int, folder: Path
         "calibration_seconds": round(time.perf_counter() - t0, 2),
         "versions": int8_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **{field: _sha256(folder / name) for name, field in MODEL_FILES.items()},
+        **{field: file_digest(folder / name) for name, field in MODEL_FILES.items()},
     }
     (folder / "info.json").write_text(json.dumps(info, indent=1))
     return info

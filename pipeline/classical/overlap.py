@@ -9,13 +9,13 @@ the caller says so, rather than pretending the check was done.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.digests import file_digest
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import same_file
 
@@ -36,15 +36,10 @@ def _files(ff) -> list[tuple[str | None, int]]:
 
 
 def _digest(path: str) -> str | None:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return file_digest(Path(path))
     except OSError:
         return None
-    return h.hexdigest()
-
 
 def shared_images(train_ff, test_ff) -> Overlap:
     """The test rows whose image is one of the training rows' images, by resolved path or by content.
