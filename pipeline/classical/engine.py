@@ -68,7 +68,8 @@ class Preconditioner:
         xc = xs - mu
         lam, u = np.linalg.eigh((xc @ xc.T).astype(np.float64))
         lam, u = np.maximum(lam[::-1], 0.0), u[:, ::-1]
-        r = max(0, min(rank, int(np.sum(lam > lam[0] * 1e-6)) - 1))
+        # At most a quarter of the sample's (and the features') dimensions: the next eigenvalue must stand for the many left.
+        r = max(0, min(rank, len(xs) // 4, xs.shape[1] // 4, int(np.sum(lam > lam[0] * 1e-6)) - 1))
         delta = float(lam[r] / len(xs)) if len(lam) else 0.0
         delta = delta if delta > 0 else float(np.einsum("ij,ij->", xc, xc, dtype=np.float64) / max(1, xs.size))
         V = (xc.T @ (u[:, :r] / np.sqrt(lam[:r])).astype(np.float32)) if r else np.zeros((xs.shape[1], 0), np.float32)
