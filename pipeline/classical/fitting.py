@@ -138,6 +138,7 @@ def fit_matrix(
     memory_budget_mb: float = 2048,
     epochs: int = 5,
     backend: str = "auto",
+    row_space_max_rows: int = ROW_SPACE_MAX_ROWS,
 ) -> tuple[object, SearchResult, dict]:
     """Search and fit ``model`` on an in-memory matrix of pooled features.
 
@@ -152,9 +153,10 @@ def fit_matrix(
         scaler: for ``standard``, a StandardScaler already fitted on ``X`` (e.g. chunk by
             chunk while reading); fitted here, chunk by chunk, when None.
         memory_budget_mb: the row-space search is used when ``n <= d/2``, ``n <=
-            ROW_SPACE_MAX_ROWS`` and its ``n x n`` float64 Gram matrix fits in this budget.
+            row_space_max_rows`` and its ``n x n`` float64 Gram matrix fits in this budget.
         epochs, backend: the engine's passes and device (``device.BACKENDS``), for linear
-            models above ``ROW_SPACE_MAX_ROWS`` rows.
+            models above ``row_space_max_rows`` rows (``bench --train`` raises it to time
+            the exact search on more rows).
 
     Returns:
         ``(estimator, search result, space)``: the estimator takes unscaled pooled rows
@@ -176,7 +178,7 @@ def fit_matrix(
             scaler.partial_fit(X[s0 : s0 + 1024])
     prep = scaler if scaling == "standard" else make_scaler("l2", d)
     scale_rows_(X, scaling, prep)
-    if n > ROW_SPACE_MAX_ROWS:
+    if n > row_space_max_rows:
         fit = search_matrix(X, y, sorted(grid["C"]), loss=model, cv=cv, seed=seed, epochs=epochs, quiet=quiet, backend=backend)
         return _pipeline(prep, _engine_model(fit, model, scaling, d)), _engine_result(fit, "cv"), fit["space"]
     use_row_space = n <= d // 2 and 8 * n * n <= memory_budget_mb * (1 << 20)
