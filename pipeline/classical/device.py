@@ -71,10 +71,10 @@ class TFEngine:
 
     def _math(self, x, y, groups, scale, avg):
         tf, H, k = self.tf, len(self.heads), self.k
-        x = tf.cast(x, tf.float32) - self.mu
+        x = tf.cast(x, tf.float32)
         m = tf.cast(groups[:, None] != self.held[None, :], tf.float32)
         counts = tf.reduce_sum(m, 0)
-        S = tf.reshape(tf.matmul(x, self.W) + self.c, (-1, H, k))
+        S = tf.reshape(tf.matmul(x, self.W) + (self.c - tf.linalg.matvec(self.W, self.mu, transpose_a=True)), (-1, H, k))
         onehot = tf.one_hot(y, k)[:, None, :]
         if self.loss == "lr":
             R = tf.nn.softmax(S, axis=2) - onehot
@@ -82,12 +82,13 @@ class TFEngine:
             Y = 2.0 * onehot - 1.0
             R = -2.0 * Y * tf.nn.relu(1.0 - Y * S)
         R = tf.reshape(R * (m / tf.maximum(counts, 1.0))[:, :, None], (-1, H * k))
-        G = tf.matmul(x, R, transpose_a=True) + self.lam * self.W
+        r_sum = tf.reduce_sum(R, 0)
+        G = tf.matmul(x, R, transpose_a=True) - self.mu[:, None] * r_sum[None, :] + self.lam * self.W  # centred rows, as Engine.step
         if self.V.shape[1]:
             G -= tf.matmul(self.V, self.shrink * tf.matmul(self.V, G, transpose_a=True))
         eta = self.eta * scale * tf.repeat(tf.cast(counts > 0, tf.float32), k)
         self.W.assign_sub(eta * G)
-        self.c.assign_sub(eta * tf.reduce_sum(R, 0))
+        self.c.assign_sub(eta * r_sum)
         self.Wa.assign_add(avg * (self.W - self.Wa))
         self.ca.assign_add(avg * (self.c - self.ca))
 

@@ -122,20 +122,23 @@ class Engine:
         self.t, self.steps, self.average_from, self.averaged = 0, max(1, steps), average_from, 0
 
     def step(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
-        """One step on a batch of scaled rows ``x`` (float32, overwritten by its centred values), labels ``y``, group ids ``groups``."""
-        x -= self.pre.mu
+        """One step on a batch of scaled rows ``x`` (float32), labels ``y``, group ids ``groups``."""
+        # Centred rows without centring them: (x - mu) @ W = x @ W - mu @ W, and (x - mu).T @ R =
+        # x.T @ R - outer(mu, sum R): a pass over d x columns instead of one over the batch.
         m = self.heads.members(groups)
         counts = m.sum(0)
-        R = residual(x @ self.W + self.c, y, self.loss, len(self.heads))
+        R = residual(x @ self.W + (self.c - self.pre.mu @ self.W), y, self.loss, len(self.heads))
         R *= np.repeat(m / np.maximum(counts, 1.0), self.k, axis=1)
+        r_sum = R.sum(0)
         G = x.T @ R
+        G -= np.outer(self.pre.mu, r_sum)
         G += self.lam * self.W
         if self.pre.V.shape[1]:
             G -= self.pre.V @ (self.pre.shrink[:, None] * (self.pre.V.T @ G))
         eta = self.eta * np.float32(1.0 / (1.0 + 4.0 * self.t / self.steps))
         eta = eta * np.repeat(counts > 0, self.k)  # a head with no row in the batch stays put (its penalty too)
         self.W -= eta * G
-        self.c -= eta * R.sum(0)
+        self.c -= eta * r_sum
         self.t += 1
         if self.t > self.average_from:
             self.averaged += 1
@@ -151,10 +154,15 @@ class Engine:
         return W.T.reshape(H, self.k, -1).astype(np.float64), c.reshape(H, self.k).astype(np.float64)
 
 
-def decisions(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Logits ``(rows, heads, k)`` of every head on scaled rows ``x``."""
+def decisions(W: np.ndarray, c: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """Logits ``(rows, heads, k)`` on scaled rows ``x`` of the models ``stacked`` into ``W`` and ``c``."""
+    return (x @ W + c).reshape(len(x), -1, k)
+
+
+def stacked(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(d, heads*k)`` float32 weights and ``(heads*k,)`` intercepts of ``weights()``'s models: converted once, used on every block."""
     H, k, d = coef.shape
-    return (x @ coef.reshape(H * k, d).T.astype(np.float32) + intercept.reshape(-1).astype(np.float32)).reshape(len(x), H, k)
+    return np.ascontiguousarray(coef.reshape(H * k, d).T, np.float32), intercept.reshape(-1).astype(np.float32)
 
 
 def classifier(loss: str, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, C: float, n: int):

@@ -233,7 +233,7 @@ def run(config: TrainConfig) -> dict:
             if test_ff is not None:  # read (and checked) before the fit: a bad test file fails fast
                 (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
             same_file_test = [test_rows] if test_ff is None else []
-            fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, **common)
+            fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, epochs=config.epochs, **common)
             if test_ff is None:
                 x_test, y_test = extras[0], labels[test_rows]
             else:
