@@ -13,14 +13,15 @@ from pipeline.cli import COMMANDS
 PACKAGE = ROOT / "pipeline"
 MAX_LINES = 450
 MAX_FOLDER_LINES = 2000
-#: The floors, lowest first: images < backbones < featurefile < extract / classical < nets < inference / compare / bench.
+#: The floors, lowest first: images < backbones < featurefile < extract / rows < classical < nets < inference / compare / bench.
 #: A module of each folder may import its own folder and the folders listed for it.
 ALLOWED = {"core": {"core"}}
 ALLOWED["images"] = ALLOWED["core"] | {"images"}
 ALLOWED["backbones"] = ALLOWED["images"] | {"backbones"}
 ALLOWED["featurefile"] = ALLOWED["backbones"] | {"featurefile"}
 ALLOWED["extract"] = ALLOWED["featurefile"] | {"extract"}
-ALLOWED["classical"] = ALLOWED["featurefile"] | {"classical"}
+ALLOWED["rows"] = ALLOWED["featurefile"] | {"rows"}
+ALLOWED["classical"] = ALLOWED["rows"] | {"classical"}
 # LP-FT starts fine-tuning from a classical model bundle: nets may use classical's parts (not its stages).
 ALLOWED["nets"] = ALLOWED["classical"] | {"nets"}
 ALLOWED["inference"] = ALLOWED["nets"] | {"inference"}

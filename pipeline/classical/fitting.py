@@ -1,4 +1,4 @@
-"""Fitting a model family on pooled rows: in memory (row space, scale folding) or out of core (SGD on a shuffled stream); the fitted estimator takes unscaled pooled rows.
+"""Fitting a model family on pooled rows: in memory (row space, scale folding, or the engine above a size) or out of core (the engine on a stream); the fitted estimator takes unscaled pooled rows.
 
 How the linear models (``lr``, ``svm``) are fitted, and why:
 
@@ -10,31 +10,27 @@ How the linear models (``lr``, ``svm``) are fitted, and why:
   by chunk with ``partial_fit``, never on a float64 copy of the matrix). ``--C`` refers
   to the scaled rows; the stored pipeline is ``Normalizer`` (unit norm) + classifier,
   with the ``sqrt(d)`` folded into the coefficients (and ``C``/``alpha``).
-* Row space. With fewer training rows ``n`` than features ``d`` (25088 for
-  ``flatten``), an L2-penalised linear model's weights lie in the span of the training
-  rows (representer theorem), so the search fits on ``Z = U sqrt(L)`` (``n x n``, from
-  the eigendecomposition of the Gram matrix) instead of ``n x d``: the same models, up
-  to solver tolerance, at a fraction of the cost. The chosen model's weights are
-  mapped back to the ``d`` features, so the stored estimator takes pooled features.
-  On 1000 Fashion-MNIST images (7x7x512 features) the default ``lr`` search takes
-  about 2 s against 48 s for ``GridSearchCV(LogisticRegression(), C in 0.1..1e4, cv=3)``
-  on the raw features, with test accuracy 0.900 against 0.896.
-* Search. Stratified ``--cv`` folds (seeded) on ``--n-jobs`` threads (the fits run in
-  BLAS/liblinear/tree code that releases the GIL; threads share the data), and ``lr``
-  walks its C grid upwards with warm starts; ``rf`` grows each forest through its
-  ``n_estimators`` grid with warm starts (one forest per fold and ``max_features``)
-  and parallelises over trees. Ties go to the stronger regularisation / fewer trees.
+* Row space, up to ``ROW_SPACE_MAX_ROWS`` rows. With fewer training rows ``n`` than
+  features ``d``, an L2-penalised linear model's weights lie in the span of the rows
+  (representer theorem), so the search fits on ``Z = U sqrt(L)`` (``n x n``, from the
+  eigendecomposition of the Gram matrix): the same models as on ``X`` (exact, lbfgs or
+  liblinear), mapped back to the ``d`` features. Its cost grows as ``n^2 d`` (the Gram
+  matrix), ``n^3`` (its eigendecomposition) and ``n^2`` per solver iteration, with more
+  iterations for the weakly regularised C as ``n`` grows.
+* The engine, above that (``engine``, ``stream``): every (C, fold) candidate and one model
+  per C on all rows, stacked in one weight matrix and trained together by preconditioned
+  minibatch SGD in ``epochs`` passes: cost linear in the rows, whatever the grid.
 * Memory. ``--memory-budget`` bounds the float32 training matrix. In memory, expect a
   peak of about twice that (the test rows, fold copies, the row-space Gram matrix);
   no float64 copy of the matrix is made.
-* Out of core. When the float32 training matrix exceeds ``--memory-budget``,
-  ``lr``/``svm`` are fitted with ``SGDClassifier.partial_fit`` (log or hinge loss)
-  on seeded, shuffled chunks streamed from the HDF5 file for ``--epochs`` epochs. With
-  more than one C, every candidate learns from the same stream on ``(cv-1)/cv`` of the
-  training rows, the best on the held-out rest is chosen, then refitted on all of them.
-  ``rf`` cannot be streamed: the train stage refuses it with a message asking for
-  ``--pool avg``/``max`` or a larger budget (a silent subsample would change the result
-  without saying so).
+* Out of core. When the float32 training matrix exceeds ``--memory-budget``, ``lr``/``svm``
+  are fitted by the engine on batches of random chunks, read and decompressed on a
+  thread pool ahead of the math (``stream``): every C on the rows outside ``1/cv`` of the
+  chunks, scored on those, and on every row; the latter is the model kept. Batches take at
+  most a quarter of the budget; the models, the preconditioner and a sample of
+  ``engine.SAMPLE_ROWS`` rows do not grow with the rows. ``rf`` cannot be streamed: the
+  train stage refuses it with a message asking for ``--pool avg``/``max`` or a larger
+  budget (a silent subsample would change the result without saying so).
 """
 
 from __future__ import annotations
@@ -44,23 +40,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.classical.features import (
-    STREAM_BATCH_ROWS,
-    make_scaler,
-    pooled_dim,
-    progress_bar,
-    read_groups,
-    scale_batch,
-    scale_rows_,
-    shuffled_batches,
-    stream_rows,
-)
+from pipeline.rows.engine import classifier
+from pipeline.rows.pooling import make_scaler, pooled_dim, read_groups, scale_rows_, stream_rows
 from pipeline.core.signals import stop_if_terminated
 from pipeline.classical.models import MODELS
 from pipeline.classical.search import SearchResult, blas_limit, hit_max_iter, quiet_convergence, search
-from pipeline.core.errors import PipelineError
-from pipeline.core.splits import split_indices
+from pipeline.rows.stream import search_matrix, search_stream
 from pipeline.featurefile.store import FeatureFile
+
+#: Above this many training rows the in-memory search runs on the engine (measured: see ``bench --train``).
+ROW_SPACE_MAX_ROWS = 2048
 
 # ---------------------------------------------------------------------------
 # Linear-model helpers: row space and scale folding
@@ -147,6 +136,9 @@ def fit_matrix(
     quiet: bool = True,
     scaler=None,
     memory_budget_mb: float = 2048,
+    epochs: int = 5,
+    backend: str = "auto",
+    row_space_max_rows: int = ROW_SPACE_MAX_ROWS,
 ) -> tuple[object, SearchResult, dict]:
     """Search and fit ``model`` on an in-memory matrix of pooled features.
 
@@ -160,13 +152,16 @@ def fit_matrix(
         cv, seed, n_jobs, quiet: as in the train stage's config.
         scaler: for ``standard``, a StandardScaler already fitted on ``X`` (e.g. chunk by
             chunk while reading); fitted here, chunk by chunk, when None.
-        memory_budget_mb: the row-space search is used when ``n <= d/2`` and its
-            ``n x n`` float64 Gram matrix fits in this budget; else the search runs on ``X``.
+        memory_budget_mb: the row-space search is used when ``n <= d/2``, ``n <=
+            row_space_max_rows`` and its ``n x n`` float64 Gram matrix fits in this budget.
+        epochs, backend: the engine's passes and device (``device.BACKENDS``), for linear
+            models above ``row_space_max_rows`` rows (``bench --train`` raises it to time
+            the exact search on more rows).
 
     Returns:
         ``(estimator, search result, space)``: the estimator takes unscaled pooled rows
         (a Pipeline: scaling + classifier); ``space`` says where the search ran
-        (``features`` or ``row-space`` and its dimension).
+        (``features``, ``row-space`` or ``engine``, and its dimension).
     """
     family = MODELS[model]
     grid = {k: list(v) for k, v in (grid or family.grid).items()}
@@ -183,6 +178,9 @@ def fit_matrix(
             scaler.partial_fit(X[s0 : s0 + 1024])
     prep = scaler if scaling == "standard" else make_scaler("l2", d)
     scale_rows_(X, scaling, prep)
+    if n > row_space_max_rows:
+        fit = search_matrix(X, y, sorted(grid["C"]), loss=model, cv=cv, seed=seed, epochs=epochs, quiet=quiet, backend=backend)
+        return _pipeline(prep, _engine_model(fit, model, scaling, d)), _engine_result(fit, "cv"), fit["space"]
     use_row_space = n <= d // 2 and 8 * n * n <= memory_budget_mb * (1 << 20)
     if use_row_space:
         Z, U, sv = row_space(X)
@@ -202,6 +200,20 @@ def fit_matrix(
     return _pipeline(prep, clf), result, space
 
 
+def _engine_model(fit: dict, model: str, scaling: str, d: int):
+    clf = classifier(model, fit["coef"], fit["intercept"], fit["classes"], fit["C"], fit["n"])
+    if scaling == "l2":
+        fold_unit_rms(clf, d)
+    return clf
+
+
+def _engine_result(fit: dict, kind: str) -> SearchResult:
+    if fit["results"] is None:
+        return SearchResult({"C": fit["C"]}, float("nan"), float("nan"), [], "none")
+    best = next(r for r in fit["results"] if r["params"]["C"] == fit["C"])
+    return SearchResult({"C": fit["C"]}, best["mean"], best["std"], fit["results"], kind)
+
+
 def fit_in_memory(
     ff: FeatureFile,
     train_rows: np.ndarray,
@@ -217,6 +229,7 @@ def fit_in_memory(
     n_jobs: int,
     quiet: bool,
     memory_budget_mb: float,
+    epochs: int = 5,
 ) -> tuple[Fitted, list[np.ndarray]]:
     """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``.
 
@@ -231,36 +244,14 @@ def fit_in_memory(
     read_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     estimator, result, space = fit_matrix(
-        X, labels[train_rows], model=model, grid=grid, scaling=scaling, cv=cv,
-        seed=seed, n_jobs=n_jobs, quiet=quiet, scaler=scaler, memory_budget_mb=memory_budget_mb,
+        X, labels[train_rows], model=model, grid=grid, scaling=scaling, cv=cv, seed=seed, n_jobs=n_jobs,
+        quiet=quiet, scaler=scaler, memory_budget_mb=memory_budget_mb, epochs=epochs,
     )  # fmt: skip
     return Fitted(estimator, result, "in-memory", space, time.perf_counter() - t0, read_seconds), extras
 
 
 # ---------------------------------------------------------------------------
 # Out of core
-
-
-def _sgd(loss: str, C: float, n: int, seed: int):
-    from sklearn.linear_model import SGDClassifier
-
-    # C weighs the summed loss against |w|^2/2; SGD weighs the mean loss against
-    # alpha|w|^2/2, so alpha = 1/(C n) is the same objective.
-    return SGDClassifier(loss=loss, alpha=1.0 / (C * n), random_state=seed)
-
-
-def _stream_fit(models: list, ff: FeatureFile, mask: np.ndarray, labels: np.ndarray, classes: np.ndarray, *, pool: str, scaling: str, scaler,
-                seed: int, epochs: int, quiet: bool, buffer_rows: int, desc: str) -> None:  # fmt: skip
-    rng = np.random.default_rng([seed, 1])
-    n = int(mask.sum())
-    with progress_bar(n * epochs, desc, quiet) as bar:
-        for _ in range(epochs):
-            for x, y in shuffled_batches(ff, mask, labels, pool, rng, buffer_rows):
-                stop_if_terminated()
-                x = scale_batch(x, scaling, scaler)
-                for m in models:
-                    m.partial_fit(x, y, classes=classes)
-                bar.update(len(y))
 
 
 def fit_out_of_core(
@@ -277,55 +268,21 @@ def fit_out_of_core(
     epochs: int,
     quiet: bool,
     memory_budget_mb: float,
+    backend: str = "auto",
 ) -> Fitted:
-    """Scaler pass (``standard``), SGD candidates on a seeded stream, hold-out choice, refit on every training row.
+    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, hold-out choice (``stream.search_stream``).
 
     Raises:
         PipelineError: several C values but too few training rows to hold out a validation share.
     """
-    family = MODELS[model]
     d = pooled_dim(ff.row_shape, pool)
-    row_bytes = 4 * d
-    # Half the budget for the shuffle buffer; the rest covers the batch copies and the models.
-    buffer_rows = max(STREAM_BATCH_ROWS, int(memory_budget_mb * (1 << 20) / 2 // row_bytes))
-    classes = np.unique(labels[train_rows])
+    budget_rows = int(memory_budget_mb * (1 << 20) / 4 // (4 * d))
     scaler = make_scaler(scaling, d)
-    stream = dict(pool=pool, scaling=scaling, scaler=scaler, seed=seed, epochs=epochs, quiet=quiet, buffer_rows=buffer_rows)
     t0 = time.perf_counter()
-    if scaling == "standard":
-        with progress_bar(len(train_rows), "fit scaler", quiet) as bar:
-            for _, x in stream_rows(ff, train_rows, pool):
-                scaler.partial_fit(x)
-                bar.update(len(x))
-    Cs = sorted(grid["C"])
-    mask_all = np.zeros(len(ff), bool)
-    mask_all[train_rows] = True
-    if len(Cs) > 1:
-        fit_pos, val_pos = split_indices(labels[train_rows], 1.0 / cv, seed)
-        fit_rows, val_rows = train_rows[fit_pos], train_rows[val_pos]
-        if len(val_rows) == 0:
-            raise PipelineError(f"{ff.path}: too few training rows ({len(train_rows)}) to hold out a validation share for the C search; pass a single --C")
-        mask_fit = np.zeros(len(ff), bool)
-        mask_fit[fit_rows] = True
-        models = [_sgd(family.stream_loss, C, len(fit_rows), seed) for C in Cs]
-        _stream_fit(models, ff, mask_fit, labels, classes, desc=f"search {family.name} (sgd)", **stream)
-        correct = np.zeros(len(models))
-        for rows, x in stream_rows(ff, val_rows, pool):
-            x = scale_batch(x, scaling, scaler)
-            for i, m in enumerate(models):
-                correct[i] += np.sum(m.predict(x) == labels[rows])
-        acc = correct / len(val_rows)
-        results = [{"params": {"C": C}, "mean": float(a), "std": 0.0, "scores": [float(a)]} for C, a in zip(Cs, acc)]
-        best = int(np.argmax(acc))  # first maximum: the smaller C on ties
-        result = SearchResult({"C": Cs[best]}, float(acc[best]), 0.0, results, "holdout")
-    else:
-        result = SearchResult({"C": Cs[0]}, float("nan"), float("nan"), [], "none")
-    clf = _sgd(family.stream_loss, result.best_params["C"], len(train_rows), seed)
-    _stream_fit([clf], ff, mask_all, labels, classes, desc=f"fit {family.name} (sgd)", **stream)
-    if scaling == "l2":
-        fold_unit_rms(clf, d)
-    space = {"kind": "sgd-stream", "dims": d, "epochs": epochs, "buffer_rows": buffer_rows}
-    return Fitted(_pipeline(scaler, clf), result, "out-of-core", space, time.perf_counter() - t0, 0.0)
+    fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=model, pool=pool, scaling=scaling, scaler=scaler, cv=cv, seed=seed,
+                        epochs=epochs, quiet=quiet, budget_rows=budget_rows, backend=backend)  # fmt: skip
+    estimator = _pipeline(scaler, _engine_model(fit, model, scaling, d))
+    return Fitted(estimator, _engine_result(fit, "holdout"), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.classical.features import progress_bar
+from pipeline.rows.pooling import progress_bar
 from pipeline.core.signals import stop_if_terminated
 from pipeline.classical.models import MODELS, ModelFamily
 

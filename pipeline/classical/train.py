@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import make_bundle, write_bundle
-from pipeline.classical.features import POOLS, SCALINGS, pooled_dim, read_groups
+from pipeline.rows.pooling import POOLS, SCALINGS, pooled_dim, read_groups
 from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream
 from pipeline.core.guard import refuse_inputs_as_outputs
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
@@ -187,7 +187,7 @@ def refit_on_every_row(config: TrainConfig, ff, plan: FitPlan, fitted: Fitted) -
     common = dict(model=config.model, pool=config.pool, scaling=config.scaling, cv=config.cv, seed=config.seed, quiet=config.quiet,
                   memory_budget_mb=config.memory_budget_mb)  # fmt: skip
     if plan.mode == "in-memory":
-        return fit_in_memory(ff, rows, [], ff.labels, grid, n_jobs=config.n_jobs, **common)[0]
+        return fit_in_memory(ff, rows, [], ff.labels, grid, n_jobs=config.n_jobs, epochs=config.epochs, **common)[0]
     return fit_out_of_core(ff, rows, ff.labels, grid, epochs=config.epochs, **common)
 
 
@@ -267,7 +267,7 @@ def fit_predict(config: TrainConfig, ff, test_ff, plan: FitPlan):
         if test_ff is not None:  # read (and checked) before the fit: a bad test file fails fast
             (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
         same_file_test = [test_rows] if test_ff is None else []
-        fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, **common)
+        fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, epochs=config.epochs, **common)
         if test_ff is None:
             x_test, y_test = extras[0], labels[test_rows]
         else:

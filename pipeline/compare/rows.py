@@ -236,7 +236,7 @@ def net_row(config: CompareConfig, strategy: str, unfreeze: str, inputs: Inputs)
 def probe_row(config: CompareConfig, test_h5: Path, inputs: Inputs) -> dict:
     """The probe LP-FT starts from, alone (per seed): its bundle, written by the LP-FT run, on the test feature file."""
     from pipeline.classical.bundle import load_bundle
-    from pipeline.classical.features import read_groups
+    from pipeline.rows.pooling import read_groups
     from pipeline.core.metrics import scores
     from pipeline.featurefile.store import open_features
     from pipeline.nets.probe import check_probe

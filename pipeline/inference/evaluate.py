@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
-from pipeline.classical.features import read_groups
+from pipeline.rows.pooling import read_groups
 from pipeline.core.guard import refuse_inputs_as_outputs
 from pipeline.core import config as settings
 from pipeline.core.command import Command

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import check_engine, resolve_bundle_weights
-from pipeline.classical.features import pool_features
+from pipeline.rows.pooling import pool_features
 from pipeline.core.errors import PipelineError
 from pipeline.images.listing import IMAGE_EXTENSIONS
 

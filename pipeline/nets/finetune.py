@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import write_bundle
-from pipeline.classical.features import POOLS
+from pipeline.rows.pooling import POOLS
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option

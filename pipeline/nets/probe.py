@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import load_bundle, make_bundle
-from pipeline.classical.features import POOLS, pool_features
+from pipeline.rows.pooling import POOLS, pool_features
 from pipeline.classical.fitting import fit_matrix
 from pipeline.classical.models import MODELS
 from pipeline.core.errors import PipelineError
@@ -128,7 +128,7 @@ def load_probe(path: Path, spec: dict, class_names) -> dict:
 
 
 def pool_layer(pool: str, name: str):
-    """The Keras layer doing ``classical.features.pool_features`` (float32): Flatten, global average or global max pooling."""
+    """The Keras layer doing ``rows.pooling.pool_features`` (float32): Flatten, global average or global max pooling."""
     import keras
 
     kinds = {"flatten": keras.layers.Flatten, "avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}

@@ -13,7 +13,7 @@ from conftest import make_tree
 from pipeline.classical import train
 from pipeline.inference import predict
 from pipeline.classical.bundle import load_bundle
-from pipeline.classical.features import pool_features
+from pipeline.rows.pooling import pool_features
 from pipeline.inference.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract

@@ -14,7 +14,7 @@ import pytest
 
 from feature_data import CLASSES, FAST_GRID, PNG, make_features
 from pipeline.classical import train
-from pipeline.classical.features import pool_features
+from pipeline.rows.pooling import pool_features
 from pipeline.classical.models import MODELS
 from pipeline.inference.predict import PredictConfig
 from pipeline.classical.train import TrainConfig

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT
 from feature_data import FAST_GRID, make_features
-from pipeline.classical import features, train
+from pipeline.classical import train
+from pipeline.rows import pooling as features
 from pipeline.classical.train import TrainConfig
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile.store import open_features

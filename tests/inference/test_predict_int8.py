@@ -11,7 +11,7 @@ from conftest import make_tree
 from pipeline.classical import train
 from pipeline.inference import predict
 from pipeline.classical.bundle import check_engine, check_spec, load_bundle
-from pipeline.classical.features import pool_features
+from pipeline.rows.pooling import pool_features
 from pipeline.inference.predict import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.backbones import int8 as engines

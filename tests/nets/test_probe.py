@@ -10,7 +10,7 @@ import pytest
 from conftest import make_tree
 from pipeline.classical import train
 from pipeline.classical.bundle import load_bundle, write_bundle
-from pipeline.classical.features import pool_features
+from pipeline.rows.pooling import pool_features
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
 from pipeline.featurefile.store import open_features

@@ -1,4 +1,4 @@
-"""Pooled rows: pooling arithmetic, unit-RMS and standard scaling, and the chunked, streamed and shuffled readers of a feature file."""
+"""Pooled rows: pooling arithmetic, unit-RMS and standard scaling, and the chunked and streamed readers of a feature file."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 
 from feature_data import make_features
-from pipeline.classical.features import (
-    STREAM_BATCH_ROWS,
+from pipeline.rows.pooling import (
     make_scaler,
     pool_features,
     pooled_dim,
     read_groups,
     scale_batch,
     scale_rows_,
-    shuffled_batches,
     stream_rows,
     unit_rms_,
 )
@@ -73,28 +71,3 @@ def test_read_groups_and_stream_rows_return_the_pooled_rows(tmp_path):
         streamed = list(stream_rows(ff, a, "max"))
         assert np.concatenate([r for r, _ in streamed]).tolist() == a.tolist()
         np.testing.assert_array_equal(np.concatenate([x for _, x in streamed]), pool_features(ff.db["features"][:], "max")[a])
-
-
-def test_shuffled_batches_deal_every_masked_row_once_in_a_seeded_order(tmp_path):
-    f = make_features(tmp_path / "x.h5", per_class=400)
-    with open_features(f) as ff:
-        labels = ff.labels
-        rows = pool_features(ff.db["features"][:], "flatten")
-        mask = np.zeros(len(ff), bool)
-        mask[::3] = True
-
-        def deal(seed):
-            return list(shuffled_batches(ff, mask, labels, "flatten", np.random.default_rng(seed), buffer_rows=300))
-
-        batches = deal(0)
-        assert max(len(y) for _, y in batches) == STREAM_BATCH_ROWS and len(batches) > 2
-        x = np.concatenate([x for x, _ in batches])
-        y = np.concatenate([y for _, y in batches])
-        assert len(x) == mask.sum()
-        order = np.lexsort(rows[mask].T[::-1])
-        got = np.lexsort(x.T[::-1])
-        np.testing.assert_array_equal(x[got], rows[mask][order])
-        np.testing.assert_array_equal(y[got], labels[mask][order])
-        assert not np.array_equal(y, labels[mask])  # shuffled, not in file order
-        again = np.concatenate([y for _, y in deal(0)])
-        assert np.array_equal(again, y) and not np.array_equal(np.concatenate([y for _, y in deal(1)]), y)

@@ -1,4 +1,4 @@
-"""Pooled rows from a feature file: pooling, unit-RMS and standard scaling, and chunked, streamed or shuffled reading of the pooled rows, refusing non-finite values as they are read."""
+"""Pooled rows from a feature file: pooling, unit-RMS and standard scaling, and chunked or streamed reading of the pooled rows, refusing non-finite values as they are read."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pipeline.featurefile.store import FeatureFile
 #: Pooling of a backbone's features into one row: ``train --pool`` and the head of ``finetune --pool``.
 POOLS = ("flatten", "avg", "max")
 SCALINGS = ("l2", "standard")
-#: Rows per ``partial_fit`` call in out-of-core mode.
-STREAM_BATCH_ROWS = 256
 
 
 # ---------------------------------------------------------------------------
@@ -180,44 +178,3 @@ def stream_rows(ff: FeatureFile, rows: np.ndarray, pool: str) -> Iterator[tuple[
         got = rows[start : start + len(block)]
         check_finite(ff, block, got)
         yield got, pool_features(block, pool)
-
-
-def shuffled_batches(
-    ff: FeatureFile, mask: np.ndarray, labels: np.ndarray, pool: str, rng: np.random.Generator, buffer_rows: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Mini-batches ``(pooled rows, labels)`` of the rows in ``mask``, shuffled: chunks in random order, rows shuffled within a buffer.
-
-    Rows are stored class by class, so a chunk is mostly one class; the buffer mixes
-    many random chunks before the rows are dealt out. Each HDF5 chunk is read once (and
-    refused if it holds a non-finite value, in any row).
-    """
-    ds = ff.db["features"]
-    step = int(ds.chunks[0]) if ds.chunks else 256
-    starts = np.arange(0, len(ff), step)
-    rng.shuffle(starts)
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    held = 0
-
-    def drain():
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        order = rng.permutation(len(x))
-        for s in range(0, len(x), STREAM_BATCH_ROWS):
-            sel = order[s : s + STREAM_BATCH_ROWS]
-            yield x[sel], y[sel]
-
-    for s in starts.tolist():
-        sel = mask[s : s + step]
-        if not sel.any():
-            continue
-        stop_if_terminated()
-        raw = ds[s : s + step]
-        check_finite(ff, raw, np.arange(s, s + len(raw)))
-        xs.append(pool_features(raw[sel], pool))
-        ys.append(labels[s : s + step][sel])
-        held += int(sel.sum())
-        if held >= buffer_rows:
-            yield from drain()
-            xs, ys, held = [], [], 0
-    if held:
-        yield from drain()

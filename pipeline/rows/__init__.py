@@ -1,0 +1,1 @@
+"""Feature rows as the models read them: pooled and scaled (pooling), streamed from a feature file in parallel chunks (stream), and fitted by the stacked-candidate linear engine on the CPU (engine) or a GPU (device)."""

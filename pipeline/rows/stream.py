@@ -1,0 +1,257 @@
+"""Streaming the linear models: feature-file chunks read and decompressed on a thread pool ahead of the math, batches of random chunks, and the engine's search over them (out of core) or over an in-memory matrix.
+
+Out of core, every C learns from the same batches, twice: a head on the rows outside the
+hold-out chunks (``1/cv`` of the chunks, stratified by their class), scored on those at the
+end (a pass over ``1/cv`` of the file), and a head on every row, which is the model kept for
+the chosen C: no second streaming fit. In memory, the heads are every (C, fold) of a
+``cv``-fold search plus one head per C on every row, so the search costs ``epochs`` passes
+over the matrix whatever the grid, linear in the rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from pipeline.rows.engine import SAMPLE_ROWS, Heads, Preconditioner
+from pipeline.rows.pooling import check_finite, pool_features, progress_bar, scale_batch
+from pipeline.core.signals import stop_if_terminated
+from pipeline.core.errors import PipelineError
+from pipeline.core.splits import split_indices
+from pipeline.featurefile.chunks import decompress, layout_of, threads
+from pipeline.featurefile.store import FeatureFile
+
+#: Rows per step: about 100 steps over all epochs, within these bounds (CPU; a GPU takes larger batches).
+BATCH_ROWS = {"cpu": (128, 2048), "gpu": (512, 8192)}
+
+
+class ChunkReader:
+    """The chunks of a feature file, read and decompressed on a thread pool ahead of their use (zlib releases the GIL).
+
+    Chunks stored as plain gzip blocks of whole rows are read raw (in the calling thread)
+    and decompressed off the HDF5 library; other layouts (merged files, other filters) are
+    read through h5py, which serialises them (``direct`` says which). The workers also
+    check, pool and ``transform`` (e.g. scale) each chunk's rows.
+    """
+
+    def __init__(self, ff: FeatureFile, pool: str, workers: int | None = None, transform=None):
+        self.ff, self.pool, self.ds, self.transform = ff, pool, ff.db["features"], transform
+        self.layout = layout_of(self.ds)
+        self.direct = self.layout is not None
+        self.step = ff.chunk_rows()
+        self.workers = workers or threads()
+
+    def _raw(self, start: int):
+        """The chunk's stored bytes (read here, in the calling thread: HDF5 calls stay in one thread), or its rows."""
+        count = min(self.step, len(self.ff) - start)
+        if self.direct:
+            mask, data = self.ds.id.read_direct_chunk((start,) + (0,) * (self.ds.ndim - 1))
+            return start, count, mask, data
+        return start, count, None, self.ds[start : start + count]
+
+    def _load(self, start: int, count: int, mask, data, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if mask is None:
+            raw = data
+        elif mask & 1:  # the deflate filter was skipped for this chunk: stored as it is
+            raw = np.frombuffer(data, self.layout.dtype).reshape(self.layout.chunk_shape)[:count]
+        else:
+            raw = decompress(data, self.layout, count)
+        sel = keep[start : start + count]
+        rows = start + np.flatnonzero(sel)
+        block = raw[sel]
+        check_finite(self.ff, block, rows)
+        x = pool_features(block, self.pool)
+        return rows, x if self.transform is None else self.transform(x)
+
+    def blocks(self, starts, keep: np.ndarray):
+        """``(row indices, pooled float32 rows)`` of the rows in ``keep``, chunk by chunk in the order of ``starts``."""
+        ex = ThreadPoolExecutor(self.workers, thread_name_prefix="read")
+        window: collections.deque = collections.deque()
+        try:
+            for s in starts:
+                window.append(ex.submit(self._load, *self._raw(int(s)), keep))
+                while len(window) > 2 * self.workers:
+                    stop_if_terminated()
+                    yield window.popleft().result()
+            while window:
+                stop_if_terminated()
+                yield window.popleft().result()
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+def batch_rows(n: int, epochs: int, chunk: int, device: str, cap_rows: int | None = None) -> int:
+    """Rows per step: about 100 steps in all, within ``BATCH_ROWS[device]``, at most ``cap_rows`` but no fewer than the lower bound, in whole chunks."""
+    lo, hi = BATCH_ROWS[device]
+    b = int(np.clip(n * epochs // 100, lo, hi))
+    if cap_rows is not None:
+        b = max(lo, min(b, cap_rows))  # smaller batches: noisier steps, and the fixed cost of a step (the preconditioner) dominates
+    return max(chunk, -(-b // chunk) * chunk)
+
+
+def chunk_starts(rows: np.ndarray, step: int) -> np.ndarray:
+    return np.unique(rows // step) * step
+
+
+def holdout_chunks(rows: np.ndarray, labels: np.ndarray, step: int, cv: int, seed: int) -> np.ndarray:
+    """Start rows of the hold-out chunks: ``1/cv`` of the chunks holding ``rows``, stratified by each chunk's most frequent label."""
+    starts = chunk_starts(rows, step)
+    chunk_of = np.searchsorted(starts, rows // step * step)
+    major = np.array([np.bincount(labels[rows[chunk_of == i]]).argmax() for i in range(len(starts))])
+    return starts[split_indices(major, 1.0 / cv, seed)[1]]
+
+
+def train_engine(engine, batches, epochs: int, n: int, desc: str, quiet: bool) -> None:
+    """``epochs`` passes: ``batches(epoch)`` yields ``(x, y, groups)``; the bar shows rows/s and the epoch."""
+    with progress_bar(n * epochs, desc, quiet) as bar:
+        for e in range(epochs):
+            bar.set_description(f"{desc}, epoch {e + 1}/{epochs}")
+            for x, y, g in batches(e):
+                stop_if_terminated()
+                engine.step(x, y, g)
+                bar.update(len(y))
+
+
+def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, Cs: list[float], *, loss: str, pool: str, scaling: str, scaler,
+                  cv: int, seed: int, epochs: int, quiet: bool, budget_rows: int, backend: str) -> dict:  # fmt: skip
+    """Out of core: the scaler pass (``standard``), a preconditioner sample, ``epochs`` passes training every head, the hold-out pass.
+
+    Returns:
+        dict with ``coef``/``intercept`` (the full head of the chosen C, on scaled rows),
+        ``C``, ``n``, ``classes``, ``results`` (hold-out accuracy per C, or None for one C),
+        ``space`` (what ran) and ``read_seconds``.
+
+    Raises:
+        PipelineError: several C values but no training row in the hold-out chunks.
+    """
+    from pipeline.rows.device import make_engine
+
+    reader = ChunkReader(ff, pool)
+    step, n = reader.step, len(train_rows)
+    classes = np.unique(labels[train_rows])
+    y_all = np.searchsorted(classes, labels)
+    keep = np.zeros(len(ff), bool)
+    keep[train_rows] = True
+    starts = chunk_starts(train_rows, step)
+    rng = np.random.default_rng([seed, 1])
+    group = np.ones(len(ff), np.int64)
+    if len(Cs) > 1:
+        val_starts = holdout_chunks(train_rows, labels, step, cv, seed)
+        for s in val_starts:
+            group[s : s + step] = 0
+        n_val = int(np.sum(keep & (group == 0)))
+        if n_val == 0 or n_val == n:
+            raise PipelineError(f"{ff.path}: too few training rows ({n}) to hold out a validation share for the C search; pass a single --C")
+        heads = Heads.grid(Cs, 1)
+    else:
+        n_val, heads = 0, Heads.grid(Cs, 0)
+    if scaling == "standard":
+        with progress_bar(n, "fit scaler", quiet) as bar:
+            for _, x in reader.blocks(starts, keep):
+                scaler.partial_fit(x)
+                bar.update(len(x))
+    sample = []
+    for _, x in reader.blocks(rng.permutation(starts)[: -(-SAMPLE_ROWS // step)], keep):
+        sample.append(scale_batch(x, scaling, scaler))
+    pre = Preconditioner.from_sample(np.concatenate(sample)[:SAMPLE_ROWS])
+    reader.transform = lambda x: scale_batch(x, scaling, scaler)  # rows are scaled in the workers from here on
+    del sample
+    engine, device = make_engine(backend, ff.row_shape, pool, len(classes), heads, np.where(heads.held_out == 0, n - n_val, n), loss, pre)
+    b = batch_rows(n, epochs, step, device, budget_rows)
+    engine.plan(epochs * -(-n // b), -(-n // b) if epochs > 1 else 0)
+
+    def batches(epoch):
+        return _batches(reader.blocks(rng.permutation(starts), keep), b, y_all, group)
+
+    t0 = time.perf_counter()
+    train_engine(engine, batches, epochs, n, f"fit {loss} ({len(heads)} models)", quiet)
+    coef, intercept = engine.weights()
+    results = None
+    if len(Cs) > 1:
+        from pipeline.rows.engine import decisions, stacked
+
+        correct = np.zeros(len(Cs))
+        W, c = stacked(coef[: len(Cs)], intercept[: len(Cs)])
+        for x, y, _ in _batches(reader.blocks(val_starts, keep & (group == 0)), b, y_all, group):
+            # Batches, not chunks: a 16-row product on two BLAS threads next to the reader's costs ten times one thread's (measured).
+            correct += np.sum(decisions(W, c, x, len(classes)).argmax(2) == y[:, None], axis=0)
+        acc = correct / n_val
+        best = int(np.argmax(acc))  # the first maximum: the smaller C on ties
+        results = [{"params": {"C": C}, "mean": float(a), "std": 0.0, "scores": [float(a)]} for C, a in zip(Cs, acc)]
+    else:
+        best = 0
+    full = len(heads) - len(Cs) + best
+    space = {"kind": "engine-stream", "dims": int(coef.shape[2]), "epochs": epochs, "batch_rows": b, "models": len(heads), "device": device,
+             "reader": "direct-chunks" if reader.direct else "h5py", "workers": reader.workers, "rank": int(pre.V.shape[1]),
+             "holdout_rows": n_val, "train_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return {"coef": coef[full], "intercept": intercept[full], "C": Cs[best], "n": n, "classes": classes, "results": results, "space": space}
+
+
+def _batches(blocks, b: int, y_all, group):
+    """``(rows, labels, groups)`` of at least ``b`` rows (the last may be short) from ``ChunkReader.blocks``."""
+    xs, held = [], 0
+    for rows, x in blocks:
+        xs.append((rows, x))
+        held += len(rows)
+        if held >= b:
+            yield _batch(xs, y_all, group)
+            xs, held = [], 0
+    if held:
+        yield _batch(xs, y_all, group)
+
+
+def _batch(xs, y_all, group):
+    rows = np.concatenate([r for r, _ in xs])
+    return np.concatenate([x for _, x in xs]), y_all[rows], group[rows]
+
+
+def search_matrix(X: np.ndarray, y: np.ndarray, Cs: list[float], *, loss: str, cv: int, seed: int, epochs: int, quiet: bool, backend: str) -> dict:
+    """In memory: every (C, fold) head and one full head per C, trained on the scaled rows ``X`` in ``epochs`` shuffled passes.
+
+    Returns:
+        dict as ``search_stream``'s, ``results`` holding each C's fold scores.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.rows.device import make_engine
+    from pipeline.rows.engine import decisions, stacked
+
+    n, d = X.shape
+    classes = np.unique(y)
+    yi = np.searchsorted(classes, y)
+    fold = np.empty(n, np.int64)
+    for f, (_, test) in enumerate(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(n), yi)):
+        fold[test] = f
+    heads = Heads.grid(Cs, cv)
+    n_rows = np.array([n if g < 0 else int(np.sum(fold != g)) for g in heads.held_out])
+    rng = np.random.default_rng([seed, 1])
+    pre = Preconditioner.from_sample(X[np.sort(rng.permutation(n)[:SAMPLE_ROWS])])
+    engine, device = make_engine(backend, (d,), "flatten", len(classes), heads, n_rows, loss, pre)
+    b = batch_rows(n, epochs, 1, device)
+    engine.plan(epochs * -(-n // b), -(-n // b) if epochs > 1 else 0)
+
+    def batches(epoch):
+        order = rng.permutation(n)
+        for s in range(0, n, b):
+            sel = np.sort(order[s : s + b])
+            yield X[sel], yi[sel], fold[sel]
+
+    train_engine(engine, batches, epochs, n, f"search {loss} ({len(heads)} models)", quiet)
+    coef, intercept = engine.weights()
+    scores = np.zeros((cv, len(Cs)))
+    for f in range(cv):
+        rows = np.flatnonzero(fold == f)
+        W, c = stacked(coef[f * len(Cs) : (f + 1) * len(Cs)], intercept[f * len(Cs) : (f + 1) * len(Cs)])
+        for s in range(0, len(rows), 2048):
+            r = rows[s : s + 2048]
+            scores[f] += np.sum(decisions(W, c, X[r], len(classes)).argmax(2) == yi[r][:, None], axis=0)
+        scores[f] /= len(rows)
+    mean = scores.mean(0)
+    best = int(np.argmax(mean))
+    results = [{"params": {"C": C}, "mean": float(mean[i]), "std": float(scores[:, i].std()), "scores": scores[:, i].tolist()} for i, C in enumerate(Cs)]
+    full = len(heads) - len(Cs) + best
+    space = {"kind": "engine", "dims": d, "epochs": epochs, "batch_rows": b, "models": len(heads), "device": device, "rank": int(pre.V.shape[1])}
+    return {"coef": coef[full], "intercept": intercept[full], "C": Cs[best], "n": n, "classes": classes, "results": results, "space": space}

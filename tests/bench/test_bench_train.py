@@ -1,0 +1,49 @@
+"""``bench --train``: replicated rows, the read-pass reference, both modes timed, and the table, JSON and chart it writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from feature_data import make_features
+from pipeline.bench import train as bench_train
+from pipeline.featurefile.store import open_features
+
+
+def test_replicate_copies_the_rows_with_a_small_seeded_perturbation_class_by_class(tmp_path):
+    src = make_features(tmp_path / "src.h5", per_class=20, row_shape=(2, 2, 16))
+    n = bench_train.replicate(src, tmp_path / "big.h5", 150, seed=3)
+    assert n == 150
+    with open_features(src) as a, open_features(tmp_path / "big.h5") as b:
+        xa, xb, yb = a.db["features"][:].astype(np.float32), b.db["features"][:].astype(np.float32), b.labels
+        assert b.spec == a.spec and b.label_names == a.label_names
+    assert np.array_equal(yb, np.repeat([0, 1, 2], 50))  # class by class, like an extraction
+    np.testing.assert_array_equal(xb[:20], xa[:20])  # the first copy is the rows themselves
+    rel = np.abs(xb[20:40] / xa[:20] - 1)
+    assert 0.01 < np.median(rel) < 0.1  # then copies within a few percent
+    bench_train.replicate(src, tmp_path / "again.h5", 150, seed=3)
+    with open_features(tmp_path / "again.h5") as c:
+        np.testing.assert_array_equal(c.db["features"][:], xb.astype(np.float16))  # seeded
+
+
+def test_the_train_bench_times_both_modes_against_the_read_pass_and_writes_its_outputs(tmp_path):
+    src = make_features(tmp_path / "train.h5", per_class=30, row_shape=(2, 2, 32), noise=3.0)
+    test = make_features(tmp_path / "test.h5", per_class=20, row_shape=(2, 2, 32), noise=3.0, seed=7)
+    said = []
+    out = tmp_path / "bench"
+    r = bench_train.run_train_bench(src, out, test=test, sizes=(90, 360), epochs=2, in_memory_mb=0.1, exact_max_rows=0, reads=1, say=said.append)
+    assert [row["rows"] for row in r["rows"]] == [90, 360]
+    small, big = r["rows"]
+    assert "in_memory" in small and "in_memory" not in big  # 360 x 128 x 4 bytes > 0.1 MB: out of core only
+    assert small["in_memory"]["space"] == "features" and 0.5 < small["in_memory"]["accuracy"] <= 1
+    for row in r["rows"]:
+        assert row["read_seconds"] > 0 and row["out_of_core"]["seconds"] > 0
+        assert row["ratio"] == row["out_of_core"]["seconds"] / (row["read_seconds"] * 2)
+        assert row["out_of_core"]["rows_per_s"] == row["rows"] * 2 / row["out_of_core"]["seconds"]
+    on_disk = json.loads((out / "train_bench.json").read_text())
+    assert on_disk["rows"][1]["rows"] == 360 and on_disk["noise"] == bench_train.NOISE
+    table = (out / "train_bench.md").read_text()
+    assert "| 360 |" in table and table.count("\n| ") == 3  # the header and two sizes
+    assert (out / "train_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("read pass" in s for s in said) and not list(tmp_path.glob("train-bench-*"))  # the replicated files are gone

@@ -1,0 +1,80 @@
+"""Streaming: the parallel chunk reader, the streamed model against the in-memory one, the hold-out chunks, and out-of-core memory that does not grow with the rows."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from feature_data import make_features
+from pipeline.classical import fitting
+from pipeline.rows import stream
+from pipeline.rows.pooling import pool_features
+from pipeline.featurefile.store import open_features
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_reader_deals_every_kept_row_once_in_the_order_of_the_chunks(direct, tmp_path):
+    f = make_features(tmp_path / "x.h5", per_class=50, row_shape=(2, 2, 8))
+    with open_features(f) as ff:
+        reader = stream.ChunkReader(ff, "avg", workers=3)
+        assert reader.direct and reader.step == 16
+        reader.direct = direct  # the h5py route, which merged files take
+        keep = np.zeros(len(ff), bool)
+        keep[::3] = True
+        starts = np.array([128, 0, 64, 144, 16])
+        got = list(reader.blocks(starts, keep))
+        rows = np.concatenate([r for r, _ in got])
+        expect = np.concatenate([np.arange(s, min(s + 16, len(ff)))[keep[s : s + 16]] for s in starts])
+        np.testing.assert_array_equal(rows, expect)
+        np.testing.assert_array_equal(np.concatenate([x for _, x in got]), pool_features(ff.db["features"][:], "avg")[expect])
+
+
+def test_hold_out_chunks_are_a_stratified_share_of_the_chunks():
+    labels = np.repeat(np.arange(3), 96)  # class by class, as extraction writes them: 6 chunks of 16 per class
+    rows = np.arange(len(labels))
+    starts = stream.holdout_chunks(rows, labels, 16, 3, seed=0)
+    assert len(starts) == 6 and sorted(np.bincount(labels[starts], minlength=3)) == [2, 2, 2]
+    assert np.array_equal(starts, stream.holdout_chunks(rows, labels, 16, 3, seed=0)) and not np.array_equal(starts, stream.holdout_chunks(rows, labels, 16, 3, seed=1))
+
+
+@pytest.mark.parametrize("model, C", [("lr", 0.1), ("svm", 0.001)])
+def test_the_streamed_model_predicts_what_the_in_memory_model_does(model, C, tmp_path):
+    """Out of core against the exact in-memory fit, same C, on a file where the classes overlap (accuracy well below 1)."""
+    train = make_features(tmp_path / "train.h5", per_class=300, row_shape=(2, 2, 64), noise=15)
+    test = make_features(tmp_path / "test.h5", per_class=100, row_shape=(2, 2, 64), noise=15, seed=9)
+    with open_features(train) as ff, open_features(test) as tf:
+        rows, labels = np.arange(len(ff)), ff.labels
+        common = dict(model=model, pool="flatten", scaling="l2", cv=3, seed=0, quiet=True)
+        mem, _ = fitting.fit_in_memory(ff, rows, [], labels, {"C": [C]}, n_jobs=1, memory_budget_mb=2048, **common)
+        ooc = fitting.fit_out_of_core(ff, rows, labels, {"C": [C]}, epochs=5, memory_budget_mb=0.01, **common)
+        assert mem.space["kind"] == "features" and ooc.space["kind"] == "engine-stream"
+        x_test = pool_features(tf.db["features"][:], "flatten")
+        a, b = fitting.predict_matrix(mem.estimator, x_test), fitting.predict_stream(ooc.estimator, tf, np.arange(len(tf)), "flatten")
+        y_test = tf.labels
+    acc = np.mean(a == y_test)
+    assert 0.6 < acc < 0.97  # a problem where the two could disagree
+    assert np.mean(a == b) >= 0.97, (np.mean(a == b), acc, np.mean(b == y_test))
+
+
+def _peak_mb(path, budget_mb):
+    with open_features(path) as ff:
+        tracemalloc.start()
+        try:
+            fitted = fitting.fit_out_of_core(ff, np.arange(len(ff)), ff.labels, {"C": [0.1, 1.0]}, model="lr", pool="flatten", scaling="l2",
+                                             cv=3, seed=0, epochs=2, quiet=True, memory_budget_mb=budget_mb)  # fmt: skip
+            return tracemalloc.get_traced_memory()[1] / 2**20, fitted
+        finally:
+            tracemalloc.stop()
+
+
+def test_out_of_core_memory_does_not_grow_with_the_rows(tmp_path):
+    """A file 4x the budget and one 4x larger still: the same peak (the engine's fixed part: its models and a 1,024-row sample's Gram matrix)."""
+    budget = 3.0  # MB; rows of 512 float32 values (2 KB)
+    small = make_features(tmp_path / "small.h5", per_class=500)  # 1,500 rows: 3 MB, past the engine's 1,024-row sample
+    big = make_features(tmp_path / "big.h5", per_class=2000)  # 6,000 rows: 12 MB, 4x the budget
+    peak_small, _ = _peak_mb(small, budget)
+    peak_big, fitted = _peak_mb(big, budget)
+    assert fitted.mode == "out-of-core" and fitted.space["batch_rows"] <= 384
+    assert peak_big < 1.15 * peak_small + 0.5, (peak_small, peak_big)
