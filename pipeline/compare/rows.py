@@ -156,6 +156,7 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
         f"({extract_seconds:.0f} s at {rate:.1f} img/s) + fit; model_bytes includes the {backbone} base needed to extract features",
         "predictions": _predictions(test_paths, y_test, y_pred),
     }
+    folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, {"key": key, "row": row})
     return row
 

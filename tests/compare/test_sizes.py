@@ -91,3 +91,14 @@ def test_compare_sizes_runs_each_strategy_at_each_size(tmp_path, capsys):
     assert "| from scratch ResNet-8 |" in md and "- 5/class: best: " in md and "- 8/class: best: " in md
     assert Image.open(out / "sizes.png").size[0] > 100
     assert "| frozen features + logistic regression |" in capsys.readouterr().out
+
+
+def test_compare_sizes_with_a_frozen_feature_row_first(tmp_path):
+    """The classical row runs before any network made the models folder: it makes its own."""
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=9, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=3, size=(24, 24))
+    argv = ["compare", "--data", str(root), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--sizes", "8,5", "--strategies", "lr", "--quiet"]
+    assert main(argv) == 0
+    with open(tmp_path / "out" / "sizes.csv") as f:
+        assert [r["per_class"] for r in csv.DictReader(f)] == ["5", "8"]
