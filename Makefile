@@ -30,7 +30,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 .DEFAULT_GOAL := help
 MODELS ?= $(FEATURES)/models
 MODEL ?= $(MODELS)/lr.joblib
-.PHONY: help setup data extract train-lr train-svm train-rf predict compare-data compare bench bench-backbones demo test test-avx2 verify clean
+.PHONY: help setup data extract train-lr train-svm train-rf predict compare-data compare bench bench-backbones bench-train demo test test-avx2 verify clean
 
 help: ## list the targets
 	@grep -E "^[a-zA-Z0-9_ -]+:.*## " $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -99,6 +99,10 @@ bench: ## measure extraction (naive loop, compute limit, precisions), memory, st
 bench-backbones: ## extraction speed, feature shape and GMACs of every backbone, in one run (python -m pipeline bench --backbone all)
 	@$(MAKE) --no-print-directory data
 	$(PY) -m pipeline bench --data $(DATA_ROOT) --backbone all --images 64 -o $(FEATURES)/bench-backbones
+
+bench-train: setup ## training speed against rows (in memory, out of core) on the default features replicated, against one read pass (python -m pipeline bench --train)
+	@[ -f $(TRAIN_H5) ] && [ -f $(TEST_H5) ] || $(MAKE) --no-print-directory extract
+	$(PY) -m pipeline bench --train --replay $(TRAIN_H5) --test-features $(TEST_H5) -o $(FEATURES)/bench-train
 
 verify: ## check the invariants of the default feature files
 	$(PY) -m pipeline verify $(TRAIN_H5) $(TEST_H5)

@@ -1,4 +1,4 @@
-"""Benchmark (``python -m pipeline bench``): extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, each backbone's extraction speed, feature shape and GMACs instead; with ``--data-path``, the data path alone (``datapath``).
+"""Benchmark (``python -m pipeline bench``): extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, each backbone's extraction speed, feature shape and GMACs instead; with ``--data-path``, the data path alone (``datapath``); with ``--train``, the classical stage's fit time against rows (``train``).
 
 Each speed is measured in a fresh process (``children``); the tables are written by ``report``.
 """
@@ -52,7 +52,10 @@ class BenchConfig:
     output: Path = option(Path("features/bench"), "where bench.json and bench.md go", short="-o")
     quiet: bool = option(False, "no progress messages")
     data_path: bool = option(False, "measure the data path alone (decode, compress, assemble; the network replaced by a stub replaying --replay's features)")
-    replay: Path = option(Path("features/train.h5"), "with --data-path: the feature file whose real rows the stub replays")
+    replay: Path = option(Path("features/train.h5"), "with --data-path: the feature file whose real rows the stub replays; with --train: the rows replicated")
+    train: bool = option(False, "measure training alone: fit time and rows/s against rows, in memory and out of core, on --replay's rows replicated with a seeded perturbation, against one read pass of the same file")
+    train_sizes: tuple[int, ...] = option((1000, 10000, 50000), "with --train: the row counts", rule=ListOf(int, Interval(int, 1, MAX_INT), what="whole numbers"), metavar="N1,N2,...")
+    test_features: Path = option(Path("features/test.h5"), "with --train: the test feature file the fitted models are scored on")
 
     def validate(self) -> "BenchConfig":
         """Check every value; return self. ``--data-path`` needs no data folder and measures no precision.
@@ -61,7 +64,7 @@ class BenchConfig:
             PipelineError: a bad value, an unknown precision or backbone, no ``DATA/train``, int8 asked without its extra.
         """
         validate(self)
-        if self.data_path:
+        if self.data_path or self.train:
             return self
         unknown = [p for p in self.precisions if p not in PRECISIONS_MEASURED]
         if unknown:
@@ -310,13 +313,17 @@ def _training(args, say) -> dict:
 
 
 def run(args: BenchConfig) -> dict:
-    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures."""
+    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures (``--data-path`` and ``--train``: their own)."""
     args.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.data_path:  # its own measurement (datapath.py): no network, no data folder
         from pipeline.bench import datapath
 
         return datapath.run(args.replay, args.output, say, args.repeats, batch_size=args.batch_size)
+    if args.train:  # its own measurement (bench/train.py): the classical stage on real feature rows
+        from pipeline.bench import train as bench_train
+
+        return bench_train.run_train_bench(args.replay, args.output, test=args.test_features, sizes=args.train_sizes, say=say)
     args.output.mkdir(parents=True, exist_ok=True)
     from pipeline.backbones.network import CPU_FLAGS_ENV, cpu_flags
 

@@ -47,3 +47,13 @@ def test_the_train_bench_times_both_modes_against_the_read_pass_and_writes_its_o
     assert "| 360 |" in table and table.count("\n| ") == 3  # the header and two sizes
     assert (out / "train_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("read pass" in s for s in said) and not list(tmp_path.glob("train-bench-*"))  # the replicated files are gone
+
+
+def test_bench_train_from_the_command_line(tmp_path):
+    from pipeline.cli import main
+
+    src = make_features(tmp_path / "train.h5", per_class=20, row_shape=(2, 2, 16))
+    test = make_features(tmp_path / "test.h5", per_class=10, row_shape=(2, 2, 16), seed=7)
+    argv = ["bench", "--train", "--replay", str(src), "--test-features", str(test), "--train-sizes", "60,120", "-o", str(tmp_path / "b"), "--quiet"]
+    assert main(argv) == 0
+    assert [row["rows"] for row in json.loads((tmp_path / "b" / "train_bench.json").read_text())["rows"]] == [60, 120]
