@@ -1,4 +1,4 @@
-"""Feature store: the output path check, what an existing output holds for the next run (fingerprint, rejections, row index), and the reader that validates a file (the rules of ``verify`` that cost no pass over the features) and guards every read of its features; the writer is ``featurefile.writer`` (re-exported here)."""
+"""Feature store: the output path check, what an existing output holds for the next run (fingerprint, rejections, row index), and the reader that validates a file (the rules of ``verify`` that cost no pass over the features) and guards every read of its features; the writer is ``featurefile.writer``."""
 
 from __future__ import annotations
 
