@@ -101,6 +101,15 @@ def fold_unit_rms(clf, d: int) -> None:
         clf.set_params(alpha=params["alpha"] / d)
 
 
+def scale_note(estimator, best_params: dict) -> str:
+    """What the summary adds when the saved estimator's C differs from the search's: the same model, its C restated for unit-norm rows (``fold_unit_rms``)."""
+    clf = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    saved = clf.get_params().get("C")
+    if "C" not in best_params or saved is None or saved == best_params["C"]:
+        return ""
+    return f" (searched on unit-RMS rows; the saved estimator holds the same model as C={saved:g} on unit-norm rows)"
+
+
 def _pipeline(prep, clf):
     from sklearn.pipeline import Pipeline
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.classical.bundle import make_bundle, write_bundle
 from pipeline.rows.pooling import POOLS, SCALINGS, pooled_dim, read_groups
-from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream
+from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream, scale_note
 from pipeline.core.guard import refuse_inputs_as_outputs
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
@@ -429,6 +429,7 @@ def _print_summary(metrics: dict, fitted: Fitted, paths: dict) -> None:
     print(
         f"{metrics['model']}: test {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f} "
         f"({metrics['mode']}, pool {metrics['pool']}, {_fmt_params(metrics['best_params'])}{cv_text}, fit {fitted.fit_seconds:.1f} s)"
+        + scale_note(fitted.estimator, metrics["best_params"])
     )
     final = metrics["final_model"]
     if final["refit"]:

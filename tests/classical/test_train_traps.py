@@ -71,3 +71,13 @@ def test_the_misclassified_test_rows_are_listed(tmp_path):
     saved = json.loads((tmp_path / "m" / "lr.metrics.json").read_text())
     lo, hi = saved["accuracy_ci95"]
     assert lo <= saved["accuracy"] <= hi and saved["n_scored"] == m["n_test"]
+
+
+def test_the_summary_states_the_saved_estimator_s_c_when_the_row_scaling_restates_it(tmp_path, capsys):
+    """l2 scaling: C is searched on unit-RMS rows and saved for unit-norm rows (times the row length): the summary names both."""
+    feats = make_features(tmp_path / "train.h5")  # 512 values per row
+    train.run(TrainConfig(features=feats, output=tmp_path / "m", C=(1.0,), refit=False, quiet=True))
+    out = capsys.readouterr().out
+    assert "C=1" in out and "the saved estimator holds the same model as C=512 on unit-norm rows" in out
+    saved = joblib.load(tmp_path / "m" / "lr.joblib")["estimator"]
+    assert saved[-1].C == 512.0
