@@ -152,13 +152,19 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
     output.mkdir(parents=True, exist_ok=True)
     (output / "train_bench.json").write_text(json.dumps(result, indent=1))
     (output / "train_bench.md").write_text(markdown(result))
+    chart(result, output / "train_bench.png")
+    return result
+
+
+def chart(result: dict, path: Path) -> Path:
+    """Fit time against rows, both modes and the read pass times the epochs, on log axes."""
+    rows, epochs = result["rows"], result["epochs"]
     series = {"out of core": {r["rows"]: r["out_of_core"]["seconds"] for r in rows}, f"read pass x {epochs}": {r["rows"]: r["read_seconds"] * epochs for r in rows}}
     if any("in_memory" in r for r in rows):
         series["in memory"] = {r["rows"]: r["in_memory"]["seconds"] for r in rows if "in_memory" in r}
     if any("exact" in r for r in rows):
         series["in memory, exact row space"] = {r["rows"]: r["exact"]["seconds"] for r in rows if "exact" in r}
-    plots.line_chart(series, output / "train_bench.png", title=f"{model}: fit time against rows ({epochs} epochs)", xlabel="training rows", ylabel="seconds")
-    return result
+    return plots.line_chart(series, path, title=f"{result['model']}: fit time against rows ({epochs} epochs)", xlabel="training rows", ylabel="seconds", log=True)
 
 
 def markdown(result: dict) -> str:

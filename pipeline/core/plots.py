@@ -163,7 +163,7 @@ def training_curves(history: Mapping[str, Sequence[float]], path: Path | str, *,
 
 
 def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *, title: str = "", xlabel: str = "", ylabel: str = "",
-               bands: Mapping[str, Mapping[float, tuple[float, float]]] | None = None) -> Path:
+               bands: Mapping[str, Mapping[float, tuple[float, float]]] | None = None, log: bool = False) -> Path:
     """One line with markers per series, x values sorted (e.g. accuracy against training images per class).
 
     Args:
@@ -171,6 +171,7 @@ def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *,
         path: the PNG file to write (atomically).
         title, xlabel, ylabel: texts of the figure.
         bands: optional label -> {x: (low, high)}, drawn as a shaded band and error bars in the line's colour (e.g. 95% intervals).
+        log: both axes logarithmic (values spanning decades: times against rows), so that close x values keep apart.
 
     Returns:
         ``path``.
@@ -192,7 +193,11 @@ def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *,
             lo, hi = [band[x][0] for x in xs], [band[x][1] for x in xs]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
             ax.errorbar(xs, ys, yerr=[np.subtract(ys, lo), np.subtract(hi, ys)], fmt="none", ecolor=line.get_color(), capsize=3)
-    ax.set_xticks(xs_all)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xs_all, labels=[f"{x:,g}" for x in xs_all])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
