@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.classical.bundle import make_bundle, write_bundle
 from pipeline.rows.pooling import POOLS, SCALINGS, pooled_dim, read_groups
 from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream, scale_note
-from pipeline.core.guard import refuse_inputs_as_outputs
+from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
 from pipeline.classical.overlap import check_no_overlap
@@ -34,13 +34,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
-from pipeline.core.outputs import (
-    OutputLock,
-    package_versions,
-    prepare_output_dir,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
 from pipeline.core.splits import split_indices
 from pipeline.featurefile.store import check_compatible, open_features
 
@@ -235,6 +229,9 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     present, counts = np.unique(labels[train_rows], return_counts=True)
     if len(present) < 2:
         raise PipelineError(f"{ff.path}: the training rows hold {len(present)} class; classification needs at least two")
+    if len(present) < len(names):  # e.g. every image of a class rejected at extraction
+        empty = names[min(set(range(len(names))) - set(present.tolist()))]
+        raise PipelineError(f"{ff.path}: class {empty!r} has no training rows (were all its images rejected?); add images to it or remove its folder")
     d = pooled_dim(ff.row_shape, config.pool)
     estimate_mb = len(train_rows) * d * 4 / (1 << 20)
     mode = "in-memory" if estimate_mb <= config.memory_budget_mb else "out-of-core"
@@ -332,6 +329,7 @@ def run(config: TrainConfig) -> dict:
         lock = OutputLock(paths["bundle"])
         inputs = [("the feature file", ff.path)] + ([("the test feature file", test_ff.path)] if test_ff is not None else [])
         refuse_inputs_as_outputs([output, *paths.values(), lock.path], inputs, "choose another -o folder")
+        refuse_inside(output, [("the image folder of", f.attrs.get("data_dir")) for f in (ff, test_ff) if f is not None], "choose another -o folder")
         prepare_output_dir(output)
         stack.enter_context(lock)
         fitted, y_test, y_pred, predict_seconds = fit_predict(config, ff, test_ff, plan)

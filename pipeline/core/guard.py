@@ -1,4 +1,4 @@
-"""Outputs checked against inputs: a path a stage would write that is one of its inputs (by file identity, however spelled) is refused before any work."""
+"""Outputs checked against inputs: a path a stage would write that is one of its inputs (by file identity, however spelled), or that lies inside an image folder it reads, is refused before any work."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import same_file
+from pipeline.core.outputs import is_within, same_file
 
 
 def refuse_inputs_as_outputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], advice: str) -> None:
@@ -44,3 +44,16 @@ def _stat(path) -> os.stat_result | None:
         return os.stat(path)
     except (OSError, ValueError):
         return None
+
+
+def refuse_inside(output: Path, folders: Iterable[tuple[str, Path | str | None]], advice: str) -> None:
+    """Raise if ``output`` lies inside one of the image ``folders`` (``(what, folder)``; None or a missing folder is skipped).
+
+    Its files (plots, models) would be listed as images of that folder by the next extract or training run.
+
+    Raises:
+        PipelineError: ``OUT: is inside WHAT FOLDER (its files would be read as images there next time); ADVICE``.
+    """
+    for what, folder in folders:
+        if folder and Path(folder).is_dir() and is_within(Path(output), Path(folder)):
+            raise PipelineError(f"{output}: is inside {what} {folder} (its files would be read as images there next time); {advice}")

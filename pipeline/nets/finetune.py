@@ -38,7 +38,7 @@ from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Networ
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.probe import feature_spec, fit_probe, load_probe, probe_layers
 from pipeline.nets.results import Result, finish
-from pipeline.nets.training import build_cache, cache_plan, prepare_run, train_phases
+from pipeline.nets.training import build_cache, cache_plan, locked_output, prepare_run, train_phases
 from pipeline.nets.training import refit as train_refit
 
 
@@ -319,18 +319,9 @@ def fit(config: FinetuneConfig) -> Result:
 
 
 def run(config: FinetuneConfig) -> dict:
-    """The stage: ``fit`` for callers that need only the metrics.
-
-    Args:
-        config: the settings; validated here, before any work.
-
-    Returns:
-        The metrics written to ``OUT_DIR/finetune.metrics.json``.
-
-    Raises:
-        PipelineError: as ``fit``.
-    """
-    return fit(config).metrics
+    """The stage: ``fit`` under the output's lock (a second run on the same ``-o`` is refused), returning the metrics; errors as ``fit``."""
+    with locked_output(config, "finetune"):
+        return fit(config).metrics
 
 
 COMMAND = Command("finetune", FinetuneConfig, run, "fine-tune VGG16 (or --backbone) on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")

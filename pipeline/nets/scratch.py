@@ -16,7 +16,7 @@ from pipeline.nets.networks import Network, build_scratch_network
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
 from pipeline.nets.resnet import blocks_per_stage, build_resnet_network, sgd
 from pipeline.nets.results import Result, finish
-from pipeline.nets.training import prepare_run, train_phases
+from pipeline.nets.training import locked_output, prepare_run, train_phases
 from pipeline.nets.training import refit as train_refit
 
 
@@ -168,18 +168,9 @@ def fit(config: ScratchConfig) -> Result:
 
 
 def run(config: ScratchConfig) -> dict:
-    """The stage: ``fit`` for callers that need only the metrics.
-
-    Args:
-        config: the settings; validated here, before any work.
-
-    Returns:
-        The metrics written to ``OUT_DIR/scratch.metrics.json``.
-
-    Raises:
-        PipelineError: as ``fit``.
-    """
-    return fit(config).metrics
+    """The stage: ``fit`` under the output's lock (a second run on the same ``-o`` is refused), returning the metrics; errors as ``fit``."""
+    with locked_output(config, "scratch"):
+        return fit(config).metrics
 
 
 COMMAND = Command("scratch", ScratchConfig, run, "train a small CNN or a CIFAR ResNet from scratch on the same splits; writes scratch.keras/.metrics.json/.curves.png")

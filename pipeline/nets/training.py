@@ -9,17 +9,30 @@ with augmentation on the fly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import sys
 import time
 
 import numpy as np
 
-from pipeline.core.outputs import prepare_output_dir
+from pipeline.core.guard import refuse_inside
+from pipeline.core.outputs import OutputLock, prepare_output_dir
 from pipeline.backbones.network import resolve_precision
 from pipeline.nets.images import Data, check_pixel_memory, gigabytes, list_inputs, memory_budget
 from pipeline.nets.networks import Network, apply_layers, augmentation_layers
 from pipeline.nets.options import NetConfig
+
+
+@contextmanager
+def locked_output(config: NetConfig, name: str):
+    """The stage's output folder, never inside the images it reads, made and locked for the run (a second run on it is refused); settings checked first."""
+    config.validate()
+    list_inputs(config.data_dir, config.test_dir)  # bad folders fail before an output folder is made (a directory walk; the run lists again)
+    refuse_inside(config.out_dir, [("the training images", config.data_dir), ("the test images", config.test_dir)], "choose another -o folder")
+    with OutputLock(prepare_output_dir(config.out_dir) / f"{name}.keras"):
+        yield
 
 
 def prepare_run(config: NetConfig):
