@@ -1,1 +1,1 @@
-"""Classical models on extracted features: pooled reading, scikit-learn searches, model bundles, the train and predict stages."""
+"""Classical models on extracted features: scikit-learn searches and fits, the model bundle, the overlap rule between training and test files, and the train stage."""
