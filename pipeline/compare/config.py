@@ -33,16 +33,19 @@ def backbone_row_name(backbone: str) -> str:
     return CLASSICAL_NAMES["lr"] if backbone == BACKBONE else f"frozen {backbone} features + logistic regression"
 
 
+#: The fewest training images per class a size may have: the frozen-feature rows' 3-fold search needs 3 of each class.
+MIN_SIZE = 3
 #: The strategies ``--sizes`` can draw (every one that trains on images or on feature rows).
 SIZE_STRATEGIES = ("scratch", "scratch-resnet", "lr", "svm", "rf", "head", "finetune-dense", "finetune", "finetune-plain")
 
 
 def check_sizes(sizes: tuple[int, ...], strategies: tuple[str, ...], backbones: tuple[str, ...] = ()) -> None:
-    """Refuse sizes below 1, repeated sizes, strategies ``--sizes`` cannot draw and ``--backbones`` (before any work)."""
+    """Refuse sizes below ``MIN_SIZE``, repeated sizes, strategies ``--sizes`` cannot draw and ``--backbones`` (before any work)."""
     if backbones:
         raise PipelineError("--backbones with --sizes: the backbone rows are drawn in the one table only; run them without --sizes")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-        raise PipelineError(f"--sizes {','.join(map(str, sizes))}: every size must be a whole number of training images per class, at least 1")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < MIN_SIZE for n in sizes):
+        raise PipelineError(f"--sizes {','.join(map(str, sizes))}: every size must be a whole number of training images per class, at least {MIN_SIZE} "
+                            "(the frozen-feature rows' 3-fold search needs 3 of each class)")
     if len(set(sizes)) != len(sizes):
         raise PipelineError(f"--sizes {','.join(map(str, sizes))}: a size is repeated")
     unfit = [s for s in strategies if s not in SIZE_STRATEGIES]

@@ -14,7 +14,7 @@ from pipeline.compare import rows as kinds
 from pipeline.compare.config import CLASSICAL, CompareConfig
 from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import write_text_atomic
+from pipeline.core.outputs import prepare_output_dir, write_text_atomic
 from pipeline.compare.verdicts import judged, summary_line
 from pipeline.core.stats import ALPHA, CONFIDENCE
 
@@ -164,6 +164,7 @@ def run(config: CompareConfig) -> list[dict]:
     """
     config.validate()
     check_weights(config)
+    prepare_output_dir(config.output)  # an -o that is a file or cannot be written: one line, before any work
     if config.sizes:
         from pipeline.compare.sizes import run_sizes
 

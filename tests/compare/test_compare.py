@@ -197,3 +197,13 @@ def test_a_backbone_without_weights_names_the_file_and_weights_flag(tiny, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in err and "--weights PATH" in err
     assert not out.exists()  # refused before any work
+
+
+def test_an_output_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    make_tree(tmp_path / "d" / "train")
+    make_tree(tmp_path / "d" / "test")
+    (tmp_path / "afile").write_text("mine")
+    assert main(["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "afile"), "--weights", "none", "--input-size", "32", "--strategies", "lr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "afile: exists and is not a folder" in err
+    assert (tmp_path / "afile").read_text() == "mine"

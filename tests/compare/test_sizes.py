@@ -35,6 +35,7 @@ def test_a_size_over_a_class_is_refused(tmp_path):
 
 @pytest.mark.parametrize("sizes, strategies, message", [
     ((0, 5), ("lr",), r"--sizes 0,5: every size must be a whole number"),
+    ((2, 5), ("lr",), r"--sizes 2,5: every size must be a whole number of training images per class, at least 3 \(the frozen-feature rows' 3-fold search"),
     ((5, 5), ("lr",), r"--sizes 5,5: a size is repeated"),
     ((5,), ("probe",), r"--sizes: strategy 'probe' cannot be drawn"),
 ])  # fmt: skip
