@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pipeline.backbones.registry import BACKBONE
 from pipeline.compare.config import CLASSICAL_NAMES, IGNORED_FIELDS, PROBE_NAME, CompareConfig, backbone_row_name
 from pipeline.core.config import config_json
 from pipeline.core.digests import file_digest, tree_digest
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import write_json_atomic
 from pipeline.core.stats import majority_vote
 
@@ -116,10 +117,9 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
     subset = hashlib.sha256("\n".join(sorted(train_paths)).encode()).hexdigest() if train_paths is not None else None
     key = {"settings": _settings(cfg), "train": file_digest(train_h5), "test": file_digest(test_h5), "subset": subset}
     record = folder / f"{model}{'' if backbone == BACKBONE else '-' + backbone}.row.json"
-    if not config.rerun and record.is_file():
-        stored = json.loads(record.read_text())
-        if stored.get("key") == key:
-            return stored["row"]
+    stored = None if config.rerun else _stored(record)
+    if stored is not None and stored.get("key") == key and isinstance(stored.get("row"), dict):
+        return stored["row"]
     with open_features(train_h5) as ff, open_features(test_h5) as test_ff:
         check_compatible(ff, test_ff)
         rows = None
@@ -191,15 +191,26 @@ def net_config(config: CompareConfig, strategy: str, unfreeze: str, seed: int):
     return finetune, cfg, "finetune"
 
 
+def _stored(path: Path) -> dict | None:
+    """A row's stored record, or None when there is none or it is damaged (said on stderr: the row is computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        print(f"note: {path}: unreadable ({first_line(exc)}); computing this row again", file=sys.stderr)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def net_metrics(config: CompareConfig, strategy: str, unfreeze: str, seed: int, inputs: Inputs) -> tuple[dict, Path]:
     """The metrics of a nets strategy at ``seed`` and their file: reused when written with the same settings from the same images, else trained now."""
     module, cfg, name = net_config(config, strategy, unfreeze, seed)
     path = Path(cfg.out_dir) / f"{name}.metrics.json"
     digests = {"train": inputs.digest("train"), "test": inputs.digest("test")}
-    if not config.rerun and path.is_file():
-        m = json.loads(path.read_text())
-        if _settings(cfg) == {k: v for k, v in (m.get("config") or {}).items() if k not in IGNORED_FIELDS} and m.get("data_digest") == digests:
-            return m, path
+    m = None if config.rerun else _stored(path)
+    if m is not None and _settings(cfg) == {k: v for k, v in (m.get("config") or {}).items() if k not in IGNORED_FIELDS} and m.get("data_digest") == digests:
+        return m, path
     module.run(cfg)
     return json.loads(path.read_text()), path
 

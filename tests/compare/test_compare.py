@@ -207,3 +207,17 @@ def test_an_output_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "afile: exists and is not a folder" in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_damaged_stored_row_is_computed_again_not_a_traceback(tmp_path, capsys):
+    make_tree(tmp_path / "d" / "train", per_class=4)
+    make_tree(tmp_path / "d" / "test", per_class=2)
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"]
+    assert main(argv) == 0
+    record = tmp_path / "out" / "models" / "lr.row.json"
+    first = json.loads(record.read_text())["row"]["accuracy"]
+    record.write_bytes(b'{"key": [trunc')
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "lr.row.json: unreadable" in capsys.readouterr().err
+    assert json.loads(record.read_text())["row"]["accuracy"] == first  # the same fit again, stored whole
