@@ -123,3 +123,22 @@ def search_grid(model: str, overrides: dict | None = None) -> dict[str, list]:
             raise PipelineError(f"--{key.replace('_', '-')}: needs at least one value")
         grid[key] = [check_grid_value(key, v) for v in values]
     return {k: list(dict.fromkeys(v)) for k, v in grid.items()}
+
+
+def linear_kind(clf) -> str | None:
+    """``"softmax"`` for a logistic regression, ``"margins"`` for a linear SVM, None for anything else.
+
+    Decided by what the model computes, not its class alone: the streaming engine's
+    ``SGDClassifier`` with ``log_loss`` is a multinomial logistic regression (scikit-learn's
+    own multiclass ``SGDClassifier`` normalises one-vs-rest sigmoids instead: not a softmax).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    from pipeline.rows.engine import SGDClassifier
+
+    if isinstance(clf, LogisticRegression) or (isinstance(clf, SGDClassifier) and clf.loss == "log_loss"):
+        return "softmax"
+    if isinstance(clf, LinearSVC) or (isinstance(clf, SGDClassifier) and clf.loss == "squared_hinge"):
+        return "margins"
+    return None

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.classical.bundle import load_bundle, make_bundle
 from pipeline.rows.pooling import POOLS, pool_features
 from pipeline.classical.fitting import fit_matrix
-from pipeline.classical.models import MODELS
+from pipeline.classical.models import MODELS, linear_kind
 from pipeline.core.errors import PipelineError
 from pipeline.backbones.registry import BACKBONE, get_spec
 
@@ -66,17 +66,18 @@ def feature_spec(*, input_size: int, resize: str, weights, pool: str, backbone: 
 def _classifier(path, estimator, margins: bool = False):
     """(scaling step or None, the linear classifier) of a bundle's estimator, or a one-line error.
 
-    A logistic regression always; a ``LinearSVC`` too when ``margins`` (its outputs are margins, not probabilities).
+    A logistic regression always; a linear SVM too when ``margins`` (its outputs are margins,
+    not probabilities). Both forms ``train`` writes count: scikit-learn's exact models and the
+    streaming engine's ``SGDClassifier`` (``log_loss`` = softmax logistic regression, a hinge
+    loss = linear SVM), which ``train`` returns above ``ROW_SPACE_MAX_ROWS`` rows or out of core.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
-    from sklearn.svm import LinearSVC
 
-    kinds = (LogisticRegression, LinearSVC) if margins else (LogisticRegression,)
     steps = [s for _, s in estimator.steps] if isinstance(estimator, Pipeline) else [estimator]
     clf, prep = steps[-1], steps[:-1]
-    if not isinstance(clf, kinds):
+    kind = linear_kind(clf)
+    if kind is None or (kind == "margins" and not margins):
         wanted = "a logistic regression or a linear SVM (`train --model lr` or `--model svm`)" if margins else "a logistic regression; fit the probe with `train --model lr`"
         raise PipelineError(f"{path}: its estimator is {type(clf).__name__}, not {wanted}")
     if len(prep) > 1 or (prep and not isinstance(prep[0], (Normalizer, StandardScaler))):
@@ -160,10 +161,8 @@ def probe_layers(estimator, pool: str, n_classes: int, path="probe", *, name: st
     """
     import keras
 
-    from sklearn.linear_model import LogisticRegression
-
     prep, clf = _classifier(path, estimator, margins)
-    softmax = isinstance(clf, LogisticRegression)
+    softmax = linear_kind(clf) == "softmax"
     coef = np.asarray(clf.coef_, np.float64)
     bias = np.asarray(clf.intercept_, np.float64)
     if coef.shape[0] == 1 and n_classes == 2:

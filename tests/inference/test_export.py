@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.classical import train
+from pipeline.classical.bundle import load_bundle
 from pipeline.inference import predict
 from pipeline.core.errors import PipelineError
 from pipeline.extract import stage as extract
@@ -44,6 +45,8 @@ def trained(backbone, tmp_path_factory, models=("lr",)):
     for model in models:
         C = (1.0,) if model != "rf" else None  # confident linear models: few near-ties to compare
         train.run(train.TrainConfig(features=h5, model=model, output=root / "models", cv=2, C=C, quiet=True))
+        if model != "rf":  # the streaming engine's model (what train writes out of core or above 2,048 rows)
+            train.run(train.TrainConfig(features=h5, model=model, output=root / "streamed", cv=2, C=C, memory_budget_mb=0.001, quiet=True))
     _TRAINED[backbone] = root, data
     return root, data
 
@@ -74,10 +77,15 @@ def _plain_keras(path, pixels, tmp_path):
 
 
 # vgg16: caffe preprocessing (RGB->BGR, minus the means); resnet50v2: tf (x / 127.5 - 1).
-@pytest.mark.parametrize("backbone, model", [("vgg16", "lr"), ("vgg16", "svm"), ("resnet50v2", "lr")])
-def test_the_exported_network_predicts_what_predict_predicts(vgg, backbone, model, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize(
+    "backbone, model, folder",
+    [("vgg16", "lr", "models"), ("vgg16", "svm", "models"), ("vgg16", "lr", "streamed"), ("vgg16", "svm", "streamed"), ("resnet50v2", "lr", "models")],
+)
+def test_the_exported_network_predicts_what_predict_predicts(vgg, backbone, model, folder, tmp_path, tmp_path_factory):
     root, data = trained(backbone, tmp_path_factory)
-    bundle = root / "models" / f"{model}.joblib"
+    bundle = root / folder / f"{model}.joblib"
+    if folder == "streamed":
+        assert type(load_bundle(bundle)["estimator"][-1]).__name__ == "SGDClassifier"  # the engine's model, not sklearn's exact one
     out = export.run(export.ExportConfig(model=bundle, output=tmp_path / f"{model}.keras"))
     meta = json.loads((tmp_path / f"{model}.keras.json").read_text())
     assert meta["label_names"] == list(CLASSES) and meta["input_size"] == 32 and meta["resize"] == "bilinear"

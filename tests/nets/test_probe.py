@@ -67,6 +67,20 @@ def test_network_from_a_probe_bundle_predicts_what_the_bundle_predicts(features,
     assert find_layer(net.full, "probe_logistic").get_weights()[0].shape == (rows.shape[1], len(CLASSES))
 
 
+def test_a_probe_from_the_streaming_engine_is_a_softmax_probe(features, tmp_path):
+    """Above 2,048 rows or out of core, train's lr is the engine's softmax SGDClassifier: LP-FT takes it as it takes LogisticRegression."""
+    root, data, h5 = features
+    train.run(train.TrainConfig(features=h5, model="lr", output=tmp_path, C=(1.0,), memory_budget_mb=0.001, quiet=True))
+    bundle = load_bundle(tmp_path / "lr.joblib")
+    assert type(bundle["estimator"][-1]).__name__ == "SGDClassifier"
+    config = ft.FinetuneConfig(data, out_dir=tmp_path / "unused", probe=tmp_path / "lr.joblib", **FAST)
+    net = ft.build_network(config, len(CLASSES), "float32", probe=bundle["estimator"])
+    x, rows = pixels_and_features(features, "flatten")
+    np.testing.assert_allclose(net.full.predict(x, verbose=0), bundle["estimator"].predict_proba(rows), rtol=1e-4, atol=1e-5)
+    ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "lr.joblib", **FAST))
+    assert (tmp_path / "out" / "finetune.keras").is_file()
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
