@@ -119,13 +119,14 @@ def extract_rows(
     writer = PartWriter(work, listing, work.next_seq(), chunks.default_layout(tuple(net.output_shape), dtype.name))
     writer.start()
     n_rejected = 0
+    ahead = prefetch_depth(batch_size, workers)
     bar = progress_bar(done + len(todo), "extract", quiet=not progress, initial=done, smoothing=0.1)
     t0 = time.perf_counter()
     try:
         for run in _runs(todo):
             for batch in iter_batches(
                 listing, run, size=input_size, interpolation=resize, batch_size=batch_size, workers=workers, timeout=image_timeout,
-                prefetch=prefetch_depth(batch_size, workers),
+                prefetch=ahead,
             ):
                 ok = batch.ok
                 pixels = batch.pixels if ok.all() else batch.pixels[ok]  # no copy of a whole batch

@@ -28,7 +28,7 @@ from pipeline.extract.incremental import kept_blocks
 from pipeline.extract.loop import extract_rows
 from pipeline.extract.preflight import check_paths
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan
-from pipeline.extract.shardset import merge_locked
+from pipeline.extract.shardset import write_merged
 from pipeline.featurefile.schema import RowBlock
 from pipeline.featurefile.store import class_summary
 from pipeline.featurefile.writer import write_feature_file
@@ -127,7 +127,7 @@ def _run_ray(config: ExtractConfig, plan: Plan, ray) -> int:
     ran = {r["shard"] for r in results if r["rewritten"]}  # the others were up to date
     try:
         with sigterm_as_interrupt():
-            n, n_rej = merge_locked(output, [r["output"] for r in results], overwrite=True, command_line=config.command_line, ran=ran)
+            n, n_rej = write_merged(output, [r["output"] for r in results], command_line=config.command_line, ran=ran)
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'}) while merging; the shards are complete: run the same command again to merge them into {output}", file=sys.stderr)
         return 130
