@@ -132,9 +132,8 @@ def make_plan(config: ExtractConfig, whole: Listing) -> Plan:
     if config.ray:  # only a merged file can be compared with (and updated by) a sharded run
         listing, unusable = whole, stored.problem or "it was not made by a sharded extraction"
         shards = config.shards if config.shards > 1 else (int(old.get("shards", 1)) if stored.merged else None)
-        fp = merged_fingerprint([
-            fingerprint(shard_listing(whole, shards, k), backbone, shards=shards, shard=k, whole=whole, **settings) for k in range(shards)
-        ]) if stored.merged and shards else None  # fmt: skip
+        parts = [shard_listing(whole, shards, k) for k in range(shards)] if stored.merged and shards else None
+        fp = merged_fingerprint([fingerprint(p, backbone, shards=shards, shard=k, whole=whole, **settings) for k, p in enumerate(parts)]) if parts else None
         fresh = stored.merged and not stale_sources(output) and not retry
     else:
         listing, unusable, shards = shard_listing(whole, config.shards, config.shard), stored.problem, config.shards

@@ -19,13 +19,11 @@ _FEATURE_SUFFIXES = (".h5", ".hdf5")
 
 
 def check_paths(output: Path, data_dir: Path, weights: str | None = None, *, beside: Path | None = None) -> Listing:
-    """Check an extraction's output against every rule, and return the listing of its data folder.
+    """Check an extraction's output against every rule, in this order, and return the listing of its data folder.
 
-    In this order: the output is no symbolic link, the names made beside it fit the file
-    system (``beside``: the longest of them, e.g. a ``--ray`` run's shard files; default the
-    output), it lies outside the data folder; then the data folder is listed (a bad one fails
-    here, before any work) and the output checked against what it lists and the weights file;
-    last its folder is created if needed and checked to be writable.
+    No symbolic link; names beside it that fit (``beside``: the longest, e.g. a ``--ray`` run's shard
+    files); outside the data folder; then the folder is listed (a bad one fails here, before any work)
+    and the output checked against its files and the weights file; last its folder made and writable.
 
     Raises:
         PipelineError: the first rule broken, in one line naming the path.

@@ -231,7 +231,7 @@ def _labels(path: Path) -> np.ndarray:
 def merge_locked(
     output: Path, shards: list[Path], *, overwrite: bool = False, command_line: str = "", ran: set[int] | None = None
 ) -> tuple[int, int]:
-    """``merge`` for a caller that already holds ``OutputLock(output)``: the paths checked, then ``write_merged``; returns (rows, rejected)."""
+    """``merge`` for a caller that already holds ``OutputLock(output)``: the paths checked, then ``write_merged``."""
     output = Path(output)
     if not shards:
         raise PipelineError("merge: no shard files given")
@@ -256,14 +256,11 @@ def merge_locked(
 
 
 def write_merged(output: Path, shards: list[Path], *, command_line: str = "", ran: set[int] | None = None) -> tuple[int, int]:
-    """Check that the shard files form one extraction's complete set and write their merged file; returns (rows, rejected).
+    """Check that the shard files form one extraction's complete set, write their merged file; returns (rows, rejected).
 
-    For a caller that holds ``OutputLock(output)`` and checked its paths already: ``merge_locked``, or
-    ``extract --ray``, whose output passed ``preflight.check_paths`` and whose shard files its own tasks wrote.
-
-    ``ran``: the indices of the shards extracted by the caller's run (None: all); the merged
-    file's per-run attributes (``images_processed_last_run``, ``extract_seconds``,
-    ``rows_kept``, ``incremental``) count the others as kept whole.
+    For a caller holding ``OutputLock(output)`` whose paths are checked: ``merge_locked``, or ``extract --ray``
+    (its output passed ``preflight.check_paths``; its own tasks wrote the shards). ``ran``: the shards the
+    caller's run extracted (None: all); the merged file's per-run attributes count the others as kept whole.
     """
     ordered = _check_shards([_read_shard(Path(p)) for p in shards])
     _check_disjoint(ordered)

@@ -1,7 +1,8 @@
 """Extract stage: images -> a backbone's bottleneck features (``--backbone``, VGG16 by default) -> one HDF5 file, resumable after a kill and safe against bad files; with ``--ray``, one Ray task per shard, then merged.
 
-``run`` checks the paths, lists the images, asks ``pipeline.extract.plan`` what the run must
-do, and carries that ``Plan`` out: in this process, extract -> assemble -> summary; with
+``run`` checks the paths and lists the images (``pipeline.extract.preflight``), asks
+``pipeline.extract.plan`` what the run must do (the backbone resolved once, with it), and
+carries that ``Plan`` out: in this process, extract -> assemble -> summary; with
 ``--ray``, this same ``run`` as a task on each shard file (``pipeline.extract.distributed``
 only runs the tasks), then the shards merged into the output (``pipeline.extract.shardset``).
 """
