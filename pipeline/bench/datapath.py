@@ -9,7 +9,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -180,7 +179,6 @@ def assemble(listing, work: WorkArea, out: Path, row_shape, storage: str) -> int
 def end_to_end(listing, rows: np.ndarray, size: int, tmp: Path, cores: int, repeats: int, batch_size: int) -> dict:
     """Decode -> stub network -> compressed parts -> assembled file, ``repeats`` times: images/s,
     the main thread's CPU per image (the serial part), assembly rows/s (wall and CPU), disk."""
-    weights = SimpleNamespace(checksum=ReplayNet.weights_checksum)
     runs, serial, wall, cpu, temp, final = [], [], [], [], 0, 0
     for r in range(repeats):
         out = tmp / f"run{r}.h5"
@@ -190,8 +188,8 @@ def end_to_end(listing, rows: np.ndarray, size: int, tmp: Path, cores: int, repe
         net = ReplayNet(rows, batch_size)
         c = time.thread_time()
         seconds = extract_rows(
-            listing, todo, work, weights, "float32", input_size=size, batch_size=batch_size, storage="float16", resize="bilinear",
-            workers=cores, image_timeout=60.0, progress=False, net=net,
+            listing, todo, work, net, input_size=size, batch_size=batch_size, storage="float16", resize="bilinear",
+            workers=cores, image_timeout=60.0, progress=False,
         )  # fmt: skip
         serial.append((time.thread_time() - c) / len(todo))
         runs.append(len(todo) / seconds)

@@ -1,4 +1,4 @@
-"""Writing outputs safely: the one atomic writer (temporary name, fsync, rename), the output lock, output folders, and what every output records (versions, command line)."""
+"""Writing outputs safely: the one atomic writer (temporary name, fsync, rename), the output lock, output folders and an output file's folder, and what every output records (versions, command line)."""
 
 from __future__ import annotations
 
@@ -186,6 +186,31 @@ def prepare_output_dir(folder: Path, flag: str = "-o") -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PipelineError(f"{flag} {folder}: output folder is not writable")
     return folder
+
+
+def check_output_writable(output: Path) -> None:
+    """Make sure ``output`` (a file path) can be written: its folder exists (it is created) and is writable.
+
+    Raises:
+        PipelineError: ``output`` is a folder, its parent is not a folder or cannot be
+            created, or the folder or an existing file is not writable.
+    """
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.exists() and output.is_dir():
+        raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
+    refuse_special(output, "the output")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"{parent}: cannot create the output folder: {exc.strerror}") from None
+    if not parent.is_dir():
+        raise PipelineError(f"{parent}: the output's parent is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{parent}: output folder is not writable")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise PipelineError(f"{output}: output file is not writable")
 
 
 #: The packages whose versions decide the numbers in an output.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.images.listing import Listing
-from pipeline.backbones.registry import get_spec
+from pipeline.backbones.resolved import ResolvedBackbone
 
 #: How files are assigned to shards; recorded in the fingerprint of every sharded output.
 SHARDING = "path-hash"
@@ -58,19 +58,16 @@ def shard_path(output: Path, shard: int, shards: int) -> Path:
 
 
 def fingerprint(
-    listing: Listing, weights, precision: str, *, input_size: int, resize: str, storage: str, shards: int, shard: int, whole: Listing | None = None,
-    calibration: str | None = None,
+    listing: Listing, backbone: ResolvedBackbone, *, resize: str, storage: str, shards: int, shard: int, whole: Listing | None = None,
 ) -> dict:
     """Everything that decides the content of an extraction's output: if it is unchanged, so is the file.
 
     Args:
         listing: the files of this output (one shard's, when sharded).
-        weights: the resolved ``WeightsInfo`` (its ``backbone`` is the network's: its name, feature
-            layer and preprocessing are recorded).
-        precision: the resolved compute precision.
-        input_size, resize, storage, shards, shard: the extraction's settings.
+        backbone: the resolved network: its name, feature layer, preprocessing, input size,
+            weights and precision are recorded (an int8 run adds its model's key, ``calibration``).
+        resize, storage, shards, shard: the extraction's settings.
         whole: the listing of the whole data folder ``listing`` is a shard of (default ``listing``).
-        calibration: for ``int8``, the key of the quantized model (recorded as ``calibration``).
 
     Returns:
         A JSON-ready dict with the data folder (``data_dir``, fully resolved); a sharded one
@@ -78,16 +75,16 @@ def fingerprint(
         listing (``whole_listing_sha256``, ``whole_n_files``), which every shard of one
         extraction shares: ``merge`` refuses shards of other folders or other listings.
     """
-    net = get_spec(weights.backbone)
+    net, weights = backbone.spec, backbone.weights
     fp = {
         "backbone": net.name,
         "layer": net.layer,
-        "input_size": input_size,
+        "input_size": backbone.input_size,
         "resize": resize,
         "preprocessing": net.preprocessing,
         "weights": weights.name,
         "weights_checksum": weights.checksum,
-        "precision": precision,
+        "precision": backbone.precision,
         "storage": storage,
         "class_names": list(listing.class_names),
         "n_files": len(listing) + len(listing.skipped),
@@ -96,8 +93,6 @@ def fingerprint(
         "shard": shard,
         "data_dir": os.path.realpath(listing.root),
     }
-    if calibration is not None:
-        fp["calibration"] = calibration
     if shards > 1:
         whole = listing if whole is None else whole
         fp["sharding"] = SHARDING

@@ -8,9 +8,7 @@ import time
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
 from pipeline.featurefile import chunks
-from pipeline.backbones import int8 as engines
 from pipeline.images.listing import Listing
 from pipeline.images.decode import iter_batches
 from pipeline.extract.workarea import WorkArea
@@ -87,8 +85,7 @@ def extract_rows(
     listing: Listing,
     todo: np.ndarray,
     work: WorkArea,
-    weights,
-    precision: str,
+    net,
     *,
     input_size: int,
     batch_size: int,
@@ -98,44 +95,38 @@ def extract_rows(
     image_timeout: float,
     progress: bool,
     done: int = 0,
-    calibration: "engines.Calibration | None" = None,
-    net=None,
 ) -> float:
     """Run the network over listing rows ``todo`` into the work area, one part per batch.
 
     Args:
         listing, todo: the files and which of their rows to extract (sorted).
         work: the work area the parts go to (it may already hold parts: they are kept).
-        weights, precision: the resolved ``WeightsInfo`` and compute precision.
+        net: the network, opened (``ResolvedBackbone.open``): uint8 RGB batches in, features of
+            ``net.output_shape`` out; ``bench --data-path`` passes a stub replaying real
+            features, to measure everything but the network.
         input_size, batch_size, storage, resize, workers, image_timeout: the extraction's settings.
         progress: show a progress bar; ``done`` rows count as already done in it.
-        calibration: for ``int8``, the quantized model to use (``extract.plan.make_plan`` chooses it).
-        net: the network to run (default: built from the settings); ``bench --data-path`` passes
-            a stub replaying real features, to measure everything but the network.
 
     Returns:
-        The seconds from the first batch to the last part written (network construction excluded).
+        The seconds from the first batch to the last part written.
 
     Raises:
-        PipelineError: the weights changed while loading; a part could not be written.
+        PipelineError: a part could not be written.
     """
     from pipeline.core.progress import progress as progress_bar
 
-    if net is None:
-        net = engines.open_backbone(input_size, weights, precision, batch_size=batch_size, calibration=calibration, progress=progress)
-    if net.weights_checksum != weights.checksum:
-        raise PipelineError(f"weights checksum changed while loading ({weights.checksum} -> {net.weights_checksum})")
     dtype = np.dtype(storage)
     writer = PartWriter(work, listing, work.next_seq(), chunks.default_layout(tuple(net.output_shape), dtype.name))
     writer.start()
     n_rejected = 0
+    ahead = prefetch_depth(batch_size, workers)
     bar = progress_bar(done + len(todo), "extract", quiet=not progress, initial=done, smoothing=0.1)
     t0 = time.perf_counter()
     try:
         for run in _runs(todo):
             for batch in iter_batches(
                 listing, run, size=input_size, interpolation=resize, batch_size=batch_size, workers=workers, timeout=image_timeout,
-                prefetch=prefetch_depth(batch_size, workers),
+                prefetch=ahead,
             ):
                 ok = batch.ok
                 pixels = batch.pixels if ok.all() else batch.pixels[ok]  # no copy of a whole batch

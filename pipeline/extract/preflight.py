@@ -1,4 +1,4 @@
-"""Checks made before any work, so that a run which could not finish fails at once in one line: an output that is a symbolic link, coincides with an input or lies inside the data folder, or whose temporary, lock and work-area names do not fit the file system."""
+"""Checks made before any work, in one place, so that a run which could not finish fails at once in one line: an output that is a symbolic link, coincides with an input or lies inside the data folder, cannot be written, or whose temporary, lock and work-area names do not fit the file system."""
 
 from __future__ import annotations
 
@@ -8,14 +8,33 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import is_within, same_file
-from pipeline.images.listing import Listing
+from pipeline.core.outputs import check_output_writable, is_within, same_file
+from pipeline.images.listing import Listing, list_images
 
 #: Digits of the process id in a temporary name (Linux's pid_max is at most 4194304).
 PID_DIGITS = 7
 #: The longest name created inside the work area (``.part-000000000.tmp``).
 PART_NAME = ".part-000000000.tmp"
 _FEATURE_SUFFIXES = (".h5", ".hdf5")
+
+
+def check_paths(output: Path, data_dir: Path, weights: str | None = None, *, beside: Path | None = None) -> Listing:
+    """Check an extraction's output against every rule, in this order, and return the listing of its data folder.
+
+    No symbolic link; names beside it that fit (``beside``: the longest, e.g. a ``--ray`` run's shard
+    files); outside the data folder; then the folder is listed (a bad one fails here, before any work)
+    and the output checked against its files and the weights file; last its folder made and writable.
+
+    Raises:
+        PipelineError: the first rule broken, in one line naming the path.
+    """
+    check_not_a_link(output)
+    check_names_fit(beside or output)
+    check_outside_folder(output, data_dir)
+    whole = list_images(data_dir)
+    check_not_an_input(output, whole, weights)
+    check_output_writable(output)
+    return whole
 
 
 def _limits(folder: Path) -> tuple[int, int]:

@@ -231,12 +231,7 @@ def _labels(path: Path) -> np.ndarray:
 def merge_locked(
     output: Path, shards: list[Path], *, overwrite: bool = False, command_line: str = "", ran: set[int] | None = None
 ) -> tuple[int, int]:
-    """``merge`` for a caller that already holds ``OutputLock(output)``; returns (rows, rejected).
-
-    ``ran``: the indices of the shards extracted by the caller's run (None: all); the merged
-    file's per-run attributes (``images_processed_last_run``, ``extract_seconds``,
-    ``rows_kept``, ``incremental``) count the others as kept whole.
-    """
+    """``merge`` for a caller that already holds ``OutputLock(output)``: the paths checked, then ``write_merged``."""
     output = Path(output)
     if not shards:
         raise PipelineError("merge: no shard files given")
@@ -257,9 +252,19 @@ def merge_locked(
         raise PipelineError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PipelineError(f"{parent}: output folder is not writable")
+    return write_merged(output, [Path(p) for p in shards], command_line=command_line, ran=ran)
+
+
+def write_merged(output: Path, shards: list[Path], *, command_line: str = "", ran: set[int] | None = None) -> tuple[int, int]:
+    """Check that the shard files form one extraction's complete set, write their merged file; returns (rows, rejected).
+
+    For a caller holding ``OutputLock(output)`` whose paths are checked: ``merge_locked``, or ``extract --ray``
+    (its output passed ``preflight.check_paths``; its own tasks wrote the shards). ``ran``: the shards the
+    caller's run extracted (None: all); the merged file's per-run attributes count the others as kept whole.
+    """
     ordered = _check_shards([_read_shard(Path(p)) for p in shards])
     _check_disjoint(ordered)
-    return _write(output, ordered, command_line, ran)
+    return _write(Path(output), ordered, command_line, ran)
 
 
 def merge(output: Path | str, shards: list[Path | str], *, overwrite: bool = False, command_line: str = "") -> int:

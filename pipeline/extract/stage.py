@@ -1,7 +1,8 @@
 """Extract stage: images -> a backbone's bottleneck features (``--backbone``, VGG16 by default) -> one HDF5 file, resumable after a kill and safe against bad files; with ``--ray``, one Ray task per shard, then merged.
 
-``run`` checks the paths, lists the images, asks ``pipeline.extract.plan`` what the run must
-do, and carries that ``Plan`` out: in this process, extract -> assemble -> summary; with
+``run`` checks the paths and lists the images (``pipeline.extract.preflight``), asks
+``pipeline.extract.plan`` what the run must do (the backbone resolved once, with it), and
+carries that ``Plan`` out: in this process, extract -> assemble -> summary; with
 ``--ray``, this same ``run`` as a task on each shard file (``pipeline.extract.distributed``
 only runs the tasks), then the shards merged into the output (``pipeline.extract.shardset``).
 """
@@ -21,19 +22,18 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, package_versions
 from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.backbones import int8 as engines
-from pipeline.backbones.weights import resolve_weights
-from pipeline.extract import distributed, preflight
+from pipeline.extract import distributed
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.fingerprints import shard_path
 from pipeline.extract.incremental import kept_blocks
 from pipeline.extract.loop import extract_rows
+from pipeline.extract.preflight import check_paths
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan
-from pipeline.extract.shardset import merge_locked
+from pipeline.extract.shardset import write_merged
 from pipeline.featurefile.schema import RowBlock
-from pipeline.featurefile.store import check_output_writable, class_summary
+from pipeline.featurefile.store import class_summary
 from pipeline.featurefile.writer import write_feature_file
-from pipeline.images.listing import Reject, list_images
-from pipeline.backbones.registry import get_spec
+from pipeline.images.listing import Reject
 
 
 def run(config: ExtractConfig) -> int:
@@ -56,19 +56,13 @@ def run(config: ExtractConfig) -> int:
     ray = distributed.import_ray() if config.ray else None
     if ray is not None:  # workers may run elsewhere and in another folder: send absolute paths
         config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)), output=Path(os.path.abspath(config.output)))
-    longest = shard_path(config.output, 0, 2) if ray is not None else config.output  # the names made beside the output
-    preflight.check_not_a_link(config.output)
-    preflight.check_names_fit(longest)
-    preflight.check_outside_folder(config.output, config.data_dir)
-    whole = list_images(config.data_dir)  # a bad data folder fails here, before any work
-    preflight.check_not_an_input(config.output, whole, config.weights)
-    check_output_writable(config.output)
+    beside = shard_path(config.output, 0, 2) if ray is not None else None  # the longest names made beside the output
+    whole = check_paths(config.output, config.data_dir, config.weights, beside=beside)
     with OutputLock(config.output):
-        weights = resolve_weights(config.weights, backbone=config.backbone, progress=not config.quiet)
-        plan = make_plan(config, whole, weights)
+        plan = make_plan(config, whole)
         if ray is not None:
-            return _run_ray(config, plan, weights, ray)
-        return _run_local(config, plan, weights)
+            return _run_ray(config, plan, ray)
+        return _run_local(config, plan)
 
 
 def _say(config: ExtractConfig, msg: str) -> None:
@@ -76,7 +70,7 @@ def _say(config: ExtractConfig, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
+def _run_local(config: ExtractConfig, plan: Plan) -> int:
     """Carry ``plan`` out in this process: extract its rows into the work area, then assemble the output."""
     output, listing, work, kept, todo = config.output, plan.listing, plan.work, plan.kept, plan.todo
     if plan.action == UP_TO_DATE:
@@ -96,15 +90,15 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
     try:
         with sigterm_as_interrupt():
             if len(todo):
+                net = plan.backbone.open(batch_size=config.batch_size, progress=not config.quiet)
                 loop_seconds = extract_rows(
-                    listing, todo, work, weights, plan.precision,
+                    listing, todo, work, net,
                     input_size=config.input_size, batch_size=config.batch_size, storage=config.storage, resize=config.resize,
                     workers=config.workers, image_timeout=config.image_timeout, progress=not config.quiet, done=len(listing) - len(todo),
-                    calibration=plan.calibration,
                 )  # fmt: skip
             # Still in the block: an interrupt while assembling leaves the work area
             # whole (the temporary file is removed) and says so, like one during extraction.
-            n, n_rej = _assemble(config, plan, weights, loop_seconds)
+            n, n_rej = _assemble(config, plan, loop_seconds)
             work.remove()
     except KeyboardInterrupt as exc:
         finished = len(work.done_indices(listing, plan.keep_parts, kept.covered if kept else None))
@@ -115,7 +109,7 @@ def _run_local(config: ExtractConfig, plan: Plan, weights) -> int:
     return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict, config.shards == 1)
 
 
-def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
+def _run_ray(config: ExtractConfig, plan: Plan, ray) -> int:
     """Carry ``plan`` out on a Ray cluster: every shard a task running ``run`` on its shard file, then merge them into ``config.output``."""
     output, listing = config.output, plan.listing
     if plan.action == UP_TO_DATE:
@@ -134,7 +128,7 @@ def _run_ray(config: ExtractConfig, plan: Plan, weights, ray) -> int:
     ran = {r["shard"] for r in results if r["rewritten"]}  # the others were up to date
     try:
         with sigterm_as_interrupt():
-            n, n_rej = merge_locked(output, [r["output"] for r in results], overwrite=True, command_line=config.command_line, ran=ran)
+            n, n_rej = write_merged(output, [r["output"] for r in results], command_line=config.command_line, ran=ran)
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'}) while merging; the shards are complete: run the same command again to merge them into {output}", file=sys.stderr)
         return 130
@@ -166,7 +160,7 @@ def _text(value: str) -> str:
     return os.fsencode(value).decode("utf-8", "backslashreplace")
 
 
-def _assemble(config: ExtractConfig, plan: Plan, weights, loop_seconds: float) -> tuple[int, int]:
+def _assemble(config: ExtractConfig, plan: Plan, loop_seconds: float) -> tuple[int, int]:
     """Write the output from the kept rows and the work area's parts; returns (rows, rejected)."""
     listing, work, kept = plan.listing, plan.work, plan.kept
     parts = work.index(listing, plan.keep_parts, exclude=kept.covered if kept else None)
@@ -188,18 +182,18 @@ def _assemble(config: ExtractConfig, plan: Plan, weights, loop_seconds: float) -
         for part in parts:  # one part in memory at a time
             yield RowBlock.of(work.features(part), listing, part.indices)
 
-    net = get_spec(config.backbone)
+    backbone, weights = plan.backbone, plan.backbone.weights
     attrs = {
-        "backbone": net.name,
-        "layer": net.layer,
-        "input_size": config.input_size,
-        "feature_shape": list(net.feature_shape(config.input_size)),
-        "preprocessing": net.preprocessing,
+        "backbone": backbone.spec.name,
+        "layer": backbone.spec.layer,
+        "input_size": backbone.input_size,
+        "feature_shape": list(backbone.feature_shape),
+        "preprocessing": backbone.spec.preprocessing,
         "resize": config.resize,
         "weights": weights.name,
         "weights_source": weights.source,
         "weights_checksum": weights.checksum,
-        "precision": plan.precision,
+        "precision": backbone.precision,
         "storage_dtype": config.storage,
         "batch_size": config.batch_size,
         "data_dir": _text(str(Path(config.data_dir).resolve())),
@@ -217,7 +211,7 @@ def _assemble(config: ExtractConfig, plan: Plan, weights, loop_seconds: float) -
     }
     n = write_feature_file(
         config.output,
-        row_shape=net.feature_shape(config.input_size),
+        row_shape=backbone.feature_shape,
         storage=config.storage,
         class_names=listing.class_names,
         rows=rows(),

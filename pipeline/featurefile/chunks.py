@@ -150,20 +150,92 @@ def threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _take(columns: tuple, start: int, count: int) -> tuple:
+    return tuple(c[start : start + count] for c in columns)
+
+
+class _Waiting:
+    """Rows waiting to fill a chunk (features with their columns), first in, first out."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, features: np.ndarray, columns: tuple) -> None:
+        self.blocks.append((features, columns))
+        self.n += len(features)
+
+    def take(self, k: int) -> tuple[np.ndarray, tuple]:
+        feats = np.concatenate([f for f, _ in self.blocks]) if len(self.blocks) > 1 else self.blocks[0][0]
+        columns = tuple(np.concatenate(c) for c in zip(*(m for _, m in self.blocks)))
+        rest = len(feats) - k
+        self.blocks = [(feats[k:], _take(columns, k, rest))] if rest else []
+        self.n = rest
+        return feats[:k], _take(columns, 0, k)
+
+
 class ChunkSink:
     """Writes whole chunks into an h5py dataset of ``layout``, slot after slot: compressed ones
-    as they are (``write_direct_chunk``), rows compressed on a thread pool first. ``close``
-    sets the dataset's length to the rows written."""
+    as they are (``write_direct_chunk``), rows compressed on a thread pool first. ``put`` takes
+    blocks of any size and holds rows back until a chunk's worth has gathered; ``finish`` queues
+    the rest, ``close`` sets the dataset's length to the rows written."""
 
     def __init__(self, ds, layout: Layout, workers: int | None = None):
         self.ds = ds
         self.layout = layout
         self.slots = 0
         self.rows = 0
+        self.waiting = _Waiting()
         self.pool = ThreadPoolExecutor(max_workers=workers or threads(), thread_name_prefix="compress")
         self.window: collections.deque = collections.deque()
         self.limit = 4 * (workers or threads())
         self.copied = 0  # chunks written as they came, without recompression
+
+    @property
+    def taken(self) -> int:
+        """Rows taken so far: queued as chunks, or waiting to fill one."""
+        return self.rows + len(self.waiting)
+
+    def put(self, features, columns: tuple) -> list[tuple]:
+        """Take a block of rows, ``features`` (an array, or a ``Packed`` of any layout) with their ``columns``
+        (arrays of one value per row, carried along); return the columns of the rows queued now, in order.
+
+        Whole chunks of this layout are queued as they are; every other row waits until a chunk's worth
+        has gathered, then is compressed on the pool. So rows keep their order, except that rows
+        waiting for a chunk are stored after the whole chunks that came meanwhile.
+        """
+        rows = self.layout.rows
+        if isinstance(features, Packed) and features.layout == self.layout:
+            queued, start = [], 0
+            for data, count in zip(features.chunks, features.counts):
+                part = _take(columns, start, count)
+                if count == rows:
+                    self.put_compressed(data, count)
+                    queued.append(part)
+                else:  # a short chunk joins the rows waiting for a chunk
+                    self.waiting.add(decompress(data, self.layout, count), part)
+                start += count
+        else:
+            values = features.array() if isinstance(features, Packed) else features
+            with np.errstate(over="ignore"):  # an overflow of the storage dtype becomes inf (refused by the caller's check)
+                self.waiting.add(np.asarray(values).astype(self.layout.dtype, copy=False), columns)
+            queued = []
+        while len(self.waiting) >= rows:
+            block, part = self.waiting.take(rows)
+            self.put_rows(block)
+            queued.append(part)
+        return queued
+
+    def finish(self) -> list[tuple]:
+        """Queue the rows still waiting as a short last chunk; return their columns."""
+        if not len(self.waiting):
+            return []
+        block, part = self.waiting.take(len(self.waiting))
+        self.put_rows(block)
+        return [part]
 
     def put_compressed(self, data: bytes, rows: int) -> None:
         done: Future = Future()

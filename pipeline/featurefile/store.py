@@ -1,4 +1,4 @@
-"""Feature store: the output path check, what an existing output holds for the next run (fingerprint, rejections, row index), and the reader that validates a file (the rules of ``verify`` that cost no pass over the features) and guards every read of its features; the writer is ``featurefile.writer``."""
+"""Feature store: what an existing output holds for the next run (fingerprint, rejections, row index), and the reader that validates a file (the rules of ``verify`` that cost no pass over the features) and guards every read of its features; the writer is ``featurefile.writer``."""
 
 from __future__ import annotations
 
@@ -22,31 +22,6 @@ from pipeline.images.listing import Reject
 REQUIRED_DATASETS = ("features", "labels", "label_names", "paths")
 #: Attributes whose difference makes two feature files incompatible (train vs test, shards).
 SPEC_KEYS = ("backbone", "layer", "input_size", "preprocessing", "resize", "weights", "weights_checksum")
-
-
-def check_output_writable(output: Path) -> None:
-    """Make sure ``output`` (a file path) can be written: its folder exists (it is created) and is writable.
-
-    Raises:
-        PipelineError: ``output`` is a folder, its parent is not a folder or cannot be
-            created, or the folder or an existing file is not writable.
-    """
-    output = Path(output)
-    parent = output.parent if str(output.parent) else Path(".")
-    if output.exists() and output.is_dir():
-        raise PipelineError(f"{output}: is a folder; the output must be a file path ending in .h5")
-    refuse_special(output, "the output")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PipelineError(f"{parent}: cannot create the output folder: {exc.strerror}") from None
-    if not parent.is_dir():
-        raise PipelineError(f"{parent}: the output's parent is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PipelineError(f"{parent}: output folder is not writable")
-    if output.exists() and not os.access(output, os.W_OK):
-        raise PipelineError(f"{output}: output file is not writable")
 
 
 @dataclass(frozen=True)

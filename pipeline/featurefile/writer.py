@@ -25,37 +25,9 @@ def _meta(block: RowBlock) -> tuple:
     return (np.asarray(block.labels, np.int32), _encoded(block.paths), *versions)
 
 
-def _take(meta: tuple, start: int, count: int) -> tuple:
-    return tuple(c[start : start + count] for c in meta)
-
-
 def _finite(f: np.ndarray, dtype: np.dtype) -> bool:
     with np.errstate(over="ignore"):  # an overflow of the storage dtype becomes inf: refused
         return chunks.all_finite(np.ascontiguousarray(np.asarray(f).astype(dtype, copy=False)))
-
-
-class _Pending:
-    """Rows waiting to fill a chunk (features with their columns), first in, first out."""
-
-    def __init__(self, layout: chunks.Layout):
-        self.layout = layout
-        self.blocks: list[tuple] = []
-        self.n = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def add(self, features: np.ndarray, meta: tuple) -> None:
-        self.blocks.append((features, meta))
-        self.n += len(features)
-
-    def take(self, k: int) -> tuple[np.ndarray, tuple]:
-        feats = np.concatenate([f for f, _ in self.blocks]) if len(self.blocks) > 1 else self.blocks[0][0]
-        meta = tuple(np.concatenate(c) for c in zip(*(m for _, m in self.blocks)))
-        rest = len(feats) - k
-        self.blocks = [(feats[k:], _take(meta, k, rest))] if rest else []
-        self.n = rest
-        return feats[:k], _take(meta, 0, k)
 
 
 class _Columns:
@@ -111,12 +83,11 @@ def write_feature_file(
     """Write a complete feature file through a temporary name and an atomic rename.
 
     ``rows`` yields ``RowBlock``s (or tuples of their fields); they are appended chunk by
-    chunk, so memory stays flat. ``features`` is an array, or a
-    ``chunks.Packed`` of compressed chunks: those of the file's layout (``chunks.default_layout``)
-    that hold a whole chunk of rows are copied into the file as they are
-    (``write_direct_chunk``); every other row waits until a chunk's worth has gathered and is
-    compressed on a thread pool. So rows keep their order, except that rows waiting for a chunk
-    are stored after the whole chunks that came meanwhile; every column follows its rows.
+    chunk, so memory stays flat. ``features`` is an array, or a ``chunks.Packed`` of
+    compressed chunks: those of the file's layout (``chunks.default_layout``) that hold a whole
+    chunk of rows are copied into the file as they are; every other row waits for a chunk's
+    worth (``chunks.ChunkSink.put``). So rows keep their order, except that rows waiting for a
+    chunk are stored after the whole chunks that came meanwhile; every column follows its rows.
     ``rejected`` holds ``Reject`` records (or tuples of their fields). ``complete`` is set
     last. Returns the number of rows written.
 
@@ -125,47 +96,28 @@ def write_feature_file(
             file at ``output`` is left untouched.
     """
     dtype = np.dtype(storage)
-    layout = chunks.default_layout(row_shape, dtype.name)
     rejected = [Reject(*r) for r in rejected]
     with atomic_output(output) as tmp, h5py.File(tmp, "w") as db:
         db.attrs["complete"] = False
+        layout = chunks.default_layout(row_shape, dtype.name)
         feats = db.create_dataset("features", shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, **layout.h5_options())
         cols = _Columns(db)
         db.create_dataset("label_names", data=_encoded(class_names), dtype=STR)
         sink = chunks.ChunkSink(feats, layout)
-        pending = _Pending(layout)
         try:
             for block in rows:
                 block = RowBlock(*block)
-                f, meta = block.features, _meta(block)
+                f = block.features
                 k = len(f)
                 if k == 0:
                     continue
-                seen = sink.rows + len(pending)  # rows taken so far, for messages
+                seen = sink.taken  # rows taken so far, for messages
                 if isinstance(f, chunks.Packed) and not f.finite or not isinstance(f, chunks.Packed) and not _finite(f, dtype):
                     raise PipelineError(f"{output}: non-finite features (overflow of the {storage} storage?) in rows {seen}..{seen + k}")
-                if isinstance(f, chunks.Packed) and f.layout == layout:
-                    # Whole chunks go in as they are; a short one joins the rows waiting for a chunk.
-                    start = 0
-                    for data, count in zip(f.chunks, f.counts):
-                        if count == layout.rows:
-                            sink.put_compressed(data, count)
-                            cols.add(_take(meta, start, count))
-                        else:
-                            pending.add(chunks.decompress(data, layout, count), _take(meta, start, count))
-                        start += count
-                else:
-                    values = f.array() if isinstance(f, chunks.Packed) else f
-                    with np.errstate(over="ignore"):
-                        pending.add(np.asarray(values).astype(dtype, copy=False), meta)
-                while len(pending) >= layout.rows:
-                    block_rows, block_meta = pending.take(layout.rows)
-                    sink.put_rows(block_rows)
-                    cols.add(block_meta)
-            if len(pending):
-                block_rows, block_meta = pending.take(len(pending))
-                sink.put_rows(block_rows)
-                cols.add(block_meta)
+                for columns in sink.put(f, _meta(block)):  # every column follows its rows
+                    cols.add(columns)
+            for columns in sink.finish():
+                cols.add(columns)
         except BaseException:
             sink.abort()
             raise

@@ -1,4 +1,4 @@
-"""The ground floor's output helpers: file identity however spelled, paths within a folder, the output lock (a full disk, a FIFO, stale temporaries)."""
+"""The ground floor's output helpers: file identity however spelled, paths within a folder, an output file's folder made and writable, the output lock (a full disk, a FIFO, stale temporaries)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, is_within, same_file
+from pipeline.core.outputs import OutputLock, check_output_writable, is_within, same_file
 
 
 def test_same_file_sees_through_spellings_and_links(tmp_path):
@@ -29,6 +29,17 @@ def test_is_within(tmp_path):
     assert is_within(tmp_path / "a" / "b.h5", tmp_path / "a")
     assert is_within(tmp_path / "a", tmp_path / "a")
     assert not is_within(tmp_path / "ab" / "x", tmp_path / "a")
+
+
+def test_check_output_writable(tmp_path):
+    check_output_writable(tmp_path / "new" / "deeper" / "x.h5")
+    assert (tmp_path / "new" / "deeper").is_dir()
+    (tmp_path / "folder.h5").mkdir()
+    with pytest.raises(PipelineError, match=r"folder.h5: is a folder; the output must be a file path ending in .h5"):
+        check_output_writable(tmp_path / "folder.h5")
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(PipelineError, match=r"blocker: the output's parent is not a folder"):
+        check_output_writable(tmp_path / "blocker" / "x.h5")
 
 
 def test_a_full_disk_in_the_lock_write_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import make_tree, write_image
 from pipeline.images.listing import list_images
+from pipeline.backbones.resolved import resolve_backbone
 from pipeline.extract.fingerprints import SHARDING, describe_difference, fingerprint, merged_fingerprint, shard_listing, shard_of, shard_path
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.checks import verify
-from pipeline.backbones.weights import resolve_weights
 from shard_data import N, extract, make_run, without_sharding
 
 
@@ -74,11 +74,11 @@ def test_shard_path():
 
 def test_fingerprints_record_the_sharding(tmp_path):
     listing = _listing(tmp_path / "data", per_class=5)
-    weights = resolve_weights("none")
-    settings = {"input_size": 32, "resize": "bilinear", "storage": "float16"}
-    single = fingerprint(listing, weights, "float32", shards=1, shard=0, **settings)
+    backbone = resolve_backbone("vgg16", "none", 32, "float32")
+    settings = {"resize": "bilinear", "storage": "float16"}
+    single = fingerprint(listing, backbone, shards=1, shard=0, **settings)
     assert "sharding" not in single  # one shard is the whole listing, whatever the scheme
-    fps = [fingerprint(shard_listing(listing, 3, k), weights, "float32", shards=3, shard=k, **settings) for k in range(3)]
+    fps = [fingerprint(shard_listing(listing, 3, k), backbone, shards=3, shard=k, **settings) for k in range(3)]
     assert all(fp["sharding"] == SHARDING == "path-hash" for fp in fps)
     merged = merged_fingerprint(fps)
     assert merged["sharding"] == SHARDING and merged["n_files"] == 15 and "shard" not in merged

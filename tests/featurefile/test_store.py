@@ -1,4 +1,4 @@
-"""Feature store: the output check, the writer's round trip (also of rows without inodes and change times), the validating reader's refusals, and the output lock."""
+"""Feature store: the writer's round trip (also of rows without inodes and change times), the validating reader's refusals, and the output lock."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pipeline.featurefile.schema import FORMAT_VERSION
 from pipeline.featurefile.store import (
     SPEC_KEYS,
     check_compatible,
-    check_output_writable,
     Stored,
     open_features,
     stored_output,
@@ -134,17 +133,6 @@ def test_check_compatible(tmp_path):
             check_compatible(a, b)
         with pytest.raises(PipelineError, match=r"c.h5: class names \['a', 'c'\] differ from"):
             check_compatible(a, c)
-
-
-def test_check_output_writable(tmp_path):
-    check_output_writable(tmp_path / "new" / "deeper" / "x.h5")
-    assert (tmp_path / "new" / "deeper").is_dir()
-    (tmp_path / "folder.h5").mkdir()
-    with pytest.raises(PipelineError, match=r"folder.h5: is a folder; the output must be a file path ending in .h5"):
-        check_output_writable(tmp_path / "folder.h5")
-    (tmp_path / "blocker").write_text("x")
-    with pytest.raises(PipelineError, match=r"blocker: the output's parent is not a folder"):
-        check_output_writable(tmp_path / "blocker" / "x.h5")
 
 
 def test_the_output_lock_admits_one_writer(tmp_path):
