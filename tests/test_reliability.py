@@ -546,3 +546,17 @@ def test_a_kill_while_publishing_leaves_one_whole_set_for_readers_and_the_next_r
     assert bundle["metrics"]["created"] == metrics["created"], "the bundle and the metrics beside it are of one run"
     assert "C=1" in (out / "lr.report.txt").read_text()
     assert _leftovers(out) == [] and sorted(_set_files(out, "lr.")) == sorted(before)
+
+
+def test_a_member_the_new_set_does_not_have_goes_with_the_previous_set(tmp_path):
+    """A dense-head finetune after an LP-FT one has no probe: the previous run's probe file is not left beside the new model."""
+    from pipeline.core.outputsets import publish
+
+    members = ("finetune.keras", "finetune.probe.joblib", "finetune.metrics.json")
+    (tmp_path / "other.txt").write_text("not ours")
+    for written in (members, (members[0], members[2])):
+        with publish(tmp_path, "finetune", members, lock=members[0], locked=False) as stage:
+            for name in written:
+                stage.path(name).write_text(f"{len(written)} files")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.keras", "finetune.metrics.json", "other.txt"]
+    assert (tmp_path / "finetune.keras").read_text() == "2 files" and (tmp_path / "other.txt").read_text() == "not ours"
