@@ -380,3 +380,183 @@ def test_a_fifo_is_refused_in_one_line_wherever_a_file_is_expected(tmp_path):
         assert proc.returncode in (1, 2) and len(lines) == 1 and "is a FIFO (named pipe)" in lines[0], (what, proc.stdout, proc.stderr)
     with pytest.raises(PipelineError, match=r"pipe\.h5: is a FIFO \(named pipe\), not a regular file; a feature file must be a regular file"):
         open_features(fifo)
+
+
+# ---------------------------------------------------------------------------
+# Output sets are all-or-nothing (core.outputsets): every stage that writes more than one file
+
+
+def _set_files(folder: Path, prefix: str) -> dict[str, bytes]:
+    """The bytes of every file of ``folder`` whose name starts with ``prefix`` (one output set)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name.startswith(prefix) and not p.name.endswith(".lock")}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Staging folders, journals, temporaries and locks a publication could leave behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or ".tmp" in p.name or p.name.endswith(".lock"))
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _train_case(tmp_path):
+    from feature_data import make_features
+    from pipeline.classical import train
+
+    feats = make_features(tmp_path / "f.h5", per_class=12)
+    out = tmp_path / "models"
+
+    def run(c):
+        train.run(train.TrainConfig(features=feats, output=out, C=(c,), cv=2, quiet=True))
+
+    return out, "lr.", lambda: run(0.01), lambda: run(1.0), "confusion_matrix"
+
+
+def _net_case(stage: str):
+    def case(tmp_path):
+        from pipeline.nets import finetune, scratch
+
+        data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=5, size=(16, 16))
+        out = tmp_path / "out"
+        tiny = dict(input_size=32, epochs=1, batch_size=8, quiet=True)
+
+        def run(seed):
+            if stage == "scratch":
+                scratch.run(scratch.ScratchConfig(data, out_dir=out, filters=(4, 4, 4), dense=4, seed=seed, **tiny))
+            else:
+                finetune.run(finetune.FinetuneConfig(data, out_dir=out, weights="none", unfreeze_from="block5_conv3", seed=seed, **tiny))
+
+        return out, f"{stage}.", lambda: run(0), lambda: run(1), "training_curves"
+
+    return case
+
+
+def _compare_case(tmp_path):
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=6, size=(16, 16))
+    make_tree(root / "test", classes=("a", "b"), per_class=3, size=(16, 16))
+    out = tmp_path / "out"
+
+    def run(seed):  # through the CLI, as a user runs it: its exit status
+        return main(["compare", "--data", str(root), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--seed", str(seed), "--quiet"])
+
+    return out, "compare.", lambda: run(0), lambda: run(1), "interval_chart"
+
+
+def _bench_case(tmp_path):
+    from feature_data import make_features
+    from pipeline.bench import train as bench_train
+
+    src = make_features(tmp_path / "f.h5", per_class=30, row_shape=(2, 2, 32), noise=3.0)
+    out = tmp_path / "bench"
+
+    def run():
+        bench_train.run_train_bench(src, out, sizes=(90,), epochs=1, in_memory_mb=0.01, exact_max_rows=0, reads=1, say=lambda m: None)
+
+    return out, "train_bench.", run, run, "line_chart"
+
+
+STAGE_CASES = {"train": _train_case, "scratch": _net_case("scratch"), "finetune": _net_case("finetune"), "compare": _compare_case, "bench": _bench_case}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CASES))
+def test_a_write_failing_inside_an_output_set_leaves_the_previous_set_whole(stage, tmp_path, monkeypatch, capsys):
+    """The disk fills at the set's plot (written after other files of the set): every file of the previous set is as it was, byte for byte, and nothing is left behind."""
+    from pipeline.core import plots
+
+    out, prefix, first, second, plot = STAGE_CASES[stage](tmp_path)
+    assert first() in (None, 0)
+    before = _set_files(out, prefix)
+    assert len(before) >= 2, before.keys()
+    with monkeypatch.context() as m:
+        m.setattr(plots, plot, _full_disk)
+        try:
+            assert second() == 2, "the failed run says so"
+            error = capsys.readouterr().err
+        except (PipelineError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    assert _set_files(out, prefix) == before, "the previous set is whole: no file of the failed run beside it"
+    assert "PipelineError" in error or error.startswith("error: "), f"one line, never a traceback: {error}"
+    assert "no space left" in error.lower() and error.strip().count("\n") == 0, error
+    assert _leftovers(out) == []
+    assert second() in (None, 0)  # the next run publishes its whole set, and leaves nothing behind
+    after = _set_files(out, prefix)
+    assert set(after) == set(before) and _leftovers(out) == []
+
+
+KILLER = """
+import os, sys
+from pathlib import Path
+
+out, when = Path(sys.argv[1]), sys.argv[2]
+replace, rename, moved = os.replace, os.rename, []
+
+
+def killing_replace(src, dst, *a, **k):  # kill -9 after the first file of the set is in place
+    if Path(dst).parent == out:
+        moved.append(dst)
+        if when == "between" and len(moved) == 2:
+            os._exit(9)
+    return replace(src, dst, *a, **k)
+
+
+def killing_rename(src, dst, *a, **k):  # kill -9 just before the set is committed
+    if when == "before" and Path(dst).parent == out and Path(dst).name.startswith("."):
+        os._exit(9)
+    return rename(src, dst, *a, **k)
+
+
+os.replace, os.rename = killing_replace, killing_rename
+from pipeline.cli import main
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "between"])
+def test_a_kill_while_publishing_leaves_one_whole_set_for_readers_and_the_next_run(when, tmp_path):
+    """kill -9 before the commit: the previous set stays whole, and the next run removes the staging folder; kill -9 between two renames:
+    a reader (predict settles first) finds the whole new set, never a mix, and nothing is left behind."""
+    import json
+
+    import joblib
+
+    from feature_data import make_features
+    from pipeline.classical import train
+    from pipeline.core.outputsets import settle_for
+
+    feats = make_features(tmp_path / "f.h5", per_class=12)
+    out = tmp_path / "models"
+    train.run(train.TrainConfig(features=feats, output=out, C=(0.01,), cv=2, quiet=True))
+    before = _set_files(out, "lr.")
+    argv = ["train", str(feats), "-o", str(out), "--C", "1", "--cv", "2", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(out), when, *argv], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    if when == "before":
+        assert _set_files(out, "lr.") == before
+        assert [n for n in _leftovers(out) if ".set-" in n], "the killed run's staging folder is there until the next run"
+        assert main(argv) == 0
+    else:
+        assert any(n == ".lr.set" for n in _leftovers(out)), "the committed set is in its journal"
+        settle_for(out / "lr.joblib")
+    bundle = joblib.load(out / "lr.joblib")
+    metrics = json.loads((out / "lr.metrics.json").read_text())
+    assert bundle["metrics"]["best_params"]["C"] == metrics["best_params"]["C"] == 1.0
+    assert bundle["metrics"]["created"] == metrics["created"], "the bundle and the metrics beside it are of one run"
+    assert "C=1" in (out / "lr.report.txt").read_text()
+    assert _leftovers(out) == [] and sorted(_set_files(out, "lr.")) == sorted(before)
+
+
+def test_a_member_the_new_set_does_not_have_goes_with_the_previous_set(tmp_path):
+    """A dense-head finetune after an LP-FT one has no probe: the previous run's probe file is not left beside the new model."""
+    from pipeline.core.outputsets import publish
+
+    members = ("finetune.keras", "finetune.probe.joblib", "finetune.metrics.json")
+    (tmp_path / "other.txt").write_text("not ours")
+    for written in (members, (members[0], members[2])):
+        with publish(tmp_path, "finetune", members, lock=members[0], locked=False) as stage:
+            for name in written:
+                stage.path(name).write_text(f"{len(written)} files")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.keras", "finetune.metrics.json", "other.txt"]
+    assert (tmp_path / "finetune.keras").read_text() == "2 files" and (tmp_path / "other.txt").read_text() == "not ours"

@@ -14,6 +14,8 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import write_text_atomic
+from pipeline.core.outputsets import publish
 from pipeline.featurefile import chunks
 from pipeline.images.listing import list_images
 from pipeline.images.decode import iter_batches
@@ -249,7 +251,7 @@ def markdown(r: dict) -> str:
     ]
     lines += [
         "",
-        f"Chunk layouts on the same rows (per CPU-second, speed ratio to the default within each repeat):",
+        "Chunk layouts on the same rows (per CPU-second, speed ratio to the default within each repeat):",
         "",
         "| rows per chunk | gzip level | shuffle | bytes/row | rows/s per core | x default |",
         "|---:|---:|---|---:|---:|---:|",
@@ -287,9 +289,10 @@ def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES,
     e = result["end_to_end"]
     result["capacity"] = capacity(result["decode"]["1"]["cpu"], result["compression"]["per_core"], e["serial_cpu_seconds_per_image"], e["assembly_rows_per_cpu_s"])
     output.mkdir(parents=True, exist_ok=True)
-    (output / "data_path.json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
-    (output / "data_path.md").write_text(md)
+    with publish(output, "data_path", ("data_path.md", "data_path.json"), lock="data_path.json", locked=False) as stage:  # both new, or both as before
+        write_text_atomic(stage.path("data_path.json"), json.dumps(result, indent=1))
+        write_text_atomic(stage.path("data_path.md"), md)
     print(md)
     return result
 

@@ -1,6 +1,8 @@
 """Benchmark (``python -m pipeline bench``): extraction against the widely copied naive loop and the compute-only limit (TensorFlow precisions and OpenVINO int8), plus storage, memory, incremental and accuracy checks; with ``--backbone``, each backbone's extraction speed, feature shape and GMACs instead; with ``--data-path``, the data path alone (``datapath``); with ``--train``, the classical stage's fit time against rows (``train``).
 
-Each speed is measured in a fresh process (``children``); the tables are written by ``report``.
+Each speed is measured in a fresh process (``children``); the tables are written by ``report``. Each
+measurement's files (``bench.json`` and ``bench.md``; ``data_path.*``; ``train_bench.*``) are one set, published
+together (``core.outputsets``): a failure leaves the previous figures whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pipeline.bench import children, report
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, option, validate
 from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import write_text_atomic
+from pipeline.core.outputsets import publish
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 PRECISIONS_MEASURED = ("float32", "bfloat16", "float16", "int8")
@@ -346,9 +350,10 @@ def run(args: BenchConfig) -> dict:
     if not args.quick and not args.backbones:
         result["accuracy"] = _accuracy(args, say)
         result["training"] = _training(args, say)
-    (args.output / "bench.json").write_text(json.dumps(result, indent=1))
     md = report.markdown(result)
-    (args.output / "bench.md").write_text(md)
+    with publish(args.output, "bench", ("bench.md", "bench.json"), lock="bench.json", locked=False) as stage:  # both new, or both as before
+        write_text_atomic(stage.path("bench.json"), json.dumps(result, indent=1))
+        write_text_atomic(stage.path("bench.md"), md)
     print(md)
     return result
 

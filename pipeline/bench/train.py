@@ -27,6 +27,8 @@ from pipeline.classical.fitting import ROW_SPACE_MAX_ROWS, fit_matrix, fit_out_o
 from pipeline.classical.models import MODELS
 from pipeline.rows.stream import ChunkReader
 from pipeline.core import plots
+from pipeline.core.outputs import write_text_atomic
+from pipeline.core.outputsets import publish
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.writer import write_feature_file
 
@@ -150,9 +152,10 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
     result = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "load": os.getloadavg()[0], "model": model, "epochs": epochs,
               "source": str(features), "noise": NOISE, "test": str(test) if test else None, "rows": rows}  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
-    (output / "train_bench.json").write_text(json.dumps(result, indent=1))
-    (output / "train_bench.md").write_text(markdown(result))
-    chart(result, output / "train_bench.png")
+    with publish(output, "train_bench", ("train_bench.png", "train_bench.md", "train_bench.json"), lock="train_bench.json", locked=False) as stage:
+        write_text_atomic(stage.path("train_bench.json"), json.dumps(result, indent=1))
+        write_text_atomic(stage.path("train_bench.md"), markdown(result))
+        chart(result, stage.path("train_bench.png"))
     return result
 
 

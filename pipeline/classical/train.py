@@ -2,7 +2,8 @@
 
 The parts: ``features`` (pooling, scaling, reading), ``models`` (the ``--model`` registry),
 ``search`` (the cross-validated search), ``fitting`` (in memory or out of core; its module
-doc says how the linear models are fitted, and why) and ``bundle`` (the file predict reads).
+doc says how the linear models are fitted, and why), ``bundle`` (the file predict reads) and
+``results`` (the output set, published as a whole, and the summary).
 
 Safety: no output path may be an input (``core.guard``), and no test file may share the
 training file's images (``overlap``); every chunk read is checked for non-finite values
@@ -14,7 +15,6 @@ they were.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classical.bundle import make_bundle, write_bundle
+from pipeline.classical.bundle import make_bundle
 from pipeline.rows.pooling import POOLS, SCALINGS, pooled_dim, read_groups
-from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream, scale_note
+from pipeline.classical.fitting import Fitted, fit_in_memory, fit_out_of_core, predict_matrix, predict_stream
+from pipeline.classical.results import output_paths, print_summary, write_outputs
 from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
@@ -33,8 +34,9 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
-from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
+from pipeline.core.metrics import classification_report, scores
+from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir
+from pipeline.core.outputsets import settle
 from pipeline.core.splits import split_indices
 from pipeline.featurefile.store import check_compatible, open_features
 
@@ -163,17 +165,6 @@ class TrainConfig:
         return search_grid(self.model, self.grid)
 
 
-def output_paths(output: Path, model: str) -> dict[str, Path]:
-    """Where ``run`` writes for ``model``: ``bundle``, ``metrics``, ``report``, ``confusion``, ``misclassified``."""
-    return {
-        "bundle": output / f"{model}.joblib",
-        "metrics": output / f"{model}.metrics.json",
-        "report": output / f"{model}.report.txt",
-        "confusion": output / f"{model}.confusion.png",
-        "misclassified": output / f"{model}.misclassified.csv",
-    }
-
-
 def refit_on_every_row(config: TrainConfig, ff, plan: FitPlan, fitted: Fitted) -> Fitted:
     """The search's choice fitted again on every row of ``ff`` (the model ``train`` saves when it scored on a split)."""
     rows = np.arange(len(ff), dtype=np.int64)
@@ -183,10 +174,6 @@ def refit_on_every_row(config: TrainConfig, ff, plan: FitPlan, fitted: Fitted) -
     if plan.mode == "in-memory":
         return fit_in_memory(ff, rows, [], ff.labels, grid, n_jobs=config.n_jobs, epochs=config.epochs, **common)[0]
     return fit_out_of_core(ff, rows, ff.labels, grid, epochs=config.epochs, **common)
-
-
-def _fmt_params(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 @dataclass(frozen=True)
@@ -289,10 +276,11 @@ def run(config: TrainConfig) -> dict:
     Writes ``<model>.joblib`` (the bundle: estimator on pooled features, label names,
     feature spec incl. pooling, precision, metrics), ``<model>.metrics.json``,
     ``<model>.report.txt``, ``<model>.confusion.png`` and ``<model>.misclassified.csv`` into
-    ``config.output``, each atomically, under the lock ``<model>.joblib.lock``; prints a short
-    summary. SIGTERM raises ``Terminated`` (a KeyboardInterrupt): the lock and temporary files
-    are removed and the previous outputs are left intact (once writing has begun, the five
-    outputs are all written first).
+    ``config.output`` as one set (``results.write_outputs``: staged beside, then published
+    together, so a failure or a kill leaves the previous set whole, never a mix), under the lock
+    ``<model>.joblib.lock``; prints a short summary. SIGTERM raises ``Terminated`` (a
+    KeyboardInterrupt): the lock and temporary files are removed and the previous outputs are
+    left intact (once publishing has begun, it is finished first).
 
     Args:
         config: the settings (validated here first).
@@ -332,6 +320,7 @@ def run(config: TrainConfig) -> dict:
         refuse_inside(output, [("the image folder of", f.attrs.get("data_dir")) for f in (ff, test_ff) if f is not None], "choose another -o folder")
         prepare_output_dir(output)
         stack.enter_context(lock)
+        settle(output, config.model, locked=True)  # a set a killed run left half moved is finished first
         fitted, y_test, y_pred, predict_seconds = fit_predict(config, ff, test_ff, plan)
         train_rows, test_rows, test_source, mode, estimate_mb, d = plan.train_rows, plan.test_rows, plan.test_source, plan.mode, plan.estimate_mb, plan.d
         test_scores = scores(y_test, y_pred, names)
@@ -382,9 +371,9 @@ def run(config: TrainConfig) -> dict:
             quantization=attrs.get("quantization"),
         )  # fmt: skip
         stop_if_terminated()
-        with finish_first():  # all five outputs replaced, or none
-            _write_outputs(paths, bundle, metrics, report, names, test_source, wrong)
-    _print_summary(metrics, fitted, paths)
+        with finish_first():  # SIGTERM waits for the set to be published (all five outputs replaced, or none: results.write_outputs)
+            write_outputs(paths, bundle, metrics, report, names, test_source, wrong)
+    print_summary(metrics, fitted, paths)
     return metrics
 
 
@@ -395,50 +384,6 @@ def _load_libraries() -> None:
     for name in ("tqdm", "joblib", "threadpoolctl", "sklearn.linear_model", "sklearn.svm", "sklearn.ensemble", "sklearn.preprocessing",
                  "sklearn.pipeline", "sklearn.model_selection", "sklearn.metrics", "matplotlib.figure", "matplotlib.backends.backend_agg"):  # fmt: skip
         importlib.import_module(name)
-
-
-def _write_outputs(paths: dict, bundle: dict, metrics: dict, report: str, names: list[str], test_source: dict, wrong: list) -> None:
-    from pipeline.core import plots
-
-    model = metrics["model"]
-    header = [
-        f"model: {model} ({MODELS[model].title}), best {_fmt_params(metrics['best_params'])}, mode {metrics['mode']}, pool {metrics['pool']}",
-        f"features: {metrics['features']} ({metrics['n_train']} training rows)",
-        f"test: {test_source['file']}" + (f" (stratified split, test size {test_source['test_size']}, seed {test_source['seed']})" if test_source["kind"] == "split" else "")
-        + f", {metrics['n_test']} rows",
-        f"{accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.4f}",
-        f"saved model: fitted on {metrics['final_model']['rows']} rows" + (" (refitted on every row after scoring)" if metrics["final_model"]["refit"] else ""),
-        "",
-    ]
-    write_bundle(paths["bundle"], bundle)
-    write_json_atomic(paths["metrics"], metrics)
-    write_text_atomic(paths["report"], "\n".join(header) + report)
-    write_text_atomic(paths["misclassified"], csv_text(("path", "true", "predicted"), wrong))
-    cm = np.asarray(metrics["confusion"])
-    try:
-        plots.confusion_matrix(cm, names, paths["confusion"], title=f"{model}: accuracy {metrics['accuracy']:.3f} on {metrics['n_test']} test rows")
-    except OSError as exc:
-        raise PipelineError(f"{paths['confusion']}: write failed: {exc.strerror or exc}") from None
-
-
-def _print_summary(metrics: dict, fitted: Fitted, paths: dict) -> None:
-    cv = metrics["cv_score"]
-    cv_text = "" if cv != cv else f", {'cv' if metrics['search']['kind'] == 'cv' else 'hold-out'} {cv:.3f}"
-    print(
-        f"{metrics['model']}: test {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f} "
-        f"({metrics['mode']}, pool {metrics['pool']}, {_fmt_params(metrics['best_params'])}{cv_text}, fit {fitted.fit_seconds:.1f} s)"
-        + scale_note(fitted.estimator, metrics["best_params"])
-    )
-    final = metrics["final_model"]
-    if final["refit"]:
-        print(f"  the saved model is refitted on all {final['rows']} rows (scored above on the held-out split; --no-refit keeps the split's model)")
-    warning = rough_warning(metrics["n_scored"])
-    if warning:
-        print(warning, file=sys.stderr)
-    print(f"  model   {paths['bundle']}")
-    print(f"  report  {paths['report']}")
-    print(f"  plot    {paths['confusion']}")
-    print(f"  wrong   {paths['misclassified']}")
 
 
 COMMAND = Command(

@@ -19,6 +19,7 @@ from pipeline.core.config import config_json
 from pipeline.core.digests import file_digest, tree_digest
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import write_json_atomic
+from pipeline.core.outputsets import settle_for
 from pipeline.core.stats import majority_vote
 
 
@@ -208,6 +209,7 @@ def net_metrics(config: CompareConfig, strategy: str, unfreeze: str, seed: int, 
     module, cfg, name = net_config(config, strategy, unfreeze, seed)
     path = Path(cfg.out_dir) / f"{name}.metrics.json"
     digests = {"train": inputs.digest("train"), "test": inputs.digest("test")}
+    settle_for(path)  # a set a killed run left half moved is finished first: a row is reused only from a whole set
     m = None if config.rerun else _stored(path)
     if m is not None and _settings(cfg) == {k: v for k, v in (m.get("config") or {}).items() if k not in IGNORED_FIELDS} and m.get("data_digest") == digests:
         return m, path

@@ -26,6 +26,7 @@ from pipeline.compare.config import CLASSICAL
 from pipeline.compare.verdicts import judged, summaries
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
+from pipeline.core.outputsets import publish
 from pipeline.core.stats import ALPHA, CONFIDENCE
 
 def nested_subsets(train_dir: Path, sizes: tuple[int, ...], seed: int) -> dict[int, list[str]]:
@@ -136,26 +137,32 @@ def table(rows: list[dict], sizes: tuple[int, ...]) -> str:
 
 
 def write_outputs(output: Path, rows: list[dict], sizes: tuple[int, ...]) -> None:
-    """``sizes.md`` (the table and each size's best and ties), ``sizes.csv``, ``sizes.json`` and the chart ``sizes.png`` (with the intervals)."""
-    from pipeline.core.plots import line_chart
-
+    """``sizes.md`` (the table and each size's best and ties), ``sizes.csv``, ``sizes.json`` and the chart ``sizes.png`` (with the intervals), published as one set."""
     md = table(rows, sizes)
     n_test = rows[0].get("n_test") if rows else 0
     lines = "\n".join(f"- {s}" for s in summaries(rows, sizes))
-    write_text_atomic(output / "sizes.md", f"Test accuracy on the same {n_test} test images by training images per class "
+    with publish(output, "sizes", ("sizes.png", "sizes.csv", "sizes.md", "sizes.json"), lock="sizes.md", locked=False) as stage:  # all new, or all as before
+        _write(stage, md, lines, n_test, rows)
+    print(md, end="")
+    print("\n".join(summaries(rows, sizes)))
+
+
+def _write(stage, md: str, lines: str, n_test: int, rows: list[dict]) -> None:
+    """Every file of the sizes set, into the staging folder ``stage``."""
+    from pipeline.core.plots import line_chart
+
+    write_text_atomic(stage.path("sizes.md"), f"Test accuracy on the same {n_test} test images by training images per class "
                                            f"(nested seeded subsets of the training tree), with {CONFIDENCE:.0%} Wilson intervals; "
                                            f"* = tied with that size's best (exact paired McNemar test, p >= {ALPHA:.2g}).\n\n" + md + "\n" + lines + "\n")  # fmt: skip
     csv_lines = ["strategy,per_class,accuracy,ci_low,ci_high,p_value,status,macro_f1,n_train,n_val"]
     csv_lines += [f"{r['strategy']},{r['per_class']},{r['accuracy']:.4f},{r['ci_low']:.4f},{r['ci_high']:.4f},{r['p_value']:.4g},{r['status']},"
                   f"{r['macro_f1']:.4f},{r['n_train']},{r['n_val']}" for r in rows]  # fmt: skip
-    write_text_atomic(output / "sizes.csv", "\n".join(csv_lines) + "\n")
-    write_text_atomic(output / "sizes.json", json.dumps([{k: v for k, v in r.items() if k != "predictions"} for r in rows], indent=1, default=str))
+    write_text_atomic(stage.path("sizes.csv"), "\n".join(csv_lines) + "\n")
+    write_text_atomic(stage.path("sizes.json"), json.dumps([{k: v for k, v in r.items() if k != "predictions"} for r in rows], indent=1, default=str))
     series: dict[str, dict[int, float]] = {}
     bands: dict[str, dict[int, tuple[float, float]]] = {}
     for r in rows:
         series.setdefault(r["strategy"], {})[r["per_class"]] = r["accuracy"]
         bands.setdefault(r["strategy"], {})[r["per_class"]] = (r["ci_low"], r["ci_high"])
-    line_chart(series, output / "sizes.png", title=f"Test accuracy on the same {n_test} images ({CONFIDENCE:.0%} Wilson intervals)",
+    line_chart(series, stage.path("sizes.png"), title=f"Test accuracy on the same {n_test} images ({CONFIDENCE:.0%} Wilson intervals)",
                xlabel="training images per class", ylabel="accuracy", bands=bands)  # fmt: skip
-    print(md, end="")
-    print("\n".join(summaries(rows, sizes)))

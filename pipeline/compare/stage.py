@@ -1,4 +1,9 @@
-"""Compare stage: runs the rows that are missing, collects them, tests each against the best on the same test images, and writes one table and one chart with each row's interval, paired p-value, training and validation rows."""
+"""Compare stage: runs the rows that are missing, collects them, tests each against the best on the same test images, and writes one table and one chart with each row's interval, paired p-value, training and validation rows.
+
+Each row's result set is its stage's (a network row: the nets stage's set, read only when whole,
+``rows.net_metrics``; a frozen-feature row: one record file); the table, its CSV and JSON and
+the chart are one set, published together (``core.outputsets``).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,14 @@ from pipeline.compare.config import CLASSICAL, CompareConfig
 from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import prepare_output_dir, write_text_atomic
+from pipeline.core.outputsets import publish
 from pipeline.compare.verdicts import judged, summary_line
 from pipeline.core.stats import ALPHA, CONFIDENCE
 
 COLUMNS = ("strategy", "accuracy", "ci_low", "ci_high", "p_value", "status", "macro_f1", "n_train", "n_val", "chosen_by", "train_seconds",
            "images_per_second", "model_bytes", "accuracy_sd", "seed_accuracies")  # fmt: skip
+#: The table's files, published as one set (``core.outputsets``), in the order they are moved into place.
+TABLE_FILES = ("compare.png", "compare.csv", "compare.md", "compare.json")
 
 
 def _say(config: CompareConfig, message: str) -> None:
@@ -175,13 +183,14 @@ def run(config: CompareConfig) -> list[dict]:
     md = to_markdown(rows)
     line = summary_line(rows)
     notes = "\n".join(f"- {r['strategy']}: {r['notes']}" for r in rows if r.get("notes"))
-    write_text_atomic(config.output / "compare.md", header(config, rows) + md + "\n" + line + "\n\n" + notes + "\n")
-    write_text_atomic(config.output / "compare.csv", to_csv(rows))
-    write_text_atomic(config.output / "compare.json", json.dumps([{k: v for k, v in r.items() if k != "predictions"} for r in rows], indent=1))
     from pipeline.core.plots import interval_chart
 
-    interval_chart({chart_label(r): (r["accuracy"], r["ci_low"], r["ci_high"], r["status"]) for r in rows}, config.output / "compare.png",
-                   title=f"Test accuracy on the same {rows[0].get('n_test')} images ({CONFIDENCE:.0%} Wilson intervals); {line}", xlabel="accuracy")  # fmt: skip
+    with publish(config.output, "compare", TABLE_FILES, lock="compare.md", locked=False) as stage:  # the table and chart: all new, or all as before
+        write_text_atomic(stage.path("compare.md"), header(config, rows) + md + "\n" + line + "\n\n" + notes + "\n")
+        write_text_atomic(stage.path("compare.csv"), to_csv(rows))
+        write_text_atomic(stage.path("compare.json"), json.dumps([{k: v for k, v in r.items() if k != "predictions"} for r in rows], indent=1))
+        interval_chart({chart_label(r): (r["accuracy"], r["ci_low"], r["ci_high"], r["status"]) for r in rows}, stage.path("compare.png"),
+                       title=f"Test accuracy on the same {rows[0].get('n_test')} images ({CONFIDENCE:.0%} Wilson intervals); {line}", xlabel="accuracy")  # fmt: skip
     print(md, end="")
     print(line)
     print(f"compare: {len(rows)} strategies in {time.perf_counter() - t0:.0f} s -> {config.output}/compare.md, compare.csv, compare.png")

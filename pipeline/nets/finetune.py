@@ -44,6 +44,8 @@ from pipeline.nets.training import refit as train_refit
 
 #: The fine-tuning learning rate of the classic recipe (dense head from random first), as in the seeds.
 CLASSIC_LR = 1e-5
+#: The probe fitted here, saved in the run's set (``--probe`` runs and dense heads have none).
+PROBE_FILE = "finetune.probe.joblib"
 
 
 @dataclass(frozen=True)
@@ -180,21 +182,19 @@ def _on_base(config: FinetuneConfig, base, n_classes: int, precision: str, probe
                     fitted_start=config.head == "probe")  # fmt: skip
 
 
-def _probe(config: FinetuneConfig, bundle, features, labels, data, precision: str, spec: dict, write: bool):
-    """(estimator, metrics section) of the probe: the ``--probe`` bundle, or one fitted here on ``features`` (the rows it may see), written next to the model when ``write``."""
+def _probe(config: FinetuneConfig, bundle, features, labels, data, precision: str, spec: dict):
+    """(estimator, metrics section, bundle to write as ``PROBE_FILE`` or None) of the probe: the ``--probe`` bundle, or one fitted here on ``features`` (the rows it may see)."""
     if bundle is not None:
         fitted = bundle.get("metrics") or {}
         return bundle["estimator"], {"source": str(config.probe), "n_train": fitted.get("n_train"), "best_params": fitted.get("best_params"),
-                                     "cv_score": fitted.get("cv_score"), "pool": config.pool, "file": str(config.probe)}  # fmt: skip
+                                     "cv_score": fitted.get("cv_score"), "pool": config.pool, "file": str(config.probe)}, None  # fmt: skip
     t0 = time.perf_counter()
     if not config.quiet:
         print(f"probe: logistic regression (train's search) on the frozen features of {len(labels)} images", file=sys.stderr)
     probe = fit_probe(features, labels, class_names=data.class_names, spec=spec, precision=precision, seed=config.seed,
                       quiet=config.quiet, where=str(config.data_dir))  # fmt: skip
-    path = Path(config.out_dir) / "finetune.probe.joblib"
-    if write:
-        write_bundle(path, probe.bundle)
-    return probe.estimator, {**probe.info, "file": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+    path = Path(config.out_dir) / PROBE_FILE
+    return probe.estimator, {**probe.info, "file": str(path), "seconds": round(time.perf_counter() - t0, 3)}, probe.bundle
 
 
 def _test_features(config: FinetuneConfig, net: Network, data, precision: str, weights, test_digest: str | None):
@@ -218,7 +218,7 @@ def _test_features(config: FinetuneConfig, net: Network, data, precision: str, w
     return x, {"folder": str(config.prefix_cache), "reused": reused, "cut_layer": net.cut_layer}
 
 
-def fit(config: FinetuneConfig) -> Result:
+def fit(config: FinetuneConfig, listed=None) -> Result:
     """Fine-tune the backbone on ``config.data_dir`` and score it on the test set.
 
     ``--head probe`` (LP-FT): the probe (``--probe`` or fitted here on the training rows'
@@ -229,7 +229,7 @@ def fit(config: FinetuneConfig) -> Result:
     best weights, its start included. With ``refit`` (the default) the network is then
     built again from its start (the probe fitted on the training + validation rows) and
     trained on all those rows for the epochs validation chose in each phase: that is the
-    model saved and scored.
+    model saved and scored (``listed``: as ``prepare_run``'s).
 
     Returns:
         Result: the trained network, the data and the metrics written to
@@ -240,7 +240,7 @@ def fit(config: FinetuneConfig) -> Result:
             unwritable output folder, images over the memory budget, unusable weights,
             a ``--probe`` bundle that does not match, or too few images to split.
     """
-    listing, test_listing, pixel_bytes, precision = prepare_run(config)
+    listing, test_listing, pixel_bytes, precision = prepare_run(config, listed)
     from pipeline.backbones.weights import resolve_weights
 
     weights = resolve_weights(config.weights, backbone=config.backbone, progress=not config.quiet)
@@ -262,7 +262,7 @@ def fit(config: FinetuneConfig) -> Result:
             print(f"probe: frozen features of {len((every or data).train_y)} images", file=sys.stderr)
         features = base_features(base, (every or data).train_x, config.batch_size)
     probe_rows = None if features is None else features[:n_train].copy()  # fit_probe scales its rows in place
-    estimator, probe_info = _probe(config, bundle, probe_rows, data.train_y, data, precision, spec, write=not config.refit) if config.head == "probe" else (None, None)
+    estimator, probe_info, probe_file = _probe(config, bundle, probe_rows, data.train_y, data, precision, spec) if config.head == "probe" else (None, None, None)
     net = _on_base(config, base, len(listing.class_names), precision, estimator)
     t_cache = time.perf_counter()
     # with a refit, the cache holds every row's augmented copies: the selection trains on the first n_train of them
@@ -285,14 +285,14 @@ def fit(config: FinetuneConfig) -> Result:
     refit = None
     if config.refit:
         def rebuilt():
-            nonlocal estimator, probe_info
+            nonlocal estimator, probe_info, probe_file  # the saved probe is the refit's
             if config.head == "probe":
-                estimator, probe_info = _probe(config, bundle, features, every.train_y, data, precision, spec, write=True)
+                estimator, probe_info, probe_file = _probe(config, bundle, features, every.train_y, data, precision, spec)
             return _on_base(config, start_base(), len(listing.class_names), precision, estimator)
 
         del net
         net, refit = train_refit(rebuilt, data, records, plan, history, cache=None if cache is None else (cache[0], cache[1][:0]), **common)
-    del features, cache
+    features = cache = None  # the refit is done: free the frozen features and the cache before the test evaluation
     train_seconds = data.decode_seconds + time.perf_counter() - t0
     test_digest = tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None
     test_features, prefix_info = _test_features(config, net, data, precision, weights, test_digest)
@@ -315,13 +315,15 @@ def fit(config: FinetuneConfig) -> Result:
         "test_prefix": prefix_info,
         "data_digest": {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": test_digest},
     }
-    return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds, test_features))
+    files = {PROBE_FILE: None if probe_file is None else (lambda path: write_bundle(path, probe_file))}  # None: a previous run's probe goes
+    return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds, test_features, files))
 
 
 def run(config: FinetuneConfig) -> dict:
-    """The stage: ``fit`` under the output's lock (a second run on the same ``-o`` is refused), returning the metrics; errors as ``fit``."""
-    with locked_output(config, "finetune"):
-        return fit(config).metrics
+    """``python -m pipeline finetune``: fine-tune under ``finetune.keras``'s lock, publish ``finetune.keras``, ``.curves.png``, ``.probe.joblib``
+    (a probe fitted here) and ``.metrics.json`` as one set; the metrics. Errors as ``fit``'s; a second run on one ``-o`` is refused."""
+    with locked_output(config, "finetune") as listed:
+        return fit(config, listed).metrics
 
 
 COMMAND = Command("finetune", FinetuneConfig, run, "fine-tune VGG16 (or --backbone) on an image tree from a logistic-regression probe (LP-FT) or a new dense head; writes finetune.keras/.metrics.json/.curves.png")

@@ -1,4 +1,4 @@
-"""What both nets stages leave at the end: the test-set evaluation, the saved model (``NAME.keras``), the metrics JSON that ``compare`` reads and the training curves (``NAME.curves.png``)."""
+"""What both nets stages leave at the end: the test-set evaluation and their output set, published as a whole (``core.outputsets``): the saved model (``NAME.keras``), the training curves (``NAME.curves.png``), the stage's own files and the metrics JSON that ``compare`` reads (moved into place last)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pipeline.core.config import config_json
 from pipeline.core.metrics import scores
 from pipeline.core.stats import wilson
 from pipeline.core.outputs import atomic_output, package_versions, write_json_atomic
+from pipeline.core.outputsets import publish
 from pipeline.nets.images import Data
 from pipeline.nets.networks import AUGMENTATION, Network
 from pipeline.nets.options import NetConfig
@@ -77,8 +78,8 @@ def curves_title(strategy: str, input_size: int, history: dict, mode: str, preci
 
 
 def finish(name: str, net: Network, data: Data, config: NetConfig, precision: str, history: dict, records: list, extra: dict, train_seconds: float,
-           test_features=None) -> dict:
-    """Evaluate ``net.full`` on the test set, write the three outputs ``OUT_DIR/NAME.*``, print the summary.
+           test_features=None, files: dict | None = None) -> dict:
+    """Evaluate ``net.full`` on the test set, publish the set ``OUT_DIR/NAME.*`` as a whole (the caller holds ``NAME.keras``'s lock), print the summary.
 
     Args:
         name: the outputs' base name (``finetune``, ``scratch``).
@@ -90,6 +91,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
             a refit's ``n_train`` replaces the selection's).
         train_seconds: decoding + caching + training time.
         test_features: the frozen prefix's outputs for the test images, or None (``evaluate``).
+        files: the stage's own files, name -> ``writer(path)``, or None: not in this set (a previous run's is removed).
 
     Returns:
         The metrics written to ``OUT_DIR/NAME.metrics.json`` (every key of METRICS_KEYS and more).
@@ -100,47 +102,48 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
     out_dir = Path(config.out_dir)
     probs, ips = evaluate(net.full, data, config.batch_size, net.top, test_features)
     y_pred = probs.argmax(axis=1)
-    model_path = out_dir / f"{name}.keras"
-    model_bytes = save_model(net.full, model_path)
-    curves = out_dir / f"{name}.curves.png"
-    plots.training_curves({k: v for k, v in history.items() if k != "phase"}, curves,
-                          title=curves_title(config.strategy(), config.input_size, history, extra["mode"], precision))  # fmt: skip
-    main = records[-1]
-    metrics = {
-        "strategy": config.strategy(),
-        **scores(data.test_y, y_pred, data.class_names),
-        "train_seconds": train_seconds,
-        "images_per_second": ips,
-        "model_bytes": model_bytes,
-        "seed": config.seed,
-        "n_train": int((extra.get("refit") or {}).get("n_train") or len(data.train_y)),
-        "n_val": int(len(data.val_y)),
-        "n_test": int(len(data.test_y)),
-        "test_source": data.test_source,
-        "epochs_run": int(sum(r["epochs_run"] for r in records)),
-        "seconds_per_epoch": main["seconds_per_epoch"],
-        "input_size": config.input_size,
-        "precision": precision,
-        "rejected": len(data.rejected),
-        **extra,
-        "class_names": list(data.class_names),
-        "phases": records,
-        "history": history,
-        "decode_seconds": data.decode_seconds,
-        "rejected_files": [list(r) for r in data.rejected],
-        "model_file": str(model_path),
-        "curves_file": str(curves),
-        "augmentation": AUGMENTATION if config.augment else None,
-        "seeds": {"keras": config.seed, "split": config.seed, "augmentation": config.seed, "epoch_sampling": config.seed + 1},
-        "test_predictions": {"paths": list(data.test_paths), "y_true": data.test_y.tolist(), "y_pred": y_pred.tolist()},
-        "config": config_json(config),
-        "versions": package_versions(),
-    }
-    missing = [k for k in METRICS_KEYS if k not in metrics]
-    if missing:  # a programming error, not a user error
-        raise RuntimeError(f"metrics lack contract keys {missing}")
-    metrics_path = out_dir / f"{name}.metrics.json"
-    write_json_atomic(metrics_path, metrics)
+    model_path, curves, metrics_path = (out_dir / f"{name}.{ext}" for ext in ("keras", "curves.png", "metrics.json"))
+    with publish(out_dir, name, (model_path.name, curves.name, *(files or {}), metrics_path.name), lock=model_path.name) as stage:
+        model_bytes = save_model(net.full, stage.path(model_path.name))
+        plots.training_curves({k: v for k, v in history.items() if k != "phase"}, stage.path(curves.name),
+                              title=curves_title(config.strategy(), config.input_size, history, extra["mode"], precision))  # fmt: skip
+        for member, writer in (files or {}).items():
+            if writer is not None:
+                writer(stage.path(member))
+        metrics = {
+            "strategy": config.strategy(),
+            **scores(data.test_y, y_pred, data.class_names),
+            "train_seconds": train_seconds,
+            "images_per_second": ips,
+            "model_bytes": model_bytes,
+            "seed": config.seed,
+            "n_train": int((extra.get("refit") or {}).get("n_train") or len(data.train_y)),
+            "n_val": int(len(data.val_y)),
+            "n_test": int(len(data.test_y)),
+            "test_source": data.test_source,
+            "epochs_run": int(sum(r["epochs_run"] for r in records)),
+            "seconds_per_epoch": records[-1]["seconds_per_epoch"],
+            "input_size": config.input_size,
+            "precision": precision,
+            "rejected": len(data.rejected),
+            **extra,
+            "class_names": list(data.class_names),
+            "phases": records,
+            "history": history,
+            "decode_seconds": data.decode_seconds,
+            "rejected_files": [list(r) for r in data.rejected],
+            "model_file": str(model_path),
+            "curves_file": str(curves),
+            "augmentation": AUGMENTATION if config.augment else None,
+            "seeds": {"keras": config.seed, "split": config.seed, "augmentation": config.seed, "epoch_sampling": config.seed + 1},
+            "test_predictions": {"paths": list(data.test_paths), "y_true": data.test_y.tolist(), "y_pred": y_pred.tolist()},
+            "config": config_json(config),
+            "versions": package_versions(),
+        }
+        missing = [k for k in METRICS_KEYS if k not in metrics]
+        if missing:  # a programming error, not a user error
+            raise RuntimeError(f"metrics lack contract keys {missing}")
+        write_json_atomic(stage.path(metrics_path.name), metrics)
     low, high = wilson(int(round(metrics["accuracy"] * metrics["n_test"])), metrics["n_test"])
     print(
         f"{config.strategy()}: test accuracy {metrics['accuracy']:.4f} (95% interval {low:.3f}-{high:.3f}), macro-F1 {metrics['macro_f1']:.4f} "

@@ -131,12 +131,12 @@ def build_network(config: ScratchConfig, n_classes: int, precision: str) -> Netw
     )
 
 
-def fit(config: ScratchConfig) -> Result:
+def fit(config: ScratchConfig, listed=None) -> Result:
     """Train the network of ``config.arch`` from random weights on the same splits and augmentation as ``finetune``.
 
     With ``refit`` (the default) the epoch the validation loss chose is kept, and the
     network is trained again from the same start on the training + validation rows for
-    that many epochs: that is the model saved and scored.
+    that many epochs: that is the model saved and scored (``listed``: as ``prepare_run``'s).
 
     Returns:
         Result: the network, the data and the metrics written to ``OUT_DIR/scratch.metrics.json``.
@@ -145,7 +145,7 @@ def fit(config: ScratchConfig) -> Result:
         PipelineError: bad settings, a bad data or test folder, an unwritable output
             folder, images over the memory budget, or too few images to split.
     """
-    listing, test_listing, _pixel_bytes, precision = prepare_run(config)
+    listing, test_listing, _pixel_bytes, precision = prepare_run(config, listed)
     net = build_network(config, len(listing.class_names), precision)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     t0 = time.perf_counter()
@@ -168,9 +168,10 @@ def fit(config: ScratchConfig) -> Result:
 
 
 def run(config: ScratchConfig) -> dict:
-    """The stage: ``fit`` under the output's lock (a second run on the same ``-o`` is refused), returning the metrics; errors as ``fit``."""
-    with locked_output(config, "scratch"):
-        return fit(config).metrics
+    """``python -m pipeline scratch``: train ``--arch`` from random weights and publish ``scratch.keras``, ``.curves.png`` and
+    ``.metrics.json`` as one set, the previous set of ``-o`` kept whole until then; the metrics (errors as ``fit``'s)."""
+    with locked_output(config, "scratch") as listed:
+        return fit(config, listed).metrics
 
 
 COMMAND = Command("scratch", ScratchConfig, run, "train a small CNN or a CIFAR ResNet from scratch on the same splits; writes scratch.keras/.metrics.json/.curves.png")

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir
+from pipeline.core.outputsets import settle
 from pipeline.backbones.network import resolve_precision
 from pipeline.nets.images import Data, check_pixel_memory, gigabytes, list_inputs, memory_budget
 from pipeline.nets.networks import Network, apply_layers, augmentation_layers
@@ -27,16 +28,18 @@ from pipeline.nets.options import NetConfig
 
 @contextmanager
 def locked_output(config: NetConfig, name: str):
-    """The stage's output folder, never inside the images it reads, made and locked for the run (a second run on it is refused); settings checked first."""
+    """The stage's output folder, never inside the images it reads, made and locked for the run (a second run on it is refused), a set a
+    killed run left half published finished (``core.outputsets``); settings checked and the folders listed first. Yields the listings."""
     config.validate()
-    list_inputs(config.data_dir, config.test_dir)  # bad folders fail before an output folder is made (a directory walk; the run lists again)
+    listed = list_inputs(config.data_dir, config.test_dir)  # bad folders fail before an output folder is made
     refuse_inside(config.out_dir, [("the training images", config.data_dir), ("the test images", config.test_dir)], "choose another -o folder")
     with OutputLock(prepare_output_dir(config.out_dir) / f"{name}.keras"):
-        yield
+        settle(config.out_dir, name, locked=True)
+        yield listed
 
 
-def prepare_run(config: NetConfig):
-    """Validation and everything cheap that can fail, before any decoding or training.
+def prepare_run(config: NetConfig, listed=None):
+    """Validation and everything cheap that can fail, before any decoding or training (``listed``: ``locked_output``'s listings; None: list here).
 
     Returns:
         (listing, test listing or None, bytes of the decoded pixels, resolved precision).
@@ -45,8 +48,7 @@ def prepare_run(config: NetConfig):
         PipelineError: bad settings, a bad data or test folder, an unwritable output
             folder, or images over the memory budget.
     """
-    config.validate()
-    listing, test_listing = list_inputs(config.data_dir, config.test_dir)
+    listing, test_listing = listed or list_inputs(config.validate().data_dir, config.test_dir)
     prepare_output_dir(config.out_dir)
     # a refit holds the training images twice: split for the selection, joined for the refit
     n_images = len(listing) * (2 if config.refit else 1) + (len(test_listing) if test_listing is not None else 0)

@@ -1,0 +1,212 @@
+"""Output sets published together: the files of one result (a model and its metrics, report and plots) staged beside, committed by one rename, then moved into place under that journal, so a failure at any point leaves the previous set or the new one, never a mix.
+
+A set's files share a folder with other results (``models/lr.*`` beside ``models/svm.*``), so
+one folder rename cannot publish them. Instead (``publish``):
+
+1. the stage writes every file of the set into a staging folder ``FOLDER/.NAME.set-PID/``;
+   a failure there (an exception, a full disk, a kill) leaves the previous set untouched, and
+   the staging folder is removed (by this run, or by the next one when the process is gone);
+2. the commit: a manifest (the files to install, the set's members this run did not write,
+   to remove) is written into it and the folder is renamed ``FOLDER/.NAME.set`` in one rename;
+3. each file is renamed into ``FOLDER`` (the file readers open last), then the journal goes.
+
+A run stopped between 2 and 3 (kill -9) leaves the journal: ``settle`` finishes its renames
+(roll forward), under the set's output lock. Writers settle when they take their lock;
+readers call ``settle_for(PATH)`` before opening a file of a set, so neither ever trusts a
+half-moved set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.outputs import OutputLock, disk_error, fsync_dir
+
+MANIFEST = "manifest.json"
+#: How long a reader waits for a writer that is moving a committed set into place.
+SETTLE_WAIT_SECONDS = 5.0
+
+
+def journal_path(folder: Path, name: str) -> Path:
+    """The committed, not yet fully moved set ``NAME`` of ``folder``: ``FOLDER/.NAME.set``."""
+    return Path(folder) / f".{name}.set"
+
+
+class Staging:
+    """The staging folder of a set being written: ``path(member)`` is where each file goes."""
+
+    def __init__(self, folder: Path, members: tuple[str, ...]):
+        self.folder, self.members, self.written = folder, members, []
+
+    def path(self, member: str) -> Path:
+        """Where to write ``member`` (one of the set's file names) for this publication."""
+        if member not in self.members:  # a programming error, not a user error
+            raise ValueError(f"{member!r} is not a member of the set ({', '.join(self.members)})")
+        if member not in self.written:
+            self.written.append(member)
+        return self.folder / member
+
+
+@contextmanager
+def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lock: str, locked: bool = True) -> Iterator[Staging]:
+    """Write the set ``name`` of ``folder`` in a staging folder, then publish it as a whole.
+
+    Args:
+        folder: the output folder the set's files live in (beside other sets).
+        name: the set's name (``lr``, ``finetune``, ``compare``): names the staging folder and journal.
+        members: every file name the set may hold, in the order they are moved into place (the
+            file readers open last); members the block does not write are removed at publication
+            (they belonged to the previous set).
+        lock: the member whose output lock (``core.outputs.OutputLock``) guards the set.
+        locked: the caller holds that lock already; False: take it for the block.
+
+    Yields:
+        ``Staging``: ``stage.path(member)`` is where the block writes each file.
+
+    Raises:
+        PipelineError: a file could not be written (the previous set is left whole), or a
+            rename of step 3 failed (the journal stays; the next run or reader finishes it).
+    """
+    folder, members = Path(folder), tuple(members)
+    with nullcontext() if locked else OutputLock(folder / lock):
+        settle(folder, name, locked=True)  # a set cut short by a kill: finished before it is replaced
+        remove_dead_staging(folder, name)
+        staging = folder / f".{name}.set-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir()
+            stage = Staging(staging, members)
+            yield stage
+            manifest = {"set": name, "lock": lock, "install": [m for m in members if m in stage.written], "remove": [m for m in members if m not in stage.written]}
+            for member in manifest["install"]:
+                with open(staging / member, "rb") as f:  # a writer that wrote nothing fails here
+                    os.fsync(f.fileno())
+            with open(staging / MANIFEST, "w") as f:
+                f.write(json.dumps(manifest, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(staging)
+            os.rename(staging, journal_path(folder, name))  # the commit: the new set is whole from here on
+            fsync_dir(folder)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise disk_error(folder / f"{name} output set", exc) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _roll_forward(journal_path(folder, name), manifest)
+
+
+def settle(folder: Path, name: str, *, locked: bool = False) -> bool:
+    """Finish publishing the set ``name`` of ``folder`` if a run stopped while moving it into place; whether there was one.
+
+    Args:
+        locked: the caller holds the set's lock; False: take it (waiting up to
+            ``SETTLE_WAIT_SECONDS`` for a writer that is moving it now).
+
+    Raises:
+        PipelineError: the journal is damaged, its lock is held longer than the wait, or a rename failed.
+    """
+    journal = journal_path(folder, name)
+    if not journal.is_dir():
+        return False
+    manifest = _manifest(journal)
+    if locked:
+        _roll_forward(journal, manifest)
+        return True
+    deadline = time.monotonic() + SETTLE_WAIT_SECONDS
+    while True:
+        try:
+            with OutputLock(Path(folder) / manifest["lock"]):
+                if journal.is_dir():
+                    _roll_forward(journal, manifest)
+            return True
+        except PipelineError as exc:
+            if "another run is writing" not in str(exc) or time.monotonic() > deadline:
+                raise PipelineError(f"{journal}: the output set {name!r} is being published and could not be finished: {exc}") from None
+            time.sleep(0.05)
+            if not journal.is_dir():  # the writer finished it
+                return True
+
+
+def settle_for(path: Path) -> None:
+    """Before reading ``path``: finish any set of its folder that a stopped run left half moved and that holds ``path``.
+
+    Raises:
+        PipelineError: as ``settle``.
+    """
+    path = Path(path)
+    folder = path.parent
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".set")]
+    except OSError:
+        return  # a missing folder: the reader says so itself
+    for entry in names:
+        journal = folder / entry
+        if journal.is_dir():
+            manifest = _manifest(journal)
+            if path.name in (*manifest["install"], *manifest["remove"]):
+                settle(folder, manifest["set"])
+
+
+def remove_dead_staging(folder: Path, name: str) -> list[Path]:
+    """Remove the staging folders of set ``name`` (``.NAME.set-PID``) whose process is gone (a kill before the commit); what was removed."""
+    pattern = re.compile(re.escape(f".{name}.set-") + r"(\d+)$")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry)
+        if m and int(m.group(1)) != os.getpid() and not _process_exists(int(m.group(1))):
+            shutil.rmtree(Path(folder) / entry, ignore_errors=True)
+            removed.append(Path(folder) / entry)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _manifest(journal: Path) -> dict:
+    try:
+        manifest = json.loads((journal / MANIFEST).read_text())
+        if not all(isinstance(manifest.get(k), list) for k in ("install", "remove")) or not isinstance(manifest.get("lock"), str):
+            raise ValueError("fields missing")
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{journal}: damaged publish journal ({first_line(exc)}); the files beside it may mix two runs: remove it and run the stage again") from None
+    return manifest
+
+
+def _roll_forward(journal: Path, manifest: dict) -> None:
+    """Step 3: remove the members the new set does not have, move each staged file into place (in order), drop the journal. Idempotent."""
+    folder = journal.parent
+    try:
+        for member in manifest["remove"]:
+            old = folder / member
+            if old.is_symlink() or old.is_file():
+                old.unlink()
+        for member in manifest["install"]:
+            if os.path.lexists(journal / member):
+                os.replace(journal / member, folder / member)
+        fsync_dir(folder)
+        shutil.rmtree(journal)
+        fsync_dir(folder)
+    except OSError as exc:
+        raise PipelineError(f"{journal}: could not move the new {manifest.get('set')!r} files into place ({exc.strerror or exc}); "
+                            "they are complete in that folder and the next run finishes it") from None  # fmt: skip
