@@ -61,7 +61,7 @@ def limit_holds(limit: str, current: dict[str, str]) -> bool:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (16-bit and float grey are rescaled, not clipped)."""
+    """Convert any Pillow mode to 8-bit RGB: 16-bit grey is rescaled (not clipped); float grey is rounded and clipped to 0..255, as Pillow's own conversion (and so ``keras.utils.load_img``) does, so a float image in 0..1 reads nearly black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
