@@ -52,6 +52,17 @@ def _listing(source):
     return Listing(Path("."), (), tuple(str(p) for p in paths), np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)), False
 
 
+def _check_counts(**values) -> None:
+    """The command line's rule for each whole-number setting given (None: the default): ``batch_size=0`` would read no image,
+    ``input_size=0`` was taken as the default and ``32.5`` cut to 32, silently."""
+    from pipeline.core.config import MAX_INT, Interval
+
+    rule = Interval(int, 1, MAX_INT)
+    for name, value in values.items():
+        if value is not None and not rule.check(value):
+            raise PipelineError(f"{name}={value!r}: must be {rule.describe()}")
+
+
 def extract_features(
     source,
     *,
@@ -93,8 +104,9 @@ def extract_features(
     for name, value, allowed in (("precision", precision, EXTRACT_PRECISIONS), ("resize", resize, RESIZE_METHODS), ("storage", storage, STORAGE_DTYPES)):
         if value not in allowed:
             raise PipelineError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+    _check_counts(batch_size=batch_size, input_size=input_size)
     spec = get_spec(backbone)
-    size = int(input_size or spec.input_size)
+    size = int(spec.input_size if input_size is None else input_size)
     if size < spec.min_size:
         raise PipelineError(f"input_size={size}: {backbone} needs at least {spec.min_size}")
     listing, labelled = _listing(source)
@@ -127,6 +139,7 @@ class Model:
         from pipeline.classical.bundle import check_spec, load_bundle
         from pipeline.inference.scoring import open_bundle_network
 
+        _check_counts(batch_size=batch_size)
         self.path = Path(path)
         self.bundle = load_bundle(self.path)
         check_spec(self.path, self.bundle)

@@ -200,7 +200,34 @@ def _read_manifest(out_dir: pathlib.Path) -> dict | None:
                             "choose another folder or empty it") from None
     if not isinstance(manifest, dict) or manifest.get("dataset") != "fashion-mnist":
         raise PipelineError(f"{path} is not a Fashion-MNIST manifest; choose another folder")
+    broken = _manifest_problem(manifest)
+    if broken:  # its file list decides what a rebuild deletes: an edited one is not trusted
+        raise PipelineError(f"{path}: damaged manifest ({broken}); nothing in {out_dir} is known to be this tool's: "
+                            "choose another folder or empty it")
     return manifest
+
+
+def _whole(value, least: int, most: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least and (most is None or value <= most)
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What in a manifest is not what this tool writes (None: nothing): settings or counts that are not whole numbers, a
+    file list naming another split or class, or an index of no image (a name such as ``../x`` would let a rebuild delete outside)."""
+    bad = [k for k in ("train_per_class", "test_per_class", "seed") if m.get(k) is not None and not _whole(m[k], 0 if k == "seed" else 1)]
+    counts, files = m.get("counts"), m.get("files")
+    if bad or not isinstance(counts, dict) or not all(_whole(counts.get(s), 0) for s in IDX_FILES):
+        return f"{bad[0]} is {m[bad[0]]!r}" if bad else f"counts is {counts!r}"
+    if files is not None and (not isinstance(files, dict) or not set(files) <= set(IDX_FILES)):  # None: an earlier version's, its files follow from its settings
+        return "files names other splits than " + ", ".join(IDX_FILES)
+    for split, per in (files or {}).items():
+        if not isinstance(per, dict) or not set(per) <= set(FASHION_CLASSES):
+            return f"files/{split} names other classes than Fashion-MNIST's"
+        top = PER_CLASS_AVAILABLE[split] * len(FASHION_CLASSES) - 1
+        wrong = next((c for c, indices in per.items() if not isinstance(indices, list) or not all(_whole(i, 0, top) for i in indices)), None)
+        if wrong:
+            return f"files/{split}/{wrong} holds something else than image indices 0..{top}"
+    return None
 
 
 def _file_names(chosen: dict[str, list[np.ndarray]]) -> dict[str, dict[str, list[int]]]:
@@ -224,15 +251,15 @@ def _manifest_files(manifest: dict) -> set[str]:
 
 
 def _foreign(out_dir: pathlib.Path, ours: set[str]) -> list[str]:
-    """Every file or folder under ``out_dir`` that is not in ``ours`` (links are not followed), sorted."""
+    """Every file or folder under ``out_dir`` not in ``ours``, and every link (it writes none; deleting through one reaches elsewhere), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(out_dir):
         rel = pathlib.Path(dirpath).relative_to(out_dir)
         for name in sorted(dirnames):
-            if (rel / name).as_posix() not in ours:
+            if (rel / name).as_posix() not in ours or os.path.islink(os.path.join(dirpath, name)):
                 found.append((rel / name).as_posix() + "/")
-        dirnames[:] = sorted(d for d in dirnames if (rel / d).as_posix() in ours)
-        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours]
+        dirnames[:] = sorted(d for d in dirnames if (rel / d).as_posix() in ours and not os.path.islink(os.path.join(dirpath, d)))
+        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours or os.path.islink(os.path.join(dirpath, f))]
     return sorted(found)
 
 
@@ -311,7 +338,7 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
                     "source": existing.get("source", "?"), "built": False, "out_dir": str(out_dir), "why": None}
         if foreign:
             raise PipelineError(
-                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}); "
+                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}, or a link); "
                 f"it would rebuild the folder ({why}), which would delete them: move them out of {out_dir} or choose another folder"
             )
         if progress:
@@ -367,8 +394,11 @@ def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
     Anything else (a file added between the check and the swap) stays where it is, and is named.
     """
     tree = old / "tree"
+    real_tree = os.path.realpath(tree)
     for rel in sorted(ours, key=lambda r: -r.count("/")):  # files before their folders
         path = tree / rel
+        if os.path.realpath(path.parent) != os.path.normpath(os.path.join(real_tree, os.path.dirname(rel))):
+            continue  # a folder on the way became a link since the check: never delete through it
         try:
             path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError:

@@ -70,3 +70,23 @@ def test_load_model_predicts_what_predict_predicts(tree):
     with pytest.raises(PipelineError, match=r"svm\.joblib: a svm model gives decision margins, not probabilities"):
         svm.predict_proba(data)
     assert svm.predict([data / "ant" / "000.png"]).tolist()[0] in ("ant", "bee")
+
+
+@pytest.mark.parametrize(
+    "call, flag",
+    [
+        (lambda data, models: pipeline.extract_features(data, batch_size=0, **TINY), r"batch_size=0"),
+        (lambda data, models: pipeline.extract_features(data, batch_size=-1, **TINY), r"batch_size=-1"),
+        (lambda data, models: pipeline.extract_features(data, input_size=0, weights="none"), r"input_size=0"),
+        (lambda data, models: pipeline.extract_features(data, input_size=32.5, weights="none"), r"input_size=32\.5"),
+        (lambda data, models: pipeline.extract_features(data, batch_size="8", **TINY), r"batch_size='8'"),
+        (lambda data, models: pipeline.load_model(models / "lr.joblib", batch_size=0).predict(data), r"batch_size=0"),
+    ],
+    ids=["batch-0", "batch-negative", "size-0", "size-fraction", "batch-text", "model-batch-0"],
+)
+def test_a_setting_out_of_its_range_is_refused_not_taken_silently(tree, call, flag):
+    """Second adversarial pass (#22): batch_size=0 returned no rows (every image dropped, none in rejected) and a model labelled
+    every image None; input_size=0 meant 224 and 32.5 meant 32, silently."""
+    root, data, _ = tree
+    with pytest.raises(PipelineError, match=rf"^{flag}: must be a whole number in \[1, 4294967295\]$"):
+        call(data, root / "models")

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.core.errors import PipelineError
 from pipeline.images.listing import Listing
 
 # Never let Pillow pad a truncated file with grey: a truncated image is a reject.
@@ -60,7 +61,7 @@ def limit_holds(limit: str, current: dict[str, str]) -> bool:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (16-bit and float grey are rescaled, not clipped)."""
+    """Convert any Pillow mode to 8-bit RGB: 16-bit grey is rescaled (not clipped); float grey is rounded and clipped to 0..255, as Pillow's own conversion (and so ``keras.utils.load_img``) does, so a float image in 0..1 reads nearly black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
@@ -182,7 +183,13 @@ def iter_batches(
     shift a label. An image that takes longer than ``timeout`` seconds is rejected with
     that reason and the run goes on: its stuck thread is abandoned and the pool replaced
     (a per-image time limit that tf.data's map cannot give).
+
+    Raises:
+        PipelineError: ``batch_size`` below 1 (no row would ever be read), ``prefetch`` or ``workers`` below 0.
     """
+    for name, value, least in (("batch_size", batch_size, 1), ("prefetch", prefetch, 0), ("workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:  # 0 rows a batch would end the loop at once: every row lost
+            raise PipelineError(f"{name} {value!r}: must be a whole number of at least {least}")
     n_workers = workers if workers > 0 else (os.cpu_count() or 1)
     ahead = batch_size * (prefetch + 1)
     root, paths = listing.root, listing.paths

@@ -1,4 +1,4 @@
-"""The image listing: every candidate file of a class-per-folder tree with its label and version (size, mtime, inode, ctime), matched against stored rows by path and version; files that can never be rows are reject records."""
+"""The image listing: every candidate file of a class-per-folder tree with its label and version (size, mtime, inode, ctime), each file once, matched against stored rows by path and version; files that can never be rows are reject records."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class Listing:
     ``cp -p``, ``rsync -a`` or ``tar``, which keep the size and modification time, gets
     another inode or change time); a listing made from bare paths has unknown inodes and
     change times. ``skipped`` holds the files that can never be rows (an unsupported
-    extension, outside a class folder) and the linked sub-folders not followed (into a
-    class folder, a loop) or unreadable folders, as reject records: they are never decoded.
+    extension, outside a class folder, a second path to a file already listed) and the
+    linked sub-folders not followed (into a class folder, a loop) or unreadable folders, as
+    reject records: they are never decoded.
     """
 
     root: Path
@@ -116,11 +117,42 @@ class Listing:
 
 def _stat(path: Path) -> tuple[int, int, int, int]:
     """The version of a file: size, mtime_ns, inode and ctime_ns (of the link itself when it dangles)."""
+    return _identify(path)[0]
+
+
+def _identify(path: Path) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """The version of a file (size, mtime_ns, inode, ctime_ns) and its identity (device, inode), of the link itself when it dangles."""
     try:
         st = path.stat()
     except OSError:  # dangling link or vanished file: decoding will reject it with its reason
         st = path.lstat()
-    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns), (st.st_dev, st.st_ino)
+
+
+def _once(entries: list, classes: list[str], skipped: list) -> list:
+    """The entries to list: each file (device and inode) once, the others reject records naming it.
+
+    Two entries reach one file through a symbolic link or a hard link. Listed twice, the image
+    would be a duplicated row, or one image under two labels (a link in class ``a`` to a file of
+    class ``b``). The entry listed is the first in listing order that is not a symbolic link
+    (the file where it lives: its label), else the first link; each other entry is a record
+    saying which path holds the image.
+    """
+    first: dict[tuple[int, int], int] = {}
+    for i, (_, _, link, _, identity) in enumerate(entries):
+        j = first.get(identity)
+        if j is None or (entries[j][2] and not link):
+            first[identity] = i
+    kept = []
+    for i, (label, rel, link, version, identity) in enumerate(entries):
+        j = first[identity]
+        if j == i:
+            kept.append(entries[i])
+            continue
+        other_label, other = entries[j][0], entries[j][1]
+        where = "" if other_label == label else f" of class {classes[other_label]}"
+        skipped.append(Reject(rel, f"same file as {other}{where} ({'a symbolic link' if link else 'a hard link'}): each image is listed once", *version))
+    return kept
 
 
 #: Sub-folder names that are splits of a data set, not classes (compared in lower case).
@@ -182,7 +214,7 @@ def _walk(root: Path, folder: Path, chain: tuple[str, ...], classes: dict[str, s
         except OSError:  # a link to itself (ELOOP): a file that decoding rejects with its reason
             is_dir = False
         if not is_dir:
-            files.append(full)
+            files.append((full, e.is_symlink()))
             continue
         if e.is_symlink():
             real = os.path.realpath(full)
@@ -219,8 +251,8 @@ def list_images(data_dir: Path | str) -> Listing:
     Raises:
         PipelineError: the folder is missing or not a folder, has no class sub-folders,
             has only one class, its sub-folders are split names (``train``, ``test``, ...),
-            a class folder links to another, a class folder holds no image files, or
-            there are no images.
+            a class folder links to another, a class folder holds no image files (or only
+            links to images listed elsewhere), or there are no images.
     """
     root = Path(data_dir)
     if not root.exists():
@@ -238,36 +270,37 @@ def list_images(data_dir: Path | str) -> Listing:
     real = _class_folders(root, classes)
     followed: dict[str, str] = {}  # resolved folder of each linked sub-folder followed -> its path in the listing
 
+    entries: list[tuple[int, str, bool, tuple[int, int, int, int], tuple[int, int]]] = []  # label, path, is a link, version, file identity
+    for label, name in enumerate(classes):
+        class_files: list[tuple[Path, bool]] = []
+        _walk(root, root / name, (real[name],), real, real[name], class_files, skipped, followed)
+        for full, link in class_files:
+            rel = full.relative_to(root).as_posix()
+            version, identity = _identify(full)
+            if Path(full.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(Reject(rel, f"unsupported file type '{Path(full.name).suffix or '(no extension)'}'", *version))
+                continue
+            entries.append((label, rel, link, version, identity))
+    kept = _once(entries, classes, skipped)
+
     paths: list[str] = []
     labels: list[int] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    inodes: list[int] = []
-    ctimes: list[int] = []
+    versions: list[tuple[int, int, int, int]] = []
+    for label, rel, _, version, _ in kept:
+        paths.append(rel)
+        labels.append(label)
+        versions.append(version)
+    found = np.bincount(np.asarray(labels, np.int64), minlength=len(classes))
     for label, name in enumerate(classes):
-        found = 0
-        class_dir = root / name
-        class_files: list[Path] = []
-        _walk(root, class_dir, (real[name],), real, real[name], class_files, skipped, followed)
-        for full in class_files:
-            fname = full.name
-            rel = full.relative_to(root).as_posix()
-            s, m, ino, c = _stat(full)
-            if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append(Reject(rel, f"unsupported file type '{Path(fname).suffix or '(no extension)'}'", s, m, ino, c))
-                continue
-            paths.append(rel)
-            labels.append(label)
-            sizes.append(s)
-            mtimes.append(m)
-            inodes.append(ino)
-            ctimes.append(c)
-            found += 1
-        if found == 0:
+        if found[label] == 0:
+            linked = sum(1 for e in entries if e[0] == label)
             raise PipelineError(
-                f"{class_dir}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                "remove it or add images"
+                f"{root / name}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
+                if not linked else
+                f"{root / name}: class folder has no image of its own: its {linked} image file(s) are links or hard links to images "
+                "listed under other paths; remove it or add images"
             )
+    sizes, mtimes, inodes, ctimes = (list(col) for col in zip(*versions)) if versions else ([], [], [], [])
     return Listing(
         root,
         tuple(classes),

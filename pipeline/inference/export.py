@@ -16,6 +16,7 @@ both are refused with one line.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import atomic_output, prepare_output_dir, write_json_atomic
+from pipeline.core.outputs import atomic_output, disk_error, fsync_dir, is_within, prepare_output_dir, write_json_atomic
 from pipeline.nets.probe import probe_layers
 
 #: ``--format``: the Keras file (``model.keras``) or a TensorFlow SavedModel folder (``model.export``, for TF Serving / TFLite converters).
@@ -142,6 +143,67 @@ def metadata(bundle: dict, config: ExportConfig) -> dict:
     }
 
 
+#: A folder holding this file is a TensorFlow SavedModel: the only folder ``--format savedmodel --overwrite`` replaces.
+SAVED_MODEL_FILE = "saved_model.pb"
+
+
+def _check_output(config: ExportConfig, model_path: Path, output: Path) -> None:
+    """Refuse, before any work, an output that would destroy an input or something export did not write.
+
+    Never the bundle or the weights file (however spelled), nor a folder holding them; never a
+    symbolic link or a path without a name (``.``, ``..``); an existing output only with
+    ``--overwrite``, and then only what export writes: a file for ``keras``, a SavedModel
+    folder for ``savedmodel`` (any other folder is someone else's, even with ``--overwrite``).
+    """
+    if output.name in ("", ".", ".."):
+        raise PipelineError(f"{output}: names no file or folder of its own; pass the path to write (e.g. -o exported/model)")
+    meta_path = output.with_name(output.name + ".json")
+    weights = Path(config.weights) if config.weights and Path(config.weights).exists() else None
+    inputs = [("the model bundle", model_path)] + ([("the weights file", weights)] if weights else [])
+    refuse_inputs_as_outputs([output, meta_path], inputs, "choose another -o")
+    for path in (output, meta_path):
+        if path.is_symlink():
+            raise PipelineError(f"{path}: is a symbolic link; export replaces files, never a link (or what it points at): choose another -o")
+        if (path.exists()) and not config.overwrite:
+            raise PipelineError(f"{path}: exists; pass --overwrite to replace it")
+    if meta_path.is_dir():
+        raise PipelineError(f"{meta_path}: is a folder; export writes its metadata there: choose another -o")
+    if config.format == "keras" and output.is_dir():
+        raise PipelineError(f"{output}: is a folder, not a .keras file; choose another -o")
+    if config.format == "savedmodel" and output.exists():
+        held = next(((what, p) for what, p in inputs if is_within(p, output)), None)
+        if held:
+            raise PipelineError(f"{output}: holds {held[0]} {held[1]}; replacing the folder would delete it: choose another -o")
+        if not (output.is_dir() and (output / SAVED_MODEL_FILE).is_file()):
+            raise PipelineError(f"{output}: exists and is not a SavedModel folder; export replaces only a SavedModel (even with --overwrite): choose another -o")
+
+
+def _publish_saved_model(network, output: Path) -> None:
+    """Write the SavedModel beside ``output``, then swap it in: a failure at any point leaves the previous one whole.
+
+    (``core.outputs.atomic_folder`` publishes flat folders only: it syncs each file of the
+    folder, and a SavedModel has sub-folders.)
+    """
+    import shutil
+
+    tmp, old = (output.with_name(f".{output.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        network.export(str(tmp), format="tf_saved_model", verbose=False)
+        if output.exists():
+            os.rename(output, old)
+        os.rename(tmp, output)
+        fsync_dir(output.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not output.exists():
+            os.rename(old, output)
+        if isinstance(exc, OSError):
+            raise disk_error(output, exc) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run(config: ExportConfig) -> Path:
     """``python -m pipeline export``: write the bundle's network (and ``OUTPUT.json`` beside it, the metadata).
 
@@ -150,18 +212,16 @@ def run(config: ExportConfig) -> Path:
 
     Raises:
         PipelineError: bad settings, a bundle that is missing or not ours or not exportable,
-            an output that is the bundle or exists (without ``--overwrite``), weights that
-            cannot be resolved or do not match the bundle.
+            an output that ``_check_output`` refuses (an input, a folder holding one, a link,
+            an existing output without ``--overwrite``, a folder that is not a SavedModel),
+            weights that cannot be resolved or do not match the bundle.
     """
     config.validate()
     model_path, output = Path(config.model), Path(config.output)
+    _check_output(config, model_path, output)
     meta_path = output.with_name(output.name + ".json")
-    refuse_inputs_as_outputs([output, meta_path], [("the model bundle", model_path)], "choose another -o")
     bundle = load_bundle(model_path)
     check_spec(model_path, bundle)
-    for path in (output, meta_path):
-        if (path.exists() or path.is_symlink()) and not config.overwrite:
-            raise PipelineError(f"{path}: exists; pass --overwrite to replace it")
     prepare_output_dir(output.parent)
     info = resolve_bundle_weights(model_path, bundle, config.weights, progress=True)
     network = build_export(bundle, info, model_path=model_path)
@@ -169,14 +229,7 @@ def run(config: ExportConfig) -> Path:
         with atomic_output(output, suffix=".keras") as tmp:
             network.save(tmp)
     else:
-        import shutil
-
-        tmp = output.with_name(f".{output.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        network.export(str(tmp), format="tf_saved_model", verbose=False)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        _publish_saved_model(network, output)
     write_json_atomic(meta_path, metadata(bundle, config))
     print(f"exported {model_path} -> {output} ({config.format}; {metadata(bundle, config)['output']}; metadata in {meta_path.name})", file=sys.stderr)
     return output

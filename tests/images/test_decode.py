@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_tree, write_image
+from pipeline.core.errors import PipelineError
 from pipeline.images.decode import RejectedImage, iter_batches, load_image
 from pipeline.images.listing import list_images
 
@@ -116,3 +117,13 @@ def test_batches_keep_index_with_rejects_in_order(tmp_path):
     assert ok.tolist() == [i != 2 for i in range(10)]
     assert batches[0].reasons[2] == "empty file (0 bytes)"
     np.testing.assert_array_equal(batches[1].pixels[1], load_image(root / listing.paths[5], 32, "bilinear"))
+
+
+@pytest.mark.parametrize("setting", [dict(batch_size=0), dict(batch_size=-3), dict(prefetch=-1), dict(workers=-1)])
+def test_a_batch_of_no_rows_is_refused_never_a_silent_empty_read(tmp_path, setting):
+    """Second adversarial pass (#22): batch_size 0 ended the reader at once, every row lost without a reject."""
+    listing = list_images(make_tree(tmp_path / "d", per_class=2))
+    args = dict(size=8, interpolation="bilinear", batch_size=2) | setting
+    name, value = next(iter(setting.items()))
+    with pytest.raises(PipelineError, match=rf"^{name} {value}: must be a whole number of at least"):
+        list(iter_batches(listing, np.arange(len(listing)), **args))

@@ -103,3 +103,30 @@ def test_split_named_sub_folders_are_not_taken_as_classes(tmp_path, splits):
     assert f"point at {root / first} for the training split" in str(err.value)
     assert ("and at" in str(err.value)) == ("test" in [s.lower() for s in splits])
     assert list_images(root / splits[0]).class_names == ("cat", "dog")  # the split itself is a data folder
+
+
+def test_a_file_reached_twice_is_listed_once_where_it_lies_and_the_other_path_is_a_reject(tmp_path):
+    """Second adversarial pass (#22): a file link in one class folder to a file of another class listed one image under two labels; a hard link did too."""
+    root = make_tree(tmp_path / "d", classes=("cat", "dog"), per_class=2)
+    (root / "cat" / "from-dog.png").symlink_to(root / "dog" / "000.png")  # a link to another class's image
+    (root / "dog" / "again.png").symlink_to("001.png")  # a second path to an image of the same class
+    os.link(root / "cat" / "001.png", root / "dog" / "hard.png")  # a hard link: two names, one file
+    outside = write_image(tmp_path / "elsewhere" / "x.png")
+    (root / "cat" / "out.png").symlink_to(outside)  # a link out of the tree: listed (once)
+    (root / "dog" / "out-too.png").symlink_to(outside)
+    listing = list_images(root)
+    assert listing.paths == ("cat/000.png", "cat/001.png", "cat/out.png", "dog/000.png", "dog/001.png")
+    assert listing.labels.tolist() == [0, 0, 0, 1, 1]
+    reasons = {r.path: r.reason for r in listing.skipped}
+    assert reasons == {
+        "cat/from-dog.png": "same file as dog/000.png of class dog (a symbolic link): each image is listed once",
+        "dog/again.png": "same file as dog/001.png (a symbolic link): each image is listed once",
+        "dog/hard.png": "same file as cat/001.png of class cat (a hard link): each image is listed once",
+        "dog/out-too.png": "same file as cat/out.png of class cat (a symbolic link): each image is listed once",
+    }
+    only_links = tmp_path / "d2"
+    make_tree(only_links, classes=("cat",), per_class=2)
+    (only_links / "dog").mkdir()
+    (only_links / "dog" / "a.png").symlink_to(only_links / "cat" / "000.png")
+    with pytest.raises(PipelineError, match=r"d2/dog: class folder has no image of its own: its 1 image file\(s\) are links or hard links"):
+        list_images(only_links)
