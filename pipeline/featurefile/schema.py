@@ -299,6 +299,8 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= n_classes:
                 out.append(f"labels range {lo}..{hi} falls outside label_names (0..{n_classes - 1})")
+    if all(n in good for n in ("paths", "labels", "label_names")) and db["paths"].shape[0] == db["labels"].shape[0]:
+        out += _label_folder_problems(db)
     if "paths" in good:
         paths = [os.fsdecode(x) for x in db["paths"][:]]
         if len(set(paths)) != len(paths):
@@ -317,6 +319,19 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry
         if "features" in good and int(db["merged/rows"][:].sum()) != db["features"].shape[0]:
             out.append(f"merged/rows add up to {int(db['merged/rows'][:].sum())} but features has {db['features'].shape[0]} rows")
     return out
+
+
+def _label_folder_problems(db: h5py.File) -> list[str]:
+    """Each row's label must name the class folder its path lies in (the path's first part): a file whose labels or label names were edited is refused, not read with shifted classes."""
+    names = [os.fsencode(x) for x in db["label_names"][:]]
+    labels = db["labels"][:]
+    bad = [(i, p, f) for i, (p, lab) in enumerate(zip(db["paths"][:], labels.tolist()))
+           if 0 <= lab < len(names) and (f := os.fsencode(p).split(b"/", 1)[0]) != names[lab]]  # fmt: skip
+    if not bad:
+        return []
+    i, path, folder = bad[0]
+    return [f"{len(bad)} rows have a label that is not their class folder, e.g. row {i} ({os.fsdecode(path)}) has label "
+            f"{os.fsdecode(names[labels[i]])!r} but lies in class folder {os.fsdecode(folder)!r}"]  # fmt: skip
 
 
 def merged_record_ok(db: h5py.File) -> bool:

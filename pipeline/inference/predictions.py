@@ -50,6 +50,15 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", NAME_ERRORS)
 
 
+#: Control characters (C0, C1, the Unicode line and paragraph separators) as escapes in the text format (one line per image: a newline in a file name must not start a row).
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(32), *range(127, 160), 0x2028, 0x2029)}
+
+
+def shown(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\t``, ``\\x1b``); other characters, undecodable bytes' escapes included, as they are."""
+    return text.translate(_CONTROL)
+
+
 def format_results(results: list[dict], fmt: str, *, top_k: int = 1, class_names: list[str] | None = None) -> str:
     """Render results as ``text`` (a marker line, then aligned columns), ``csv`` or ``json`` (a list of objects).
 
@@ -73,12 +82,14 @@ def format_results(results: list[dict], fmt: str, *, top_k: int = 1, class_names
             cells += [f"{probs[n]:.6g}" if n in probs else "" for n in class_names or ()]
             w.writerow([*cells, r["error"] or ""])
         return buf.getvalue()
+    results = [{**r, "path": shown(r["path"]), "label": r["label"] and shown(r["label"]), "error": r["error"] and shown(r["error"]),
+                "top": [{**t, "label": shown(t["label"])} for t in r.get("top") or []]} for r in results]  # fmt: skip
     pw = min(60, max(len(r["path"]) for r in results))
     lw = max([len(r["label"]) for r in results if r["label"]] or [5])
     lines = [TEXT_MARKER]
     for r in results:
         if r["error"] is None:
-            more = "".join(f"  {t['label']} {t['score']:.4f}" for t in (r.get("top") or [])[1:])
+            more = "".join(f"  {t['label']} {t['score']:.4f}" for t in r["top"][1:])
             lines.append(f"{r['path']:<{pw}}  {r['label']:<{lw}}  {r['score']:.4f}{more}")
         else:
             lines.append(f"{r['path']:<{pw}}  {'ERROR':<{lw}}  {r['error']}")

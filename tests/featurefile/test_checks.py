@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -112,3 +113,22 @@ def test_readers_apply_verify_s_rules_and_a_damaged_chunk_is_one_line(tmp_path, 
     assert main(["train", str(damaged), "-o", str(tmp_path / "model"), "--model", "lr"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "damaged.h5: features of rows" in err and "Traceback" not in err
+
+
+def test_a_label_that_is_not_its_class_folder_is_refused_by_verify_and_every_reader(tmp_path):
+    """Second adversarial pass (#22): label_names reversed, or labels shifted, by another tool passed verify, and evaluate reported accuracy 0.000 with exit 0."""
+    import h5py
+    import pytest
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.featurefile.store import open_features
+
+    for edit in ("label_names", "labels"):
+        path = write(tmp_path / f"{edit}.h5", [f"{c}/{i}.png" for c in "ab" for i in range(3)])
+        assert verify(path) == []
+        with h5py.File(path, "r+") as db:
+            db[edit][...] = db[edit][:][::-1]
+        want = "6 rows have a label that is not their class folder, e.g. row 0 (a/0.png) has label 'b' but lies in class folder 'a'"
+        assert verify(path) == [f"{path}: {want}"]
+        with pytest.raises(PipelineError, match=rf"^{path}: .*{re.escape(want)}"):
+            open_features(path)

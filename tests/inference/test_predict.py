@@ -285,3 +285,17 @@ def test_top_k_and_probabilities(trained, images, tmp_path):
 def test_probabilities_of_a_margin_model_are_refused(trained, images):
     with pytest.raises(PipelineError, match=r"svm\.joblib: a svm model gives decision margins, not probabilities; --probabilities needs an lr or rf model"):
         cli(trained["svm"], images, "--probabilities")
+
+
+def test_the_text_format_keeps_one_line_per_image_whatever_the_names_hold():
+    """Second adversarial pass (#22): a newline in a file name split its text row in two, a bogus row for a reader of the output."""
+    from pipeline.inference.predictions import format_results
+
+    names = ["new\nline.png", "car\rriage.png", "tab\there.png", "esc\x1b[31m.png", "del\x7f.png", "bytes\udcff.png", "nel\x85.png", "ls\u2028.png"]
+    results = [{"path": n, "label": "a\nb", "score": 0.5, "error": None, "top": [{"label": "a\nb", "score": 0.5}]} for n in names]
+    results.append({"path": "x\ny.png", "label": None, "score": None, "error": "cannot\nread", "top": []})
+    lines = format_results(results, "text").splitlines()
+    assert len(lines) == len(results) + 1  # the marker, then one line per image
+    assert lines[1].startswith("new\\nline.png") and "a\\nb" in lines[1]
+    assert lines[4].startswith("esc\\x1b[31m.png") and lines[6].startswith("bytes\udcff.png")
+    assert lines[-1].split() == ["x\\ny.png", "ERROR", "cannot\\nread"]
