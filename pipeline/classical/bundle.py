@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.core.config import EXTRACT_PRECISIONS
 from pipeline.core.errors import PipelineError
+from pipeline.core.outputsets import settle_for
 from pipeline.core.outputs import atomic_output
 from pipeline.featurefile.store import SPEC_KEYS
 
@@ -85,7 +86,7 @@ def write_bundle(path: Path, bundle: dict) -> None:
 
 
 def load_bundle(path: Path | str) -> dict:
-    """Open a model bundle written by ``train`` and check it is one.
+    """Open a model bundle written by ``train`` and check it is one (a half-published set holding it is finished first: ``core.outputsets.settle_for``).
 
     Args:
         path: the ``.joblib`` file.
@@ -98,6 +99,7 @@ def load_bundle(path: Path | str) -> dict:
             transfer-pipeline bundle, of an unsupported version, or lacks a field.
     """
     path = Path(path)
+    settle_for(path)  # every reader: a model set a killed train left half moved is finished before the bundle is trusted
     if not path.exists():
         raise PipelineError(f"{path}: model file does not exist (run `python -m pipeline train` first)")
     if path.is_dir():

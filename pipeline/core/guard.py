@@ -57,3 +57,24 @@ def refuse_inside(output: Path, folders: Iterable[tuple[str, Path | str | None]]
     for what, folder in folders:
         if folder and Path(folder).is_dir() and is_within(Path(output), Path(folder)):
             raise PipelineError(f"{output}: is inside {what} {folder} (its files would be read as images there next time); {advice}")
+
+
+def refuse_replacing_inputs(folder: Path, inputs: Iterable[tuple[str, Path]], stage: str, advice: str) -> None:
+    """Raise if replacing ``folder`` as a whole (``core.outputs.atomic_folder``) would destroy an input or go through a link.
+
+    Never a path without a name (``.``, ``..``), never a symbolic link (or what it points at),
+    never a folder that is or holds one of ``inputs`` (``--overwrite`` or not).
+
+    Raises:
+        PipelineError: one line naming the folder and the input it holds.
+    """
+    folder = Path(folder)
+    inputs = list(inputs)
+    if folder.name in ("", ".", ".."):
+        raise PipelineError(f"{folder}: names no folder of its own; {advice}")
+    refuse_inputs_as_outputs([folder], inputs, advice)
+    if folder.is_symlink():
+        raise PipelineError(f"{folder}: is a symbolic link; {stage} replaces its folder, never a link (or what it points at): {advice}")
+    held = next(((what, p) for what, p in inputs if folder.exists() and is_within(Path(p), folder)), None)
+    if held:
+        raise PipelineError(f"{folder}: holds {held[0]} {held[1]}; replacing the folder would delete it: {advice}")

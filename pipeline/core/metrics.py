@@ -12,9 +12,12 @@ def scores(y_true, y_pred, class_names: Sequence[str]) -> dict:
     """Accuracy, its Wilson 95% interval and number of images, macro-F1, per-class precision/recall/F1/support and the confusion matrix (a list of lists).
 
     Every class of ``class_names`` is scored, also one absent from ``y_true`` (zero support).
+    Macro-F1 averages the classes present in ``y_true`` or ``y_pred`` (scikit-learn's rule): a
+    class with no test image and no prediction has no F1 to average (counting it as 0 made a
+    perfect model on 2 of 3 classes score 0.667); one predicted but absent counts, as 0.
     """
     import numpy as np
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     from pipeline.core.stats import wilson
 
@@ -25,7 +28,7 @@ def scores(y_true, y_pred, class_names: Sequence[str]) -> dict:
         "accuracy": correct / n,
         "accuracy_ci95": list(wilson(correct, n)),
         "n_scored": n,
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(np.mean(f[np.union1d(np.asarray(y_true, int), np.asarray(y_pred, int))])) if n else 0.0,
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(class_names)

@@ -114,7 +114,7 @@ def atomic_output(output: Path, suffix: str = "") -> Iterator[Path]:
 def atomic_folder(folder: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``folder``; when the block ends, it replaces ``folder`` as a whole.
 
-    The set of files a stage writes is published together: the previous folder is renamed
+    The set of files a stage writes (sub-folders too) is published together: the previous folder is renamed
     aside, the new one renamed into place, then the previous one removed. A failure inside the
     block (a full disk, an interrupt) removes the temporary folder and leaves the previous
     set whole.
@@ -131,13 +131,17 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        for top, _, files in os.walk(tmp):  # every file and folder on disk before the rename (a SavedModel has sub-folders)
+            for name in files:
+                with open(os.path.join(top, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+            fsync_dir(Path(top))
         if folder.exists() or folder.is_symlink():
             os.rename(folder, old)
         os.rename(tmp, folder)
         fsync_dir(folder.parent)
+        if old.is_symlink():
+            old.unlink()
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
 from pipeline.rows.pooling import read_groups
-from pipeline.core.guard import refuse_inputs_as_outputs
+from pipeline.core.guard import refuse_replacing_inputs
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
@@ -115,23 +115,12 @@ def _from_folder(config: EvaluateConfig, bundle: dict):
     return to_model[listing.labels[kept]], np.asarray(pred), np.asarray(score), [listing.paths[i] for i in kept], rejected
 
 
-def _macro_f1_present(metrics: dict, absent: list[str]) -> float:
-    """Macro-F1 over the classes that have images in the data (``metrics`` from ``core.metrics.scores``)."""
-    f1 = [c["f1"] for name, c in metrics["per_class"].items() if name not in absent]
-    return float(np.mean(f1)) if f1 else 0.0
-
-
 def _check_output(config: EvaluateConfig) -> Path:
     folder = config.folder
     inputs = [("the model bundle", Path(config.model)), ("the test data", Path(config.data))]
     if config.weights and Path(config.weights).exists():
         inputs.append(("the weights file", Path(config.weights)))
-    refuse_inputs_as_outputs([folder], inputs, "choose another -o folder")
-    if folder.is_symlink():
-        raise PipelineError(f"{folder}: is a symbolic link; evaluate replaces its folder, never a link (or what it points at): choose another -o folder")
-    held = next(((what, p) for what, p in inputs if folder.exists() and is_within(p, folder)), None)
-    if held:  # replacing the folder would delete the input, --overwrite or not
-        raise PipelineError(f"{folder}: holds {held[0]} {held[1]}; replacing the folder would delete it: choose another -o folder")
+    refuse_replacing_inputs(folder, inputs, "evaluate", "choose another -o folder")
     if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
         raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
     if (folder.exists() or folder.is_symlink()) and not config.overwrite and not (folder.is_dir() and (folder / MARKER).is_file()):
@@ -179,9 +168,10 @@ def run(config: EvaluateConfig) -> dict:
         plots.confusion_matrix(np.asarray(metrics["confusion"]), names, tmp / "confusion.png", title=f"{bundle.get('model')}: {accuracy_text(metrics)}")
     print(f"{header.strip()}; {len(wrong)} misclassified, {len(rejected)} unreadable -> {folder}/", file=sys.stderr)
     absent = [n for i, n in enumerate(names) if not np.any(y == i)]
-    if absent:  # scored as F1 0 (no image, so no recall), which lowers macro-F1: say so, and by how much
-        print(f"warning: {len(absent)} of the model's {len(names)} classes have no image in {data} ({', '.join(absent)}): each counts as F1 0 in macro-F1; "
-              f"over the {len(names) - len(absent)} classes present it is {_macro_f1_present(metrics, absent):.3f}", file=sys.stderr)
+    if absent:  # not scored: the accuracy and macro-F1 say nothing about them
+        counted = len(set(y.tolist()) | set(pred.tolist()))
+        print(f"warning: {len(absent)} of the model's {len(names)} classes have no image in {data} ({', '.join(absent)}): nothing here measures them; "
+              f"macro-F1 averages the {counted} classes with an image or a prediction", file=sys.stderr)
     warning = rough_warning(metrics["n_scored"])
     if warning:
         print(warning, file=sys.stderr)

@@ -16,7 +16,6 @@ both are refused with one line.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.classical.bundle import check_spec, load_bundle, resolve_bundle_weights
-from pipeline.core.guard import refuse_inputs_as_outputs
+from pipeline.core.guard import refuse_inputs_as_outputs, refuse_replacing_inputs
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import atomic_output, disk_error, fsync_dir, is_within, prepare_output_dir, write_json_atomic
+from pipeline.core.outputs import atomic_folder, atomic_output, prepare_output_dir, write_json_atomic
 from pipeline.nets.probe import probe_layers
 
 #: ``--format``: the Keras file (``model.keras``) or a TensorFlow SavedModel folder (``model.export``, for TF Serving / TFLite converters).
@@ -171,37 +170,9 @@ def _check_output(config: ExportConfig, model_path: Path, output: Path) -> None:
     if config.format == "keras" and output.is_dir():
         raise PipelineError(f"{output}: is a folder, not a .keras file; choose another -o")
     if config.format == "savedmodel" and output.exists():
-        held = next(((what, p) for what, p in inputs if is_within(p, output)), None)
-        if held:
-            raise PipelineError(f"{output}: holds {held[0]} {held[1]}; replacing the folder would delete it: choose another -o")
+        refuse_replacing_inputs(output, inputs, "export", "choose another -o")
         if not (output.is_dir() and (output / SAVED_MODEL_FILE).is_file()):
             raise PipelineError(f"{output}: exists and is not a SavedModel folder; export replaces only a SavedModel (even with --overwrite): choose another -o")
-
-
-def _publish_saved_model(network, output: Path) -> None:
-    """Write the SavedModel beside ``output``, then swap it in: a failure at any point leaves the previous one whole.
-
-    (``core.outputs.atomic_folder`` publishes flat folders only: it syncs each file of the
-    folder, and a SavedModel has sub-folders.)
-    """
-    import shutil
-
-    tmp, old = (output.with_name(f".{output.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        network.export(str(tmp), format="tf_saved_model", verbose=False)
-        if output.exists():
-            os.rename(output, old)
-        os.rename(tmp, output)
-        fsync_dir(output.parent)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not output.exists():
-            os.rename(old, output)
-        if isinstance(exc, OSError):
-            raise disk_error(output, exc) from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def run(config: ExportConfig) -> Path:
@@ -229,7 +200,8 @@ def run(config: ExportConfig) -> Path:
         with atomic_output(output, suffix=".keras") as tmp:
             network.save(tmp)
     else:
-        _publish_saved_model(network, output)
+        with atomic_folder(output) as tmp:  # written beside, then swapped in: a failure leaves the previous one whole
+            network.export(str(tmp), format="tf_saved_model", verbose=False)
     write_json_atomic(meta_path, metadata(bundle, config))
     print(f"exported {model_path} -> {output} ({config.format}; {metadata(bundle, config)['output']}; metadata in {meta_path.name})", file=sys.stderr)
     return output

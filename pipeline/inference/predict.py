@@ -9,7 +9,7 @@ replaces a file that is not an earlier predictions file without ``--overwrite``;
 checked, with the output folder, before any image is read. File names that are not valid
 UTF-8 are written as their original bytes (see ``predictions``). Predict writes one file, so
 it is replaced atomically; the bundle it reads belongs to train's output set, which it
-settles first (``core.outputsets.settle_for``): it never loads a model from a half-moved set.
+settles first (``load_bundle`` calls ``core.outputsets.settle_for``): it never loads a model from a half-moved set.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import prepare_output_dir
-from pipeline.core.outputsets import settle_for
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,6 @@ def label_images(config: PredictConfig) -> list[dict]:
     """
     config.validate()
     model_path = Path(config.model)
-    settle_for(model_path)  # a model set a killed train left half moved is finished before the bundle is trusted
     bundle = load_bundle(model_path)
     check_spec(model_path, bundle)
     if config.probabilities and bundle.get("score", "probability") != "probability":

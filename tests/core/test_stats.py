@@ -98,3 +98,15 @@ def test_judge_names_the_best_and_the_rows_tied_with_it():
     assert stats.summary("best", verdicts) == "best: best; tied: none"
     with pytest.raises(PipelineError, match=r"row 'short': predictions for 3 images but 20 test labels"):
         stats.judge(y, {"best": best, "short": best[:3]})
+
+
+def test_macro_f1_averages_the_classes_with_an_image_or_a_prediction():
+    """A class with no test image and no prediction has no F1: counting it as 0 made a perfect model on 2 of 3 classes score 0.667."""
+    from sklearn.metrics import f1_score
+
+    from pipeline.core.metrics import scores
+
+    perfect = scores([0, 0, 1, 1], [0, 0, 1, 1], ["a", "b", "c"])
+    assert perfect["macro_f1"] == 1.0 and perfect["per_class"]["c"]["support"] == 0 and len(perfect["confusion"]) == 3
+    wrong = scores([0, 0, 1, 1], [0, 2, 1, 1], ["a", "b", "c"])  # c predicted though absent: it counts, as F1 0
+    assert wrong["macro_f1"] == f1_score([0, 0, 1, 1], [0, 2, 1, 1], average="macro", zero_division=0) == (2 / 3 + 1 + 0) / 3
