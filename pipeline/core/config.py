@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import math
 import typing
 from dataclasses import dataclass, field
@@ -196,7 +197,52 @@ def validate(config):
         value = getattr(config, f.name)
         if rule is not None and value is not None:
             check(flag_of(f), value, rule, f.metadata.get("message"))
+    _check_batch_fits(config)
     return config
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give a new allocation (``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_batch_fits(config) -> None:
+    """Refuse an image side whose batch cannot fit in memory, before any network is built (it was a MemoryError traceback).
+
+    The figure is a floor of what any network needs: the batch of decoded images alone, as
+    float32 (``batch x side x side x 3 x 4`` bytes); activations come on top. So only settings
+    that cannot run are refused.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    batch = getattr(config, "batch_size", None) if "batch_size" in fields else None
+    batch = batch if isinstance(batch, int) and batch > 0 else 1
+    for name, f in fields.items():
+        side = getattr(config, name)
+        if not name.endswith("input_size") or not isinstance(side, int) or side <= 0:
+            continue
+        need, have = batch * side * side * 3 * 4, available_memory()
+        if have is not None and need > have:
+            with_batch = f" with --batch-size {batch}" if "batch_size" in fields else ""
+            raise PipelineError(f"{flag_of(f)} {side}{with_batch}: one batch of images alone needs {_bytes(need)} as float32, "
+                                f"more than the {_bytes(have)} of memory available; lower {flag_of(f)}" + (" or --batch-size" if with_batch else ""))  # fmt: skip
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "bytes" else f"{int(n)} bytes"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _hints(cls) -> dict:

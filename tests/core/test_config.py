@@ -104,3 +104,19 @@ def test_a_list_field_checks_each_item_with_its_rule():
     with pytest.raises(PipelineError, match=r"^--names abc: must be a list of names$"):
         validate(Lists(names="abc"))
     assert ListOf(float, what="numbers").parse("0.5, 2") == (0.5, 2.0) and ListOf.show(()) == "none"
+
+
+def test_an_image_side_whose_batch_cannot_fit_in_memory_is_refused_before_any_network(capsys):
+    """Second adversarial pass (#22): `extract --input-size 100000` was a numpy MemoryError traceback after the network was built."""
+    from pipeline.cli import main
+    from pipeline.core.config import available_memory
+
+    have = available_memory()
+    assert have is not None and have > 0
+    side = int((2 * have / (32 * 3 * 4)) ** 0.5) + 1  # a batch of 32 such images needs twice the memory there is
+    for argv in (["extract", "data", "-o", "x.h5", "--weights", "none"], ["scratch", "data", "-o", "out"], ["finetune", "data", "-o", "out", "--weights", "none"]):
+        assert main([*argv, "--input-size", str(side)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --input-size {side} with --batch-size 32: one batch of images alone needs ") and err.endswith("lower --input-size or --batch-size\n")
+    assert main(["extract", "data", "-o", "x.h5", "--weights", "none", "--input-size", str(side), "--batch-size", "1"]) == 2  # data missing: a later rule
+    assert "one batch" not in capsys.readouterr().err
