@@ -91,7 +91,8 @@ def test_kill_loop_at_random_moments_loses_and_duplicates_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sigint_leaves_a_resumable_run_and_says_so(tmp_path):
-    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=80, size=(10, 10))
+    # enough batches that a loaded machine cannot finish between two polls (it did with 80 per class)
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=400, size=(10, 10))
     out = tmp_path / "x.h5"
     proc = spawn(data, out)
     deadline = time.time() + 60
@@ -103,7 +104,7 @@ def test_sigint_leaves_a_resumable_run_and_says_so(tmp_path):
     assert "run the same command again to resume" in err
     assert parts(out) >= 2 and not out.exists()
     assert extract(data, out) == 0
-    assert len(contents(out)) == 160
+    assert len(contents(out)) == 800
 
 
 # --------------------------------------------------------------------------- hostile inputs
