@@ -250,6 +250,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def left_by_dead_processes(folder: Path, pattern: "re.Pattern[str]") -> list[Path]:
+    """Entries of ``folder`` whose name matches ``pattern`` (group 1: a pid) and whose process is gone (never this one's, never a live one's)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    matches = [(name, pattern.match(name)) for name in names]
+    return [Path(folder) / name for name, m in matches if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))]
+
+
 def remove_stale_temporaries(output: Path) -> list[Path]:
     """Remove the temporary files ``atomic_output`` left beside ``output`` (``.OUT.tmp-PID[suffix]``) when process PID is gone (a ``kill -9``).
 
@@ -259,20 +269,13 @@ def remove_stale_temporaries(output: Path) -> list[Path]:
     parent = output.parent if str(output.parent) else Path(".")
     pattern = re.compile(re.escape(f".{output.name}.tmp-") + r"(\d+)(\..*)?$")
     removed = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        m = pattern.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            path = parent / name
-            try:
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
-                    removed.append(path)
-            except OSError:
-                pass
+    for path in left_by_dead_processes(parent, pattern):
+        try:
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
     return removed
 
 

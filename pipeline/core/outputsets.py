@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.core.outputs import OutputLock, disk_error, fsync_dir
+from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes
 
 MANIFEST = "manifest.json"
 #: How long a reader waits for a writer that is moving a committed set into place.
@@ -159,27 +159,10 @@ def settle_for(path: Path) -> None:
 
 def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     """Remove the staging folders of set ``name`` (``.NAME.set-PID``) whose process is gone (a kill before the commit); what was removed."""
-    pattern = re.compile(re.escape(f".{name}.set-") + r"(\d+)$")
-    removed = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in entries:
-        m = pattern.match(entry)
-        if m and int(m.group(1)) != os.getpid() and not _process_exists(int(m.group(1))):
-            shutil.rmtree(Path(folder) / entry, ignore_errors=True)
-            removed.append(Path(folder) / entry)
+    removed = left_by_dead_processes(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"))
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
     return True
 
 
