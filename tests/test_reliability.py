@@ -91,13 +91,14 @@ def test_kill_loop_at_random_moments_loses_and_duplicates_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sigint_leaves_a_resumable_run_and_says_so(tmp_path):
-    # enough batches that a loaded machine cannot finish between two polls (it did with 80 per class)
+    # 800 one-image batches: a loaded machine cannot finish them between two polls (it did 40 batches of 4)
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=400, size=(10, 10))
     out = tmp_path / "x.h5"
-    proc = spawn(data, out)
+    proc = spawn(data, out, "--batch-size", "1")
     deadline = time.time() + 60
     while parts(out) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be interrupted: the test needs more batches"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

@@ -27,7 +27,7 @@ from pipeline.extract.workarea import WorkArea
 #: Photo-sized JPEGs: the size of a typical ImageNet/Pascal photo, at a common camera quality.
 PHOTO_SIZE = (500, 375)
 JPEG_QUALITY = 90
-#: Distinct JPEGs generated; the tree names each several times (hard links), to reach ``IMAGES``.
+#: Distinct JPEGs generated; the tree holds copies of each (files of their own: the listing keeps one path of a file reached twice), to reach ``IMAGES``.
 DISTINCT = 96
 IMAGES = 4096
 #: The GPU box the capacity is computed for.
@@ -54,7 +54,7 @@ def photo(rng: np.random.Generator, size=PHOTO_SIZE):
 
 
 def make_photos(root: Path, images: int = IMAGES, distinct: int = DISTINCT, seed: int = 0) -> Path:
-    """``root/<class>/<i>.jpg``: ``images`` names over ``distinct`` generated JPEGs (hard links), two classes."""
+    """``root/<class>/<i>.jpg``: ``images`` copies of ``distinct`` generated JPEGs (about 50 KB each), two classes."""
     rng = np.random.default_rng(seed)
     src = root.parent / (root.name + "-src")
     src.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def make_photos(root: Path, images: int = IMAGES, distinct: int = DISTINCT, seed
     for i in range(images):
         d = root / ("a" if i % 2 == 0 else "b")
         d.mkdir(parents=True, exist_ok=True)
-        os.link(files[i % distinct], d / f"{i:06d}.jpg")
+        shutil.copyfile(files[i % distinct], d / f"{i:06d}.jpg")  # not a hard link: one file under two names is listed once
     return root
 
 

@@ -114,7 +114,7 @@ def _labels_follow_folders(out) -> bool:
 
 
 def test_a_file_edited_by_another_tool_is_not_up_to_date(tmp_path, capsys):
-    """Issue #22: only the fingerprint was compared: rows dropped or labels flipped by another tool were "up to date"."""
+    """Issue #22: only the fingerprint was compared: rows dropped or labels flipped by another tool were "up to date" (flipped labels now break the contract: refused, --overwrite extracts again)."""
     import h5py
 
     from pipeline.featurefile.checks import verify
@@ -122,12 +122,13 @@ def test_a_file_edited_by_another_tool_is_not_up_to_date(tmp_path, capsys):
     data = make_tree(tmp_path / "data", per_class=5, size=(8, 8))
     out = tmp_path / "x.h5"
     assert _extract(data, out) == 0
-    with h5py.File(out, "r+") as db:  # labels flipped: still a sound file, but not what the folders say
+    with h5py.File(out, "r+") as db:  # labels flipped: not what the folders say (verify's label rule says so)
         db["labels"][0:2] = 1 - db["labels"][0:2]
-    assert verify(out) == [] and not _labels_follow_folders(out)
+    assert verify(out) == [f"{out}: 2 rows have a label that is not their class folder, e.g. row 0 (cat/000.png) has label 'dog' but lies in class folder 'cat'"]
     capsys.readouterr()
-    assert _extract(data, out) == 0
-    assert "2 processed this run" in capsys.readouterr().out
+    assert _extract(data, out) == 2  # a file that breaks the contract is never updated in place
+    assert "exists and it breaks the feature-file contract (" in capsys.readouterr().err
+    assert _extract(data, out, "--overwrite") == 0
     assert verify(out) == [] and _labels_follow_folders(out)
     with h5py.File(out, "r+") as db:  # a row dropped from every column, the counts made to agree: a sound file of 9 images
         for name in ("features", "labels", "paths", "file_sizes", "file_mtimes_ns", "file_inodes", "file_ctimes_ns"):
