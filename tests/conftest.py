@@ -92,3 +92,21 @@ def png_bytes(size=(8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def spell(path: Path, how: str, tmp_path: Path, *, of_folder: bool = False) -> Path:
+    """``path`` written another way: as given (``plain``), with a leading ``//``, through a symlinked folder, or through ``..``.
+
+    A folder (``of_folder``) is itself linked and climbed out of; a file is reached through its linked or climbed-out-of parent.
+    """
+    if how == "plain":
+        return path
+    if how == "double-slash":
+        return Path("//" + str(path).lstrip("/"))
+    folder = path if of_folder else path.parent
+    if how == "symlink":
+        link = tmp_path / "link"
+        link.symlink_to(folder, target_is_directory=True)
+        return link if of_folder else link / path.name
+    spelled = folder / ".." / folder.name
+    return spelled if of_folder else spelled / path.name

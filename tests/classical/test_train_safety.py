@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, spell
 from feature_data import FAST_GRID, make_features
 from pipeline.classical import train
 from pipeline.rows import pooling as features
@@ -25,19 +25,6 @@ from pipeline.featurefile.store import open_features
 def config(features: Path, out: Path, model: str = "lr", **kw) -> TrainConfig:
     kw = {**FAST_GRID[model], **kw}
     return TrainConfig(features=features, model=model, output=out, quiet=True, **kw)
-
-
-def spell(folder: Path, how: str, tmp_path: Path) -> Path:
-    """``folder`` written another way: as given, with a leading ``//``, through a symlinked folder, or through ``..``."""
-    if how == "plain":
-        return folder
-    if how == "double-slash":
-        return Path("//" + str(folder).lstrip("/"))
-    if how == "symlink":
-        link = tmp_path / "link"
-        link.symlink_to(folder, target_is_directory=True)
-        return link
-    return folder / ".." / folder.name
 
 
 # ---------------------------------------------------------------------------
@@ -60,9 +47,9 @@ def test_an_output_path_that_is_an_input_is_refused(role, name, message, how, tm
     victim = make_features(out / name, seed=3)
     before = victim.read_bytes()
     if role == "features":
-        cfg = config(victim, spell(out, how, tmp_path))
+        cfg = config(victim, spell(out, how, tmp_path, of_folder=True))
     else:
-        cfg = config(make_features(tmp_path / "train.h5"), spell(out, how, tmp_path), test=victim)
+        cfg = config(make_features(tmp_path / "train.h5"), spell(out, how, tmp_path, of_folder=True), test=victim)
     with pytest.raises(PipelineError, match=rf"{name}: {message} .*{name} \(the same file\); .*choose another -o folder") as exc:
         train.run(cfg)
     assert "\n" not in str(exc.value)

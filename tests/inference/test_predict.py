@@ -12,7 +12,7 @@ import joblib
 import numpy as np
 import pytest
 
-from conftest import make_tree, write_image
+from conftest import make_tree, spell, write_image
 from pipeline.classical import train
 from pipeline.inference import predict
 from pipeline.classical.bundle import load_bundle
@@ -155,19 +155,6 @@ def test_output_that_is_a_folder_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------
 # The output: never an input, never a foreign file without --overwrite, every name kept
-
-
-def spell(path: Path, how: str, tmp_path: Path) -> Path:
-    """``path`` written another way: as given, with a leading ``//``, through a symlinked folder, or through ``..``."""
-    if how == "plain":
-        return path
-    if how == "double-slash":
-        return Path("//" + str(path).lstrip("/"))
-    if how == "symlink":
-        link = tmp_path / "link"
-        link.symlink_to(path.parent, target_is_directory=True)
-        return link / path.name
-    return path.parent / ".." / path.parent.name / path.name
 
 
 @pytest.mark.parametrize("how", ["plain", "double-slash", "symlink", "dotdot"])
