@@ -198,7 +198,7 @@ def fit_matrix(
         Z = X
     result = search(family, Z, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet)
     stop_if_terminated()
-    clf = family.build(result.best_params, seed, 1)
+    clf = family.build({**result.best_params, **family.data_params(Z)}, seed, 1)
     with blas_limit(Z.size <= 4_000_000), quiet_convergence():
         clf.fit(Z, y)
     result.convergence_warnings += hit_max_iter(clf)

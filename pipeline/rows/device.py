@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from pipeline.rows.engine import Engine, Heads, Preconditioner, rates
+from pipeline.rows.engine import Engine, Heads, Preconditioner, rates, uncentred
 from pipeline.rows.pooling import pooled_dim
 from pipeline.core.errors import PipelineError
 
@@ -53,7 +53,7 @@ class TFEngine:
     """``engine.Engine``'s step in TensorFlow on ``device``: same heads, preconditioner, schedule and averaging."""
 
     def __init__(self, tf, device: str, d: int, k: int, heads: Heads, n_rows: np.ndarray, loss: str, pre: Preconditioner):
-        self.tf, self.device, self.k, self.heads, self.loss, self.pre = tf, device, k, heads, loss, pre
+        self.tf, self.device, self.k, self.heads, self.loss, self.pre, self.n_rows = tf, device, k, heads, loss, pre, np.asarray(n_rows)
         self.wire = np.float16 if device.startswith("/GPU") else np.float32
         lam, eta = rates(heads, n_rows, k, loss, pre.delta)
         hk = len(heads) * k
@@ -105,10 +105,17 @@ class TFEngine:
             wire = self.wire if np.abs(x).max(initial=0.0) < 6e4 else np.float32  # float16 holds up to 65504
             self._step(x.astype(wire), tf.constant(y, tf.int32), tf.constant(groups, tf.int64), tf.constant(scale, tf.float32), tf.constant(avg, tf.float32))
 
+    def averages(self) -> tuple[np.ndarray, np.ndarray]:
+        """As ``Engine.averages`` (copied to the host)."""
+        W, c = (self.Wa, self.ca) if self.averaged else (self.W, self.c)
+        return W.numpy(), c.numpy()
+
+    def set_averages(self, W: np.ndarray, c: np.ndarray) -> None:
+        """As ``Engine.set_averages``."""
+        self.Wa.assign(np.asarray(W, np.float32))
+        self.ca.assign(np.asarray(c, np.float32))
+        self.averaged = max(1, self.averaged)
+
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
         """As ``Engine.weights``."""
-        W, c = (self.Wa, self.ca) if self.averaged else (self.W, self.c)
-        W, c = W.numpy(), c.numpy()
-        c = c - self.pre.mu @ W
-        H = len(self.heads)
-        return W.T.reshape(H, self.k, -1).astype(np.float64), c.reshape(H, self.k).astype(np.float64)
+        return uncentred(*self.averages(), self.pre.mu, len(self.heads), self.k)

@@ -92,8 +92,12 @@ def residual(S: np.ndarray, y: np.ndarray, loss: str, heads: int) -> np.ndarray:
 
 
 def rates(heads: Heads, n_rows: np.ndarray, k: int, loss: str, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per weight column: the L2 penalty ``1 / (C n)`` (sklearn's ``C`` weighs the summed loss) and the first step size."""
-    lam = np.repeat(1.0 / (heads.C * np.maximum(n_rows, 1)), k).astype(np.float32)
+    """Per weight column: the L2 penalty ``1 / (C n)`` (sklearn's ``C`` weighs the summed loss) and the first step size.
+
+    Two classes under ``lr``: sklearn fits one binary logistic model ``w``; the softmax's pair
+    ``(-w/2, w/2)`` pays half its penalty, so the penalty doubles to solve the same problem.
+    """
+    lam = np.repeat((2.0 if loss == "lr" and k == 2 else 1.0) / (heads.C * np.maximum(n_rows, 1)), k).astype(np.float32)
     a, b = STEP[loss]
     return lam, (1.0 / (a * delta + b * lam)).astype(np.float32)
 
@@ -110,7 +114,7 @@ class Engine:
     """
 
     def __init__(self, d: int, k: int, heads: Heads, n_rows: np.ndarray, loss: str, pre: Preconditioner):
-        self.k, self.heads, self.loss, self.pre = k, heads, loss, pre
+        self.k, self.heads, self.loss, self.pre, self.n_rows = k, heads, loss, pre, np.asarray(n_rows)
         self.lam, self.eta = rates(heads, n_rows, k, loss, pre.delta)
         self.W = np.zeros((d, len(heads) * k), np.float32)
         self.c = np.zeros(len(heads) * k, np.float32)
@@ -146,12 +150,23 @@ class Engine:
             self.Wa += f * (self.W - self.Wa)
             self.ca += f * (self.c - self.ca)
 
+    def averages(self) -> tuple[np.ndarray, np.ndarray]:
+        """The averaged iterates on centred rows: ``W (d, heads*k)`` and ``c (heads*k,)``, float32 (what ``polish`` starts from)."""
+        return (self.Wa, self.ca) if self.averaged else (self.W, self.c)
+
+    def set_averages(self, W: np.ndarray, c: np.ndarray) -> None:
+        """Replace the averaged models (by ``polish``'s)."""
+        self.Wa, self.ca, self.averaged = np.asarray(W, np.float32), np.asarray(c, np.float32), max(1, self.averaged)
+
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
         """The averaged models on uncentred scaled rows: ``coef (heads, k, d)`` and ``intercept (heads, k)``, float64."""
-        W, c = (self.Wa, self.ca) if self.averaged else (self.W, self.c)
-        c = c - self.pre.mu @ W
-        H = len(self.heads)
-        return W.T.reshape(H, self.k, -1).astype(np.float64), c.reshape(H, self.k).astype(np.float64)
+        return uncentred(*self.averages(), self.pre.mu, len(self.heads), self.k)
+
+
+def uncentred(W: np.ndarray, c: np.ndarray, mu: np.ndarray, heads: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred stacked weights as models on uncentred rows: ``coef (heads, k, d)`` and ``intercept (heads, k)``, float64."""
+    c = c - mu @ W
+    return W.T.reshape(heads, k, -1).astype(np.float64), c.reshape(heads, k).astype(np.float64)
 
 
 def decisions(W: np.ndarray, c: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:

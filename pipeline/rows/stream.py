@@ -115,6 +115,17 @@ def train_engine(engine, batches, epochs: int, n: int, desc: str, quiet: bool) -
                 bar.update(len(y))
 
 
+def polish_stream(engine, passes, n: int, loss: str, quiet: bool) -> dict:
+    """``polish.polish`` of every head on whole passes of the rows, as many as ``polish.passes_for`` allows (none on large files)."""
+    from pipeline.rows.polish import passes_for, polish
+
+    budget = passes_for(n, len(engine.pre.mu))
+    if not budget:
+        return {"passes": 0, "converged": 0}
+    with progress_bar(budget, f"polish {loss}", quiet, unit="pass") as bar:
+        return polish(engine, passes, budget, bar)
+
+
 def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, Cs: list[float], *, loss: str, pool: str, scaling: str, scaler,
                   cv: int, seed: int, epochs: int, quiet: bool, budget_rows: int, backend: str) -> dict:  # fmt: skip
     """Out of core: the scaler pass (``standard``), a preconditioner sample, ``epochs`` passes training every head, the hold-out pass.
@@ -153,12 +164,11 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
             for _, x in reader.blocks(starts, keep):
                 scaler.partial_fit(x)
                 bar.update(len(x))
-    sample = []
-    for _, x in reader.blocks(rng.permutation(starts)[: -(-SAMPLE_ROWS // step)], keep):
-        sample.append(scale_batch(x, scaling, scaler))
-    pre = Preconditioner.from_sample(np.concatenate(sample)[:SAMPLE_ROWS])
+    sample = [(r, scale_batch(x, scaling, scaler)) for r, x in reader.blocks(rng.permutation(starts)[: -(-SAMPLE_ROWS // step)], keep)]
+    pre = Preconditioner.from_sample(np.concatenate([x for _, x in sample])[:SAMPLE_ROWS])
     reader.transform = lambda x: scale_batch(x, scaling, scaler)  # rows are scaled in the workers from here on
-    del sample
+    if sum(len(r) for r, _ in sample) < n:
+        sample = None  # a share of the rows: the polish streams them
     engine, device = make_engine(backend, ff.row_shape, pool, len(classes), heads, np.where(heads.held_out == 0, n - n_val, n), loss, pre)
     b = batch_rows(n, epochs, step, device, budget_rows)
     engine.plan(epochs * -(-n // b), -(-n // b) if epochs > 1 else 0)
@@ -168,6 +178,12 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
 
     t0 = time.perf_counter()
     train_engine(engine, batches, epochs, n, f"fit {loss} ({len(heads)} models)", quiet)
+    if sample is None:
+        polished = polish_stream(engine, lambda: _batches(reader.blocks(starts, keep), b, y_all, group), n, loss, quiet)
+    else:  # every row is in the preconditioner's sample already (at most SAMPLE_ROWS): the polish reads nothing
+        xs = _batch(sample, y_all, group)
+        polished = polish_stream(engine, lambda: [xs], n, loss, quiet)
+        del sample, xs
     coef, intercept = engine.weights()
     results = None
     if len(Cs) > 1:
@@ -186,7 +202,7 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     full = len(heads) - len(Cs) + best
     space = {"kind": "engine-stream", "dims": int(coef.shape[2]), "epochs": epochs, "batch_rows": b, "models": len(heads), "device": device,
              "reader": "direct-chunks" if reader.direct else "h5py", "workers": reader.workers, "rank": int(pre.V.shape[1]),
-             "holdout_rows": n_val, "train_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+             "holdout_rows": n_val, "polish_passes": polished["passes"], "train_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     return {"coef": coef[full], "intercept": intercept[full], "C": Cs[best], "n": n, "classes": classes, "results": results, "space": space}
 
 
