@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from pipeline.rows.engine import Engine, Heads, Preconditioner, rates, uncentred
+from pipeline.rows.engine import Engine, Heads, Preconditioner, intercept_penalty, rates, uncentred
 from pipeline.rows.pooling import pooled_dim
 from pipeline.core.errors import PipelineError
 
@@ -60,6 +60,7 @@ class TFEngine:
         with tf.device(device):
             const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
             self.lam, self.eta, self.mu, self.V, self.shrink = const(lam), const(eta), const(pre.mu), const(pre.V), const(pre.shrink[:, None])
+            self.lam_b = const(intercept_penalty(lam, loss, pre))
             self.held = tf.constant(heads.held_out)
             self.W, self.c = tf.Variable(tf.zeros((d, hk))), tf.Variable(tf.zeros(hk))
             self.Wa, self.ca = tf.Variable(tf.zeros((d, hk))), tf.Variable(tf.zeros(hk))
@@ -74,7 +75,8 @@ class TFEngine:
         x = tf.cast(x, tf.float32)
         m = tf.cast(groups[:, None] != self.held[None, :], tf.float32)
         counts = tf.reduce_sum(m, 0)
-        S = tf.reshape(tf.matmul(x, self.W) + (self.c - tf.linalg.matvec(self.W, self.mu, transpose_a=True)), (-1, H, k))
+        b = self.c - tf.linalg.matvec(self.W, self.mu, transpose_a=True)
+        S = tf.reshape(tf.matmul(x, self.W) + b, (-1, H, k))
         onehot = tf.one_hot(y, k)[:, None, :]
         if self.loss == "lr":
             R = tf.nn.softmax(S, axis=2) - onehot
@@ -82,7 +84,7 @@ class TFEngine:
             Y = 2.0 * onehot - 1.0
             R = -2.0 * Y * tf.nn.relu(1.0 - Y * S)
         R = tf.reshape(R * (m / tf.maximum(counts, 1.0))[:, :, None], (-1, H * k))
-        r_sum = tf.reduce_sum(R, 0)
+        r_sum = tf.reduce_sum(R, 0) + self.lam_b * b  # as Engine.step: the svm intercept's penalty
         G = tf.matmul(x, R, transpose_a=True) - self.mu[:, None] * r_sum[None, :] + self.lam * self.W  # centred rows, as Engine.step
         if self.V.shape[1]:
             G -= tf.matmul(self.V, self.shrink * tf.matmul(self.V, G, transpose_a=True))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.signals import stop_if_terminated
-from pipeline.rows.engine import rates, residual
+from pipeline.rows.engine import intercept_penalty, rates, residual
 
 #: Values (rows x features) the polish may read in all: 60,000 VGG16 rows of 7x7x512, about
 #: 12 s of reading on 2 cores. ``passes_for`` caps the passes at ``MAX_PASSES`` and skips the
@@ -42,7 +42,7 @@ def passes_for(n: int, d: int, values: int = POLISH_VALUES) -> int:
 
 
 class Objective:
-    """Each head's objective on centred rows, the engine's: mean loss over the rows it learns from, plus ``lam/2 |W|^2``, and its gradient.
+    """Each head's objective on centred rows, the engine's: mean loss over the rows it learns from, plus ``lam/2 |W|^2`` (and the svm intercept's penalty), and its gradient.
 
     Args:
         engine: an ``Engine`` or ``TFEngine`` (its heads, classes, loss, preconditioner and rows per head).
@@ -51,6 +51,7 @@ class Objective:
     def __init__(self, engine):
         self.heads, self.k, self.loss, self.mu = engine.heads, engine.k, engine.loss, engine.pre.mu
         self.lam, self.eta = rates(engine.heads, engine.n_rows, engine.k, engine.loss, engine.pre.delta)
+        self.lam_b = intercept_penalty(self.lam, engine.loss, engine.pre)
         self.inv_rows = (1.0 / np.maximum(np.asarray(engine.n_rows, np.float64), 1.0)).astype(np.float32)
 
     def __call__(self, W: np.ndarray, c: np.ndarray, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,9 +67,10 @@ class Objective:
             R = residual(S, y, self.loss, H) * np.repeat(m, k, axis=1)
             G += x.T @ R
             gc += R.sum(0)
+        gc += self.lam_b * shift
         G -= np.outer(self.mu, gc)
         G += self.lam * W
-        f += 0.5 * (np.einsum("ij,ij->j", W, W, dtype=np.float64) * self.lam).reshape(H, k).sum(1)
+        f += 0.5 * (np.einsum("ij,ij->j", W, W, dtype=np.float64) * self.lam + self.lam_b * shift.astype(np.float64) ** 2).reshape(H, k).sum(1)
         return f, G, gc
 
     def losses(self, S: np.ndarray, y: np.ndarray) -> np.ndarray:
