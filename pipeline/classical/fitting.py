@@ -223,38 +223,48 @@ def _engine_result(fit: dict, kind: str) -> SearchResult:
     return SearchResult({"C": fit["C"]}, best["mean"], best["std"], fit["results"], kind)
 
 
-def fit_in_memory(
-    ff: FeatureFile,
-    train_rows: np.ndarray,
-    extra_groups: list[np.ndarray],
-    labels: np.ndarray,
-    grid: dict,
-    *,
-    model: str,
-    pool: str,
-    scaling: str,
-    cv: int,
-    seed: int,
-    n_jobs: int,
-    quiet: bool,
-    memory_budget_mb: float,
-    epochs: int = 5,
-) -> tuple[Fitted, list[np.ndarray]]:
-    """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``.
+@dataclass(frozen=True)
+class FitSettings:
+    """The keywords both fits of a feature file take (``fit_in_memory``, ``fit_out_of_core``), as in the train stage's config.
+
+    Attributes:
+        model, pool, scaling, cv, seed, quiet: the family, pooling, scaling, folds (in memory;
+            out of core ``1/cv`` of the chunks are held out), seed and silence.
+        memory_budget_mb: as ``fit_matrix``'s (in memory) or the bound on a batch (out of core).
+        epochs: the engine's passes.
+        n_jobs: parallel fits of the in-memory search (out of core: unused).
+        backend: the engine's device (``device.BACKENDS``; out of core).
+    """
+
+    model: str
+    pool: str
+    scaling: str
+    cv: int
+    seed: int
+    quiet: bool
+    memory_budget_mb: float
+    epochs: int = 5
+    n_jobs: int = 2
+    backend: str = "auto"
+
+
+def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np.ndarray], labels: np.ndarray, grid: dict, **settings) -> tuple[Fitted, list[np.ndarray]]:
+    """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``; ``settings``: ``FitSettings``'s fields.
 
     Returns:
         ``(fitted, extras)``: the Fitted model and the pooled rows of each extra group.
     """
-    family = MODELS[model]
-    d = pooled_dim(ff.row_shape, pool)
-    scaler = make_scaler("standard", d) if family.linear and scaling == "standard" else None
+    o = FitSettings(**settings)
+    family = MODELS[o.model]
+    d = pooled_dim(ff.row_shape, o.pool)
+    scaler = make_scaler("standard", d) if family.linear and o.scaling == "standard" else None
     t0 = time.perf_counter()
-    X, *extras = read_groups(ff, [train_rows, *extra_groups], pool, scaler, quiet)
+    X, *extras = read_groups(ff, [train_rows, *extra_groups], o.pool, scaler, o.quiet)
     read_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     estimator, result, space = fit_matrix(
-        X, labels[train_rows], model=model, grid=grid, scaling=scaling, cv=cv, seed=seed, n_jobs=n_jobs,
-        quiet=quiet, scaler=scaler, memory_budget_mb=memory_budget_mb, epochs=epochs,
+        X, labels[train_rows], model=o.model, grid=grid, scaling=o.scaling, cv=o.cv, seed=o.seed, n_jobs=o.n_jobs,
+        quiet=o.quiet, scaler=scaler, memory_budget_mb=o.memory_budget_mb, epochs=o.epochs,
     )  # fmt: skip
     return Fitted(estimator, result, "in-memory", space, time.perf_counter() - t0, read_seconds), extras
 
@@ -263,34 +273,20 @@ def fit_in_memory(
 # Out of core
 
 
-def fit_out_of_core(
-    ff: FeatureFile,
-    train_rows: np.ndarray,
-    labels: np.ndarray,
-    grid: dict,
-    *,
-    model: str,
-    pool: str,
-    scaling: str,
-    cv: int,
-    seed: int,
-    epochs: int,
-    quiet: bool,
-    memory_budget_mb: float,
-    backend: str = "auto",
-) -> Fitted:
-    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, hold-out choice (``stream.search_stream``).
+def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, grid: dict, **settings) -> Fitted:
+    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, hold-out choice (``stream.search_stream``); ``settings``: ``FitSettings``'s fields.
 
     Raises:
         PipelineError: several C values but too few training rows to hold out a validation share.
     """
-    d = pooled_dim(ff.row_shape, pool)
-    budget_rows = int(memory_budget_mb * (1 << 20) / 4 // (4 * d))
-    scaler = make_scaler(scaling, d)
+    o = FitSettings(**settings)
+    d = pooled_dim(ff.row_shape, o.pool)
+    budget_rows = int(o.memory_budget_mb * (1 << 20) / 4 // (4 * d))
+    scaler = make_scaler(o.scaling, d)
     t0 = time.perf_counter()
-    fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=model, pool=pool, scaling=scaling, scaler=scaler, cv=cv, seed=seed,
-                        epochs=epochs, quiet=quiet, budget_rows=budget_rows, backend=backend)  # fmt: skip
-    estimator = _pipeline(scaler, _engine_model(fit, model, scaling, d))
+    fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=o.model, pool=o.pool, scaling=o.scaling, scaler=scaler, cv=o.cv, seed=o.seed,
+                        epochs=o.epochs, quiet=o.quiet, budget_rows=budget_rows, backend=o.backend)  # fmt: skip
+    estimator = _pipeline(scaler, _engine_model(fit, o.model, o.scaling, d))
     return Fitted(estimator, _engine_result(fit, "holdout"), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
 
 

@@ -1,4 +1,4 @@
-"""The engine's full-batch polish: L-BFGS from the averaged SGD weights to the exact optimum of every stacked head, one pass over the rows per iteration.
+"""The engine's full-batch polish: L-BFGS from the averaged SGD weights to the exact optimum of stacked heads, one pass over the rows per iteration.
 
 Why (measured, issue 24): on small files the engine takes few steps (about 100 in all, 25 at
 600 rows), and averaged SGD stops short of the optimum: the streamed model agreed with the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.signals import stop_if_terminated
-from pipeline.rows.engine import intercept_penalty, rates, residual
+from pipeline.rows.engine import Heads, intercept_penalty, rates, residual, uncentred
 
 #: Values (rows x features) the polish may read in all: 60,000 VGG16 rows of 7x7x512, about
 #: 12 s of reading on 2 cores. ``passes_for`` caps the passes at ``MAX_PASSES`` and skips the
@@ -35,9 +35,9 @@ RTOL = 1e-5
 ARMIJO = 1e-4
 
 
-def passes_for(n: int, d: int, values: int = POLISH_VALUES) -> int:
-    """Polish passes for ``n`` training rows of ``d`` features: ``values // (n d)`` capped at ``MAX_PASSES``, 0 below ``MIN_PASSES``."""
-    p = min(MAX_PASSES, values // max(n * d, 1))
+def passes_for(n: int, d: int, values: int | None = None) -> int:
+    """Polish passes for ``n`` training rows of ``d`` features: ``values // (n d)`` (default ``POLISH_VALUES``) capped at ``MAX_PASSES``, 0 below ``MIN_PASSES``."""
+    p = min(MAX_PASSES, (POLISH_VALUES if values is None else values) // max(n * d, 1))
     return p if p >= MIN_PASSES else 0
 
 
@@ -83,6 +83,28 @@ class Objective:
         Y = np.full_like(S, -1.0)
         Y[np.arange(b), :, y] = 1.0
         return (np.maximum(0.0, 1.0 - Y * S) ** 2).sum(2)
+
+
+class Subset:
+    """Some heads of a trained engine, as ``polish`` takes an engine: their averaged weights copied out and polished apart (e.g. the one model kept)."""
+
+    def __init__(self, engine, heads):
+        idx = np.asarray(heads, np.int64)
+        self.heads = Heads(engine.heads.C[idx], engine.heads.held_out[idx])
+        self.n_rows, self.k, self.loss, self.pre = np.asarray(engine.n_rows)[idx], engine.k, engine.loss, engine.pre
+        cols = (idx[:, None] * self.k + np.arange(self.k)).ravel()
+        W, c = engine.averages()
+        self.W, self.c = np.ascontiguousarray(W[:, cols]), c[cols].copy()
+
+    def averages(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.W, self.c
+
+    def set_averages(self, W: np.ndarray, c: np.ndarray) -> None:
+        self.W, self.c = W, c
+
+    def weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """As ``Engine.weights``, for these heads."""
+        return uncentred(self.W, self.c, self.pre.mu, len(self.heads), self.k)
 
 
 class _Pairs:
@@ -132,7 +154,7 @@ def polish(engine, passes, max_passes: int, bar=None) -> dict:
     """Run L-BFGS on every head of ``engine`` from its averaged weights, then store the result back (``engine.set_averages``).
 
     Args:
-        engine: a trained ``Engine`` or ``TFEngine``.
+        engine: a trained ``Engine``, ``TFEngine`` or ``Subset``.
         passes: ``passes()`` yields one whole pass of ``(x, y, groups)`` scaled batches.
         max_passes: passes at most (the first evaluates the starting point).
         bar: a progress bar, advanced by one per pass.

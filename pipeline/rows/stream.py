@@ -115,15 +115,22 @@ def train_engine(engine, batches, epochs: int, n: int, desc: str, quiet: bool) -
                 bar.update(len(y))
 
 
-def polish_stream(engine, passes, n: int, loss: str, quiet: bool) -> dict:
-    """``polish.polish`` of every head on whole passes of the rows, as many as ``polish.passes_for`` allows (none on large files)."""
-    from pipeline.rows.polish import passes_for, polish
+def polish_stream(engine, head: int, passes, n: int, quiet: bool) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """``polish.polish`` of ``engine``'s head ``head`` on whole passes of the rows, as many as ``polish.passes_for`` allows (none on large files).
 
+    Returns:
+        ``((coef (k, d), intercept (k,)), stats)``: the head's model on uncentred scaled rows, and the polish's passes.
+    """
+    from pipeline.rows.polish import Subset, passes_for, polish
+
+    sub = Subset(engine, [head])
     budget = passes_for(n, len(engine.pre.mu))
-    if not budget:
-        return {"passes": 0, "converged": 0}
-    with progress_bar(budget, f"polish {loss}", quiet, unit="pass") as bar:
-        return polish(engine, passes, budget, bar)
+    stats = {"passes": 0, "converged": 0}
+    if budget:
+        with progress_bar(budget, f"polish {engine.loss} (C={engine.heads.C[head]:g})", quiet, unit="pass") as bar:
+            stats = polish(sub, passes, budget, bar)
+    coef, intercept = sub.weights()
+    return (coef[0], intercept[0]), stats
 
 
 def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, Cs: list[float], *, loss: str, pool: str, scaling: str, scaler,
@@ -178,12 +185,6 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
 
     t0 = time.perf_counter()
     train_engine(engine, batches, epochs, n, f"fit {loss} ({len(heads)} models)", quiet)
-    if sample is None:
-        polished = polish_stream(engine, lambda: _batches(reader.blocks(starts, keep), b, y_all, group), n, loss, quiet)
-    else:  # every row is in the preconditioner's sample already (at most SAMPLE_ROWS): the polish reads nothing
-        xs = _batch(sample, y_all, group)
-        polished = polish_stream(engine, lambda: [xs], n, loss, quiet)
-        del sample, xs
     coef, intercept = engine.weights()
     results = None
     if len(Cs) > 1:
@@ -200,6 +201,14 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     else:
         best = 0
     full = len(heads) - len(Cs) + best
+    # The choice is made on the SGD heads (measured: as in-memory CV's within 0.5 point); the model kept is polished to its optimum.
+    if sample is None:
+        kept, polished = polish_stream(engine, full, lambda: _batches(reader.blocks(starts, keep), b, y_all, group), n, quiet)
+    else:  # every row is in the preconditioner's sample already (at most SAMPLE_ROWS): the polish reads nothing
+        xs = _batch(sample, y_all, group)
+        kept, polished = polish_stream(engine, full, lambda: [xs], n, quiet)
+        del sample, xs
+    coef[full], intercept[full] = kept
     space = {"kind": "engine-stream", "dims": int(coef.shape[2]), "epochs": epochs, "batch_rows": b, "models": len(heads), "device": device,
              "reader": "direct-chunks" if reader.direct else "h5py", "workers": reader.workers, "rank": int(pre.V.shape[1]),
              "holdout_rows": n_val, "polish_passes": polished["passes"], "train_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
