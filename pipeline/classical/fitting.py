@@ -25,8 +25,10 @@ How the linear models (``lr``, ``svm``) are fitted, and why:
   no float64 copy of the matrix is made.
 * Out of core. When the float32 training matrix exceeds ``--memory-budget``, ``lr``/``svm``
   are fitted by the engine on batches of random chunks, read and decompressed on a
-  thread pool ahead of the math (``stream``): every C on the rows outside ``1/cv`` of the
-  chunks, scored on those, and on every row; the latter is the model kept. Batches take at
+  thread pool ahead of the math (``stream``): every C on the rows outside each group held
+  out, scored on those, and on every row; the latter is the model kept. Small files (where
+  ``polish`` runs) hold out the in-memory search's ``cv`` folds and score polished models,
+  as in memory; large ones hold out ``1/cv`` of the chunks once. Batches take at
   most a quarter of the budget; the models, the preconditioner and a sample of
   ``engine.SAMPLE_ROWS`` rows do not grow with the rows. ``rf`` cannot be streamed: the
   train stage refuses it with a message asking for ``--pool avg``/``max`` or a larger
@@ -228,8 +230,8 @@ class FitSettings:
     """The keywords both fits of a feature file take (``fit_in_memory``, ``fit_out_of_core``), as in the train stage's config.
 
     Attributes:
-        model, pool, scaling, cv, seed, quiet: the family, pooling, scaling, folds (in memory;
-            out of core ``1/cv`` of the chunks are held out), seed and silence.
+        model, pool, scaling, cv, seed, quiet: the family, pooling, scaling, folds (out of core on
+            large files, ``1/cv`` of the chunks held out once), seed and silence.
         memory_budget_mb: as ``fit_matrix``'s (in memory) or the bound on a batch (out of core).
         epochs: the engine's passes.
         n_jobs: parallel fits of the in-memory search (out of core: unused).
@@ -274,10 +276,10 @@ def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np
 
 
 def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, grid: dict, **settings) -> Fitted:
-    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, hold-out choice (``stream.search_stream``); ``settings``: ``FitSettings``'s fields.
+    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, a cv or hold-out choice (``stream.search_stream``); ``settings``: ``FitSettings``'s fields.
 
     Raises:
-        PipelineError: several C values but too few training rows to hold out a validation share.
+        PipelineError: several C values but too few training rows to hold out a validation share or to fill the folds.
     """
     o = FitSettings(**settings)
     d = pooled_dim(ff.row_shape, o.pool)
@@ -287,7 +289,7 @@ def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray,
     fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=o.model, pool=o.pool, scaling=o.scaling, scaler=scaler, cv=o.cv, seed=o.seed,
                         epochs=o.epochs, quiet=o.quiet, budget_rows=budget_rows, backend=o.backend)  # fmt: skip
     estimator = _pipeline(scaler, _engine_model(fit, o.model, o.scaling, d))
-    return Fitted(estimator, _engine_result(fit, "holdout"), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
+    return Fitted(estimator, _engine_result(fit, fit["kind"]), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
 
 
 # ---------------------------------------------------------------------------
