@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.rows.engine import classifier
+from pipeline.rows.span import lift_coef, row_space
 from pipeline.rows.pooling import make_scaler, pooled_dim, read_groups, scale_rows_, stream_rows
 from pipeline.core.signals import stop_if_terminated
 from pipeline.classical.models import MODELS
@@ -55,36 +56,6 @@ ROW_SPACE_MAX_ROWS = 2048
 
 # ---------------------------------------------------------------------------
 # Linear-model helpers: row space and scale folding
-
-
-def row_space(X: np.ndarray, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coordinates of the rows of ``X`` (n x d, n < d) in an orthonormal basis of their span.
-
-    Returns ``(Z, U, s)`` with ``Z = U * s`` (n x r): ``Z @ Z.T == X @ X.T``, so any
-    L2-penalised linear model fits the same on ``Z`` as on ``X``. The Gram matrix is
-    accumulated in float64 over column blocks (no float64 copy of ``X``); directions
-    with eigenvalue below ``rtol`` times the largest are dropped (numerically empty).
-    """
-    n, d = X.shape
-    gram = np.zeros((n, n))
-    step = max(16, (64 << 20) // (8 * max(n, 1)))
-    for s in range(0, d, step):
-        b = X[:, s : s + step].astype(np.float64)
-        gram += b @ b.T
-    lam, u = np.linalg.eigh(gram)
-    keep = lam > max(lam[-1], 0.0) * rtol
-    u, s = u[:, keep], np.sqrt(lam[keep])
-    return u * s, u, s
-
-
-def lift_coef(coef_z: np.ndarray, U: np.ndarray, s: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Map row-space weights back to the features: ``w = X.T @ U @ diag(1/s) @ a`` (k x d, float64)."""
-    a = (coef_z / s) @ U.T  # (k, n)
-    out = np.empty((len(coef_z), X.shape[1]))
-    step = max(16, (64 << 20) // (8 * max(len(X), 1)))
-    for c in range(0, X.shape[1], step):
-        out[:, c : c + step] = a @ X[:, c : c + step].astype(np.float64)
-    return out
 
 
 def _set_input_dim(clf, coef: np.ndarray) -> None:

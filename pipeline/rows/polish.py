@@ -27,6 +27,12 @@ from pipeline.rows.engine import Heads, intercept_penalty, rates, residual, unce
 #: reads; large files get enough SGD steps). Measured: see the report of issue 24.
 POLISH_VALUES = 60_000 * 25_088
 MAX_PASSES = 100
+#: The cap when the rows are in memory and the polish runs on their row-space coordinates
+#: (``span.RowSpaceHeads``, ``r <= n`` values a row): passes cost ``r/d`` of the features', and
+#: weakly penalised heads (large C) need hundreds to reach the exact fit (measured, issue 24).
+ROW_SPACE_PASSES = 1000
+#: The stop there, tighter (passes are cheap; measured: at ``RTOL`` the fold models of C=10 stopped short of the exact fits' scores).
+ROW_SPACE_RTOL = 1e-8
 MIN_PASSES = 8
 #: Curvature pairs kept per head (each is two ``d x heads*k`` float32 arrays).
 MEMORY = 5
@@ -35,9 +41,9 @@ RTOL = 1e-5
 ARMIJO = 1e-4
 
 
-def passes_for(n: int, d: int, values: int | None = None) -> int:
-    """Polish passes for ``n`` training rows of ``d`` features: ``values // (n d)`` (default ``POLISH_VALUES``) capped at ``MAX_PASSES``, 0 below ``MIN_PASSES``."""
-    p = min(MAX_PASSES, (POLISH_VALUES if values is None else values) // max(n * d, 1))
+def passes_for(n: int, d: int, values: int | None = None, cap: int | None = None) -> int:
+    """Polish passes for ``n`` training rows of ``d`` features: ``values // (n d)`` (default ``POLISH_VALUES``) capped at ``cap`` (default ``MAX_PASSES``), 0 below ``MIN_PASSES``."""
+    p = min(MAX_PASSES if cap is None else cap, (POLISH_VALUES if values is None else values) // max(n * d, 1))
     return p if p >= MIN_PASSES else 0
 
 
@@ -150,7 +156,7 @@ class _Pairs:
         return -zW, -zc
 
 
-def polish(engine, passes, max_passes: int, bar=None) -> dict:
+def polish(engine, passes, max_passes: int, bar=None, rtol: float = RTOL) -> dict:
     """Run L-BFGS on every head of ``engine`` from its averaged weights, then store the result back (``engine.set_averages``).
 
     Args:
@@ -158,6 +164,7 @@ def polish(engine, passes, max_passes: int, bar=None) -> dict:
         passes: ``passes()`` yields one whole pass of ``(x, y, groups)`` scaled batches.
         max_passes: passes at most (the first evaluates the starting point).
         bar: a progress bar, advanced by one per pass.
+        rtol: a head stops when a pass lowers its objective by less than this share of it.
 
     Returns:
         ``{"passes": passes read, "converged": heads that stopped on ``RTOL``}``.
@@ -202,7 +209,7 @@ def polish(engine, passes, max_passes: int, bar=None) -> dict:
             sy = pairs.add(s, y)
             yy = pairs.dot(y, y)
             gamma = np.where(pairs.cols(ok & (sy > 0) & (yy > 0)) > 0, pairs.cols(sy / np.where(yy > 0, yy, 1.0)), gamma).astype(np.float32)
-            done |= ok & (f - ft <= RTOL * np.maximum(np.abs(f), 1e-12))
+            done |= ok & (f - ft <= rtol * np.maximum(np.abs(f), 1e-12))
             x = (np.where(sel > 0, trial[0], x[0]), np.where(sel > 0, trial[1], x[1]))
             g = [np.where(sel > 0, gt[0], g[0]), np.where(sel > 0, gt[1], g[1])]
             f = np.where(ok, ft, f)

@@ -118,18 +118,30 @@ def train_engine(engine, batches, epochs: int, n: int, desc: str, quiet: bool) -
                 bar.update(len(y))
 
 
-def polish_stream(engine, heads, passes, n: int, quiet: bool, desc: str) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+def polish_stream(engine, heads, passes, n: int, quiet: bool, desc: str, rows=None) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """``polish.polish`` of ``engine``'s ``heads`` (a list) on whole passes of the rows, as many as ``polish.passes_for`` allows (none on large files).
+
+    ``rows``: ``(x, y, groups)``, every training row when they are in memory already; with fewer rows
+    than features the polish then runs on their row-space coordinates (``span.RowSpaceHeads``).
 
     Returns:
         ``((coef (h, k, d), intercept (h, k)), stats)``: the heads' models on uncentred scaled rows, and the polish's passes.
     """
-    from pipeline.rows.polish import Subset, passes_for, polish
+    from pipeline.rows.polish import ROW_SPACE_PASSES, ROW_SPACE_RTOL, Subset, passes_for, polish
+    from pipeline.rows.span import RowSpaceHeads
 
     sub = Subset(engine, heads)
-    budget = passes_for(n, len(engine.pre.mu))
+    d = len(engine.pre.mu)
     stats = {"passes": 0, "converged": 0}
-    if budget:
+    if rows is not None and 2 * n <= d and passes_for(n, d):
+        span = RowSpaceHeads(sub, rows[0])
+        budget = passes_for(n, span.Z.shape[1], cap=ROW_SPACE_PASSES)
+        with progress_bar(budget, desc + " in row space", quiet, unit="pass") as bar:
+            stats = polish(span, lambda: [(span.Z, rows[1], rows[2])], budget, bar, ROW_SPACE_RTOL)
+        sub.set_averages(*span.lift())
+        stats["row_space"] = int(span.Z.shape[1])
+    elif passes_for(n, d):
+        budget = passes_for(n, d)
         with progress_bar(budget, desc, quiet, unit="pass") as bar:
             stats = polish(sub, passes, budget, bar)
     return sub.weights(), stats
@@ -218,7 +230,8 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     engine, device = make_engine(backend, ff.row_shape, pool, len(classes), heads, n_rows, loss, pre)
     b = batch_rows(n, epochs, step, device, budget_rows)
     engine.plan(epochs * -(-n // b), -(-n // b) if epochs > 1 else 0)
-    if sum(len(r) for r, _ in sample) < n:
+    sample_streamed = sum(len(r) for r, _ in sample) < n
+    if sample_streamed:
         del sample  # a share of the rows: the polish streams them
 
         def passes():
@@ -230,16 +243,19 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
         def passes():
             return [xs]
 
+    rows = None if sample_streamed else xs
+
     def batches(epoch):
         return _batches(reader.blocks(rng.permutation(starts), keep), b, y_all, group)
 
     t0 = time.perf_counter()
     train_engine(engine, batches, epochs, n, f"fit {loss} ({len(heads)} models)", quiet)
+    t_sgd = time.perf_counter() - t0
     nC, folds_polished, results = len(Cs), 0, None
     if kind == "cv":
         # The in-memory search's choice: each (C, fold) head polished to its optimum, scored on its fold (measured, issue 24: SGD heads
         # on one hold-out share favoured the smallest C, 1.4 points below the in-memory fit on the default data).
-        (coef, intercept), stats = polish_stream(engine, list(range(cv * nC)), passes, n, quiet, f"polish {loss} ({cv * nC} fold models)")
+        (coef, intercept), stats = polish_stream(engine, list(range(cv * nC)), passes, n, quiet, f"polish {loss} ({cv * nC} fold models)", rows)
         folds_polished = stats["passes"]
         scores = fold_scores(coef, intercept, heads.held_out[: cv * nC], passes(), len(classes)).reshape(cv, nC)
         mean = scores.mean(0)
@@ -254,11 +270,11 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     else:
         best = 0
     full = len(heads) - nC + best
-    (coef, intercept), polished = polish_stream(engine, [full], passes, n, quiet, f"polish {loss} (C={Cs[best]:g})")
+    (coef, intercept), polished = polish_stream(engine, [full], passes, n, quiet, f"polish {loss} (C={Cs[best]:g})", rows)
     space = {"kind": "engine-stream", "dims": int(coef.shape[2]), "epochs": epochs, "batch_rows": b, "models": len(heads), "device": device,
              "reader": "direct-chunks" if reader.direct else "h5py", "workers": reader.workers, "rank": int(pre.V.shape[1]),
-             "holdout_rows": n_val, "folds": cv if kind == "cv" else 0, "fold_polish_passes": folds_polished, "polish_passes": polished["passes"],
-             "train_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+             "holdout_rows": n_val, "folds": cv if kind == "cv" else 0, "fold_polish_passes": folds_polished, "polish_passes": polished["passes"], "polish_row_space": polished.get("row_space", 0),
+             "sgd_seconds": round(t_sgd, 3), "train_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     return {"coef": coef[0], "intercept": intercept[0], "C": Cs[best], "n": n, "classes": classes, "results": results, "kind": kind, "space": space}
 
 

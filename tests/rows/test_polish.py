@@ -95,3 +95,23 @@ def test_a_polished_head_never_sees_its_held_out_rows():
 def test_the_pass_budget_is_in_values_read(n, d, passes):
     """Tiny rows get the most passes; large files none (their SGD takes enough steps, and each pass is a read of the file)."""
     assert polish.passes_for(n, d) == passes
+
+
+@pytest.mark.parametrize("loss, C", [("lr", 10.0), ("svm", 0.1)])
+def test_the_row_space_polish_reaches_the_exact_fit_with_fewer_rows_than_features(loss, C):
+    """Rows in memory, n < d: the polish on their span's coordinates, lifted back, is scikit-learn's fit on the features (weakly penalised: the hard case)."""
+    from pipeline.rows.span import RowSpaceHeads
+
+    x, y, _ = _problem(3, n=60, d=200)
+    groups = np.ones(len(x), np.int64)
+    eng = _fitted(x, y, groups, Heads.grid([C], 0), loss, 3, batch=20)
+    ref = _exact(loss, C, x, y)
+    span = RowSpaceHeads(polish.Subset(eng, [0]), x)
+    assert span.Z.shape == (60, 60) and span.W.shape == (60, 3)
+    stats = polish.polish(span, lambda: [(span.Z, y, groups)], polish.ROW_SPACE_PASSES)
+    eng.set_averages(*span.lift())
+    coef, icpt = eng.weights()
+    scale = np.abs(ref.coef_).max()
+    assert stats["converged"] == 1
+    np.testing.assert_allclose(coef[0], ref.coef_, atol=0.01 * scale)
+    np.testing.assert_allclose(icpt[0], ref.intercept_, atol=0.01 * max(1.0, np.abs(ref.intercept_).max()))
