@@ -25,8 +25,10 @@ How the linear models (``lr``, ``svm``) are fitted, and why:
   no float64 copy of the matrix is made.
 * Out of core. When the float32 training matrix exceeds ``--memory-budget``, ``lr``/``svm``
   are fitted by the engine on batches of random chunks, read and decompressed on a
-  thread pool ahead of the math (``stream``): every C on the rows outside ``1/cv`` of the
-  chunks, scored on those, and on every row; the latter is the model kept. Batches take at
+  thread pool ahead of the math (``stream``): every C on the rows outside each group held
+  out, scored on those, and on every row; the latter is the model kept. Small files (where
+  ``polish`` runs) hold out the in-memory search's ``cv`` folds and score polished models,
+  as in memory; large ones hold out ``1/cv`` of the chunks once. Batches take at
   most a quarter of the budget; the models, the preconditioner and a sample of
   ``engine.SAMPLE_ROWS`` rows do not grow with the rows. ``rf`` cannot be streamed: the
   train stage refuses it with a message asking for ``--pool avg``/``max`` or a larger
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.rows.engine import classifier
+from pipeline.rows.span import lift_coef, row_space
 from pipeline.rows.pooling import make_scaler, pooled_dim, read_groups, scale_rows_, stream_rows
 from pipeline.core.signals import stop_if_terminated
 from pipeline.classical.models import MODELS
@@ -53,36 +56,6 @@ ROW_SPACE_MAX_ROWS = 2048
 
 # ---------------------------------------------------------------------------
 # Linear-model helpers: row space and scale folding
-
-
-def row_space(X: np.ndarray, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coordinates of the rows of ``X`` (n x d, n < d) in an orthonormal basis of their span.
-
-    Returns ``(Z, U, s)`` with ``Z = U * s`` (n x r): ``Z @ Z.T == X @ X.T``, so any
-    L2-penalised linear model fits the same on ``Z`` as on ``X``. The Gram matrix is
-    accumulated in float64 over column blocks (no float64 copy of ``X``); directions
-    with eigenvalue below ``rtol`` times the largest are dropped (numerically empty).
-    """
-    n, d = X.shape
-    gram = np.zeros((n, n))
-    step = max(16, (64 << 20) // (8 * max(n, 1)))
-    for s in range(0, d, step):
-        b = X[:, s : s + step].astype(np.float64)
-        gram += b @ b.T
-    lam, u = np.linalg.eigh(gram)
-    keep = lam > max(lam[-1], 0.0) * rtol
-    u, s = u[:, keep], np.sqrt(lam[keep])
-    return u * s, u, s
-
-
-def lift_coef(coef_z: np.ndarray, U: np.ndarray, s: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Map row-space weights back to the features: ``w = X.T @ U @ diag(1/s) @ a`` (k x d, float64)."""
-    a = (coef_z / s) @ U.T  # (k, n)
-    out = np.empty((len(coef_z), X.shape[1]))
-    step = max(16, (64 << 20) // (8 * max(len(X), 1)))
-    for c in range(0, X.shape[1], step):
-        out[:, c : c + step] = a @ X[:, c : c + step].astype(np.float64)
-    return out
 
 
 def _set_input_dim(clf, coef: np.ndarray) -> None:
@@ -198,7 +171,7 @@ def fit_matrix(
         Z = X
     result = search(family, Z, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet)
     stop_if_terminated()
-    clf = family.build(result.best_params, seed, 1)
+    clf = family.build({**result.best_params, **family.data_params(Z)}, seed, 1)
     with blas_limit(Z.size <= 4_000_000), quiet_convergence():
         clf.fit(Z, y)
     result.convergence_warnings += hit_max_iter(clf)
@@ -223,38 +196,48 @@ def _engine_result(fit: dict, kind: str) -> SearchResult:
     return SearchResult({"C": fit["C"]}, best["mean"], best["std"], fit["results"], kind)
 
 
-def fit_in_memory(
-    ff: FeatureFile,
-    train_rows: np.ndarray,
-    extra_groups: list[np.ndarray],
-    labels: np.ndarray,
-    grid: dict,
-    *,
-    model: str,
-    pool: str,
-    scaling: str,
-    cv: int,
-    seed: int,
-    n_jobs: int,
-    quiet: bool,
-    memory_budget_mb: float,
-    epochs: int = 5,
-) -> tuple[Fitted, list[np.ndarray]]:
-    """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``.
+@dataclass(frozen=True)
+class FitSettings:
+    """The keywords both fits of a feature file take (``fit_in_memory``, ``fit_out_of_core``), as in the train stage's config.
+
+    Attributes:
+        model, pool, scaling, cv, seed, quiet: the family, pooling, scaling, folds (out of core on
+            large files, ``1/cv`` of the chunks held out once), seed and silence.
+        memory_budget_mb: as ``fit_matrix``'s (in memory) or the bound on a batch (out of core).
+        epochs: the engine's passes.
+        n_jobs: parallel fits of the in-memory search (out of core: unused).
+        backend: the engine's device (``device.BACKENDS``; out of core).
+    """
+
+    model: str
+    pool: str
+    scaling: str
+    cv: int
+    seed: int
+    quiet: bool
+    memory_budget_mb: float
+    epochs: int = 5
+    n_jobs: int = 2
+    backend: str = "auto"
+
+
+def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np.ndarray], labels: np.ndarray, grid: dict, **settings) -> tuple[Fitted, list[np.ndarray]]:
+    """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``; ``settings``: ``FitSettings``'s fields.
 
     Returns:
         ``(fitted, extras)``: the Fitted model and the pooled rows of each extra group.
     """
-    family = MODELS[model]
-    d = pooled_dim(ff.row_shape, pool)
-    scaler = make_scaler("standard", d) if family.linear and scaling == "standard" else None
+    o = FitSettings(**settings)
+    family = MODELS[o.model]
+    d = pooled_dim(ff.row_shape, o.pool)
+    scaler = make_scaler("standard", d) if family.linear and o.scaling == "standard" else None
     t0 = time.perf_counter()
-    X, *extras = read_groups(ff, [train_rows, *extra_groups], pool, scaler, quiet)
+    X, *extras = read_groups(ff, [train_rows, *extra_groups], o.pool, scaler, o.quiet)
     read_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     estimator, result, space = fit_matrix(
-        X, labels[train_rows], model=model, grid=grid, scaling=scaling, cv=cv, seed=seed, n_jobs=n_jobs,
-        quiet=quiet, scaler=scaler, memory_budget_mb=memory_budget_mb, epochs=epochs,
+        X, labels[train_rows], model=o.model, grid=grid, scaling=o.scaling, cv=o.cv, seed=o.seed, n_jobs=o.n_jobs,
+        quiet=o.quiet, scaler=scaler, memory_budget_mb=o.memory_budget_mb, epochs=o.epochs,
     )  # fmt: skip
     return Fitted(estimator, result, "in-memory", space, time.perf_counter() - t0, read_seconds), extras
 
@@ -263,35 +246,21 @@ def fit_in_memory(
 # Out of core
 
 
-def fit_out_of_core(
-    ff: FeatureFile,
-    train_rows: np.ndarray,
-    labels: np.ndarray,
-    grid: dict,
-    *,
-    model: str,
-    pool: str,
-    scaling: str,
-    cv: int,
-    seed: int,
-    epochs: int,
-    quiet: bool,
-    memory_budget_mb: float,
-    backend: str = "auto",
-) -> Fitted:
-    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, hold-out choice (``stream.search_stream``).
+def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, grid: dict, **settings) -> Fitted:
+    """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, a cv or hold-out choice (``stream.search_stream``); ``settings``: ``FitSettings``'s fields.
 
     Raises:
-        PipelineError: several C values but too few training rows to hold out a validation share.
+        PipelineError: several C values but too few training rows to hold out a validation share or to fill the folds.
     """
-    d = pooled_dim(ff.row_shape, pool)
-    budget_rows = int(memory_budget_mb * (1 << 20) / 4 // (4 * d))
-    scaler = make_scaler(scaling, d)
+    o = FitSettings(**settings)
+    d = pooled_dim(ff.row_shape, o.pool)
+    budget_rows = int(o.memory_budget_mb * (1 << 20) / 4 // (4 * d))
+    scaler = make_scaler(o.scaling, d)
     t0 = time.perf_counter()
-    fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=model, pool=pool, scaling=scaling, scaler=scaler, cv=cv, seed=seed,
-                        epochs=epochs, quiet=quiet, budget_rows=budget_rows, backend=backend)  # fmt: skip
-    estimator = _pipeline(scaler, _engine_model(fit, model, scaling, d))
-    return Fitted(estimator, _engine_result(fit, "holdout"), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
+    fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=o.model, pool=o.pool, scaling=o.scaling, scaler=scaler, cv=o.cv, seed=o.seed,
+                        epochs=o.epochs, quiet=o.quiet, budget_rows=budget_rows, backend=o.backend)  # fmt: skip
+    estimator = _pipeline(scaler, _engine_model(fit, o.model, o.scaling, d))
+    return Fitted(estimator, _engine_result(fit, fit["kind"]), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
 
 
 # ---------------------------------------------------------------------------

@@ -71,10 +71,10 @@ def quiet_convergence():
         yield
 
 
-def _fit_path(model: str, path: list[dict], X, y, train, test, seed: int, n_jobs: int) -> tuple[list[float], int]:
-    """Fit one warm-start path on one fold; return the held-out accuracy of each step and how many fits hit max_iter."""
+def _fit_path(model: str, path: list[dict], X, y, train, test, seed: int, n_jobs: int, fixed: dict) -> tuple[list[float], int]:
+    """Fit one warm-start path on one fold (``fixed``: the family's ``data_params``); return the held-out accuracy of each step and how many fits hit max_iter."""
     family = MODELS[model]
-    est = family.build(path[0], seed, n_jobs)
+    est = family.build({**path[0], **fixed}, seed, n_jobs)
     if len(path) > 1 and "warm_start" in est.get_params():
         est.set_params(warm_start=True)
     x_fit, y_fit, x_val, y_val = X[train], y[train], X[test], y[test]
@@ -115,6 +115,7 @@ def search(family: ModelFamily, X: np.ndarray, y: np.ndarray, grid: dict[str, li
     outer = 1 if not family.linear else _outer_jobs(n_jobs)
     inner = n_jobs if not family.linear else 1
     small = X.size <= 4_000_000
+    fixed = family.data_params(X)
     tasks = [(f, g) for f in range(len(folds)) for g in range(len(groups))]
     scores: dict[tuple[int, int], list[float]] = {}
     n_warn = 0
@@ -122,7 +123,7 @@ def search(family: ModelFamily, X: np.ndarray, y: np.ndarray, grid: dict[str, li
     # releases the GIL, and threads share X instead of copying it to each worker.
     with progress_bar(len(tasks), f"search {family.name}", quiet, unit="fit") as bar, blas_limit(small), quiet_convergence():
         runner = Parallel(n_jobs=min(outer, len(tasks)), backend="threading", return_as="generator")
-        calls = (delayed(_fit_path)(family.name, groups[g], X, y, folds[f][0], folds[f][1], seed, inner) for f, g in tasks)
+        calls = (delayed(_fit_path)(family.name, groups[g], X, y, folds[f][0], folds[f][1], seed, inner, fixed) for f, g in tasks)
         for (f, g), (s, w) in zip(tasks, runner(calls)):
             stop_if_terminated()
             scores[f, g] = s

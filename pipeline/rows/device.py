@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from pipeline.rows.engine import Engine, Heads, Preconditioner, rates
+from pipeline.rows.engine import Engine, Heads, Preconditioner, intercept_penalty, rates, uncentred
 from pipeline.rows.pooling import pooled_dim
 from pipeline.core.errors import PipelineError
 
@@ -53,13 +53,14 @@ class TFEngine:
     """``engine.Engine``'s step in TensorFlow on ``device``: same heads, preconditioner, schedule and averaging."""
 
     def __init__(self, tf, device: str, d: int, k: int, heads: Heads, n_rows: np.ndarray, loss: str, pre: Preconditioner):
-        self.tf, self.device, self.k, self.heads, self.loss, self.pre = tf, device, k, heads, loss, pre
+        self.tf, self.device, self.k, self.heads, self.loss, self.pre, self.n_rows = tf, device, k, heads, loss, pre, np.asarray(n_rows)
         self.wire = np.float16 if device.startswith("/GPU") else np.float32
         lam, eta = rates(heads, n_rows, k, loss, pre.delta)
         hk = len(heads) * k
         with tf.device(device):
             const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
             self.lam, self.eta, self.mu, self.V, self.shrink = const(lam), const(eta), const(pre.mu), const(pre.V), const(pre.shrink[:, None])
+            self.lam_b = const(intercept_penalty(lam, loss, pre))
             self.held = tf.constant(heads.held_out)
             self.W, self.c = tf.Variable(tf.zeros((d, hk))), tf.Variable(tf.zeros(hk))
             self.Wa, self.ca = tf.Variable(tf.zeros((d, hk))), tf.Variable(tf.zeros(hk))
@@ -74,7 +75,8 @@ class TFEngine:
         x = tf.cast(x, tf.float32)
         m = tf.cast(groups[:, None] != self.held[None, :], tf.float32)
         counts = tf.reduce_sum(m, 0)
-        S = tf.reshape(tf.matmul(x, self.W) + (self.c - tf.linalg.matvec(self.W, self.mu, transpose_a=True)), (-1, H, k))
+        b = self.c - tf.linalg.matvec(self.W, self.mu, transpose_a=True)
+        S = tf.reshape(tf.matmul(x, self.W) + b, (-1, H, k))
         onehot = tf.one_hot(y, k)[:, None, :]
         if self.loss == "lr":
             R = tf.nn.softmax(S, axis=2) - onehot
@@ -82,7 +84,7 @@ class TFEngine:
             Y = 2.0 * onehot - 1.0
             R = -2.0 * Y * tf.nn.relu(1.0 - Y * S)
         R = tf.reshape(R * (m / tf.maximum(counts, 1.0))[:, :, None], (-1, H * k))
-        r_sum = tf.reduce_sum(R, 0)
+        r_sum = tf.reduce_sum(R, 0) + self.lam_b * b  # as Engine.step: the svm intercept's penalty
         G = tf.matmul(x, R, transpose_a=True) - self.mu[:, None] * r_sum[None, :] + self.lam * self.W  # centred rows, as Engine.step
         if self.V.shape[1]:
             G -= tf.matmul(self.V, self.shrink * tf.matmul(self.V, G, transpose_a=True))
@@ -105,10 +107,17 @@ class TFEngine:
             wire = self.wire if np.abs(x).max(initial=0.0) < 6e4 else np.float32  # float16 holds up to 65504
             self._step(x.astype(wire), tf.constant(y, tf.int32), tf.constant(groups, tf.int64), tf.constant(scale, tf.float32), tf.constant(avg, tf.float32))
 
+    def averages(self) -> tuple[np.ndarray, np.ndarray]:
+        """As ``Engine.averages`` (copied to the host)."""
+        W, c = (self.Wa, self.ca) if self.averaged else (self.W, self.c)
+        return W.numpy(), c.numpy()
+
+    def set_averages(self, W: np.ndarray, c: np.ndarray) -> None:
+        """As ``Engine.set_averages``."""
+        self.Wa.assign(np.asarray(W, np.float32))
+        self.ca.assign(np.asarray(c, np.float32))
+        self.averaged = max(1, self.averaged)
+
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
         """As ``Engine.weights``."""
-        W, c = (self.Wa, self.ca) if self.averaged else (self.W, self.c)
-        W, c = W.numpy(), c.numpy()
-        c = c - self.pre.mu @ W
-        H = len(self.heads)
-        return W.T.reshape(H, self.k, -1).astype(np.float64), c.reshape(H, self.k).astype(np.float64)
+        return uncentred(*self.averages(), self.pre.mu, len(self.heads), self.k)

@@ -54,12 +54,13 @@ class Heads:
 
 @dataclass(frozen=True)
 class Preconditioner:
-    """Centre ``mu``; damp the step along ``V``'s columns (unit, ``d x r``) by ``1 - shrink``; ``delta`` the curvature left."""
+    """Centre ``mu``; damp the step along ``V``'s columns (unit, ``d x r``) by ``1 - shrink``; ``delta`` the curvature left; ``norm2`` the rows' mean squared norm."""
 
     mu: np.ndarray
     V: np.ndarray
     shrink: np.ndarray
     delta: float
+    norm2: float = 1.0
 
     @staticmethod
     def from_sample(xs: np.ndarray, rank: int = RANK) -> "Preconditioner":
@@ -74,7 +75,8 @@ class Preconditioner:
         delta = delta if delta > 0 else float(np.einsum("ij,ij->", xc, xc, dtype=np.float64) / max(1, xs.size))
         V = (xc.T @ (u[:, :r] / np.sqrt(lam[:r])).astype(np.float32)) if r else np.zeros((xs.shape[1], 0), np.float32)
         cov = lam[:r] / len(xs)
-        return Preconditioner(mu, np.ascontiguousarray(V), (cov / (cov + delta)).astype(np.float32), max(delta, 1e-12))
+        norm2 = float(np.einsum("ij,ij->", xs, xs, dtype=np.float64) / max(len(xs), 1))
+        return Preconditioner(mu, np.ascontiguousarray(V), (cov / (cov + delta)).astype(np.float32), max(delta, 1e-12), norm2 if norm2 > 0 else 1.0)
 
 
 def residual(S: np.ndarray, y: np.ndarray, loss: str, heads: int) -> np.ndarray:
@@ -91,9 +93,19 @@ def residual(S: np.ndarray, y: np.ndarray, loss: str, heads: int) -> np.ndarray:
     return (-2.0 * Y * np.maximum(0.0, 1.0 - Y * S)).reshape(b, hk)
 
 
+def intercept_penalty(lam: np.ndarray, loss: str, pre: Preconditioner) -> np.ndarray:
+    """Per column, the penalty on the (uncentred) intercept: none for ``lr`` (lbfgs leaves it free); for ``svm``, liblinear's on a constant
+    feature of ``intercept_scaling``, set to the rows' RMS norm (``models``): ``lam / norm^2``, at most ``lam`` along the mean row (no stiff direction)."""
+    return (lam / np.float32(pre.norm2) if loss == "svm" else np.zeros_like(lam)).astype(np.float32)
+
+
 def rates(heads: Heads, n_rows: np.ndarray, k: int, loss: str, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per weight column: the L2 penalty ``1 / (C n)`` (sklearn's ``C`` weighs the summed loss) and the first step size."""
-    lam = np.repeat(1.0 / (heads.C * np.maximum(n_rows, 1)), k).astype(np.float32)
+    """Per weight column: the L2 penalty ``1 / (C n)`` (sklearn's ``C`` weighs the summed loss) and the first step size.
+
+    Two classes under ``lr``: sklearn fits one binary logistic model ``w``; the softmax's pair
+    ``(-w/2, w/2)`` pays half its penalty, so the penalty doubles to solve the same problem.
+    """
+    lam = np.repeat((2.0 if loss == "lr" and k == 2 else 1.0) / (heads.C * np.maximum(n_rows, 1)), k).astype(np.float32)
     a, b = STEP[loss]
     return lam, (1.0 / (a * delta + b * lam)).astype(np.float32)
 
@@ -110,8 +122,9 @@ class Engine:
     """
 
     def __init__(self, d: int, k: int, heads: Heads, n_rows: np.ndarray, loss: str, pre: Preconditioner):
-        self.k, self.heads, self.loss, self.pre = k, heads, loss, pre
+        self.k, self.heads, self.loss, self.pre, self.n_rows = k, heads, loss, pre, np.asarray(n_rows)
         self.lam, self.eta = rates(heads, n_rows, k, loss, pre.delta)
+        self.lam_b = intercept_penalty(self.lam, loss, pre)
         self.W = np.zeros((d, len(heads) * k), np.float32)
         self.c = np.zeros(len(heads) * k, np.float32)
         self.Wa, self.ca = np.zeros_like(self.W), np.zeros_like(self.c)
@@ -127,9 +140,10 @@ class Engine:
         # x.T @ R - outer(mu, sum R): a pass over d x columns instead of one over the batch.
         m = self.heads.members(groups)
         counts = m.sum(0)
-        R = residual(x @ self.W + (self.c - self.pre.mu @ self.W), y, self.loss, len(self.heads))
+        b = self.c - self.pre.mu @ self.W  # the intercepts on uncentred rows
+        R = residual(x @ self.W + b, y, self.loss, len(self.heads))
         R *= np.repeat(m / np.maximum(counts, 1.0), self.k, axis=1)
-        r_sum = R.sum(0)
+        r_sum = R.sum(0) + self.lam_b * b  # the intercept's penalty, for svm: b = c - mu @ W, hence the mu term of G too
         G = x.T @ R
         G -= np.outer(self.pre.mu, r_sum)
         G += self.lam * self.W
@@ -146,12 +160,23 @@ class Engine:
             self.Wa += f * (self.W - self.Wa)
             self.ca += f * (self.c - self.ca)
 
+    def averages(self) -> tuple[np.ndarray, np.ndarray]:
+        """The averaged iterates on centred rows: ``W (d, heads*k)`` and ``c (heads*k,)``, float32 (what ``polish`` starts from)."""
+        return (self.Wa, self.ca) if self.averaged else (self.W, self.c)
+
+    def set_averages(self, W: np.ndarray, c: np.ndarray) -> None:
+        """Replace the averaged models (by ``polish``'s)."""
+        self.Wa, self.ca, self.averaged = np.asarray(W, np.float32), np.asarray(c, np.float32), max(1, self.averaged)
+
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
         """The averaged models on uncentred scaled rows: ``coef (heads, k, d)`` and ``intercept (heads, k)``, float64."""
-        W, c = (self.Wa, self.ca) if self.averaged else (self.W, self.c)
-        c = c - self.pre.mu @ W
-        H = len(self.heads)
-        return W.T.reshape(H, self.k, -1).astype(np.float64), c.reshape(H, self.k).astype(np.float64)
+        return uncentred(*self.averages(), self.pre.mu, len(self.heads), self.k)
+
+
+def uncentred(W: np.ndarray, c: np.ndarray, mu: np.ndarray, heads: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred stacked weights as models on uncentred rows: ``coef (heads, k, d)`` and ``intercept (heads, k)``, float64."""
+    c = c - mu @ W
+    return W.T.reshape(heads, k, -1).astype(np.float64), c.reshape(heads, k).astype(np.float64)
 
 
 def decisions(W: np.ndarray, c: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:

@@ -150,11 +150,25 @@ def test_out_of_core_streams_through_sgd(model, tmp_path):
     f = make_features(tmp_path / "x.h5", row_shape=(2, 2, 512), per_class=40)
     m = train.run(config(f, tmp_path / "m", model, memory_budget_mb=0.05, epochs=3))
     assert m["mode"] == "out-of-core" and m["memory_estimate_mb"] > 0.05
-    assert m["search"]["kind"] == "holdout" and len(m["search"]["results"]) == 2
+    # A small file, where the polish runs: C is chosen on the in-memory search's 3 folds.
+    assert m["search"]["kind"] == "cv" and len(m["search"]["results"]) == 2 and all(len(r["scores"]) == 3 for r in m["search"]["results"])
     assert m["accuracy"] > 0.8  # chance is 1/3
     bundle = joblib.load(tmp_path / "m" / f"{model}.joblib")
     assert type(bundle["estimator"].steps[-1][1]).__name__ == "SGDClassifier"
     assert bundle["estimator"].n_features_in_ == 2048
+
+
+def test_out_of_core_on_a_file_past_the_polish_holds_out_one_share_of_chunks(monkeypatch, tmp_path):
+    """Large files (no polish pass affordable, as at 50,000 rows): C chosen on one hold-out share of the chunks, unpolished SGD heads."""
+    from pipeline.rows import polish
+
+    monkeypatch.setattr(polish, "POLISH_VALUES", 0)
+    f = make_features(tmp_path / "x.h5", row_shape=(2, 2, 512), per_class=40)
+    m = train.run(config(f, tmp_path / "m", "lr", memory_budget_mb=0.05, epochs=3))
+    assert m["mode"] == "out-of-core" and m["search"]["kind"] == "holdout" and all(len(r["scores"]) == 1 for r in m["search"]["results"])
+    space = m["search"]["space"]
+    assert space["polish_passes"] == 0 and space["fold_polish_passes"] == 0 and space["holdout_rows"] > 0
+    assert m["accuracy"] > 0.8
 
 
 def test_out_of_core_is_deterministic(tmp_path):

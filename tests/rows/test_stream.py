@@ -1,4 +1,4 @@
-"""Streaming: the parallel chunk reader, the streamed model against the in-memory one, the hold-out chunks, and out-of-core memory that does not grow with the rows."""
+"""Streaming: the parallel chunk reader, the streamed model against the in-memory one (a synthetic file and a small real one), the hold-out chunks, and out-of-core memory that does not grow with the rows."""
 
 from __future__ import annotations
 
@@ -56,6 +56,41 @@ def test_the_streamed_model_predicts_what_the_in_memory_model_does(model, C, tmp
     acc = np.mean(a == y_test)
     assert 0.6 < acc < 0.97  # a problem where the two could disagree
     assert np.mean(a == b) >= 0.97, (np.mean(a == b), acc, np.mean(b == y_test))
+
+
+@pytest.fixture(scope="module")
+def fashion_32px(tmp_path_factory):
+    """A small real file: 60 Fashion-MNIST training and 20 test images per class through the real VGG16 at 32 px (1x1x512 rows), float32 compute."""
+    from pipeline import datasets
+    from pipeline.extract import stage as extract
+    from pipeline.extract.config import ExtractConfig
+
+    root = tmp_path_factory.mktemp("fashion")
+    datasets.build_fashion_mnist(root / "data", train_per_class=60, test_per_class=20, progress=False)
+    out = {}
+    for split in ("train", "test"):
+        out[split] = root / f"{split}.h5"
+        cfg = ExtractConfig(data_dir=root / "data" / split, output=out[split], weights="imagenet", input_size=32, precision="float32", quiet=True)
+        assert extract.run(cfg) == 0
+    return out
+
+
+@pytest.mark.weights
+@pytest.mark.parametrize("model", ["lr", "svm"])
+def test_the_streamed_model_agrees_with_the_in_memory_model_on_a_small_real_file(model, fashion_32px):
+    """Issue 24's target: at least 97% of the test predictions the same, at the C the in-memory search picks on this file (0.01 for both)."""
+    with open_features(fashion_32px["train"]) as ff, open_features(fashion_32px["test"]) as tf:
+        rows, labels = np.arange(len(ff)), ff.labels
+        common = dict(model=model, pool="flatten", scaling="l2", cv=3, seed=0, quiet=True)
+        mem, _ = fitting.fit_in_memory(ff, rows, [], labels, {"C": [0.01]}, n_jobs=1, memory_budget_mb=2048, **common)
+        ooc = fitting.fit_out_of_core(ff, rows, labels, {"C": [0.01]}, epochs=5, memory_budget_mb=0.5, **common)
+        assert (len(ff), len(tf), ff.row_shape) == (600, 200, (1, 1, 512))
+        assert mem.space["kind"] == "features" and ooc.mode == "out-of-core" and ooc.space["polish_passes"] > 0
+        x_test = pool_features(tf.db["features"][:], "flatten")
+        a, b = fitting.predict_matrix(mem.estimator, x_test), fitting.predict_stream(ooc.estimator, tf, np.arange(len(tf)), "flatten")
+        y_test = tf.labels
+    assert 0.6 < np.mean(a == y_test) < 0.95  # classes that overlap: room to disagree
+    assert np.mean(a == b) >= 0.97, (np.mean(a == b), np.mean(a == y_test), np.mean(b == y_test))
 
 
 def _peak_mb(path, budget_mb):
