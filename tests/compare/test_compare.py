@@ -57,7 +57,7 @@ def test_compare_runs_every_strategy_and_writes_table_chart(tmp_path, capsys):
     saved = json.loads((out / "compare.json").read_text())
     assert [(r["n_train"], r["n_val"]) for r in saved] == list(counts.values())
     md = (out / "compare.md").read_text()
-    assert "Every row scored on the same 6 test images" in md and f"| LP-FT (from block4_conv1) | " in md and "Nothing is chosen on the test images" in md
+    assert "Every row scored on the same 6 test images" in md and "| LP-FT (from block4_conv1) | " in md and "Nothing is chosen on the test images" in md
     assert f"| 16 | {n_val} | {n_val} val rows, then refit |" in md and "| 16 | 0 | 3-fold CV on the train rows |" in md
     best = next(r["strategy"] for r in rows if r["status"] == "best")
     assert f"best: {best}; tied: " in md and f"best: {best}; tied: " in printed
