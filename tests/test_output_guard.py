@@ -45,3 +45,20 @@ def test_train_refuses_a_class_without_training_rows(tmp_path):
     feats = make_features(tmp_path / "f.h5", per_class=[20, 20, 0])  # every image of "cat" rejected at extraction, say
     with pytest.raises(PipelineError, match=r"f\.h5: class 'cat' has no training rows \(were all its images rejected\?\)"):
         train.run(train.TrainConfig(features=feats, output=tmp_path / "m", quiet=True, **FAST_GRID["lr"]))
+
+
+@pytest.mark.parametrize("argv", [["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"],
+                                  ["bench", "--data", "{data}", "--quiet"]])  # fmt: skip
+def test_compare_and_bench_hold_their_output_for_the_whole_run(argv, tmp_path, capsys):
+    """#22: compare and bench took a lock only to publish their tables: two runs on one -o raced on the rows."""
+    from pipeline.cli import main
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out / argv[0]):  # another run of the same command on this -o
+        assert main([a.format(data=root) for a in argv] + ["-o", str(out)]) == 2
+    assert f"{out}/{argv[0]}.lock: another run is writing this output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written beside the other run's files

@@ -25,7 +25,7 @@ from pipeline.bench import children, report
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, option, validate
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import write_text_atomic
+from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
 from pipeline.core.outputsets import publish
 
 DEFAULT_DATA = Path("data/fashion-mnist")
@@ -317,8 +317,16 @@ def _training(args, say) -> dict:
 
 
 def run(args: BenchConfig) -> dict:
-    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures (``--data-path`` and ``--train``: their own)."""
+    """Run every benchmark step; write ``bench.json`` and ``bench.md`` into ``args.output``; return the figures (``--data-path`` and ``--train``: their own).
+
+    One run per output folder (``OUT/bench.lock`` held throughout: a second is refused naming the holder).
+    """
     args.validate()
+    with OutputLock(prepare_output_dir(args.output) / "bench"):
+        return _measure(args)
+
+
+def _measure(args: BenchConfig) -> dict:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.data_path:  # its own measurement (datapath.py): no network, no data folder
         from pipeline.bench import datapath

@@ -19,7 +19,7 @@ from pipeline.compare import rows as kinds
 from pipeline.compare.config import CLASSICAL, CompareConfig
 from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import prepare_output_dir, write_text_atomic
+from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
 from pipeline.core.outputsets import publish
 from pipeline.compare.verdicts import judged, summary_line
 from pipeline.core.stats import ALPHA, CONFIDENCE
@@ -172,7 +172,12 @@ def run(config: CompareConfig) -> list[dict]:
     """
     config.validate()
     check_weights(config)
-    prepare_output_dir(config.output)  # an -o that is a file or cannot be written: one line, before any work
+    # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
+    with OutputLock(prepare_output_dir(config.output) / "compare"):
+        return _compare(config)
+
+
+def _compare(config: CompareConfig) -> list[dict]:
     if config.sizes:
         from pipeline.compare.sizes import run_sizes
 
