@@ -1,4 +1,4 @@
-"""SIGTERM as an interrupt, in one place: within a block SIGTERM raises ``Terminated`` (a KeyboardInterrupt), so locks, temporary files and work areas unwind as for Ctrl-C; a signal that lands where raising would do harm is remembered and raised as soon as it is safe.
+"""SIGTERM (and Ctrl-C) as an interrupt, in one place: within a block SIGTERM or SIGINT raises ``Terminated`` (a KeyboardInterrupt), so locks, temporary files and work areas unwind as for Ctrl-C; a signal that lands where raising would do harm is remembered and raised as soon as it is safe.
 
 Raising wherever the main thread happens to be goes wrong inside library code in two ways
 (both seen in ``train`` runs): an import cut short turns the signal into another error (a
@@ -23,9 +23,10 @@ class Terminated(KeyboardInterrupt):
 
 
 class _Received:
-    """Whether SIGTERM came (a plain flag: an Event's lock could deadlock inside a signal handler), and whether to hold it back."""
+    """Whether SIGTERM (or SIGINT) came (a plain flag: an Event's lock could deadlock inside a signal handler), which, and whether to hold it back."""
 
     flag = False
+    name = "SIGTERM"
     hold = False
     active = 0  # nesting depth of ``sigterm_as_interrupt`` blocks in the main thread
 
@@ -40,9 +41,9 @@ def _importing(frame) -> bool:
 
 
 def _raise_unless_unsafe(signum, frame) -> None:
-    _Received.flag = True
+    _Received.flag, _Received.name = True, signal.Signals(signum).name
     if not _Received.hold and not _importing(frame):
-        raise Terminated(signal.Signals(signum).name)
+        raise Terminated(_Received.name)
 
 
 @contextmanager
@@ -64,6 +65,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     saved = _Received.flag, _Received.hold
     _Received.flag = _Received.hold = False
     previous = signal.signal(signal.SIGTERM, _raise_unless_unsafe)
+    # Ctrl-C too, where Python's own handler is in place: its KeyboardInterrupt, raised inside library
+    # code that catches BaseException, was dropped and the run went on to exit 0 (seen in extract).
+    previous_int = signal.signal(signal.SIGINT, _raise_unless_unsafe) if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
     _Received.active += 1
     try:
         yield
@@ -72,11 +76,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise
     except BaseException as exc:
         if _Received.flag:
-            raise Terminated("SIGTERM") from exc
+            raise Terminated(_Received.name) from exc
         raise
     finally:
         _Received.active -= 1
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
         _Received.flag, _Received.hold = saved
 
 
@@ -104,6 +110,6 @@ def finish_first() -> Iterator[None]:
 
 
 def stop_if_terminated() -> None:
-    """Raise ``Terminated`` if SIGTERM came within ``sigterm_as_interrupt`` (a no-op otherwise)."""
+    """Raise ``Terminated`` if SIGTERM or SIGINT came within ``sigterm_as_interrupt`` (a no-op otherwise)."""
     if _Received.flag:
-        raise Terminated("SIGTERM")
+        raise Terminated(_Received.name)

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from pipeline.core.signals import stop_if_terminated
 from pipeline.featurefile import chunks
 from pipeline.images.listing import Listing
 from pipeline.images.decode import iter_batches
@@ -124,10 +125,8 @@ def extract_rows(
     t0 = time.perf_counter()
     try:
         for run in _runs(todo):
-            for batch in iter_batches(
-                listing, run, size=input_size, interpolation=resize, batch_size=batch_size, workers=workers, timeout=image_timeout,
-                prefetch=ahead,
-            ):
+            for batch in iter_batches(listing, run, size=input_size, interpolation=resize, batch_size=batch_size, workers=workers,
+                                      timeout=image_timeout, prefetch=ahead):  # fmt: skip
                 ok = batch.ok
                 pixels = batch.pixels if ok.all() else batch.pixels[ok]  # no copy of a whole batch
                 feats = net(pixels) if len(pixels) else np.zeros((0, *net.output_shape), np.float32)
@@ -135,6 +134,7 @@ def extract_rows(
                 limits = [x for x, good in zip(batch.limits, ok) if not good]
                 writer.put((batch.indices[ok], feats, batch.indices[~ok], rejected, limits))  # cast and compressed by the writer threads
                 bar.update(len(batch.indices))
+                stop_if_terminated()  # a SIGINT/SIGTERM that library code swallowed stops the run here
                 if rejected:
                     n_rejected += len(rejected)
                     bar.set_postfix(rejected=n_rejected, refresh=False)

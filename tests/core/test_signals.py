@@ -40,6 +40,22 @@ def test_a_sigterm_that_library_code_swallowed_is_raised_again_at_the_next_check
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
 
 
+def test_a_ctrl_c_that_library_code_swallowed_is_raised_again_at_the_next_checkpoint():
+    """extract exited 0 after a SIGINT: Python's KeyboardInterrupt, raised inside code that catches BaseException, was dropped."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(Terminated, match="SIGINT"):
+        with sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler raises here
+            except BaseException:  # what some library code does
+                pass
+            stop_if_terminated()
+            raise AssertionError("not reached: the checkpoint raises")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    stop_if_terminated()  # outside the block: nothing pending
+
+
 def test_an_error_a_sigterm_turned_into_becomes_terminated():
     """An import cut short by the interrupt raised ``RuntimeError: Error calling __set_name__`` (seen in a train run): it is the interrupt."""
     with pytest.raises(Terminated) as exc:
