@@ -162,3 +162,24 @@ def test_standard_streams_closed_full_or_gone_are_one_line_or_quiet(trained, tmp
     r = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(cwd), sys.executable, "-m", "pipeline", "verify", "x.h5"],
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)  # fmt: skip
     assert r.returncode == 2 and r.stderr.decode().strip().endswith("error: the current folder no longer exists (deleted after the shell entered it): cd to an existing folder")
+
+
+def test_an_evaluation_folder_holding_other_files_or_the_shards_of_its_test_file_is_not_replaced(trained, tmp_path):
+    """Third adversarial pass (#22): evaluate -o E replaced E though a train set and a note had been written there since (and a
+    concurrent train's set vanished the same way); --overwrite -o a folder holding the merged test file's shards deleted them."""
+    from pipeline.extract.shardset import merge
+
+    bundle, ev = trained / "models" / "lr.joblib", tmp_path / "E"
+    evaluate.run(evaluate.EvaluateConfig(model=bundle, data=trained / "test.h5", output=ev, quiet=True))
+    evaluate.run(evaluate.EvaluateConfig(model=bundle, data=trained / "test.h5", output=ev, quiet=True))  # its own folder: replaced
+    (ev / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match=r"E: holds 1 file\(s\) evaluate did not write \(e\.g\. notes\.txt\); pass --overwrite"):
+        evaluate.run(evaluate.EvaluateConfig(model=bundle, data=trained / "test.h5", output=ev, quiet=True))
+    assert (ev / "notes.txt").read_text() == "mine"
+    shards = tmp_path / "S"
+    for k in range(2):
+        extract.run(extract.ExtractConfig(data_dir=trained / "test", output=shards / f"te-{k}.h5", shards=2, shard=k, **TINY))
+    merge(tmp_path / "merged.h5", [shards / "te-0.h5", shards / "te-1.h5"])
+    with pytest.raises(PipelineError, match=r"S: holds a shard of the test file .*te-0\.h5; replacing the folder would delete it"):
+        evaluate.run(evaluate.EvaluateConfig(model=bundle, data=tmp_path / "merged.h5", output=shards, overwrite=True, quiet=True))
+    assert sorted(p.name for p in shards.iterdir() if not p.name.startswith(".")) == ["te-0.h5", "te-1.h5"]

@@ -62,3 +62,18 @@ def test_compare_and_bench_hold_their_output_for_the_whole_run(argv, tmp_path, c
         assert main([a.format(data=root) for a in argv] + ["-o", str(out)]) == 2
     assert f"{out}/{argv[0]}.lock: another run is writing this output" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == []  # nothing written beside the other run's files
+
+
+@pytest.mark.parametrize("inside", [".", "train", "train/a"])
+def test_compare_refuses_an_output_inside_its_data_folder_before_any_work(inside, tmp_path, capsys):
+    """Third adversarial pass (#22): compare -o DATA/train left an empty DATA/train/models (a class folder with no image) before extract refused."""
+    from pipeline.cli import main
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    out = root / inside
+    assert main(["compare", "--data", str(root), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"]) == 2
+    assert f"is inside the data folder {root} (its files would be read as images there next time); choose another -o folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

@@ -19,6 +19,7 @@ from pipeline.compare import rows as kinds
 from pipeline.compare.config import CLASSICAL, CompareConfig
 from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
+from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
 from pipeline.core.outputsets import publish
 from pipeline.compare.verdicts import judged, summary_line
@@ -172,6 +173,7 @@ def run(config: CompareConfig) -> list[dict]:
     """
     config.validate()
     check_weights(config)
+    refuse_inside(config.output, [("the data folder", config.data_root)], "choose another -o folder")  # its models/ would become a class folder
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
     with OutputLock(prepare_output_dir(config.output) / "compare"):
         return _compare(config)

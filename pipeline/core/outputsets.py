@@ -166,11 +166,25 @@ def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     return True
 
 
+def _member_problem(name, set_name: str) -> str | None:
+    """Why ``name`` cannot be a file of set ``set_name`` (None: it can): only plain names of the set's own (``SET.suffix``), never a path."""
+    if not isinstance(name, str) or not name.startswith(f"{set_name}.") or "/" in name or "\0" in name or name in (".", ".."):
+        return f"{name!r} is not a file name of set {set_name!r}"
+    return None
+
+
 def _manifest(journal: Path) -> dict:
+    """The journal's manifest, checked: a set name matching the journal's, and only the set's own plain file names (a hand-edited
+    journal naming ``/home/x`` or ``../x`` must never move or delete it)."""
     try:
         manifest = json.loads((journal / MANIFEST).read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("set"), str) or journal.name != f".{manifest['set']}.set":
+            raise ValueError("no set name, or not this journal's")
         if not all(isinstance(manifest.get(k), list) for k in ("install", "remove")) or not isinstance(manifest.get("lock"), str):
             raise ValueError("fields missing")
+        problem = next(filter(None, (_member_problem(n, manifest["set"]) for n in (*manifest["install"], *manifest["remove"], manifest["lock"]))), None)
+        if problem:
+            raise ValueError(problem)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{journal}: damaged publish journal ({first_line(exc)}); the files beside it may mix two runs: remove it and run the stage again") from None
     return manifest

@@ -101,3 +101,18 @@ def stale_sources(path: Path | str) -> list[str]:
         if not same:
             problems.append(f"{src}: shard file changed since the merge")
     return problems
+
+
+def shard_files(path: Path | str) -> list[Path]:
+    """The shard files a merged feature file reads through its virtual datasets ([] for a single file, or one that cannot be read).
+
+    A stage that replaces a folder must count them as inputs: deleting them breaks the merged file.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as db:
+            if "merged/files" not in db:
+                return []
+            return [path.parent / os.fsdecode(x) for x in db["merged/files"][:]]
+    except (OSError, ValueError, TypeError):
+        return []

@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
 from pipeline.rows.pooling import read_groups
 from pipeline.core.guard import refuse_replacing_inputs
+from pipeline.featurefile.checks import shard_files
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
@@ -30,6 +31,8 @@ from pipeline.core.outputs import atomic_folder, is_within, package_versions, wr
 
 #: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
 MARKER = "metrics.json"
+#: Every file evaluate writes into its folder: a folder holding anything else is replaced only with --overwrite.
+OUTPUT_FILES = frozenset({MARKER, "report.txt", "confusion.png", "misclassified.csv", "rejected.csv"})
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,17 @@ def _check_output(config: EvaluateConfig) -> Path:
     inputs = [("the model bundle", Path(config.model)), ("the test data", Path(config.data))]
     if config.weights and Path(config.weights).exists():
         inputs.append(("the weights file", Path(config.weights)))
+    if Path(config.data).is_file():  # a merged test file reads its shards: deleting them breaks it
+        inputs += [("a shard of the test file", shard) for shard in shard_files(config.data)]
     refuse_replacing_inputs(folder, inputs, "evaluate", "choose another -o folder")
     if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
         raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
-    if (folder.exists() or folder.is_symlink()) and not config.overwrite and not (folder.is_dir() and (folder / MARKER).is_file()):
-        raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; pass --overwrite to replace it")
+    if (folder.exists() or folder.is_symlink()) and not config.overwrite:
+        if not (folder.is_dir() and (folder / MARKER).is_file()):
+            raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; pass --overwrite to replace it")
+        foreign = sorted(n for n in os.listdir(folder) if n not in OUTPUT_FILES)
+        if foreign:  # a train set or a note written into the folder since: replacing it would delete them
+            raise PipelineError(f"{folder}: holds {len(foreign)} file(s) evaluate did not write (e.g. {foreign[0]}); pass --overwrite to replace the folder, or choose another -o folder")
     return folder
 
 

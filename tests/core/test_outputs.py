@@ -75,3 +75,35 @@ def test_temporaries_of_dead_processes_are_removed_by_the_next_lock_holder(tmp_p
     with OutputLock(tmp_path / "x.h5"):
         pass
     assert not stale.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"set": "lr", "lock": "lr.joblib", "install": ["lr.joblib"], "remove": ["{victim}"]},  # an absolute path
+        {"set": "lr", "lock": "lr.joblib", "install": ["lr.joblib"], "remove": ["../victim.txt"]},  # out of the folder
+        {"set": "lr", "lock": "lr.joblib", "install": ["notes.txt"], "remove": []},  # not a file of the set
+        {"set": "lr", "lock": "lr.joblib", "install": ["lr.joblib"], "remove": [None]},
+        {"lock": "lr.joblib", "install": ["lr.joblib"], "remove": []},  # no set name
+        {"set": "svm", "lock": "svm.joblib", "install": ["svm.joblib"], "remove": []},  # another set's journal
+        [],
+    ],
+)
+def test_a_hand_edited_publish_journal_is_one_line_and_moves_or_deletes_nothing(manifest, tmp_path):
+    """Third adversarial pass (#22): a journal naming /tmp/victim.txt deleted it on the next predict; `[]` or a missing field was a traceback."""
+    import json
+
+    from pipeline.core.outputsets import settle_for
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    models = tmp_path / "models"
+    (models / ".lr.set").mkdir(parents=True)
+    (models / "lr.joblib").write_text("old")
+    (models / ".lr.set" / "lr.joblib").write_text("new")
+    (models / ".lr.set" / "notes.txt").write_text("x")
+    text = json.dumps(manifest).replace("{victim}", str(victim))
+    (models / ".lr.set" / "manifest.json").write_text(text)
+    with pytest.raises(PipelineError, match=r"\.lr\.set: damaged publish journal \(.*\); the files beside it may mix two runs: remove it and run the stage again$"):
+        settle_for(models / "lr.joblib")
+    assert victim.read_text() == "precious" and (models / "lr.joblib").read_text() == "old"
