@@ -62,8 +62,12 @@ def test_a_new_evaluation_replaces_the_old_set_and_foreign_folders_are_kept(setu
     root, _ = setup
     cfg = evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True)
     evaluate.run(cfg)
-    (tmp_path / "ev" / "stale.txt").write_text("from before")
-    evaluate.run(cfg)
+    evaluate.run(cfg)  # a folder of its own files only: replaced
+    (tmp_path / "ev" / "stale.txt").write_text("from before")  # a file evaluate did not write: kept unless --overwrite
+    with pytest.raises(PipelineError, match=r"ev: holds 1 file\(s\) evaluate did not write \(e\.g\. stale\.txt\); pass --overwrite"):
+        evaluate.run(cfg)
+    assert (tmp_path / "ev" / "stale.txt").read_text() == "from before"
+    evaluate.run(evaluate.EvaluateConfig(model=cfg.model, data=cfg.data, output=cfg.output, overwrite=True, quiet=True))
     assert not (tmp_path / "ev" / "stale.txt").exists() and (tmp_path / "ev" / "metrics.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no temporary or previous folder left
     (tmp_path / "mine").mkdir()
