@@ -299,10 +299,11 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= n_classes:
                 out.append(f"labels range {lo}..{hi} falls outside label_names (0..{n_classes - 1})")
-    if all(n in good for n in ("paths", "labels", "label_names")) and db["paths"].shape[0] == db["labels"].shape[0]:
-        out += _label_folder_problems(db)
-    if "paths" in good:
-        paths = [os.fsdecode(x) for x in db["paths"][:]]
+    raw_paths = db["paths"][:] if "paths" in good else None  # read once: the label rule and the path rules
+    if raw_paths is not None and "labels" in good and "label_names" in good and len(raw_paths) == db["labels"].shape[0]:
+        out += _label_folder_problems(db, raw_paths)
+    if raw_paths is not None:
+        paths = [os.fsdecode(x) for x in raw_paths]
         if len(set(paths)) != len(paths):
             out.append(f"{len(paths) - len(set(paths))} duplicate paths")
         if "rejected/paths" in good:
@@ -321,11 +322,11 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry
     return out
 
 
-def _label_folder_problems(db: h5py.File) -> list[str]:
+def _label_folder_problems(db: h5py.File, paths) -> list[str]:
     """Each row's label must name the class folder its path lies in (the path's first part): a file whose labels or label names were edited is refused, not read with shifted classes."""
     names = [os.fsencode(x) for x in db["label_names"][:]]
     labels = db["labels"][:]
-    bad = [(i, p, f) for i, (p, lab) in enumerate(zip(db["paths"][:], labels.tolist()))
+    bad = [(i, p, f) for i, (p, lab) in enumerate(zip(paths, labels.tolist()))
            if 0 <= lab < len(names) and (f := os.fsencode(p).split(b"/", 1)[0]) != names[lab]]  # fmt: skip
     if not bad:
         return []
