@@ -77,3 +77,74 @@ def test_compare_refuses_an_output_inside_its_data_folder_before_any_work(inside
     assert main(["compare", "--data", str(root), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"]) == 2
     assert f"is inside the data folder {root} (its files would be read as images there next time); choose another -o folder" in capsys.readouterr().err
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def _plant(path, kind):
+    """Put something at ``path`` that no output set may replace: a FIFO, a folder, a symbolic link to a user's file, a read-only file."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+        (path / "note.txt").write_text("mine")
+    elif kind == "link":
+        (path.parent.parent / "precious.txt").write_text("mine")
+        path.symlink_to(path.parent.parent / "precious.txt")
+    else:
+        path.write_text("mine")
+        path.chmod(0o444)
+
+
+def _snapshot(folder):
+    import os
+
+    return sorted((p.name, os.lstat(p).st_mode, p.read_text() if p.is_file() and not p.is_symlink() else None)
+                  for p in folder.iterdir() if p.is_symlink() or not p.is_fifo())  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link", "read-only"])
+def test_an_output_set_never_replaces_what_it_did_not_write(kind, tmp_path):
+    """Fourth pass (#22): a FIFO named scratch.keras in scratch's -o was replaced by the model without a word; a folder named like a member
+    failed the publication half-way. Every member of a set is checked before the set is staged (``core.outputsets.check_members``)."""
+    from pipeline.core.outputsets import publish
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lr.joblib").write_text("old model")
+    _plant(out / "lr.report.txt", kind)
+    before = _snapshot(out)
+    with pytest.raises(PipelineError, match=rf"out/lr\.report\.txt: is (a FIFO \(named pipe\)|a folder|a symbolic link|read-only); the new output set would "
+                                            r"replace it: remove it, or choose another output folder$"):  # fmt: skip
+        with publish(out, "lr", ("lr.report.txt", "lr.joblib"), lock="lr.joblib", locked=False) as stage:
+            stage.path("lr.joblib").write_text("new model")
+            stage.path("lr.report.txt").write_text("new report")
+    assert _snapshot(out) == before and (tmp_path / "precious.txt").read_text() == "mine" if kind == "link" else _snapshot(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".lr.set")]
+
+
+@pytest.mark.parametrize("argv, member", [
+    (["train", "{features}", "--model", "lr", "--cv", "2", "--C", "1", "--quiet"], "lr.confusion.png"),
+    (["scratch", "{data}/train", "--dense", "4", "--input-size", "32", "--epochs", "1", "--quiet"], "scratch.keras"),
+    (["finetune", "{data}/train", "--weights", "none", "--input-size", "32", "--epochs", "1", "--quiet"], "finetune.probe.joblib"),
+    (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"], "compare.png"),
+    (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--sizes", "3", "--quiet"], "sizes.json"),
+    (["bench", "--data-path", "--quiet"], "data_path.md"),
+])  # fmt: skip
+def test_every_stage_refuses_a_set_member_it_cannot_replace_before_any_work(argv, member, tmp_path, capsys):
+    """The rule for every stage that publishes a set: a FIFO named like one of its files is one line before any training or measurement."""
+    import os
+
+    from pipeline.cli import main
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    feats = make_features(tmp_path / "f.h5", per_class=[10, 10, 10])
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / member)
+    assert main([a.format(data=root, features=feats) for a in argv] + ["-o", str(out)]) == 2
+    assert f"{out / member}: is a FIFO (named pipe); the new output set would replace it" in capsys.readouterr().err
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [member] or set(left) <= {member, "compare.lock", "bench.lock"} and "models" not in left, left

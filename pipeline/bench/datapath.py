@@ -24,6 +24,9 @@ from pipeline.featurefile.store import open_features
 from pipeline.featurefile.writer import write_feature_file
 from pipeline.extract.workarea import WorkArea
 
+#: The output set this measurement publishes (``core.outputsets``).
+FILES = ("data_path.md", "data_path.json")
+
 #: Photo-sized JPEGs: the size of a typical ImageNet/Pascal photo, at a common camera quality.
 PHOTO_SIZE = (500, 375)
 JPEG_QUALITY = 90
@@ -290,7 +293,7 @@ def run(replay: Path, output: Path, say, repeats: int = 3, images: int = IMAGES,
     result["capacity"] = capacity(result["decode"]["1"]["cpu"], result["compression"]["per_core"], e["serial_cpu_seconds_per_image"], e["assembly_rows_per_cpu_s"])
     output.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
-    with publish(output, "data_path", ("data_path.md", "data_path.json"), lock="data_path.json", locked=False) as stage:  # both new, or both as before
+    with publish(output, "data_path", FILES, lock="data_path.json", locked=False) as stage:  # both new, or both as before
         write_text_atomic(stage.path("data_path.json"), json.dumps(result, indent=1))
         write_text_atomic(stage.path("data_path.md"), md)
     print(md)

@@ -26,13 +26,15 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, option, validate
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
-from pipeline.core.outputsets import publish
+from pipeline.core.outputsets import check_members, publish
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 PRECISIONS_MEASURED = ("float32", "bfloat16", "float16", "int8")
 #: ``--isa``: ``avx2`` limits oneDNN (the kernels of TensorFlow and of OpenVINO's CPU plugin)
 #: to AVX2 in every step, and ``auto`` precision to float32: an AVX2-only CPU, on this one.
 ISAS = ("native", "avx2")
+#: The output set the main measurement publishes (``core.outputsets``).
+FILES = ("bench.md", "bench.json")
 
 
 @dataclass(frozen=True)
@@ -331,12 +333,15 @@ def _measure(args: BenchConfig) -> dict:
     if args.data_path:  # its own measurement (datapath.py): no network, no data folder
         from pipeline.bench import datapath
 
+        check_members(args.output, datapath.FILES)  # before the measurement, not after it
         return datapath.run(args.replay, args.output, say, args.repeats, batch_size=args.batch_size)
     if args.train:  # its own measurement (bench/train.py): the classical stage on real feature rows
         from pipeline.bench import train as bench_train
 
+        check_members(args.output, bench_train.FILES)
         return bench_train.run_train_bench(args.replay, args.output, test=args.test_features, sizes=args.train_sizes, say=say)
     args.output.mkdir(parents=True, exist_ok=True)
+    check_members(args.output, FILES)
     from pipeline.backbones.network import CPU_FLAGS_ENV, cpu_flags
 
     machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in cpu_flags() else "")
@@ -359,7 +364,7 @@ def _measure(args: BenchConfig) -> dict:
         result["accuracy"] = _accuracy(args, say)
         result["training"] = _training(args, say)
     md = report.markdown(result)
-    with publish(args.output, "bench", ("bench.md", "bench.json"), lock="bench.json", locked=False) as stage:  # both new, or both as before
+    with publish(args.output, "bench", FILES, lock="bench.json", locked=False) as stage:  # both new, or both as before
         write_text_atomic(stage.path("bench.json"), json.dumps(result, indent=1))
         write_text_atomic(stage.path("bench.md"), md)
     print(md)

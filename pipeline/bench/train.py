@@ -32,6 +32,9 @@ from pipeline.core.outputsets import publish
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.writer import write_feature_file
 
+#: The output set this measurement publishes (``core.outputsets``).
+FILES = ("train_bench.png", "train_bench.md", "train_bench.json")
+
 SIZES = (1000, 10000, 50000)
 #: Relative size of the perturbation of the replicated rows.
 NOISE = 0.05
@@ -152,7 +155,7 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
     result = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "load": os.getloadavg()[0], "model": model, "epochs": epochs,
               "source": str(features), "noise": NOISE, "test": str(test) if test else None, "rows": rows}  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
-    with publish(output, "train_bench", ("train_bench.png", "train_bench.md", "train_bench.json"), lock="train_bench.json", locked=False) as stage:
+    with publish(output, "train_bench", FILES, lock="train_bench.json", locked=False) as stage:
         write_text_atomic(stage.path("train_bench.json"), json.dumps(result, indent=1))
         write_text_atomic(stage.path("train_bench.md"), markdown(result))
         chart(result, stage.path("train_bench.png"))

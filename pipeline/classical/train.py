@@ -36,7 +36,7 @@ from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import classification_report, scores
 from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir
-from pipeline.core.outputsets import settle
+from pipeline.core.outputsets import check_members, settle
 from pipeline.core.splits import split_indices
 from pipeline.featurefile.store import check_compatible, open_features
 
@@ -321,6 +321,7 @@ def run(config: TrainConfig) -> dict:
         prepare_output_dir(output)
         stack.enter_context(lock)
         settle(output, config.model, locked=True)  # a set a killed run left half moved is finished first
+        check_members(output, [p.name for p in paths.values()])  # a FIFO, folder or link named like a member: refused before the fit
         fitted, y_test, y_pred, predict_seconds = fit_predict(config, ff, test_ff, plan)
         train_rows, test_rows, test_source, mode, estimate_mb, d = plan.train_rows, plan.test_rows, plan.test_source, plan.mode, plan.estimate_mb, plan.d
         test_scores = scores(y_test, y_pred, names)

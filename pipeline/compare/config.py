@@ -18,6 +18,10 @@ from pipeline.core.errors import PipelineError
 STRATEGIES = ("scratch", "scratch-resnet", "lr", "svm", "rf", "head", "finetune-dense", "probe", "finetune", "finetune-plain")
 DEFAULT_STRATEGIES = ("scratch", "scratch-resnet", "lr", "svm", "rf", "head", "finetune-dense", "probe", "finetune")
 DEFAULT_UNFREEZE = ("block5_conv1",)
+#: The table's files, published as one set (``core.outputsets``), in the order they are moved into place.
+TABLE_FILES = ("compare.png", "compare.csv", "compare.md", "compare.json")
+#: ``--sizes``'s set (``compare/sizes.py``).
+SIZES_FILES = ("sizes.png", "sizes.csv", "sizes.md", "sizes.json")
 #: The frozen-feature rows (``train``'s models on extracted features) and the rows trained on images by a nets stage.
 CLASSICAL = ("lr", "svm", "rf")
 NETS = ("scratch", "scratch-resnet", "head", "finetune-dense", "finetune", "finetune-plain")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.compare import rows as kinds
-from pipeline.compare.config import CLASSICAL
+from pipeline.compare.config import CLASSICAL, SIZES_FILES
 from pipeline.compare.verdicts import judged, summaries
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
@@ -141,7 +141,7 @@ def write_outputs(output: Path, rows: list[dict], sizes: tuple[int, ...]) -> Non
     md = table(rows, sizes)
     n_test = rows[0].get("n_test") if rows else 0
     lines = "\n".join(f"- {s}" for s in summaries(rows, sizes))
-    with publish(output, "sizes", ("sizes.png", "sizes.csv", "sizes.md", "sizes.json"), lock="sizes.md", locked=False) as stage:  # all new, or all as before
+    with publish(output, "sizes", SIZES_FILES, lock="sizes.md", locked=False) as stage:  # all new, or all as before
         _write(stage, md, lines, n_test, rows)
     print(md, end="")
     print("\n".join(summaries(rows, sizes)))

@@ -16,19 +16,17 @@ from pathlib import Path
 
 from pipeline.backbones.registry import BACKBONE
 from pipeline.compare import rows as kinds
-from pipeline.compare.config import CLASSICAL, CompareConfig
+from pipeline.compare.config import CLASSICAL, SIZES_FILES, TABLE_FILES, CompareConfig
 from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
 from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
-from pipeline.core.outputsets import publish
+from pipeline.core.outputsets import check_members, publish
 from pipeline.compare.verdicts import judged, summary_line
 from pipeline.core.stats import ALPHA, CONFIDENCE
 
 COLUMNS = ("strategy", "accuracy", "ci_low", "ci_high", "p_value", "status", "macro_f1", "n_train", "n_val", "chosen_by", "train_seconds",
            "images_per_second", "model_bytes", "accuracy_sd", "seed_accuracies")  # fmt: skip
-#: The table's files, published as one set (``core.outputsets``), in the order they are moved into place.
-TABLE_FILES = ("compare.png", "compare.csv", "compare.md", "compare.json")
 
 
 def _say(config: CompareConfig, message: str) -> None:
@@ -176,6 +174,7 @@ def run(config: CompareConfig) -> list[dict]:
     refuse_inside(config.output, [("the data folder", config.data_root)], "choose another -o folder")  # its models/ would become a class folder
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
     with OutputLock(prepare_output_dir(config.output) / "compare"):
+        check_members(config.output, SIZES_FILES if config.sizes else TABLE_FILES)  # before any row is trained
         return _compare(config)
 
 

@@ -22,13 +22,14 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes
+from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes, special_kind
 
 MANIFEST = "manifest.json"
 #: How long a reader waits for a writer that is moving a committed set into place.
@@ -78,6 +79,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
     folder, members = Path(folder), tuple(members)
     with nullcontext() if locked else OutputLock(folder / lock):
         settle(folder, name, locked=True)  # a set cut short by a kill: finished before it is replaced
+        check_members(folder, members)  # the stage checked them before its work too; this is the last look before writing
         remove_dead_staging(folder, name)
         staging = folder / f".{name}.set-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -163,7 +165,31 @@ def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
-    return True
+
+
+def check_members(folder: Path, members) -> None:
+    """Refuse, before any work, a file of the set that exists as something a publication must not replace.
+
+    Publishing renames each new file over the old one, which replaces whatever has that name: a
+    FIFO, a device or a socket (a user's pipe), a symbolic link (the file it names would stay
+    stale beside a new set), a folder (the rename fails half-way through the set) or a
+    read-only file (the user's way of keeping it). Each is one line naming the path.
+
+    Raises:
+        PipelineError: ``PATH: is a FIFO (named pipe); the new output set would replace it: ...``.
+    """
+    for member in members:
+        path = Path(folder) / member
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise PipelineError(f"{path}: cannot be checked ({exc.strerror or exc}); choose another output folder") from None
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else special_kind(path) if not stat.S_ISREG(mode)
+                else "read-only" if not (mode & 0o222 and os.access(path, os.W_OK)) else None)  # fmt: skip
+        if kind is not None:
+            raise PipelineError(f"{path}: is {kind}; the new output set would replace it: remove it, or choose another output folder")
 
 
 def _member_problem(name, set_name: str) -> str | None:

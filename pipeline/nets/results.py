@@ -41,6 +41,11 @@ class Result:
     metrics: dict
 
 
+def set_files(name: str) -> tuple[str, str, str]:
+    """The files every network stage ``name`` publishes as one set: the model, its curves and its metrics."""
+    return f"{name}.keras", f"{name}.curves.png", f"{name}.metrics.json"
+
+
 def evaluate(full, data: Data, batch_size: int, top=None, test_features=None):
     """Test-set probabilities and the full model's measured throughput (images/s), after a warm-up on both batch shapes.
 
@@ -102,7 +107,7 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
     out_dir = Path(config.out_dir)
     probs, ips = evaluate(net.full, data, config.batch_size, net.top, test_features)
     y_pred = probs.argmax(axis=1)
-    model_path, curves, metrics_path = (out_dir / f"{name}.{ext}" for ext in ("keras", "curves.png", "metrics.json"))
+    model_path, curves, metrics_path = (out_dir / member for member in set_files(name))
     with publish(out_dir, name, (model_path.name, curves.name, *(files or {}), metrics_path.name), lock=model_path.name) as stage:
         model_bytes = save_model(net.full, stage.path(model_path.name))
         plots.training_curves({k: v for k, v in history.items() if k != "phase"}, stage.path(curves.name),

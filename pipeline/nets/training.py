@@ -19,22 +19,24 @@ import numpy as np
 
 from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir
-from pipeline.core.outputsets import settle
+from pipeline.core.outputsets import check_members, settle
 from pipeline.backbones.network import resolve_precision
 from pipeline.nets.images import Data, check_pixel_memory, gigabytes, list_inputs, memory_budget
 from pipeline.nets.networks import Network, apply_layers, augmentation_layers
 from pipeline.nets.options import NetConfig
+from pipeline.nets.results import set_files
 
 
 @contextmanager
-def locked_output(config: NetConfig, name: str):
-    """The stage's output folder, never inside the images it reads, made and locked for the run (a second run on it is refused), a set a
-    killed run left half published finished (``core.outputsets``); settings checked and the folders listed first. Yields the listings."""
+def locked_output(config: NetConfig, name: str, own_files: tuple[str, ...] = ()):
+    """The output folder, never inside the images read, locked for the run, a set a killed run left finished and its files (``set_files(name)``
+    and ``own_files``) checked replaceable (``core.outputsets``); settings checked and the folders listed first. Yields the listings."""
     config.validate()
     listed = list_inputs(config.data_dir, config.test_dir)  # bad folders fail before an output folder is made
     refuse_inside(config.out_dir, [("the training images", config.data_dir), ("the test images", config.test_dir)], "choose another -o folder")
     with OutputLock(prepare_output_dir(config.out_dir) / f"{name}.keras"):
         settle(config.out_dir, name, locked=True)
+        check_members(config.out_dir, (*set_files(name), *own_files))
         yield listed
 
 
@@ -87,10 +89,7 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Genera
         pick = next_copies() if copies else None
         for s in range(0, n, batch_size):
             idx = order[s : s + batch_size]
-            if copies:
-                yield x[pick[idx], idx], y[idx]
-            else:
-                yield x[idx], y[idx]
+            yield (x[pick[idx], idx] if copies else x[idx]), y[idx]
 
     spec = (tf.TensorSpec((None, *row_shape), tf.as_dtype(x.dtype)), tf.TensorSpec((None,), tf.int32))
     ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
@@ -109,9 +108,7 @@ def optimizer(lr: float, precision: str, base=None):
 
 
 def _verbose(quiet: bool):
-    if quiet:
-        return 0
-    return 1 if sys.stdout.isatty() else 2
+    return 0 if quiet else 1 if sys.stdout.isatty() else 2
 
 
 def cache_plan(net: Network, data: Data, *, cache: bool, cache_copies: int, augment: bool, pixel_bytes: int):
