@@ -66,25 +66,43 @@ def test_an_output_folder_that_holds_an_input_or_is_a_link_is_never_replaced(tra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "link", "mine", "models"]  # no temporary left
 
 
-def test_a_savedmodel_is_replaced_whole_or_not_at_all(trained, tmp_path, monkeypatch):
-    """export --format savedmodel removed the previous folder before moving the new one in (a failure between lost both)."""
-    bundle, out = trained / "models" / "lr.joblib", tmp_path / "saved"
-    export.run(export.ExportConfig(model=bundle, output=out, format="savedmodel"))
-    assert (out / "saved_model.pb").is_file()
-    before = _snapshot(out)
-    real_rename = os.rename
+@pytest.mark.parametrize("fails", ["metadata", "commit"])
+@pytest.mark.parametrize("fmt", ["savedmodel", "keras"])
+def test_an_export_is_replaced_whole_or_not_at_all(fmt, fails, trained, tmp_path, monkeypatch):
+    """export --format savedmodel removed the previous folder before moving the new one in (a failure between lost both); fourth pass:
+    the metadata was written after the network was replaced, so a failure there left a new network beside the old metadata."""
+    bundle, out = trained / "models" / "lr.joblib", tmp_path / ("saved" if fmt == "savedmodel" else "m.keras")
+    export.run(export.ExportConfig(model=bundle, output=out, format=fmt))
+    meta = out.with_name(out.name + ".json")
+    before = (_snapshot(out) if fmt == "savedmodel" else out.read_bytes()), meta.read_bytes()
+    if fails == "metadata":
+        monkeypatch.setattr(export, "write_json_atomic", lambda path, obj: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    else:
+        real_rename = os.rename
+        monkeypatch.setattr(os, "rename", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left on device")) if ".set-" in str(src) else real_rename(src, dst))
+    with pytest.raises(PipelineError, match=r"no space left"):
+        export.run(export.ExportConfig(model=bundle, output=out, format=fmt, overwrite=True))
+    assert ((_snapshot(out) if fmt == "savedmodel" else out.read_bytes()), meta.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name])
 
-    def full_disk(src, dst):
-        if str(dst) == str(out) and ".tmp" in str(src):  # the new folder cannot move in
-            raise OSError(28, "No space left on device")
-        return real_rename(src, dst)
 
-    monkeypatch.setattr(os, "rename", full_disk)
-    with pytest.raises(PipelineError, match=r"saved: no space left"):
-        export.run(export.ExportConfig(model=bundle, output=out, format="savedmodel", overwrite=True))
-    assert _snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "saved.json"]
 
+@pytest.mark.parametrize("fmt", ["savedmodel", "keras"])
+def test_export_overwrite_replaces_only_what_export_wrote(fmt, trained, tmp_path):
+    """Fourth pass (#22): with --overwrite, a FIFO named like the metadata was replaced without a word. Every file of the exported pair is
+    checked before any work, and a re-export replaces a SavedModel whole (files of the previous one do not survive)."""
+    bundle, out = trained / "models" / "lr.joblib", tmp_path / ("saved" if fmt == "savedmodel" else "m.keras")
+    meta = out.with_name(out.name + ".json")
+    os.mkfifo(meta)
+    with pytest.raises(PipelineError, match=rf"{meta.name}: is a FIFO \(named pipe\); the new output set would replace it"):
+        export.run(export.ExportConfig(model=bundle, output=out, format=fmt, overwrite=True))
+    assert meta.is_fifo() and not out.exists()
+    meta.unlink()
+    export.run(export.ExportConfig(model=bundle, output=out, format=fmt))
+    if fmt == "savedmodel":
+        (out / "stale.txt").write_text("from an earlier export")
+    export.run(export.ExportConfig(model=bundle, output=out, format=fmt, overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name]) and not (out / "stale.txt").exists()
 
 def test_an_evaluation_on_data_without_some_classes_says_how_macro_f1_counts_them(trained, tmp_path, capsys):
     """evaluate on data lacking one of the model's classes scored it F1 0 in macro-F1, silently (a perfect model would show 0.667 of 3 classes): now averaged over the classes present, and said."""

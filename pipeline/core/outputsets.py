@@ -57,7 +57,7 @@ class Staging:
 
 
 @contextmanager
-def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lock: str, locked: bool = True) -> Iterator[Staging]:
+def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lock: str, locked: bool = True, folders: tuple[str, ...] = ()) -> Iterator[Staging]:
     """Write the set ``name`` of ``folder`` in a staging folder, then publish it as a whole.
 
     Args:
@@ -68,6 +68,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
             (they belonged to the previous set).
         lock: the member whose output lock (``core.outputs.OutputLock``) guards the set.
         locked: the caller holds that lock already; False: take it for the block.
+        folders: members that are folders (a SavedModel), each replacing the previous one whole.
 
     Yields:
         ``Staging``: ``stage.path(member)`` is where the block writes each file.
@@ -79,7 +80,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
     folder, members = Path(folder), tuple(members)
     with nullcontext() if locked else OutputLock(folder / lock):
         settle(folder, name, locked=True)  # a set cut short by a kill: finished before it is replaced
-        check_members(folder, members)  # the stage checked them before its work too; this is the last look before writing
+        check_members(folder, members, folders)  # the stage checked them before its work too; this is the last look before writing
         remove_dead_staging(folder, name)
         staging = folder / f".{name}.set-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -87,10 +88,10 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
             staging.mkdir()
             stage = Staging(staging, members)
             yield stage
-            manifest = {"set": name, "lock": lock, "install": [m for m in members if m in stage.written], "remove": [m for m in members if m not in stage.written]}
+            manifest = {"set": name, "lock": lock, "install": [m for m in members if m in stage.written], "remove": [m for m in members if m not in stage.written],
+                        "folders": [m for m in folders if m in stage.written]}  # fmt: skip
             for member in manifest["install"]:
-                with open(staging / member, "rb") as f:  # a writer that wrote nothing fails here
-                    os.fsync(f.fileno())
+                _fsync_tree(staging / member)  # a writer that wrote nothing fails here
             with open(staging / MANIFEST, "w") as f:
                 f.write(json.dumps(manifest, indent=1) + "\n")
                 f.flush()
@@ -167,13 +168,27 @@ def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     return removed
 
 
-def check_members(folder: Path, members) -> None:
+def _fsync_tree(path: Path) -> None:
+    """Flush a staged file, or every file and folder under a staged folder, to disk."""
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    for top, _, files in os.walk(path):
+        for file in files:
+            with open(os.path.join(top, file), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(top))
+
+
+def check_members(folder: Path, members, folders=()) -> None:
     """Refuse, before any work, a file of the set that exists as something a publication must not replace.
 
     Publishing renames each new file over the old one, which replaces whatever has that name: a
     FIFO, a device or a socket (a user's pipe), a symbolic link (the file it names would stay
     stale beside a new set), a folder (the rename fails half-way through the set) or a
-    read-only file (the user's way of keeping it). Each is one line naming the path.
+    read-only file (the user's way of keeping it). Each is one line naming the path. ``folders``:
+    members that are folders (a SavedModel), which may exist as a folder.
 
     Raises:
         PipelineError: ``PATH: is a FIFO (named pipe); the new output set would replace it: ...``.
@@ -186,6 +201,8 @@ def check_members(folder: Path, members) -> None:
             continue
         except OSError as exc:
             raise PipelineError(f"{path}: cannot be checked ({exc.strerror or exc}); choose another output folder") from None
+        if stat.S_ISDIR(mode) and member in folders:
+            continue
         kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else special_kind(path) if not stat.S_ISREG(mode)
                 else "read-only" if not (mode & 0o222 and os.access(path, os.W_OK)) else None)  # fmt: skip
         if kind is not None:
@@ -193,8 +210,8 @@ def check_members(folder: Path, members) -> None:
 
 
 def _member_problem(name, set_name: str) -> str | None:
-    """Why ``name`` cannot be a file of set ``set_name`` (None: it can): only plain names of the set's own (``SET.suffix``), never a path."""
-    if not isinstance(name, str) or not name.startswith(f"{set_name}.") or "/" in name or "\0" in name or name in (".", ".."):
+    """Why ``name`` cannot be a file of set ``set_name`` (None: it can): only plain names of the set's own (``SET``, ``SET.suffix``), never a path."""
+    if not isinstance(name, str) or not (name == set_name or name.startswith(f"{set_name}.")) or "/" in name or "\0" in name or name in (".", ".."):
         return f"{name!r} is not a file name of set {set_name!r}"
     return None
 
@@ -211,6 +228,9 @@ def _manifest(journal: Path) -> dict:
         problem = next(filter(None, (_member_problem(n, manifest["set"]) for n in (*manifest["install"], *manifest["remove"], manifest["lock"]))), None)
         if problem:
             raise ValueError(problem)
+        folders = manifest.setdefault("folders", [])
+        if not isinstance(folders, list) or not all(isinstance(m, str) and m in manifest["install"] for m in folders):
+            raise ValueError("'folders' must name members it installs")
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{journal}: damaged publish journal ({first_line(exc)}); the files beside it may mix two runs: remove it and run the stage again") from None
     return manifest
@@ -225,8 +245,11 @@ def _roll_forward(journal: Path, manifest: dict) -> None:
             if old.is_symlink() or old.is_file():
                 old.unlink()
         for member in manifest["install"]:
-            if os.path.lexists(journal / member):
-                os.replace(journal / member, folder / member)
+            new, old = journal / member, folder / member
+            if os.path.lexists(new):
+                if member in manifest["folders"] and old.is_dir() and not old.is_symlink():
+                    os.rename(old, journal / f"{member}.replaced")  # a folder member replaces the previous one whole; it goes with the journal
+                os.replace(new, old)
         fsync_dir(folder)
         shutil.rmtree(journal)
         fsync_dir(folder)

@@ -28,7 +28,8 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import atomic_folder, atomic_output, prepare_output_dir, write_json_atomic
+from pipeline.core.outputs import OutputLock, prepare_output_dir, write_json_atomic
+from pipeline.core.outputsets import check_members, publish
 from pipeline.nets.probe import probe_layers
 
 #: ``--format``: the Keras file (``model.keras``) or a TensorFlow SavedModel folder (``model.export``, for TF Serving / TFLite converters).
@@ -173,6 +174,12 @@ def _check_output(config: ExportConfig, model_path: Path, output: Path) -> None:
         refuse_replacing_inputs(output, inputs, "export", "choose another -o")
         if not (output.is_dir() and (output / SAVED_MODEL_FILE).is_file()):
             raise PipelineError(f"{output}: exists and is not a SavedModel folder; export replaces only a SavedModel (even with --overwrite): choose another -o")
+    check_members(output.parent, (output.name, meta_path.name), _folders(config, output))  # a FIFO, a device, a read-only file
+
+
+def _folders(config: ExportConfig, output: Path) -> tuple[str, ...]:
+    """The members of export's set that are folders: the SavedModel."""
+    return (output.name,) if config.format == "savedmodel" else ()
 
 
 def run(config: ExportConfig) -> Path:
@@ -193,16 +200,17 @@ def run(config: ExportConfig) -> Path:
     meta_path = output.with_name(output.name + ".json")
     bundle = load_bundle(model_path)
     check_spec(model_path, bundle)
-    prepare_output_dir(output.parent)
-    info = resolve_bundle_weights(model_path, bundle, config.weights, progress=True)
-    network = build_export(bundle, info, model_path=model_path)
-    if config.format == "keras":
-        with atomic_output(output, suffix=".keras") as tmp:
-            network.save(tmp)
-    else:
-        with atomic_folder(output) as tmp:  # written beside, then swapped in: a failure leaves the previous one whole
-            network.export(str(tmp), format="tf_saved_model", verbose=False)
-    write_json_atomic(meta_path, metadata(bundle, config))
+    with OutputLock(prepare_output_dir(output.parent) / output.name):  # one export per output; checked again under the lock
+        _check_output(config, model_path, output)
+        info = resolve_bundle_weights(model_path, bundle, config.weights, progress=True)
+        network = build_export(bundle, info, model_path=model_path)
+        # the network and its metadata published as one set: a failure leaves the previous pair whole, never a new network with old metadata
+        with publish(output.parent, output.name, (output.name, meta_path.name), lock=output.name, folders=_folders(config, output)) as stage:
+            if config.format == "keras":
+                network.save(stage.path(output.name))
+            else:
+                network.export(str(stage.path(output.name)), format="tf_saved_model", verbose=False)
+            write_json_atomic(stage.path(meta_path.name), metadata(bundle, config))
     print(f"exported {model_path} -> {output} ({config.format}; {metadata(bundle, config)['output']}; metadata in {meta_path.name})", file=sys.stderr)
     return output
 

@@ -86,6 +86,8 @@ def test_temporaries_of_dead_processes_are_removed_by_the_next_lock_holder(tmp_p
         {"set": "lr", "lock": "lr.joblib", "install": ["lr.joblib"], "remove": [None]},
         {"lock": "lr.joblib", "install": ["lr.joblib"], "remove": []},  # no set name
         {"set": "svm", "lock": "svm.joblib", "install": ["svm.joblib"], "remove": []},  # another set's journal
+        {"set": "lr", "lock": "lr.joblib", "install": ["lr.joblib"], "remove": [], "folders": ["lr.report.txt"]},  # a folder it does not install
+        {"set": "lr", "lock": "lr.joblib", "install": ["lr.joblib"], "remove": [], "folders": [{}]},
         [],
     ],
 )
@@ -107,3 +109,26 @@ def test_a_hand_edited_publish_journal_is_one_line_and_moves_or_deletes_nothing(
     with pytest.raises(PipelineError, match=r"\.lr\.set: damaged publish journal \(.*\); the files beside it may mix two runs: remove it and run the stage again$"):
         settle_for(models / "lr.joblib")
     assert victim.read_text() == "precious" and (models / "lr.joblib").read_text() == "old"
+
+
+@pytest.mark.parametrize("stopped", ["before the old folder moved", "between the two renames"])
+def test_a_folder_member_killed_while_moving_in_is_finished_by_the_next_reader(stopped, tmp_path):
+    """A set may hold a folder (export's SavedModel): the previous one is moved into the journal, the new one into place; a kill at either
+    point leaves a journal that ``settle_for`` finishes: the new folder whole, the old one gone, nothing of it mixed in."""
+    import json
+
+    from pipeline.core.outputsets import journal_path, settle_for
+
+    out = tmp_path / "out"
+    journal = journal_path(out, "m")
+    (journal / "m").mkdir(parents=True)
+    (journal / "m" / "new.pb").write_text("new")
+    (journal / "m.json").write_text("new meta")
+    (journal / "manifest.json").write_text(json.dumps({"set": "m", "lock": "m", "install": ["m", "m.json"], "remove": [], "folders": ["m"]}))
+    old = out / "m" if stopped == "before the old folder moved" else journal / "m.replaced"
+    old.mkdir()
+    (old / "old.pb").write_text("old")
+    (out / "m.json").write_text("old meta")
+    settle_for(out / "m.json")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["m", "m.json", "m/new.pb"]
+    assert (out / "m.json").read_text() == "new meta"
