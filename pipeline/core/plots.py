@@ -225,7 +225,7 @@ def interval_figure(rows: Mapping[str, tuple[float, float, float, str]], *, titl
     for i, k in enumerate(labels):
         acc, lo, hi = values[i]
         colour = STATUS_COLOURS.get(rows[k][3], "tab:gray")
-        ax.errorbar([acc], [y[i]], xerr=[[acc - lo], [hi - acc]], fmt="o", color=colour, capsize=4)
+        ax.errorbar([acc], [y[i]], xerr=[[max(acc - lo, 0.0)], [max(hi - acc, 0.0)]], fmt="o", color=colour, capsize=4)
         ax.annotate(f"{acc:.3f}", (hi, y[i]), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
     best = [i for i, k in enumerate(labels) if rows[k][3] == "best"]
     if best:

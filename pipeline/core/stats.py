@@ -30,7 +30,8 @@ def wilson(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float,
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    # the interval holds p (exactly 1 at n of n); rounding must not leave p a hair outside it
+    return max(0.0, min(p, float(centre - half))), min(1.0, max(p, float(centre + half)))
 
 
 def mcnemar(y_true, pred_a, pred_b) -> tuple[int, int, float]:

@@ -59,3 +59,10 @@ def test_interval_chart_zooms_on_the_differences_and_its_labels_do_not_overlap(t
     assert plots.interval_chart(rows, tmp_path / "c.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="at least one row"):
         plots.interval_chart({}, tmp_path / "none.png")
+
+
+def test_interval_chart_draws_a_row_outside_its_interval_by_rounding(tmp_path):
+    """A perfect row (accuracy 1.0) whose upper bound was rounded below it crashed the chart; the chart draws it (a zero-length arm)."""
+    out = tmp_path / "c.png"
+    plots.interval_chart({"lr": (1.0, 0.75, 0.9999999999999999, "best"), "svm": (0.5, 0.3, 0.7, "different")}, out, title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
