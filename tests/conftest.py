@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,13 @@ def write_image(path: Path, size=(40, 30), seed=0, fmt=None, mode="RGB") -> Path
     return path
 
 
-def make_tree(root: Path, classes=("cat", "dog"), per_class=3, size=(40, 30), ext=".png") -> Path:
-    """``root/<class>/<i>.png`` with distinct random pixels in each file."""
-    seed = 0
+def make_tree(root: Path, classes=("cat", "dog"), per_class=3, size=(40, 30), ext=".png", seed: int | None = None) -> Path:
+    """``root/<class>/<i>.png`` with distinct random pixels in each file.
+
+    ``seed``: of the first image; None: from the folder's name, so a ``train`` and a ``test`` tree never share an image
+    (stages refuse a test tree holding a training image).
+    """
+    seed = zlib.crc32(Path(root).name.encode()) * 1000 if seed is None else seed
     for c in classes:
         for i in range(per_class):
             write_image(root / c / f"{i:03d}{ext}", size=size, seed=seed)

@@ -29,7 +29,7 @@ NETS = ("scratch", "scratch-resnet", "head", "finetune-dense", "finetune", "fine
 CLASSICAL_NAMES = {"lr": "frozen features + logistic regression", "svm": "frozen features + linear SVM", "rf": "frozen features + random forest"}
 PROBE_NAME = "logistic-regression probe (LP-FT's start)"
 #: Config fields that do not change a result: a metrics file recorded with other values still counts.
-IGNORED_FIELDS = ("command_line", "quiet", "prefix_cache")
+IGNORED_FIELDS = ("command_line", "quiet", "prefix_cache", "allow_overlap")
 
 
 def backbone_row_name(backbone: str) -> str:
@@ -84,6 +84,8 @@ class CompareConfig:
         rerun: train again even where a result with the same settings and inputs exists.
         sizes: training images per class to draw each strategy against (``--sizes``; empty:
             the one table of the whole training tree). See ``compare/sizes.py``.
+        allow_overlap: score on a test tree that shares images with the training tree (refused
+            before any work otherwise: every row would be scored on images it trained on).
     """
 
     data_root: Path = option(Path("data/fashion-mnist"), "folder with train/ and test/ class trees", flag="--data")
@@ -113,6 +115,7 @@ class CompareConfig:
         rule=ListOf(int, what="whole numbers (e.g. 100,300,500)"),
         metavar="N1,N2,...",
     )
+    allow_overlap: bool = option(False, "score on a DATA/test that shares images (same file or same content) with DATA/train")
     quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> "CompareConfig":

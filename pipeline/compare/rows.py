@@ -172,7 +172,7 @@ def net_config(config: CompareConfig, strategy: str, unfreeze: str, seed: int):
 
     data, test = config.data_root / "train", config.data_root / "test"
     suffix = "" if seed == config.seed else f"-seed{seed}"
-    common = dict(data_dir=data, test_dir=test, seed=seed, refit=config.refit, quiet=config.quiet)
+    common = dict(data_dir=data, test_dir=test, seed=seed, refit=config.refit, quiet=config.quiet, allow_overlap=config.allow_overlap)
     if strategy == "scratch":
         cfg = scratch.ScratchConfig(out_dir=config.models / f"scratch{suffix}", input_size=config.scratch_input_size, epochs=config.scratch_epochs, **common)
         return scratch, cfg, "scratch"

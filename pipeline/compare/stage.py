@@ -22,6 +22,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
 from pipeline.core.outputsets import check_members, publish
+from pipeline.images.overlap import list_inputs
 from pipeline.compare.verdicts import judged, summary_line
 from pipeline.core.stats import ALPHA, CONFIDENCE
 
@@ -172,6 +173,7 @@ def run(config: CompareConfig) -> list[dict]:
     config.validate()
     check_weights(config)
     refuse_inside(config.output, [("the data folder", config.data_root)], "choose another -o folder")  # its models/ would become a class folder
+    list_inputs(config.data_root / "train", config.data_root / "test", config.allow_overlap)  # the same classes, no test image that is a training image
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
     with OutputLock(prepare_output_dir(config.output) / "compare"):
         check_members(config.output, SIZES_FILES if config.sizes else TABLE_FILES)  # before any row is trained

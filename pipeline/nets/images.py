@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
-from pipeline.images.listing import list_images, Listing
+from pipeline.images.listing import Listing
 from pipeline.images.decode import iter_batches
 
 #: Pixels and cached prefix outputs must fit in this share of the machine's RAM.
@@ -43,24 +43,6 @@ class Data:
         empty_x, empty_y = self.val_x[:0], self.val_y[:0]
         return Data(self.class_names, np.concatenate([self.train_x, self.val_x]), np.concatenate([self.train_y, self.val_y]), empty_x, empty_y,
                     self.test_x, self.test_y, self.test_source, self.rejected, self.decode_seconds, self.test_paths)  # fmt: skip
-
-
-def list_inputs(data_dir: Path, test_dir: Path | None) -> tuple[Listing, Listing | None]:
-    """The listings of the training tree and of the test tree (None without ``--test``).
-
-    Raises:
-        PipelineError: a folder ``list_images`` refuses, or a test tree whose classes differ.
-    """
-    listing = list_images(data_dir)
-    test_listing = None
-    if test_dir is not None:
-        test_listing = list_images(test_dir)
-        if test_listing.class_names != listing.class_names:
-            raise PipelineError(
-                f"--test {test_dir}: its classes {list(test_listing.class_names)} differ from "
-                f"{list(listing.class_names)} in {data_dir}; the test folder needs the same class sub-folders"
-            )
-    return listing, test_listing
 
 
 def _physical_memory() -> int:

@@ -37,6 +37,7 @@ class NetConfig:
         refit: train the final model again from its start on the training + validation rows for the
             epochs chosen on validation (the VTAB-1k / VPT protocol: the final model sees every image).
         seed: seeds Keras, the splits, the augmentation and the epoch sampling.
+        allow_overlap: score on a test tree that shares images with the training tree (refused otherwise).
         quiet: no progress bars; the summary line is still printed.
         command_line: recorded in the metrics.
     """
@@ -61,6 +62,7 @@ class NetConfig:
     refit: bool = option(True, "keep the model trained on the training rows only (no refit on training + validation rows for the epochs validation chose)")
     seed: int = option(0, "seed of Keras, the splits and the augmentation", rule=COUNT_OR_ZERO)
     quiet: bool = option(False, "no progress bars; the summary line is still printed")
+    allow_overlap: bool = option(False, "score on a --test folder that shares images (same file or same content) with DATA_DIR")
     command_line: str = option("", cli=False)
 
     def check_folders(self) -> None:

@@ -21,7 +21,8 @@ from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir
 from pipeline.core.outputsets import check_members, settle
 from pipeline.backbones.network import resolve_precision
-from pipeline.nets.images import Data, check_pixel_memory, gigabytes, list_inputs, memory_budget
+from pipeline.images.overlap import list_inputs
+from pipeline.nets.images import Data, check_pixel_memory, gigabytes, memory_budget
 from pipeline.nets.networks import Network, apply_layers, augmentation_layers
 from pipeline.nets.options import NetConfig
 from pipeline.nets.results import set_files
@@ -32,7 +33,7 @@ def locked_output(config: NetConfig, name: str, own_files: tuple[str, ...] = ())
     """The output folder, never inside the images read, locked for the run, a set a killed run left finished and its files (``set_files(name)``
     and ``own_files``) checked replaceable (``core.outputsets``); settings checked and the folders listed first. Yields the listings."""
     config.validate()
-    listed = list_inputs(config.data_dir, config.test_dir)  # bad folders fail before an output folder is made
+    listed = list_inputs(config.data_dir, config.test_dir, config.allow_overlap)  # bad folders fail before an output folder is made
     refuse_inside(config.out_dir, [("the training images", config.data_dir), ("the test images", config.test_dir)], "choose another -o folder")
     with OutputLock(prepare_output_dir(config.out_dir) / f"{name}.keras"):
         settle(config.out_dir, name, locked=True)
@@ -50,7 +51,7 @@ def prepare_run(config: NetConfig, listed=None):
         PipelineError: bad settings, a bad data or test folder, an unwritable output
             folder, or images over the memory budget.
     """
-    listing, test_listing = listed or list_inputs(config.validate().data_dir, config.test_dir)
+    listing, test_listing = listed or list_inputs(config.validate().data_dir, config.test_dir, config.allow_overlap)
     prepare_output_dir(config.out_dir)
     # a refit holds the training images twice: split for the selection, joined for the refit
     n_images = len(listing) * (2 if config.refit else 1) + (len(test_listing) if test_listing is not None else 0)

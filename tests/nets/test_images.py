@@ -10,7 +10,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
 from pipeline.images.decode import load_image
 from pipeline.nets import images
-from pipeline.nets.images import check_pixel_memory, list_inputs, load_data, split_rows
+from pipeline.images.overlap import list_inputs
+from pipeline.nets.images import check_pixel_memory, load_data, split_rows
 
 OPTS = dict(input_size=16, resize="bilinear", val_split=0.2, seed=0, quiet=True)
 

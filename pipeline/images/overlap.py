@@ -1,0 +1,132 @@
+"""Test images that are also training images: the same file (resolved path) or the same content (sha256 of the bytes), found between two lists of files, and the one-line refusal every stage with a training and a test set gives.
+
+Files of equal size are the only candidates for equal content, so only those are read and
+hashed. When an image cannot be read any more (its data folder moved), its content cannot be
+compared: ``Overlap.unchecked`` counts such images and the caller says so, rather than
+pretending the check was done. ``classical/overlap.py`` applies it to feature files (train),
+``list_inputs`` to a training and a test tree (finetune, scratch, compare).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.digests import file_digest
+from pipeline.core.errors import PipelineError
+from pipeline.images.listing import Listing, list_images
+
+#: What a user passes to score on shared images all the same.
+ALLOW_FLAG = "--allow-overlap"
+
+
+@dataclass
+class Overlap:
+    """What two sets of files share: ``pairs`` of (training image, test image) paths, and how many candidates could not be read."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    unchecked: int = 0
+
+
+def _digest(path: str) -> str | None:
+    try:
+        return file_digest(Path(path))
+    except OSError:
+        return None
+
+
+def shared_files(train: list[tuple[str | None, int]], test: list[tuple[str | None, int]]) -> Overlap:
+    """The test files that are one of the training files, by resolved path or by content.
+
+    Args:
+        train, test: (resolved absolute path or None when unknown, size in bytes or -1) of every image.
+
+    Returns:
+        ``Overlap``: the shared (training path, test path) pairs, in test order, and the
+        number of same-size candidates whose bytes could not be read.
+    """
+    out = Overlap()
+    by_path = {p for p, _ in train if p is not None}
+    by_size: dict[int, list[str | None]] = defaultdict(list)
+    for p, s in train:
+        by_size[s].append(p)
+    digests: dict[str, str | None] = {}
+
+    def digest(p: str | None) -> str | None:
+        if p is None:
+            return None
+        if p not in digests:
+            digests[p] = _digest(p)
+        return digests[p]
+
+    for p, s in test:
+        if p is not None and p in by_path:
+            out.pairs.append((p, p))
+            continue
+        candidates = by_size.get(s, []) if s >= 0 else []
+        if not candidates:
+            continue
+        mine = digest(p)
+        if mine is None:
+            out.unchecked += 1
+            continue
+        match = next((c for c in candidates if digest(c) == mine), None)
+        if match is not None:
+            out.pairs.append((match, p))
+        elif any(digest(c) is None for c in candidates):
+            out.unchecked += 1
+    return out
+
+
+def refuse_shared(found: Overlap, test_what: Path, n_test: int, train_what: Path) -> None:
+    """Raise when ``found`` holds a shared image; note on stderr the images that could not be compared.
+
+    Raises:
+        PipelineError: ``TEST: K of its N images are also training images of TRAIN (first: P, the same file); ...``.
+    """
+    if found.pairs:
+        train_path, test_path = found.pairs[0]
+        same = "the same file" if train_path == test_path else f"the same content as {train_path}"
+        raise PipelineError(f"{test_what}: {len(found.pairs)} of its {n_test} images are also training images of {train_what} "
+                            f"(first: {test_path}, {same}); test on other images, or pass {ALLOW_FLAG} if you mean it")  # fmt: skip
+    if found.unchecked:
+        print(f"note: {found.unchecked} test images could not be compared with the training images by content (their files are gone)", file=sys.stderr)
+
+
+def listing_files(listing) -> list[tuple[str, int]]:
+    """(resolved path, size) of every image of a ``Listing``."""
+    return [(os.path.realpath(listing.root / p), int(s)) for p, s in zip(listing.paths, listing.sizes)]
+
+
+def refuse_shared_listings(listing, test_listing, allowed: bool) -> None:
+    """Refuse a test tree holding an image of the training tree (the same file, or the same bytes under another name), unless ``allowed``.
+
+    Raises:
+        PipelineError: one line naming the count and the first shared image.
+    """
+    if test_listing is None or allowed:
+        return
+    refuse_shared(shared_files(listing_files(listing), listing_files(test_listing)), test_listing.root, len(test_listing), listing.root)
+
+
+def list_inputs(data_dir: Path, test_dir: Path | None, allow_overlap: bool = False) -> tuple[Listing, Listing | None]:
+    """The listings of the training tree and of the test tree (None without ``--test``).
+
+    Raises:
+        PipelineError: a folder ``list_images`` refuses, a test tree whose classes differ, or one that
+            shares images with the training tree (unless ``allow_overlap``: ``images.overlap``).
+    """
+    listing = list_images(data_dir)
+    test_listing = None
+    if test_dir is not None:
+        test_listing = list_images(test_dir)
+        if test_listing.class_names != listing.class_names:
+            raise PipelineError(
+                f"--test {test_dir}: its classes {list(test_listing.class_names)} differ from "
+                f"{list(listing.class_names)} in {data_dir}; the test folder needs the same class sub-folders"
+            )
+    refuse_shared_listings(listing, test_listing, allow_overlap)
+    return listing, test_listing
