@@ -279,6 +279,16 @@ def remove_stale_temporaries(output: Path) -> list[Path]:
     return removed
 
 
+def _not_a_lock(fd: int, info: os.stat_result) -> str | None:
+    """Why the open file ``fd`` cannot be a lock file of ours (None: it can): ours hold a pid or nothing, under one name."""
+    if info.st_nlink > 1:
+        return f"has {info.st_nlink} names (a hard link)"
+    head = os.pread(fd, 64, 0) if info.st_size <= 64 else None
+    if head is None or (head.strip() and not head.strip().isdigit()):
+        return "holds other content than a process id"
+    return None
+
+
 class OutputLock:
     """An exclusive, non-blocking lock on ``OUT.lock``; the OS drops it when the process dies (even ``kill -9``)."""
 
@@ -291,13 +301,20 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         for _ in range(10):
             refuse_special(self.path, "a lock file")  # opening a FIFO could block; writing into one never ends
+            if os.path.islink(self.path):  # the pid would be written into the file it names (a user's file, an input)
+                raise PipelineError(f"{self.path}: is a symbolic link; a lock file is never a link (the run would write into what it names): remove it")
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
                 raise PipelineError(f"{self.path}: cannot create lock file: {exc.strerror}") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the check and the open
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # replaced between the check and the open
                 os.close(fd)
                 raise PipelineError(f"{self.path}: the lock file is not a regular file; remove it")
+            problem = _not_a_lock(fd, info)
+            if problem:
+                os.close(fd)
+                raise PipelineError(f"{self.path}: {problem}, not a lock file this tool wrote; taking the lock would overwrite and then delete it: remove it or choose another output")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

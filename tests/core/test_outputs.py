@@ -132,3 +132,28 @@ def test_a_folder_member_killed_while_moving_in_is_finished_by_the_next_reader(s
     settle_for(out / "m.json")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["m", "m.json", "m/new.pb"]
     assert (out / "m.json").read_text() == "new meta"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "user file"])
+def test_a_lock_file_that_is_not_ours_is_refused_and_left_as_it_was(kind, tmp_path):
+    """Fourth pass (#22): a lock path that was a symbolic link to a user's file (or a test image) had its target overwritten with the
+    pid, exit 0; a hard link did the same; a user's file named like the lock was overwritten, then deleted."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious\n")
+    lock = tmp_path / "x.h5.lock"
+    if kind == "symlink":
+        lock.symlink_to(precious)
+    elif kind == "hard link":
+        os.link(precious, lock)
+    else:
+        lock.write_text("my notes\n")
+    expected = {"symlink": "is a symbolic link; a lock file is never a link", "hard link": "has 2 names \\(a hard link\\)",
+                "user file": "holds other content than a process id"}[kind]  # fmt: skip
+    with pytest.raises(PipelineError, match=rf"x\.h5\.lock: {expected}"):
+        with OutputLock(tmp_path / "x.h5"):
+            pass
+    assert precious.read_text() == "precious\n" and os.path.lexists(lock)
+    assert (lock.read_text() == "my notes\n") if kind == "user file" else True
+    (tmp_path / "y.h5.lock").write_text("12345")  # a lock a killed run left: still taken
+    with OutputLock(tmp_path / "y.h5"):
+        pass
