@@ -148,3 +148,72 @@ def test_every_stage_refuses_a_set_member_it_cannot_replace_before_any_work(argv
     assert f"{out / member}: is a FIFO (named pipe); the new output set would replace it" in capsys.readouterr().err
     left = sorted(p.name for p in out.iterdir())
     assert left == [member] or set(left) <= {member, "compare.lock", "bench.lock"} and "models" not in left, left
+
+
+def test_a_set_replaces_only_files_its_receipt_names(tmp_path):
+    """Fourth pass (#22): a user's note named compare.md (or sizes.csv, train_bench.md, lr.report.txt, finetune.probe.joblib, scratch.keras)
+    was replaced or deleted, exit 0. A set now replaces a file only if its bytes are in the set's receipt (what the tool wrote there)."""
+    from pipeline.core.outputsets import publish, receipt_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def write(report="r", bundle="b"):
+        with publish(out, "lr", ("lr.report.txt", "lr.joblib"), lock="lr.joblib", locked=False) as stage:
+            stage.path("lr.joblib").write_text(bundle)
+            if report is not None:
+                stage.path("lr.report.txt").write_text(report)
+
+    (out / "lr.report.txt").write_text("my notes")  # a user's file, no set here yet
+    with pytest.raises(PipelineError, match=r"out/lr\.report\.txt: is not a file this tool wrote here \(or it was changed since\); the new output set would replace it"):
+        write()
+    assert (out / "lr.report.txt").read_text() == "my notes" and not (out / "lr.joblib").exists()
+    (out / "lr.report.txt").unlink()
+    write()
+    write(report="r2", bundle="b2")  # its own files: replaced
+    assert (out / "lr.report.txt").read_text() == "r2" and receipt_path(out, "lr").is_file()
+    (out / "lr.report.txt").write_text("r2, annotated by hand")  # changed since: refused, kept
+    with pytest.raises(PipelineError, match=r"lr\.report\.txt: is not a file this tool wrote here \(or it was changed since\)"):
+        write(report=None)  # a publication that would remove it
+    assert (out / "lr.report.txt").read_text() == "r2, annotated by hand"
+    (out / "lr.report.txt").write_text("r2")
+    write(report=None)  # its own file, not written this time: removed
+    assert sorted(p.name for p in out.iterdir()) == [".lr.set.receipt", "lr.joblib"]
+    receipt_path(out, "lr").unlink()  # a set written before receipts existed: trusted once, as its reader file is there
+    write()
+    assert (out / "lr.report.txt").read_text() == "r"
+
+
+@pytest.mark.parametrize("argv, member", [
+    (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"], "compare.md"),
+    (["train", "{features}", "--model", "lr", "--cv", "2", "--C", "1", "--quiet"], "lr.report.txt"),
+    (["scratch", "{data}/train", "--dense", "4", "--input-size", "32", "--epochs", "1", "--quiet"], "scratch.keras"),
+])  # fmt: skip
+def test_a_users_file_named_like_an_output_is_never_replaced(argv, member, tmp_path, capsys):
+    from pipeline.cli import main
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    feats = make_features(tmp_path / "f.h5", per_class=[10, 10, 10])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / member).write_text("precious")
+    assert main([a.format(data=root, features=feats) for a in argv] + ["-o", str(out)]) == 2
+    assert f"{out / member}: is not a file this tool wrote here (or it was changed since)" in capsys.readouterr().err
+    assert (out / member).read_text() == "precious"
+
+
+def test_finetune_refuses_a_probe_that_is_its_own_output(tmp_path, capsys):
+    """Fourth pass (#22): finetune --probe OUT/finetune.probe.joblib deleted that probe (the run fitted none, so the set removed it)."""
+    from pipeline.cli import main
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "finetune.probe.joblib").write_text("a probe")
+    assert main(["finetune", str(root / "train"), "--weights", "none", "--input-size", "32", "--epochs", "1", "--quiet", "-o", str(out),
+                 "--probe", str(out / "finetune.probe.joblib")]) == 2  # fmt: skip
+    assert "finetune.probe.joblib: is the --probe bundle" in capsys.readouterr().err
+    assert (out / "finetune.probe.joblib").read_text() == "a probe"

@@ -333,15 +333,15 @@ def _measure(args: BenchConfig) -> dict:
     if args.data_path:  # its own measurement (datapath.py): no network, no data folder
         from pipeline.bench import datapath
 
-        check_members(args.output, datapath.FILES)  # before the measurement, not after it
+        check_members(args.output, "data_path", datapath.FILES)  # before the measurement, not after it
         return datapath.run(args.replay, args.output, say, args.repeats, batch_size=args.batch_size)
     if args.train:  # its own measurement (bench/train.py): the classical stage on real feature rows
         from pipeline.bench import train as bench_train
 
-        check_members(args.output, bench_train.FILES)
+        check_members(args.output, "train_bench", bench_train.FILES)
         return bench_train.run_train_bench(args.replay, args.output, test=args.test_features, sizes=args.train_sizes, say=say)
     args.output.mkdir(parents=True, exist_ok=True)
-    check_members(args.output, FILES)
+    check_members(args.output, "bench", FILES)
     from pipeline.backbones.network import CPU_FLAGS_ENV, cpu_flags
 
     machine = f"{platform.machine()} {os.cpu_count()} cores" + (" AVX512-BF16" if "avx512_bf16" in cpu_flags() else "")

@@ -321,7 +321,7 @@ def run(config: TrainConfig) -> dict:
         prepare_output_dir(output)
         stack.enter_context(lock)
         settle(output, config.model, locked=True)  # a set a killed run left half moved is finished first
-        check_members(output, [p.name for p in paths.values()])  # a FIFO, folder or link named like a member: refused before the fit
+        check_members(output, config.model, [p.name for p in paths.values()])  # a FIFO, folder or link named like a member: refused before the fit
         fitted, y_test, y_pred, predict_seconds = fit_predict(config, ff, test_ff, plan)
         train_rows, test_rows, test_source, mode, estimate_mb, d = plan.train_rows, plan.test_rows, plan.test_source, plan.mode, plan.estimate_mb, plan.d
         test_scores = scores(y_test, y_pred, names)

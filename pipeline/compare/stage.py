@@ -176,7 +176,7 @@ def run(config: CompareConfig) -> list[dict]:
     list_inputs(config.data_root / "train", config.data_root / "test", config.allow_overlap)  # the same classes, no test image that is a training image
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
     with OutputLock(prepare_output_dir(config.output) / "compare"):
-        check_members(config.output, SIZES_FILES if config.sizes else TABLE_FILES)  # before any row is trained
+        check_members(config.output, *(("sizes", SIZES_FILES) if config.sizes else ("compare", TABLE_FILES)))  # before any row is trained
         return _compare(config)
 
 

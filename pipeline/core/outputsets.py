@@ -14,6 +14,13 @@ A run stopped between 2 and 3 (kill -9) leaves the journal: ``settle`` finishes 
 (roll forward), under the set's output lock. Writers settle when they take their lock;
 readers call ``settle_for(PATH)`` before opening a file of a set, so neither ever trusts a
 half-moved set.
+
+Each publication ends by writing the set's receipt, ``FOLDER/.NAME.set.receipt`` (the sha256
+of every file it installed). A later publication replaces or removes an existing file of the
+set only if it is exactly what the tool wrote there (its bytes match the receipt): a user's
+note named ``compare.md``, a model edited by hand, are refused in one line, never replaced
+(``check_members``). A folder without a receipt (written before receipts existed) is trusted
+once when the set's reader file (its last member) is there.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.core.errors import PipelineError, first_line
-from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes, special_kind
+from pipeline.core.digests import file_digest
+from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes, special_kind, write_json_atomic
 
 MANIFEST = "manifest.json"
 #: How long a reader waits for a writer that is moving a committed set into place.
@@ -80,7 +88,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
     folder, members = Path(folder), tuple(members)
     with nullcontext() if locked else OutputLock(folder / lock):
         settle(folder, name, locked=True)  # a set cut short by a kill: finished before it is replaced
-        check_members(folder, members, folders)  # the stage checked them before its work too; this is the last look before writing
+        check_members(folder, name, members, folders)  # the stage checked them before its work too; this is the last look before writing
         remove_dead_staging(folder, name)
         staging = folder / f".{name}.set-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -92,6 +100,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
                         "folders": [m for m in folders if m in stage.written]}  # fmt: skip
             for member in manifest["install"]:
                 _fsync_tree(staging / member)  # a writer that wrote nothing fails here
+            manifest["digests"] = {m: file_digest(staging / m) for m in manifest["install"] if m not in manifest["folders"]}
             with open(staging / MANIFEST, "w") as f:
                 f.write(json.dumps(manifest, indent=1) + "\n")
                 f.flush()
@@ -181,18 +190,38 @@ def _fsync_tree(path: Path) -> None:
         fsync_dir(Path(top))
 
 
-def check_members(folder: Path, members, folders=()) -> None:
-    """Refuse, before any work, a file of the set that exists as something a publication must not replace.
+def receipt_path(folder: Path, name: str) -> Path:
+    """The receipt of set ``name``: the sha256 of each file its last publication installed."""
+    return Path(folder) / f".{name}.set.receipt"
 
-    Publishing renames each new file over the old one, which replaces whatever has that name: a
-    FIFO, a device or a socket (a user's pipe), a symbolic link (the file it names would stay
-    stale beside a new set), a folder (the rename fails half-way through the set) or a
-    read-only file (the user's way of keeping it). Each is one line naming the path. ``folders``:
-    members that are folders (a SavedModel), which may exist as a folder.
+
+def _receipt(folder: Path, name: str) -> dict | None:
+    """The files (name -> sha256) of the set's receipt; None when there is none or it is not a receipt of this set (then nothing is trusted by it)."""
+    try:
+        data = json.loads(receipt_path(folder, name).read_text())
+    except (OSError, ValueError):
+        return None
+    files = data.get("files") if isinstance(data, dict) and data.get("set") == name else None
+    return files if isinstance(files, dict) else None
+
+
+def check_members(folder: Path, name: str, members, folders=()) -> None:
+    """Refuse, before any work, a file of the set ``name`` that exists as something a publication must not replace.
+
+    Publishing renames each new file over the old one (and removes the set's files it does not
+    write), which replaces whatever has that name: a FIFO, a device or a socket (a user's pipe),
+    a symbolic link (the file it names would stay stale beside a new set), a folder (the rename
+    fails half-way through the set), a read-only file (the user's way of keeping it), or a file
+    the tool did not write there (not in the set's receipt, or changed since: a user's note, a
+    hand-edited report). Each is one line naming the path. ``folders``: members that are
+    folders (a SavedModel), which may exist as a folder.
 
     Raises:
         PipelineError: ``PATH: is a FIFO (named pipe); the new output set would replace it: ...``.
     """
+    members = tuple(members)
+    receipt = _receipt(folder, name)
+    legacy = receipt is None and os.path.isfile(Path(folder) / members[-1])  # a set published before receipts: trusted once
     for member in members:
         path = Path(folder) / member
         try:
@@ -205,8 +234,17 @@ def check_members(folder: Path, members, folders=()) -> None:
             continue
         kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else special_kind(path) if not stat.S_ISREG(mode)
                 else "read-only" if not (mode & 0o222 and os.access(path, os.W_OK)) else None)  # fmt: skip
+        if kind is None and not legacy and (receipt is None or receipt.get(member) != _digest_or_none(path)):
+            kind = "not a file this tool wrote here (or it was changed since)"
         if kind is not None:
             raise PipelineError(f"{path}: is {kind}; the new output set would replace it: remove it, or choose another output folder")
+
+
+def _digest_or_none(path: Path) -> str | None:
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
 
 
 def _member_problem(name, set_name: str) -> str | None:
@@ -251,6 +289,8 @@ def _roll_forward(journal: Path, manifest: dict) -> None:
                     os.rename(old, journal / f"{member}.replaced")  # a folder member replaces the previous one whole; it goes with the journal
                 os.replace(new, old)
         fsync_dir(folder)
+        if isinstance(manifest.get("digests"), dict):  # the receipt: what this publication installed, so the next one knows its own files
+            write_json_atomic(receipt_path(folder, manifest["set"]), {"set": manifest["set"], "files": manifest["digests"]})
         shutil.rmtree(journal)
         fsync_dir(folder)
     except OSError as exc:

@@ -174,7 +174,7 @@ def _check_output(config: ExportConfig, model_path: Path, output: Path) -> None:
         refuse_replacing_inputs(output, inputs, "export", "choose another -o")
         if not (output.is_dir() and (output / SAVED_MODEL_FILE).is_file()):
             raise PipelineError(f"{output}: exists and is not a SavedModel folder; export replaces only a SavedModel (even with --overwrite): choose another -o")
-    check_members(output.parent, (output.name, meta_path.name), _folders(config, output))  # a FIFO, a device, a read-only file
+    check_members(output.parent, output.name, (output.name, meta_path.name), _folders(config, output))  # a FIFO, a device, a read-only file
 
 
 def _folders(config: ExportConfig, output: Path) -> tuple[str, ...]:

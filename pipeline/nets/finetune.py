@@ -322,7 +322,7 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
 def run(config: FinetuneConfig) -> dict:
     """``python -m pipeline finetune``: fine-tune under ``finetune.keras``'s lock, publish ``finetune.keras``, ``.curves.png``, ``.probe.joblib``
     (a probe fitted here) and ``.metrics.json`` as one set; the metrics. Errors as ``fit``'s; a second run on one ``-o`` is refused."""
-    with locked_output(config, "finetune", (PROBE_FILE,)) as listed:
+    with locked_output(config, "finetune", (PROBE_FILE,), [("the --probe bundle", config.probe)]) as listed:
         return fit(config, listed).metrics
 
 

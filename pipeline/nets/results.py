@@ -41,9 +41,9 @@ class Result:
     metrics: dict
 
 
-def set_files(name: str) -> tuple[str, str, str]:
-    """The files every network stage ``name`` publishes as one set: the model, its curves and its metrics."""
-    return f"{name}.keras", f"{name}.curves.png", f"{name}.metrics.json"
+def set_files(name: str, own=()) -> tuple[str, ...]:
+    """The files a network stage ``name`` publishes as one set, in publishing order: the model, its curves, ``own`` files, the metrics (read first)."""
+    return f"{name}.keras", f"{name}.curves.png", *own, f"{name}.metrics.json"
 
 
 def evaluate(full, data: Data, batch_size: int, top=None, test_features=None):
@@ -107,8 +107,9 @@ def finish(name: str, net: Network, data: Data, config: NetConfig, precision: st
     out_dir = Path(config.out_dir)
     probs, ips = evaluate(net.full, data, config.batch_size, net.top, test_features)
     y_pred = probs.argmax(axis=1)
-    model_path, curves, metrics_path = (out_dir / member for member in set_files(name))
-    with publish(out_dir, name, (model_path.name, curves.name, *(files or {}), metrics_path.name), lock=model_path.name) as stage:
+    members = set_files(name, tuple(files or {}))
+    model_path, curves, metrics_path = out_dir / members[0], out_dir / members[1], out_dir / members[-1]
+    with publish(out_dir, name, members, lock=model_path.name) as stage:
         model_bytes = save_model(net.full, stage.path(model_path.name))
         plots.training_curves({k: v for k, v in history.items() if k != "phase"}, stage.path(curves.name),
                               title=curves_title(config.strategy(), config.input_size, history, extra["mode"], precision))  # fmt: skip

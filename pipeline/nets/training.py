@@ -10,6 +10,7 @@ with augmentation on the fly.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import math
 import sys
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from pipeline.core.guard import refuse_inside
+from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir
 from pipeline.core.outputsets import check_members, settle
 from pipeline.backbones.network import resolve_precision
@@ -29,15 +30,16 @@ from pipeline.nets.results import set_files
 
 
 @contextmanager
-def locked_output(config: NetConfig, name: str, own_files: tuple[str, ...] = ()):
+def locked_output(config: NetConfig, name: str, own_files: tuple[str, ...] = (), inputs=()):
     """The output folder, never inside the images read, locked for the run, a set a killed run left finished and its files (``set_files(name)``
-    and ``own_files``) checked replaceable (``core.outputsets``); settings checked and the folders listed first. Yields the listings."""
+    and ``own_files``) checked replaceable (``core.outputsets``) and never one of ``inputs`` ((what, path): --probe); settings and folders first."""
     config.validate()
     listed = list_inputs(config.data_dir, config.test_dir, config.allow_overlap)  # bad folders fail before an output folder is made
     refuse_inside(config.out_dir, [("the training images", config.data_dir), ("the test images", config.test_dir)], "choose another -o folder")
+    refuse_inputs_as_outputs([Path(config.out_dir) / m for m in set_files(name, own_files)], [(w, p) for w, p in inputs if p], "choose another -o folder")
     with OutputLock(prepare_output_dir(config.out_dir) / f"{name}.keras"):
         settle(config.out_dir, name, locked=True)
-        check_members(config.out_dir, (*set_files(name), *own_files))
+        check_members(config.out_dir, name, set_files(name, own_files))
         yield listed
 
 
