@@ -217,3 +217,18 @@ def test_finetune_refuses_a_probe_that_is_its_own_output(tmp_path, capsys):
                  "--probe", str(out / "finetune.probe.joblib")]) == 2  # fmt: skip
     assert "finetune.probe.joblib: is the --probe bundle" in capsys.readouterr().err
     assert (out / "finetune.probe.joblib").read_text() == "a probe"
+
+
+def test_predict_holds_its_output_for_the_whole_run(tmp_path, capsys):
+    """Fourth pass (#22): export and predict on one -o at once both exited 0, export saying it wrote a network where predict's text was."""
+    from pipeline.cli import main
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=4, size=(24, 24))
+    extract.run(ExtractConfig(data_dir=data, output=tmp_path / "f.h5", input_size=32, weights="none", quiet=True))
+    assert main(["train", str(tmp_path / "f.h5"), "--model", "lr", "--cv", "2", "--C", "1", "--quiet", "-o", str(tmp_path / "m")]) == 0
+    images = make_tree(tmp_path / "new", classes=("x",), per_class=2, size=(24, 24))
+    out = tmp_path / "shared.keras"
+    with OutputLock(out):  # an export writing this path now
+        assert main(["predict", str(tmp_path / "m" / "lr.joblib"), str(images), "-o", str(out), "--quiet"]) == 2
+    assert f"{out}.lock: another run is writing this output" in capsys.readouterr().err
+    assert not out.exists()

@@ -14,6 +14,7 @@ settles first (``load_bundle`` calls ``core.outputsets.settle_for``): it never l
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import prepare_output_dir
+from pipeline.core.outputs import OutputLock, prepare_output_dir
 
 
 @dataclass(frozen=True)
@@ -162,20 +163,23 @@ def label_images(config: PredictConfig) -> list[dict]:
     if config.probabilities and bundle.get("score", "probability") != "probability":
         raise PipelineError(f"{model_path}: a {bundle.get('model')} model gives decision margins, not probabilities; --probabilities needs an lr or rf model")
     images = collect_images(config.inputs)
-    if config.output is not None:
-        check_output(Path(config.output), model_path, images, config.overwrite)
-    warn_on_version_change(model_path, bundle)
-    net = open_bundle_network(model_path, bundle, weights=config.weights, batch_size=config.batch_size, progress=not config.quiet)
-    results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet, top_k=config.top_k, probabilities=config.probabilities)
-    text = format_results(results, config.format, top_k=config.top_k, class_names=list(bundle["label_names"]) if config.probabilities else None)
-    try:
-        write_predictions(text, config.output)
-    except PipelineError as exc:
-        if config.output is None:
-            raise
-        # The labelling is done: keep its results on standard output rather than lose them.
-        write_predictions(text, None)
-        raise PipelineError(f"{exc}; the {len(results)} predictions were written to standard output instead") from None
+    with contextlib.ExitStack() as held:
+        if config.output is not None:
+            check_output(Path(config.output), model_path, images, config.overwrite)
+            held.enter_context(OutputLock(Path(config.output)))  # one writer per output (another predict, an export) for the whole run
+            check_output(Path(config.output), model_path, images, config.overwrite)  # again, under the lock
+        warn_on_version_change(model_path, bundle)
+        net = open_bundle_network(model_path, bundle, weights=config.weights, batch_size=config.batch_size, progress=not config.quiet)
+        results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet, top_k=config.top_k, probabilities=config.probabilities)
+        text = format_results(results, config.format, top_k=config.top_k, class_names=list(bundle["label_names"]) if config.probabilities else None)
+        try:
+            write_predictions(text, config.output)
+        except PipelineError as exc:
+            if config.output is None:
+                raise
+            # The labelling is done: keep its results on standard output rather than lose them.
+            write_predictions(text, None)
+            raise PipelineError(f"{exc}; the {len(results)} predictions were written to standard output instead") from None
     bad = sum(r["error"] is not None for r in results)
     if bad:
         print(f"{bad} of {len(results)} images could not be read (listed with their reason in the output)", file=sys.stderr)
