@@ -9,6 +9,7 @@ with the command line's one-line messages.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,13 +37,31 @@ class Features(NamedTuple):
     rejected: tuple[tuple[str, str], ...]
 
 
+def _paths(what: str, source) -> list[Path]:
+    """``source`` (a path, or an iterable of paths: str, bytes or ``os.PathLike``) as paths, one per item given.
+
+    Raises:
+        TypeError: anything else (an array of pixels, a number), naming what was given.
+    """
+    def one(p):
+        if isinstance(p, (str, bytes, os.PathLike)):
+            return Path(os.fsdecode(p))
+        raise TypeError(f"{what}: takes image paths (str, bytes or os.PathLike) or an iterable of them, not {type(p).__module__}.{type(p).__qualname__}")
+
+    if isinstance(source, (str, bytes, os.PathLike)):
+        return [one(source)]
+    if isinstance(source, np.ndarray) or not hasattr(source, "__iter__"):
+        one(source)  # raises: pixels are not paths
+    return [one(p) for p in source]
+
+
 def _listing(source):
     """A class-per-folder tree's listing, or an unlabelled listing of image paths."""
     from pipeline.images.listing import Listing, list_images
 
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        return list_images(source), True
-    paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    paths = _paths("extract_features", source)
+    if len(paths) == 1 and isinstance(source, (str, bytes, os.PathLike)) and paths[0].is_dir():
+        return list_images(paths[0]), True
     if not paths:
         raise PipelineError("extract_features: no images given")
     for p in paths:
@@ -152,7 +171,7 @@ class Model:
         """(n, C) scores, one row per image in input order (NaN rows for unreadable images), columns in ``label_names`` order."""
         from pipeline.inference.scoring import class_scores, collect_images, pooled_batches
 
-        paths = collect_images([images] if isinstance(images, (str, Path)) else list(images))
+        paths = collect_images(_paths("predict", images), dedupe=False)  # one row per image given, in order (a folder: its images)
         estimator = self.bundle["estimator"]
         kind = self.bundle.get("score", "probability")
         out = np.full((len(paths), len(self.label_names)), np.nan)

@@ -90,3 +90,20 @@ def test_a_setting_out_of_its_range_is_refused_not_taken_silently(tree, call, fl
     root, data, _ = tree
     with pytest.raises(PipelineError, match=rf"^{flag}: must be a whole number in \[1, 4294967295\]$"):
         call(data, root / "models")
+
+
+def test_one_row_per_path_given_and_a_clear_error_for_what_is_not_a_path(tree):
+    """Fourth pass (#22): predict([a, a, b]) returned 2 labels, so zip(inputs, labels) gave the second a the label of b; an array of
+    pixels or bytes paths were bare TypeErrors from deep inside."""
+    root, data, _ = tree
+    model = pipeline.load_model(root / "models" / "lr.joblib")
+    a, b = data / "ant" / "000.png", data / "bee" / "001.png"
+    single = {p: model.predict([p]).tolist()[0] for p in (a, b)}
+    labels = model.predict([a, a, b, str(a).replace("/ant/", "/ant/./")])
+    assert labels.tolist() == [single[a], single[a], single[b], single[a]] and len(model.paths) == 4
+    assert model.predict(str(a).encode()).tolist() == [single[a]]  # a bytes path
+    for bad in (np.zeros((2, 32, 32, 3)), 3):
+        with pytest.raises(TypeError, match=r"predict: takes image paths \(str, bytes or os\.PathLike\) or an iterable of them, not (numpy\.ndarray|builtins\.int)"):
+            model.predict(bad)
+        with pytest.raises(TypeError, match=r"extract_features: takes image paths"):
+            pipeline.extract_features(bad, **TINY)

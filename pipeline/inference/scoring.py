@@ -13,11 +13,12 @@ from pipeline.core.errors import PipelineError
 from pipeline.images.listing import IMAGE_EXTENSIONS
 
 
-def collect_images(inputs) -> list[Path]:
+def collect_images(inputs, dedupe: bool = True) -> list[Path]:
     """The images to predict: files as given, folders walked recursively (sorted, hidden names skipped).
 
     Folder walks keep the extensions of ``reader.IMAGE_EXTENSIONS``; a file named directly
-    is always taken (if it is no image, it is reported as such). Duplicates are dropped.
+    is always taken (if it is no image, it is reported as such). Duplicates are dropped
+    (``dedupe``; the Python API keeps them: one row per path given).
 
     Raises:
         PipelineError: a path does not exist, or no image was found at all.
@@ -35,7 +36,7 @@ def collect_images(inputs) -> list[Path]:
                         found.append(Path(dirpath) / name)
         else:
             found.append(p)
-    found = list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found)) if dedupe else found
     if not found:
         raise PipelineError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, inputs))}")
     return found
