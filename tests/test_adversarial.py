@@ -83,7 +83,7 @@ def test_an_export_is_replaced_whole_or_not_at_all(fmt, fails, trained, tmp_path
     with pytest.raises(PipelineError, match=r"no space left"):
         export.run(export.ExportConfig(model=bundle, output=out, format=fmt, overwrite=True))
     assert ((_snapshot(out) if fmt == "savedmodel" else out.read_bytes()), meta.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name, f".{out.name}.set.receipt"])
 
 
 
@@ -102,7 +102,7 @@ def test_export_overwrite_replaces_only_what_export_wrote(fmt, trained, tmp_path
     if fmt == "savedmodel":
         (out / "stale.txt").write_text("from an earlier export")
     export.run(export.ExportConfig(model=bundle, output=out, format=fmt, overwrite=True))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name]) and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name, f".{out.name}.set.receipt"]) and not (out / "stale.txt").exists()
 
 def test_an_evaluation_on_data_without_some_classes_says_how_macro_f1_counts_them(trained, tmp_path, capsys):
     """evaluate on data lacking one of the model's classes scored it F1 0 in macro-F1, silently (a perfect model would show 0.667 of 3 classes): now averaged over the classes present, and said."""

@@ -117,7 +117,9 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     The set of files a stage writes (sub-folders too) is published together: the previous folder is renamed
     aside, the new one renamed into place, then the previous one removed. A failure inside the
     block (a full disk, an interrupt) removes the temporary folder and leaves the previous
-    set whole.
+    set whole. What a killed run left is cleared first: its temporary folder removed, and its
+    previous folder renamed back when the kill came between the two renames (else removed).
+    The caller holds ``OutputLock(folder)``.
 
     Raises:
         PipelineError: the folder could not be written or renamed.
@@ -127,6 +129,11 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    for left in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.") + r"(?:old|tmp)-(\d+)$")):
+        if left.name.startswith(f".{folder.name}.old-") and not os.path.lexists(folder):
+            os.rename(left, folder)  # killed between the two renames: the previous folder comes back
+        else:
+            shutil.rmtree(left, ignore_errors=True)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

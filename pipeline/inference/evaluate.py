@@ -27,7 +27,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
-from pipeline.core.outputs import atomic_folder, is_within, package_versions, write_json_atomic, write_text_atomic
+from pipeline.core.outputs import OutputLock, atomic_folder, is_within, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
 
 #: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
 MARKER = "metrics.json"
@@ -156,6 +156,12 @@ def run(config: EvaluateConfig) -> dict:
     if not data.exists():
         raise PipelineError(f"{data}: no such feature file or folder")
     folder = _check_output(config)
+    with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
+        return _evaluate(config, model_path, bundle, _check_output(config))
+
+
+def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path) -> dict:
+    data = Path(config.data)
     warn_on_version_change(model_path, bundle)
     y, pred, score, paths, rejected = (_from_folder if data.is_dir() else _from_feature_file)(config, bundle)
     names = list(bundle["label_names"])

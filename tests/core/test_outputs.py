@@ -157,3 +157,24 @@ def test_a_lock_file_that_is_not_ours_is_refused_and_left_as_it_was(kind, tmp_pa
     (tmp_path / "y.h5.lock").write_text("12345")  # a lock a killed run left: still taken
     with OutputLock(tmp_path / "y.h5"):
         pass
+
+
+def test_what_a_killed_folder_swap_left_is_cleared_or_put_back(tmp_path):
+    """Fourth pass (#22): evaluate killed during its folder swap left .EV.old-PID (a copy of the previous evaluation) for ever; killed between
+    the two renames it left no EV at all. The next swap puts a lone previous folder back and removes the rest."""
+    from pipeline.core.outputs import atomic_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    ev = tmp_path / "ev"
+    (tmp_path / f".ev.old-{dead}").mkdir()
+    (tmp_path / f".ev.old-{dead}" / "metrics.json").write_text("previous")
+    (tmp_path / f".ev.tmp-{dead}").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_folder(ev):
+            raise RuntimeError("this run fails too")
+    assert (ev / "metrics.json").read_text() == "previous"  # put back, then kept by the failed run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+    (tmp_path / f".ev.old-{dead}").mkdir()  # a leftover beside a folder that is there: removed
+    with atomic_folder(ev) as tmp:
+        (tmp / "metrics.json").write_text("new")
+    assert (ev / "metrics.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
