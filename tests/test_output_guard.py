@@ -232,3 +232,20 @@ def test_predict_holds_its_output_for_the_whole_run(tmp_path, capsys):
         assert main(["predict", str(tmp_path / "m" / "lr.joblib"), str(images), "-o", str(out), "--quiet"]) == 2
     assert f"{out}.lock: another run is writing this output" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["train", "data-path", "main"])
+def test_bench_refuses_an_output_inside_the_images_it_reads(mode, tmp_path, capsys):
+    """Fourth pass (#22): bench --train -o DATA/train/bag wrote train_bench.png there; the next extract counted it as a bag image."""
+    from pipeline.cli import main
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    extract.run(ExtractConfig(data_dir=root / "train", output=tmp_path / "tr.h5", input_size=32, weights="none", quiet=True))
+    out = root / "train" / "a" / "bench"
+    argv = {"train": ["--train", "--replay", str(tmp_path / "tr.h5"), "--test-features", str(tmp_path / "tr.h5"), "--train-sizes", "8"],
+            "data-path": ["--data-path", "--replay", str(tmp_path / "tr.h5")], "main": ["--data", str(root), "--quick"]}[mode]  # fmt: skip
+    assert main(["bench", *argv, "-o", str(out), "--quiet"]) == 2
+    assert f"{out}: is inside the " in capsys.readouterr().err
+    assert not out.exists()

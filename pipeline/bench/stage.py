@@ -26,6 +26,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, option, validate
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
+from pipeline.core.guard import refuse_inside
 from pipeline.core.outputsets import check_members, publish
 
 DEFAULT_DATA = Path("data/fashion-mnist")
@@ -324,8 +325,23 @@ def run(args: BenchConfig) -> dict:
     One run per output folder (``OUT/bench.lock`` held throughout: a second is refused naming the holder).
     """
     args.validate()
+    refuse_inside(args.output, _image_folders(args), "choose another -o folder")  # its tables and charts would be read as images next time
     with OutputLock(prepare_output_dir(args.output) / "bench"):
         return _measure(args)
+
+
+def _image_folders(args: BenchConfig) -> list[tuple[str, Path | str | None]]:
+    """The image folders this run reads: the data folder, or (``--train``, ``--data-path``) those its feature files were extracted from."""
+    if not (args.train or args.data_path):
+        return [("the data folder", args.data)]
+    from pipeline.featurefile.store import open_features
+
+    folders = []
+    for path in (args.replay, args.test_features) if args.train else (args.replay,):
+        if path is not None and Path(path).is_file():  # a missing file is refused by the measurement, in its own words
+            with open_features(path) as ff:
+                folders.append((f"the image folder of {path},", ff.attrs.get("data_dir")))
+    return folders
 
 
 def _measure(args: BenchConfig) -> dict:
