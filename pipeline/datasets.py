@@ -344,6 +344,7 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
         if progress:
             print(f"fashion-mnist: rebuilding {out_dir}: {why}", file=sys.stderr, flush=True)
 
+    _check_writable(out_dir, ours)
     data, source_desc = loaded or load_fashion_mnist(source)
     plan = _plan(data, params | {"seed": int(seed)})
     total = sum(len(i) for chosen in plan.values() for i in chosen)
@@ -373,11 +374,12 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "tree")
-            os.replace(tmp, out_dir)
+            _swap(out_dir, tmp, old)
             _remove_ours(old, ours)
         else:
             os.replace(tmp, out_dir)
+    except OSError as exc:
+        raise PipelineError(f"{out_dir}: could not be written ({exc.strerror or exc}); the previous tree, if any, is as it was") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -388,6 +390,34 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
             "built": True, "out_dir": str(out_dir), "why": why}
 
 
+def _check_writable(out_dir: pathlib.Path, ours: set[str]) -> None:
+    """Refuse, before any work, a build the file system would stop half-way: a parent folder, the tree, or one of its folders holding
+    files to replace, that cannot be written (a read-only tree was a traceback, and left an empty ``.ROOT.old-*`` beside it)."""
+    parent = out_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    folders = [parent] + ([out_dir, *sorted({(out_dir / rel).parent for rel in ours})] if out_dir.exists() else [])
+    for folder in folders:
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise PipelineError(f"{folder}: is not writable; the data command writes the tree beside {out_dir.name} and swaps it in: "
+                                "make it writable or choose another folder")  # fmt: skip
+
+
+def _swap(out_dir: pathlib.Path, new: pathlib.Path, old: pathlib.Path) -> None:
+    """Move the previous tree into ``old/tree`` and the new one into place; a failure puts the previous tree back and removes ``old``."""
+    try:
+        os.replace(out_dir, old / "tree")
+        try:
+            os.replace(new, out_dir)
+        except OSError:
+            os.replace(old / "tree", out_dir)
+            raise
+    except OSError:
+        if not (old / "tree").exists():  # the previous tree is back in place: the empty ``old`` goes
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+
+
 def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
     """Delete the previous tree (moved to ``old/tree``): only the files its manifest lists, then the folders left empty.
 
@@ -395,19 +425,27 @@ def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
     """
     tree = old / "tree"
     real_tree = os.path.realpath(tree)
+    failed: list[tuple[str, str]] = []
     for rel in sorted(ours, key=lambda r: -r.count("/")):  # files before their folders
         path = tree / rel
         if os.path.realpath(path.parent) != os.path.normpath(os.path.join(real_tree, os.path.dirname(rel))):
             continue  # a folder on the way became a link since the check: never delete through it
         try:
             path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as exc:
+            if not path.is_dir():
+                failed.append((rel, exc.strerror or str(exc)))
     for folder in (tree, old):
         try:
             folder.rmdir()
         except OSError:
-            print(f"fashion-mnist: kept files this tool did not write in {tree}", file=sys.stderr, flush=True)
+            if failed:
+                print(f"fashion-mnist: could not remove {len(failed)} of the previous tree's own files (e.g. {failed[0][0]}: {failed[0][1]}); "
+                      f"they are left in {tree}", file=sys.stderr, flush=True)  # fmt: skip
+            else:
+                print(f"fashion-mnist: kept files this tool did not write in {tree}", file=sys.stderr, flush=True)
             return
 
 

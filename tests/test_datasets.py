@@ -223,3 +223,29 @@ def test_no_source_at_all_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="apt-get install dataset-fashion-mnist") as err:
         datasets.build_fashion_mnist(tmp_path / "out", progress=False)
     assert "Name or service not known" in str(err.value)
+
+
+def test_a_tree_that_cannot_be_written_is_one_line_and_left_as_it_was(tiny, monkeypatch, capsys):
+    """Fourth pass (#22): `data` on a read-only tree (as a user without write permission) was a PermissionError traceback and left an
+    empty .ROOT.old-* beside the tree. The tests run as root, who may write anywhere, so the refusals are simulated where they happen."""
+    import os
+
+    out, _result = tiny
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == out / "train" / "bag" else real_access(p, mode, **k))
+    with pytest.raises(PipelineError, match=rf"{out}/train/bag: is not writable; the data command writes the tree beside fmnist and swaps it in"):
+        datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
+    monkeypatch.setattr(os, "access", real_access)
+    real_replace = os.replace
+
+    def refuse_tree_move(src, dst):
+        if Path(src) == out:  # renaming a folder needs write permission on the folder itself
+            raise PermissionError(13, "Permission denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_tree_move)
+    assert main(["data", str(out), "--train-per-class", "4", "--test-per-class", "2", "--quiet"]) == 2
+    assert f"error: {out}: could not be written (Permission denied); the previous tree, if any, is as it was" in capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert [p.name for p in out.parent.iterdir()] == ["fmnist"]  # no .fmnist.old-* nor .fmnist.tmp-* left
