@@ -103,6 +103,11 @@ def test_export_overwrite_replaces_only_what_export_wrote(fmt, trained, tmp_path
         (out / "stale.txt").write_text("from an earlier export")
     export.run(export.ExportConfig(model=bundle, output=out, format=fmt, overwrite=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, meta.name, f".{out.name}.set.receipt"]) and not (out / "stale.txt").exists()
+    import hashlib
+    import json
+
+    info = json.loads(meta.read_text())  # the metadata names the network it belongs to: a consumer can tell a pair a kill mixed
+    assert info["network_sha256"] == hashlib.sha256((tmp_path / info["network_file"]).read_bytes()).hexdigest()
 
 def test_an_evaluation_on_data_without_some_classes_says_how_macro_f1_counts_them(trained, tmp_path, capsys):
     """evaluate on data lacking one of the model's classes scored it F1 0 in macro-F1, silently (a perfect model would show 0.667 of 3 classes): now averaged over the classes present, and said."""

@@ -29,6 +29,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_json_atomic
+from pipeline.core.digests import file_digest
 from pipeline.core.outputsets import check_members, publish
 from pipeline.nets.probe import probe_layers
 
@@ -210,7 +211,10 @@ def run(config: ExportConfig) -> Path:
                 network.save(stage.path(output.name))
             else:
                 network.export(str(stage.path(output.name)), format="tf_saved_model", verbose=False)
-            write_json_atomic(stage.path(meta_path.name), metadata(bundle, config))
+            saved = stage.path(output.name) / SAVED_MODEL_FILE if config.format == "savedmodel" else stage.path(output.name)
+            # the pair is moved into place by two renames: a consumer can tell a network from its own metadata (a kill between them)
+            write_json_atomic(stage.path(meta_path.name), {**metadata(bundle, config), "network_file": saved.relative_to(stage.path(output.name).parent).as_posix(),
+                                                           "network_sha256": file_digest(saved)})  # fmt: skip
     print(f"exported {model_path} -> {output} ({config.format}; {metadata(bundle, config)['output']}; metadata in {meta_path.name})", file=sys.stderr)
     return output
 
