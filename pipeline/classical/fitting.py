@@ -28,7 +28,7 @@ How the linear models (``lr``, ``svm``) are fitted, and why:
   thread pool ahead of the math (``stream``): every C on the rows outside each group held
   out, scored on those, and on every row; the latter is the model kept. Small files (where
   ``polish`` runs) hold out the in-memory search's ``cv`` folds and score polished models,
-  as in memory; large ones hold out ``1/cv`` of the chunks once. Batches take at
+  as in memory; large ones hold out ``1/cv`` of the rows once. Batches take at
   most a quarter of the budget; the models, the preconditioner and a sample of
   ``engine.SAMPLE_ROWS`` rows do not grow with the rows. ``rf`` cannot be streamed: the
   train stage refuses it with a message asking for ``--pool avg``/``max`` or a larger
@@ -156,8 +156,9 @@ def fit_matrix(
         return _pipeline(None, clf), result, space
     if scaling == "standard" and scaler is None:
         scaler = make_scaler("standard", d)
-        for s0 in range(0, n, 1024):
-            scaler.partial_fit(X[s0 : s0 + 1024])
+        step = min(1024, max(1, (64 << 20) // (8 * d)))  # float64 temporaries of at most 64 MB
+        for s0 in range(0, n, step):
+            scaler.partial_fit(X[s0 : s0 + step])
     prep = scaler if scaling == "standard" else make_scaler("l2", d)
     scale_rows_(X, scaling, prep)
     if n > row_space_max_rows:
@@ -202,7 +203,7 @@ class FitSettings:
 
     Attributes:
         model, pool, scaling, cv, seed, quiet: the family, pooling, scaling, folds (out of core on
-            large files, ``1/cv`` of the chunks held out once), seed and silence.
+            large files, ``1/cv`` of the rows held out once), seed and silence.
         memory_budget_mb: as ``fit_matrix``'s (in memory) or the bound on a batch (out of core).
         epochs: the engine's passes.
         n_jobs: parallel fits of the in-memory search (out of core: unused).
@@ -224,20 +225,21 @@ class FitSettings:
 def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np.ndarray], labels: np.ndarray, grid: dict, **settings) -> tuple[Fitted, list[np.ndarray]]:
     """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``; ``settings``: ``FitSettings``'s fields.
 
+    The matrix holds the rows in the order of ``train_rows`` (the plan's path order), and
+    everything order-sensitive (the standard scaler's blocks, the folds, the solvers, the
+    engine's shuffles) runs on it, so the fit does not depend on the order ``ff`` stores them in.
+
     Returns:
         ``(fitted, extras)``: the Fitted model and the pooled rows of each extra group.
     """
     o = FitSettings(**settings)
-    family = MODELS[o.model]
-    d = pooled_dim(ff.row_shape, o.pool)
-    scaler = make_scaler("standard", d) if family.linear and o.scaling == "standard" else None
     t0 = time.perf_counter()
-    X, *extras = read_groups(ff, [train_rows, *extra_groups], o.pool, scaler, o.quiet)
+    X, *extras = read_groups(ff, [train_rows, *extra_groups], o.pool, None, o.quiet)
     read_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    estimator, result, space = fit_matrix(
+    estimator, result, space = fit_matrix(  # a standard scaler is fitted there, on the matrix in its order (not in the file's)
         X, labels[train_rows], model=o.model, grid=grid, scaling=o.scaling, cv=o.cv, seed=o.seed, n_jobs=o.n_jobs,
-        quiet=o.quiet, scaler=scaler, memory_budget_mb=o.memory_budget_mb, epochs=o.epochs,
+        quiet=o.quiet, memory_budget_mb=o.memory_budget_mb, epochs=o.epochs,
     )  # fmt: skip
     return Fitted(estimator, result, "in-memory", space, time.perf_counter() - t0, read_seconds), extras
 

@@ -37,7 +37,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import classification_report, scores
 from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir
 from pipeline.core.outputsets import check_members, settle
-from pipeline.core.splits import split_indices
+from pipeline.core.splits import canonical_order, split_indices
 from pipeline.featurefile.store import check_compatible, open_features
 
 DEFAULT_OUTPUT = Path("features/models")
@@ -167,7 +167,7 @@ class TrainConfig:
 
 def refit_on_every_row(config: TrainConfig, ff, plan: FitPlan, fitted: Fitted) -> Fitted:
     """The search's choice fitted again on every row of ``ff`` (the model ``train`` saves when it scored on a split)."""
-    rows = np.arange(len(ff), dtype=np.int64)
+    rows = canonical_order(ff.db["paths"][:])  # every row, in path order (as the plan's)
     grid = {k: [v] for k, v in fitted.search.best_params.items()}
     common = dict(model=config.model, pool=config.pool, scaling=config.scaling, cv=config.cv, seed=config.seed, quiet=config.quiet,
                   memory_budget_mb=config.memory_budget_mb)  # fmt: skip
@@ -178,7 +178,14 @@ def refit_on_every_row(config: TrainConfig, ff, plan: FitPlan, fitted: Fitted) -
 
 @dataclass(frozen=True)
 class FitPlan:
-    """What a fit will use, decided (and checked) before any row is read: the rows, the test source, in memory or out of core."""
+    """What a fit will use, decided (and checked) before any row is read: the rows, the test source, in memory or out of core.
+
+    ``train_rows`` are in path order (``core.splits.canonical_order``), the order the fit visits
+    them in; ``test_rows`` are sorted (each is scored on its own). So the split, the folds, the
+    fit and the scores are a function of the set of (path, label, features) rows, whatever
+    order the files store them in (an incremental update or a merge may store them out of
+    listing order).
+    """
 
     train_rows: np.ndarray
     test_rows: np.ndarray
@@ -194,7 +201,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     Args:
         config: the validated settings.
         ff, test_ff: the open training and (or None) test feature files, checked compatible.
-        train_rows: sorted rows of ``ff`` to fit on (e.g. ``compare --sizes``' subset; only
+        train_rows: rows of ``ff`` to fit on, in any order (e.g. ``compare --sizes``' subset; only
             with ``test_ff``); None = every row, or the split's training side without ``test_ff``.
 
     Raises:
@@ -202,8 +209,9 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
             memory budget, or fewer training rows per class than ``--cv``.
     """
     labels, names, family = ff.labels, ff.label_names, MODELS[config.model]
+    keys = ff.db["paths"][:]
     if test_ff is None:
-        train_rows, test_rows = split_indices(labels, config.test_size, config.seed)
+        train_rows, test_rows = split_indices(labels, config.test_size, config.seed, keys=keys)
         test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}
         if len(test_rows) == 0:
             raise PipelineError(f"{ff.path}: the test split is empty ({len(ff)} rows, --test-size {config.test_size}); add rows or pass --test")
@@ -213,6 +221,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
         test_source = {"kind": "file", "file": str(test_ff.path)}
         if len(test_rows) == 0:
             raise PipelineError(f"{test_ff.path}: test feature file has no rows")
+    train_rows = train_rows[canonical_order(keys[train_rows])]
     present, counts = np.unique(labels[train_rows], return_counts=True)
     if len(present) < 2:
         raise PipelineError(f"{ff.path}: the training rows hold {len(present)} class; classification needs at least two")
@@ -326,7 +335,7 @@ def run(config: TrainConfig) -> dict:
         train_rows, test_rows, test_source, mode, estimate_mb, d = plan.train_rows, plan.test_rows, plan.test_source, plan.mode, plan.estimate_mb, plan.d
         test_scores = scores(y_test, y_pred, names)
         scored_on = (ff if test_ff is None else test_ff).paths
-        wrong = [(scored_on[int(r)], names[int(t)], names[int(p_)]) for r, t, p_ in zip(test_rows, y_test, y_pred) if t != p_]
+        wrong = sorted((scored_on[int(r)], names[int(t)], names[int(p_)]) for r, t, p_ in zip(test_rows, y_test, y_pred) if t != p_)
         final = refit_on_every_row(config, ff, plan, fitted) if test_ff is None and config.refit else None
         report = classification_report(y_test, y_pred, names)
         attrs = ff.attrs

@@ -1,13 +1,35 @@
-"""The one seeded, stratified train/test split that every stage calls, so that compare scores every strategy on the same rows."""
+"""The canonical row order (rows ranked by path) and the one seeded, stratified train/test split that every stage calls, so that compare scores every strategy on the same rows whatever order a file stores them in."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from pipeline.core.errors import PipelineError
 
 
-def split_indices(labels, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def canonical_order(paths) -> np.ndarray:
+    """Row indices ranking the rows by path, compared as bytes: the order every result of a set of rows is computed in.
+
+    A feature file may store its rows out of listing order (an incremental update writes the
+    re-extracted rows after the kept chunks, a merged file groups them by shard), so whatever
+    picks or visits rows (a split, folds, a fit) goes through this order: the result is then a
+    function of the set of (path, label, features) rows, not of the order they are stored in.
+
+    Args:
+        paths: one path per row (``bytes`` as an HDF5 paths column holds them, or ``str``,
+            compared as their file-system encoding).
+
+    Returns:
+        int64 indices ``order`` with ``paths[order]`` ascending (ties, which a valid file
+        cannot have, keep their stored order).
+    """
+    keys = np.asarray([p if isinstance(p, bytes) else os.fsencode(p) for p in paths], dtype=object)
+    return np.argsort(keys, kind="stable").astype(np.int64) if len(keys) else np.zeros(0, np.int64)
+
+
+def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None) -> tuple[np.ndarray, np.ndarray]:
     """The one train/test split of labelled rows that every stage uses.
 
     Stratified: each class is shuffled with its own generator (seeded by ``seed`` and
@@ -20,13 +42,17 @@ def split_indices(labels, test_size: float = 0.2, seed: int = 0) -> tuple[np.nda
         labels: 1-D integer labels (non-negative), one per row.
         test_size: share of each class to hold out, in (0, 1).
         seed: non-negative seed; the same labels and seed always give the same split.
+        keys: one path per row (see ``canonical_order``): the rows are ranked by it before
+            the shuffle, so the split is a function of the set of (key, label) pairs, not of
+            the rows' order. None: the rows are taken in the order given (a listing, already
+            in path order).
 
     Returns:
         ``(train_rows, test_rows)``: sorted int64 row indices, disjoint, covering every row.
 
     Raises:
-        PipelineError: ``test_size`` outside (0, 1), a negative seed, or labels that are
-            not a 1-D array of non-negative integers.
+        PipelineError: ``test_size`` outside (0, 1), a negative seed, labels that are
+            not a 1-D array of non-negative integers, or keys of another length.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or (labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0)):
@@ -35,9 +61,13 @@ def split_indices(labels, test_size: float = 0.2, seed: int = 0) -> tuple[np.nda
         raise PipelineError(f"test size {test_size}: must be between 0 and 1 (exclusive)")
     if seed < 0:
         raise PipelineError(f"seed {seed}: must be 0 or more")
+    order = np.arange(len(labels), dtype=np.int64) if keys is None else canonical_order(keys)
+    if len(order) != len(labels):
+        raise PipelineError(f"split_indices: {len(order)} keys for {len(labels)} labels")
+    ranked = labels[order]
     train, test = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
+    for c in np.unique(ranked):
+        rows = order[ranked == c]
         perm = np.random.default_rng([int(seed), int(c)]).permutation(rows)
         n = len(rows)
         k = int(np.floor(test_size * n + 0.5)) if n >= 2 else 0

@@ -148,25 +148,29 @@ def progress_bar(total: int, desc: str, quiet: bool, unit: str = "row"):
 
 
 def read_groups(ff: FeatureFile, groups: list[np.ndarray], pool: str, scaler=None, quiet: bool = True) -> list[np.ndarray]:
-    """One sequential pass over ``ff``: the pooled float32 rows of each group of sorted row indices.
+    """One sequential pass over ``ff``: the pooled float32 rows of each group of row indices, in the group's order.
 
-    ``scaler.partial_fit`` sees the rows of the first group chunk by chunk (its float64
-    temporaries stay chunk-sized).
+    A group may list its rows in any order (e.g. by path, ``core.splits.canonical_order``):
+    each pooled row is written straight to its place, so no reordering copy is made.
+    ``scaler.partial_fit`` sees the rows of the first group chunk by chunk, in file order
+    (its float64 temporaries stay chunk-sized).
     """
     d = pooled_dim(ff.row_shape, pool)
     outs = [np.empty((len(g), d), np.float32) for g in groups]
+    orders = [np.argsort(g, kind="stable") for g in groups]
+    ranked = [np.asarray(g)[o] for g, o in zip(groups, orders)]
     with progress_bar(len(ff), f"read {ff.path.name}", quiet) as bar:
         for start, block in ff.iter_chunks():
             stop_if_terminated()
             stop = start + len(block)
             check_finite(ff, block, np.arange(start, stop))
             pooled = pool_features(block, pool)
-            for i, (g, out) in enumerate(zip(groups, outs)):
+            for i, (g, o, out) in enumerate(zip(ranked, orders, outs)):
                 lo, hi = np.searchsorted(g, [start, stop])
                 if hi > lo:
-                    out[lo:hi] = pooled[g[lo:hi] - start]
+                    out[o[lo:hi]] = pooled[g[lo:hi] - start]
                     if i == 0 and scaler is not None:
-                        scaler.partial_fit(out[lo:hi])
+                        scaler.partial_fit(out[o[lo:hi]])
             bar.update(len(block))
     return outs
 

@@ -5,10 +5,17 @@ group of rows, to choose C, and a head on every row, which is the model kept for
 no second streaming fit. On small files, where the polish runs (``polish.passes_for``), the
 groups are the in-memory search's ``cv`` folds and the fold heads are polished before they
 are scored, so C is chosen as in memory. On large files one hold-out share (``1/cv`` of the
-chunks, stratified by their class) is scored with the SGD heads, a pass over ``1/cv`` of the
-file. In memory, the heads are every (C, fold) of a ``cv``-fold search plus one head per C on
-every row, so the search costs ``epochs`` passes over the matrix whatever the grid, linear in
-the rows.
+training rows of each class) is scored with the SGD heads, a pass over the chunks holding
+them (about the whole file). In memory, the heads are every (C, fold) of a ``cv``-fold search
+plus one head per C on every row, so the search costs ``epochs`` passes over the matrix
+whatever the grid, linear in the rows.
+
+Row order: the folds and the hold-out share are drawn from the training rows in path order
+(``row_groups``), so they are the same rows whatever order the file stores them in. What the
+SGD sees is not: a batch is a run of whole stored chunks, and the preconditioner's sample a
+few stored chunks, so another storage order gives other batches and another SGD path (to
+read single rows at random would decompress a chunk per row). Where the polish runs, it
+brings each head to its optimum and the choice of C back to the in-memory one.
 """
 
 from __future__ import annotations
@@ -99,12 +106,20 @@ def chunk_starts(rows: np.ndarray, step: int) -> np.ndarray:
     return np.unique(rows // step) * step
 
 
-def holdout_chunks(rows: np.ndarray, labels: np.ndarray, step: int, cv: int, seed: int) -> np.ndarray:
-    """Start rows of the hold-out chunks: ``1/cv`` of the chunks holding ``rows``, stratified by each chunk's most frequent label."""
-    starts = chunk_starts(rows, step)
-    chunk_of = np.searchsorted(starts, rows // step * step)
-    major = np.array([np.bincount(labels[rows[chunk_of == i]]).argmax() for i in range(len(starts))])
-    return starts[split_indices(major, 1.0 / cv, seed)[1]]
+def row_groups(train_rows: np.ndarray, labels: np.ndarray, size: int, kind: str, cv: int, seed: int) -> np.ndarray:
+    """Per row of a file of ``size`` rows, the group a head may leave out: ``kind`` ``cv``, its fold (``cv_folds``); ``holdout``, 0 for
+    the hold-out share (``1/cv`` of ``train_rows`` per class, ``core.splits.split_indices``) and 1 elsewhere; ``none``, 1 everywhere.
+
+    Rows, not chunks: which rows share a chunk depends on the order the file stores them in, and
+    ``train_rows`` come in path order (``classical.train.plan_fit``), so the groups are a function of
+    the set of rows. Rows outside ``train_rows`` get ``cv`` (``cv`` kind) or 1.
+    """
+    if kind == "cv":
+        return cv_folds(train_rows, labels, size, cv, seed)
+    group = np.ones(size, np.int64)
+    if kind == "holdout":
+        group[train_rows[split_indices(labels[train_rows], 1.0 / cv, seed)[1]]] = 0
+    return group
 
 
 def train_engine(engine, batches, epochs: int, n: int, desc: str, quiet: bool) -> None:
@@ -149,7 +164,7 @@ def polish_stream(engine, heads, passes, n: int, quiet: bool, desc: str, rows=No
 
 def cv_folds(train_rows: np.ndarray, labels: np.ndarray, size: int, cv: int, seed: int) -> np.ndarray:
     """Per row of a file of ``size`` rows, its fold among ``train_rows`` (``cv`` elsewhere): the in-memory search's folds
-    (``StratifiedKFold`` shuffled with ``seed`` over ``labels[train_rows]``, in that order), so both fits choose C on the same rows."""
+    (``StratifiedKFold`` shuffled with ``seed`` over ``labels[train_rows]``, in that order: the plan's path order), so both fits choose C on the same rows."""
     from sklearn.model_selection import StratifiedKFold
 
     fold = np.full(size, cv, np.int64)
@@ -179,7 +194,8 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     Where the polish runs (small files, ``polish.passes_for``) and there are several C, they are
     chosen as in memory: a head per (C, fold) of the in-memory search's ``cv`` folds, polished,
     scored on its fold, C by the mean over folds. Elsewhere (large files) on one hold-out share
-    of ``1/cv`` of the chunks, scored with the SGD heads (reading ``1/cv`` of the file).
+    of ``1/cv`` of the training rows, scored with the SGD heads (a pass over the chunks holding them).
+    ``train_rows`` in path order (the plan's): the folds and the share are then the same rows whatever the storage order.
 
     Returns:
         dict with ``coef``/``intercept`` (the full head of the chosen C, on scaled rows),
@@ -200,18 +216,15 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     keep[train_rows] = True
     starts = chunk_starts(train_rows, step)
     rng = np.random.default_rng([seed, 1])
-    group = np.ones(len(ff), np.int64)
     kind = "none" if len(Cs) == 1 else "cv" if passes_for(n, pooled_dim(ff.row_shape, pool)) else "holdout"
+    if kind == "cv" and np.bincount(y_all[train_rows]).max() < cv:  # where StratifiedKFold refuses, in memory too
+        raise PipelineError(f"{ff.path}: fewer training rows in every class than --cv {cv} folds for the C search; pass a single --C or a smaller --cv")
+    group = row_groups(train_rows, labels, len(ff), kind, cv, seed)
     n_val = 0
     if kind == "cv":
-        if np.bincount(y_all[train_rows]).max() < cv:  # where StratifiedKFold refuses, in memory too
-            raise PipelineError(f"{ff.path}: fewer training rows in every class than --cv {cv} folds for the C search; pass a single --C or a smaller --cv")
-        group = cv_folds(train_rows, labels, len(ff), cv, seed)
         heads = Heads.grid(Cs, cv)
     elif kind == "holdout":
-        val_starts = holdout_chunks(train_rows, labels, step, cv, seed)
-        for s in val_starts:
-            group[s : s + step] = 0
+        val_starts = chunk_starts(train_rows[group[train_rows] == 0], step)  # about every chunk: the share is of rows
         n_val = int(np.sum(keep & (group == 0)))
         if n_val == 0 or n_val == n:
             raise PipelineError(f"{ff.path}: too few training rows ({n}) to hold out a validation share for the C search; pass a single --C")

@@ -103,3 +103,32 @@ def test_compare_sizes_with_a_frozen_feature_row_first(tmp_path):
     assert main(argv) == 0
     with open(tmp_path / "out" / "sizes.csv") as f:
         assert [r["per_class"] for r in csv.DictReader(f)] == ["5", "8"]
+
+
+def test_a_frozen_feature_row_at_a_size_does_not_depend_on_the_order_of_the_rows(tmp_path):
+    """A size's rows are picked by path and fitted in path order: the same row from a file storing them in another order (issue 22)."""
+    import h5py
+    import numpy as np
+
+    from pipeline.compare.config import CompareConfig
+    from pipeline.compare.rows import classical_row
+    from pipeline.featurefile.schema import VERSION_COLUMNS
+
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b", "c"), per_class=8, size=(12, 12))
+    make_tree(root / "test", classes=("a", "b", "c"), per_class=3, size=(12, 12))
+    fast = ["--weights", "none", "--input-size", "32", "--quiet"]
+    a, test = tmp_path / "a.h5", tmp_path / "test.h5"
+    assert main(["extract", str(root / "train"), "-o", str(a), *fast]) == 0 and main(["extract", str(root / "test"), "-o", str(test), *fast]) == 0
+    b = tmp_path / "b.h5"
+    b.write_bytes(a.read_bytes())
+    with h5py.File(b, "r+") as db:  # every row column follows its rows
+        perm = np.random.default_rng(3).permutation(len(db["labels"]))
+        for name in ("features", "labels", "paths", *VERSION_COLUMNS):
+            db[name][...] = db[name][:][perm]
+    assert main(["verify", str(b)]) == 0
+    config = CompareConfig(data_root=root, output=tmp_path / "out", weights="none", input_size=32, quiet=True)
+    subset = nested_subsets(root / "train", (6,), seed=0)[6]
+    ra, rb = (classical_row(config, "lr", f, test, train_paths=subset, folder=tmp_path / f.stem) for f in (a, b))
+    keys = ("accuracy", "macro_f1", "best_params", "n_train", "n_test", "predictions")
+    assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys} and ra["n_train"] == 18

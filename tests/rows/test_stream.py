@@ -1,4 +1,4 @@
-"""Streaming: the parallel chunk reader, the streamed model against the in-memory one (a synthetic file and a small real one), the hold-out chunks, and out-of-core memory that does not grow with the rows."""
+"""Streaming: the parallel chunk reader, the streamed model against the in-memory one (a synthetic file and a small real one), the groups held out, and out-of-core memory that does not grow with the rows."""
 
 from __future__ import annotations
 
@@ -31,12 +31,26 @@ def test_the_reader_deals_every_kept_row_once_in_the_order_of_the_chunks(direct,
         np.testing.assert_array_equal(np.concatenate([x for _, x in got]), pool_features(ff.db["features"][:], "avg")[expect])
 
 
-def test_hold_out_chunks_are_a_stratified_share_of_the_chunks():
-    labels = np.repeat(np.arange(3), 96)  # class by class, as extraction writes them: 6 chunks of 16 per class
-    rows = np.arange(len(labels))
-    starts = stream.holdout_chunks(rows, labels, 16, 3, seed=0)
-    assert len(starts) == 6 and sorted(np.bincount(labels[starts], minlength=3)) == [2, 2, 2]
-    assert np.array_equal(starts, stream.holdout_chunks(rows, labels, 16, 3, seed=0)) and not np.array_equal(starts, stream.holdout_chunks(rows, labels, 16, 3, seed=1))
+@pytest.mark.parametrize("kind", ["cv", "holdout"])
+def test_the_held_out_groups_are_a_stratified_share_of_the_rows_in_their_order(kind):
+    labels = np.repeat(np.arange(3), 96)
+    rows = np.arange(0, len(labels), 2)  # every other row trains: 48 per class
+    group = stream.row_groups(rows, labels, len(labels), kind, 3, seed=0)
+    assert np.all(group[1::2] == (3 if kind == "cv" else 1))  # the rows outside train_rows are in no group held out
+    held = group[rows] == 0
+    assert [int(np.sum(held & (labels[rows] == c))) for c in range(3)] == [16, 16, 16]
+    if kind == "cv":
+        assert sorted(np.bincount(group[rows])) == [48, 48, 48]
+    # Drawn from the rows in the order given (the plan's path order): the same order, the same rows, whatever their indices.
+    perm = np.random.default_rng(4).permutation(len(labels))
+    where = np.argsort(perm)  # row r of the first file is row where[r] of the second
+    moved = stream.row_groups(where[rows], labels[perm], len(labels), kind, 3, seed=0)
+    assert np.array_equal(moved[where[rows]], group[rows])
+    assert not np.array_equal(stream.row_groups(rows, labels, len(labels), kind, 3, seed=1)[rows], group[rows])
+
+
+def test_no_held_out_group_without_a_search():
+    assert np.all(stream.row_groups(np.arange(10), np.arange(10) % 2, 12, "none", 3, seed=0) == 1)
 
 
 @pytest.mark.parametrize("model, C", [("lr", 0.1), ("svm", 0.001)])
