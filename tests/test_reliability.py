@@ -396,7 +396,7 @@ def _set_files(folder: Path, prefix: str) -> dict[str, bytes]:
 
 def _leftovers(folder: Path) -> list[str]:
     """Staging folders, journals, temporaries and locks a publication could leave behind."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or ".tmp" in p.name or p.name.endswith(".lock"))
+    return sorted(p.name for p in folder.iterdir() if (p.name.startswith(".") and not p.name.endswith(".set.receipt")) or ".tmp" in p.name or p.name.endswith(".lock"))
 
 
 def _full_disk(*args, **kwargs):
@@ -561,5 +561,5 @@ def test_a_member_the_new_set_does_not_have_goes_with_the_previous_set(tmp_path)
         with publish(tmp_path, "finetune", members, lock=members[0], locked=False) as stage:
             for name in written:
                 stage.path(name).write_text(f"{len(written)} files")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.keras", "finetune.metrics.json", "other.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".finetune.set.receipt", "finetune.keras", "finetune.metrics.json", "other.txt"]
     assert (tmp_path / "finetune.keras").read_text() == "2 files" and (tmp_path / "other.txt").read_text() == "not ours"

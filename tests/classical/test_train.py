@@ -44,7 +44,7 @@ def test_model_fits_and_writes_all_outputs(model, feats, tmp_path, capsys):
     out = tmp_path / "models"
     metrics = train.run(config(feats, out, model, refit=False))  # the saved model is the scored one
     files = train.output_paths(out, model)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files.values())  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in files.values()), f".{model}.set.receipt"])  # no temp files left
 
     bundle = joblib.load(files["bundle"])  # plain joblib, nothing of ours needed to open it
     assert bundle["format"] == "transfer-pipeline-model" and bundle["version"] == 1 and bundle["model"] == model

@@ -122,7 +122,7 @@ def test_sigterm_during_train_says_so_removes_the_lock_and_keeps_the_previous_ou
     out = tmp_path / "m"
     train.run(config(f, out, "lr"))
     previous = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert len(previous) == 5  # bundle, metrics, report, confusion plot, misclassified rows
+    assert len(previous) == 6  # bundle, metrics, report, confusion plot, misclassified rows, and the set's receipt
     # Out of core for a million epochs: hours of work, so SIGTERM surely lands mid-fit;
     # the lock file appears once the run is inside the locked section.
     argv = [sys.executable, "-m", "pipeline", "train", str(f), "-o", str(out), "--quiet", "--C", "1", "--memory-budget", "0.001", "--epochs", "1000000"]

@@ -242,7 +242,7 @@ def test_images_are_decoded_by_content_not_by_name(tmp_path):
 
     named, renamed = tmp_path / "named", tmp_path / "renamed"
     for root in (named, renamed):
-        make_tree(root, classes=("a", "b"), per_class=2)  # the other rows, identical in both trees
+        make_tree(root, classes=("a", "b"), per_class=2, seed=0)  # the other rows, identical in both trees
     cases = [("png_as_jpg", "PNG", ".png", ".jpg"), ("jpeg_as_png", "JPEG", ".jpg", ".png"), ("gif_as_png", "GIF", ".gif", ".png")]
     for k, (stem, fmt, right, wrong) in enumerate(cases):
         rng = np.random.default_rng(100 + k)
