@@ -9,21 +9,43 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import same_file
 from pipeline.images.overlap import Overlap, refuse_shared, shared_files
 
 
-def _files(ff) -> list[tuple[str | None, int]]:
+def row_files(ff) -> list[tuple[str | None, int]]:
     """(absolute path, size) of every row of an open feature file; the path is None when the file does not name its data folder."""
     root = str(ff.attrs.get("data_dir") or "")
     sizes = ff.db["file_sizes"][:].tolist() if "file_sizes" in ff.db else [-1] * len(ff)
     return [(os.path.realpath(Path(root) / p) if root else None, int(s)) for p, s in zip(ff.paths, sizes)]
 
 
+def training_record(ff, rows) -> dict:
+    """What a bundle keeps of the images its model was fitted on (``rows`` of ``ff``): their data folder, relative paths and sizes,
+    so ``evaluate`` can refuse data holding one of them (``recorded_files``)."""
+    rows = np.asarray(rows, np.int64)
+    files = row_files(ff)
+    return {"data_dir": str(ff.attrs.get("data_dir") or ""), "files": [files[int(r)][0] for r in rows],
+            "sizes": np.asarray([files[int(r)][1] for r in rows], np.int64)}
+
+
+def recorded_files(record) -> list[tuple[str | None, int]] | None:
+    """(resolved path, size) of each training image a bundle records; None for a bundle without a usable record (an older version's)."""
+    try:
+        files, sizes = record["files"], np.asarray(record["sizes"], np.int64)
+        if len(files) != len(sizes) or not all(f is None or isinstance(f, str) for f in files):
+            return None
+        return list(zip(files, sizes.tolist()))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def shared_images(train_ff, test_ff) -> Overlap:
     """The test rows whose image is one of the training rows' images, by resolved path or by content (open ``FeatureFile``s)."""
-    return shared_files(_files(train_ff), _files(test_ff))
+    return shared_files(row_files(train_ff), row_files(test_ff))
 
 
 def check_no_overlap(ff, test_ff, allowed: bool) -> None:

@@ -29,7 +29,7 @@ from pipeline.classical.results import output_paths, print_summary, write_output
 from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
-from pipeline.classical.overlap import check_no_overlap
+from pipeline.classical.overlap import check_no_overlap, training_record
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
@@ -380,6 +380,7 @@ def run(config: TrainConfig) -> dict:
             precision=attrs.get("precision"), storage_dtype=attrs.get("storage_dtype"), score=family.score, metrics=metrics,
             quantization=attrs.get("quantization"),
         )  # fmt: skip
+        bundle["training_images"] = training_record(ff, np.arange(len(ff)) if final is not None else train_rows)  # for evaluate's overlap rule
         stop_if_terminated()
         with finish_first():  # SIGTERM waits for the set to be published (all five outputs replaced, or none: results.write_outputs)
             write_outputs(paths, bundle, metrics, report, names, test_source, wrong)

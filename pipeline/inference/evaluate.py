@@ -20,6 +20,9 @@ import numpy as np
 
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
 from pipeline.rows.pooling import read_groups
+from pipeline.classical.overlap import recorded_files, row_files
+from pipeline.images.listing import list_images
+from pipeline.images.overlap import listing_files, refuse_shared, shared_files
 from pipeline.core.guard import refuse_replacing_inputs
 from pipeline.featurefile.checks import shard_files
 from pipeline.core import config as settings
@@ -46,6 +49,7 @@ class EvaluateConfig:
         batch_size: images per network call (folders only).
         weights: weights to resolve instead of the bundle's (folders only), as ``predict --weights``.
         overwrite: replace an existing ``output`` folder that is not an evaluation.
+        allow_overlap: score on data holding images the model was fitted on (refused otherwise).
         quiet: no progress bar.
         command_line: recorded in the metrics.
     """
@@ -56,6 +60,7 @@ class EvaluateConfig:
     batch_size: int = option(32, "images per network call (image folders)", rule=Interval(int, 1, MAX_INT))
     weights: str | None = option(None, "weights to use instead of the bundle's (image folders; a model trained on a weights FILE needs its path)")
     overwrite: bool = option(False, "let -o replace an existing folder that is not an evaluation")
+    allow_overlap: bool = option(False, "score on data that holds images the model was fitted on (same file or same content)")
     quiet: bool = option(False, "no progress bar")
     command_line: str = option("", cli=False)
 
@@ -97,7 +102,6 @@ def _from_feature_file(config: EvaluateConfig, bundle: dict):
 def _from_folder(config: EvaluateConfig, bundle: dict):
     """The same for a class-per-folder tree, its features computed as ``predict`` computes them."""
     from pipeline.inference.scoring import class_scores, open_bundle_network, pooled_batches
-    from pipeline.images.listing import list_images
 
     listing = list_images(config.data)
     to_model = _class_map(Path(config.data), list(listing.class_names), list(bundle["label_names"]))
@@ -116,6 +120,30 @@ def _from_folder(config: EvaluateConfig, bundle: dict):
     if not kept:
         raise PipelineError(f"{config.data}: none of the {len(listing)} images could be read")
     return to_model[listing.labels[kept]], np.asarray(pred), np.asarray(score), [listing.paths[i] for i in kept], rejected
+
+
+def _check_overlap(config: EvaluateConfig, bundle: dict) -> None:
+    """Refuse data holding an image the model was fitted on (the bundle's ``training_images``), unless ``--allow-overlap``.
+
+    A bundle of an earlier version records none: said on stderr, not pretended.
+    """
+    if config.allow_overlap:
+        return
+    trained_on = recorded_files(bundle.get("training_images"))
+    if trained_on is None:
+        print(f"note: {config.model} does not record the images it was fitted on (an earlier version's bundle): "
+              f"not checked whether {config.data} holds some of them", file=sys.stderr)  # fmt: skip
+        return
+    data = Path(config.data)
+    if data.is_dir():
+        files = listing_files(list_images(data))
+    else:
+        from pipeline.featurefile.store import open_features
+
+        with open_features(data) as ff:
+            files = row_files(ff)
+    found = shared_files(trained_on, files)
+    refuse_shared(found, data, len(files), f"the model {config.model}")
 
 
 def _check_output(config: EvaluateConfig) -> Path:
@@ -155,6 +183,7 @@ def run(config: EvaluateConfig) -> dict:
     check_spec(model_path, bundle)
     if not data.exists():
         raise PipelineError(f"{data}: no such feature file or folder")
+    _check_overlap(config, bundle)
     folder = _check_output(config)
     with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
         return _evaluate(config, model_path, bundle, _check_output(config))

@@ -88,3 +88,26 @@ def test_other_features_or_classes_are_refused(setup, tmp_path):
     with pytest.raises(PipelineError, match=r"zoo: class 'emu' is not one of the model's classes \(cat, dog\)"):
         evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=tmp_path / "zoo", output=tmp_path / "ev", quiet=True))
     assert not (tmp_path / "ev").exists()
+
+
+def test_data_holding_images_the_model_was_fitted_on_is_refused(setup, tmp_path, capsys):
+    """Fourth pass (#22): evaluate on the model's own training file, its training tree or a copy of it said "accuracy 1.000" with no
+    warning (train --test refuses the same overlap). The bundle records the images it was fitted on; evaluate checks against them."""
+    import shutil
+
+    root, _ = setup
+    model = root / "models" / "lr.joblib"
+    shutil.copytree(root / "train", tmp_path / "copy")
+    for data, n in ((root / "train.h5", 12), (root / "train", 12), (tmp_path / "copy", 12)):
+        with pytest.raises(PipelineError, match=rf"{data.name}: 12 of its {n} images are also training images of the model .*lr\.joblib \(first: "):
+            evaluate.run(evaluate.EvaluateConfig(model=model, data=data, output=tmp_path / "ev", quiet=True))
+        assert not (tmp_path / "ev").exists()
+    m = evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "train.h5", output=tmp_path / "ev", quiet=True, allow_overlap=True))
+    assert m["n_scored"] == 12
+    import joblib
+
+    old = joblib.load(model)
+    del old["training_images"]  # a bundle of an earlier version: said, not pretended
+    joblib.dump(old, tmp_path / "old.joblib")
+    evaluate.run(evaluate.EvaluateConfig(model=tmp_path / "old.joblib", data=root / "test.h5", output=tmp_path / "ev2", quiet=True))
+    assert "old.joblib does not record the images it was fitted on (an earlier version's bundle): not checked" in capsys.readouterr().err
