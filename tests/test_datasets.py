@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets
+from pipeline import datasets, fashion_mnist
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 
@@ -17,7 +17,7 @@ from pipeline.core.errors import PipelineError
 
 @pytest.fixture(scope="module")
 def idx():
-    return {split: datasets._load_split(datasets.DEBIAN_DIR, split) for split in datasets.IDX_FILES}
+    return {split: fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, split) for split in fashion_mnist.IDX_FILES}
 
 
 @pytest.fixture
@@ -33,11 +33,11 @@ def _pngs(out):
 
 def test_tree_counts_and_result(tiny):
     out, result = tiny
-    assert result == {"train": 30, "test": 20, "source": f"debian:{datasets.DEBIAN_DIR}",
+    assert result == {"train": 30, "test": 20, "source": f"debian:{fashion_mnist.DEBIAN_DIR}",
                       "built": True, "out_dir": str(out), "why": None}
     for split, n in (("train", 3), ("test", 2)):
-        assert sorted(p.name for p in (out / split).iterdir()) == sorted(datasets.FASHION_CLASSES)
-        for cls in datasets.FASHION_CLASSES:
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(fashion_mnist.FASHION_CLASSES)
+        for cls in fashion_mnist.FASHION_CLASSES:
             assert len(list((out / split / cls).glob("*.png"))) == n
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert manifest["counts"] == {"train": 30, "test": 20}
@@ -49,7 +49,7 @@ def test_pngs_match_idx_images_and_labels(tiny, idx):
     out, _result = tiny
     for split in ("train", "test"):
         images, labels = idx[split]
-        for cls_no, cls in enumerate(datasets.FASHION_CLASSES):
+        for cls_no, cls in enumerate(fashion_mnist.FASHION_CLASSES):
             for png in (out / split / cls).glob("*.png"):
                 assert len(png.stem) == 5
                 index = int(png.stem)
@@ -144,10 +144,10 @@ def test_counts_at_or_above_available_mean_all():
 def _source_folder(tmp_path, bad_name, content):
     folder = tmp_path / "src"
     folder.mkdir()
-    for names in datasets.IDX_FILES.values():
+    for names in fashion_mnist.IDX_FILES.values():
         for name in names:
             if name != bad_name:
-                (folder / name).symlink_to(datasets.DEBIAN_DIR / name)
+                (folder / name).symlink_to(fashion_mnist.DEBIAN_DIR / name)
     (folder / bad_name).write_bytes(content)
     return folder
 
@@ -203,7 +203,7 @@ def test_the_data_command_defaults_and_all():
 def test_keras_route_when_no_debian_files(tmp_path, monkeypatch, idx):
     import keras
 
-    monkeypatch.setattr(datasets, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
     (xtr, ytr), (xte, yte) = idx["train"], idx["test"]
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data",
                         lambda: ((xtr.copy(), ytr.copy()), (xte.copy(), yte.copy())))
@@ -218,7 +218,7 @@ def test_no_source_at_all_says_how_to_get_it(tmp_path, monkeypatch):
     def offline():
         raise Exception("URL fetch failure on x: None -- [Errno -2] Name or service not known")
 
-    monkeypatch.setattr(datasets, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
     with pytest.raises(PipelineError, match="apt-get install dataset-fashion-mnist") as err:
         datasets.build_fashion_mnist(tmp_path / "out", progress=False)
