@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -127,10 +126,11 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
         reads: read passes per size (their median is the reference).
     """
     output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix="train-bench-", dir=output.parent if output.parent.exists() else None))
-    x_test, y_test = _test_rows(test, "flatten")
     rows = []
-    try:
+    # Removed however the measurement ends (a full disk, an interrupt): the row files are the bench's own.
+    with tempfile.TemporaryDirectory(prefix="train-bench-", dir=output.parent if output.parent.exists() else None, ignore_cleanup_errors=True) as folder:
+        tmp = Path(folder)
+        x_test, y_test = _test_rows(test, "flatten")
         for size in sizes:
             path = tmp / f"rows-{size}.h5"
             n = replicate(Path(features), path, size)
@@ -150,8 +150,6 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
             say(f"  out of core: {row['out_of_core']['seconds']:.1f} s, {row['ratio']:.2f} x (read x epochs)")
             rows.append(row)
             path.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     result = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "load": os.getloadavg()[0], "model": model, "epochs": epochs,
               "source": str(features), "noise": NOISE, "test": str(test) if test else None, "rows": rows}  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)

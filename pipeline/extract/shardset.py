@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, atomic_output, refuse_special, same_file
+from pipeline.core.h5output import h5_output
+from pipeline.core.outputs import OutputLock, refuse_special, same_file
 from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.extract.preflight import check_names_fit, check_not_a_link
 from pipeline.extract.fingerprints import SHARD_LOCAL_KEYS, merged_fingerprint
@@ -173,9 +174,15 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
         incremental=bool(kept) or any(bool(s.attrs.get("incremental", False)) for s in fresh),
         rows_kept=sum(int(s.attrs.get("rows_kept", 0)) for s in fresh) + sum(s.rows for s in kept),
     )
+    def read_back(tmp: Path) -> None:  # a source HDF5 cannot find reads as the fill value: a wrong name shows here, not in training
+        with h5py.File(tmp, "r") as db:  # the closed file, beside the output: the shards' relative names resolve as they will
+            labels = db["labels"][:]
+        if not np.array_equal(labels, np.concatenate([np.zeros(0, np.int32)] + [_labels(s.path) for s in shards])):
+            raise PipelineError(f"{output}: the virtual datasets do not read back the shards' rows (shard files unreadable?)")
+
     # libver v110: the format virtual datasets need; also lifts the 64 KiB limit on
     # attributes (merged_from of thousands of shards).
-    with atomic_output(output) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as db:
+    with h5_output(output, verify=read_back, libver=("v110", "latest")) as (db, _):
         db.attrs["complete"] = False
         for name, (dtype, row_shape) in _row_specs(first).items():
             if n == 0:  # a VDS needs at least one mapping: an empty real dataset instead
@@ -197,14 +204,7 @@ def _write(output: Path, shards: list[_Shard], command_line: str, ran: set[int] 
             db.attrs[key] = value
         db.attrs["n_images"] = n
         db.attrs["n_rejected"] = n_rejected
-        db.flush()
-        # Read back through the virtual datasets: a source HDF5 cannot find reads as the
-        # fill value, so a wrong source name shows up here, not in training.
-        labels = db["labels"][:]
-        expected = np.concatenate([np.zeros(0, np.int32)] + [_labels(s.path) for s in shards])
-        if not np.array_equal(labels, expected):
-            raise PipelineError(f"{output}: the virtual datasets do not read back the shards' rows (shard files unreadable?)")
-        db.attrs["complete"] = True
+        db.attrs["complete"] = True  # published only once read_back has passed
     return n, n_rejected
 
 

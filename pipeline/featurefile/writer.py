@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import atomic_output
+from pipeline.core.h5output import h5_output
 from pipeline.featurefile import chunks
 from pipeline.featurefile.schema import FORMAT_VERSION, VERSION_COLUMNS, RowBlock
 from pipeline.images.listing import UNKNOWN, Reject
@@ -97,7 +97,7 @@ def write_feature_file(
     """
     dtype = np.dtype(storage)
     rejected = [Reject(*r) for r in rejected]
-    with atomic_output(output) as tmp, h5py.File(tmp, "w") as db:
+    with h5_output(output) as (db, check):
         db.attrs["complete"] = False
         layout = chunks.default_layout(row_shape, dtype.name)
         feats = db.create_dataset("features", shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, **layout.h5_options())
@@ -106,6 +106,7 @@ def write_feature_file(
         sink = chunks.ChunkSink(feats, layout)
         try:
             for block in rows:
+                check()  # a full disk stops the run at the next block, not at the end
                 block = RowBlock(*block)
                 f = block.features
                 k = len(f)

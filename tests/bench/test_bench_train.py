@@ -1,11 +1,18 @@
-"""``bench --train``: replicated rows, the read-pass reference, both modes timed, and the table, JSON and chart it writes."""
+"""``bench --train``: replicated rows, the read-pass reference, both modes timed, and the table, JSON and chart it writes; a full disk is one line."""
 
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
+from conftest import ROOT
 from feature_data import make_features
 from pipeline.bench import train as bench_train
 from pipeline.featurefile.store import open_features
@@ -57,3 +64,31 @@ def test_bench_train_from_the_command_line(tmp_path):
     argv = ["bench", "--train", "--replay", str(src), "--test-features", str(test), "--train-sizes", "60,120", "-o", str(tmp_path / "b"), "--quiet"]
     assert main(argv) == 0
     assert [row["rows"] for row in json.loads((tmp_path / "b" / "train_bench.json").read_text())["rows"]] == [60, 120]
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("limit", [1024, 16384, 65536])
+def test_a_full_disk_while_replicating_is_one_line_leaves_the_previous_outputs_and_no_row_files(tmp_path, limit):
+    src = make_features(tmp_path / "train.h5", per_class=30, row_shape=(2, 2, 32), noise=3.0)
+    test = make_features(tmp_path / "test.h5", per_class=20, row_shape=(2, 2, 32), noise=3.0, seed=7)
+    out = tmp_path / "bench"
+    bench_train.run_train_bench(src, out, test=test, sizes=(90,), epochs=1, exact_max_rows=0, reads=1, say=lambda s: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", TMPDIR=str(temp))
+    cmd = [sys.executable, "-m", "pipeline", "bench", "--train", "--replay", str(src), "--test-features", str(test), "--train-sizes", "90,720", "-o", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, preexec_fn=_file_size_limit(limit))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)  # not 1 (a traceback), not -11 (a crash)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(".h5: no space left (or file size limit reached) while writing: File too large")
+    assert "/rows-" in lines[0]  # the replicated rows: the file that did not fit
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob("train-bench-*")) and not os.listdir(temp)  # the row files' folder is gone

@@ -1,8 +1,10 @@
-"""The merge stage: the command line writes the merged file and says so in one line; a bad shard set is one error line; SIGTERM leaves the previous output, no lock and no temporary file."""
+"""The merge stage: the command line writes the merged file and says so in one line; a bad shard set is one error line; SIGTERM and a full disk leave the previous output, no lock and no temporary file."""
 
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 
@@ -72,3 +74,27 @@ def test_sigterm_during_merge_says_so_and_leaves_no_lock(run, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["m.h5"]  # no lock, no temporary file
     assert merged.read_bytes() == before
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("limit", [1024, 4096, 8192, 16384])
+def test_a_full_disk_while_merging_is_one_line_and_keeps_the_previous_file(run, tmp_path, limit):
+    data, reference, out, shards = run
+    merged = tmp_path / "m.h5"
+    assert _merge_cli(str(merged), *map(str, shards)) == 0
+    before = merged.read_bytes()
+    assert len(before) > limit  # the new file cannot fit
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "pipeline", "merge", "--overwrite", str(merged), *map(str, shards)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, preexec_fn=_file_size_limit(limit))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)  # not 1 (a traceback), not -11 (a crash)
+    assert proc.stderr == f"error: {merged}: no space left (or file size limit reached) while writing: File too large\n"
+    assert merged.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.h5"]  # no temporary file, no lock
