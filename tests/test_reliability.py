@@ -466,7 +466,7 @@ STAGE_CASES = {"train": _train_case, "scratch": _net_case("scratch"), "finetune"
 @pytest.mark.parametrize("stage", sorted(STAGE_CASES))
 def test_a_write_failing_inside_an_output_set_leaves_the_previous_set_whole(stage, tmp_path, monkeypatch, capsys):
     """The disk fills at the set's plot (written after other files of the set): every file of the previous set is as it was, byte for byte, and nothing is left behind."""
-    from pipeline.core import plots
+    from pipeline.report import plots
 
     out, prefix, first, second, plot = STAGE_CASES[stage](tmp_path)
     assert first() in (None, 0)

@@ -25,7 +25,7 @@ from pipeline.rows.pooling import read_groups
 from pipeline.classical.fitting import ROW_SPACE_MAX_ROWS, fit_matrix, fit_out_of_core, predict_matrix
 from pipeline.classical.models import MODELS
 from pipeline.rows.stream import ChunkReader
-from pipeline.core import plots
+from pipeline.report import plots
 from pipeline.core.outputs import write_text_atomic
 from pipeline.core.outputsets import publish
 from pipeline.featurefile.store import open_features

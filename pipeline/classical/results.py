@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.classical.bundle import write_bundle
 from pipeline.classical.fitting import Fitted, scale_note
 from pipeline.classical.models import MODELS
-from pipeline.core.metrics import accuracy_text, csv_text, rough_warning
+from pipeline.report.metrics import accuracy_text, csv_text, rough_warning
 from pipeline.core.outputs import write_json_atomic, write_text_atomic
 from pipeline.core.outputsets import publish
 
@@ -34,7 +34,7 @@ def write_outputs(paths: dict, bundle: dict, metrics: dict, report: str, names: 
     Raises:
         PipelineError: a file could not be written (the previous set is left whole).
     """
-    from pipeline.core import plots
+    from pipeline.report import plots
 
     model = metrics["model"]
     header = [

@@ -34,7 +34,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.metrics import classification_report, scores
+from pipeline.report.metrics import classification_report, scores
 from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir
 from pipeline.core.outputsets import check_members, settle
 from pipeline.core.splits import canonical_order, split_indices

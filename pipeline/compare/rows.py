@@ -20,7 +20,7 @@ from pipeline.core.digests import file_digest, tree_digest
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import write_json_atomic
 from pipeline.core.outputsets import settle_for
-from pipeline.core.stats import majority_vote
+from pipeline.report.stats import majority_vote
 
 
 @dataclass
@@ -110,7 +110,7 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
             training path without a row in ``train_h5``.
     """
     from pipeline.classical import train
-    from pipeline.core.metrics import scores
+    from pipeline.report.metrics import scores
     from pipeline.featurefile.store import check_compatible, open_features
 
     folder = Path(folder or config.models)
@@ -251,7 +251,7 @@ def probe_row(config: CompareConfig, test_h5: Path, inputs: Inputs) -> dict:
     """The probe LP-FT starts from, alone (per seed): its bundle, written by the LP-FT run, on the test feature file."""
     from pipeline.classical.bundle import load_bundle
     from pipeline.rows.pooling import read_groups
-    from pipeline.core.metrics import scores
+    from pipeline.report.metrics import scores
     from pipeline.featurefile.store import open_features
     from pipeline.nets.probe import check_probe
 

@@ -27,7 +27,7 @@ from pipeline.compare.verdicts import judged, summaries
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import write_text_atomic
 from pipeline.core.outputsets import publish
-from pipeline.core.stats import ALPHA, CONFIDENCE
+from pipeline.report.stats import ALPHA, CONFIDENCE
 
 def nested_subsets(train_dir: Path, sizes: tuple[int, ...], seed: int) -> dict[int, list[str]]:
     """Size -> the relative paths of its images: per class, the first N of one seeded order.
@@ -149,7 +149,7 @@ def write_outputs(output: Path, rows: list[dict], sizes: tuple[int, ...]) -> Non
 
 def _write(stage, md: str, lines: str, n_test: int, rows: list[dict]) -> None:
     """Every file of the sizes set, into the staging folder ``stage``."""
-    from pipeline.core.plots import line_chart
+    from pipeline.report.plots import line_chart
 
     write_text_atomic(stage.path("sizes.md"), f"Test accuracy on the same {n_test} test images by training images per class "
                                            f"(nested seeded subsets of the training tree), with {CONFIDENCE:.0%} Wilson intervals; "

@@ -24,7 +24,7 @@ from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_ato
 from pipeline.core.outputsets import check_members, publish
 from pipeline.images.overlap import list_inputs
 from pipeline.compare.verdicts import judged, summary_line
-from pipeline.core.stats import ALPHA, CONFIDENCE
+from pipeline.report.stats import ALPHA, CONFIDENCE
 
 COLUMNS = ("strategy", "accuracy", "ci_low", "ci_high", "p_value", "status", "macro_f1", "n_train", "n_val", "chosen_by", "train_seconds",
            "images_per_second", "model_bytes", "accuracy_sd", "seed_accuracies")  # fmt: skip
@@ -191,7 +191,7 @@ def _compare(config: CompareConfig) -> list[dict]:
     md = to_markdown(rows)
     line = summary_line(rows)
     notes = "\n".join(f"- {r['strategy']}: {r['notes']}" for r in rows if r.get("notes"))
-    from pipeline.core.plots import interval_chart
+    from pipeline.report.plots import interval_chart
 
     with publish(config.output, "compare", TABLE_FILES, lock="compare.md", locked=False) as stage:  # the table and chart: all new, or all as before
         write_text_atomic(stage.path("compare.md"), header(config, rows) + md + "\n" + line + "\n\n" + notes + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.stats import Verdict, judge, summary
+from pipeline.report.stats import Verdict, judge, summary
 
 
 def paired(rows: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -29,7 +29,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
+from pipeline.report.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
 from pipeline.core.outputs import OutputLock, atomic_folder, is_within, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
 
 #: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
@@ -201,7 +201,7 @@ def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Pa
     }  # fmt: skip
     wrong = np.flatnonzero(pred != y)
     header = f"{bundle.get('model')} {model_path} on {data}: {accuracy_text(metrics)}, macro-F1 {metrics['macro_f1']:.3f}\n\n"
-    from pipeline.core import plots
+    from pipeline.report import plots
 
     with atomic_folder(folder) as tmp:
         write_json_atomic(tmp / MARKER, metrics)

@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core import plots
+from pipeline.report import plots
 from pipeline.core.config import config_json
-from pipeline.core.metrics import scores
-from pipeline.core.stats import wilson
+from pipeline.report.metrics import scores
+from pipeline.report.stats import wilson
 from pipeline.core.outputs import atomic_output, package_versions, write_json_atomic
 from pipeline.core.outputsets import publish
 from pipeline.nets.images import Data

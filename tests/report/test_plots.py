@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.core import plots
+from pipeline.report import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

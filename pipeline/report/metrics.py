@@ -19,7 +19,7 @@ def scores(y_true, y_pred, class_names: Sequence[str]) -> dict:
     import numpy as np
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    from pipeline.core.stats import wilson
+    from pipeline.report.stats import wilson
 
     labels = list(range(len(class_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.core import stats
+from pipeline.report import stats
 from pipeline.core.errors import PipelineError
 
 Z = 1.959963984540054  # the 97.5% point of the standard normal
@@ -104,7 +104,7 @@ def test_macro_f1_averages_the_classes_with_an_image_or_a_prediction():
     """A class with no test image and no prediction has no F1: counting it as 0 made a perfect model on 2 of 3 classes score 0.667."""
     from sklearn.metrics import f1_score
 
-    from pipeline.core.metrics import scores
+    from pipeline.report.metrics import scores
 
     perfect = scores([0, 0, 1, 1], [0, 0, 1, 1], ["a", "b", "c"])
     assert perfect["macro_f1"] == 1.0 and perfect["per_class"]["c"]["support"] == 0 and len(perfect["confusion"]) == 3
