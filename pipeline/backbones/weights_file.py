@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.backbones.registry import CONV_LAYERS, KERNEL_SHAPES
-from pipeline.core.outputs import atomic_output
+from pipeline.core.h5output import h5_output
 
 #: The ``format`` attribute of a converted file: ``/<layer>/kernel`` and ``/<layer>/bias``
 #: datasets. Files written today also carry the ``layer_names``/``weight_names`` attributes of
@@ -196,7 +196,7 @@ def write_converted(dest: pathlib.Path, tensors, source: str) -> str:
     Keras read it; the attributes ``format``, ``source`` and ``tensor_sha256`` are ours.
     """
     checksum = checksum_tensors(tensors)
-    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as fh:
+    with h5_output(dest) as (fh, _):  # a full disk: one line, the previous file kept (core/h5output.py)
         fh.attrs["format"] = CONVERTED_FORMAT
         fh.attrs["source"] = source
         fh.attrs["tensor_sha256"] = checksum
