@@ -127,12 +127,15 @@ def test_an_output_set_never_replaces_what_it_did_not_write(kind, tmp_path):
     (["train", "{features}", "--model", "lr", "--cv", "2", "--C", "1", "--quiet"], "lr.confusion.png"),
     (["scratch", "{data}/train", "--dense", "4", "--input-size", "32", "--epochs", "1", "--quiet"], "scratch.keras"),
     (["finetune", "{data}/train", "--weights", "none", "--input-size", "32", "--epochs", "1", "--quiet"], "finetune.probe.joblib"),
-    (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"], "compare.png"),
+    (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"], "compare.md"),
     (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--sizes", "3", "--quiet"], "sizes.json"),
     (["bench", "--data-path", "--quiet"], "data_path.md"),
 ])  # fmt: skip
-def test_every_stage_refuses_a_set_member_it_cannot_replace_before_any_work(argv, member, tmp_path, capsys):
-    """The rule for every stage that publishes a set: a FIFO named like one of its files is one line before any training or measurement."""
+@pytest.mark.parametrize("kind", ["fifo", "user file"])
+def test_every_stage_refuses_a_set_member_it_cannot_replace_before_any_work(kind, argv, member, tmp_path, capsys):
+    """The rule for every stage that publishes a set: a FIFO, or a user's file, named like one of its files is one line before any
+    training or measurement, and is left as it was (fourth pass, #22: a FIFO named scratch.keras and a user's compare.md, sizes.csv,
+    lr.report.txt, scratch.keras or finetune.probe.joblib were replaced or deleted, exit 0)."""
     import os
 
     from pipeline.cli import main
@@ -143,9 +146,11 @@ def test_every_stage_refuses_a_set_member_it_cannot_replace_before_any_work(argv
     feats = make_features(tmp_path / "f.h5", per_class=[10, 10, 10])
     out = tmp_path / "out"
     out.mkdir()
-    os.mkfifo(out / member)
+    os.mkfifo(out / member) if kind == "fifo" else (out / member).write_text("precious")
     assert main([a.format(data=root, features=feats) for a in argv] + ["-o", str(out)]) == 2
-    assert f"{out / member}: is a FIFO (named pipe); the new output set would replace it" in capsys.readouterr().err
+    why = "is a FIFO (named pipe)" if kind == "fifo" else "is not a file this tool wrote here (no receipt"
+    assert f"{out / member}: {why}" in capsys.readouterr().err
+    assert (out / member).is_fifo() if kind == "fifo" else (out / member).read_text() == "precious"
     left = sorted(p.name for p in out.iterdir())
     assert left == [member] or set(left) <= {member, "compare.lock", "bench.lock"} and "models" not in left, left
 
@@ -165,7 +170,7 @@ def test_a_set_replaces_only_files_its_receipt_names(tmp_path):
                 stage.path("lr.report.txt").write_text(report)
 
     (out / "lr.report.txt").write_text("my notes")  # a user's file, no set here yet
-    with pytest.raises(PipelineError, match=r"out/lr\.report\.txt: is not a file this tool wrote here \(or it was changed since\); the new output set would replace it"):
+    with pytest.raises(PipelineError, match=r"out/lr\.report\.txt: is not a file this tool wrote here \(no receipt \.lr\.set\.receipt: .*\); the new output set would replace it"):
         write()
     assert (out / "lr.report.txt").read_text() == "my notes" and not (out / "lr.joblib").exists()
     (out / "lr.report.txt").unlink()
@@ -179,29 +184,10 @@ def test_a_set_replaces_only_files_its_receipt_names(tmp_path):
     (out / "lr.report.txt").write_text("r2")
     write(report=None)  # its own file, not written this time: removed
     assert sorted(p.name for p in out.iterdir()) == [".lr.set.receipt", "lr.joblib"]
-    receipt_path(out, "lr").unlink()  # a set written before receipts existed: trusted once, as its reader file is there
-    write()
-    assert (out / "lr.report.txt").read_text() == "r"
-
-
-@pytest.mark.parametrize("argv, member", [
-    (["compare", "--data", "{data}", "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"], "compare.md"),
-    (["train", "{features}", "--model", "lr", "--cv", "2", "--C", "1", "--quiet"], "lr.report.txt"),
-    (["scratch", "{data}/train", "--dense", "4", "--input-size", "32", "--epochs", "1", "--quiet"], "scratch.keras"),
-])  # fmt: skip
-def test_a_users_file_named_like_an_output_is_never_replaced(argv, member, tmp_path, capsys):
-    from pipeline.cli import main
-
-    root = tmp_path / "data"
-    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
-    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
-    feats = make_features(tmp_path / "f.h5", per_class=[10, 10, 10])
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / member).write_text("precious")
-    assert main([a.format(data=root, features=feats) for a in argv] + ["-o", str(out)]) == 2
-    assert f"{out / member}: is not a file this tool wrote here (or it was changed since)" in capsys.readouterr().err
-    assert (out / member).read_text() == "precious"
+    receipt_path(out, "lr").unlink()  # without a receipt nothing is known to be the tool's: refused, saying so
+    with pytest.raises(PipelineError, match=r"lr\.joblib: is not a file this tool wrote here \(no receipt \.lr\.set\.receipt: written by hand, or by a version before receipts\)"):
+        write()
+    assert (out / "lr.joblib").read_text() == "b"
 
 
 def test_finetune_refuses_a_probe_that_is_its_own_output(tmp_path, capsys):

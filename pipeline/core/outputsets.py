@@ -19,8 +19,8 @@ Each publication ends by writing the set's receipt, ``FOLDER/.NAME.set.receipt``
 of every file it installed). A later publication replaces or removes an existing file of the
 set only if it is exactly what the tool wrote there (its bytes match the receipt): a user's
 note named ``compare.md``, a model edited by hand, are refused in one line, never replaced
-(``check_members``). A folder without a receipt (written before receipts existed) is trusted
-once when the set's reader file (its last member) is there.
+(``check_members``); so are the files of a folder without a receipt (written by hand, or by a
+version before receipts): the message says which.
 """
 
 from __future__ import annotations
@@ -221,7 +221,6 @@ def check_members(folder: Path, name: str, members, folders=()) -> None:
     """
     members = tuple(members)
     receipt = _receipt(folder, name)
-    legacy = receipt is None and os.path.isfile(Path(folder) / members[-1])  # a set published before receipts: trusted once
     for member in members:
         path = Path(folder) / member
         try:
@@ -234,7 +233,9 @@ def check_members(folder: Path, name: str, members, folders=()) -> None:
             continue
         kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else special_kind(path) if not stat.S_ISREG(mode)
                 else "read-only" if not (mode & 0o222 and os.access(path, os.W_OK)) else None)  # fmt: skip
-        if kind is None and not legacy and (receipt is None or receipt.get(member) != _digest_or_none(path)):
+        if kind is None and receipt is None:
+            kind = f"not a file this tool wrote here (no receipt {receipt_path(folder, name).name}: written by hand, or by a version before receipts)"
+        elif kind is None and receipt.get(member) != _digest_or_none(path):
             kind = "not a file this tool wrote here (or it was changed since)"
         if kind is not None:
             raise PipelineError(f"{path}: is {kind}; the new output set would replace it: remove it, or choose another output folder")
