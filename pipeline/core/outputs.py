@@ -286,12 +286,17 @@ def remove_stale_temporaries(output: Path) -> list[Path]:
     return removed
 
 
+#: What a lock file holds: the holder's pid and this mark (a user's file of digits is not a lock).
+LOCK_MARK = "pipeline-lock"
+LOCK_CONTENT = re.compile(rf"\d+ {LOCK_MARK}")
+
+
 def _not_a_lock(fd: int, info: os.stat_result) -> str | None:
-    """Why the open file ``fd`` cannot be a lock file of ours (None: it can): ours hold a pid or nothing, under one name."""
+    """Why the open file ``fd`` cannot be a lock file of ours (None: it can): ours hold ``PID pipeline-lock`` or nothing, under one name."""
     if info.st_nlink > 1:
         return f"has {info.st_nlink} names (a hard link)"
     head = os.pread(fd, 64, 0) if info.st_size <= 64 else None
-    if head is None or (head.strip() and not head.strip().isdigit()):
+    if head is None or (head.strip() and not LOCK_CONTENT.fullmatch(head.decode("ascii", "replace").strip())):
         return "holds other content than a process id"
     return None
 
@@ -325,7 +330,7 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                holder = os.pread(fd, 64, 0).decode(errors="replace").split(" ")[0].strip()
                 os.close(fd)
                 raise PipelineError(
                     f"{self.path}: another run is writing this output{f' (pid {holder})' if holder else ''}; wait for it or stop it"
@@ -340,7 +345,7 @@ class OutputLock:
                 self._fd = fd
                 try:  # the holder's pid, for the message of a second run; a full disk fails here first
                     os.ftruncate(fd, 0)
-                    os.pwrite(fd, str(os.getpid()).encode(), 0)
+                    os.pwrite(fd, f"{os.getpid()} {LOCK_MARK}\n".encode(), 0)
                 except OSError as exc:
                     self.__exit__()
                     raise disk_error(self.path, exc) from None

@@ -195,11 +195,39 @@ def receipt_path(folder: Path, name: str) -> Path:
     return Path(folder) / f".{name}.set.receipt"
 
 
-def _receipt(folder: Path, name: str) -> dict | None:
-    """The files (name -> sha256) of the set's receipt; None when there is none or it is not a receipt of this set (then nothing is trusted by it)."""
+def _read_own(path: Path, what: str) -> str | None:
+    """The text of a file the tool keeps for itself (a receipt, a journal's manifest); None when there is none.
+
+    Raises:
+        PipelineError: the path is a FIFO, a folder, a link or anything but a regular file (reading a FIFO never returns;
+            replacing a folder fails half-way through a publication).
+    """
     try:
-        data = json.loads(receipt_path(folder, name).read_text())
-    except (OSError, ValueError):
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PipelineError(f"{path}: {what} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else special_kind(path) or "not a regular file"
+        raise PipelineError(f"{path}: {what} is {kind}, not a file this tool wrote; remove it and run the stage again")
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 24).decode("utf-8", "replace")
+    except OSError as exc:
+        raise PipelineError(f"{path}: {what} cannot be read ({exc.strerror or exc})") from None
+
+
+def _receipt(folder: Path, name: str) -> dict | None:
+    """The files (name -> sha256) of the set's receipt; None when there is none or it is not a receipt of this set (then nothing is trusted by it).
+
+    Raises:
+        PipelineError: the receipt is not a regular file (``_read_own``).
+    """
+    text = _read_own(receipt_path(folder, name), "the output set's receipt")
+    try:
+        data = json.loads(text) if text is not None else None
+    except ValueError:
         return None
     files = data.get("files") if isinstance(data, dict) and data.get("set") == name else None
     return files if isinstance(files, dict) else None
@@ -259,7 +287,10 @@ def _manifest(journal: Path) -> dict:
     """The journal's manifest, checked: a set name matching the journal's, and only the set's own plain file names (a hand-edited
     journal naming ``/home/x`` or ``../x`` must never move or delete it)."""
     try:
-        manifest = json.loads((journal / MANIFEST).read_text())
+        text = _read_own(journal / MANIFEST, "the publish journal's manifest")
+        if text is None:
+            raise ValueError(f"no {MANIFEST}")
+        manifest = json.loads(text)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("set"), str) or journal.name != f".{manifest['set']}.set":
             raise ValueError("no set name, or not this journal's")
         if not all(isinstance(manifest.get(k), list) for k in ("install", "remove")) or not isinstance(manifest.get("lock"), str):
@@ -291,7 +322,9 @@ def _roll_forward(journal: Path, manifest: dict) -> None:
                 os.replace(new, old)
         fsync_dir(folder)
         if isinstance(manifest.get("digests"), dict):  # the receipt: what this publication installed, so the next one knows its own files
-            write_json_atomic(receipt_path(folder, manifest["set"]), {"set": manifest["set"], "files": manifest["digests"]})
+            published = {*manifest["install"], *manifest["remove"]}
+            others = {k: v for k, v in (_receipt(folder, manifest["set"]) or {}).items() if k not in published}  # a set of another stage of that name
+            write_json_atomic(receipt_path(folder, manifest["set"]), {"set": manifest["set"], "files": {**others, **manifest["digests"]}})
         shutil.rmtree(journal)
         fsync_dir(folder)
     except OSError as exc:

@@ -154,9 +154,14 @@ def test_a_lock_file_that_is_not_ours_is_refused_and_left_as_it_was(kind, tmp_pa
             pass
     assert precious.read_text() == "precious\n" and os.path.lexists(lock)
     assert (lock.read_text() == "my notes\n") if kind == "user file" else True
-    (tmp_path / "y.h5.lock").write_text("12345")  # a lock a killed run left: still taken
+    (tmp_path / "y.h5.lock").write_text("12345 pipeline-lock\n")  # a lock a killed run left: still taken
     with OutputLock(tmp_path / "y.h5"):
         pass
+    (tmp_path / "z.h5.lock").write_text("2024\n")  # a user's file of digits is no lock (fifth pass: it was deleted)
+    with pytest.raises(PipelineError, match=r"z\.h5\.lock: holds other content than a process id"):
+        with OutputLock(tmp_path / "z.h5"):
+            pass
+    assert (tmp_path / "z.h5.lock").read_text() == "2024\n"
 
 
 def test_what_a_killed_folder_swap_left_is_cleared_or_put_back(tmp_path):
@@ -178,3 +183,42 @@ def test_what_a_killed_folder_swap_left_is_cleared_or_put_back(tmp_path):
     with atomic_folder(ev) as tmp:
         (tmp / "metrics.json").write_text("new")
     assert (ev / "metrics.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_receipt_or_journal_manifest_that_is_not_a_file_is_one_line_never_a_hang(kind, tmp_path):
+    """Fifth pass (#22): a receipt that was a FIFO hung every writer of its set, a journal manifest that was one hung predict, evaluate and
+    export; a receipt that was a folder let the set be installed (a user's file replaced) before the run failed."""
+    from pipeline.core.outputsets import check_members, journal_path, receipt_path, settle_for
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lr.joblib").write_text("a user's file")
+    receipt = receipt_path(out, "lr")
+    os.mkfifo(receipt) if kind == "fifo" else receipt.mkdir()
+    what = "a FIFO \\(named pipe\\)" if kind == "fifo" else "a folder"
+    with pytest.raises(PipelineError, match=rf"\.lr\.set\.receipt: the output set's receipt is {what}, not a file this tool wrote; remove it"):
+        check_members(out, "lr", ("lr.report.txt", "lr.joblib"))
+    assert (out / "lr.joblib").read_text() == "a user's file"
+    journal = journal_path(out, "svm")
+    journal.mkdir()
+    os.mkfifo(journal / "manifest.json") if kind == "fifo" else (journal / "manifest.json").mkdir()
+    with pytest.raises(PipelineError, match=rf"manifest\.json: the publish journal's manifest is {what}"):
+        settle_for(out / "svm.joblib")
+
+
+def test_two_sets_of_one_name_keep_each_others_receipt_entries(tmp_path):
+    """Fifth pass (#22): export -o FOLDER/finetune (set "finetune": finetune, finetune.json) beside finetune's own set overwrote its
+    receipt, and the next finetune refused its own model. A publication keeps the receipt's entries of files it does not publish."""
+    from pipeline.core.outputsets import publish
+
+    def write(members, text):
+        with publish(tmp_path, "finetune", members, lock=members[0], locked=False) as stage:
+            for m in members:
+                stage.path(m).write_text(text)
+
+    write(("finetune.keras", "finetune.metrics.json"), "network stage")
+    write(("finetune", "finetune.json"), "an export")
+    write(("finetune.keras", "finetune.metrics.json"), "network stage, again")  # its files are still its own
+    write(("finetune", "finetune.json"), "an export, again")
+    assert (tmp_path / "finetune.keras").read_text() == "network stage, again" and (tmp_path / "finetune").read_text() == "an export, again"

@@ -92,7 +92,7 @@ def _kill_mid_shard(out: Path, shard: int, shards: int, after_parts: int, report
     deadline = time.time() + 120
     while time.time() < deadline:
         if len(list(work.glob("part-*.part"))) >= after_parts and lock.exists():
-            pid = int(lock.read_text().strip() or 0)
+            pid = int((lock.read_text().split() or ["0"])[0])
             if pid and pid != os.getpid():
                 os.kill(pid, signal.SIGKILL)
                 while os.path.exists(f"/proc/{pid}"):

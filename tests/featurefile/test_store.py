@@ -138,7 +138,7 @@ def test_check_compatible(tmp_path):
 def test_the_output_lock_admits_one_writer(tmp_path):
     out = tmp_path / "x.h5"
     with OutputLock(out):
-        assert (tmp_path / "x.h5.lock").read_text() == str(os.getpid())
+        assert (tmp_path / "x.h5.lock").read_text() == f"{os.getpid()} pipeline-lock\n"
         with pytest.raises(PipelineError, match=r"x.h5.lock: another run is writing this output \(pid \d+\)"):
             with OutputLock(out):
                 pass
