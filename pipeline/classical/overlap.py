@@ -25,22 +25,11 @@ def row_files(ff) -> list[tuple[str | None, int]]:
 
 def training_record(ff, rows) -> dict:
     """What a bundle keeps of the images its model was fitted on (``rows`` of ``ff``): their data folder, relative paths and sizes,
-    so ``evaluate`` can refuse data holding one of them (``recorded_files``)."""
+    so ``evaluate`` can refuse data holding one of them (``images.overlap.recorded_files``)."""
     rows = np.asarray(rows, np.int64)
     files = row_files(ff)
     return {"data_dir": str(ff.attrs.get("data_dir") or ""), "files": [files[int(r)][0] for r in rows],
             "sizes": np.asarray([files[int(r)][1] for r in rows], np.int64)}
-
-
-def recorded_files(record) -> list[tuple[str | None, int]] | None:
-    """(resolved path, size) of each training image a bundle records; None for a bundle without a usable record (an older version's)."""
-    try:
-        files, sizes = record["files"], np.asarray(record["sizes"], np.int64)
-        if len(files) != len(sizes) or not all(f is None or isinstance(f, str) for f in files):
-            return None
-        return list(zip(files, sizes.tolist()))
-    except (TypeError, KeyError, ValueError):
-        return None
 
 
 def shared_images(train_ff, test_ff) -> Overlap:

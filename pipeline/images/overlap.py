@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.digests import file_digest
+import numpy as np
+
 from pipeline.core.errors import PipelineError
 from pipeline.images.listing import Listing, list_images
 
@@ -94,6 +96,42 @@ def refuse_shared(found: Overlap, test_what: Path, n_test: int, train_what: Path
                             f"(first: {test_path}, {same}); test on other images, or pass {ALLOW_FLAG} if you mean it")  # fmt: skip
     if found.unchecked:
         print(f"note: {found.unchecked} test images could not be compared with the training images by content (their files are gone)", file=sys.stderr)
+
+
+def record_of(listing, exclude=()) -> dict:
+    """What a bundle keeps of the images its model may have been fitted on: every image of ``listing`` but ``exclude`` (relative paths,
+    e.g. the held-out test images), as (resolved path, size), read back by ``recorded_files``."""
+    skip = set(exclude)
+    kept = [f for p, f in zip(listing.paths, listing_files(listing)) if p not in skip]
+    return {"data_dir": str(listing.root), "files": [p for p, _ in kept], "sizes": np.asarray([s for _, s in kept], np.int64)}
+
+
+def recorded_files(record) -> list[tuple[str | None, int]] | None:
+    """(resolved path, size) of each training image a bundle records; None for a bundle without a usable record (an older version's)."""
+    try:
+        files, sizes = record["files"], np.asarray(record["sizes"], np.int64)
+        if len(files) != len(sizes) or not all(f is None or isinstance(f, str) for f in files):
+            return None
+        return list(zip(files, sizes.tolist()))
+    except (TypeError, KeyError, ValueError, IndexError):
+        return None
+
+
+def refuse_trained_on(record, listing, paths, allowed: bool, model_what: str) -> None:
+    """Refuse test images (``paths``, relative to ``listing``'s root) that a bundle's model was fitted on (its ``record``), unless ``allowed``.
+
+    Raises:
+        PipelineError: one line naming the count and the first such image; a bundle without a record is said on stderr.
+    """
+    if allowed:
+        return
+    trained_on = recorded_files(record)
+    if trained_on is None:
+        print(f"note: {model_what} does not record the images it was fitted on (an earlier version's bundle): not checked against the test images", file=sys.stderr)
+        return
+    size = dict(zip(listing.paths, listing.sizes.tolist()))
+    test = [(os.path.realpath(listing.root / p), int(size.get(p, -1))) for p in paths]
+    refuse_shared(shared_files(trained_on, test), listing.root, len(test), model_what)
 
 
 def listing_files(listing) -> list[tuple[str, int]]:

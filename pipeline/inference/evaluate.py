@@ -20,9 +20,9 @@ import numpy as np
 
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
 from pipeline.rows.pooling import read_groups
-from pipeline.classical.overlap import recorded_files, row_files
+from pipeline.classical.overlap import row_files
 from pipeline.images.listing import list_images
-from pipeline.images.overlap import listing_files, refuse_shared, shared_files
+from pipeline.images.overlap import listing_files, recorded_files, refuse_shared, shared_files
 from pipeline.core.guard import refuse_replacing_inputs
 from pipeline.featurefile.checks import shard_files
 from pipeline.core import config as settings

@@ -36,6 +36,7 @@ from pipeline.nets.images import Data, gigabytes, load_data
 from pipeline.backbones.registry import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig
+from pipeline.images.overlap import record_of, refuse_trained_on
 from pipeline.nets.probe import feature_spec, fit_probe, load_probe, probe_layers
 from pipeline.nets.results import Result, finish
 from pipeline.nets.training import build_cache, cache_plan, locked_output, prepare_run, train_phases
@@ -253,6 +254,8 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
 
     base = start_base()
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
+    if bundle is not None:  # a probe fitted on the test images would be scored on what it learnt
+        refuse_trained_on(bundle.get("training_images"), test_listing or listing, data.test_paths, config.allow_overlap, f"the --probe bundle {config.probe}")
     every = data.all_rows() if config.refit else None
     n_train = len(data.train_y)
     t0 = time.perf_counter()
@@ -315,6 +318,8 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
         "test_prefix": prefix_info,
         "data_digest": {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": test_digest},
     }
+    if probe_file is not None:  # the images it may have been fitted on, for evaluate's overlap rule
+        probe_file["training_images"] = record_of(listing, data.test_paths if test_listing is None else ())
     files = {PROBE_FILE: None if probe_file is None else (lambda path: write_bundle(path, probe_file))}  # None: a previous run's probe goes
     return Result(net, data, finish("finetune", net, data, config, precision, history, records, extra, train_seconds, test_features, files))
 

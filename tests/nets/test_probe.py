@@ -77,7 +77,9 @@ def test_a_probe_from_the_streaming_engine_is_a_softmax_probe(features, tmp_path
     net = ft.build_network(config, len(CLASSES), "float32", probe=bundle["estimator"])
     x, rows = pixels_and_features(features, "flatten")
     np.testing.assert_allclose(net.full.predict(x, verbose=0), bundle["estimator"].predict_proba(rows), rtol=1e-4, atol=1e-5)
-    ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "lr.joblib", **FAST))
+    with pytest.raises(PipelineError, match=r"of its \d+ images are also training images of the --probe bundle .*lr\.joblib"):
+        ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "lr.joblib", **FAST))  # it was fitted on every image
+    ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "lr.joblib", allow_overlap=True, **FAST))
     assert (tmp_path / "out" / "finetune.keras").is_file()
 
 
@@ -120,7 +122,7 @@ def test_early_stopping_can_return_the_probe_unchanged(features, tmp_path):
     """A learning rate that can only make things worse: the probe (epoch 0) stays the best candidate, bit for bit."""
     path = bundle_for(features)
     bundle = load_bundle(path)
-    config = ft.FinetuneConfig(features[1], out_dir=tmp_path / "out", probe=path, **dict(FAST, lr=1e3, augment=False))
+    config = ft.FinetuneConfig(features[1], out_dir=tmp_path / "out", probe=path, allow_overlap=True, **dict(FAST, lr=1e3, augment=False))  # the probe saw every image
     start = ft.build_network(config, len(CLASSES), "float32", probe=bundle["estimator"]).full
     result = ft.fit(config)
     (phase,) = result.metrics["phases"]
@@ -133,3 +135,22 @@ def test_early_stopping_can_return_the_probe_unchanged(features, tmp_path):
     np.testing.assert_allclose(result.net.full.predict(x, verbose=0), bundle["estimator"].predict_proba(rows), rtol=1e-4, atol=1e-5)
     assert result.metrics["probe"]["file"] == str(path) and result.metrics["head"] == "probe"
     assert not (Path(config.out_dir) / "finetune.probe.joblib").exists()  # a given probe is not copied
+
+
+def test_a_fitted_probe_records_its_images_and_evaluate_refuses_them(features, tmp_path):
+    """Fifth pass (#22): `evaluate OUT/finetune.probe.joblib DATA` scored 1.000 on the probe's own training images: the probe bundle
+    recorded no images ("an earlier version's bundle"). It records every image but the held-out test ones."""
+    from pipeline.inference import evaluate
+
+    root, data, h5 = features
+    ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", **FAST))
+    probe = tmp_path / "out" / "finetune.probe.joblib"
+    import json
+    import os
+
+    record = load_bundle(probe)["training_images"]
+    held_out = json.loads((tmp_path / "out" / "finetune.metrics.json").read_text())["test_predictions"]["paths"]
+    assert held_out and str(data) == record["data_dir"] and len(record["files"]) == 18 - len(held_out)
+    assert not {os.path.realpath(data / p) for p in held_out} & set(record["files"])  # the held-out test images are not in the record
+    with pytest.raises(PipelineError, match=rf"of its 18 images are also training images of the model .*finetune\.probe\.joblib"):
+        evaluate.run(evaluate.EvaluateConfig(model=probe, data=data, output=tmp_path / "ev", quiet=True))
