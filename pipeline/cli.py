@@ -10,6 +10,7 @@ import sys
 
 from pipeline.core.command import PROG, Command, validated
 from pipeline.core.errors import PipelineError
+from pipeline.core.signals import sigterm_as_interrupt
 
 EXIT_USER_ERROR = 2
 #: The status when the reader of standard output went away (``| head``): a process killed by SIGPIPE, as ``cat`` would be.
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         standard_streams()
         chosen = command(args.command)
-        result = chosen.run(validated(chosen.config(args, argv)))
+        with sigterm_as_interrupt():  # every command: SIGTERM unwinds its locks and temporaries and says "interrupted" (exit 130)
+            result = chosen.run(validated(chosen.config(args, argv)))
         sys.stdout.flush()
         return result if type(result) is int else 0
     except ReaderGone:

@@ -235,3 +235,35 @@ def test_bench_refuses_an_output_inside_the_images_it_reads(mode, tmp_path, caps
     assert main(["bench", *argv, "-o", str(out), "--quiet"]) == 2
     assert f"{out}: is inside the " in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sigterm_stops_every_command_with_its_message_and_no_lock(tmp_path):
+    """Fifth pass (#22): SIGTERM to finetune, scratch or evaluate exited 143 without "interrupted" and left its lock file; every command
+    now runs inside ``sigterm_as_interrupt`` (cli.main), as extract and train did."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=4, size=(24, 24))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline", "scratch", str(data), "--dense", "4", "--input-size", "32", "--epochs", "100000", "--patience",
+            "100000", "--quiet", "-o", str(out)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    try:
+        lock, deadline = out / "scratch.keras.lock", time.monotonic() + 120
+        while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and lock.exists(), "the run never took its lock"
+        time.sleep(2)  # into the training
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and err.splitlines()[-1] == "error: interrupted", err
+    assert not lock.exists() and not any(p.name.startswith(".scratch.set-") for p in out.iterdir())

@@ -201,6 +201,19 @@ def validate(config):
     return config
 
 
+def physical_memory() -> int:
+    """Bytes of RAM (8 GiB where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def gigabytes(n: int) -> str:
+    """``n`` bytes as ``1.23 GB``, for messages."""
+    return f"{n / 1e9:.2f} GB"
+
+
 def available_memory() -> int | None:
     """Bytes of memory the system can give a new allocation (``MemAvailable``), None where unknown."""
     try:

@@ -29,10 +29,10 @@ from pipeline.classical.bundle import write_bundle
 from pipeline.rows.pooling import POOLS
 from pipeline.core import config as settings
 from pipeline.core.command import Command
-from pipeline.core.config import MAX_INT, Interval, OneOf, option
+from pipeline.core.config import MAX_INT, Interval, OneOf, gigabytes, option
 from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
-from pipeline.nets.images import Data, gigabytes, load_data
+from pipeline.nets.images import Data, load_data
 from pipeline.backbones.registry import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
 from pipeline.nets.options import COUNT, COUNT_OR_ZERO, RATE, NetConfig

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.config import gigabytes, physical_memory
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
 from pipeline.images.listing import Listing
@@ -45,21 +45,9 @@ class Data:
                     self.test_x, self.test_y, self.test_source, self.rejected, self.decode_seconds, self.test_paths)  # fmt: skip
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 def memory_budget() -> int:
     """Bytes the decoded pixels plus the prefix cache may take (MEMORY_FRACTION of the RAM)."""
-    return int(_physical_memory() * MEMORY_FRACTION)
-
-
-def gigabytes(n: int) -> str:
-    """``n`` bytes as ``1.23 GB``, for messages."""
-    return f"{n / 1e9:.2f} GB"
+    return int(physical_memory() * MEMORY_FRACTION)
 
 
 def check_pixel_memory(data_dir: Path, n_images: int, input_size: int) -> int:

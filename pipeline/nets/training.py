@@ -21,9 +21,11 @@ import numpy as np
 from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir
 from pipeline.core.outputsets import check_members, settle
+from pipeline.core.signals import stop_if_terminated
 from pipeline.backbones.network import resolve_precision
 from pipeline.images.overlap import list_inputs
-from pipeline.nets.images import Data, check_pixel_memory, gigabytes, memory_budget
+from pipeline.core.config import gigabytes
+from pipeline.nets.images import Data, check_pixel_memory, memory_budget
 from pipeline.nets.networks import Network, apply_layers, augmentation_layers
 from pipeline.nets.options import NetConfig
 from pipeline.nets.results import set_files
@@ -108,6 +110,13 @@ def optimizer(lr: float, precision: str, base=None):
     if precision == "float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def _stop_on_signal():
+    """A callback that raises, at the next batch, a SIGTERM or Ctrl-C that Keras or tf.data swallowed (``core.signals``)."""
+    import keras
+
+    return keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: stop_if_terminated())
 
 
 def _verbose(quiet: bool):
@@ -295,7 +304,7 @@ def train_phases(net: Network, data: Data, plan: dict, *, precision: str, batch_
             print(f"phase {name}: {epochs} epochs at most, lr {lr:g}, "
                   f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights)} trainable parameters; "
                   f"start: val_loss {start['loss']:.4f}, val_accuracy {start['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
-        h = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer, keep], shuffle=False, verbose=_verbose(quiet))
+        h = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer, keep, _stop_on_signal()], shuffle=False, verbose=_verbose(quiet))
         n = len(h.history["loss"])
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             history[key] += [float(v) for v in h.history.get(key, [math.nan] * n)]
@@ -322,7 +331,7 @@ def _fixed_phase(model, train_ds, name: str, epochs: int, lr: float, history: di
     t0 = time.perf_counter()
     if not quiet:
         print(f"refit phase {name}: {epochs} epochs (chosen on validation), lr {lr:g}", file=sys.stderr)
-    h = model.fit(train_ds, epochs=epochs, shuffle=False, verbose=_verbose(quiet))
+    h = model.fit(train_ds, epochs=epochs, callbacks=[_stop_on_signal()], shuffle=False, verbose=_verbose(quiet))
     seconds = time.perf_counter() - t0
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "phase"):
         history[key] += [f"refit {name}"] * epochs if key == "phase" else [float(v) for v in h.history.get(key, [math.nan] * epochs)]
