@@ -106,7 +106,8 @@ class ListOf(Rule):
 
     ``item`` turns each word into a value (a ValueError: the word is not one); ``each``, if
     given, is the rule every item obeys; ``what`` names the items in the parse error;
-    ``everything``, if given, is what the word ``all`` stands for.
+    ``everything``, if given, is what the word ``all`` stands for. Each value may appear once
+    (``--strategies lr,lr,svm`` gave a table with the lr row twice).
     """
 
     item: Callable = str
@@ -122,15 +123,20 @@ class ListOf(Rule):
         try:
             if not words:
                 raise ValueError(text)
-            return tuple(self.item(w) for w in words)
+            values = tuple(self.item(w) for w in words)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {self.what}") from None
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise argparse.ArgumentTypeError(f"{text!r}: lists {twice} twice; name each of the {self.what} once")
+        return values
 
     def check(self, value) -> bool:
-        return isinstance(value, (tuple, list)) and (self.each is None or all(self.each.check(v) for v in value))
+        return (isinstance(value, (tuple, list)) and (self.each is None or all(self.each.check(v) for v in value))
+                and all(v not in value[:i] for i, v in enumerate(value)))  # fmt: skip
 
     def describe(self) -> str:
-        return "a list of " + (self.each.describe() if self.each is not None else self.what)
+        return "a list of " + (self.each.describe() if self.each is not None else self.what) + ", each once"
 
     @staticmethod
     def show(value) -> str:

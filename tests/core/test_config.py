@@ -99,9 +99,9 @@ def test_a_list_field_is_a_comma_list_whose_default_is_written_once():
 
 
 def test_a_list_field_checks_each_item_with_its_rule():
-    with pytest.raises(PipelineError, match=r"^--sizes \(5, 0\): must be a list of a whole number in \[1, 4294967295\]$"):
+    with pytest.raises(PipelineError, match=r"^--sizes \(5, 0\): must be a list of a whole number in \[1, 4294967295\], each once$"):
         validate(Lists(sizes=(5, 0)))
-    with pytest.raises(PipelineError, match=r"^--names abc: must be a list of names$"):
+    with pytest.raises(PipelineError, match=r"^--names abc: must be a list of names, each once$"):
         validate(Lists(names="abc"))
     assert ListOf(float, what="numbers").parse("0.5, 2") == (0.5, 2.0) and ListOf.show(()) == "none"
 
@@ -120,3 +120,16 @@ def test_an_image_side_whose_batch_cannot_fit_in_memory_is_refused_before_any_ne
         assert err.startswith(f"error: --input-size {side} with --batch-size 32: one batch of images alone needs ") and err.endswith("lower --input-size or --batch-size\n")
     assert main(["extract", "data", "-o", "x.h5", "--weights", "none", "--input-size", str(side), "--batch-size", "1"]) == 2  # data missing: a later rule
     assert "one batch" not in capsys.readouterr().err
+
+
+def test_a_list_flag_names_each_value_once():
+    """Fifth pass (#22): compare --strategies lr,lr,svm wrote a table with the lr row twice, exit 0. Every list flag refuses a repeat."""
+    import argparse
+
+    from pipeline.core.config import ListOf
+
+    rule = ListOf(what="strategies")
+    assert rule.parse("lr, svm") == ("lr", "svm") and rule.check(("lr", "svm"))
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'lr,lr,svm': lists lr twice; name each of the strategies once$"):
+        rule.parse("lr,lr,svm")
+    assert not rule.check(("lr", "lr")) and rule.describe() == "a list of strategies, each once"
