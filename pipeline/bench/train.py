@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.rows.pooling import read_groups
 from pipeline.classical.fitting import ROW_SPACE_MAX_ROWS, fit_matrix, fit_out_of_core, predict_matrix
 from pipeline.classical.models import MODELS
+from pipeline.classical.overlap import check_no_overlap
 from pipeline.rows.stream import ChunkReader
 from pipeline.report import plots
 from pipeline.core.outputs import write_text_atomic
@@ -128,6 +129,9 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
     output = Path(output)
     rows = []
     # Removed however the measurement ends (a full disk, an interrupt): the row files are the bench's own.
+    if test is not None:  # accuracies on the rows it trained on would be no accuracies (as train --test refuses)
+        with open_features(features) as ff, open_features(test) as test_ff:
+            check_no_overlap(ff, test_ff, False)
     with tempfile.TemporaryDirectory(prefix="train-bench-", dir=output.parent if output.parent.exists() else None, ignore_cleanup_errors=True) as folder:
         tmp = Path(folder)
         x_test, y_test = _test_rows(test, "flatten")
