@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
+from pipeline.core.outputs import OutputLock
 from pipeline.fashion_mnist import FASHION_CLASSES, IDX_FILES, PER_CLASS_AVAILABLE, load_fashion_mnist
 
 MANIFEST = "MANIFEST.json"
@@ -178,6 +179,16 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
 
     if out_dir.exists() and not out_dir.is_dir():
         raise PipelineError(f"{out_dir} exists and is not a folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{out_dir.parent}: cannot create the folder ({exc.strerror or exc})") from None
+    with OutputLock(out_dir):  # one build per tree: two at once each said "built" with its own counts, and one was wrong
+        return _build(out_dir, params, seed, source, progress)
+
+
+def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) -> dict:
+    """``build_fashion_mnist`` under the tree's lock."""
     existing = _read_manifest(out_dir) if out_dir.is_dir() else None
     if out_dir.is_dir() and existing is None and any(out_dir.iterdir()):
         raise PipelineError(f"{out_dir} is not empty and was not built by this tool (no {MANIFEST}); "

@@ -249,3 +249,14 @@ def test_a_tree_that_cannot_be_written_is_one_line_and_left_as_it_was(tiny, monk
     assert f"error: {out}: could not be written (Permission denied); the previous tree, if any, is as it was" in capsys.readouterr().err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
     assert [p.name for p in out.parent.iterdir()] == ["fmnist"]  # no .fmnist.old-* nor .fmnist.tmp-* left
+
+
+def test_one_build_per_tree_at_a_time(tiny):
+    """Fifth pass (#22): two `data` runs on one root at once both said "built" with their own counts; the tree held one run's."""
+    from pipeline.core.outputs import OutputLock
+
+    out, _result = tiny
+    with OutputLock(out):  # another data run building this tree now
+        with pytest.raises(PipelineError, match=r"fmnist\.lock: another run is writing this output \(pid \d+\)"):
+            datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
+    assert json.loads((out / "MANIFEST.json").read_text())["train_per_class"] == 3
