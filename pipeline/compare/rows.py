@@ -55,7 +55,15 @@ def extract(config: CompareConfig, split: str, backbone: str = BACKBONE) -> Path
 
     out = features_path(config.output, split, backbone)
     cfg = ExtractConfig(data_dir=config.data_root / split, output=out, input_size=config.input_size, weights=config.weights, backbone=backbone, quiet=config.quiet)
-    if run_extract(cfg) not in (0, 1):
+    try:
+        code = run_extract(cfg)
+    except PipelineError as exc:  # extract's advice names its own flag, which compare does not have
+        text = str(exc)
+        if text.endswith("; pass --overwrite to replace it"):
+            raise PipelineError(text.removesuffix("; pass --overwrite to replace it") + "; compare keeps its features there: remove that file "
+                                "to extract again with these settings, or choose another -o") from None  # fmt: skip
+        raise
+    if code not in (0, 1):
         raise PipelineError(f"extract of {config.data_root / split} with {backbone} failed")
     return out
 

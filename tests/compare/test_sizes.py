@@ -133,3 +133,14 @@ def test_a_frozen_feature_row_at_a_size_does_not_depend_on_the_order_of_the_rows
     ra, rb = (classical_row(config, "lr", f, test, train_paths=subset, folder=tmp_path / f.stem) for f in (a, b))
     keys = ("accuracy", "macro_f1", "best_params", "n_train", "n_test", "predictions")
     assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys} and ra["n_train"] == 18
+
+
+def test_compare_features_of_other_settings_give_compares_advice(tmp_path, capsys):
+    """Fifth pass (#22): compare --input-size 48 on a -o holding 32-pixel features said "pass --overwrite", a flag compare does not have."""
+    make_tree(tmp_path / "d" / "train", per_class=4)
+    make_tree(tmp_path / "d" / "test", per_class=3)
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "o"), "--weights", "none", "--strategies", "lr", "--quiet"]
+    assert main(argv + ["--input-size", "32"]) == 0
+    assert main(argv + ["--input-size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "compare keeps its features there: remove that file to extract again with these settings, or choose another -o" in err and "--overwrite" not in err
