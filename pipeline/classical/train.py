@@ -29,7 +29,7 @@ from pipeline.classical.results import output_paths, print_summary, write_output
 from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
-from pipeline.classical.overlap import check_no_overlap, training_record
+from pipeline.classical.overlap import check_no_overlap, row_files, training_record
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
@@ -39,6 +39,7 @@ from pipeline.core.outputs import OutputLock, package_versions, prepare_output_d
 from pipeline.core.outputsets import check_members, settle
 from pipeline.core.splits import canonical_order, split_indices
 from pipeline.featurefile.store import check_compatible, open_features
+from pipeline.images.overlap import split_groups
 
 DEFAULT_OUTPUT = Path("features/models")
 #: The grid flags: lists of values of one searched parameter each, overriding the model's default grid.
@@ -211,7 +212,8 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     labels, names, family = ff.labels, ff.label_names, MODELS[config.model]
     keys = ff.db["paths"][:]
     if test_ff is None:
-        train_rows, test_rows = split_indices(labels, config.test_size, config.seed, keys=keys)
+        groups = split_groups(row_files(ff), f"the test split of {ff.path}")  # identical images never straddle the split
+        train_rows, test_rows = split_indices(labels, config.test_size, config.seed, keys=keys, groups=groups)
         test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}
         if len(test_rows) == 0:
             raise PipelineError(f"{ff.path}: the test split is empty ({len(ff)} rows, --test-size {config.test_size}); add rows or pass --test")

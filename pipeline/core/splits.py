@@ -1,4 +1,4 @@
-"""The canonical row order (rows ranked by path) and the one seeded, stratified train/test split that every stage calls, so that compare scores every strategy on the same rows whatever order a file stores them in."""
+"""The canonical row order (rows ranked by path) and the one seeded, stratified train/test split that every stage calls, so that compare scores every strategy on the same rows whatever order a file stores them in, and no group of identical images straddles it."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def canonical_order(paths) -> np.ndarray:
     return np.argsort(keys, kind="stable").astype(np.int64) if len(keys) else np.zeros(0, np.int64)
 
 
-def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """The one train/test split of labelled rows that every stage uses.
 
     Stratified: each class is shuffled with its own generator (seeded by ``seed`` and
@@ -46,13 +46,19 @@ def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None) -> t
             the shuffle, so the split is a function of the set of (key, label) pairs, not of
             the rows' order. None: the rows are taken in the order given (a listing, already
             in path order).
+        groups: one group id per row (any integers; rows with equal ids are one group, e.g.
+            byte-identical images: ``images.overlap.duplicate_groups``), or None (every row its
+            own group). Whole groups are split: each group stands as its first row in the
+            ranked order, with that row's label, and its other rows follow it to its side. The
+            shares above then count groups, not rows; when every group is a single row the
+            split is exactly the split without ``groups``.
 
     Returns:
         ``(train_rows, test_rows)``: sorted int64 row indices, disjoint, covering every row.
 
     Raises:
         PipelineError: ``test_size`` outside (0, 1), a negative seed, labels that are
-            not a 1-D array of non-negative integers, or keys of another length.
+            not a 1-D array of non-negative integers, or keys or groups of another length.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or (labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0)):
@@ -64,8 +70,16 @@ def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None) -> t
     order = np.arange(len(labels), dtype=np.int64) if keys is None else canonical_order(keys)
     if len(order) != len(labels):
         raise PipelineError(f"split_indices: {len(order)} keys for {len(labels)} labels")
+    head = np.arange(len(labels), dtype=np.int64)  # each row's group, named by the group's first ranked row
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise PipelineError(f"split_indices: {groups.size} group ids for {len(labels)} labels")
+        _, first, inverse = np.unique(groups[order], return_index=True, return_inverse=True)
+        head[order] = order[first][inverse.reshape(-1)]
+        order = order[head[order] == order]  # the groups' first rows, still ranked
     ranked = labels[order]
-    train, test = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    test = [np.zeros(0, np.int64)]
     for c in np.unique(ranked):
         rows = order[ranked == c]
         perm = np.random.default_rng([int(seed), int(c)]).permutation(rows)
@@ -74,5 +88,5 @@ def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None) -> t
         if n >= 2:
             k = min(max(k, 1), n - 1)
         test.append(perm[:k])
-        train.append(perm[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    held = np.isin(head, np.concatenate(test))
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)

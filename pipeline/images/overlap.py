@@ -1,10 +1,12 @@
-"""Test images that are also training images: the same file (resolved path) or the same content (sha256 of the bytes), found between two lists of files, and the one-line refusal every stage with a training and a test set gives.
+"""Test images that are also training images: the same file (resolved path) or the same content (sha256 of the bytes), found between two lists of files, and the one-line refusal every stage with a training and a test set gives; within one list, the groups of identical images that an internal split keeps on one side.
 
 Files of equal size are the only candidates for equal content, so only those are read and
 hashed. When an image cannot be read any more (its data folder moved), its content cannot be
 compared: ``Overlap.unchecked`` counts such images and the caller says so, rather than
 pretending the check was done. ``classical/overlap.py`` applies it to feature files (train),
-``list_inputs`` to a training and a test tree (finetune, scratch, compare).
+``list_inputs`` to a training and a test tree (finetune, scratch, compare). ``split_groups``
+gives ``core.splits.split_indices`` the groups of one list (train's held-out split of a
+feature file, the nets' test and validation splits of a tree).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.digests import file_digest
 import numpy as np
 
+from pipeline.core.digests import file_digest
 from pipeline.core.errors import PipelineError
 from pipeline.images.listing import Listing, list_images
 
@@ -64,6 +66,7 @@ def shared_files(train: list[tuple[str | None, int]], test: list[tuple[str | Non
             digests[p] = _digest(p)
         return digests[p]
 
+    by_digest: dict[int, tuple[dict[str, str | None], bool]] = {}  # size -> (digest -> first training file, some unreadable)
     for p, s in test:
         if p is not None and p in by_path:
             out.pairs.append((p, p))
@@ -75,10 +78,16 @@ def shared_files(train: list[tuple[str | None, int]], test: list[tuple[str | Non
         if mine is None:
             out.unchecked += 1
             continue
-        match = next((c for c in candidates if digest(c) == mine), None)
-        if match is not None:
-            out.pairs.append((match, p))
-        elif any(digest(c) is None for c in candidates):
+        if s not in by_digest:  # one table per size: linear in the files, never training x test comparisons
+            table: dict[str, str | None] = {}
+            for c in candidates:
+                if digest(c) is not None:
+                    table.setdefault(digest(c), c)
+            by_digest[s] = table, any(digest(c) is None for c in candidates)
+        table, unreadable = by_digest[s]
+        if mine in table:
+            out.pairs.append((table[mine], p))
+        elif unreadable:
             out.unchecked += 1
     return out
 
@@ -134,9 +143,58 @@ def refuse_trained_on(record, listing, paths, allowed: bool, model_what: str) ->
     refuse_shared(shared_files(trained_on, test), listing.root, len(test), model_what)
 
 
-def listing_files(listing) -> list[tuple[str, int]]:
-    """(resolved path, size) of every image of a ``Listing``."""
-    return [(os.path.realpath(listing.root / p), int(s)) for p, s in zip(listing.paths, listing.sizes)]
+def listing_files(listing, paths=None) -> list[tuple[str, int]]:
+    """(resolved path, size) of every image of a ``Listing``, or of its images at the relative ``paths`` (e.g. the decoded ones), in that order."""
+    files = [(os.path.realpath(listing.root / p), int(s)) for p, s in zip(listing.paths, listing.sizes)]
+    if paths is None:
+        return files
+    index = {p: i for i, p in enumerate(listing.paths)}
+    return [files[index[p]] for p in paths]
+
+
+def _identical(files: list[tuple[str | None, int]]) -> tuple[np.ndarray, int]:
+    """``duplicate_groups``, and how many same-size candidates could not be read."""
+    sizes: dict[int, set[str]] = defaultdict(set)
+    for p, s in files:
+        if p is not None and s >= 0:
+            sizes[s].add(p)
+    digests = {p: _digest(p) for paths in sizes.values() if len(paths) > 1 for p in sorted(paths)}
+    first: dict[tuple, int] = {}
+    groups = np.empty(len(files), np.int64)
+    for i, (p, s) in enumerate(files):
+        d = digests.get(p) if p is not None else None
+        key = ("bytes", s, d) if d is not None else ("file", p) if p is not None else ("row", i)
+        groups[i] = first.setdefault(key, i)
+    return groups, sum(d is None for d in digests.values())
+
+
+def duplicate_groups(files: list[tuple[str | None, int]]) -> np.ndarray:
+    """The group of each file: files that are the same file (resolved path) or hold the same bytes share one.
+
+    Only files whose size another file shares are read and hashed; a file that cannot be
+    read (or whose path is None) is a group of its own, as far as its path goes.
+
+    Args:
+        files: (resolved absolute path or None when unknown, size in bytes or -1) of every image.
+
+    Returns:
+        int64 group ids, one per file: the index of the group's first file.
+    """
+    return _identical(files)[0]
+
+
+def split_groups(files: list[tuple[str | None, int]], split: str) -> np.ndarray:
+    """``duplicate_groups`` for ``core.splits.split_indices(groups=...)``, with a one-line stderr note when some group holds
+    more than one image (how many were kept on one side of ``split``) and when some candidates could not be compared."""
+    groups, unchecked = _identical(files)
+    sizes = np.bincount(groups, minlength=len(groups))
+    if (sizes > 1).any():
+        print(f"note: {int((sizes > 1).sum())} groups of identical images ({int(sizes[sizes > 1].sum())} images: the same file or "
+              f"the same bytes) are each kept on one side of {split}", file=sys.stderr)  # fmt: skip
+    if unchecked:
+        print(f"note: {unchecked} images could not be compared by content for {split} (their files are gone); "
+              "identical copies among them may fall on both sides", file=sys.stderr)  # fmt: skip
+    return groups
 
 
 def refuse_shared_listings(listing, test_listing, allowed: bool) -> None:

@@ -13,6 +13,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
 from pipeline.images.listing import Listing
 from pipeline.images.decode import iter_batches
+from pipeline.images.overlap import listing_files, split_groups
 
 #: Pixels and cached prefix outputs must fit in this share of the machine's RAM.
 MEMORY_FRACTION = 0.5
@@ -95,14 +96,14 @@ def decode(listing: Listing, *, input_size: int, resize: str, quiet: bool, desc:
     return pixels[:k].copy() if k < n else pixels, labels[:k], rejected
 
 
-def split_rows(labels: np.ndarray, test_size: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``core.splits.split_indices`` (the project's one seeded stratified split), its errors naming ``what``.
+def split_rows(labels: np.ndarray, test_size: float, seed: int, what: str, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """``core.splits.split_indices`` (the project's one seeded stratified split, whole ``groups`` of identical images), its errors naming ``what``.
 
     Returns:
         (train_rows, test_rows) as sorted int64 arrays.
     """
     try:
-        return split_indices(np.asarray(labels), test_size, seed)
+        return split_indices(np.asarray(labels), test_size, seed, groups=groups)
     except PipelineError as exc:
         raise PipelineError(f"{what}: cannot split {len(labels)} images {1 - test_size:.0%}/{test_size:.0%}: {exc}") from None
 
@@ -110,7 +111,7 @@ def split_rows(labels: np.ndarray, test_size: float, seed: int, what: str) -> tu
 def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int, resize: str, val_split: float, seed: int, quiet: bool) -> Data:
     """Decode the images and split them: test (the test listing, or ``split_indices(labels,
     TEST_SIZE, seed)`` over the decodable images in listing order, as ``train`` splits a
-    feature file), then validation (``split_indices(train_labels, val_split, seed)``).
+    feature file), then validation (``split_indices(train_labels, val_split, seed)``); identical images stay on one side (``split_groups``).
 
     Raises:
         PipelineError: no decodable image in a folder, or too few images to leave training,
@@ -122,6 +123,7 @@ def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int
     x, y, rejected = decode(listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode train", kept=train_paths)
     if len(y) == 0:
         raise PipelineError(f"{data_dir}: none of the {len(listing)} images could be decoded")
+    groups = split_groups(listing_files(listing, train_paths), f"the {'validation split' if test_listing is not None else 'test and validation splits'} of {data_dir}")
     if test_listing is not None:
         test_x, test_y, rej = decode(test_listing, input_size=input_size, resize=resize, quiet=quiet, desc="decode test", kept=test_paths)
         rejected += rej
@@ -130,11 +132,11 @@ def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int
         pool = np.arange(len(y))
         test_source = f"{Path(test_listing.root).resolve()} (test folder)"
     else:
-        pool, test_rows = split_rows(y, TEST_SIZE, seed, f"{data_dir} (test split)")
+        pool, test_rows = split_rows(y, TEST_SIZE, seed, f"{data_dir} (test split)", groups)
         test_x, test_y = x[test_rows], y[test_rows]
         test_paths = [train_paths[i] for i in test_rows.tolist()]
         test_source = f"split of {Path(data_dir).resolve()} (split_indices test_size {TEST_SIZE}, seed {seed})"
-    tr, va = split_rows(y[pool], val_split, seed, f"{data_dir} (validation split, --val-split {val_split})")
+    tr, va = split_rows(y[pool], val_split, seed, f"{data_dir} (validation split, --val-split {val_split})", groups[pool])
     tr, va = pool[tr], pool[va]
     for rows, what in ((tr, "training"), (va, "validation (--val-split)"), (test_y, "test")):
         if len(rows) == 0:

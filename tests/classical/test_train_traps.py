@@ -81,3 +81,22 @@ def test_the_summary_states_the_saved_estimator_s_c_when_the_row_scaling_restate
     assert "C=1" in out and "the saved estimator holds the same model as C=512 on unit-norm rows" in out
     saved = joblib.load(tmp_path / "m" / "lr.joblib")["estimator"]
     assert saved[-1].C == 512.0
+
+
+def test_identical_images_never_straddle_the_held_out_split(tmp_path, capsys):
+    """#22: train without --test on a feature file of a tree where every image has a byte-identical twin held out rows whose twins it trained on."""
+    from pipeline.classical.train import plan_fit
+    from pipeline.featurefile.store import open_features
+
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=5)
+    for image in sorted(data.glob("*/*.png")):
+        shutil.copy(image, image.parent / f"dup_{image.name}")
+    extract.run(ExtractConfig(data_dir=data, output=tmp_path / "f.h5", **TINY))
+    config = TrainConfig(features=tmp_path / "f.h5", output=tmp_path / "m", cv=2, quiet=True, **FAST_GRID["lr"])
+    with open_features(tmp_path / "f.h5") as ff:
+        plan, paths = plan_fit(config.validate(), ff), ff.paths
+    twin = {p: p.replace("dup_", "") if "dup_" in p else p.replace("/", "/dup_") for p in paths}
+    held = {paths[i] for i in plan.test_rows.tolist()}
+    assert len(held) == 4 and all(twin[p] in held for p in held)  # one pair of five per class, both twins
+    assert "note: 10 groups of identical images (20 images: the same file or the same bytes) are each kept on one side of the test split of" in capsys.readouterr().err
+    assert train.run(config)["n_test"] == 4

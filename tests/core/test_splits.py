@@ -31,3 +31,31 @@ def test_split_refuses_bad_arguments():
         split_indices(np.array([0, 1]), 0.5, seed=-1)
     with pytest.raises(PipelineError, match=r"labels must be a 1-D array of non-negative integers"):
         split_indices(np.array([0.5, 1.0]))
+
+
+def test_rows_of_one_group_stay_on_one_side():
+    """#22: byte-identical twins fell on both sides of the split (every held-out image had its twin in training)."""
+    labels = np.repeat([0, 1, 2], 12)
+    groups = np.arange(len(labels)) // 2  # pairs of twins
+    for seed in range(5):
+        tr, te = split_indices(labels, 0.25, seed, groups=groups)
+        assert not set(groups[tr]) & set(groups[te])
+        assert sorted(np.concatenate([tr, te]).tolist()) == list(range(len(labels)))
+        assert np.bincount(labels[te], minlength=3).tolist() == [4, 4, 4]  # round(0.25 * 6 groups) = 2 groups of 2 per class
+    # a group stands as its first row in path order, with that row's label, and takes its other rows along
+    keys = [f"{c}/{i:03d}.png" for c, i in zip("bbaab", range(5))]
+    tr, te = split_indices(np.array([1, 1, 0, 0, 0]), 0.5, 0, keys=keys, groups=[7, 7, 3, 9, 7])
+    assert {0, 1, 4} <= set(tr.tolist()) and len(te) == 1 and te[0] in (2, 3)  # group 7 counts as class 1's only group: it stays in training
+    with pytest.raises(PipelineError, match=r"^split_indices: 3 group ids for 4 labels$"):
+        split_indices(np.array([0, 0, 1, 1]), 0.5, groups=[0, 1, 2])
+
+
+@pytest.mark.parametrize("with_keys", [False, True])
+def test_distinct_groups_give_the_split_without_groups(with_keys):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 57)
+    keys = [f"{rng.integers(1 << 30):010d}.png" for _ in labels] if with_keys else None
+    for seed in range(4):
+        plain = split_indices(labels, 0.2, seed, keys=keys)
+        grouped = split_indices(labels, 0.2, seed, keys=keys, groups=rng.permutation(1000)[: len(labels)])
+        assert all(np.array_equal(a, b) for a, b in zip(plain, grouped))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -51,3 +52,66 @@ def test_stages_scoring_on_a_test_tree_refuse_one_that_shares_training_images(ar
     assert main([a.format(data=root, test=root / "test", out=out) for a in argv]) == 2
     assert "2 of its 6 images are also training images of" in capsys.readouterr().err
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def _twins(root):
+    """``root`` with a byte-identical ``dup_`` twin beside every image (the adversarial tree of #22)."""
+    for image in sorted(root.glob("*/*.png")):
+        shutil.copy(image, image.parent / f"dup_{image.name}")
+    return root
+
+
+def test_duplicate_groups_join_the_same_file_and_the_same_bytes_only(tmp_path, monkeypatch):
+    from pipeline.images import overlap
+
+    root = make_tree(tmp_path / "data", classes=("a",), per_class=3, size=(24, 24))
+    a, b, c = sorted(str(p) for p in (root / "a").iterdir())
+    shutil.copy(a, root / "a" / "copy.png")
+    (root / "link.png").symlink_to(b)
+    (root / "other.png").write_bytes(b"x" * 7)
+    hashed = []
+    monkeypatch.setattr(overlap, "file_digest", lambda p: hashed.append(str(p)) or str(p.read_bytes()))
+    files = [(os.path.realpath(p), os.path.getsize(p)) for p in (a, b, c, root / "a" / "copy.png", root / "link.png", root / "other.png")]
+    files += [(None, 7), (str(tmp_path / "gone.png"), os.path.getsize(c))]
+    groups = overlap.duplicate_groups(files)
+    assert groups.tolist()[:6] == [0, 1, 2, 0, 1, 5]  # the copy joins a, the link is b, the 7-byte file and the unknown one stand alone
+    assert groups[6] == 6 and groups[7] == 7  # no path, and a file that cannot be read: their own groups
+    assert str(root / "other.png") not in hashed and len(hashed) == len(set(hashed))  # only same-size files are read, once each
+
+
+def test_split_groups_notes_the_groups_kept_together(tmp_path, capsys):
+    from pipeline.images.listing import list_images
+    from pipeline.images.overlap import listing_files, split_groups
+
+    root = make_tree(tmp_path / "data", classes=("a", "b"), per_class=3, size=(24, 24))
+    groups = split_groups(listing_files(list_images(root)), "S")
+    assert len(set(groups.tolist())) == 6 and capsys.readouterr().err == ""  # no duplicates: no note
+    listing = list_images(_twins(root))
+    groups = split_groups(listing_files(listing), "S")
+    assert len(set(groups.tolist())) == 6
+    assert all(groups[listing.paths.index(p)] == groups[listing.paths.index(p.replace("dup_", ""))] for p in listing.paths)
+    assert capsys.readouterr().err == "note: 6 groups of identical images (12 images: the same file or the same bytes) are each kept on one side of S\n"
+    gone = [(str(tmp_path / f"gone{i}.png"), 5) for i in range(2)]
+    assert split_groups(gone + [(str(tmp_path / "x.png"), 9)], "S").tolist() == [0, 1, 2]
+    assert capsys.readouterr().err == "note: 2 images could not be compared by content for S (their files are gone); identical copies among them may fall on both sides\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["scratch", "{data}", "--dense", "4", "--input-size", "32", "--epochs", "1", "-o", "{out}", "--quiet"],
+    ["finetune", "{data}", "--weights", "none", "--input-size", "32", "--epochs", "1", "-o", "{out}", "--quiet"],
+])  # fmt: skip
+def test_stages_splitting_a_tree_keep_identical_images_on_one_side(argv, tmp_path, capsys):
+    """Fifth pass (#22): finetune without --test on a tree where every image has a byte-identical twin scored 0.90 on 20 images, each test image's
+    twin being a training image."""
+    import json
+
+    from pipeline.cli import main
+
+    data = _twins(make_tree(tmp_path / "data", classes=("a", "b"), per_class=5, size=(24, 24)))
+    out = tmp_path / "out"
+    assert main([a.format(data=data, out=out) for a in argv]) == 0
+    metrics = json.loads((out / f"{argv[0]}.metrics.json").read_text())
+    test = metrics["test_predictions"]["paths"]
+    assert len(test) == 4 and sorted(p.replace("dup_", "") for p in test if "dup_" in p) == sorted(p for p in test if "dup_" not in p)
+    assert metrics["n_val"] == 4  # whole pairs: validation as well (tests/nets/test_images.py checks its pixels)
+    assert "note: 10 groups of identical images (20 images" in capsys.readouterr().err

@@ -59,3 +59,19 @@ def test_pixels_over_the_memory_budget_are_refused(monkeypatch, tmp_path):
     assert check_pixel_memory(tmp_path, 3, 32) == 3 * 32 * 32 * 3
     with pytest.raises(PipelineError, match=r"4 images at 32x32 need 0.00 GB in memory as uint8, over the budget"):
         check_pixel_memory(tmp_path, 4, 32)
+
+
+def test_identical_images_never_straddle_the_test_or_validation_split(tmp_path, capsys):
+    """#22: finetune without --test on a tree where every image had a byte-identical twin scored 0.90: each test image's twin was a training image
+    (and the validation split, which picks the epochs, leaked the same way)."""
+    import shutil
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=5)
+    for image in sorted(data.glob("*/*.png")):
+        shutil.copy(image, image.parent / f"dup_{image.name}")
+    d = load_data(*list_inputs(data, None), **OPTS)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (12, 4, 4)  # whole pairs: 1 of 5 per class to test, 1 of 4 to validation
+    assert {p.replace("dup_", "") for p in d.test_paths} == {p.replace("dup_", "") for p in d.test_paths if "dup_" in p}
+    sides = [{x.tobytes() for x in side} for side in (d.train_x, d.val_x, d.test_x)]
+    assert sum(len(s) for s in sides) == 10 and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert "note: 10 groups of identical images (20 images: the same file or the same bytes) are each kept on one side of the test and validation splits" in capsys.readouterr().err
