@@ -148,7 +148,7 @@ def test_every_stage_refuses_a_set_member_it_cannot_replace_before_any_work(kind
     out.mkdir()
     os.mkfifo(out / member) if kind == "fifo" else (out / member).write_text("precious")
     assert main([a.format(data=root, features=feats) for a in argv] + ["-o", str(out)]) == 2
-    why = "is a FIFO (named pipe)" if kind == "fifo" else "is not a file this tool wrote here (no receipt"
+    why = "is a FIFO (named pipe)" if kind == "fifo" else "is not a file this tool wrote here (no usable receipt"
     assert f"{out / member}: {why}" in capsys.readouterr().err
     assert (out / member).is_fifo() if kind == "fifo" else (out / member).read_text() == "precious"
     left = sorted(p.name for p in out.iterdir())
@@ -170,7 +170,7 @@ def test_a_set_replaces_only_files_its_receipt_names(tmp_path):
                 stage.path("lr.report.txt").write_text(report)
 
     (out / "lr.report.txt").write_text("my notes")  # a user's file, no set here yet
-    with pytest.raises(PipelineError, match=r"out/lr\.report\.txt: is not a file this tool wrote here \(no receipt \.lr\.set\.receipt: .*\); the new output set would replace it"):
+    with pytest.raises(PipelineError, match=r"out/lr\.report\.txt: is not a file this tool wrote here \(no usable receipt \.lr\.set\.receipt: .*\); the new output set would replace it"):
         write()
     assert (out / "lr.report.txt").read_text() == "my notes" and not (out / "lr.joblib").exists()
     (out / "lr.report.txt").unlink()
@@ -185,7 +185,7 @@ def test_a_set_replaces_only_files_its_receipt_names(tmp_path):
     write(report=None)  # its own file, not written this time: removed
     assert sorted(p.name for p in out.iterdir()) == [".lr.set.receipt", "lr.joblib"]
     receipt_path(out, "lr").unlink()  # without a receipt nothing is known to be the tool's: refused, saying so
-    with pytest.raises(PipelineError, match=r"lr\.joblib: is not a file this tool wrote here \(no receipt \.lr\.set\.receipt: written by hand, or by a version before receipts\)"):
+    with pytest.raises(PipelineError, match=r"lr\.joblib: is not a file this tool wrote here \(no usable receipt \.lr\.set\.receipt: written by hand, or by a version before receipts\)"):
         write()
     assert (out / "lr.joblib").read_text() == "b"
 

@@ -106,6 +106,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(staging)
+            check_members(folder, name, members, folders)  # once more at the commit: a file a user put there during the run is never replaced
             os.rename(staging, journal_path(folder, name))  # the commit: the new set is whole from here on
             fsync_dir(folder)
         except OSError as exc:
@@ -262,7 +263,7 @@ def check_members(folder: Path, name: str, members, folders=()) -> None:
         kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else special_kind(path) if not stat.S_ISREG(mode)
                 else "read-only" if not (mode & 0o222 and os.access(path, os.W_OK)) else None)  # fmt: skip
         if kind is None and receipt is None:
-            kind = f"not a file this tool wrote here (no receipt {receipt_path(folder, name).name}: written by hand, or by a version before receipts)"
+            kind = f"not a file this tool wrote here (no usable receipt {receipt_path(folder, name).name}: written by hand, or by a version before receipts)"
         elif kind is None and receipt.get(member) != _digest_or_none(path):
             kind = "not a file this tool wrote here (or it was changed since)"
         if kind is not None:

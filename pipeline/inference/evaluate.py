@@ -11,6 +11,7 @@ written (``core.outputs.atomic_folder``).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from pipeline.rows.pooling import read_groups
 from pipeline.classical.overlap import row_files
 from pipeline.images.listing import list_images
 from pipeline.images.overlap import listing_files, recorded_files, refuse_shared, shared_files
-from pipeline.core.guard import refuse_replacing_inputs
+from pipeline.core.digests import file_digest
+from pipeline.core.guard import refuse_inside, refuse_replacing_inputs
 from pipeline.featurefile.checks import shard_files
 from pipeline.core import config as settings
 from pipeline.core.command import Command
@@ -35,7 +37,9 @@ from pipeline.core.outputs import OutputLock, atomic_folder, is_within, package_
 #: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
 MARKER = "metrics.json"
 #: Every file evaluate writes into its folder: a folder holding anything else is replaced only with --overwrite.
-OUTPUT_FILES = frozenset({MARKER, "report.txt", "confusion.png", "misclassified.csv", "rejected.csv"})
+#: The sha256 of every file an evaluation wrote: a later run replaces the folder only if they are unchanged.
+RECEIPT = ".evaluate.receipt"
+OUTPUT_FILES = frozenset({MARKER, "report.txt", "confusion.png", "misclassified.csv", "rejected.csv", RECEIPT})
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ def _check_overlap(config: EvaluateConfig, bundle: dict) -> None:
     refuse_shared(found, data, len(files), f"the model {config.model}")
 
 
-def _check_output(config: EvaluateConfig) -> Path:
+def _check_output(config: EvaluateConfig, bundle: dict) -> Path:
     folder = config.folder
     inputs = [("the model bundle", Path(config.model)), ("the test data", Path(config.data))]
     if config.weights and Path(config.weights).exists():
@@ -156,13 +160,35 @@ def _check_output(config: EvaluateConfig) -> Path:
     refuse_replacing_inputs(folder, inputs, "evaluate", "choose another -o folder")
     if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
         raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
+    trained_in = (bundle.get("training_images") or {}).get("data_dir") if isinstance(bundle.get("training_images"), dict) else None
+    refuse_inside(folder, [("the model's training images", trained_in)], "choose another -o folder")
     if (folder.exists() or folder.is_symlink()) and not config.overwrite:
         if not (folder.is_dir() and (folder / MARKER).is_file()):
             raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; pass --overwrite to replace it")
         foreign = sorted(n for n in os.listdir(folder) if n not in OUTPUT_FILES)
         if foreign:  # a train set or a note written into the folder since: replacing it would delete them
             raise PipelineError(f"{folder}: holds {len(foreign)} file(s) evaluate did not write (e.g. {foreign[0]}); pass --overwrite to replace the folder, or choose another -o folder")
+        changed = _changed_since(folder)
+        if changed:  # a user's metrics.json, a hand-edited report: evaluate's own files only, as it wrote them
+            raise PipelineError(f"{folder}: {changed} is not as evaluate wrote it (no receipt {RECEIPT}, or changed since); pass --overwrite to replace the folder, or choose another -o folder")
     return folder
+
+
+def _changed_since(folder: Path) -> str | None:
+    """The first file of an evaluation folder that is not what its receipt says evaluate wrote (the receipt itself when unusable); None: all as written."""
+    try:
+        if not (folder / RECEIPT).is_file() or (folder / RECEIPT).is_symlink():
+            return RECEIPT
+        digests = json.loads((folder / RECEIPT).read_text())
+    except (OSError, ValueError):
+        return RECEIPT
+    if not isinstance(digests, dict):
+        return RECEIPT
+    for name in sorted(OUTPUT_FILES - {RECEIPT}):
+        path = folder / name
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_file() or digests.get(name) != file_digest(path)):
+            return name
+    return None
 
 
 def run(config: EvaluateConfig) -> dict:
@@ -184,9 +210,9 @@ def run(config: EvaluateConfig) -> dict:
     if not data.exists():
         raise PipelineError(f"{data}: no such feature file or folder")
     _check_overlap(config, bundle)
-    folder = _check_output(config)
+    folder = _check_output(config, bundle)
     with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
-        return _evaluate(config, model_path, bundle, _check_output(config))
+        return _evaluate(config, model_path, bundle, _check_output(config, bundle))
 
 
 def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path) -> dict:
@@ -210,6 +236,7 @@ def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Pa
         write_text_atomic(tmp / "misclassified.csv", csv_text(["path", "true", "predicted", score_name], [(paths[i], names[y[i]], names[pred[i]], f"{score[i]:.6g}") for i in wrong]))
         write_text_atomic(tmp / "rejected.csv", csv_text(["path", "reason"], rejected))
         plots.confusion_matrix(np.asarray(metrics["confusion"]), names, tmp / "confusion.png", title=f"{bundle.get('model')}: {accuracy_text(metrics)}")
+        write_json_atomic(tmp / RECEIPT, {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != RECEIPT})
     print(f"{header.strip()}; {len(wrong)} misclassified, {len(rejected)} unreadable -> {folder}/", file=sys.stderr)
     absent = [n for i, n in enumerate(names) if not np.any(y == i)]
     if absent:  # not scored: the accuracy and macro-F1 say nothing about them

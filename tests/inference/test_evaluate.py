@@ -111,3 +111,28 @@ def test_data_holding_images_the_model_was_fitted_on_is_refused(setup, tmp_path,
     joblib.dump(old, tmp_path / "old.joblib")
     evaluate.run(evaluate.EvaluateConfig(model=tmp_path / "old.joblib", data=root / "test.h5", output=tmp_path / "ev2", quiet=True))
     assert "old.joblib does not record the images it was fitted on (an earlier version's bundle): not checked" in capsys.readouterr().err
+
+
+def test_evaluate_replaces_only_an_evaluation_it_wrote_unchanged(setup, tmp_path):
+    """Sixth pass (#22): any metrics.json made a folder "an evaluation" (a user's folder was replaced without --overwrite), and a
+    hand-edited report or misclassified list was replaced too. The folder now keeps a receipt of what evaluate wrote."""
+    root, _ = setup
+    model = root / "models" / "lr.joblib"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text('{"my_experiment": 42}')
+    with pytest.raises(PipelineError, match=r"mine: \.evaluate\.receipt is not as evaluate wrote it \(no receipt"):
+        evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=mine, quiet=True))
+    assert (mine / "metrics.json").read_text() == '{"my_experiment": 42}'
+    ev = tmp_path / "ev"
+    evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=ev, quiet=True))
+    evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=ev, quiet=True))  # its own, unchanged: replaced
+    with open(ev / "report.txt", "a") as f:
+        f.write("my note\n")
+    with pytest.raises(PipelineError, match=r"ev: report\.txt is not as evaluate wrote it"):
+        evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=ev, quiet=True))
+    assert (ev / "report.txt").read_text().endswith("my note\n")
+    evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=ev, quiet=True, overwrite=True))
+    assert "my note" not in (ev / "report.txt").read_text()
+    with pytest.raises(PipelineError, match=r"is inside the model's training images"):
+        evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=root / "train" / "cat" / "ev", quiet=True))
