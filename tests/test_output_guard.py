@@ -267,3 +267,20 @@ def test_sigterm_stops_every_command_with_its_message_and_no_lock(tmp_path):
             proc.communicate()
     assert proc.returncode == 130 and err.splitlines()[-1] == "error: interrupted", err
     assert not lock.exists() and not any(p.name.startswith(".scratch.set-") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("where", ["file", "test class"])
+def test_finetune_checks_its_prefix_cache_before_any_training(where, tmp_path, capsys):
+    """Sixth pass (#22): --prefix-cache FILE was a traceback after the training; inside a test class folder its files became images."""
+    from pipeline.cli import main
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=4, size=(24, 24))
+    test = make_tree(tmp_path / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    cache = tmp_path / "pc" if where == "file" else test / "a" / "pc"
+    if where == "file":
+        cache.write_text("hi")
+    assert main(["finetune", str(data), "--test", str(test), "--weights", "none", "--input-size", "32", "--epochs", "1", "--quiet",
+                 "-o", str(tmp_path / "out"), "--prefix-cache", str(cache)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("exists and is not a folder" if where == "file" else "is inside the test images") in err
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import atomic_output
 
 
@@ -41,17 +42,28 @@ def key_of(fields: dict) -> str:
 def load_or_compute(folder: Path, fields: dict, shape: tuple, dtype, compute) -> tuple[np.ndarray, bool]:
     """The array kept in ``folder`` under ``key_of(fields)``, or ``compute()`` written there (with ``fields`` beside it); and whether it was reused.
 
-    A file whose size does not match ``shape`` and ``dtype`` (a write cut short) is computed again.
+    A file whose bytes are not those written (its sha256, kept beside it: a write cut short, a file
+    damaged or replaced since) is computed again. ``folder`` must be a folder (or not exist yet).
+
+    Raises:
+        PipelineError: ``folder`` exists and is not a folder.
     """
     folder, dtype = Path(folder), np.dtype(dtype)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise PipelineError(f"{folder}: exists and is not a folder; the cache needs a folder of its own")
     path = folder / f"{key_of(fields)}.bin"
-    if path.is_file() and path.stat().st_size == int(np.prod(shape)) * dtype.itemsize:
-        return np.frombuffer(path.read_bytes(), dtype=dtype).reshape(shape), True
+    try:
+        kept = json.loads((folder / f"{path.stem}.json").read_text()).get("sha256") if path.is_file() else None
+        data = path.read_bytes() if kept else b""
+    except (OSError, ValueError, AttributeError):
+        kept, data = None, b""
+    if kept and len(data) == int(np.prod(shape)) * dtype.itemsize and hashlib.sha256(data).hexdigest() == kept:
+        return np.frombuffer(data, dtype=dtype).reshape(shape), True
     out = np.ascontiguousarray(compute(), dtype=dtype)
     if out.shape != tuple(shape):  # a programming error, not a user error
         raise RuntimeError(f"computed array has shape {out.shape}, expected {tuple(shape)}")
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, suffix=".bin") as tmp:
         Path(tmp).write_bytes(out.tobytes())
-    (folder / f"{path.stem}.json").write_text(json.dumps(fields, sort_keys=True, default=str, indent=1) + "\n")
+    (folder / f"{path.stem}.json").write_text(json.dumps({**fields, "sha256": hashlib.sha256(out.tobytes()).hexdigest()}, sort_keys=True, default=str, indent=1) + "\n")
     return out, False

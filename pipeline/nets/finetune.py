@@ -32,6 +32,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, gigabytes, option
 from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
+from pipeline.core.guard import refuse_inside
 from pipeline.nets.images import Data, load_data
 from pipeline.backbones.registry import BACKBONE, BACKBONES
 from pipeline.nets.networks import HEADS, UNFREEZE_SPECIAL, VGG16_LAYERS, Network, assemble, base_features, build_base, dense_head
@@ -327,6 +328,10 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
 def run(config: FinetuneConfig) -> dict:
     """``python -m pipeline finetune``: fine-tune under ``finetune.keras``'s lock, publish ``finetune.keras``, ``.curves.png``, ``.probe.joblib``
     (a probe fitted here) and ``.metrics.json`` as one set; the metrics. Errors as ``fit``'s; a second run on one ``-o`` is refused."""
+    if config.prefix_cache is not None:  # checked before the training, not when it is first written (a file there was a traceback after it)
+        if Path(config.prefix_cache).exists() and not Path(config.prefix_cache).is_dir():
+            raise PipelineError(f"--prefix-cache {config.prefix_cache}: exists and is not a folder; the cache needs a folder of its own")
+        refuse_inside(config.prefix_cache, [("the training images", config.data_dir), ("the test images", config.test_dir)], "choose another --prefix-cache")
     with locked_output(config, "finetune", (PROBE_FILE,), [("the --probe bundle", config.probe)]) as listed:
         return fit(config, listed).metrics
 

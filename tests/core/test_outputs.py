@@ -222,3 +222,28 @@ def test_two_sets_of_one_name_keep_each_others_receipt_entries(tmp_path):
     write(("finetune.keras", "finetune.metrics.json"), "network stage, again")  # its files are still its own
     write(("finetune", "finetune.json"), "an export, again")
     assert (tmp_path / "finetune.keras").read_text() == "network stage, again" and (tmp_path / "finetune").read_text() == "an export, again"
+
+
+def test_a_kept_array_is_reused_only_with_the_bytes_it_was_written_with(tmp_path):
+    """Sixth pass (#22): a --prefix-cache file overwritten with other bytes of the same size was trusted (LP-FT scored 0.100 instead of
+    0.467, exit 0); a file given as the cache folder was a traceback after the whole training."""
+    import numpy as np
+
+    from pipeline.core.digests import key_of, load_or_compute
+
+    fields = {"what": "prefix outputs"}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    first, reused = load_or_compute(tmp_path / "cache", fields, (3, 4), np.float32, compute)
+    again, reused_again = load_or_compute(tmp_path / "cache", fields, (3, 4), np.float32, compute)
+    assert not reused and reused_again and len(calls) == 1 and np.array_equal(first, again)
+    (tmp_path / "cache" / f"{key_of(fields)}.bin").write_bytes(b"\x7f" * 48)  # same size, other bytes
+    fresh, reused = load_or_compute(tmp_path / "cache", fields, (3, 4), np.float32, compute)
+    assert not reused and len(calls) == 2 and np.array_equal(fresh, first)
+    (tmp_path / "file").write_text("hi")
+    with pytest.raises(PipelineError, match=r"file: exists and is not a folder; the cache needs a folder of its own"):
+        load_or_compute(tmp_path / "file", fields, (3, 4), np.float32, compute)
