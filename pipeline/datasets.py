@@ -189,6 +189,9 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
 
 def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) -> dict:
     """``build_fashion_mnist`` under the tree's lock."""
+    for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # a build killed while writing (no other build runs: the lock)
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
     existing = _read_manifest(out_dir) if out_dir.is_dir() else None
     if out_dir.is_dir() and existing is None and any(out_dir.iterdir()):
         raise PipelineError(f"{out_dir} is not empty and was not built by this tool (no {MANIFEST}); "

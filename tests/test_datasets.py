@@ -260,3 +260,13 @@ def test_one_build_per_tree_at_a_time(tiny):
         with pytest.raises(PipelineError, match=r"fmnist\.lock: another run is writing this output \(pid \d+\)"):
             datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
     assert json.loads((out / "MANIFEST.json").read_text())["train_per_class"] == 3
+
+
+def test_a_build_killed_while_writing_leaves_nothing_the_next_one_keeps(tiny):
+    """Sixth pass (#22): kill -9 during `data` left .ROOT.tmp-* with 7,100 PNGs for ever."""
+    out, _result = tiny
+    left = out.parent / ".fmnist.tmp-abc123"
+    (left / "train" / "bag").mkdir(parents=True)
+    (left / "train" / "bag" / "00001.png").write_bytes(b"png")
+    datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
+    assert not left.exists()

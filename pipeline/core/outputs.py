@@ -296,7 +296,7 @@ def _not_a_lock(fd: int, info: os.stat_result) -> str | None:
     if info.st_nlink > 1:
         return f"has {info.st_nlink} names (a hard link)"
     head = os.pread(fd, 64, 0) if info.st_size <= 64 else None
-    if head is None or (head.strip() and not LOCK_CONTENT.fullmatch(head.decode("ascii", "replace").strip())):
+    if head is None or (head and not LOCK_CONTENT.fullmatch(head.decode("ascii", "replace").strip())):  # empty: one being taken now
         return "holds other content than a process id"
     return None
 

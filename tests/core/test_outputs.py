@@ -247,3 +247,13 @@ def test_a_kept_array_is_reused_only_with_the_bytes_it_was_written_with(tmp_path
     (tmp_path / "file").write_text("hi")
     with pytest.raises(PipelineError, match=r"file: exists and is not a folder; the cache needs a folder of its own"):
         load_or_compute(tmp_path / "file", fields, (3, 4), np.float32, compute)
+
+
+def test_a_blank_file_named_like_a_lock_is_not_taken_for_one(tmp_path):
+    """Sixth pass (#22): a user's file of blank lines named P.csv.lock was taken as a lock and deleted; only an empty file (a lock being
+    taken this instant) or `PID pipeline-lock` is one."""
+    (tmp_path / "p.csv.lock").write_text("\n\n")
+    with pytest.raises(PipelineError, match=r"p\.csv\.lock: holds other content than a process id"):
+        with OutputLock(tmp_path / "p.csv"):
+            pass
+    assert (tmp_path / "p.csv.lock").read_text() == "\n\n"
