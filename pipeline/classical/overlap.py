@@ -7,6 +7,7 @@ Feature files record each row's path relative to the data folder they were extra
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,29 @@ from pipeline.images.overlap import Overlap, refuse_shared, shared_files
 
 
 def row_files(ff) -> list[tuple[str | None, int]]:
-    """(absolute path, size) of every row of an open feature file; the path is None when the file does not name its data folder."""
+    """(absolute path, size) of every row of an open feature file; the path is None when the file does not name its data folder.
+
+    A row whose image changed since it was extracted (another size or modification time) gets size -1: today's bytes are not the
+    ones its features come from, so they are never compared by content (``stale_rows`` counts them).
+    """
     root = str(ff.attrs.get("data_dir") or "")
     sizes = ff.db["file_sizes"][:].tolist() if "file_sizes" in ff.db else [-1] * len(ff)
-    return [(os.path.realpath(Path(root) / p) if root else None, int(s)) for p, s in zip(ff.paths, sizes)]
+    mtimes = ff.db["file_mtimes_ns"][:].tolist() if "file_mtimes_ns" in ff.db else [None] * len(ff)
+    out = []
+    for p, s, m in zip(ff.paths, sizes, mtimes):
+        path = os.path.realpath(Path(root) / p) if root else None
+        try:
+            now = os.stat(path) if path is not None else None
+        except OSError:
+            now = None
+        out.append((path, -1 if now is not None and m is not None and (now.st_size, now.st_mtime_ns) != (s, m) else int(s)))
+    return out
+
+
+def stale_rows(ff) -> int:
+    """How many rows' images changed since they were extracted (``row_files``' size -1 where the file records one)."""
+    recorded = ff.db["file_sizes"][:] if "file_sizes" in ff.db else None
+    return 0 if recorded is None else sum(s < 0 <= r for (_, s), r in zip(row_files(ff), recorded.tolist()))
 
 
 def training_record(ff, rows) -> dict:
@@ -47,3 +67,7 @@ def check_no_overlap(ff, test_ff, allowed: bool) -> None:
         raise PipelineError(f"{test_ff.path}: is the training file {ff.path}; a test set must hold other images (extract a separate test folder)")
     if not allowed:
         refuse_shared(shared_images(ff, test_ff), test_ff.path, len(test_ff), ff.path)
+        stale = stale_rows(test_ff)
+        if stale:  # their features come from bytes that are gone: an image copied from the training set since cannot be told
+            print(f"note: {stale} images of {test_ff.path} changed since they were extracted: not compared with the training images by content "
+                  "(extract the test file again)", file=sys.stderr)  # fmt: skip

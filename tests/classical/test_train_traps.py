@@ -100,3 +100,16 @@ def test_identical_images_never_straddle_the_held_out_split(tmp_path, capsys):
     assert len(held) == 4 and all(twin[p] in held for p in held)  # one pair of five per class, both twins
     assert "note: 10 groups of identical images (20 images: the same file or the same bytes) are each kept on one side of the test split of" in capsys.readouterr().err
     assert train.run(config)["n_test"] == 4
+
+
+def test_test_images_changed_since_extraction_are_said_not_compared(tmp_path, capsys):
+    """Sixth pass (#22): a test image replaced by a training image's bytes after extraction was compared by today's bytes (refused), and
+    one replaced by another test image passed silently though the file held a training image's features. Changed images are said."""
+    train_dir = make_tree(tmp_path / "train", classes=("cat", "dog"), per_class=6)
+    test_dir = make_tree(tmp_path / "test", classes=("cat", "dog"), per_class=3)
+    for split, folder in (("train", train_dir), ("test", test_dir)):
+        extract.run(ExtractConfig(data_dir=folder, output=tmp_path / f"{split}.h5", input_size=32, weights="none", quiet=True))
+    shutil.copy(train_dir / "cat" / "000.png", test_dir / "cat" / "001.png")  # after the extraction: the file holds the old bytes' features
+    train.run(TrainConfig(features=tmp_path / "train.h5", test=tmp_path / "test.h5", output=tmp_path / "m", quiet=True, cv=2, C=(1.0,)))
+    err = capsys.readouterr().err
+    assert "note: 1 images of" in err and "test.h5 changed since they were extracted: not compared with the training images by content" in err
