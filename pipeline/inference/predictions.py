@@ -27,6 +27,8 @@ FORMATS = ("text", "csv", "json")
 TEXT_MARKER = "# transfer-pipeline predictions: path, label, score (or ERROR and the reason)"
 #: How each format begins; a file starting so was written by ``predict``.
 _STARTS = (TEXT_MARKER + "\n", "path,label,score,", '[\n  {\n    "path": ')
+#: The keys of a JSON record ``predict`` writes.
+_JSON_KEYS = {"path", "label", "score", "error", "top", "probabilities"}
 #: Encoding error handler for names: surrogate-escaped bytes back to the bytes, any other
 #: lone surrogate (not from a file name) as a ``\\uXXXX`` escape.
 NAME_ERRORS = "transfer-pipeline-names"
@@ -103,7 +105,10 @@ def is_predictions_file(path: Path) -> bool:
             return False
         with open(path, "rb") as f:
             head = f.read(max(len(s) for s in _STARTS))
-    except OSError:
+        if head.startswith(_STARTS[2].encode()):  # a JSON list of records is common: every record must be one predict writes
+            records = json.loads(Path(path).read_text(errors="surrogateescape"))
+            return isinstance(records, list) and all(isinstance(r, dict) and {"path", "label", "score", "error"} <= set(r) <= _JSON_KEYS for r in records)
+    except (OSError, ValueError):
         return False
     return any(head.startswith(s.encode()) for s in _STARTS)
 

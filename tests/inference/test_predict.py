@@ -286,3 +286,16 @@ def test_the_text_format_keeps_one_line_per_image_whatever_the_names_hold():
     assert lines[1].startswith("new\\nline.png") and "a\\nb" in lines[1]
     assert lines[4].startswith("esc\\x1b[31m.png") and lines[6].startswith("bytes\udcff.png")
     assert lines[-1].split() == ["x\\ny.png", "ERROR", "cannot\\nread"]
+
+
+def test_a_users_json_list_of_records_is_not_taken_for_predictions(tmp_path):
+    """Sixth pass (#22): a user's labels.json beginning like predict's JSON ('[\\n  {\\n    "path": ') was replaced without --overwrite."""
+    import json
+
+    from pipeline.inference.predictions import format_results, is_predictions_file
+
+    mine = tmp_path / "labels.json"
+    mine.write_text(json.dumps([{"path": "/data/a.jpg", "bbox": [1, 2, 3, 4], "annotator": "me"}] * 3, indent=2))
+    ours = tmp_path / "p.json"
+    ours.write_text(format_results([{"path": "a.png", "label": "cat", "score": 0.9, "error": None, "top": []}], "json"))
+    assert not is_predictions_file(mine) and is_predictions_file(ours)
