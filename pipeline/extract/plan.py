@@ -20,7 +20,7 @@ from pipeline.backbones import network as bb
 from pipeline.backbones.resolved import ResolvedBackbone, resolve_backbone
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.fingerprints import describe_difference, fingerprint, merged_fingerprint, same_settings, shard_listing, shard_path
-from pipeline.extract.incremental import Kept, find_kept
+from pipeline.featurefile.kept import Kept, find_kept
 from pipeline.extract.workarea import WorkArea
 from pipeline.featurefile.store import stored_output
 from pipeline.featurefile.checks import stale_sources
