@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -146,3 +147,8 @@ def describe_difference(old: dict, new: dict) -> str:
 def same_settings(old: dict | None, new: dict) -> bool:
     """Whether ``old`` differs from ``new`` only in the images (an incremental update can bring it up to date)."""
     return old is not None and all(old.get(k) == v for k, v in new.items() if k not in LISTING_KEYS)
+
+
+def settings_key(fp: dict) -> str:
+    """A digest of a fingerprint's settings (all but the images): equal for two fingerprints exactly when ``same_settings``."""
+    return hashlib.sha256(json.dumps({k: v for k, v in fp.items() if k not in LISTING_KEYS}, sort_keys=True).encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""Checks made before any work, in one place, so that a run which could not finish fails at once in one line: an output that is a symbolic link, coincides with an input or lies inside the data folder, cannot be written, or whose temporary, lock and work-area names do not fit the file system."""
+"""Checks made before any work, in one place, so that a run which could not finish fails at once in one line: an output that is a symbolic link, or whose work area is not the tool's own folder, coincides with an input or lies inside the data folder, cannot be written, or whose temporary, lock and work-area names do not fit the file system."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import check_output_writable, is_within, same_file
+from pipeline.extract.workarea import WorkArea
 from pipeline.images.listing import Listing, list_images
 
 #: Digits of the process id in a temporary name (Linux's pid_max is at most 4194304).
@@ -22,7 +23,7 @@ def check_paths(output: Path, data_dir: Path, weights: str | None = None, *, bes
     """Check an extraction's output against every rule, in this order, and return the listing of its data folder.
 
     No symbolic link; names beside it that fit (``beside``: the longest, e.g. a ``--ray`` run's shard
-    files); outside the data folder; then the folder is listed (a bad one fails here, before any work)
+    files); its work area nothing but the tool's own folder (``WorkArea.check``); outside the data folder; then the folder is listed (a bad one fails here, before any work)
     and the output checked against its files and the weights file; last its folder made and writable.
 
     Raises:
@@ -30,6 +31,7 @@ def check_paths(output: Path, data_dir: Path, weights: str | None = None, *, bes
     """
     check_not_a_link(output)
     check_names_fit(beside or output)
+    WorkArea(output).check()
     check_outside_folder(output, data_dir)
     whole = list_images(data_dir)
     check_not_an_input(output, whole, weights)

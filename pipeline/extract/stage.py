@@ -25,7 +25,7 @@ from pipeline.backbones import int8 as engines
 from pipeline.extract import distributed
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.fingerprints import shard_path
-from pipeline.extract.incremental import kept_blocks
+from pipeline.featurefile.kept import kept_blocks
 from pipeline.extract.loop import extract_rows
 from pipeline.extract.preflight import check_paths
 from pipeline.extract.plan import UP_TO_DATE, Plan, make_plan

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,14 +13,20 @@ from typing import Callable
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import disk_error
-from pipeline.extract.fingerprints import describe_difference, same_settings
+from pipeline.core.outputs import disk_error, special_kind
+from pipeline.extract.fingerprints import describe_difference, same_settings, settings_key
 from pipeline.featurefile import chunks
 from pipeline.images.listing import Listing
 
 
 #: A part file: this magic, the head's length (8 bytes, little endian), the head (JSON), the features' bytes.
 MAGIC = b"PFPART1\n"
+#: Every name the tool writes in a work area: its record, parts (also of earlier versions) and their temporaries.
+OWN_NAMES = re.compile(r"manifest\.json(\.tmp)?|part-\d+\.\w+|\.part-\d+\.tmp")
+
+
+def _own(entry: os.DirEntry) -> bool:
+    return bool(OWN_NAMES.fullmatch(entry.name)) and entry.is_file(follow_symlinks=False)
 
 
 def _read_part(part: Path, features: bool = True) -> tuple[dict, bytes]:
@@ -75,11 +82,37 @@ class WorkArea:
     inode, ctime) of every file it holds, so the next run maps it onto the listing of that
     moment: rows of files that were changed, moved or deleted since are left out (and
     extracted again), whatever else changed in the folder. ``manifest.json`` holds the
-    fingerprint of the settings and images the run started with.
+    fingerprint of the settings and images the run started with, and each part the key of
+    the settings it was made with (``settings``): a part of other settings never counts.
     """
 
-    def __init__(self, output: Path):
+    def __init__(self, output: Path, settings: str | None = None):
         self.path = output.with_name(output.name + ".partial")
+        self.settings = settings
+
+    def check(self) -> None:
+        """Refuse a work area that is not a plain folder holding only what the tool writes (nothing there is fine).
+
+        A link (its target would be written, then kept or reused), a file or a FIFO in its
+        place, or a folder holding anything else (removing it would delete that) is refused.
+
+        Raises:
+            PipelineError: one line naming the path, and for a folder its first foreign entry.
+        """
+        try:
+            mode = os.lstat(self.path).st_mode
+        except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is no folder: the output's checks say so)
+            return
+        except OSError as exc:
+            raise PipelineError(f"{self.path}: the work area cannot be read ({exc.strerror})") from None
+        own = "; extract keeps its work area in a folder of its own, made and removed by itself"
+        if stat.S_ISLNK(mode):
+            raise PipelineError(f"{self.path}: the work area is a symbolic link (to {os.readlink(self.path)}){own}: remove the link")
+        if not stat.S_ISDIR(mode):
+            raise PipelineError(f"{self.path}: the work area is {special_kind(self.path) or 'a file'}, not a folder{own}: move it away")
+        foreign = sorted(e.name for e in os.scandir(self.path) if not _own(e))
+        if foreign:
+            raise PipelineError(f"{self.path}: the work area holds {foreign[0]!r}, which extract did not write{own}: move it away")
 
     @property
     def manifest_path(self) -> Path:
@@ -127,15 +160,16 @@ class WorkArea:
                 self.remove()
             elif found is not None and same_settings(found, fingerprint):
                 self.set_manifest(manifest)
-            elif overwrite or found is None:
+            elif overwrite or found is None:  # no record: its parts' settings are unknown
                 self.remove()
             else:
                 raise PipelineError(
                     f"{self.path}: an interrupted run with other settings ({describe_difference(found, fingerprint)}); "
                     "re-run with its settings to resume, or pass --overwrite to start again"
                 )
-        if not self.exists():
+        if not self.parts():  # never parts without this run's record
             self.start(manifest)
+        self.settings = settings_key(fingerprint)
         self.drop_damaged()
         return self
 
@@ -148,7 +182,16 @@ class WorkArea:
         return bad
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete the tool's files, then the folder if that empties it (never a link's target, never a file the tool did not write)."""
+        if self.path.is_symlink() or not self.path.is_dir():
+            return
+        for entry in os.scandir(self.path):
+            if _own(entry):
+                Path(entry.path).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
 
     def parts(self) -> list[Path]:
         """Every part file, in the order written (also one that ``index`` will find unreadable)."""
@@ -178,6 +221,7 @@ class WorkArea:
             "rejected_versions": listing.versions(rej).tolist(),
             "reasons": list(reasons),
             "limits": list(limits),
+            "settings": self.settings,
         }
         head.update(layout=features.layout.as_json(), chunk_bytes=[len(c) for c in features.chunks], chunk_rows=list(features.counts), finite=features.finite)
         data = b"".join(features.chunks)
@@ -205,8 +249,8 @@ class WorkArea:
         A row counts only if its file is still listed with the same version; a rejection also
         only if ``keep_rejected(limit)``; rows in ``exclude`` (already accounted for) and rows
         of an earlier part are left out. A part that cannot be read (damage from outside: only
-        whole parts are ever renamed into place; or one of another version of the pipeline) is
-        deleted, so its rows are extracted again.
+        whole parts are ever renamed into place; or one of another version of the pipeline),
+        or was made with other settings than ``self.settings``, is deleted: its rows are extracted again.
         """
         taken = np.zeros(len(listing), bool)
         if exclude is not None and len(exclude):
@@ -215,6 +259,8 @@ class WorkArea:
         for part in self.parts():
             try:
                 head, _ = _read_part(part, features=False)
+                if head.get("settings") != self.settings:
+                    raise ValueError("made with other settings")
                 idx, ok = listing.match(head["paths"], np.asarray(head["versions"], np.int64).reshape(-1, 4))
                 ridx, rok = listing.match(head["rejected_paths"], np.asarray(head["rejected_versions"], np.int64).reshape(-1, 4))
                 reasons, limits = [str(r) for r in head["reasons"]], [str(x) for x in head["limits"]]

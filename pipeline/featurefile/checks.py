@@ -1,4 +1,4 @@
-"""The feature-file checker: every broken rule of a file (single or merged), one line each, never a traceback; and whether a merged file still reads the shard files it was merged from."""
+"""The feature-file checker: every broken rule of a file (single or merged), one line each, never a traceback; whether a merged file's shard files can be read at all (none missing, none a FIFO) and still are the ones it was merged from."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 
 from pipeline.featurefile import schema as contract
-from pipeline.core.errors import first_line
-from pipeline.core.outputs import special_kind
+from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.outputs import refuse_special, special_kind
 from pipeline.featurefile.schema import is_complete
 
 
@@ -43,10 +43,9 @@ def verify(path: Path | str) -> list[str]:
 
 def _problems(db: h5py.File, path: Path) -> list[str]:
     feats = db.get("features")
-    if isinstance(feats, h5py.Dataset) and feats.is_virtual:
-        gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})
-        if gone:  # everything else would read fill values: this is the one reason
-            return [f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"]
+    unreadable = source_problem(db, path)
+    if unreadable:  # everything else would read fill values, or block: this is the one reason
+        return [unreadable]
     problems: list[str] = []
     checks = (
         ("layout", lambda: [f"{path}: {m}" for m in contract.problems(db, path)]),
@@ -59,6 +58,25 @@ def _problems(db: h5py.File, path: Path) -> list[str]:
         except Exception as exc:  # a check that cannot read what it checks is a reason, not a crash
             problems.append(f"{path}: {what} unreadable ({first_line(exc)})")
     return problems
+
+
+def source_problem(db: h5py.File, path: Path) -> str | None:
+    """Why the virtual datasets of the open file ``db`` at ``path`` must not be read (None: a single file, or every source can be).
+
+    A missing shard file would read as fill values; one that is a FIFO, a device or a socket
+    would block the reader (a FIFO's open waits for a writer, even through SIGTERM). Only
+    ``stat`` is called on the shard files: this is checked before any row is read.
+    """
+    names = sorted({vs.file_name for ds in db.values() if isinstance(ds, h5py.Dataset) and ds.is_virtual for vs in ds.virtual_sources()})
+    gone = [name for name in names if not (path.parent / name).exists()]
+    if gone:
+        return f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"
+    try:
+        for name in names:
+            refuse_special(path.parent / name, f"a shard file of the merged file {path}")
+    except PipelineError as exc:
+        return str(exc)
+    return None
 
 
 def _non_finite(feats: h5py.Dataset) -> list[str]:

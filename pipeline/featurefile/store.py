@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import refuse_special, special_kind
 from pipeline.featurefile import schema as contract
-from pipeline.featurefile.checks import stale_sources
+from pipeline.featurefile.checks import source_problem, stale_sources
 from pipeline.featurefile.schema import DATASETS, VERSION_COLUMNS, column_problem, is_complete, version_problem
 from pipeline.images.listing import Reject
 
@@ -52,6 +52,9 @@ def stored_output(output: Path) -> Stored:
             problem = version_problem(db)
             if problem:
                 return Stored(problem=f"it was written by another version of the pipeline ({problem})")
+            unreadable = source_problem(db, Path(output))
+            if unreadable:
+                return Stored(problem=f"it cannot be read ({unreadable})")
             broken = contract.problems(db, Path(output))
             if broken:
                 more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
@@ -238,6 +241,9 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
     except Exception as exc:
         raise PipelineError(f"{path}: not a readable HDF5 feature file ({first_line(exc)})") from None
     try:
+        unreadable = source_problem(db, path)  # before any row is read: a missing shard reads zeros, a FIFO blocks
+        if unreadable:
+            raise PipelineError(unreadable)
         if require_complete and not is_complete(db.attrs):
             raise PipelineError(f"{path}: incomplete feature file (attribute 'complete' is not set; the extraction did not finish)")
         for name in REQUIRED_DATASETS:
@@ -251,12 +257,6 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         if problem:
             raise PipelineError(f"{path}: written by another version of the pipeline ({problem}); extract it again")
         feats = db["features"]
-        if feats.is_virtual:
-            gone = sorted({vs.file_name for vs in feats.virtual_sources() if not (path.parent / vs.file_name).exists()})
-            if gone:
-                raise PipelineError(
-                    f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"
-                )
         n = feats.shape[0]
         lengths = {name: db[name].shape[0] for name in ("features", "labels", "paths")}
         if len(set(lengths.values())) != 1:

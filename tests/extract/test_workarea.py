@@ -1,12 +1,15 @@
-"""The work area: parts written atomically, read back in listing order, mapped onto a changed listing by path and file version, damaged parts (and parts of another version of the pipeline) dropped."""
+"""The work area: parts written atomically, read back in listing order, mapped onto a changed listing by path and file version, damaged parts (and parts of another version of the pipeline, or of other settings) dropped; only a plain folder holding the tool's own files is used, and removing it never deletes anything else."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
+import pytest
 
-from conftest import make_tree, write_image
+from conftest import assert_same_rows, by_path, make_tree, write_image
+from pipeline.cli import main
 from pipeline.images.listing import list_images
 from pipeline.extract.workarea import WorkArea
 from pipeline.featurefile import chunks
@@ -65,3 +68,71 @@ def test_parts_follow_their_files_through_a_changed_listing(tmp_path):
     [part] = work.index(after, keep_rejected=lambda limit: limit == "")
     assert [after.paths[i] for i in part.rejected_indices] == ["c/002.png"] and part.reasons == ["corrupt"]
     assert sorted(after.paths[i] for i in work.done_indices(after)) == ["b/000.png", "b/002.png", "c/001.png", "c/002.png"]
+
+
+FAST = ["--weights", "none", "--batch-size", "4", "--quiet"]
+
+
+def extract(data, out, size, *extra):
+    return main(["extract", str(data), "-o", str(out), *FAST, "--input-size", str(size), *extra])
+
+
+@pytest.mark.parametrize("kind", ["link", "file", "fifo"])
+def test_a_work_area_that_is_not_a_plain_folder_is_refused_before_any_work(tmp_path, capsys, kind):
+    """Issue #22: through a link the parts were written into (and reused from) the link's target, and a later run
+    with other settings kept them; a file there was a 30-line NotADirectoryError."""
+    data = make_tree(tmp_path / "data", per_class=2, size=(8, 8))
+    out, work, target = tmp_path / "x.h5", tmp_path / "x.h5.partial", tmp_path / "elsewhere"
+    target.mkdir()
+    {"link": lambda: work.symlink_to(target), "file": lambda: work.write_text("user file\n"), "fifo": lambda: os.mkfifo(work)}[kind]()
+    assert extract(data, out, 32) == 2
+    err = capsys.readouterr().err
+    what = {"link": f"a symbolic link (to {target})", "file": "a file, not a folder", "fifo": "a FIFO (named pipe), not a folder"}[kind]
+    assert err.count("\n") == 1 and err.startswith(f"error: {work}: the work area is {what}"), err
+    assert not out.exists() and os.listdir(target) == [] and (kind != "file" or work.read_text() == "user file\n")
+
+
+def test_a_work_area_holding_anything_else_is_refused_and_left_whole(tmp_path, capsys):
+    """Issue #22: a work area holding no part was replaced: the user's whole folder, notes and subfolder, was deleted."""
+    data = make_tree(tmp_path / "data", per_class=2, size=(8, 8))
+    work = tmp_path / "x.h5.partial"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("note\n")
+    (work / "sub" / "x.png").write_text("n2\n")
+    assert extract(data, tmp_path / "x.h5", 32) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{work}: the work area holds 'notes.txt', which extract did not write" in err
+    assert (work / "notes.txt").read_text() == "note\n" and (work / "sub" / "x.png").read_text() == "n2\n"
+    WorkArea(tmp_path / "x.h5").remove()  # removing a work area never deletes what the tool did not write
+    assert sorted(os.listdir(work)) == ["notes.txt", "sub"]
+
+
+def test_parts_of_other_settings_are_never_reused_whatever_the_record_says(tmp_path, monkeypatch):
+    """Issue #22: parts made at --input-size 32 were kept by a run at 48 (0 processed, the file said 48, verify ok).
+
+    The parts are put under the record of a 48-pixel run (a stale record): each part's own settings key refuses them.
+    """
+    from pipeline.extract import loop as runner
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=6, size=(12, 12))
+    out, work = tmp_path / "x.h5", tmp_path / "x.h5.partial"
+    real = runner.iter_batches
+
+    def interrupted_after_two_batches(*args, **kwargs):
+        for k, batch in enumerate(real(*args, **kwargs)):
+            if k == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "iter_batches", interrupted_after_two_batches)
+        assert extract(data, out, 32, "--workers", "1") == 130
+        work.rename(tmp_path / "saved")
+        assert extract(data, out, 48, "--workers", "1") == 130
+    for part in (tmp_path / "saved").glob("part-*"):
+        shutil.copy(part, work / part.name)  # 32-pixel parts under the 48-pixel run's record
+    assert extract(data, out, 48) == 0
+    assert extract(data, tmp_path / "fresh48.h5", 48) == 0 and extract(data, tmp_path / "fresh32.h5", 32) == 0
+    assert_same_rows(out, tmp_path / "fresh48.h5")
+    rows32, rows48 = by_path(tmp_path / "fresh32.h5")[0], by_path(out)[0]
+    assert any(not np.allclose(rows32[p][1], rows48[p][1], rtol=0.05, atol=0.05) for p in rows48)  # the sizes give other rows

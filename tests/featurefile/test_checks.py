@@ -1,11 +1,19 @@
-"""The verify stage: a sound file passes; each broken invariant (also of a merged file whose shards moved on) is named; the command prints ok/FAIL per file and exits 1 on any failure."""
+"""The verify stage: a sound file passes; each broken invariant (also of a merged file whose shards moved on, or whose shard became a FIFO) is named; the command prints ok/FAIL per file and exits 1 on any failure."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
+import pytest
+
+from conftest import ROOT
+from pipeline.core.errors import PipelineError
+from pipeline.featurefile.store import open_features, stored_output
 
 from pipeline.cli import main
 from pipeline.backbones.registry import PREPROCESSING
@@ -65,6 +73,25 @@ def test_a_merged_file_whose_shards_moved_on_is_named(tmp_path):
     shards[0].unlink()
     problems = verify(out)
     assert problems == [f"{out}: merged file whose shard file(s) x.shard-00000-of-00002.h5 are missing; keep them next to it (move the folder as a whole)"]
+
+
+
+def test_a_merged_file_whose_shard_is_a_fifo_is_refused_without_opening_it(tmp_path):
+    """Issue #22: verify, and train through open_features, hung opening the FIFO (and did not die on SIGTERM)."""
+    out = tmp_path / "x.h5"
+    shards = [write(shard_path(out, 0, 2), ["a/1.png", "b/3.png"], shard=0), write(shard_path(out, 1, 2), ["a/2.png"], shard=1)]
+    assert merge(out, shards) == 3
+    shards[1].unlink()
+    os.mkfifo(shards[1])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    line = f"{shards[1]}: is a FIFO (named pipe), not a regular file; a shard file of the merged file {out} must be a regular file"
+    assert proc.returncode == 1 and proc.stdout == f"FAIL {line}\n", (proc.stdout, proc.stderr)
+    assert verify(out) == [line]
+    with pytest.raises(PipelineError) as exc:
+        open_features(out)
+    assert str(exc.value) == line
+    assert stored_output(out).fingerprint is None and line in stored_output(out).problem
 
 
 def damage_chunk(path, row: int) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from pipeline.featurefile import chunks
-from pipeline.extract.incremental import find_kept, kept_blocks
+from pipeline.featurefile.kept import find_kept, kept_blocks
 from pipeline.images.listing import list_images
 from pipeline.featurefile.writer import write_feature_file
 from pipeline.extract.workarea import WorkArea

@@ -1,4 +1,4 @@
-"""Incremental updates: which rows and rejections of a previous complete output still hold for the current listing (same path, file version and class), and reading those rows back as blocks, whole compressed chunks as they are stored."""
+"""What an update keeps of a previous complete feature file: which rows and rejections still hold for the current listing (same path, file version and class), and reading those rows back as blocks, whole compressed chunks as they are stored."""
 
 from __future__ import annotations
 

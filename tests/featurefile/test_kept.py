@@ -1,4 +1,4 @@
-"""Incremental updates: rows of unchanged files are kept (by path, size, modification time, inode, change time and class name), changed and removed ones are not, kept rows read back under the new labels; rejections of a changed limit are redone."""
+"""featurefile.kept (incremental updates): rows of unchanged files are kept (by path, size, modification time, inode, change time and class name), changed and removed ones are not, kept rows read back under the new labels; rejections of a changed limit are redone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from conftest import make_tree, write_image
 import shutil
 
-from pipeline.extract.incremental import find_kept, kept_blocks
+from pipeline.featurefile.kept import find_kept, kept_blocks
 from pipeline.images.listing import list_images, Reject
 from pipeline.images.decode import limit_holds, limits
 from pipeline.featurefile.store import stored_rows
