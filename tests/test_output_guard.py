@@ -178,7 +178,7 @@ def test_a_set_replaces_only_files_its_receipt_names(tmp_path):
     write(report="r2", bundle="b2")  # its own files: replaced
     assert (out / "lr.report.txt").read_text() == "r2" and receipt_path(out, "lr").is_file()
     (out / "lr.report.txt").write_text("r2, annotated by hand")  # changed since: refused, kept
-    with pytest.raises(PipelineError, match=r"lr\.report\.txt: is not a file this tool wrote here \(or it was changed since\)"):
+    with pytest.raises(PipelineError, match=r"lr\.report\.txt: is not a file this tool wrote here \(or it was changed since, or another output of that name wrote it\)"):
         write(report=None)  # a publication that would remove it
     assert (out / "lr.report.txt").read_text() == "r2, annotated by hand"
     (out / "lr.report.txt").write_text("r2")
@@ -284,3 +284,24 @@ def test_finetune_checks_its_prefix_cache_before_any_training(where, tmp_path, c
     err = capsys.readouterr().err
     assert ("exists and is not a folder" if where == "file" else "is inside the test images") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_named_like_a_stage_is_not_taken_for_its_set(tmp_path, capsys):
+    """Seventh pass (#22): `export -o O/compare --format savedmodel` then `compare -o O`: compare replaced the export's metadata
+    compare.json without a word (both sets are named "compare" and shared a receipt). A file is the set's only if that kind of set wrote it."""
+    from pipeline.core.outputsets import publish
+
+    out = tmp_path / "O"
+    out.mkdir()
+    with publish(out, "compare", ("compare", "compare.json"), lock="compare", locked=False) as stage:  # export's pair
+        stage.path("compare").write_text("network")
+        stage.path("compare.json").write_text("export metadata")
+    with pytest.raises(PipelineError, match=r"compare\.json: is not a file this tool wrote here \(or it was changed since, or another output of that name wrote it\)"):
+        with publish(out, "compare", ("compare.png", "compare.csv", "compare.md", "compare.json"), lock="compare.md", locked=False) as stage:
+            for m in ("compare.png", "compare.csv", "compare.md", "compare.json"):
+                stage.path(m).write_text("table")
+    assert (out / "compare.json").read_text() == "export metadata"
+    with publish(out, "compare", ("compare", "compare.json"), lock="compare", locked=False) as stage:  # the export again: its own files
+        stage.path("compare").write_text("network 2")
+        stage.path("compare.json").write_text("export metadata 2")
+    assert (out / "compare.json").read_text() == "export metadata 2"

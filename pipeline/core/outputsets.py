@@ -100,7 +100,7 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
                         "folders": [m for m in folders if m in stage.written]}  # fmt: skip
             for member in manifest["install"]:
                 _fsync_tree(staging / member)  # a writer that wrote nothing fails here
-            manifest["digests"] = {m: file_digest(staging / m) for m in manifest["install"] if m not in manifest["folders"]}
+            manifest["digests"] = {m: [file_digest(staging / m), _owner(members)] for m in manifest["install"] if m not in manifest["folders"]}
             with open(staging / MANIFEST, "w") as f:
                 f.write(json.dumps(manifest, indent=1) + "\n")
                 f.flush()
@@ -219,8 +219,13 @@ def _read_own(path: Path, what: str) -> str | None:
         raise PipelineError(f"{path}: {what} cannot be read ({exc.strerror or exc})") from None
 
 
+def _owner(members) -> str:
+    """Which kind of set wrote a file: its full member list (export's ``compare`` + ``compare.json`` is not compare's table)."""
+    return ",".join(sorted(members))
+
+
 def _receipt(folder: Path, name: str) -> dict | None:
-    """The files (name -> sha256) of the set's receipt; None when there is none or it is not a receipt of this set (then nothing is trusted by it).
+    """The files (name -> [sha256, owner]) of the set's receipt; None when there is none or it is not a receipt of this set (then nothing is trusted by it).
 
     Raises:
         PipelineError: the receipt is not a regular file (``_read_own``).
@@ -231,7 +236,7 @@ def _receipt(folder: Path, name: str) -> dict | None:
     except ValueError:
         return None
     files = data.get("files") if isinstance(data, dict) and data.get("set") == name else None
-    return files if isinstance(files, dict) else None
+    return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 2} if isinstance(files, dict) else None
 
 
 def check_members(folder: Path, name: str, members, folders=()) -> None:
@@ -264,8 +269,8 @@ def check_members(folder: Path, name: str, members, folders=()) -> None:
                 else "read-only" if not (mode & 0o222 and os.access(path, os.W_OK)) else None)  # fmt: skip
         if kind is None and receipt is None:
             kind = f"not a file this tool wrote here (no usable receipt {receipt_path(folder, name).name}: written by hand, or by a version before receipts)"
-        elif kind is None and receipt.get(member) != _digest_or_none(path):
-            kind = "not a file this tool wrote here (or it was changed since)"
+        elif kind is None and receipt.get(member) != [_digest_or_none(path), _owner(members)]:
+            kind = "not a file this tool wrote here (or it was changed since, or another output of that name wrote it)"
         if kind is not None:
             raise PipelineError(f"{path}: is {kind}; the new output set would replace it: remove it, or choose another output folder")
 
