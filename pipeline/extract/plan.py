@@ -91,7 +91,7 @@ def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, 
     if old is not None and fp is not None:
         if old == fp and current:
             return UP_TO_DATE
-        if old.get("data_dir") != fp.get("data_dir") and not overwrite:  # an update would replace its rows by this folder's
+        if old.get("data_dir") != fp["data_dir"] and not overwrite:  # an update would replace its rows by this folder's
             raise PipelineError(f"{output}: holds the features of another data folder {old.get('data_dir')}; pass --overwrite to replace it")
         if same_settings(old, fp) and not overwrite:
             return UPDATE

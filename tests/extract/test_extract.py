@@ -329,9 +329,6 @@ def test_one_decision_for_an_existing_output(tmp_path):
         decide(out, None, fp, False, unusable="it is not ours")
     with pytest.raises(PipelineError, match=r"x.h5: exists and it is not ours; pass --overwrite"):
         decide(out, fp, None, False, unusable="it is not ours")  # nothing to compare with
-    with pytest.raises(PipelineError, match=r"x.h5: holds the features of another data folder /a; pass --overwrite to replace it$"):
-        decide(out, dict(other_images, data_dir="/a"), dict(fp, data_dir="/b"), False, unusable="-")  # not an update
-    assert decide(out, dict(other_images, data_dir="/a"), dict(fp, data_dir="/b"), True, unusable="-") == REPLACE
 
 
 def _slow_decoding(monkeypatch, seconds):
