@@ -83,16 +83,13 @@ def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, 
         UP_TO_DATE, UPDATE or REPLACE.
 
     Raises:
-        PipelineError: the output exists and differs (holds another data folder's features, or
-            was made with other settings), and ``overwrite`` is not set.
+        PipelineError: the output exists and differs, and ``overwrite`` is not set.
     """
     if not output.exists():
         return REPLACE
     if old is not None and fp is not None:
         if old == fp and current:
             return UP_TO_DATE
-        if old.get("data_dir") != fp["data_dir"] and not overwrite:  # an update would replace its rows by this folder's
-            raise PipelineError(f"{output}: holds the features of another data folder {old.get('data_dir')}; pass --overwrite to replace it")
         if same_settings(old, fp) and not overwrite:
             return UPDATE
         why = f"differs: {describe_difference(old, fp)}"
