@@ -161,7 +161,13 @@ def _check_output(config: EvaluateConfig, bundle: dict) -> Path:
     if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
         raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
     trained_in = (bundle.get("training_images") or {}).get("data_dir") if isinstance(bundle.get("training_images"), dict) else None
-    refuse_inside(folder, [("the model's training images", trained_in)], "choose another -o folder")
+    test_images = None
+    if Path(config.data).is_file():  # a feature file: the image folder it was extracted from
+        from pipeline.featurefile.store import open_features
+
+        with open_features(config.data) as ff:
+            test_images = ff.attrs.get("data_dir")
+    refuse_inside(folder, [("the model's training images", trained_in), ("the images of the test file", test_images)], "choose another -o folder")
     if (folder.exists() or folder.is_symlink()) and not config.overwrite:
         if not (folder.is_dir() and (folder / MARKER).is_file()):
             raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; pass --overwrite to replace it")

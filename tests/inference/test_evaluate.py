@@ -136,3 +136,11 @@ def test_evaluate_replaces_only_an_evaluation_it_wrote_unchanged(setup, tmp_path
     assert "my note" not in (ev / "report.txt").read_text()
     with pytest.raises(PipelineError, match=r"is inside the model's training images"):
         evaluate.run(evaluate.EvaluateConfig(model=model, data=root / "test.h5", output=root / "train" / "cat" / "ev", quiet=True))
+
+
+def test_an_evaluation_inside_the_images_of_its_test_file_is_refused(setup, tmp_path):
+    """Eighth pass (#22): evaluate MODEL TEST.h5 -o TEST_IMAGES/bag/E wrote its confusion.png there; the next extract made it a bag image."""
+    root, _ = setup
+    with pytest.raises(PipelineError, match=r"is inside the images of the test file"):
+        evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=root / "test" / "dog" / "E", quiet=True))
+    assert not (root / "test" / "dog" / "E").exists()
