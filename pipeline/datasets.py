@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -83,6 +84,9 @@ def _manifest_problem(m: dict) -> str | None:
     counts, files = m.get("counts"), m.get("files")
     if bad or not isinstance(counts, dict) or not all(_whole(counts.get(s), 0) for s in IDX_FILES):
         return f"{bad[0]} is {m[bad[0]]!r}" if bad else f"counts is {counts!r}"
+    digests = m.get("digests")
+    if digests is not None and (not isinstance(digests, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+        return "digests is not a map of file names to digests"
     if files is not None and (not isinstance(files, dict) or not set(files) <= set(IDX_FILES)):  # None: an earlier version's, its files follow from its settings
         return "files names other splits than " + ", ".join(IDX_FILES)
     for split, per in (files or {}).items():
@@ -115,8 +119,14 @@ def _manifest_files(manifest: dict) -> set[str]:
     return out
 
 
-def _foreign(out_dir: pathlib.Path, ours: set[str]) -> list[str]:
-    """Every file or folder under ``out_dir`` not in ``ours``, and every link (it writes none; deleting through one reaches elsewhere), sorted."""
+def _digest(path: pathlib.Path) -> str:
+    """What the manifest records of a file it wrote: the first 32 hex digits of its sha256."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+def _foreign(out_dir: pathlib.Path, ours: set[str], digests=None) -> list[str]:
+    """Every file or folder under ``out_dir`` not in ``ours``, every link (it writes none; deleting through one reaches elsewhere), and
+    every listed file whose bytes are not those the manifest's ``digests`` recorded (a user's own image put in its place), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(out_dir):
         rel = pathlib.Path(dirpath).relative_to(out_dir)
@@ -124,7 +134,8 @@ def _foreign(out_dir: pathlib.Path, ours: set[str]) -> list[str]:
             if (rel / name).as_posix() not in ours or os.path.islink(os.path.join(dirpath, name)):
                 found.append((rel / name).as_posix() + "/")
         dirnames[:] = sorted(d for d in dirnames if (rel / d).as_posix() in ours and not os.path.islink(os.path.join(dirpath, d)))
-        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours or os.path.islink(os.path.join(dirpath, f))]
+        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours or os.path.islink(os.path.join(dirpath, f))
+                  or (isinstance(digests, dict) and (rel / f).as_posix() in digests and digests[(rel / f).as_posix()] != _digest(pathlib.Path(dirpath) / f))]  # fmt: skip
     return sorted(found)
 
 
@@ -205,7 +216,7 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
             existing["files"] = _file_names(_plan(loaded[0], existing))
         ours = _manifest_files(existing)
         why = _why_rebuild(out_dir, existing, params, ours)
-        foreign = _foreign(out_dir, ours)
+        foreign = _foreign(out_dir, ours, existing.get("digests"))
         if why is None:
             if progress:
                 kept = f"; {len(foreign)} file(s) not written by this tool left as they are (e.g. {foreign[0]})" if foreign else ""
@@ -216,7 +227,7 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
                     "source": existing.get("source", "?"), "built": False, "out_dir": str(out_dir), "why": None}
         if foreign:
             raise PipelineError(
-                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}, or a link); "
+                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}, changed since, or a link); "
                 f"it would rebuild the folder ({why}), which would delete them: move them out of {out_dir} or choose another folder"
             )
         if progress:
@@ -234,6 +245,7 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         per_class: dict[str, dict[str, int]] = {}
+        digests: dict[str, str] = {}  # each file as written: a listed file a user changed since is not the tool's to delete
         with progress_bar(total, f"fashion-mnist -> {out_dir.name}", quiet=not progress) as bar:
             for split, chosen in plan.items():
                 images, _labels = data[split]
@@ -243,11 +255,12 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
                     folder.mkdir(parents=True)
                     for index in indices:
                         Image.fromarray(images[index]).save(folder / f"{index:0{_INDEX_WIDTH}d}.png")
+                        digests[f"{split}/{cls}/{index:0{_INDEX_WIDTH}d}.png"] = _digest(folder / f"{index:0{_INDEX_WIDTH}d}.png")
                         bar.update(1)
                     per_class[split][cls] = int(len(indices))
         counts = {split: sum(per_class[split].values()) for split in per_class}
         manifest = dict(params, source=source_desc, counts=counts, per_class=per_class,
-                        classes=list(FASHION_CLASSES), files=_file_names(plan))
+                        classes=list(FASHION_CLASSES), files=_file_names(plan), digests=digests)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():

@@ -270,3 +270,15 @@ def test_a_build_killed_while_writing_leaves_nothing_the_next_one_keeps(tiny):
     (left / "train" / "bag" / "00001.png").write_bytes(b"png")
     datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
     assert not left.exists()
+
+
+def test_a_listed_image_the_user_changed_is_never_replaced(tiny, capsys):
+    """Eighth pass (#22): a rebuild with new settings replaced a listed image whose bytes the user had changed (MANIFEST.json listed
+    files by index only). The manifest now records each file's digest; a changed one is not the tool's, and the rebuild is refused."""
+    out, _result = tiny
+    mine = sorted((out / "train" / "bag").iterdir())[0]
+    with open(mine, "ab") as f:
+        f.write(b"MYPHOTO")
+    with pytest.raises(PipelineError, match=rf"holds 1 file\(s\) this tool did not write \(e\.g\. train/bag/{mine.name}: not in its MANIFEST\.json, changed since, or a link\)"):
+        datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
+    assert mine.read_bytes().endswith(b"MYPHOTO")
