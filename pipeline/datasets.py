@@ -216,7 +216,7 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
             existing["files"] = _file_names(_plan(loaded[0], existing))
         ours = _manifest_files(existing)
         why = _why_rebuild(out_dir, existing, params, ours)
-        foreign = _foreign(out_dir, ours, existing.get("digests"))
+        foreign = _foreign(out_dir, ours, existing.get("digests") if why is not None else None)  # files are hashed only before a rebuild
         if why is None:
             if progress:
                 kept = f"; {len(foreign)} file(s) not written by this tool left as they are (e.g. {foreign[0]})" if foreign else ""

@@ -93,6 +93,21 @@ def assert_same_rows(merged, reference):
         assert_recomputed_close(rows[p][1], f, err_msg=p)
 
 
+def stopping_batches(after: int = 2):
+    """A stand-in for ``pipeline.extract.loop.iter_batches`` raising KeyboardInterrupt after ``after`` batches (a run stopped midway)."""
+    from pipeline.extract import loop as runner
+
+    real = runner.iter_batches
+
+    def batches(*args, **kwargs):
+        for k, batch in enumerate(real(*args, **kwargs)):
+            if k == after:
+                raise KeyboardInterrupt
+            yield batch
+
+    return batches
+
+
 def png_bytes(size=(8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")

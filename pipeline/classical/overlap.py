@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import same_file
-from pipeline.images.overlap import Overlap, refuse_shared, shared_files
+from pipeline.images.overlap import refuse_shared, shared_files
 
 
 def row_files(ff) -> list[tuple[str | None, int]]:
@@ -37,28 +37,24 @@ def row_files(ff) -> list[tuple[str | None, int]]:
     return out
 
 
-def stale_rows(ff) -> int:
-    """How many rows' images changed since they were extracted (``row_files``' size -1 where the file records one)."""
+def stale_rows(ff, files: list[tuple[str | None, int]]) -> int:
+    """How many rows' images changed since they were extracted (size -1 in ``files``, ``ff``'s ``row_files``, where the file records one)."""
     recorded = ff.db["file_sizes"][:] if "file_sizes" in ff.db else None
-    return 0 if recorded is None else sum(s < 0 <= r for (_, s), r in zip(row_files(ff), recorded.tolist()))
+    return 0 if recorded is None else sum(s < 0 <= r for (_, s), r in zip(files, recorded.tolist()))
 
 
-def training_record(ff, rows) -> dict:
-    """What a bundle keeps of the images its model was fitted on (``rows`` of ``ff``): their data folder, relative paths and sizes,
-    so ``evaluate`` can refuse data holding one of them (``images.overlap.recorded_files``)."""
+def training_record(ff, rows, files: list[tuple[str | None, int]]) -> dict:
+    """What a bundle keeps of the images its model was fitted on (``rows`` of ``ff``, whose ``row_files`` are ``files``): their data
+    folder, relative paths and sizes, so ``evaluate`` can refuse data holding one of them (``images.overlap.recorded_files``)."""
     rows = np.asarray(rows, np.int64)
-    files = row_files(ff)
     return {"data_dir": str(ff.attrs.get("data_dir") or ""), "files": [files[int(r)][0] for r in rows],
             "sizes": np.asarray([files[int(r)][1] for r in rows], np.int64)}
 
 
-def shared_images(train_ff, test_ff) -> Overlap:
-    """The test rows whose image is one of the training rows' images, by resolved path or by content (open ``FeatureFile``s)."""
-    return shared_files(row_files(train_ff), row_files(test_ff))
-
-
-def check_no_overlap(ff, test_ff, allowed: bool) -> None:
+def check_no_overlap(ff, test_ff, allowed: bool, files: list[tuple[str | None, int]] | None = None) -> None:
     """Refuse a test file that is the training file or shares images with it (same resolved path or same content).
+
+    ``files`` is ``row_files(ff)`` when the caller already has it (every row's image is stat-ed once per run).
 
     Raises:
         PipelineError: naming the count and the first shared image, unless ``allowed``.
@@ -66,8 +62,9 @@ def check_no_overlap(ff, test_ff, allowed: bool) -> None:
     if same_file(Path(ff.path), Path(test_ff.path)):
         raise PipelineError(f"{test_ff.path}: is the training file {ff.path}; a test set must hold other images (extract a separate test folder)")
     if not allowed:
-        refuse_shared(shared_images(ff, test_ff), test_ff.path, len(test_ff), ff.path)
-        stale = stale_rows(test_ff)
+        test_files = row_files(test_ff)
+        refuse_shared(shared_files(row_files(ff) if files is None else files, test_files), test_ff.path, len(test_ff), ff.path)
+        stale = stale_rows(test_ff, test_files)
         if stale:  # their features come from bytes that are gone: an image copied from the training set since cannot be told
             print(f"note: {stale} images of {test_ff.path} changed since they were extracted: not compared with the training images by content "
                   "(extract the test file again)", file=sys.stderr)  # fmt: skip

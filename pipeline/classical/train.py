@@ -196,7 +196,7 @@ class FitPlan:
     d: int
 
 
-def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | None = None) -> FitPlan:
+def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | None = None, files: list | None = None) -> FitPlan:
     """The rows and the mode of fitting ``config.model`` on ``ff`` (checks only, no reading of features).
 
     Args:
@@ -204,6 +204,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
         ff, test_ff: the open training and (or None) test feature files, checked compatible.
         train_rows: rows of ``ff`` to fit on, in any order (e.g. ``compare --sizes``' subset; only
             with ``test_ff``); None = every row, or the split's training side without ``test_ff``.
+        files: ``classical.overlap.row_files(ff)`` when the caller has it (the split groups identical images).
 
     Raises:
         PipelineError: an empty test split or file, fewer than two classes, ``rf`` over the
@@ -212,7 +213,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     labels, names, family = ff.labels, ff.label_names, MODELS[config.model]
     keys = ff.db["paths"][:]
     if test_ff is None:
-        groups = split_groups(row_files(ff), f"the test split of {ff.path}")  # identical images never straddle the split
+        groups = split_groups(row_files(ff) if files is None else files, f"the test split of {ff.path}")  # identical images never straddle the split
         train_rows, test_rows = split_indices(labels, config.test_size, config.seed, keys=keys, groups=groups)
         test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}
         if len(test_rows) == 0:
@@ -321,9 +322,11 @@ def run(config: TrainConfig) -> dict:
         if config.test is not None:
             test_ff = stack.enter_context(open_features(config.test))
             check_compatible(ff, test_ff)
-            check_no_overlap(ff, test_ff, config.allow_overlap)
+        files = row_files(ff)  # every row's image stat-ed once: the overlap rule, the split's groups, the bundle's record
+        if test_ff is not None:
+            check_no_overlap(ff, test_ff, config.allow_overlap, files)
         names = ff.label_names
-        plan = plan_fit(config, ff, test_ff)
+        plan = plan_fit(config, ff, test_ff, files=files)
         paths = output_paths(output, config.model)
         lock = OutputLock(paths["bundle"])
         inputs = [("the feature file", ff.path)] + ([("the test feature file", test_ff.path)] if test_ff is not None else [])
@@ -382,7 +385,7 @@ def run(config: TrainConfig) -> dict:
             precision=attrs.get("precision"), storage_dtype=attrs.get("storage_dtype"), score=family.score, metrics=metrics,
             quantization=attrs.get("quantization"),
         )  # fmt: skip
-        bundle["training_images"] = training_record(ff, np.arange(len(ff)) if final is not None else train_rows)  # for evaluate's overlap rule
+        bundle["training_images"] = training_record(ff, np.arange(len(ff)) if final is not None else train_rows, files)  # for evaluate's overlap rule
         stop_if_terminated()
         with finish_first():  # SIGTERM waits for the set to be published (all five outputs replaced, or none: results.write_outputs)
             write_outputs(paths, bundle, metrics, report, names, test_source, wrong)

@@ -17,7 +17,7 @@ from pipeline.backbones.registry import BACKBONE
 from pipeline.compare.config import CLASSICAL_NAMES, IGNORED_FIELDS, PROBE_NAME, CompareConfig, backbone_row_name
 from pipeline.core.config import config_json
 from pipeline.core.digests import file_digest, tree_digest
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import NeedsOverwrite, PipelineError, first_line
 from pipeline.core.outputs import write_json_atomic
 from pipeline.core.outputsets import settle_for
 from pipeline.report.stats import majority_vote
@@ -57,12 +57,9 @@ def extract(config: CompareConfig, split: str, backbone: str = BACKBONE) -> Path
     cfg = ExtractConfig(data_dir=config.data_root / split, output=out, input_size=config.input_size, weights=config.weights, backbone=backbone, quiet=config.quiet)
     try:
         code = run_extract(cfg)
-    except PipelineError as exc:  # extract's advice names its own flag, which compare does not have
-        text = str(exc)
-        if text.endswith("; pass --overwrite to replace it"):
-            raise PipelineError(text.removesuffix("; pass --overwrite to replace it") + "; compare keeps its features there: remove that file "
-                                "to extract again with these settings, or choose another -o") from None  # fmt: skip
-        raise
+    except NeedsOverwrite as exc:  # extract's advice names its own flag, which compare does not have
+        raise PipelineError(f"{exc.problem}; compare keeps its features there: remove that file to extract again with these settings, "
+                            "or choose another -o") from None  # fmt: skip
     if code not in (0, 1):
         raise PipelineError(f"extract of {config.data_root / split} with {backbone} failed")
     return out

@@ -9,6 +9,15 @@ class PipelineError(Exception):
     """
 
 
+class NeedsOverwrite(PipelineError):
+    """An existing output a run would replace only when asked; ``problem`` is the message without its advice, for a caller that
+    offers another remedy (``compare`` has no ``--overwrite``)."""
+
+    def __init__(self, problem: str, advice: str = "pass --overwrite to replace it"):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
+
+
 def first_line(error: object) -> str:
     """The first line of an error's message, stripped (HDF5's and Keras's span many); the error's type name when the message is empty."""
     lines = str(error).strip().splitlines()

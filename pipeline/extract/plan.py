@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import NeedsOverwrite, PipelineError
 from pipeline.backbones import int8 as engines
 from pipeline.backbones import network as bb
 from pipeline.backbones.resolved import ResolvedBackbone, resolve_backbone
@@ -83,7 +83,7 @@ def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, 
         UP_TO_DATE, UPDATE or REPLACE.
 
     Raises:
-        PipelineError: the output exists and differs, and ``overwrite`` is not set.
+        NeedsOverwrite: the output exists and differs, and ``overwrite`` is not set.
     """
     if not output.exists():
         return REPLACE
@@ -97,7 +97,7 @@ def decide(output: Path, old: dict | None, fp: dict | None, overwrite: bool, *, 
         why = unusable
     if overwrite:
         return REPLACE
-    raise PipelineError(f"{output}: exists and {why}; pass --overwrite to replace it")
+    raise NeedsOverwrite(f"{output}: exists and {why}")
 
 
 def _shard_whole(output: Path, whole: Listing, shards: int, k: int, keep) -> bool:

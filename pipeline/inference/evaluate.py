@@ -126,9 +126,10 @@ def _from_folder(config: EvaluateConfig, bundle: dict):
     return to_model[listing.labels[kept]], np.asarray(pred), np.asarray(score), [listing.paths[i] for i in kept], rejected
 
 
-def _check_overlap(config: EvaluateConfig, bundle: dict) -> None:
+def _check_overlap(config: EvaluateConfig, bundle: dict, file_rows: list | None) -> None:
     """Refuse data holding an image the model was fitted on (the bundle's ``training_images``), unless ``--allow-overlap``.
 
+    ``file_rows``: the test feature file's ``row_files`` (None for an image folder, listed here).
     A bundle of an earlier version records none: said on stderr, not pretended.
     """
     if config.allow_overlap:
@@ -139,18 +140,14 @@ def _check_overlap(config: EvaluateConfig, bundle: dict) -> None:
               f"not checked whether {config.data} holds some of them", file=sys.stderr)  # fmt: skip
         return
     data = Path(config.data)
-    if data.is_dir():
-        files = listing_files(list_images(data))
-    else:
-        from pipeline.featurefile.store import open_features
-
-        with open_features(data) as ff:
-            files = row_files(ff)
+    files = listing_files(list_images(data)) if file_rows is None else file_rows
     found = shared_files(trained_on, files)
     refuse_shared(found, data, len(files), f"the model {config.model}")
 
 
-def _check_output(config: EvaluateConfig, bundle: dict) -> Path:
+def _check_output(config: EvaluateConfig, bundle: dict, test_images: str | None) -> Path:
+    """The evaluation folder, refused where it would replace an input or a folder evaluate did not write (``test_images``: the
+    image folder a test feature file was extracted from, None for an image folder)."""
     folder = config.folder
     inputs = [("the model bundle", Path(config.model)), ("the test data", Path(config.data))]
     if config.weights and Path(config.weights).exists():
@@ -161,12 +158,6 @@ def _check_output(config: EvaluateConfig, bundle: dict) -> Path:
     if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
         raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
     trained_in = (bundle.get("training_images") or {}).get("data_dir") if isinstance(bundle.get("training_images"), dict) else None
-    test_images = None
-    if Path(config.data).is_file():  # a feature file: the image folder it was extracted from
-        from pipeline.featurefile.store import open_features
-
-        with open_features(config.data) as ff:
-            test_images = ff.attrs.get("data_dir")
     refuse_inside(folder, [("the model's training images", trained_in), ("the images of the test file", test_images)], "choose another -o folder")
     if (folder.exists() or folder.is_symlink()) and not config.overwrite:
         if not (folder.is_dir() and (folder / MARKER).is_file()):
@@ -215,10 +206,16 @@ def run(config: EvaluateConfig) -> dict:
     check_spec(model_path, bundle)
     if not data.exists():
         raise PipelineError(f"{data}: no such feature file or folder")
-    _check_overlap(config, bundle)
-    folder = _check_output(config, bundle)
+    test_images, file_rows = None, None
+    if data.is_file():  # a feature file, opened once for its checks: the image folder it was extracted from, its rows' images
+        from pipeline.featurefile.store import open_features
+
+        with open_features(data) as ff:
+            test_images, file_rows = ff.attrs.get("data_dir"), None if config.allow_overlap else row_files(ff)
+    _check_overlap(config, bundle, file_rows)
+    folder = _check_output(config, bundle, test_images)
     with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
-        return _evaluate(config, model_path, bundle, _check_output(config, bundle))
+        return _evaluate(config, model_path, bundle, _check_output(config, bundle, test_images))
 
 
 def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path) -> dict:

@@ -432,21 +432,14 @@ def test_a_feature_file_of_an_earlier_format_is_refused_in_one_line(tmp_path, ca
 
 
 def test_resume_after_an_image_changed_keeps_the_finished_parts_of_unchanged_images(tmp_path, capsys, monkeypatch):
-    from conftest import assert_same_rows
+    from conftest import assert_same_rows, stopping_batches
     from pipeline.extract import loop as runner
 
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=8, size=(12, 12))
     out = tmp_path / "x.h5"
-    real = runner.iter_batches
-
-    def interrupted_after_two_batches(*args, **kwargs):
-        for k, batch in enumerate(real(*args, **kwargs)):
-            if k == 2:
-                raise KeyboardInterrupt
-            yield batch
 
     with monkeypatch.context() as m:
-        m.setattr(runner, "iter_batches", interrupted_after_two_batches)
+        m.setattr(runner, "iter_batches", stopping_batches(2))
         assert extract(data, out, "--workers", "1") == 130
     parts = sorted(out.with_name("x.h5.partial").glob("part-*.part"))
     assert len(parts) == 2 and not out.exists()  # a/000..a/007 done, in two parts of 4

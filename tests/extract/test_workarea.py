@@ -112,20 +112,14 @@ def test_parts_of_other_settings_are_never_reused_whatever_the_record_says(tmp_p
 
     The parts are put under the record of a 48-pixel run (a stale record): each part's own settings key refuses them.
     """
+    from conftest import stopping_batches
     from pipeline.extract import loop as runner
 
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=6, size=(12, 12))
     out, work = tmp_path / "x.h5", tmp_path / "x.h5.partial"
-    real = runner.iter_batches
-
-    def interrupted_after_two_batches(*args, **kwargs):
-        for k, batch in enumerate(real(*args, **kwargs)):
-            if k == 2:
-                raise KeyboardInterrupt
-            yield batch
 
     with monkeypatch.context() as m:
-        m.setattr(runner, "iter_batches", interrupted_after_two_batches)
+        m.setattr(runner, "iter_batches", stopping_batches(2))
         assert extract(data, out, 32, "--workers", "1") == 130
         work.rename(tmp_path / "saved")
         assert extract(data, out, 48, "--workers", "1") == 130
