@@ -114,7 +114,7 @@ def test_an_output_set_never_replaces_what_it_did_not_write(kind, tmp_path):
     (out / "lr.joblib").write_text("old model")
     _plant(out / "lr.report.txt", kind)
     before = _snapshot(out)
-    with pytest.raises(PipelineError, match=rf"out/lr\.report\.txt: is (a FIFO \(named pipe\)|a folder|a symbolic link|read-only); the new output set would "
+    with pytest.raises(PipelineError, match=r"out/lr\.report\.txt: is (a FIFO \(named pipe\)|a folder|a symbolic link|read-only); the new output set would "
                                             r"replace it: remove it, or choose another output folder$"):  # fmt: skip
         with publish(out, "lr", ("lr.report.txt", "lr.joblib"), lock="lr.joblib", locked=False) as stage:
             stage.path("lr.joblib").write_text("new model")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.core.errors import NeedsOverwrite, PipelineError
+from pipeline.core.errors import NeedsOverwrite
 from pipeline.backbones import int8 as engines
 from pipeline.backbones import network as bb
 from pipeline.backbones.resolved import ResolvedBackbone, resolve_backbone

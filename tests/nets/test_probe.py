@@ -152,5 +152,5 @@ def test_a_fitted_probe_records_its_images_and_evaluate_refuses_them(features, t
     held_out = json.loads((tmp_path / "out" / "finetune.metrics.json").read_text())["test_predictions"]["paths"]
     assert held_out and str(data) == record["data_dir"] and len(record["files"]) == 18 - len(held_out)
     assert not {os.path.realpath(data / p) for p in held_out} & set(record["files"])  # the held-out test images are not in the record
-    with pytest.raises(PipelineError, match=rf"of its 18 images are also training images of the model .*finetune\.probe\.joblib"):
+    with pytest.raises(PipelineError, match=r"of its 18 images are also training images of the model .*finetune\.probe\.joblib"):
         evaluate.run(evaluate.EvaluateConfig(model=probe, data=data, output=tmp_path / "ev", quiet=True))
