@@ -121,6 +121,7 @@ def fit_matrix(
     epochs: int = 5,
     backend: str = "auto",
     row_space_max_rows: int = ROW_SPACE_MAX_ROWS,
+    same: np.ndarray | None = None,
 ) -> tuple[object, SearchResult, dict]:
     """Search and fit ``model`` on an in-memory matrix of pooled features.
 
@@ -139,6 +140,7 @@ def fit_matrix(
         epochs, backend: the engine's passes and device (``device.BACKENDS``), for linear
             models above ``row_space_max_rows`` rows (``bench --train`` raises it to time
             the exact search on more rows).
+        same: per row, its group of identical images, kept in one fold of the search (None: every row distinct).
 
     Returns:
         ``(estimator, search result, space)``: the estimator takes unscaled pooled rows
@@ -150,7 +152,7 @@ def fit_matrix(
     n, d = X.shape
     space = {"kind": "features", "dims": d}
     if not family.linear:
-        result = search(family, X, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet)
+        result = search(family, X, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet, same=same)
         stop_if_terminated()
         clf = family.build(result.best_params, seed, n_jobs).fit(X, y)
         return _pipeline(None, clf), result, space
@@ -162,7 +164,7 @@ def fit_matrix(
     prep = scaler if scaling == "standard" else make_scaler("l2", d)
     scale_rows_(X, scaling, prep)
     if n > row_space_max_rows:
-        fit = search_matrix(X, y, sorted(grid["C"]), loss=model, cv=cv, seed=seed, epochs=epochs, quiet=quiet, backend=backend)
+        fit = search_matrix(X, y, sorted(grid["C"]), loss=model, cv=cv, seed=seed, epochs=epochs, quiet=quiet, backend=backend, same=same)
         return _pipeline(prep, _engine_model(fit, model, scaling, d)), _engine_result(fit, "cv"), fit["space"]
     use_row_space = n <= d // 2 and 8 * n * n <= memory_budget_mb * (1 << 20)
     if use_row_space:
@@ -170,7 +172,7 @@ def fit_matrix(
         space = {"kind": "row-space", "dims": int(Z.shape[1])}
     else:
         Z = X
-    result = search(family, Z, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet)
+    result = search(family, Z, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet, same=same)
     stop_if_terminated()
     clf = family.build({**result.best_params, **family.data_params(Z)}, seed, 1)
     with blas_limit(Z.size <= 4_000_000), quiet_convergence():
@@ -222,8 +224,11 @@ class FitSettings:
     backend: str = "auto"
 
 
-def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np.ndarray], labels: np.ndarray, grid: dict, **settings) -> tuple[Fitted, list[np.ndarray]]:
+def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np.ndarray], labels: np.ndarray, grid: dict, same: np.ndarray | None = None,
+                  **settings) -> tuple[Fitted, list[np.ndarray]]:  # fmt: skip
     """Read the training rows (and ``extra_groups`` of the same file) in one pass, then ``fit_matrix``; ``settings``: ``FitSettings``'s fields.
+
+    ``same``: per row of ``ff``, its group of identical images (kept in one fold of the search), or None.
 
     The matrix holds the rows in the order of ``train_rows`` (the plan's path order), and
     everything order-sensitive (the standard scaler's blocks, the folds, the solvers, the
@@ -239,7 +244,7 @@ def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np
     t0 = time.perf_counter()
     estimator, result, space = fit_matrix(  # a standard scaler is fitted there, on the matrix in its order (not in the file's)
         X, labels[train_rows], model=o.model, grid=grid, scaling=o.scaling, cv=o.cv, seed=o.seed, n_jobs=o.n_jobs,
-        quiet=o.quiet, memory_budget_mb=o.memory_budget_mb, epochs=o.epochs,
+        quiet=o.quiet, memory_budget_mb=o.memory_budget_mb, epochs=o.epochs, same=None if same is None else same[train_rows],
     )  # fmt: skip
     return Fitted(estimator, result, "in-memory", space, time.perf_counter() - t0, read_seconds), extras
 
@@ -248,8 +253,10 @@ def fit_in_memory(ff: FeatureFile, train_rows: np.ndarray, extra_groups: list[np
 # Out of core
 
 
-def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, grid: dict, **settings) -> Fitted:
+def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, grid: dict, same: np.ndarray | None = None, **settings) -> Fitted:
     """The engine on a stream of ``ff``'s training rows: scaler pass (``standard``), every C at once, a cv or hold-out choice (``stream.search_stream``); ``settings``: ``FitSettings``'s fields.
+
+    ``same``: per row of ``ff``, its group of identical images (one fold, one side of the hold-out share), or None.
 
     Raises:
         PipelineError: several C values but too few training rows to hold out a validation share or to fill the folds.
@@ -260,7 +267,7 @@ def fit_out_of_core(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray,
     scaler = make_scaler(o.scaling, d)
     t0 = time.perf_counter()
     fit = search_stream(ff, train_rows, labels, sorted(grid["C"]), loss=o.model, pool=o.pool, scaling=o.scaling, scaler=scaler, cv=o.cv, seed=o.seed,
-                        epochs=o.epochs, quiet=o.quiet, budget_rows=budget_rows, backend=o.backend)  # fmt: skip
+                        epochs=o.epochs, quiet=o.quiet, budget_rows=budget_rows, backend=o.backend, same=same)  # fmt: skip
     estimator = _pipeline(scaler, _engine_model(fit, o.model, o.scaling, d))
     return Fitted(estimator, _engine_result(fit, fit["kind"]), "out-of-core", fit["space"], time.perf_counter() - t0, 0.0)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.rows.pooling import progress_bar
 from pipeline.core.signals import stop_if_terminated
+from pipeline.core.splits import fold_ids
 from pipeline.classical.models import MODELS, ModelFamily
 
 
@@ -91,14 +92,16 @@ def _outer_jobs(n_jobs: int) -> int:
     return (os.cpu_count() or 1) if n_jobs == -1 else n_jobs
 
 
-def search(family: ModelFamily, X: np.ndarray, y: np.ndarray, grid: dict[str, list], *, cv: int, seed: int, n_jobs: int, quiet: bool) -> SearchResult:
+def search(family: ModelFamily, X: np.ndarray, y: np.ndarray, grid: dict[str, list], *, cv: int, seed: int, n_jobs: int, quiet: bool,
+           same: np.ndarray | None = None) -> SearchResult:
     """Stratified ``cv``-fold grid search by accuracy, folds in parallel, warm-start paths.
 
     Args:
         family: the model family.
         X, y: training rows (already scaled / in row space for linear models) and labels.
         grid: parameter -> candidate values.
-        cv, seed: folds (``StratifiedKFold``, shuffled with ``seed``).
+        cv, seed: folds (``core.splits.fold_ids``: ``StratifiedKFold``, shuffled with ``seed``).
+        same: per row, its group of identical images (kept in one fold), or None.
         n_jobs: parallel workers; ``rf`` parallelises inside the forest instead.
         quiet: no progress bar.
 
@@ -107,9 +110,8 @@ def search(family: ModelFamily, X: np.ndarray, y: np.ndarray, grid: dict[str, li
         in path order, i.e. the smaller C or the fewer trees).
     """
     from joblib import Parallel, delayed
-    from sklearn.model_selection import StratifiedKFold
-
-    folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    fold = fold_ids(y, cv, seed, same)
+    folds = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(cv)]
     groups = candidates(family, grid)
     # A forest parallelises over trees (threads, no data copies); linear fits over folds.
     outer = 1 if not family.linear else _outer_jobs(n_jobs)

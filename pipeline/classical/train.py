@@ -194,6 +194,7 @@ class FitPlan:
     mode: str
     estimate_mb: float
     d: int
+    same: np.ndarray | None = None  # per row of the file, its group of identical images (one side of the split, one fold); None: all distinct
 
 
 def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | None = None, files: list | None = None) -> FitPlan:
@@ -204,7 +205,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
         ff, test_ff: the open training and (or None) test feature files, checked compatible.
         train_rows: rows of ``ff`` to fit on, in any order (e.g. ``compare --sizes``' subset; only
             with ``test_ff``); None = every row, or the split's training side without ``test_ff``.
-        files: ``classical.overlap.row_files(ff)`` when the caller has it (the split groups identical images).
+        files: ``classical.overlap.row_files(ff)`` when the caller has it (the split and the search's folds group identical images).
 
     Raises:
         PipelineError: an empty test split or file, fewer than two classes, ``rf`` over the
@@ -212,8 +213,11 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     """
     labels, names, family = ff.labels, ff.label_names, MODELS[config.model]
     keys = ff.db["paths"][:]
+    groups = None  # identical images never straddle the split, nor the search's folds
+    if test_ff is None or any(len(v) > 1 for v in config.search_grid().values()):
+        where = f"the test split of {ff.path} and in one fold of its search" if test_ff is None else f"every fold of the search on {ff.path}"
+        groups = split_groups(row_files(ff) if files is None else files, where)
     if test_ff is None:
-        groups = split_groups(row_files(ff) if files is None else files, f"the test split of {ff.path}")  # identical images never straddle the split
         train_rows, test_rows = split_indices(labels, config.test_size, config.seed, keys=keys, groups=groups)
         test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}
         if len(test_rows) == 0:
@@ -240,10 +244,14 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
             f"{config.memory_budget_mb:g} MB, and --model {config.model} cannot be trained out of core; "
             "use --pool avg or --pool max, or raise --memory-budget"
         )
-    if mode == "in-memory" and counts.min() < config.cv:
-        worst = names[int(present[np.argmin(counts)])]
-        raise PipelineError(f"{ff.path}: class {worst!r} has {counts.min()} training rows but --cv {config.cv} needs at least {config.cv} per class; lower --cv or add rows")
-    return FitPlan(train_rows, test_rows, test_source, mode, estimate_mb, d)
+    same = groups if groups is not None and len(np.unique(groups)) < len(groups) else None
+    distinct = counts if same is None else np.bincount(labels[train_rows][np.unique(same[train_rows], return_index=True)[1]], minlength=len(names))[present]
+    if mode == "in-memory" and distinct.min() < config.cv:
+        worst = int(np.argmin(distinct))
+        images = "" if distinct[worst] == counts[worst] else f" ({distinct[worst]} distinct images: identical ones share a fold)"
+        raise PipelineError(f"{ff.path}: class {names[int(present[worst])]!r} has {counts[worst]} training rows{images} but --cv {config.cv} needs at "
+                            f"least {config.cv} per class; lower --cv or add rows")  # fmt: skip
+    return FitPlan(train_rows, test_rows, test_source, mode, estimate_mb, d, same)
 
 
 def fit_predict(config: TrainConfig, ff, test_ff, plan: FitPlan):
@@ -263,7 +271,7 @@ def fit_predict(config: TrainConfig, ff, test_ff, plan: FitPlan):
         if test_ff is not None:  # read (and checked) before the fit: a bad test file fails fast
             (x_test,) = read_groups(test_ff, [test_rows], config.pool, None, config.quiet)
         same_file_test = [test_rows] if test_ff is None else []
-        fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, n_jobs=config.n_jobs, epochs=config.epochs, **common)
+        fitted, extras = fit_in_memory(ff, train_rows, same_file_test, labels, grid, plan.same, n_jobs=config.n_jobs, epochs=config.epochs, **common)
         if test_ff is None:
             x_test, y_test = extras[0], labels[test_rows]
         else:
@@ -271,7 +279,7 @@ def fit_predict(config: TrainConfig, ff, test_ff, plan: FitPlan):
         t0 = time.perf_counter()
         y_pred = predict_matrix(fitted.estimator, x_test)
         return fitted, y_test, y_pred, time.perf_counter() - t0
-    fitted = fit_out_of_core(ff, train_rows, labels, grid, epochs=config.epochs, **common)
+    fitted = fit_out_of_core(ff, train_rows, labels, grid, plan.same, epochs=config.epochs, **common)
     src, y_all = (ff, labels) if test_ff is None else (test_ff, test_ff.labels)
     t0 = time.perf_counter()
     y_pred = predict_stream(fitted.estimator, src, test_rows, config.pool)  # includes reading the rows

@@ -1,4 +1,4 @@
-"""The canonical row order (rows ranked by path) and the one seeded, stratified train/test split that every stage calls, so that compare scores every strategy on the same rows whatever order a file stores them in, and no group of identical images straddles it."""
+"""The canonical row order (rows ranked by path), the one seeded, stratified train/test split and the one set of search folds that every stage calls, so that compare scores every strategy on the same rows whatever order a file stores them in, and no group of identical images straddles a split or a fold."""
 
 from __future__ import annotations
 
@@ -90,3 +90,32 @@ def split_indices(labels, test_size: float = 0.2, seed: int = 0, keys=None, grou
         test.append(perm[:k])
     held = np.isin(head, np.concatenate(test))
     return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
+
+
+def fold_ids(labels, cv: int, seed: int, groups=None) -> np.ndarray:
+    """The fold (0 to ``cv - 1``) of each row: the stratified folds every search uses, whole ``groups`` in one fold.
+
+    ``StratifiedKFold(cv, shuffle=True, random_state=seed)`` over the rows in the order given
+    (the plan's path order). With ``groups`` (as ``split_indices``': byte-identical images),
+    each group stands as its first row, with that row's label, and its other rows follow it
+    into its fold: a search never scores a candidate on a copy of one of its training rows.
+    When every group is a single row the folds are exactly the folds without ``groups``.
+
+    Raises:
+        PipelineError: no class has ``cv`` groups (``StratifiedKFold`` cannot fill the folds).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    head = np.arange(len(labels), dtype=np.int64)
+    if groups is not None:
+        _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        head = first[inverse.reshape(-1)].astype(np.int64)
+    lead = np.flatnonzero(head == np.arange(len(labels)))  # each group's first row, in the order given
+    _, counts = np.unique(labels[lead], return_counts=True)
+    if not len(counts) or counts.max() < cv:
+        raise PipelineError(f"{len(lead)} distinct training images ({len(labels)} rows): no class has the {cv} needed to fill --cv {cv} folds; lower --cv or add images")
+    fold = np.empty(len(labels), np.int64)
+    for f, (_, test) in enumerate(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(lead)), labels[lead])):
+        fold[lead[test]] = f
+    return fold[head]

@@ -30,7 +30,7 @@ from pipeline.rows.engine import SAMPLE_ROWS, Heads, Preconditioner
 from pipeline.rows.pooling import check_finite, pool_features, pooled_dim, progress_bar, scale_batch
 from pipeline.core.signals import stop_if_terminated
 from pipeline.core.errors import PipelineError
-from pipeline.core.splits import split_indices
+from pipeline.core.splits import fold_ids, split_indices
 from pipeline.featurefile.chunks import decompress, layout_of, threads
 from pipeline.featurefile.store import FeatureFile
 
@@ -106,7 +106,7 @@ def chunk_starts(rows: np.ndarray, step: int) -> np.ndarray:
     return np.unique(rows // step) * step
 
 
-def row_groups(train_rows: np.ndarray, labels: np.ndarray, size: int, kind: str, cv: int, seed: int) -> np.ndarray:
+def row_groups(train_rows: np.ndarray, labels: np.ndarray, size: int, kind: str, cv: int, seed: int, same: np.ndarray | None = None) -> np.ndarray:
     """Per row of a file of ``size`` rows, the group a head may leave out: ``kind`` ``cv``, its fold (``cv_folds``); ``holdout``, 0 for
     the hold-out share (``1/cv`` of ``train_rows`` per class, ``core.splits.split_indices``) and 1 elsewhere; ``none``, 1 everywhere.
 
@@ -115,10 +115,10 @@ def row_groups(train_rows: np.ndarray, labels: np.ndarray, size: int, kind: str,
     the set of rows. Rows outside ``train_rows`` get ``cv`` (``cv`` kind) or 1.
     """
     if kind == "cv":
-        return cv_folds(train_rows, labels, size, cv, seed)
+        return cv_folds(train_rows, labels, size, cv, seed, same)
     group = np.ones(size, np.int64)
     if kind == "holdout":
-        group[train_rows[split_indices(labels[train_rows], 1.0 / cv, seed)[1]]] = 0
+        group[train_rows[split_indices(labels[train_rows], 1.0 / cv, seed, groups=None if same is None else same[train_rows])[1]]] = 0
     return group
 
 
@@ -162,14 +162,12 @@ def polish_stream(engine, heads, passes, n: int, quiet: bool, desc: str, rows=No
     return sub.weights(), stats
 
 
-def cv_folds(train_rows: np.ndarray, labels: np.ndarray, size: int, cv: int, seed: int) -> np.ndarray:
+def cv_folds(train_rows: np.ndarray, labels: np.ndarray, size: int, cv: int, seed: int, same: np.ndarray | None = None) -> np.ndarray:
     """Per row of a file of ``size`` rows, its fold among ``train_rows`` (``cv`` elsewhere): the in-memory search's folds
-    (``StratifiedKFold`` shuffled with ``seed`` over ``labels[train_rows]``, in that order: the plan's path order), so both fits choose C on the same rows."""
-    from sklearn.model_selection import StratifiedKFold
-
+    (``core.splits.fold_ids`` over ``labels[train_rows]``, in that order: the plan's path order; ``same``, per row of the file,
+    its group of identical images, kept in one fold), so both fits choose C on the same rows."""
     fold = np.full(size, cv, np.int64)
-    for f, (_, test) in enumerate(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(train_rows)), labels[train_rows])):
-        fold[train_rows[test]] = f
+    fold[train_rows] = fold_ids(labels[train_rows], cv, seed, None if same is None else same[train_rows])
     return fold
 
 
@@ -188,7 +186,7 @@ def fold_scores(coef: np.ndarray, intercept: np.ndarray, held_out: np.ndarray, p
 
 
 def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, Cs: list[float], *, loss: str, pool: str, scaling: str, scaler,
-                  cv: int, seed: int, epochs: int, quiet: bool, budget_rows: int, backend: str) -> dict:  # fmt: skip
+                  cv: int, seed: int, epochs: int, quiet: bool, budget_rows: int, backend: str, same: np.ndarray | None = None) -> dict:  # fmt: skip
     """Out of core: the scaler pass (``standard``), a preconditioner sample, ``epochs`` passes training every head, the C choice, the kept model's polish.
 
     Where the polish runs (small files, ``polish.passes_for``) and there are several C, they are
@@ -196,6 +194,7 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     scored on its fold, C by the mean over folds. Elsewhere (large files) on one hold-out share
     of ``1/cv`` of the training rows, scored with the SGD heads (a pass over the chunks holding them).
     ``train_rows`` in path order (the plan's): the folds and the share are then the same rows whatever the storage order.
+    ``same``: per row of ``ff``, its group of identical images (kept in one fold, on one side of the share), or None.
 
     Returns:
         dict with ``coef``/``intercept`` (the full head of the chosen C, on scaled rows),
@@ -217,9 +216,10 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     starts = chunk_starts(train_rows, step)
     rng = np.random.default_rng([seed, 1])
     kind = "none" if len(Cs) == 1 else "cv" if passes_for(n, pooled_dim(ff.row_shape, pool)) else "holdout"
-    if kind == "cv" and np.bincount(y_all[train_rows]).max() < cv:  # where StratifiedKFold refuses, in memory too
-        raise PipelineError(f"{ff.path}: fewer training rows in every class than --cv {cv} folds for the C search; pass a single --C or a smaller --cv")
-    group = row_groups(train_rows, labels, len(ff), kind, cv, seed)
+    lead = train_rows if same is None else train_rows[np.unique(same[train_rows], return_index=True)[1]]  # one row per group of identical images
+    if kind == "cv" and np.bincount(y_all[lead]).max() < cv:  # where the folds cannot be filled, in memory too
+        raise PipelineError(f"{ff.path}: fewer distinct training images in every class than --cv {cv} folds for the C search; pass a single --C or a smaller --cv")
+    group = row_groups(train_rows, labels, len(ff), kind, cv, seed, same)
     n_val = 0
     if kind == "cv":
         heads = Heads.grid(Cs, cv)
@@ -309,23 +309,21 @@ def _batch(xs, y_all, group):
     return np.concatenate([x for _, x in xs]), y_all[rows], group[rows]
 
 
-def search_matrix(X: np.ndarray, y: np.ndarray, Cs: list[float], *, loss: str, cv: int, seed: int, epochs: int, quiet: bool, backend: str) -> dict:
-    """In memory: every (C, fold) head and one full head per C, trained on the scaled rows ``X`` in ``epochs`` shuffled passes.
+def search_matrix(X: np.ndarray, y: np.ndarray, Cs: list[float], *, loss: str, cv: int, seed: int, epochs: int, quiet: bool, backend: str,
+                  same: np.ndarray | None = None) -> dict:  # fmt: skip
+    """In memory: every (C, fold) head and one full head per C, trained on the scaled rows ``X`` in ``epochs`` shuffled passes
+    (``same``: per row, its group of identical images, kept in one fold).
 
     Returns:
         dict as ``search_stream``'s, ``results`` holding each C's fold scores.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     from pipeline.rows.device import make_engine
     from pipeline.rows.engine import decisions, stacked
 
     n, d = X.shape
     classes = np.unique(y)
     yi = np.searchsorted(classes, y)
-    fold = np.empty(n, np.int64)
-    for f, (_, test) in enumerate(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(n), yi)):
-        fold[test] = f
+    fold = fold_ids(yi, cv, seed, same)
     heads = Heads.grid(Cs, cv)
     n_rows = np.array([n if g < 0 else int(np.sum(fold != g)) for g in heads.held_out])
     rng = np.random.default_rng([seed, 1])

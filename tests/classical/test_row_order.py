@@ -136,8 +136,8 @@ def test_out_of_core_holds_out_the_same_rows_and_agrees_in_any_order(kind, monke
     groups = []
     row_groups = stream.row_groups
 
-    def spy(train_rows, labels, size, kind, cv, seed):
-        group = row_groups(train_rows, labels, size, kind, cv, seed)
+    def spy(train_rows, labels, size, kind, cv, seed, same=None):
+        group = row_groups(train_rows, labels, size, kind, cv, seed, same)
         groups.append((size, labels[train_rows].tolist(), group[train_rows].tolist()))
         return group
 

@@ -102,6 +102,50 @@ def test_identical_images_never_straddle_the_held_out_split(tmp_path, capsys):
     assert train.run(config)["n_test"] == 4
 
 
+@pytest.mark.parametrize("budget_mb", [2048.0, 0.001], ids=["in-memory", "out-of-core"])
+def test_identical_images_share_one_fold_of_the_search(tmp_path, monkeypatch, budget_mb):
+    """#22, ninth review: the search's folds split twins, so a candidate was scored on copies of rows it was fitted on (its cv_score inflated)."""
+    from pipeline.classical import search
+    from pipeline.classical.train import plan_fit
+    from pipeline.core.splits import fold_ids
+    from pipeline.featurefile.store import open_features
+    from pipeline.rows import stream
+
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=8)
+    for image in sorted(data.glob("*/*.png")):
+        shutil.copy(image, image.parent / f"dup_{image.name}")
+    extract.run(ExtractConfig(data_dir=data, output=tmp_path / "f.h5", **TINY))
+    config = TrainConfig(features=tmp_path / "f.h5", output=tmp_path / "m", cv=3, memory_budget_mb=budget_mb, refit=False, quiet=True, **FAST_GRID["lr"])
+    with open_features(tmp_path / "f.h5") as ff:
+        plan, paths = plan_fit(config.validate(), ff), ff.paths
+    assert plan.mode == ("in-memory" if budget_mb > 1 else "out-of-core")
+    folds = []
+
+    def seen(labels, cv, seed, groups=None):
+        folds.append(fold_ids(labels, cv, seed, groups))
+        return folds[-1]
+
+    monkeypatch.setattr(search, "fold_ids", seen)
+    monkeypatch.setattr(stream, "fold_ids", seen)
+    metrics = train.run(config)
+    assert metrics["search"]["kind"] == "cv" and folds
+    trained = [paths[i] for i in plan.train_rows.tolist()]
+    fold_of = {p: int(f) for p, f in zip(trained, folds[0])}  # the folds are drawn over the training rows in the plan's order
+    assert len(fold_of) == 24 and all(fold_of[p] == fold_of[p.replace("/", "/dup_")] for p in trained if "dup_" not in p)
+    assert len({tuple(f) for f in folds}) == 1
+
+
+def test_a_class_with_too_few_distinct_images_for_the_folds_is_refused_saying_so(tmp_path):
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    for image in sorted(data.glob("cat/*.png"))[:2]:
+        shutil.copy(image, image.parent / f"dup_{image.name}")
+    extract.run(ExtractConfig(data_dir=data, output=tmp_path / "f.h5", **TINY))
+    extract.run(ExtractConfig(data_dir=make_tree(tmp_path / "test", classes=("cat", "dog"), per_class=2, seed=7), output=tmp_path / "t.h5", **TINY))
+    config = TrainConfig(features=tmp_path / "f.h5", test=tmp_path / "t.h5", output=tmp_path / "m", cv=4, quiet=True, **FAST_GRID["lr"])
+    with pytest.raises(PipelineError, match=r"f\.h5: class 'cat' has 5 training rows \(3 distinct images: identical ones share a fold\) but --cv 4 needs at least 4 per class"):
+        train.run(config)
+
+
 def test_test_images_changed_since_extraction_are_said_not_compared(tmp_path, capsys):
     """Sixth pass (#22): a test image replaced by a training image's bytes after extraction was compared by today's bytes (refused), and
     one replaced by another test image passed silently though the file held a training image's features. Changed images are said."""

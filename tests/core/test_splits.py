@@ -59,3 +59,23 @@ def test_distinct_groups_give_the_split_without_groups(with_keys):
         plain = split_indices(labels, 0.2, seed, keys=keys)
         grouped = split_indices(labels, 0.2, seed, keys=keys, groups=rng.permutation(1000)[: len(labels)])
         assert all(np.array_equal(a, b) for a, b in zip(plain, grouped))
+
+
+def test_search_folds_are_stratified_k_fold_and_keep_each_group_in_one_fold():
+    """The search's folds (ninth review of #22: a candidate was scored on byte-identical twins of rows it was fitted on)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.core.splits import fold_ids
+
+    labels = np.array([0] * 9 + [1] * 7 + [2] * 5)
+    plain = np.empty(len(labels), np.int64)
+    for f, (_, test) in enumerate(StratifiedKFold(3, shuffle=True, random_state=4).split(np.zeros(len(labels)), labels)):
+        plain[test] = f
+    assert np.array_equal(fold_ids(labels, 3, 4), plain)
+    assert np.array_equal(fold_ids(labels, 3, 4, groups=np.arange(len(labels))[::-1]), plain)  # every group one row: unchanged
+    groups = np.arange(len(labels)) // 2  # pairs: (0, 1), (2, 3), ... across a class boundary once (8, 9)
+    fold = fold_ids(labels, 3, 4, groups=groups)
+    assert all(len(set(fold[groups == g].tolist())) == 1 for g in np.unique(groups))
+    assert sorted(set(fold.tolist())) == [0, 1, 2] and np.array_equal(fold_ids(labels, 3, 4, groups=groups), fold)
+    with pytest.raises(PipelineError, match=r"^3 distinct training images \(6 rows\): no class has the 2 needed to fill --cv 2 folds"):
+        fold_ids(np.array([0, 0, 1, 1, 2, 2]), 2, 0, groups=np.array([0, 0, 1, 1, 2, 2]))
