@@ -64,7 +64,13 @@ def check_no_overlap(ff, test_ff, allowed: bool, files: list[tuple[str | None, i
     if not allowed:
         test_files = row_files(test_ff)
         refuse_shared(shared_files(row_files(ff) if files is None else files, test_files), test_ff.path, len(test_ff), ff.path)
-        stale = stale_rows(test_ff, test_files)
-        if stale:  # their features come from bytes that are gone: an image copied from the training set since cannot be told
-            print(f"note: {stale} images of {test_ff.path} changed since they were extracted: not compared with the training images by content "
-                  "(extract the test file again)", file=sys.stderr)  # fmt: skip
+        say_stale(test_ff, test_files)
+
+
+def say_stale(test_ff, files: list[tuple[str | None, int]]) -> None:
+    """Say on stderr how many of a test file's images changed since they were extracted (``files``: its ``row_files``): their
+    features come from bytes that are gone, so an image copied from the training set since cannot be told by content."""
+    stale = stale_rows(test_ff, files)
+    if stale:
+        print(f"note: {stale} images of {test_ff.path} changed since they were extracted: not compared with the training images by content "
+              "(extract the test file again)", file=sys.stderr)  # fmt: skip

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.classical.bundle import check_features_match, check_spec, load_bundle, warn_on_version_change
 from pipeline.rows.pooling import read_groups
-from pipeline.classical.overlap import row_files
+from pipeline.classical.overlap import row_files, say_stale
 from pipeline.images.listing import list_images
 from pipeline.images.overlap import listing_files, recorded_files, refuse_shared, shared_files
 from pipeline.core.digests import file_digest
@@ -212,13 +212,17 @@ def run(config: EvaluateConfig) -> dict:
 
         with open_features(data) as ff:
             test_images, file_rows = ff.attrs.get("data_dir"), None if config.allow_overlap else row_files(ff)
-    _check_overlap(config, bundle, file_rows)
+            _check_overlap(config, bundle, file_rows)
+            if file_rows is not None:
+                say_stale(ff, file_rows)  # as train --test says it: those rows were not compared by content
+    else:
+        _check_overlap(config, bundle, None)
     folder = _check_output(config, bundle, test_images)
     with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
-        return _evaluate(config, model_path, bundle, _check_output(config, bundle, test_images))
+        return _evaluate(config, model_path, bundle, _check_output(config, bundle, test_images), test_images)
 
 
-def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path) -> dict:
+def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path, test_images: str | None) -> dict:
     data = Path(config.data)
     warn_on_version_change(model_path, bundle)
     y, pred, score, paths, rejected = (_from_folder if data.is_dir() else _from_feature_file)(config, bundle)
@@ -240,6 +244,7 @@ def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Pa
         write_text_atomic(tmp / "rejected.csv", csv_text(["path", "reason"], rejected))
         plots.confusion_matrix(np.asarray(metrics["confusion"]), names, tmp / "confusion.png", title=f"{bundle.get('model')}: {accuracy_text(metrics)}")
         write_json_atomic(tmp / RECEIPT, {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != RECEIPT})
+        _check_output(config, bundle, test_images)  # again at the swap: a note put in the folder during the run is not deleted with it
     print(f"{header.strip()}; {len(wrong)} misclassified, {len(rejected)} unreadable -> {folder}/", file=sys.stderr)
     absent = [n for i, n in enumerate(names) if not np.any(y == i)]
     if absent:  # not scored: the accuracy and macro-F1 say nothing about them

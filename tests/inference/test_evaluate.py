@@ -144,3 +144,39 @@ def test_an_evaluation_inside_the_images_of_its_test_file_is_refused(setup, tmp_
     with pytest.raises(PipelineError, match=r"is inside the images of the test file"):
         evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=root / "test" / "dog" / "E", quiet=True))
     assert not (root / "test" / "dog" / "E").exists()
+
+
+def test_a_file_put_in_the_evaluation_folder_during_the_run_is_not_deleted(setup, tmp_path, monkeypatch):
+    """Ninth pass (#22): the folder was checked at start-up only; a note written into it while evaluate ran went with the old folder."""
+    from pipeline.report import plots
+
+    root, _ = setup
+    config = evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True)
+    evaluate.run(config)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir()}
+    real = plots.confusion_matrix
+
+    def and_a_note(*args, **kwargs):  # while the new set is being written
+        (tmp_path / "ev" / "note.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "confusion_matrix", and_a_note)
+    with pytest.raises(PipelineError, match=r"ev: holds 1 file\(s\) evaluate did not write \(e\.g\. note\.txt\)"):
+        evaluate.run(config)
+    assert (tmp_path / "ev" / "note.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir() if p.name != "note.txt"} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+
+
+def test_a_test_file_whose_images_changed_since_extraction_is_said_not_compared(setup, tmp_path, capsys):
+    """Ninth pass (#22): evaluate scored such a file with no word (train --test said it): a row's image replaced by a training
+    image's bytes since extraction, or the reverse, cannot be told by today's bytes."""
+    import shutil
+
+    root, _ = setup
+    shutil.copytree(root / "test", tmp_path / "t")
+    extract.run(extract.ExtractConfig(data_dir=tmp_path / "t", output=tmp_path / "t.h5", **TINY))
+    shutil.copy(root / "train" / "cat" / sorted(p.name for p in (root / "train" / "cat").iterdir())[0], tmp_path / "t" / "cat" / "000.png")
+    capsys.readouterr()
+    evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=tmp_path / "t.h5", output=tmp_path / "ev", quiet=True))
+    assert "note: 1 images of" in capsys.readouterr().err
