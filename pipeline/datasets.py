@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -119,14 +120,21 @@ def _manifest_files(manifest: dict) -> set[str]:
     return out
 
 
-def _digest(path: pathlib.Path) -> str:
-    """What the manifest records of a file it wrote: the first 32 hex digits of its sha256."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+def _digest(path: pathlib.Path) -> str | None:
+    """What the manifest records of a file it wrote: the first 32 hex digits of its sha256; None for what is not a regular file
+    (a FIFO is never opened: reading it blocks) or cannot be read, which is then not known to be the tool's."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    except OSError:
+        return None
 
 
 def _foreign(out_dir: pathlib.Path, ours: set[str], digests=None) -> list[str]:
     """Every file or folder under ``out_dir`` not in ``ours``, every link (it writes none; deleting through one reaches elsewhere), and
-    every listed file whose bytes are not those the manifest's ``digests`` recorded (a user's own image put in its place), sorted."""
+    every listed file whose bytes are not those the manifest's ``digests`` recorded (a user's own image put in its place, or a file that
+    cannot be read or is not a regular file), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(out_dir):
         rel = pathlib.Path(dirpath).relative_to(out_dir)
@@ -176,7 +184,7 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
         PipelineError: bad counts, no usable source, corrupt idx files, or out_dir is a
         non-empty folder that this function did not build.
     """
-    out_dir = pathlib.Path(out_dir).expanduser()
+    out_dir = pathlib.Path(os.path.realpath(pathlib.Path(out_dir).expanduser()))  # a linked root is built where it leads, locked once
     params = {
         "dataset": "fashion-mnist",
         "version": MANIFEST_VERSION,
@@ -203,6 +211,13 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
     for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # a build killed while writing (no other build runs: the lock)
         if left.is_dir() and not left.is_symlink():
             shutil.rmtree(left, ignore_errors=True)
+    for left in out_dir.parent.glob(f".{out_dir.name}.old-*"):  # a build killed while removing the previous tree: its own files go
+        try:
+            old_manifest = _read_manifest(left / "tree") if left.is_dir() and not left.is_symlink() and (left / "tree").is_dir() else None
+        except PipelineError:
+            old_manifest = None  # not known to be ours: left as it is
+        if old_manifest is not None:
+            _remove_ours(left, _manifest_files(old_manifest), old_manifest.get("digests"))
     existing = _read_manifest(out_dir) if out_dir.is_dir() else None
     if out_dir.is_dir() and existing is None and any(out_dir.iterdir()):
         raise PipelineError(f"{out_dir} is not empty and was not built by this tool (no {MANIFEST}); "
@@ -227,7 +242,7 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
                     "source": existing.get("source", "?"), "built": False, "out_dir": str(out_dir), "why": None}
         if foreign:
             raise PipelineError(
-                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}, changed since, or a link); "
+                f"{out_dir}: holds {len(foreign)} file(s) this tool did not write (e.g. {foreign[0]}: not in its {MANIFEST}, changed since, unreadable, not a regular file, or a link); "
                 f"it would rebuild the folder ({why}), which would delete them: move them out of {out_dir} or choose another folder"
             )
         if progress:
@@ -266,7 +281,7 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
         if out_dir.exists():
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             _swap(out_dir, tmp, old)
-            _remove_ours(old, ours)
+            _remove_ours(old, ours, existing.get("digests") if existing else None)
         else:
             os.replace(tmp, out_dir)
     except OSError as exc:
@@ -309,10 +324,12 @@ def _swap(out_dir: pathlib.Path, new: pathlib.Path, old: pathlib.Path) -> None:
         raise
 
 
-def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
-    """Delete the previous tree (moved to ``old/tree``): only the files its manifest lists, then the folders left empty.
+def _remove_ours(old: pathlib.Path, ours: set[str], digests: dict | None) -> None:
+    """Delete the previous tree (moved to ``old/tree``): only the files its manifest lists, as it wrote them (``digests``, when it
+    records them), then the folders left empty.
 
-    Anything else (a file added between the check and the swap) stays where it is, and is named.
+    Anything else (a file added, or a listed one changed, between the check and the swap: a rebuild writes for minutes) stays
+    where it is, and is named.
     """
     tree = old / "tree"
     real_tree = os.path.realpath(tree)
@@ -321,6 +338,8 @@ def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
         path = tree / rel
         if os.path.realpath(path.parent) != os.path.normpath(os.path.join(real_tree, os.path.dirname(rel))):
             continue  # a folder on the way became a link since the check: never delete through it
+        if isinstance(digests, dict) and rel in digests and os.path.lexists(path) and _digest(path) != digests[rel]:
+            continue  # changed since the check: the user's now
         try:
             path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
         except FileNotFoundError:
@@ -336,7 +355,9 @@ def _remove_ours(old: pathlib.Path, ours: set[str]) -> None:
                 print(f"fashion-mnist: could not remove {len(failed)} of the previous tree's own files (e.g. {failed[0][0]}: {failed[0][1]}); "
                       f"they are left in {tree}", file=sys.stderr, flush=True)  # fmt: skip
             else:
-                print(f"fashion-mnist: kept files this tool did not write in {tree}", file=sys.stderr, flush=True)
+                kept = sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if not p.is_dir() or p.is_symlink())
+                print(f"fashion-mnist: kept {len(kept)} file(s) this tool did not write, or that changed since it wrote them, in {tree}"
+                      + (f" (e.g. {kept[0]})" if kept else ""), file=sys.stderr, flush=True)  # fmt: skip
             return
 
 

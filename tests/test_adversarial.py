@@ -157,7 +157,7 @@ def test_a_listed_folder_replaced_by_a_link_is_never_deleted_through(tmp_path):
     bag.rmdir()
     bag.symlink_to(photos)
     kept = sorted(p.name for p in photos.iterdir())
-    with pytest.raises(PipelineError, match=r"holds 1 file\(s\) this tool did not write \(e.g. train/bag/: not in its MANIFEST.json, changed since, or a link\)"):
+    with pytest.raises(PipelineError, match=r"holds 1 file\(s\) this tool did not write \(e.g. train/bag/: not in its MANIFEST.json, changed since, unreadable, not a regular file, or a link\)"):
         datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=1, progress=False)
     assert sorted(p.name for p in photos.iterdir()) == kept and len(kept) == 2
 

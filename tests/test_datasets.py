@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +281,72 @@ def test_a_listed_image_the_user_changed_is_never_replaced(tiny, capsys):
     mine = sorted((out / "train" / "bag").iterdir())[0]
     with open(mine, "ab") as f:
         f.write(b"MYPHOTO")
-    with pytest.raises(PipelineError, match=rf"holds 1 file\(s\) this tool did not write \(e\.g\. train/bag/{mine.name}: not in its MANIFEST\.json, changed since, or a link\)"):
+    with pytest.raises(PipelineError, match=rf"holds 1 file\(s\) this tool did not write \(e\.g\. train/bag/{mine.name}: not in its MANIFEST\.json, changed since, unreadable, not a regular file, or a link\)"):
         datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
     assert mine.read_bytes().endswith(b"MYPHOTO")
+
+
+def test_a_listed_image_changed_during_a_rebuild_is_kept(tiny, monkeypatch, capsys):
+    """Ninth pass (#22): the digests were compared before the build, and the previous tree's listed files were deleted by name after
+    it: an image the user changed while the new tree was being written (seconds to minutes) was deleted."""
+    out, _result = tiny
+    mine = sorted((out / "train" / "bag").iterdir())[0]
+    real = datasets.load_fashion_mnist
+
+    def and_a_user_edit(source):  # after the check, before the swap
+        mine.write_bytes(b"MYPHOTO")
+        return real(source)
+
+    monkeypatch.setattr(datasets, "load_fashion_mnist", and_a_user_edit)
+    capsys.readouterr()
+    datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
+    (old,) = out.parent.glob(".fmnist.old-*")
+    assert (old / "tree" / "train" / "bag" / mine.name).read_bytes() == b"MYPHOTO"
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*") if p.is_file()) == [f"tree/train/bag/{mine.name}"]  # its own files gone
+    assert f"kept 1 file(s) this tool did not write, or that changed since it wrote them, in {old / 'tree'} (e.g. train/bag/{mine.name})" in capsys.readouterr().err
+    datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)  # the next build leaves it alone
+    assert (old / "tree" / "train" / "bag" / mine.name).read_bytes() == b"MYPHOTO"
+
+
+def test_a_root_given_through_a_link_is_built_where_it_leads(tiny, tmp_path, monkeypatch):
+    """Ninth pass (#22): `data LINK` moved the link aside and deleted the tree's files through it (the target was left empty, the link
+    became a folder), and `data ROOT` and `data LINK` at once took two locks. `data .` was a traceback (the lock of an empty name)."""
+    out, _result = tiny
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    result = datasets.build_fashion_mnist(link, train_per_class=4, test_per_class=2, progress=False)
+    assert link.is_symlink() and result["built"] and result["out_dir"] == str(out.resolve())
+    assert json.loads((out / "MANIFEST.json").read_text())["train_per_class"] == 4 and len(_pngs(out)) == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist", "link"]
+    monkeypatch.chdir(out / "train")
+    assert not datasets.build_fashion_mnist("..", train_per_class=4, test_per_class=2, progress=False)["built"]
+    monkeypatch.chdir(out)
+    assert datasets.build_fashion_mnist(".", train_per_class=3, test_per_class=2, progress=False)["built"]
+    assert len(_pngs(out)) == 50 and sorted(p.name for p in tmp_path.iterdir()) == ["fmnist", "link"]
+
+
+def test_a_listed_image_that_is_a_fifo_or_unreadable_is_refused_not_read(tiny, tmp_path):
+    """Ninth pass (#22): a FIFO in place of a listed PNG hung `data` (its digest read the FIFO); an unreadable one was a traceback."""
+    import subprocess
+    import sys
+
+    out, _result = tiny
+    fifo = sorted((out / "train" / "coat").iterdir())[0]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    run = subprocess.run([sys.executable, "-m", "pipeline", "data", str(out), "--train-per-class", "3", "--test-per-class", "2", "--quiet"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and f"train/coat/{fifo.name}: not in its MANIFEST.json, changed since, unreadable, not a regular file" in run.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_build_killed_while_removing_the_previous_tree_has_its_own_files_removed_next_time(tiny):
+    """Ninth pass (#22): kill -9 while the previous tree was being deleted left .ROOT.old-* (4,004 PNGs) for ever."""
+    import shutil
+
+    out, _result = tiny
+    left = out.parent / ".fmnist.old-abc123"
+    shutil.copytree(out, left / "tree")
+    (left / "tree" / "train" / "bag" / "mine.txt").write_text("mine")
+    datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
+    assert sorted(str(p.relative_to(left)) for p in left.rglob("*") if p.is_file()) == ["tree/train/bag/mine.txt"]
