@@ -37,7 +37,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.report.metrics import classification_report, scores
 from pipeline.core.outputs import OutputLock, package_versions, prepare_output_dir
 from pipeline.core.outputsets import check_members, settle
-from pipeline.core.splits import canonical_order, split_indices
+from pipeline.core.splits import NO_TRAINING_IMAGES, canonical_order, split_indices
 from pipeline.featurefile.store import check_compatible, open_features
 from pipeline.images.overlap import split_groups
 
@@ -234,7 +234,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
         raise PipelineError(f"{ff.path}: the training rows hold {len(present)} class; classification needs at least two")
     if len(present) < len(names):  # e.g. every image of a class rejected at extraction
         empty = names[min(set(range(len(names))) - set(present.tolist()))]
-        raise PipelineError(f"{ff.path}: class {empty!r} has no training rows (were all its images rejected?); add images to it or remove its folder")
+        raise PipelineError(f"{ff.path}: class {empty!r} has no training rows ({NO_TRAINING_IMAGES}); add images to it or remove its folder")
     d = pooled_dim(ff.row_shape, config.pool)
     estimate_mb = len(train_rows) * d * 4 / (1 << 20)
     mode = "in-memory" if estimate_mb <= config.memory_budget_mb else "out-of-core"

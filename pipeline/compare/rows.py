@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import pickle
 import sys
 import time
@@ -16,10 +17,10 @@ import numpy as np
 from pipeline.backbones.registry import BACKBONE
 from pipeline.compare.config import CLASSICAL_NAMES, IGNORED_FIELDS, PROBE_NAME, CompareConfig, backbone_row_name
 from pipeline.core.config import config_json
-from pipeline.core.digests import file_digest, tree_digest
+from pipeline.core.digests import file_digest, key_of, tree_digest
 from pipeline.core.errors import NeedsOverwrite, PipelineError, first_line
-from pipeline.core.outputs import write_json_atomic
-from pipeline.core.outputsets import settle_for
+from pipeline.core.outputs import as_json, write_json_atomic
+from pipeline.core.outputsets import as_written, settle_for
 from pipeline.report.stats import majority_vote
 
 
@@ -120,12 +121,14 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
 
     folder = Path(folder or config.models)
     cfg = train.TrainConfig(features=train_h5, model=model, test=test_h5, output=folder, seed=config.seed, quiet=config.quiet).validate()
-    subset = hashlib.sha256("\n".join(sorted(train_paths)).encode()).hexdigest() if train_paths is not None else None
+    subset = hashlib.sha256(b"\n".join(sorted(map(os.fsencode, train_paths)))).hexdigest() if train_paths is not None else None
     key = {"settings": _settings(cfg), "train": file_digest(train_h5), "test": file_digest(test_h5), "subset": subset}
     record = folder / f"{model}{'' if backbone == BACKBONE else '-' + backbone}.row.json"
     stored = None if config.rerun else _stored(record)
     if stored is not None and stored.get("key") == key and isinstance(stored.get("row"), dict):
-        return stored["row"]
+        if stored.get("row_digest") == key_of(stored["row"]):
+            return stored["row"]
+        print(f"note: {record}: not the row compare wrote (edited since, or written by an earlier version); computing this row again", file=sys.stderr)
     with open_features(train_h5) as ff, open_features(test_h5) as test_ff:
         check_compatible(ff, test_ff)
         rows = None
@@ -162,8 +165,9 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
         f"({extract_seconds:.0f} s at {rate:.1f} img/s) + fit; model_bytes includes the {backbone} base needed to extract features",
         "predictions": _predictions(test_paths, y_test, y_pred),
     }
+    row = as_json(row)  # as a reuse reads it back, and its digest: a row edited by hand is computed again, never reused
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record, {"key": key, "row": row})
+    write_json_atomic(record, {"key": key, "row": row, "row_digest": key_of(row)})
     return row
 
 
@@ -217,7 +221,9 @@ def net_metrics(config: CompareConfig, strategy: str, unfreeze: str, seed: int, 
     settle_for(path)  # a set a killed run left half moved is finished first: a row is reused only from a whole set
     m = None if config.rerun else _stored(path)
     if m is not None and _settings(cfg) == {k: v for k, v in (m.get("config") or {}).items() if k not in IGNORED_FIELDS} and m.get("data_digest") == digests:
-        return m, path
+        if as_written(path, name):  # its set's receipt: a hand-edited metrics file is not that run's result
+            return m, path
+        print(f"note: {path}: not as its {name} run wrote it (edited since); training this row again", file=sys.stderr)
     module.run(cfg)
     return json.loads(path.read_text()), path
 

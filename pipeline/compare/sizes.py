@@ -25,6 +25,7 @@ from pipeline.compare import rows as kinds
 from pipeline.compare.config import CLASSICAL, SIZES_FILES
 from pipeline.compare.verdicts import judged, summaries
 from pipeline.core.errors import PipelineError
+from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import write_text_atomic
 from pipeline.core.outputsets import publish
 from pipeline.report.stats import ALPHA, CONFIDENCE
@@ -52,24 +53,39 @@ def link_tree(root: Path, source: Path, test_dir: Path, paths: list[str]) -> Pat
     """``root/train/<path>`` -> ``source/<path>`` for each path and ``root/test`` -> ``test_dir``, as symbolic links (rebuilt when they differ)."""
     train = root / "train"
     wanted = set(paths)
+    for folder in (root, train):
+        if folder.is_symlink():
+            _in_the_way(folder)  # the links would be made where it leads (a linked folder inside is removed below: never wanted)
     if train.is_dir():
         for p in sorted(train.rglob("*")):
             if p.is_symlink() and p.relative_to(train).as_posix() not in wanted:
                 p.unlink()
     for rel in paths:
         link, target = train / rel, (source / rel).resolve()
-        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"{link.parent}: cannot be a folder of the --sizes tree ({exc.strerror or exc}); move it out or choose another -o") from None
         if link.is_symlink() and os.readlink(link) == str(target):
             continue
         if link.is_symlink():
             link.unlink()
+        elif os.path.lexists(link):
+            _in_the_way(link)
         link.symlink_to(target)
     test = root / "test"
     if test.is_symlink() and os.readlink(test) != str(test_dir.resolve()):
         test.unlink()
+    elif os.path.lexists(test) and not test.is_symlink():
+        _in_the_way(test)
     if not test.is_symlink():
         test.symlink_to(test_dir.resolve(), target_is_directory=True)
     return root
+
+
+def _in_the_way(path: Path) -> None:
+    raise PipelineError(f"{path}: is not a link compare made (its --sizes tree holds only links to the training and test images); "
+                        "move it out or choose another -o")  # fmt: skip
 
 
 def run_sizes(config) -> list[dict]:
@@ -92,6 +108,8 @@ def run_sizes(config) -> list[dict]:
     sizes = tuple(sorted(config.sizes))
     subsets = nested_subsets(config.data_root / "train", sizes, config.seed)
     base = config.output / "sizes"
+    for folder in (f for n in sizes for f in (base / str(n), base / str(n) / "models")):  # links or records made where a link leads
+        refuse_inside(folder, [("the data folder", config.data_root)], "choose another -o folder")
     roots = {n: link_tree(base / str(n), config.data_root / "train", config.data_root / "test", subsets[n]) for n in sizes}
     largest = dataclasses.replace(config, data_root=roots[sizes[-1]], output=base / str(sizes[-1]), sizes=())
     if any(s in CLASSICAL for s in config.strategies):

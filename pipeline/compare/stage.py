@@ -172,7 +172,8 @@ def run(config: CompareConfig) -> list[dict]:
     """
     config.validate()
     check_weights(config)
-    refuse_inside(config.output, [("the data folder", config.data_root)], "choose another -o folder")  # its models/ would become a class folder
+    for folder in (config.output, config.models, config.output / "sizes", config.output / "prefix-cache", *(config.output / b for b in config.backbones)):
+        refuse_inside(folder, [("the data folder", config.data_root)], "choose another -o folder")  # by resolved path: OUT/models a link into a class folder
     list_inputs(config.data_root / "train", config.data_root / "test", config.allow_overlap)  # the same classes, no test image that is a training image
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
     with OutputLock(prepare_output_dir(config.output) / "compare"):

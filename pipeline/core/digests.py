@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,17 @@ from pipeline.core.outputs import atomic_output
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (a feature file updated in place by an incremental extract changes it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+    """SHA-256 of a file's bytes (a feature file updated in place by an incremental extract changes it).
+
+    Raises:
+        OSError: the file cannot be read, or is not a regular file (a FIFO or a device, which is never read: reading one blocks
+            or never ends; it is opened without blocking and looked at first).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -28,7 +38,7 @@ def tree_digest(root: Path, paths, labels) -> str:
     for path, label in zip(paths, np.asarray(labels).tolist()):
         h.update(os.fsencode(path) + b"\0" + str(label).encode() + b"\0")
         try:
-            h.update(hashlib.sha256((Path(root) / path).read_bytes()).digest())
+            h.update(bytes.fromhex(file_digest(Path(root) / path)))
         except OSError as exc:
             h.update(f"unreadable: {exc.strerror}".encode())
     return h.hexdigest()

@@ -176,6 +176,11 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def as_json(obj):
+    """``obj`` as it reads back from ``write_json_atomic``'s file (numpy scalars as numbers, tuples as lists, paths as text)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as indented JSON (numpy scalars and paths allowed) through ``atomic_output``."""
     write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")

@@ -239,6 +239,16 @@ def _receipt(folder: Path, name: str) -> dict | None:
     return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 2} if isinstance(files, dict) else None
 
 
+def as_written(path: Path, name: str) -> bool:
+    """Whether ``path`` holds the bytes the last publication of set ``name`` installed there (its receipt says so): what another stage
+    may reuse as that set's result (a hand-edited metrics file is not)."""
+    try:
+        entry = (_receipt(Path(path).parent, name) or {}).get(Path(path).name)
+    except PipelineError:
+        return False
+    return entry is not None and entry[0] == _digest_or_none(Path(path))
+
+
 def check_members(folder: Path, name: str, members, folders=()) -> None:
     """Refuse, before any work, a file of the set ``name`` that exists as something a publication must not replace.
 

@@ -9,6 +9,10 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 
 
+#: Why a class can be left without training rows by a split that keeps identical images together (said by every stage that refuses it).
+NO_TRAINING_IMAGES = "every image of it was rejected, or is byte-identical to an image of another class, which the split keeps on that image's side"
+
+
 def canonical_order(paths) -> np.ndarray:
     """Row indices ranking the rows by path, compared as bytes: the order every result of a set of rows is computed in.
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.core.config import gigabytes, physical_memory
 from pipeline.core.errors import PipelineError
-from pipeline.core.splits import split_indices
+from pipeline.core.splits import NO_TRAINING_IMAGES, split_indices
 from pipeline.images.listing import Listing
 from pipeline.images.decode import iter_batches
 from pipeline.images.overlap import listing_files, split_groups
@@ -141,6 +141,8 @@ def load_data(listing: Listing, test_listing: Listing | None, *, input_size: int
     for rows, what in ((tr, "training"), (va, "validation (--val-split)"), (test_y, "test")):
         if len(rows) == 0:
             raise PipelineError(f"{data_dir}: {len(y)} decodable images leave no {what} images; add images")
+    for c in sorted(set(range(len(listing.class_names))) - set(y[tr].tolist())):  # its images undecodable, or twins of another class's held out
+        raise PipelineError(f"{data_dir}: class {listing.class_names[c]!r} has no training images ({NO_TRAINING_IMAGES}); add images to it or remove its folder")
     data = Data(listing.class_names, x[tr], y[tr], x[va], y[va], test_x, test_y, test_source, rejected, test_paths=tuple(test_paths))
     data.decode_seconds = time.perf_counter() - t0
     return data

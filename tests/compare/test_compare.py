@@ -221,3 +221,45 @@ def test_a_damaged_stored_row_is_computed_again_not_a_traceback(tmp_path, capsys
     assert main(argv) == 0
     assert "lr.row.json: unreadable" in capsys.readouterr().err
     assert json.loads(record.read_text())["row"]["accuracy"] == first  # the same fit again, stored whole
+
+
+def test_a_hand_edited_stored_row_or_network_metrics_file_is_never_reused(tmp_path, capsys):
+    """Ninth pass (#22): compare reused a network row from a finetune.metrics.json whose accuracy had been edited by hand (its set's
+    receipt no longer matched: LP-FT 0.990 in the table, 0.467 by its own predictions), and a classical row.json edited the same way."""
+    make_tree(tmp_path / "d" / "train", per_class=4, size=(24, 24))
+    make_tree(tmp_path / "d" / "test", per_class=2, size=(24, 24))
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "lr,scratch",
+            "--scratch-input-size", "16", "--scratch-epochs", "1", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    first = {r["strategy"]: r["accuracy"] for r in json.loads((out / "compare.json").read_text())}
+    record = out / "models" / "lr.row.json"
+    stored = json.loads(record.read_text())
+    stored["row"]["accuracy"] = 0.99  # the key left as it was
+    record.write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"note: {record}: not the row compare wrote (edited since" in capsys.readouterr().err
+    assert {r["strategy"]: r["accuracy"] for r in json.loads((out / "compare.json").read_text())} == first
+    metrics = out / "models" / "scratch" / "scratch.metrics.json"
+    edited = json.loads(metrics.read_text())
+    edited["accuracy"] = 0.99
+    metrics.write_text(json.dumps(edited))
+    assert main(argv) == 2  # trained again, and the edited file is not the set's to replace: one line, the table as it was
+    err = capsys.readouterr().err
+    assert "scratch.metrics.json: not as its scratch run wrote it (edited since); training this row again" in err
+    assert "scratch.metrics.json: is not a file this tool wrote here" in err
+    assert {r["strategy"]: r["accuracy"] for r in json.loads((out / "compare.json").read_text())} == first
+
+
+def test_an_output_folder_that_leads_into_the_data_is_refused_before_any_work(tmp_path, capsys):
+    """Ninth pass (#22): with OUT/models a link to a class folder of the data, compare wrote lr.row.json there (the next extract
+    rejected it as an image of that class)."""
+    make_tree(tmp_path / "d" / "train", per_class=4)
+    make_tree(tmp_path / "d" / "test", per_class=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "models").symlink_to(tmp_path / "d" / "train" / "cat")
+    before = sorted(p.name for p in (tmp_path / "d" / "train" / "cat").iterdir())
+    assert main(["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--strategies", "lr"]) == 2
+    assert "out/models: is inside the data folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "d" / "train" / "cat").iterdir()) == before and not (tmp_path / "out" / "train.h5").exists()

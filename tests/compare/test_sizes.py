@@ -144,3 +144,47 @@ def test_compare_features_of_other_settings_give_compares_advice(tmp_path, capsy
     assert main(argv + ["--input-size", "48"]) == 2
     err = capsys.readouterr().err
     assert "compare keeps its features there: remove that file to extract again with these settings, or choose another -o" in err and "--overwrite" not in err
+
+
+def test_what_a_user_put_in_the_sizes_tree_is_one_line_and_kept(tmp_path):
+    """Ninth pass (#22): a plain file where a link of OUT/sizes/N/train belongs, or a folder at OUT/sizes/N/test, was a FileExistsError traceback."""
+    from pipeline.compare.sizes import link_tree
+
+    data = tmp_path / "d"
+    make_tree(data / "train", classes=("a", "b"), per_class=3)
+    make_tree(data / "test", classes=("a", "b"), per_class=2)
+    paths = ["a/000.png", "b/000.png"]
+    link_tree(tmp_path / "s", data / "train", data / "test", paths)
+    (tmp_path / "s" / "train" / "a" / "000.png").unlink()
+    (tmp_path / "s" / "train" / "a" / "000.png").write_text("my note")
+    with pytest.raises(PipelineError, match=r"s/train/a/000\.png: is not a link compare made \(its --sizes tree holds only links"):
+        link_tree(tmp_path / "s", data / "train", data / "test", paths)
+    assert (tmp_path / "s" / "train" / "a" / "000.png").read_text() == "my note"
+    (tmp_path / "t" / "test").mkdir(parents=True)
+    (tmp_path / "t" / "test" / "mine.txt").write_text("keep")
+    with pytest.raises(PipelineError, match=r"t/test: is not a link compare made"):
+        link_tree(tmp_path / "t", data / "train", data / "test", paths)
+    assert (tmp_path / "t" / "test" / "mine.txt").read_text() == "keep"
+    (tmp_path / "u" / "train").mkdir(parents=True)
+    (tmp_path / "u" / "train" / "a").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    link_tree(tmp_path / "u", data / "train", data / "test", paths)  # a linked folder is a link the tree does not want: removed, never written through
+    assert not any((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "u" / "train" / "a").is_symlink()
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "train").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(PipelineError, match=r"v/train: is not a link compare made"):
+        link_tree(tmp_path / "v", data / "train", data / "test", paths)
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_sizes_with_a_file_name_that_is_not_utf8(tmp_path):
+    """Ninth pass (#22): a training image named with a byte that is not UTF-8 was a UnicodeEncodeError traceback under --sizes (the subset's key)."""
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("a", "b"), per_class=4, size=(24, 24))
+    make_tree(root / "test", classes=("a", "b"), per_class=2, size=(24, 24))
+    os.rename(os.fsencode(root / "train" / "a" / "000.png"), os.fsencode(root / "train" / "a") + b"/caf\xe9.png")
+    argv = ["compare", "--data", str(root), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--sizes", "3,4", "--strategies", "lr", "--quiet"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # reused: the same key
+    with open(tmp_path / "out" / "sizes.csv") as f:
+        assert [r["per_class"] for r in csv.DictReader(f)] == ["3", "4"]

@@ -115,3 +115,33 @@ def test_stages_splitting_a_tree_keep_identical_images_on_one_side(argv, tmp_pat
     assert len(test) == 4 and sorted(p.replace("dup_", "") for p in test if "dup_" in p) == sorted(p for p in test if "dup_" not in p)
     assert metrics["n_val"] == 4  # whole pairs: validation as well (tests/nets/test_images.py checks its pixels)
     assert "note: 10 groups of identical images (20 images" in capsys.readouterr().err
+
+
+def test_a_fifo_or_a_device_among_the_images_is_never_read_for_its_digest(tmp_path):
+    """Ninth pass (#22): a FIFO in the training tree and an empty test image (both size 0) hung scratch and compare in the overlap
+    check, and a FIFO or a link to /dev/zero hung scratch's data digest: digests read whatever the path named."""
+    import signal
+
+    from pipeline.core.digests import file_digest, tree_digest
+    from pipeline.images.overlap import shared_files
+
+    fifo, empty = tmp_path / "pipe.png", tmp_path / "empty.png"
+    os.mkfifo(fifo)
+    empty.write_bytes(b"")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+
+    def hung(*_):
+        raise TimeoutError("a digest read a FIFO or a device")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        for special in (fifo, tmp_path / "zero.png"):
+            with pytest.raises(OSError, match="not a regular file"):
+                file_digest(special)
+        found = shared_files([(str(fifo), 0)], [(str(empty), 0)])
+        assert not found.pairs and found.unchecked == 1
+        assert tree_digest(tmp_path, ["pipe.png", "zero.png", "empty.png"], [0, 0, 1]) != tree_digest(tmp_path, ["empty.png"], [1])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
