@@ -64,10 +64,16 @@ def source_problem(db: h5py.File, path: Path) -> str | None:
     """Why the virtual datasets of the open file ``db`` at ``path`` must not be read (None: a single file, or every source can be).
 
     A missing shard file would read as fill values; one that is a FIFO, a device or a socket
-    would block the reader (a FIFO's open waits for a writer, even through SIGTERM). Only
-    ``stat`` is called on the shard files: this is checked before any row is read.
+    would block the reader (a FIFO's open waits for a writer, even through SIGTERM); one that is
+    itself a merged file (a link to or a copy of one: HDF5 recursed until it crashed) is
+    refused, as is ``HDF5_VDS_PREFIX`` in the environment (HDF5 would read the shards from that
+    folder instead of beside the file, and every check here would look at others). Shard files
+    are looked at (``stat``, their datasets' layout), never read: this is checked before any row is read.
     """
     names = sorted({vs.file_name for ds in db.values() if isinstance(ds, h5py.Dataset) and ds.is_virtual for vs in ds.virtual_sources()})
+    if names and os.environ.get("HDF5_VDS_PREFIX"):
+        return (f"{path}: merged file, and HDF5_VDS_PREFIX is set ({os.environ['HDF5_VDS_PREFIX']}): HDF5 would read its shards from there "
+                "instead of beside it; unset HDF5_VDS_PREFIX")  # fmt: skip
     gone = [name for name in names if not (path.parent / name).exists()]
     if gone:
         return f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"
@@ -76,7 +82,19 @@ def source_problem(db: h5py.File, path: Path) -> str | None:
             refuse_special(path.parent / name, f"a shard file of the merged file {path}")
     except PipelineError as exc:
         return str(exc)
+    for name in names:
+        if _is_merged(path.parent / name):
+            return f"{path}: its shard file {path.parent / name} is itself a merged file (a link to or a copy of one); put back the shard extract wrote"
     return None
+
+
+def _is_merged(path: Path) -> bool:
+    """Whether the HDF5 file at ``path`` holds a virtual dataset (a merged file), its layout looked at, no row read; False when it cannot be opened."""
+    try:
+        with h5py.File(path, "r") as db:
+            return any(isinstance(ds, h5py.Dataset) and ds.is_virtual for ds in db.values())
+    except Exception:  # an unreadable shard is the other checks' to name
+        return False
 
 
 def _non_finite(feats: h5py.Dataset) -> list[str]:

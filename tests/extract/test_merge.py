@@ -98,3 +98,34 @@ def test_a_full_disk_while_merging_is_one_line_and_keeps_the_previous_file(run, 
     assert proc.stderr == f"error: {merged}: no space left (or file size limit reached) while writing: File too large\n"
     assert merged.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.h5"]  # no temporary file, no lock
+
+
+def test_a_shard_that_is_a_merged_file_or_a_vds_prefix_is_one_line_never_a_crash(run, tmp_path):
+    """Tenth pass (#22): a shard file that was a link to (or a copy of) its own merged file made verify, train and merge segfault
+    (HDF5 recursed), and HDF5_VDS_PREFIX made a merged file read another folder's shards with verify saying ok."""
+    import shutil
+
+    _data, _reference, _out, shards = run
+    for how in ("link", "copy"):
+        folder = tmp_path / how
+        folder.mkdir()
+        for s in shards:
+            shutil.copy(s, folder / s.name)
+        assert _merge_cli(str(folder / "m.h5"), *(str(folder / s.name) for s in shards)) == 0
+        (folder / shards[0].name).unlink()
+        if how == "link":
+            (folder / shards[0].name).symlink_to("m.h5")
+        else:
+            shutil.copy(folder / "m.h5", folder / shards[0].name)
+        for argv in (["verify", str(folder / "m.h5")], ["merge", str(tmp_path / f"{how}-again.h5"), *(str(folder / s.name) for s in shards)]):
+            done = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert done.returncode in (1, 2), (argv, done.returncode, done.stderr[-500:])
+            assert "is itself a merged file" in done.stdout + done.stderr
+    good = tmp_path / "good"
+    good.mkdir()
+    for s in shards:
+        shutil.copy(s, good / s.name)
+    assert _merge_cli(str(good / "m.h5"), *(str(good / s.name) for s in shards)) == 0
+    env = {**os.environ, "HDF5_VDS_PREFIX": str(tmp_path / "link")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(good / "m.h5")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode in (1, 2) and "HDF5_VDS_PREFIX is set" in done.stdout + done.stderr
