@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
+from pipeline.core.digests import file_digest
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock
+from pipeline.core.outputs import OutputLock, left_by_dead_processes
 from pipeline.fashion_mnist import FASHION_CLASSES, IDX_FILES, PER_CLASS_AVAILABLE, load_fashion_mnist
 
 MANIFEST = "MANIFEST.json"
+WORK_MARK = ".pipeline-data-build"  # in the data command's own work folders beside the tree
+MANIFEST_MAX_BYTES = 1 << 26  # far above the manifest of every image (70,000 names and digests: about 5 MB)
 MANIFEST_VERSION = 1
 _INDEX_WIDTH = 5  # file names are the index in the idx file, zero-padded: 00042.png
 
@@ -58,9 +60,12 @@ def _read_manifest(out_dir: pathlib.Path) -> dict | None:
         PipelineError: a manifest that cannot be read or parsed (nothing in the folder is then known to be ours).
     """
     path = out_dir / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MANIFEST_MAX_BYTES:  # a FIFO hung the reader; a link to /dev/zero never ended
+            raise ValueError("not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes, more than a manifest holds")
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable manifest ({exc}); nothing in {out_dir} is known to be this tool's: "
@@ -126,7 +131,7 @@ def _digest(path: pathlib.Path) -> str | None:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        return file_digest(path)[:32]  # read in blocks (a 6 GB sparse file was a MemoryError), never a FIFO
     except OSError:
         return None
 
@@ -208,12 +213,11 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
 
 def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) -> dict:
     """``build_fashion_mnist`` under the tree's lock."""
-    for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # a build killed while writing (no other build runs: the lock)
-        if left.is_dir() and not left.is_symlink():
-            shutil.rmtree(left, ignore_errors=True)
-    for left in out_dir.parent.glob(f".{out_dir.name}.old-*"):  # a build killed while removing the previous tree: its own files go
+    for left in _left_behind(out_dir, "tmp"):  # a build killed while writing (no other build of this tree runs: the lock)
+        shutil.rmtree(left, ignore_errors=True)
+    for left in _left_behind(out_dir, "old"):  # a build killed while removing the previous tree: its own files go
         try:
-            old_manifest = _read_manifest(left / "tree") if left.is_dir() and not left.is_symlink() and (left / "tree").is_dir() else None
+            old_manifest = _read_manifest(left / "tree") if (left / "tree").is_dir() and not (left / "tree").is_symlink() else None
         except PipelineError:
             old_manifest = None  # not known to be ours: left as it is
         if old_manifest is not None:
@@ -257,7 +261,8 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
     from pipeline.core.progress import progress as progress_bar
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    work = _work_folder(out_dir, "tmp")
+    tmp = work / "tree"  # the new tree, renamed into place whole
     try:
         per_class: dict[str, dict[str, int]] = {}
         digests: dict[str, str] = {}  # each file as written: a listed file a user changed since is not the tool's to delete
@@ -277,9 +282,8 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
         manifest = dict(params, source=source_desc, counts=counts, per_class=per_class,
                         classes=list(FASHION_CLASSES), files=_file_names(plan), digests=digests)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = _work_folder(out_dir, "old")
             _swap(out_dir, tmp, old)
             _remove_ours(old, ours, existing.get("digests") if existing else None)
         else:
@@ -287,13 +291,30 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
     except OSError as exc:
         raise PipelineError(f"{out_dir}: could not be written ({exc.strerror or exc}); the previous tree, if any, is as it was") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     if progress:
         print(f"fashion-mnist: wrote {counts['train']} train + {counts['test']} test PNGs to "
               f"{out_dir} (from {source_desc})", file=sys.stderr, flush=True)
     return {"train": counts["train"], "test": counts["test"], "source": source_desc,
             "built": True, "out_dir": str(out_dir), "why": why}
+
+
+def _work_folder(out_dir: pathlib.Path, kind: str) -> pathlib.Path:
+    """A new folder ``.ROOT.KIND-PID`` beside the tree (``tmp``: the new tree is written in its ``tree``; ``old``: the previous tree, moved aside to its ``tree`` to be removed),
+    marked as the data command's own: only marked folders of dead processes are cleared (``_left_behind``)."""
+    folder = out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}"
+    if folder.is_dir() and not folder.is_symlink() and (folder / WORK_MARK).is_file():
+        shutil.rmtree(folder)  # this pid's, from a killed run long ago
+    folder.mkdir()
+    (folder / WORK_MARK).write_text("a work folder of `python -m pipeline data`\n")
+    return folder
+
+
+def _left_behind(out_dir: pathlib.Path, kind: str) -> list[pathlib.Path]:
+    """The ``.ROOT.KIND-PID`` folders of this tree that a killed build left: named exactly so (a root named ``d.tmp-b``, or with
+    glob brackets, is another tree), of a dead process, a folder (not a link) holding the data command's mark."""
+    found = left_by_dead_processes(out_dir.parent, re.compile(re.escape(f".{out_dir.name}.{kind}-") + r"(\d+)$"))
+    return [p for p in found if p.is_dir() and not p.is_symlink() and (p / WORK_MARK).is_file() and not (p / WORK_MARK).is_symlink()]
 
 
 def _check_writable(out_dir: pathlib.Path, ours: set[str]) -> None:
@@ -349,6 +370,8 @@ def _remove_ours(old: pathlib.Path, ours: set[str], digests: dict | None) -> Non
                 failed.append((rel, exc.strerror or str(exc)))
     for folder in (tree, old):
         try:
+            if folder == old:
+                (old / WORK_MARK).unlink(missing_ok=True)
             folder.rmdir()
         except OSError:
             if failed:

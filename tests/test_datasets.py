@@ -267,9 +267,10 @@ def test_one_build_per_tree_at_a_time(tiny):
 def test_a_build_killed_while_writing_leaves_nothing_the_next_one_keeps(tiny):
     """Sixth pass (#22): kill -9 during `data` left .ROOT.tmp-* with 7,100 PNGs for ever."""
     out, _result = tiny
-    left = out.parent / ".fmnist.tmp-abc123"
+    left = out.parent / ".fmnist.tmp-999999999"  # a dead process's
     (left / "train" / "bag").mkdir(parents=True)
     (left / "train" / "bag" / "00001.png").write_bytes(b"png")
+    (left / datasets.WORK_MARK).write_text("")
     datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
     assert not left.exists()
 
@@ -302,7 +303,7 @@ def test_a_listed_image_changed_during_a_rebuild_is_kept(tiny, monkeypatch, caps
     datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
     (old,) = out.parent.glob(".fmnist.old-*")
     assert (old / "tree" / "train" / "bag" / mine.name).read_bytes() == b"MYPHOTO"
-    assert sorted(str(p.relative_to(old)) for p in old.rglob("*") if p.is_file()) == [f"tree/train/bag/{mine.name}"]  # its own files gone
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*") if p.is_file() and p.name != datasets.WORK_MARK) == [f"tree/train/bag/{mine.name}"]  # its own files gone
     assert f"kept 1 file(s) this tool did not write, or that changed since it wrote them, in {old / 'tree'} (e.g. train/bag/{mine.name})" in capsys.readouterr().err
     datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)  # the next build leaves it alone
     assert (old / "tree" / "train" / "bag" / mine.name).read_bytes() == b"MYPHOTO"
@@ -345,8 +346,51 @@ def test_a_build_killed_while_removing_the_previous_tree_has_its_own_files_remov
     import shutil
 
     out, _result = tiny
-    left = out.parent / ".fmnist.old-abc123"
+    left = out.parent / ".fmnist.old-999999999"  # a dead process's
     shutil.copytree(out, left / "tree")
     (left / "tree" / "train" / "bag" / "mine.txt").write_text("mine")
+    (left / datasets.WORK_MARK).write_text("")
     datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
-    assert sorted(str(p.relative_to(left)) for p in left.rglob("*") if p.is_file()) == ["tree/train/bag/mine.txt"]
+    assert sorted(str(p.relative_to(left)) for p in left.rglob("*") if p.is_file() and p.name != datasets.WORK_MARK) == ["tree/train/bag/mine.txt"]
+
+
+def test_only_the_data_command_s_own_work_folders_of_this_tree_are_cleared(tiny, tmp_path):
+    """Tenth pass (#22): every `.ROOT.tmp-*` was deleted: a user's `.fmnist.tmp-notes`, the staging of another tree named
+    `fmnist.tmp-b` being built at that moment (it said "built" with 23,653 of 30,030 images), and, for a root named with glob
+    brackets, another root's staging."""
+    import shutil
+
+    out, _result = tiny
+    mine = out.parent / ".fmnist.tmp-notes"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    other = out.parent / ".fmnist.tmp-b.tmp-999999999"  # another tree's (fmnist.tmp-b), of a dead process all the same
+    other.mkdir()
+    (other / datasets.WORK_MARK).write_text("")
+    unmarked = out.parent / ".fmnist.tmp-999999998"  # a dead pid's name, but not the data command's folder
+    unmarked.mkdir()
+    datasets.build_fashion_mnist(out, train_per_class=4, test_per_class=2, progress=False)
+    assert (mine / "keep.txt").read_text() == "precious" and other.is_dir() and unmarked.is_dir()
+    shutil.copytree(out, tmp_path / "e5")
+    staging = tmp_path / ".e5.tmp-999999997"
+    staging.mkdir()
+    (staging / datasets.WORK_MARK).write_text("")
+    datasets.build_fashion_mnist(tmp_path / "e[5]", train_per_class=3, test_per_class=2, progress=False)
+    assert staging.is_dir()  # e[5] is not e5
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_manifest_that_is_not_a_regular_file_is_one_line_never_read(tiny, kind):
+    """Tenth pass (#22): MANIFEST.json as a FIFO hung `data`; as a link to /dev/zero it was a MemoryError traceback."""
+    import subprocess
+    import sys
+
+    out, _result = tiny
+    (out / "MANIFEST.json").unlink()
+    if kind == "fifo":
+        os.mkfifo(out / "MANIFEST.json")
+    else:
+        (out / "MANIFEST.json").symlink_to("/dev/zero")
+    run = subprocess.run([sys.executable, "-m", "pipeline", "data", str(out), "--train-per-class", "3", "--test-per-class", "2", "--quiet"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and "MANIFEST.json: unreadable manifest (not a regular file)" in run.stderr and run.stderr.count("\n") == 1
