@@ -247,6 +247,22 @@ def test_a_kept_array_is_reused_only_with_the_bytes_it_was_written_with(tmp_path
     (tmp_path / "file").write_text("hi")
     with pytest.raises(PipelineError, match=r"file: exists and is not a folder; the cache needs a folder of its own"):
         load_or_compute(tmp_path / "file", fields, (3, 4), np.float32, compute)
+    record = tmp_path / "cache" / f"{key_of(fields)}.json"  # tenth pass: a FIFO in place of the record hung compare
+    record.unlink()
+    os.mkfifo(record)
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("the cache read a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        fresh, reused = load_or_compute(tmp_path / "cache", fields, (3, 4), np.float32, compute)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not reused and len(calls) == 3 and np.array_equal(fresh, first) and record.is_file()
 
 
 def test_a_blank_file_named_like_a_lock_is_not_taken_for_one(tmp_path):
