@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.backbones.registry import BACKBONE
 from pipeline.compare.config import CLASSICAL_NAMES, IGNORED_FIELDS, PROBE_NAME, CompareConfig, backbone_row_name
 from pipeline.core.config import config_json
-from pipeline.core.digests import file_digest, key_of, tree_digest
+from pipeline.core.digests import file_digest, key_of
 from pipeline.core.errors import NeedsOverwrite, PipelineError, first_line
 from pipeline.core.outputs import as_json, write_json_atomic
 from pipeline.core.outputsets import as_written, settle_for
@@ -36,7 +36,7 @@ class Inputs:
             from pipeline.images.listing import list_images
 
             listing = list_images(Path(self.data_root) / split)
-            self.digests[split] = tree_digest(listing.root, listing.paths, listing.labels)
+            self.digests[split] = listing.content_digest()
         return self.digests[split]
 
 

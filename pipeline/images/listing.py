@@ -99,6 +99,12 @@ class Listing:
             h.update(b"U" + os.fsencode(p) + f"\0{s}:{m}:{i}:{c}\n".encode())
         return h.hexdigest()
 
+    def content_digest(self) -> str:
+        """``core.digests.tree_digest`` of the listed files (paths, labels and bytes): what compare keys a network row to."""
+        from pipeline.core.digests import tree_digest
+
+        return tree_digest(self.root, self.paths, self.labels)
+
     def select(self, indices: np.ndarray) -> "Listing":
         """A listing of the given rows only (same classes, same root, same skipped files)."""
         idx = np.asarray(indices, dtype=np.int64)

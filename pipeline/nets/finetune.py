@@ -30,7 +30,6 @@ from pipeline.rows.pooling import POOLS
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, gigabytes, option
-from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
 from pipeline.core.guard import refuse_inside
 from pipeline.nets.images import Data, load_data
@@ -254,6 +253,7 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
                           backbone=config.backbone)  # fmt: skip
 
     base = start_base()
+    digest = {"train": listing.content_digest(), "test": None if test_listing is None else test_listing.content_digest()}  # before reading (compare key)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     if bundle is not None:  # a probe fitted on the test images would be scored on what it learnt
         refuse_trained_on(bundle.get("training_images"), test_listing or listing, data.test_paths, config.allow_overlap, f"the --probe bundle {config.probe}")
@@ -298,8 +298,7 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
         net, refit = train_refit(rebuilt, data, records, plan, history, cache=None if cache is None else (cache[0], cache[1][:0]), **common)
     features = cache = None  # the refit is done: free the frozen features and the cache before the test evaluation
     train_seconds = data.decode_seconds + time.perf_counter() - t0
-    test_digest = tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None
-    test_features, prefix_info = _test_features(config, net, data, precision, weights, test_digest)
+    test_features, prefix_info = _test_features(config, net, data, precision, weights, digest["test"])
     head = next((r for r in records if r["name"] == "head"), None)
     extra = {
         "mode": "cached-prefix" if copies else "plain",
@@ -317,7 +316,7 @@ def fit(config: FinetuneConfig, listed=None) -> Result:
         "seconds_per_epoch_head": head["seconds_per_epoch"] if head else None,
         "weights": {"name": weights.name, "source": weights.source, "checksum": weights.checksum},
         "test_prefix": prefix_info,
-        "data_digest": {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": test_digest},
+        "data_digest": digest,
     }
     if probe_file is not None:  # the images it may have been fitted on, for evaluate's overlap rule
         probe_file["training_images"] = record_of(listing, data.test_paths if test_listing is None else ())

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
-from pipeline.core.digests import tree_digest
 from pipeline.core.errors import PipelineError
 from pipeline.nets.images import load_data
 from pipeline.nets.networks import Network, build_scratch_network
@@ -147,6 +146,7 @@ def fit(config: ScratchConfig, listed=None) -> Result:
     """
     listing, test_listing, _pixel_bytes, precision = prepare_run(config, listed)
     net = build_network(config, len(listing.class_names), precision)
+    digest = {"train": listing.content_digest(), "test": None if test_listing is None else test_listing.content_digest()}  # before reading (compare key)
     data = load_data(listing, test_listing, input_size=config.input_size, resize=config.resize, val_split=config.val_split, seed=config.seed, quiet=config.quiet)
     t0 = time.perf_counter()
     plan = {"train": (config.epochs, config.lr)}
@@ -157,7 +157,6 @@ def fit(config: ScratchConfig, listed=None) -> Result:
     if config.refit:  # a ResNet runs the first epochs of the same step schedule (its length stays --epochs)
         net, refit = train_refit(lambda: build_network(config, len(listing.class_names), precision), data, records, plan, history, **common)
     train_seconds = data.decode_seconds + time.perf_counter() - t0
-    digest = {"train": tree_digest(listing.root, listing.paths, listing.labels), "test": tree_digest(test_listing.root, test_listing.paths, test_listing.labels) if test_listing is not None else None}
     if config.family() == "resnet":
         extra = {"mode": "plain", "unfreeze_from": None, "arch": "resnet", "depth": config.depth, "parameters": int(net.full.count_params()),
                  "optimizer": "SGD momentum 0.9, step schedule: lr / 10 at 50% and 75% of the epochs, weight decay 1e-4"}  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tree
+from conftest import make_tree, write_image
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import split_indices
@@ -141,3 +141,22 @@ def test_refit_retrains_from_the_same_start_on_every_row(data, tmp_path):
     off = scratch.fit(dataclasses.replace(config, out_dir=tmp_path / "selection", refit=False)).metrics
     assert off["refit"] is None and off["n_train"] == len(result.data.train_y)
     assert off["phases"][0]["best_epoch"] == best  # the selection is the same run with or without the refit
+
+
+def test_the_data_digest_is_of_the_images_before_they_were_read(tmp_path, monkeypatch):
+    """Tenth pass (#22): the digest compare keys a network row to was taken after training: an image changed during the run
+    was recorded as trained on, and the next compare reused the row."""
+    from pipeline.images.listing import list_images
+
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=6, size=(20, 20))
+    before = list_images(data).content_digest()
+    real = scratch.load_data
+
+    def and_an_edit(*args, **kwargs):
+        out = real(*args, **kwargs)
+        write_image(data / "cat" / "000.png", seed=77)  # while training runs
+        return out
+
+    monkeypatch.setattr(scratch, "load_data", and_an_edit)
+    metrics = scratch.run(scratch.ScratchConfig(data, out_dir=tmp_path / "out", input_size=16, filters=(4,), dense=4, epochs=1, batch_size=8, refit=False, quiet=True))
+    assert metrics["data_digest"]["train"] == before != list_images(data).content_digest()
