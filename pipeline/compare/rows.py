@@ -26,7 +26,7 @@ from pipeline.report.stats import majority_vote
 
 @dataclass
 class Inputs:
-    """The digests of a data root's ``train`` and ``test`` trees (paths, labels and bytes), computed once per run."""
+    """The digests of a data root's ``train`` and ``test`` trees (paths, labels and bytes) and of the weights files, computed once per run."""
 
     data_root: Path
     digests: dict = field(default_factory=dict)
@@ -38,6 +38,14 @@ class Inputs:
             listing = list_images(Path(self.data_root) / split)
             self.digests[split] = listing.content_digest()
         return self.digests[split]
+
+    def weights(self, spec, backbone: str) -> str:
+        """The checksum of the weights ``spec`` names for ``backbone`` (as a nets run records it), resolved once per run."""
+        if (spec, backbone) not in self.digests:
+            from pipeline.backbones.weights import resolve_weights
+
+            self.digests[(spec, backbone)] = resolve_weights(spec, backbone=backbone, progress=False).checksum
+        return self.digests[(spec, backbone)]
 
 
 def _settings(cfg) -> dict:
@@ -221,9 +229,13 @@ def net_metrics(config: CompareConfig, strategy: str, unfreeze: str, seed: int, 
     settle_for(path)  # a set a killed run left half moved is finished first: a row is reused only from a whole set
     m = None if config.rerun else _stored(path)
     if m is not None and _settings(cfg) == {k: v for k, v in (m.get("config") or {}).items() if k not in IGNORED_FIELDS} and m.get("data_digest") == digests:
-        if as_written(path, name):  # its set's receipt: a hand-edited metrics file is not that run's result
+        weights = (m.get("weights") or {}).get("checksum") if name == "finetune" else None
+        if name == "finetune" and weights != inputs.weights(cfg.weights, cfg.backbone):  # the same path, other weights: another network
+            print(f"note: {path}: trained from other weights than {cfg.weights} holds now; training this row again", file=sys.stderr)
+        elif as_written(path, name):  # its set's receipt: a hand-edited metrics file is not that run's result
             return m, path
-        print(f"note: {path}: not as its {name} run wrote it (edited since); training this row again", file=sys.stderr)
+        else:
+            print(f"note: {path}: not as its {name} run wrote it (edited since); training this row again", file=sys.stderr)
     module.run(cfg)
     return json.loads(path.read_text()), path
 
@@ -271,6 +283,8 @@ def probe_row(config: CompareConfig, test_h5: Path, inputs: Inputs) -> dict:
         m, metrics_path = net_metrics(config, "finetune", config.points[0], seed, inputs)
         info = m.get("probe") or {}
         path = Path(info.get("file") or "")
+        if not as_written(path, "finetune"):  # read here: the set's receipt names its bytes (another run's probe was scored)
+            raise PipelineError(f"{path}: not the probe its LP-FT run wrote (replaced or changed since); remove {path.parent} or pass --rerun to train it again")
         bundle = load_bundle(path)
         with open_features(test_h5) as ff:
             check_probe(path, bundle, {**ff.spec, "pool": bundle["feature_spec"]["pool"]}, ff.label_names, against=f"{test_h5} has")

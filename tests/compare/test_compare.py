@@ -263,3 +263,28 @@ def test_an_output_folder_that_leads_into_the_data_is_refused_before_any_work(tm
     assert main(["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--strategies", "lr"]) == 2
     assert "out/models: is inside the data folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "d" / "train" / "cat").iterdir()) == before and not (tmp_path / "out" / "train.h5").exists()
+
+
+def test_a_probe_or_weights_changed_since_the_lpft_run_are_never_reused(tmp_path, capsys, monkeypatch):
+    """Tenth pass (#22): compare scored a probe bundle copied in from another run (its notes said the LP-FT run fitted it), and reused
+    a network row after the weights file it was trained from had changed (the metrics named the old checksum)."""
+    from pipeline.compare import rows
+
+    make_tree(tmp_path / "d" / "train", per_class=6, size=(24, 24))
+    make_tree(tmp_path / "d" / "test", per_class=2, size=(24, 24))
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "probe",
+            "--epochs", "1", "--head-epochs", "1", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    table = (out / "compare.md").read_bytes()
+    probe = next(out.glob("models/lpft-*/finetune.probe.joblib"))
+    good = probe.read_bytes()
+    probe.write_bytes(good + b"\0")  # another probe in its place
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "finetune.probe.joblib: not the probe its LP-FT run wrote (replaced or changed since)" in capsys.readouterr().err
+    assert (out / "compare.md").read_bytes() == table
+    probe.write_bytes(good)
+    monkeypatch.setattr(rows.Inputs, "weights", lambda self, spec, backbone: "0123abcd")  # the same path now holds other weights
+    assert main(argv) == 0
+    assert "trained from other weights than none holds now; training this row again" in capsys.readouterr().err
