@@ -37,6 +37,23 @@ def row_files(ff) -> list[tuple[str | None, int]]:
     return out
 
 
+def grouping_files(files: list[tuple[str | None, int]]) -> list[tuple[str | None, int]]:
+    """``row_files`` for keeping identical images together (``images.overlap.split_groups``): a row whose image changed since it was
+    extracted (size -1: another modification time, e.g. after ``touch``) is grouped by its bytes today, never left ungrouped.
+
+    Grouping too much is harmless (rows kept on one side); missing twins is not (a ``touch`` on twins split them, with no word).
+    """
+    out = []
+    for p, s in files:
+        if s < 0 and p is not None:
+            try:
+                s = os.stat(p).st_size
+            except OSError:
+                pass
+        out.append((p, s))
+    return out
+
+
 def stale_rows(ff, files: list[tuple[str | None, int]]) -> int:
     """How many rows' images changed since they were extracted (size -1 in ``files``, ``ff``'s ``row_files``, where the file records one)."""
     recorded = ff.db["file_sizes"][:] if "file_sizes" in ff.db else None

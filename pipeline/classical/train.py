@@ -29,7 +29,7 @@ from pipeline.classical.results import output_paths, print_summary, write_output
 from pipeline.core.guard import refuse_inputs_as_outputs, refuse_inside
 from pipeline.core.signals import finish_first, sigterm_as_interrupt, stop_if_terminated
 from pipeline.classical.models import MODELS, search_grid
-from pipeline.classical.overlap import check_no_overlap, row_files, training_record
+from pipeline.classical.overlap import check_no_overlap, grouping_files, row_files, training_record
 from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, Rule, option
@@ -216,7 +216,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     groups = None  # identical images never straddle the split, nor the search's folds
     if test_ff is None or any(len(v) > 1 for v in config.search_grid().values()):
         where = f"the test split of {ff.path} and in one fold of its search" if test_ff is None else f"every fold of the search on {ff.path}"
-        groups = split_groups(row_files(ff) if files is None else files, where)
+        groups = split_groups(grouping_files(row_files(ff) if files is None else files), where)
     if test_ff is None:
         train_rows, test_rows = split_indices(labels, config.test_size, config.seed, keys=keys, groups=groups)
         test_source = {"kind": "split", "file": str(ff.path), "test_size": config.test_size, "seed": config.seed}

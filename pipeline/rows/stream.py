@@ -217,8 +217,11 @@ def search_stream(ff: FeatureFile, train_rows: np.ndarray, labels: np.ndarray, C
     rng = np.random.default_rng([seed, 1])
     kind = "none" if len(Cs) == 1 else "cv" if passes_for(n, pooled_dim(ff.row_shape, pool)) else "holdout"
     lead = train_rows if same is None else train_rows[np.unique(same[train_rows], return_index=True)[1]]  # one row per group of identical images
-    if kind == "cv" and np.bincount(y_all[lead]).max() < cv:  # where the folds cannot be filled, in memory too
-        raise PipelineError(f"{ff.path}: fewer distinct training images in every class than --cv {cv} folds for the C search; pass a single --C or a smaller --cv")
+    distinct = np.bincount(y_all[lead], minlength=len(classes))
+    if kind == "cv" and distinct.min() < cv:  # as in memory (``plan_fit``): every class in every fold, each group of twins in one
+        worst = int(np.argmin(distinct))
+        raise PipelineError(f"{ff.path}: class {ff.label_names[int(classes[worst])]!r} has {distinct[worst]} distinct training images but --cv {cv} "
+                            f"needs at least {cv} per class for the C search; lower --cv, pass a single --C, or add rows")  # fmt: skip
     group = row_groups(train_rows, labels, len(ff), kind, cv, seed, same)
     n_val = 0
     if kind == "cv":
