@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import h5py
+
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.outputs import OutputLock
 from pipeline.core.signals import reclaim_sigterm, sigterm_as_interrupt
@@ -276,7 +278,15 @@ def _init_ray(ray, address: str | None) -> bool:
 
 
 def shard_configs(config: ExtractConfig, p: Placement) -> list[ExtractConfig]:
-    """The config of each shard of a ``--ray`` run: a quiet single-process extract of one shard file, on the task's share of the cores."""
+    """The config of each shard of a ``--ray`` run: a quiet single-process extract of one shard file, on the task's share of the cores.
+
+    Raises:
+        PipelineError: a shard's name holds something that is not an HDF5 file (a user's file: ``--overwrite`` names the output, not it).
+    """
+    for k in range(p.shards):
+        path = shard_path(config.output, k, p.shards)
+        if os.path.lexists(path) and (not path.is_file() or path.is_symlink() or not h5py.is_hdf5(path)):
+            raise PipelineError(f"{path}: exists and is not a feature file; the --ray run writes shard {k} of {config.output} there: move it out")
     return [
         dataclasses.replace(
             config, output=shard_path(config.output, k, p.shards), shards=p.shards, shard=k, ray=False, address=None,

@@ -343,3 +343,19 @@ def test_sigterm_to_a_ray_run_is_the_interrupted_message_not_rays_dump(tmp_path)
     err = "".join(lines) + err
     assert proc.returncode == 130, err
     assert "interrupted; finished shards are kept and running ones resume" in err and "Traceback" not in err, err
+
+
+def test_a_users_file_at_a_shard_name_is_never_replaced_even_with_overwrite(tmp_path):
+    """Tenth pass (#22): `extract --ray --overwrite -o r.h5` replaced a user's notes at r.shard-00001-of-00002.h5, a name they never gave."""
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.distributed import Placement, shard_configs
+    from pipeline.extract.fingerprints import shard_path
+
+    config = ExtractConfig(data_dir=tmp_path, output=tmp_path / "r.h5", ray=True, overwrite=True)
+    notes = shard_path(tmp_path / "r.h5", 1, 2)
+    notes.write_text("my notes")
+    with pytest.raises(PipelineError, match=r"r\.shard-00001-of-00002\.h5: exists and is not a feature file; the --ray run writes shard 1 of"):
+        shard_configs(config, Placement(workers=2, shards=2, num_cpus=1, num_gpus=0))
+    assert notes.read_text() == "my notes"
+    notes.unlink()
+    assert [c.output for c in shard_configs(config, Placement(workers=2, shards=2, num_cpus=1, num_gpus=0))] == [shard_path(tmp_path / "r.h5", k, 2) for k in range(2)]
