@@ -65,7 +65,8 @@ def replicate(src: Path, dst: Path, rows: int, seed: int = 0) -> int:
                 yield block, labels[take].astype(np.int32), [f"{paths[i]}#{k}" for i in take], zeros, zeros
                 left -= len(take)
 
-    keep = {k: v for k, v in attrs.items() if k not in ("complete", "format_version", "n_images", "n_rejected")}
+    keep = {k: v for k, v in attrs.items() if k not in ("complete", "format_version", "n_images", "n_rejected", "merged_from")}
+    keep.update(shards=1, shard=0)  # one file, whatever the replay was (a merged one's record would be missing)
     return write_feature_file(dst, row_shape=x.shape[1:], storage=storage, class_names=tuple(names), rows=blocks(), rejected=[], attrs=keep)
 
 

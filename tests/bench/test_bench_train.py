@@ -102,3 +102,18 @@ def test_the_train_bench_refuses_to_score_on_its_own_training_rows(tmp_path, cap
     assert main(["bench", "--train", "--replay", str(src), "--test-features", str(src), "--train-sizes", "60", "-o", str(tmp_path / "b"), "--quiet"]) == 2
     assert f"{src}: is the training file {src}; a test set must hold other images" in capsys.readouterr().err
     assert not (tmp_path / "b" / "train_bench.md").exists()
+
+
+def test_a_merged_replay_file_is_replicated_as_a_single_file(tmp_path):
+    """Tenth pass (#22): `bench --train --replay MERGED.h5` copied the merged file's attributes into its row file, then refused that
+    file for missing its merged record (naming a temporary that no longer existed)."""
+    from shard_data import make_run
+    from pipeline.extract import merge as merge_mod
+    from pipeline.featurefile.checks import verify
+
+    _data, reference, _out, shards = make_run(tmp_path)
+    assert merge_mod.run(merge_mod.COMMAND.parse([str(tmp_path / "m.h5"), *map(str, shards)])) == 0
+    assert bench_train.replicate(tmp_path / "m.h5", tmp_path / "rows.h5", 40) >= 38  # per class, rounded down
+    assert verify(tmp_path / "rows.h5") == []
+    with open_features(tmp_path / "rows.h5") as ff, open_features(reference) as ref:
+        assert ff.label_names == ref.label_names and ff.spec == ref.spec
