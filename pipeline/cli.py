@@ -10,6 +10,7 @@ import sys
 
 from pipeline.core.command import PROG, Command, validated
 from pipeline.core.errors import PipelineError
+from pipeline.core.h5output import check_hdf5_environment
 from pipeline.core.signals import sigterm_as_interrupt
 
 EXIT_USER_ERROR = 2
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         standard_streams()
+        check_hdf5_environment()  # before any work: HDF5_DRIVER=family and the like make HDF5 open other files
         chosen = command(args.command)
         with sigterm_as_interrupt():  # every command: SIGTERM unwinds its locks and temporaries and says "interrupted" (exit 130)
             result = chosen.run(validated(chosen.config(args, argv)))

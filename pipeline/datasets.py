@@ -143,13 +143,20 @@ def _foreign(out_dir: pathlib.Path, ours: set[str], digests=None) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(out_dir):
         rel = pathlib.Path(dirpath).relative_to(out_dir)
-        for name in sorted(dirnames):
-            if (rel / name).as_posix() not in ours or os.path.islink(os.path.join(dirpath, name)):
+        for name in sorted(dirnames):  # a listed folder is a folder, a listed file a file: a user's file named `bag` is not the class folder
+            if (rel / name).as_posix() not in ours or _file_entry((rel / name).as_posix()) or os.path.islink(os.path.join(dirpath, name)):
                 found.append((rel / name).as_posix() + "/")
-        dirnames[:] = sorted(d for d in dirnames if (rel / d).as_posix() in ours and not os.path.islink(os.path.join(dirpath, d)))
-        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours or os.path.islink(os.path.join(dirpath, f))
+        dirnames[:] = sorted(d for d in dirnames if (rel / d).as_posix() in ours and not _file_entry((rel / d).as_posix())
+                             and not os.path.islink(os.path.join(dirpath, d)))  # fmt: skip
+        found += [(rel / f).as_posix() for f in sorted(filenames) if (rel / f).as_posix() not in ours or not _file_entry((rel / f).as_posix())
+                  or os.path.islink(os.path.join(dirpath, f))
                   or (isinstance(digests, dict) and (rel / f).as_posix() in digests and digests[(rel / f).as_posix()] != _digest(pathlib.Path(dirpath) / f))]  # fmt: skip
     return sorted(found)
+
+
+def _file_entry(rel: str) -> bool:
+    """Whether a manifest entry names a file (the manifest, an image) rather than a folder (a split, a class)."""
+    return rel == MANIFEST or rel.endswith(".png")
 
 
 def _why_rebuild(out_dir: pathlib.Path, existing: dict, params: dict, ours: set[str]) -> str | None:
@@ -361,8 +368,10 @@ def _remove_ours(old: pathlib.Path, ours: set[str], digests: dict | None) -> Non
             continue  # a folder on the way became a link since the check: never delete through it
         if isinstance(digests, dict) and rel in digests and os.path.lexists(path) and _digest(path) != digests[rel]:
             continue  # changed since the check: the user's now
+        if path.is_symlink() or not (path.is_file() if _file_entry(rel) else path.is_dir()):
+            continue  # gone, or not what the tool wrote there (a user's file where a class folder was): kept
         try:
-            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+            path.unlink() if _file_entry(rel) else path.rmdir()
         except FileNotFoundError:
             pass
         except OSError as exc:

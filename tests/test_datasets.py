@@ -394,3 +394,20 @@ def test_a_manifest_that_is_not_a_regular_file_is_one_line_never_read(tiny, kind
     run = subprocess.run([sys.executable, "-m", "pipeline", "data", str(out), "--train-per-class", "3", "--test-per-class", "2", "--quiet"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2 and "MANIFEST.json: unreadable manifest (not a regular file)" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_a_users_file_where_a_listed_folder_was_is_never_deleted(tiny, tmp_path):
+    """Eleventh pass (#22): a user's file named like a listed folder (`train/bag`, `test`) counted as the tool's; the rebuild deleted it."""
+    import shutil
+
+    out, _result = tiny
+    shutil.move(out / "train" / "bag", tmp_path / "moved")
+    (out / "train" / "bag").write_text("precious notes")
+    with pytest.raises(PipelineError, match=r"holds 1 file\(s\) this tool did not write \(e\.g\. train/bag: "):
+        datasets.build_fashion_mnist(out, train_per_class=3, test_per_class=2, progress=False)
+    assert (out / "train" / "bag").read_text() == "precious notes"
+    old = tmp_path / "old"
+    shutil.copytree(out, old / "tree")
+    ours = datasets._manifest_files(json.loads((out / "MANIFEST.json").read_text()))
+    datasets._remove_ours(old, ours, None)  # a file where a listed folder was, met at the removal: kept
+    assert (old / "tree" / "train" / "bag").read_text() == "precious notes"

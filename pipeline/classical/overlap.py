@@ -43,14 +43,18 @@ def grouping_files(files: list[tuple[str | None, int]]) -> list[tuple[str | None
 
     Grouping too much is harmless (rows kept on one side); missing twins is not (a ``touch`` on twins split them, with no word).
     """
-    out = []
+    out, regrouped = [], 0
     for p, s in files:
         if s < 0 and p is not None:
             try:
                 s = os.stat(p).st_size
+                regrouped += 1
             except OSError:
                 pass
         out.append((p, s))
+    if regrouped:
+        print(f"note: {regrouped} images changed since they were extracted: kept with identical images by their bytes today (one that was "
+              "identical when extracted and changed since cannot be known: extract again)", file=sys.stderr)  # fmt: skip
     return out
 
 
@@ -79,15 +83,16 @@ def check_no_overlap(ff, test_ff, allowed: bool, files: list[tuple[str | None, i
     if same_file(Path(ff.path), Path(test_ff.path)):
         raise PipelineError(f"{test_ff.path}: is the training file {ff.path}; a test set must hold other images (extract a separate test folder)")
     if not allowed:
-        test_files = row_files(test_ff)
-        refuse_shared(shared_files(row_files(ff) if files is None else files, test_files), test_ff.path, len(test_ff), ff.path)
+        test_files, files = row_files(test_ff), row_files(ff) if files is None else files
+        refuse_shared(shared_files(files, test_files), test_ff.path, len(test_ff), ff.path)
         say_stale(test_ff, test_files)
+        say_stale(ff, files, "training images", "the test images")
 
 
-def say_stale(test_ff, files: list[tuple[str | None, int]]) -> None:
-    """Say on stderr how many of a test file's images changed since they were extracted (``files``: its ``row_files``): their
-    features come from bytes that are gone, so an image copied from the training set since cannot be told by content."""
-    stale = stale_rows(test_ff, files)
+def say_stale(ff, files: list[tuple[str | None, int]], what: str = "images", against: str = "the training images") -> None:
+    """Say on stderr how many of a feature file's images changed since they were extracted (``files``: its ``row_files``): their
+    features come from bytes that are gone, so an image copied or touched since cannot be told by content (on either side)."""
+    stale = stale_rows(ff, files)
     if stale:
-        print(f"note: {stale} images of {test_ff.path} changed since they were extracted: not compared with the training images by content "
-              "(extract the test file again)", file=sys.stderr)  # fmt: skip
+        print(f"note: {stale} {what} of {ff.path} changed since they were extracted: not compared with {against} by content "
+              "(extract that file again)", file=sys.stderr)  # fmt: skip

@@ -7,7 +7,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import atomic_output
+
+
+#: HDF5's environment variables that make it open other files than the ones named (a family or split driver's member
+#: files, a merged file's shards from another folder), or in another way than the checks here assume.
+HDF5_REDIRECTS = ("HDF5_DRIVER", "HDF5_DRIVER_CONFIG", "HDF5_VDS_PREFIX", "HDF5_EXTFILE_PREFIX")
+
+
+def check_hdf5_environment() -> None:
+    """Refuse, before any work, an environment that makes HDF5 open other files (``HDF5_REDIRECTS``; ``HDF5_DRIVER=sec2``, the default, is fine).
+
+    Raises:
+        PipelineError: naming the variable (``HDF5_DRIVER=family`` published a file, then failed reading it back with a traceback).
+    """
+    for name in HDF5_REDIRECTS:
+        value = os.environ.get(name)
+        if value and not (name == "HDF5_DRIVER" and value.lower() == "sec2"):
+            raise PipelineError(f"{name}={value} is set in the environment: HDF5 would open other files than the ones named "
+                                f"(a feature file is one file, its shards beside it); unset {name}")  # fmt: skip
 
 
 class SurvivingFile:

@@ -126,6 +126,15 @@ def recorded_files(record) -> list[tuple[str | None, int]] | None:
         return None
 
 
+def say_unknown_bytes(trained_on: list[tuple[str | None, int]], model_what: str, against) -> None:
+    """Say on stderr how many recorded training images had changed since their extraction when the model was fitted (size -1):
+    their bytes then are not known, so they are not compared by content."""
+    changed = sum(p is not None and size < 0 for p, size in trained_on)
+    if changed:
+        print(f"note: {changed} of the images {model_what} was fitted on had changed since their extraction when it was fitted: "
+              f"not compared with {against} by content", file=sys.stderr)  # fmt: skip
+
+
 def refuse_trained_on(record, listing, paths, allowed: bool, model_what: str) -> None:
     """Refuse test images (``paths``, relative to ``listing``'s root) that a bundle's model was fitted on (its ``record``), unless ``allowed``.
 
@@ -140,6 +149,7 @@ def refuse_trained_on(record, listing, paths, allowed: bool, model_what: str) ->
         return
     size = dict(zip(listing.paths, listing.sizes.tolist()))
     test = [(os.path.realpath(listing.root / p), int(size.get(p, -1))) for p in paths]
+    say_unknown_bytes(trained_on, model_what, listing.root)
     refuse_shared(shared_files(trained_on, test), listing.root, len(test), model_what)
 
 

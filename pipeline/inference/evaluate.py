@@ -23,7 +23,7 @@ from pipeline.classical.bundle import check_features_match, check_spec, load_bun
 from pipeline.rows.pooling import read_groups
 from pipeline.classical.overlap import row_files, say_stale
 from pipeline.images.listing import list_images
-from pipeline.images.overlap import listing_files, recorded_files, refuse_shared, shared_files
+from pipeline.images.overlap import listing_files, recorded_files, refuse_shared, say_unknown_bytes, shared_files
 from pipeline.core.digests import file_digest
 from pipeline.core.guard import refuse_inside, refuse_replacing_inputs
 from pipeline.featurefile.checks import shard_files
@@ -141,6 +141,7 @@ def _check_overlap(config: EvaluateConfig, bundle: dict, file_rows: list | None)
         return
     data = Path(config.data)
     files = listing_files(list_images(data)) if file_rows is None else file_rows
+    say_unknown_bytes(trained_on, f"the model {config.model}", data)
     found = shared_files(trained_on, files)
     refuse_shared(found, data, len(files), f"the model {config.model}")
 

@@ -185,3 +185,25 @@ def test_test_images_changed_since_extraction_are_said_not_compared(tmp_path, ca
     train.run(TrainConfig(features=tmp_path / "train.h5", test=tmp_path / "test.h5", output=tmp_path / "m", quiet=True, cv=2, C=(1.0,)))
     err = capsys.readouterr().err
     assert "note: 1 images of" in err and "test.h5 changed since they were extracted: not compared with the training images by content" in err
+
+
+def test_training_images_changed_since_extraction_are_said_wherever_content_is_compared(tmp_path, capsys):
+    """Eleventh pass (#22): a training image touched since extraction made `train --test` and `evaluate` miss a test image that is a
+    copy of it, with no word (only test-side changes were said); twins changed since extraction were regrouped silently."""
+    import os
+
+    from pipeline.inference import evaluate
+
+    data = make_tree(tmp_path / "train", classes=("cat", "dog"), per_class=5)
+    test = make_tree(tmp_path / "test", classes=("cat", "dog"), per_class=3, seed=9)
+    shutil.copy(data / "cat" / "000.png", test / "cat" / "copy.png")
+    for split in ("train", "test"):
+        extract.run(ExtractConfig(data_dir=tmp_path / split, output=tmp_path / f"{split}.h5", **TINY))
+    os.utime(data / "cat" / "000.png", ns=(1_000_000_000, 1_000_000_000))  # touched: its bytes at extraction are not known
+    capsys.readouterr()
+    train.run(TrainConfig(features=tmp_path / "train.h5", test=tmp_path / "test.h5", output=tmp_path / "m", cv=2, quiet=True, **FAST_GRID["lr"]))
+    assert "note: 1 training images of" in capsys.readouterr().err
+    evaluate.run(evaluate.EvaluateConfig(model=tmp_path / "m" / "lr.joblib", data=tmp_path / "test", output=tmp_path / "ev", quiet=True))
+    assert "note: 1 of the images the model" in capsys.readouterr().err
+    train.run(TrainConfig(features=tmp_path / "train.h5", output=tmp_path / "m2", cv=2, quiet=True, **FAST_GRID["lr"]))
+    assert "note: 1 images changed since they were extracted: kept with identical images by their bytes today" in capsys.readouterr().err
