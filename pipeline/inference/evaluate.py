@@ -155,14 +155,16 @@ def _check_output(config: EvaluateConfig, bundle: dict, test_images: str | None)
         inputs.append(("the weights file", Path(config.weights)))
     if Path(config.data).is_file():  # a merged test file reads its shards: deleting them breaks it
         inputs += [("a shard of the test file", shard) for shard in shard_files(config.data)]
-    refuse_replacing_inputs(folder, inputs, "evaluate", "choose another -o folder")
+    trained_in = (bundle.get("training_images") or {}).get("data_dir") if isinstance(bundle.get("training_images"), dict) else None
+    images = [("the model's training images", trained_in), ("the images of the test file", test_images)]
+    refuse_replacing_inputs(folder, inputs + [(w, Path(p)) for w, p in images if p and Path(p).is_dir()], "evaluate", "choose another -o folder")
     if Path(config.data).is_dir() and is_within(folder, Path(config.data)):
         raise PipelineError(f"{folder}: is inside the test data folder {config.data} (its files would be read as images next time); choose another -o folder")
-    trained_in = (bundle.get("training_images") or {}).get("data_dir") if isinstance(bundle.get("training_images"), dict) else None
-    refuse_inside(folder, [("the model's training images", trained_in), ("the images of the test file", test_images)], "choose another -o folder")
-    if (folder.exists() or folder.is_symlink()) and not config.overwrite:
-        if not (folder.is_dir() and (folder / MARKER).is_file()):
-            raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; pass --overwrite to replace it")
+    refuse_inside(folder, images, "choose another -o folder")
+    if os.path.lexists(folder) and not (folder.is_dir() and ((folder / MARKER).is_file() or (folder / RECEIPT).is_file())):
+        # not an evaluation at all (a data root, a user's folder): replaced whole it would be lost, --overwrite or not
+        raise PipelineError(f"{folder}: exists and is not an evaluation folder written by evaluate; evaluate replaces only its own: choose another -o folder")
+    if os.path.lexists(folder) and not config.overwrite:
         foreign = sorted(n for n in os.listdir(folder) if n not in OUTPUT_FILES)
         if foreign:  # a train set or a note written into the folder since: replacing it would delete them
             raise PipelineError(f"{folder}: holds {len(foreign)} file(s) evaluate did not write (e.g. {foreign[0]}); pass --overwrite to replace the folder, or choose another -o folder")
@@ -207,6 +209,8 @@ def run(config: EvaluateConfig) -> dict:
     check_spec(model_path, bundle)
     if not data.exists():
         raise PipelineError(f"{data}: no such feature file or folder")
+    if data.is_dir() and is_within(model_path, data):  # its plots would be scored as images of a class
+        raise PipelineError(f"{model_path}: the model is inside the test data folder {data} (its files would be read as images); move it out")
     test_images, file_rows = None, None
     if data.is_file():  # a feature file, opened once for its checks: the image folder it was extracted from, its rows' images
         from pipeline.featurefile.store import open_features

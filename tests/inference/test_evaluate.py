@@ -72,9 +72,10 @@ def test_a_new_evaluation_replaces_the_old_set_and_foreign_folders_are_kept(setu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no temporary or previous folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(PipelineError, match=r"mine: exists and is not an evaluation folder written by evaluate; pass --overwrite"):
-        evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "mine", quiet=True))
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    for overwrite in (False, True):  # eleventh pass: with --overwrite (the advice given) a user's folder was replaced whole
+        with pytest.raises(PipelineError, match=r"mine: exists and is not an evaluation folder written by evaluate; evaluate replaces only its own"):
+            evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "mine", quiet=True, overwrite=overwrite))
+        assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(PipelineError, match=r"is inside the test data folder"):
         evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test", output=root / "test" / "cat" / "ev", quiet=True))
 
@@ -180,3 +181,20 @@ def test_a_test_file_whose_images_changed_since_extraction_is_said_not_compared(
     capsys.readouterr()
     evaluate.run(evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=tmp_path / "t.h5", output=tmp_path / "ev", quiet=True))
     assert "note: 1 images of" in capsys.readouterr().err
+
+
+def test_an_evaluation_never_replaces_a_folder_holding_the_images_and_never_scores_its_own_model(setup, tmp_path):
+    """Eleventh pass (#22): `evaluate MODEL TEST.h5 -o DATA_ROOT --overwrite` replaced the data root (the model's training images and
+    the test file's images) with the evaluation, exit 0; and a model saved inside the test tree had its confusion plot scored as an image."""
+    import shutil
+
+    root, _ = setup
+    model, test = shutil.copy(root / "models" / "lr.joblib", tmp_path / "lr.joblib"), shutil.copy(root / "test.h5", tmp_path / "te.h5")
+    with pytest.raises(PipelineError, match=r"holds the model's training images .*; replacing the folder would delete it"):
+        evaluate.run(evaluate.EvaluateConfig(model=model, data=test, output=root, quiet=True, overwrite=True))
+    assert (root / "train" / "cat").is_dir() and (root / "test" / "cat").is_dir()
+    tree = tmp_path / "t"
+    shutil.copytree(root / "test", tree)
+    shutil.copytree(root / "models", tree / "cat" / "m")
+    with pytest.raises(PipelineError, match=r"the model is inside the test data folder .* \(its files would be read as images\)"):
+        evaluate.run(evaluate.EvaluateConfig(model=tree / "cat" / "m" / "lr.joblib", data=tree, output=tmp_path / "ev", quiet=True))
