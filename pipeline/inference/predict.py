@@ -29,7 +29,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, OneOf, option
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, prepare_output_dir
+from pipeline.core.outputs import OutputLock, prepare_output_dir, special_kind
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,10 @@ def check_output(output: Path, model_path: Path, images: list[Path], overwrite: 
     """
     inputs = [("the model bundle", model_path), *(("the image", p) for p in images)]
     refuse_inputs_as_outputs([output], inputs, "choose another -o file")
-    if (output.exists() or output.is_symlink()) and not overwrite and not is_predictions_file(output):
+    if output.is_symlink() or special_kind(output) or output.is_dir():  # replaced by a file, --overwrite or not (a device, /dev/stdout)
+        kind = "a symbolic link" if output.is_symlink() else "a folder" if output.is_dir() else special_kind(output)
+        raise PipelineError(f"{output}: is {kind}; predict writes a file in its place, never over a link, a folder or a device: choose another -o file")
+    if output.exists() and not overwrite and not is_predictions_file(output):
         raise PipelineError(f"{output}: exists and is not a predictions file written by predict; pass --overwrite to replace it")
     prepare_output_dir(output.parent)
 

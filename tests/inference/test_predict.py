@@ -299,3 +299,25 @@ def test_a_users_json_list_of_records_is_not_taken_for_predictions(tmp_path):
     ours = tmp_path / "p.json"
     ours.write_text(format_results([{"path": "a.png", "label": "cat", "score": 0.9, "error": None, "top": []}], "json"))
     assert not is_predictions_file(mine) and is_predictions_file(ours)
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "device"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_link_fifo_or_device_is_never_replaced_by_predictions(trained, images, tmp_path, kind, overwrite):
+    """Eleventh pass (#22): predict replaced a user's link without --overwrite (its target not updated), and with --overwrite a FIFO,
+    a device node or /dev/stdout itself became a regular file."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    if kind == "link":
+        (tmp_path / "p1.txt").write_text("earlier\n")
+        out.symlink_to("p1.txt")
+    elif kind == "fifo":
+        os.mkfifo(out)
+    else:
+        out.symlink_to("/dev/null")
+    what = {"link": "a symbolic link", "fifo": r"a FIFO \(named pipe\)", "device": "a symbolic link"}[kind]
+    with pytest.raises(PipelineError, match=rf"out: is {what}; predict writes a file in its place, never over a link, a folder or a device"):
+        cli(trained["lr"], images / "a.png", "-o", out, "--quiet", *(["--overwrite"] if overwrite else []))
+    assert out.is_symlink() if kind != "fifo" else stat.S_ISFIFO(os.lstat(out).st_mode)
