@@ -195,6 +195,14 @@ def _class_folders(root: Path, classes: list[str]) -> dict[str, str]:
     return real
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is (or links to) a folder; a link to itself (ELOOP) is not: a file that decoding rejects with its reason."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -215,11 +223,7 @@ def _walk(root: Path, folder: Path, chain: tuple[str, ...], classes: dict[str, s
     subs = []
     for e in entries:
         full = Path(e.path)
-        try:
-            is_dir = e.is_dir()
-        except OSError:  # a link to itself (ELOOP): a file that decoding rejects with its reason
-            is_dir = False
-        if not is_dir:
+        if not _is_dir(e):
             files.append((full, e.is_symlink()))
             continue
         if e.is_symlink():
@@ -266,8 +270,8 @@ def list_images(data_dir: Path | str) -> Listing:
     if not root.is_dir():
         raise PipelineError(f"{root}: not a folder (expected one sub-folder per class)")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    skipped = [Reject(e.name, "not inside a class folder", *_stat(Path(e.path))) for e in entries if not e.name.startswith(".") and not e.is_dir()]
+    classes = [e.name for e in entries if _is_dir(e) and not e.name.startswith(".")]
+    skipped = [Reject(e.name, "not inside a class folder", *_stat(Path(e.path))) for e in entries if not e.name.startswith(".") and not _is_dir(e)]
     _split_folders(root, classes)
     if not classes:
         raise PipelineError(f"{root}: no class sub-folders (expected one sub-folder per class, e.g. {root}/cats/*.jpg)")

@@ -130,3 +130,12 @@ def test_a_file_reached_twice_is_listed_once_where_it_lies_and_the_other_path_is
     (only_links / "dog" / "a.png").symlink_to(only_links / "cat" / "000.png")
     with pytest.raises(PipelineError, match=r"d2/dog: class folder has no image of its own: its 1 image file\(s\) are links or hard links"):
         list_images(only_links)
+
+
+def test_a_link_to_itself_at_the_top_of_the_data_folder_is_a_record_not_a_traceback(tmp_path):
+    """Eleventh pass (#22): `extract`, `evaluate`, `finetune --test` and `extract_features` on a folder holding `loop -> loop` at its top
+    were an OSError traceback (Too many levels of symbolic links)."""
+    make_tree(tmp_path / "d", classes=("a", "b"), per_class=2)
+    (tmp_path / "d" / "loop").symlink_to("loop")
+    listing = list_images(tmp_path / "d")
+    assert len(listing) == 4 and [(r.path, r.reason) for r in listing.skipped] == [("loop", "not inside a class folder")]
