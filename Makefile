@@ -118,4 +118,5 @@ test-avx2: setup ## run the test suite as an AVX2-only CPU would (`--precision a
 	PIPELINE_CPU_FLAGS="avx2 fma" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean: ## remove generated features (keeps .venv, data and the weights cache)
-	rm -rf $(FEATURES)/*.h5 $(FEATURES)/*.partial $(FEATURES)/models
+	@test -n "$(strip $(FEATURES))" || { echo "error: FEATURES is empty; make clean removes FEATURES/*.h5, FEATURES/*.partial and FEATURES/models" >&2; exit 2; }
+	rm -rf -- "$(FEATURES)"/*.h5 "$(FEATURES)"/*.partial "$(FEATURES)/models"

@@ -32,6 +32,8 @@ def _normalize(n, split: str, flag: str) -> int | None:
         return None
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise PipelineError(f"{flag} must be a positive whole number or None (all), got {n!r}")
+    if n > PER_CLASS_AVAILABLE[split]:  # taken as "all", said: the tree holds fewer than asked
+        print(f"note: {flag} {n}: Fashion-MNIST has {PER_CLASS_AVAILABLE[split]} {split} images per class; taking all of them", file=sys.stderr)
     return None if n >= PER_CLASS_AVAILABLE[split] else int(n)
 
 

@@ -180,3 +180,25 @@ def test_an_environment_that_makes_hdf5_open_other_files_is_one_line_before_any_
     monkeypatch.setenv("HDF5_DRIVER", "sec2")
     monkeypatch.delenv("HDF5_VDS_PREFIX", raising=False)
     assert main(["extract", str(data), "-o", str(tmp_path / "x.h5"), "--weights", "none", "--input-size", "32", "--quiet"]) == 0
+
+
+def test_make_clean_removes_only_the_generated_features(tmp_path):
+    """Eleventh pass (#22): `make clean FEATURES="my features"` ran `rm -rf my features/*.h5 ...` and deleted the folder `my`;
+    an empty FEATURES gave `rm -rf /*.h5 /*.partial /models`."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "my").mkdir()
+    (tmp_path / "my" / "thesis.txt").write_text("precious")
+    gen = tmp_path / "my features"
+    (gen / "models").mkdir(parents=True)
+    (gen / "x.h5").write_bytes(b"")
+    (gen / "keep.txt").write_text("kept")
+    done = subprocess.run(["make", "-s", "clean", "FEATURES=my features"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "my" / "thesis.txt").read_text() == "precious" and sorted(p.name for p in gen.iterdir()) == ["keep.txt"]
+    done = subprocess.run(["make", "-s", "clean", "FEATURES="], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "FEATURES is empty" in done.stderr

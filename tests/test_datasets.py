@@ -135,9 +135,12 @@ def test_same_seed_same_subset(tiny, tmp_path):
     assert _pngs(other) == _pngs(out)
 
 
-def test_counts_at_or_above_available_mean_all():
+def test_counts_at_or_above_available_mean_all(capsys):
     assert datasets._normalize(6000, "train", "x") is None
     assert datasets._normalize(1000, "test", "x") is None
+    assert capsys.readouterr().err == ""
+    assert datasets._normalize(1500, "test", "test_per_class") is None  # eleventh pass: taken as all without a word
+    assert capsys.readouterr().err == "note: test_per_class 1500: Fashion-MNIST has 1000 test images per class; taking all of them\n"
     assert datasets._normalize(999, "test", "x") == 999
     with pytest.raises(PipelineError, match="positive"):
         datasets._normalize(0, "train", "train_per_class")
