@@ -224,10 +224,21 @@ def run(config: EvaluateConfig) -> dict:
         _check_overlap(config, bundle, None)
     folder = _check_output(config, bundle, test_images)
     with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
-        return _evaluate(config, model_path, bundle, _check_output(config, bundle, test_images), test_images)
+        folder = _check_output(config, bundle, test_images)
+        return _evaluate(config, model_path, bundle, folder, test_images, _contents(folder))
 
 
-def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path, test_images: str | None) -> dict:
+def _contents(folder: Path) -> dict | None:
+    """What a folder holds (name -> size, modification time, inode of each entry), None when there is none: what ``--overwrite`` consented to replace."""
+    try:
+        return {e.name: (e.stat(follow_symlinks=False).st_size, e.stat(follow_symlinks=False).st_mtime_ns, e.inode()) for e in os.scandir(folder)}
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PipelineError(f"{folder}: cannot be read ({exc.strerror or exc}); choose another -o folder") from None
+
+
+def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Path, test_images: str | None, before: dict | None) -> dict:
     data = Path(config.data)
     warn_on_version_change(model_path, bundle)
     y, pred, score, paths, rejected = (_from_folder if data.is_dir() else _from_feature_file)(config, bundle)
@@ -250,6 +261,10 @@ def _evaluate(config: EvaluateConfig, model_path: Path, bundle: dict, folder: Pa
         plots.confusion_matrix(np.asarray(metrics["confusion"]), names, tmp / "confusion.png", title=f"{bundle.get('model')}: {accuracy_text(metrics)}")
         write_json_atomic(tmp / RECEIPT, {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != RECEIPT})
         _check_output(config, bundle, test_images)  # again at the swap: a note put in the folder during the run is not deleted with it
+        now = _contents(folder)
+        if now != before:  # --overwrite consented to what was there at the start, not to a file (a model set) written since
+            changed = sorted(set(now or {}) ^ set(before or {}) | {n for n in set(now or {}) & set(before or {}) if now[n] != before[n]})
+            raise PipelineError(f"{folder}: changed during the run (e.g. {changed[0] if changed else 'the folder'}); it was not replaced: run again")
     print(f"{header.strip()}; {len(wrong)} misclassified, {len(rejected)} unreadable -> {folder}/", file=sys.stderr)
     absent = [n for i, n in enumerate(names) if not np.any(y == i)]
     if absent:  # not scored: the accuracy and macro-F1 say nothing about them

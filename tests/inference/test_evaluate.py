@@ -147,12 +147,14 @@ def test_an_evaluation_inside_the_images_of_its_test_file_is_refused(setup, tmp_
     assert not (root / "test" / "dog" / "E").exists()
 
 
-def test_a_file_put_in_the_evaluation_folder_during_the_run_is_not_deleted(setup, tmp_path, monkeypatch):
-    """Ninth pass (#22): the folder was checked at start-up only; a note written into it while evaluate ran went with the old folder."""
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_put_in_the_evaluation_folder_during_the_run_is_not_deleted(setup, tmp_path, monkeypatch, overwrite):
+    """Ninth pass (#22): the folder was checked at start-up only; a note written into it while evaluate ran went with the old folder.
+    Twelfth pass: with --overwrite too (it consents to what was there at the start; a model set trained into it meanwhile was lost)."""
     from pipeline.report import plots
 
     root, _ = setup
-    config = evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True)
+    config = evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True, overwrite=overwrite)
     evaluate.run(config)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir()}
     real = plots.confusion_matrix
@@ -162,7 +164,8 @@ def test_a_file_put_in_the_evaluation_folder_during_the_run_is_not_deleted(setup
         return real(*args, **kwargs)
 
     monkeypatch.setattr(plots, "confusion_matrix", and_a_note)
-    with pytest.raises(PipelineError, match=r"ev: holds 1 file\(s\) evaluate did not write \(e\.g\. note\.txt\)"):
+    message = r"ev: changed during the run \(e\.g\. note\.txt\); it was not replaced" if overwrite else r"ev: holds 1 file\(s\) evaluate did not write \(e\.g\. note\.txt\)"
+    with pytest.raises(PipelineError, match=message):
         evaluate.run(config)
     assert (tmp_path / "ev" / "note.txt").read_text() == "mine"
     assert {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir() if p.name != "note.txt"} == before
