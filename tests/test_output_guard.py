@@ -305,3 +305,39 @@ def test_an_export_named_like_a_stage_is_not_taken_for_its_set(tmp_path, capsys)
         stage.path("compare").write_text("network 2")
         stage.path("compare.json").write_text("export metadata 2")
     assert (out / "compare.json").read_text() == "export metadata 2"
+
+
+def test_finishing_a_killed_publication_keeps_a_file_edited_since_and_a_users_staging_named_folder(tmp_path, monkeypatch, capsys):
+    """Twelfth pass (#22): a set whose publication was killed after its commit was finished by the next reader, replacing a report the
+    user had edited since (no word); and a user's folder named like a dead process's staging folder (`.lr.set-4000000`) was deleted."""
+    from pipeline.core import outputsets
+    from pipeline.core.outputsets import publish, settle
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def write(report, bundle):
+        with publish(out, "lr", ("lr.report.txt", "lr.joblib"), lock="lr.joblib", locked=False) as stage:
+            stage.path("lr.joblib").write_text(bundle)
+            stage.path("lr.report.txt").write_text(report)
+
+    write("r1", "b1")
+    mine = out / ".lr.set-999999999"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("user data")
+    real = outputsets._roll_forward
+
+    def killed(*_):
+        raise KeyboardInterrupt  # killed right after the commit, before any file moved
+
+    monkeypatch.setattr(outputsets, "_roll_forward", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write("r2", "b2")
+    assert (mine / "keep.txt").read_text() == "user data"  # not the tool's staging: kept
+    monkeypatch.setattr(outputsets, "_roll_forward", real)
+    (out / "lr.report.txt").write_text("r1, annotated by hand")  # edited while the set waits to be finished
+    capsys.readouterr()
+    settle(out, "lr")  # what the next reader or writer does
+    assert (out / "lr.report.txt").read_text() == "r2" and (out / "lr.joblib").read_text() == "b2"
+    (edited,) = out.glob("lr.report.txt.edited-*")
+    assert edited.read_text() == "r1, annotated by hand" and "the edited file is kept as lr.report.txt.edited-" in capsys.readouterr().err

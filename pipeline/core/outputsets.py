@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -40,6 +41,7 @@ from pipeline.core.digests import file_digest
 from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes, special_kind, write_json_atomic
 
 MANIFEST = "manifest.json"
+STAGING_MARK = ".pipeline-staging"  # in every staging folder: only marked ones of dead processes are removed
 #: How long a reader waits for a writer that is moving a committed set into place.
 SETTLE_WAIT_SECONDS = 5.0
 
@@ -91,9 +93,11 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
         check_members(folder, name, members, folders)  # the stage checked them before its work too; this is the last look before writing
         remove_dead_staging(folder, name)
         staging = folder / f".{name}.set-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        if (staging / STAGING_MARK).is_file():  # this pid's, from a run long ago
+            shutil.rmtree(staging, ignore_errors=True)
         try:
             staging.mkdir()
+            (staging / STAGING_MARK).write_bytes(b"")
             stage = Staging(staging, members)
             yield stage
             manifest = {"set": name, "lock": lock, "install": [m for m in members if m in stage.written], "remove": [m for m in members if m not in stage.written],
@@ -172,7 +176,8 @@ def settle_for(path: Path) -> None:
 
 def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     """Remove the staging folders of set ``name`` (``.NAME.set-PID``) whose process is gone (a kill before the commit); what was removed."""
-    removed = left_by_dead_processes(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"))
+    found = left_by_dead_processes(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"))
+    removed = [p for p in found if p.is_dir() and not p.is_symlink() and (p / STAGING_MARK).is_file()]  # only its own: a user's folder of that name stays
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
@@ -322,19 +327,37 @@ def _manifest(journal: Path) -> dict:
     return manifest
 
 
+def _keep_edited(path: Path, receipt: dict) -> bool:
+    """Move a set's file aside (``NAME.edited-TIME``, said on stderr) when it is not what the receipt says the tool wrote (edited by
+    hand after a run was killed mid-publication: finishing that run must not destroy the edit); whether it was moved."""
+    entry = receipt.get(path.name)
+    if path.is_symlink() or not path.is_file() or (entry is not None and entry[0] == _digest_or_none(path)):
+        return False
+    kept = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.rename(path, kept)
+    print(f"note: {path} was changed after the run that wrote it was stopped; the edited file is kept as {kept.name}", file=sys.stderr)
+    return True
+
+
 def _roll_forward(journal: Path, manifest: dict) -> None:
     """Step 3: remove the members the new set does not have, move each staged file into place (in order), drop the journal. Idempotent."""
     folder = journal.parent
     try:
+        before = _receipt(folder, manifest["set"]) or {}
+    except PipelineError:
+        before = {}
+    try:
         for member in manifest["remove"]:
             old = folder / member
-            if old.is_symlink() or old.is_file():
+            if (old.is_symlink() or old.is_file()) and not _keep_edited(old, before):
                 old.unlink()
         for member in manifest["install"]:
             new, old = journal / member, folder / member
             if os.path.lexists(new):
                 if member in manifest["folders"] and old.is_dir() and not old.is_symlink():
                     os.rename(old, journal / f"{member}.replaced")  # a folder member replaces the previous one whole; it goes with the journal
+                elif old.is_file() and not old.is_symlink():
+                    _keep_edited(old, before)
                 os.replace(new, old)
         fsync_dir(folder)
         if isinstance(manifest.get("digests"), dict):  # the receipt: what this publication installed, so the next one knows its own files
