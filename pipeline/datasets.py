@@ -81,6 +81,14 @@ def _read_manifest(out_dir: pathlib.Path) -> dict | None:
     return manifest
 
 
+def _ours(root: pathlib.Path) -> bool:
+    """Whether ``root`` holds a data tree this command built (a readable Fashion-MNIST manifest)."""
+    try:
+        return _read_manifest(root) is not None
+    except PipelineError:
+        return False
+
+
 def _whole(value, least: int, most: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least and (most is None or value <= most)
 
@@ -212,6 +220,9 @@ def build_fashion_mnist(out_dir, *, train_per_class=100, test_per_class=50, seed
 
     if out_dir.exists() and not out_dir.is_dir():
         raise PipelineError(f"{out_dir} exists and is not a folder")
+    outer = next((p for p in out_dir.parents if (p / MANIFEST).is_file() and _ours(p)), None)
+    if outer is not None:  # its images would be read as images of the outer tree's class folder
+        raise PipelineError(f"{out_dir}: is inside the data tree {outer} (its {MANIFEST}); choose a folder outside it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

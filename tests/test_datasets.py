@@ -414,3 +414,12 @@ def test_a_users_file_where_a_listed_folder_was_is_never_deleted(tiny, tmp_path)
     ours = datasets._manifest_files(json.loads((out / "MANIFEST.json").read_text()))
     datasets._remove_ours(old, ours, None)  # a file where a listed folder was, met at the removal: kept
     assert (old / "tree" / "train" / "bag").read_text() == "precious notes"
+
+
+def test_a_tree_inside_another_data_tree_is_refused(tiny):
+    """Twelfth pass (#22): `data ROOT/train/bag/more` built a tree of all ten classes inside the class folder bag: the next extract
+    labelled its 30 images `bag`."""
+    out, _result = tiny
+    with pytest.raises(PipelineError, match=r"bag/more: is inside the data tree .*fmnist \(its MANIFEST\.json\); choose a folder outside it"):
+        datasets.build_fashion_mnist(out / "train" / "bag" / "more", train_per_class=2, test_per_class=1, progress=False)
+    assert not (out / "train" / "bag" / "more").exists()

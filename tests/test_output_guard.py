@@ -341,3 +341,15 @@ def test_finishing_a_killed_publication_keeps_a_file_edited_since_and_a_users_st
     assert (out / "lr.report.txt").read_text() == "r2" and (out / "lr.joblib").read_text() == "b2"
     (edited,) = out.glob("lr.report.txt.edited-*")
     assert edited.read_text() == "r1, annotated by hand" and "the edited file is kept as lr.report.txt.edited-" in capsys.readouterr().err
+
+
+def test_an_output_inside_a_split_beside_the_training_images_is_refused(tmp_path):
+    """Twelfth pass (#22): `train DATA_train.h5 -o DATA/test/bag` was accepted (only DATA/train was guarded); the next extract of
+    DATA/test took lr.confusion.png for a test image of bag."""
+    data = tmp_path / "d"
+    make_tree(data / "train", classes=("cat", "dog"), per_class=4)
+    make_tree(data / "test", classes=("cat", "dog"), per_class=2)
+    extract.run(ExtractConfig(data_dir=data / "train", output=tmp_path / "f.h5", input_size=32, weights="none", quiet=True))
+    with pytest.raises(PipelineError, match=r"d/test/cat/m: is inside .*d/test, a split beside the image folder of .*d/train"):
+        train.run(train.TrainConfig(features=tmp_path / "f.h5", output=data / "test" / "cat" / "m", quiet=True, **FAST_GRID["lr"]))
+    assert not (data / "test" / "cat" / "m").exists()

@@ -57,6 +57,24 @@ def refuse_inside(output: Path, folders: Iterable[tuple[str, Path | str | None]]
     for what, folder in folders:
         if folder and Path(folder).is_dir() and is_within(Path(output), Path(folder)):
             raise PipelineError(f"{output}: is inside {what} {folder} (its files would be read as images there next time); {advice}")
+        for split in _sibling_splits(folder):  # DATA/train given: DATA/test is a tree of the same data set (a plot there became a test image)
+            if is_within(Path(output), split):
+                raise PipelineError(f"{output}: is inside {split}, a split beside {what} {folder} (its files would be read as images there next time); {advice}")
+
+
+#: Sub-folder names that are splits of a data set, not classes (compared in lower case).
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
+
+
+def _sibling_splits(folder) -> list[Path]:
+    """The other split folders beside an image folder that is a split (``DATA/train`` -> ``DATA/test``, ``DATA/val``...)."""
+    if not folder or Path(folder).name.lower() not in SPLIT_NAMES:
+        return []
+    parent = Path(folder).parent
+    try:
+        return [parent / n for n in sorted(os.listdir(parent)) if n.lower() in SPLIT_NAMES and n != Path(folder).name and (parent / n).is_dir()]
+    except OSError:
+        return []
 
 
 def refuse_replacing_inputs(folder: Path, inputs: Iterable[tuple[str, Path]], stage: str, advice: str) -> None:

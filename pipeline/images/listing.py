@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.guard import SPLIT_NAMES
 
 #: Accepted extensions (any case). The content decides how a file is decoded, not its name:
 #: a PNG saved as ``.jpg`` is read like ``keras.utils.load_img`` and Pillow read it.
@@ -161,8 +162,6 @@ def _once(entries: list, classes: list[str], skipped: list) -> list:
     return kept
 
 
-#: Sub-folder names that are splits of a data set, not classes (compared in lower case).
-SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
 
 
 def _split_folders(root: Path, classes: list[str]) -> None:
