@@ -223,15 +223,20 @@ def test_a_damaged_stored_row_is_computed_again_not_a_traceback(tmp_path, capsys
     assert json.loads(record.read_text())["row"]["accuracy"] == first  # the same fit again, stored whole
 
 
+def _tiny_compare(tmp_path, per_class: int, strategies: str, *flags: str):
+    """A first compare run of ``strategies`` on a tiny tree (``per_class`` training images of 24x24); its output folder and argv."""
+    make_tree(tmp_path / "d" / "train", per_class=per_class, size=(24, 24))
+    make_tree(tmp_path / "d" / "test", per_class=2, size=(24, 24))
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", strategies, *flags, "--quiet"]
+    assert main(argv) == 0
+    return out, argv
+
+
 def test_a_hand_edited_stored_row_or_network_metrics_file_is_never_reused(tmp_path, capsys):
     """Ninth pass (#22): compare reused a network row from a finetune.metrics.json whose accuracy had been edited by hand (its set's
     receipt no longer matched: LP-FT 0.990 in the table, 0.467 by its own predictions), and a classical row.json edited the same way."""
-    make_tree(tmp_path / "d" / "train", per_class=4, size=(24, 24))
-    make_tree(tmp_path / "d" / "test", per_class=2, size=(24, 24))
-    out = tmp_path / "out"
-    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "lr,scratch",
-            "--scratch-input-size", "16", "--scratch-epochs", "1", "--quiet"]  # fmt: skip
-    assert main(argv) == 0
+    out, argv = _tiny_compare(tmp_path, 4, "lr,scratch", "--scratch-input-size", "16", "--scratch-epochs", "1")
     first = {r["strategy"]: r["accuracy"] for r in json.loads((out / "compare.json").read_text())}
     record = out / "models" / "lr.row.json"
     stored = json.loads(record.read_text())
@@ -270,12 +275,7 @@ def test_a_probe_or_weights_changed_since_the_lpft_run_are_never_reused(tmp_path
     a network row after the weights file it was trained from had changed (the metrics named the old checksum)."""
     from pipeline.compare import rows
 
-    make_tree(tmp_path / "d" / "train", per_class=6, size=(24, 24))
-    make_tree(tmp_path / "d" / "test", per_class=2, size=(24, 24))
-    out = tmp_path / "out"
-    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "probe",
-            "--epochs", "1", "--head-epochs", "1", "--quiet"]  # fmt: skip
-    assert main(argv) == 0
+    out, argv = _tiny_compare(tmp_path, 6, "probe", "--epochs", "1", "--head-epochs", "1")
     table = (out / "compare.md").read_bytes()
     probe = next(out.glob("models/lpft-*/finetune.probe.joblib"))
     good = probe.read_bytes()
