@@ -54,9 +54,11 @@ def refuse_inside(output: Path, folders: Iterable[tuple[str, Path | str | None]]
     Raises:
         PipelineError: ``OUT: is inside WHAT FOLDER (its files would be read as images there next time); ADVICE``.
     """
+    folders = list(folders)
     for what, folder in folders:
         if folder and Path(folder).is_dir() and is_within(Path(output), Path(folder)):
             raise PipelineError(f"{output}: is inside {what} {folder} (its files would be read as images there next time); {advice}")
+    for what, folder in folders:
         for split in _sibling_splits(folder):  # DATA/train given: DATA/test is a tree of the same data set (a plot there became a test image)
             if is_within(Path(output), split):
                 raise PipelineError(f"{output}: is inside {split}, a split beside {what} {folder} (its files would be read as images there next time); {advice}")

@@ -130,11 +130,21 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     for left in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.") + r"(?:old|tmp)-(\d+)$")):
+        if not _work_of(folder, left.name.rsplit("-", 1)[1]):
+            continue  # not marked as this tool's (a user's folder of that name): left as it is
         if left.name.startswith(f".{folder.name}.old-") and not os.path.lexists(folder):
             os.rename(left, folder)  # killed between the two renames: the previous folder comes back
         else:
             shutil.rmtree(left, ignore_errors=True)
+    for mark in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.work-") + r"(\d+)$")):
+        if _work_of(folder, mark.name.rsplit("-", 1)[1]):
+            mark.unlink()
+    mark = folder.with_name(f".{folder.name}.work-{os.getpid()}")
+    for path in (tmp, old):
+        if os.path.lexists(path) and not _work_of(folder, str(os.getpid())):
+            raise PipelineError(f"{path}: exists and is not this tool's work folder; move it out, or choose another -o folder")
     try:
+        mark.write_text(WORK_MARK)  # marks this pid's .tmp- and .old- folders as the tool's, for the run that clears what a kill left
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         yield tmp
@@ -150,14 +160,30 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         if old.is_symlink():
             old.unlink()
         shutil.rmtree(old, ignore_errors=True)
+        mark.unlink(missing_ok=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not folder.exists():
             os.rename(old, folder)
+        mark.unlink(missing_ok=True)
         raise disk_error(folder, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        mark.unlink(missing_ok=True)
         raise
+
+
+#: What a replaced folder's work mark (``.NAME.work-PID``) holds.
+WORK_MARK = "the work folders .NAME.tmp-PID and .NAME.old-PID beside it are the pipeline's (atomic_folder)\n"
+
+
+def _work_of(folder: Path, pid: str) -> bool:
+    """Whether process ``pid``'s ``.tmp-``/``.old-`` folders beside ``folder`` are the tool's: its mark file is there, as written."""
+    mark = folder.with_name(f".{folder.name}.work-{pid}")
+    try:
+        return mark.is_file() and not mark.is_symlink() and mark.stat().st_size == len(WORK_MARK) and mark.read_text() == WORK_MARK
+    except OSError:
+        return False
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -331,8 +331,8 @@ def _keep_edited(path: Path, receipt: dict) -> bool:
     """Move a set's file aside (``NAME.edited-TIME``, said on stderr) when it is not what the receipt says the tool wrote (edited by
     hand after a run was killed mid-publication: finishing that run must not destroy the edit); whether it was moved."""
     entry = receipt.get(path.name)
-    if path.is_symlink() or not path.is_file() or (entry is not None and entry[0] == _digest_or_none(path)):
-        return False
+    if not receipt or path.is_symlink() or not path.is_file() or (entry is not None and entry[0] == _digest_or_none(path)):
+        return False  # no receipt: nothing is known (a journal of an earlier version), the set's own rule applies
     kept = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.rename(path, kept)
     print(f"note: {path} was changed after the run that wrote it was stopped; the edited file is kept as {kept.name}", file=sys.stderr)

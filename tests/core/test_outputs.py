@@ -167,10 +167,11 @@ def test_a_lock_file_that_is_not_ours_is_refused_and_left_as_it_was(kind, tmp_pa
 def test_what_a_killed_folder_swap_left_is_cleared_or_put_back(tmp_path):
     """Fourth pass (#22): evaluate killed during its folder swap left .EV.old-PID (a copy of the previous evaluation) for ever; killed between
     the two renames it left no EV at all. The next swap puts a lone previous folder back and removes the rest."""
-    from pipeline.core.outputs import atomic_folder
+    from pipeline.core.outputs import WORK_MARK, atomic_folder
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     ev = tmp_path / "ev"
+    (tmp_path / f".ev.work-{dead}").write_text(WORK_MARK)  # what the killed run marked its folders with
     (tmp_path / f".ev.old-{dead}").mkdir()
     (tmp_path / f".ev.old-{dead}" / "metrics.json").write_text("previous")
     (tmp_path / f".ev.tmp-{dead}").mkdir()
@@ -179,10 +180,18 @@ def test_what_a_killed_folder_swap_left_is_cleared_or_put_back(tmp_path):
             raise RuntimeError("this run fails too")
     assert (ev / "metrics.json").read_text() == "previous"  # put back, then kept by the failed run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+    (tmp_path / f".ev.work-{dead}").write_text(WORK_MARK)
     (tmp_path / f".ev.old-{dead}").mkdir()  # a leftover beside a folder that is there: removed
     with atomic_folder(ev) as tmp:
         (tmp / "metrics.json").write_text("new")
     assert (ev / "metrics.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+    for kind in ("old", "tmp"):  # thirteenth pass: a user's folders of those names (no mark) were deleted
+        (tmp_path / f".ev.{kind}-{dead}").mkdir()
+        (tmp_path / f".ev.{kind}-{dead}" / "thesis.tex").write_text("mine")
+    with atomic_folder(ev) as tmp:
+        (tmp / "metrics.json").write_text("newer")
+    assert (ev / "metrics.json").read_text() == "newer"
+    assert all((tmp_path / f".ev.{kind}-{dead}" / "thesis.tex").read_text() == "mine" for kind in ("old", "tmp"))
 
 
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
