@@ -130,7 +130,32 @@ def load_bundle(path: Path | str) -> dict:
     missing = [k for k in SPEC_REQUIRED if k not in bundle["feature_spec"]]
     if missing:
         raise PipelineError(f"{path}: model bundle's feature_spec lacks {', '.join(missing)}")
+    _check_classes(path, bundle)
     return bundle
+
+
+def _check_classes(path: Path, bundle: dict) -> None:
+    """Refuse class names and scores that would label images wrongly: ``label_names`` two or more distinct texts (all ``bag`` labelled
+    every image bag; numbers were a traceback), the estimator's classes indexes into them, ``score`` what the estimator gives
+    (taken from it when absent: an svm bundle without it printed margins as probabilities)."""
+    names, estimator = bundle["label_names"], bundle["estimator"]
+    if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise PipelineError(f"{path}: model bundle's label_names must be two or more distinct class names, got {str(names)[:80]}")
+    classes = getattr(estimator, "classes_", None)
+    try:
+        known = classes is not None and all(int(c) == c and 0 <= int(c) < len(names) for c in list(classes))
+    except (TypeError, ValueError):
+        known = False
+    if not known:
+        raise PipelineError(f"{path}: model bundle's estimator classes {str(classes)[:60]} do not index its {len(names)} label_names")
+    from pipeline.classical.models import MODELS
+
+    family = MODELS.get(bundle.get("model")) if isinstance(bundle.get("model"), str) else None
+    score = bundle.setdefault("score", family.score if family else "probability" if hasattr(estimator, "predict_proba") else "decision")
+    if score not in ("probability", "decision") or not hasattr(estimator, "predict_proba" if score == "probability" else "decision_function") or (
+        family is not None and score != family.score
+    ):
+        raise PipelineError(f"{path}: model bundle's score {score!r} is not what its {bundle.get('model', 'estimator')} gives")
 
 
 def check_spec(model_path: Path, bundle: dict) -> None:

@@ -294,6 +294,9 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry
         n_classes = db["label_names"].shape[0]
         if n_classes < 2:
             out.append(f"only {n_classes} class in label_names; classification needs at least two")
+        names = [bytes(x) if not isinstance(x, str) else x.encode() for x in db["label_names"][:]]
+        if len(set(names)) != n_classes:  # two labels of one name: their rows scored as one class
+            out.append(f"label_names name a class twice ({os.fsdecode(next(n for n in names if names.count(n) > 1))!r})")
         if "labels" in good and db["labels"].shape[0]:
             labels = db["labels"][:]
             lo, hi = int(labels.min()), int(labels.max())
@@ -306,6 +309,9 @@ def _cross_checks(db: h5py.File, attrs: dict, good: dict, merged: bool, registry
         paths = [os.fsdecode(x) for x in raw_paths]
         if len(set(paths)) != len(paths):
             out.append(f"{len(paths) - len(set(paths))} duplicate paths")
+        odd = [p for p in paths if not p or p.startswith("/") or any(part in ("", ".", "..") for part in p.split("/"))]
+        if odd:  # bag/../coat/x lies in coat, not bag: the label rule reads a path's first part
+            out.append(f"{len(odd)} paths are not plain relative paths (an empty, '.' or '..' part), e.g. {odd[0]!r}")
         if "rejected/paths" in good:
             both = {os.fsdecode(x) for x in db["rejected/paths"][:]} & set(paths)
             if both:

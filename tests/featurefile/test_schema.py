@@ -57,6 +57,10 @@ DAMAGE = {
     "rejected-lengths": (lambda db: _replace(db, "rejected/file_sizes", np.zeros(3, np.int64)), "datasets have different lengths: {'rejected/paths': 1, 'rejected/reasons': 1, 'rejected/file_sizes': 3"),
     "version": (lambda db: db.attrs.__setitem__("format_version", 1), "written by another version of the pipeline (format_version 1, this version reads 2); extract it again"),
     "features-group": (lambda db: (db.__delitem__("features"), db.create_group("features")), "'features' is a group, not a dataset"),
+    # thirteenth pass (#22): `dog/../cat/x` passed the label rule (its first part is dog); a class name given twice scored two classes as one
+    "dotted-path": (lambda db: db["paths"].__setitem__(0, b"dog/../" + bytes(db["paths"][0])), "paths are not plain relative paths (an empty, '.' or '..' part)"),
+    "double-slash": (lambda db: db["paths"].__setitem__(0, bytes(db["paths"][0]).replace(b"/", b"//")), "paths are not plain relative paths"),
+    "repeated-name": (lambda db: db["label_names"].__setitem__(1, bytes(db["label_names"][0])), "label_names name a class twice ('cat')"),
 }
 
 

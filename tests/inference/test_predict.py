@@ -321,3 +321,31 @@ def test_a_link_fifo_or_device_is_never_replaced_by_predictions(trained, images,
     with pytest.raises(PipelineError, match=rf"out: is {what}; predict writes a file in its place, never over a link, a folder or a device"):
         cli(trained["lr"], images / "a.png", "-o", out, "--quiet", *(["--overwrite"] if overwrite else []))
     assert out.is_symlink() if kind != "fifo" else stat.S_ISFIFO(os.lstat(out).st_mode)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b.update(label_names=list(range(len(b["label_names"])))), r"label_names must be two or more distinct class names"),
+    (lambda b: b.update(label_names=["cat"] * len(b["label_names"])), r"label_names must be two or more distinct class names"),
+    (lambda b: b.update(score="probability"), r"score 'probability' is not what its svm gives"),
+])  # fmt: skip
+def test_a_bundle_whose_classes_or_scores_would_mislabel_is_refused(trained, images, tmp_path, edit, message):
+    """Thirteenth pass (#22): label names that were numbers were a traceback; one name repeated labelled every image with it (exit 0);
+    an svm bundle's score edited to probability printed margins as probabilities."""
+    import joblib
+
+    bundle = joblib.load(trained["svm"])
+    edit(bundle)
+    joblib.dump(bundle, tmp_path / "edited.joblib")
+    with pytest.raises(PipelineError, match=message):
+        cli(tmp_path / "edited.joblib", images / "a.png", "--quiet")
+
+
+def test_a_bundle_without_its_score_takes_its_models(trained, images, tmp_path):
+    import joblib
+
+    from pipeline.classical.bundle import load_bundle
+
+    bundle = joblib.load(trained["svm"])
+    del bundle["score"]  # an earlier version's: an svm's scores are decision values, never probabilities
+    joblib.dump(bundle, tmp_path / "old.joblib")
+    assert load_bundle(tmp_path / "old.joblib")["score"] == "decision"
