@@ -353,3 +353,34 @@ def test_an_output_inside_a_split_beside_the_training_images_is_refused(tmp_path
     with pytest.raises(PipelineError, match=r"d/test/cat/m: is inside .*d/test, a split beside the image folder of .*d/train"):
         train.run(train.TrainConfig(features=tmp_path / "f.h5", output=data / "test" / "cat" / "m", quiet=True, **FAST_GRID["lr"]))
     assert not (data / "test" / "cat" / "m").exists()
+
+
+@pytest.mark.parametrize("stage", ["export", "compare"])
+def test_a_set_a_kill_left_half_moved_is_finished_before_its_members_are_checked(stage, tmp_path, monkeypatch, capsys):
+    """Fourteenth pass (#22): export and compare checked their set's members before finishing the publication a kill had cut short:
+    the half-moved new file was "not a file this tool wrote", every re-run refused, and the folder kept a mix of two runs."""
+    from pipeline.cli import main
+    from pipeline.core import outputsets
+
+    make_tree(tmp_path / "d" / "train", per_class=4)
+    make_tree(tmp_path / "d" / "test", per_class=2)
+    extract.run(ExtractConfig(data_dir=tmp_path / "d" / "train", output=tmp_path / "f.h5", input_size=32, weights="none", quiet=True))
+    train.run(train.TrainConfig(features=tmp_path / "f.h5", output=tmp_path / "m", cv=2, quiet=True, **FAST_GRID["lr"]))
+    argv = (["export", str(tmp_path / "m" / "lr.joblib"), "-o", str(tmp_path / "x" / "net.keras"), "--weights", "none"] if stage == "export"
+            else ["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "x"), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"])  # fmt: skip
+    assert main(argv) == 0
+    real = outputsets._roll_forward
+
+    def one_file_then_killed(journal, manifest):  # the first file moved in, then the process is gone
+        first = manifest["install"][0]
+        os.replace(journal / first, journal.parent / first)
+        raise KeyboardInterrupt
+
+    import os
+
+    monkeypatch.setattr(outputsets, "_roll_forward", one_file_then_killed)
+    assert main([*argv, "--overwrite"] if stage == "export" else argv) == 130
+    monkeypatch.setattr(outputsets, "_roll_forward", real)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"] if stage == "export" else argv) == 0, capsys.readouterr().err
+    assert not list((tmp_path / "x").glob(".*.set"))

@@ -27,7 +27,7 @@ from pipeline.core.config import MAX_INT, Interval, ListOf, OneOf, option, valid
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
 from pipeline.core.guard import refuse_inside
-from pipeline.core.outputsets import check_members, publish
+from pipeline.core.outputsets import check_members, publish, settle
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 PRECISIONS_MEASURED = ("float32", "bfloat16", "float16", "int8")
@@ -349,14 +349,17 @@ def _measure(args: BenchConfig) -> dict:
     if args.data_path:  # its own measurement (datapath.py): no network, no data folder
         from pipeline.bench import datapath
 
+        settle(args.output, "data_path")  # what a killed run left half moved is finished first
         check_members(args.output, "data_path", datapath.FILES)  # before the measurement, not after it
         return datapath.run(args.replay, args.output, say, args.repeats, batch_size=args.batch_size)
     if args.train:  # its own measurement (bench/train.py): the classical stage on real feature rows
         from pipeline.bench import train as bench_train
 
+        settle(args.output, "train_bench")  # what a killed run left half moved is finished first
         check_members(args.output, "train_bench", bench_train.FILES)
         return bench_train.run_train_bench(args.replay, args.output, test=args.test_features, sizes=args.train_sizes, say=say)
     args.output.mkdir(parents=True, exist_ok=True)
+    settle(args.output, "bench")
     check_members(args.output, "bench", FILES)
     from pipeline.backbones.network import CPU_FLAGS_ENV, cpu_flags
 

@@ -21,7 +21,7 @@ from pipeline.core.command import Command
 from pipeline.core.errors import PipelineError
 from pipeline.core.guard import refuse_inside
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_text_atomic
-from pipeline.core.outputsets import check_members, publish
+from pipeline.core.outputsets import check_members, publish, settle
 from pipeline.images.overlap import list_inputs
 from pipeline.compare.verdicts import judged, summary_line
 from pipeline.report.stats import ALPHA, CONFIDENCE
@@ -177,7 +177,9 @@ def run(config: CompareConfig) -> list[dict]:
     list_inputs(config.data_root / "train", config.data_root / "test", config.allow_overlap)  # the same classes, no test image that is a training image
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
     with OutputLock(prepare_output_dir(config.output) / "compare"):
-        check_members(config.output, *(("sizes", SIZES_FILES) if config.sizes else ("compare", TABLE_FILES)))  # before any row is trained
+        table = ("sizes", SIZES_FILES) if config.sizes else ("compare", TABLE_FILES)
+        settle(config.output, table[0])  # a table a killed run left half moved is finished first, then checked
+        check_members(config.output, *table)  # before any row is trained
         return _compare(config)
 
 

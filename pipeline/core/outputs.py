@@ -110,6 +110,24 @@ def atomic_output(output: Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def clear_left(folder: Path) -> None:
+    """Clear what a killed ``atomic_folder`` run left beside ``folder``: its previous folder put back when the kill came between the two
+    renames, its marked work folders (``.NAME.tmp-PID``, ``.NAME.old-PID`` with ``.NAME.work-PID``) of dead processes removed."""
+    import shutil
+
+    folder = Path(folder)
+    for left in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.") + r"(?:old|tmp)-(\d+)$")):
+        if not _work_of(folder, left.name.rsplit("-", 1)[1]):
+            continue  # not marked as this tool's (a user's folder of that name): left as it is
+        if left.name.startswith(f".{folder.name}.old-") and not os.path.lexists(folder):
+            os.rename(left, folder)  # killed between the two renames: the previous folder comes back
+        else:
+            shutil.rmtree(left, ignore_errors=True)
+    for mark in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.work-") + r"(\d+)$")):
+        if _work_of(folder, mark.name.rsplit("-", 1)[1]):
+            mark.unlink()
+
+
 @contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``folder``; when the block ends, it replaces ``folder`` as a whole.
@@ -129,16 +147,7 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    for left in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.") + r"(?:old|tmp)-(\d+)$")):
-        if not _work_of(folder, left.name.rsplit("-", 1)[1]):
-            continue  # not marked as this tool's (a user's folder of that name): left as it is
-        if left.name.startswith(f".{folder.name}.old-") and not os.path.lexists(folder):
-            os.rename(left, folder)  # killed between the two renames: the previous folder comes back
-        else:
-            shutil.rmtree(left, ignore_errors=True)
-    for mark in left_by_dead_processes(folder.parent, re.compile(re.escape(f".{folder.name}.work-") + r"(\d+)$")):
-        if _work_of(folder, mark.name.rsplit("-", 1)[1]):
-            mark.unlink()
+    clear_left(folder)
     mark = folder.with_name(f".{folder.name}.work-{os.getpid()}")
     for path in (tmp, old):
         if os.path.lexists(path) and not _work_of(folder, str(os.getpid())):

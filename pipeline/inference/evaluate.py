@@ -32,7 +32,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.errors import PipelineError
 from pipeline.report.metrics import accuracy_text, classification_report, csv_text, rough_warning, scores
-from pipeline.core.outputs import OutputLock, atomic_folder, is_within, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
+from pipeline.core.outputs import OutputLock, atomic_folder, clear_left, is_within, package_versions, prepare_output_dir, write_json_atomic, write_text_atomic
 
 #: The file that marks a folder as an evaluation (``-o`` replaces such a folder without ``--overwrite``).
 MARKER = "metrics.json"
@@ -224,6 +224,7 @@ def run(config: EvaluateConfig) -> dict:
         _check_overlap(config, bundle, None)
     folder = _check_output(config, bundle, test_images)
     with OutputLock(prepare_output_dir(folder.parent) / folder.name):  # one run per folder; checked again under the lock
+        clear_left(folder)  # a swap a kill cut short is put back first: what --overwrite consents to is the folder as it then is
         folder = _check_output(config, bundle, test_images)
         return _evaluate(config, model_path, bundle, folder, test_images, _contents(folder))
 

@@ -30,7 +30,7 @@ from pipeline.core.config import OneOf, option
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_json_atomic
 from pipeline.core.digests import file_digest
-from pipeline.core.outputsets import check_members, publish
+from pipeline.core.outputsets import check_members, publish, settle
 from pipeline.nets.probe import probe_layers
 
 #: ``--format``: the Keras file (``model.keras``) or a TensorFlow SavedModel folder (``model.export``, for TF Serving / TFLite converters).
@@ -175,6 +175,7 @@ def _check_output(config: ExportConfig, model_path: Path, output: Path) -> None:
         refuse_replacing_inputs(output, inputs, "export", "choose another -o")
         if not (output.is_dir() and (output / SAVED_MODEL_FILE).is_file()):
             raise PipelineError(f"{output}: exists and is not a SavedModel folder; export replaces only a SavedModel (even with --overwrite): choose another -o")
+    settle(output.parent, output.name)  # a set a killed export left half moved is finished first, then checked
     check_members(output.parent, output.name, (output.name, meta_path.name), _folders(config, output))  # a FIFO, a device, a read-only file
 
 

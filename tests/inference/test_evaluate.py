@@ -201,3 +201,21 @@ def test_an_evaluation_never_replaces_a_folder_holding_the_images_and_never_scor
     shutil.copytree(root / "models", tree / "cat" / "m")
     with pytest.raises(PipelineError, match=r"the model is inside the test data folder .* \(its files would be read as images\)"):
         evaluate.run(evaluate.EvaluateConfig(model=tree / "cat" / "m" / "lr.joblib", data=tree, output=tmp_path / "ev", quiet=True))
+
+
+def test_an_evaluation_a_kill_left_between_its_renames_is_put_back_before_the_run(setup, tmp_path):
+    """Fourteenth pass (#22): the previous folder was put back only at the swap, after the run had noted the folder as missing: the
+    run refused "changed during the run" once."""
+    import subprocess
+    import sys
+
+    from pipeline.core.outputs import WORK_MARK
+
+    root, _ = setup
+    config = evaluate.EvaluateConfig(model=root / "models" / "lr.joblib", data=root / "test.h5", output=tmp_path / "ev", quiet=True)
+    evaluate.run(config)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "ev").rename(tmp_path / f".ev.old-{dead}")  # killed between the two renames
+    (tmp_path / f".ev.work-{dead}").write_text(WORK_MARK)
+    assert evaluate.run(config)["n_scored"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
