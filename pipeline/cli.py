@@ -14,6 +14,8 @@ from pipeline.core.h5output import check_hdf5_environment
 from pipeline.core.signals import sigterm_as_interrupt
 
 EXIT_USER_ERROR = 2
+#: Seconds a SIGTERM or Ctrl-C may wait for a native computation before the process ends without unwinding (``core.signals``).
+HARD_STOP_S = 10.0
 #: The status when the reader of standard output went away (``| head``): a process killed by SIGPIPE, as ``cat`` would be.
 EXIT_READER_GONE = 128 + 13
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         standard_streams()
         check_hdf5_environment()  # before any work: HDF5_DRIVER=family and the like make HDF5 open other files
         chosen = command(args.command)
-        with sigterm_as_interrupt():  # every command: SIGTERM unwinds its locks and temporaries and says "interrupted" (exit 130)
+        with sigterm_as_interrupt(hard_stop=HARD_STOP_S):  # every command: SIGTERM unwinds its locks and temporaries and says "interrupted" (exit 130)
             result = chosen.run(validated(chosen.config(args, argv)))
         sys.stdout.flush()
         return result if type(result) is int else 0

@@ -130,6 +130,9 @@ def load_bundle(path: Path | str) -> dict:
     missing = [k for k in SPEC_REQUIRED if k not in bundle["feature_spec"]]
     if missing:
         raise PipelineError(f"{path}: model bundle's feature_spec lacks {', '.join(missing)}")
+    for key, value in (("metrics", bundle.get("metrics")), ("metrics.versions", (bundle.get("metrics") or {}).get("versions") if isinstance(bundle.get("metrics"), dict) else None)):
+        if value is not None and not isinstance(value, dict):  # read as a map by predict, evaluate and finetune (a traceback)
+            raise PipelineError(f"{path}: model bundle's {key} must be a map, got {type(value).__name__}")
     _check_classes(path, bundle)
     return bundle
 
@@ -188,6 +191,32 @@ def check_spec(model_path: Path, bundle: dict) -> None:
         raise PipelineError(f"{model_path}: feature_shape {spec['feature_shape']} does not match input_size {spec['input_size']} ({shape})")
     if bundle["precision"] == "int8" and not spec.get("int8_model"):
         raise PipelineError(f"{model_path}: trained on int8 features but names no int8 model (feature_spec lacks int8_model); retrain it on a feature file extracted with --precision int8")
+    check_width(model_path, bundle)
+
+
+def check_width(model_path: Path | str, bundle: dict) -> None:
+    """Refuse an estimator that does not take the pooled rows its ``feature_spec`` gives (``feature_shape`` pooled by ``pool``):
+    another pooling's estimator, or a cut coefficient matrix, was a scikit-learn traceback in predict, evaluate and export.
+
+    Raises:
+        PipelineError: an unknown pool, or a step (scaler, classifier, its coefficients) taking another length.
+    """
+    from pipeline.rows.pooling import POOLS, pooled_dim
+
+    spec = bundle["feature_spec"]
+    if spec.get("pool") not in POOLS:
+        raise PipelineError(f"{model_path}: the model's pool {spec.get('pool')!r} is not one of {', '.join(POOLS)}")
+    want = pooled_dim(tuple(int(n) for n in spec["feature_shape"]), spec["pool"])
+    estimator = bundle["estimator"]
+    steps = [s for _, s in estimator.steps] if hasattr(estimator, "steps") else [estimator]
+    for step in steps:
+        widths = [("takes", getattr(step, "n_features_in_", None))]
+        if getattr(step, "coef_", None) is not None:
+            widths.append(("has coefficients for", getattr(step.coef_, "shape", (None,))[-1]))
+        for what, got in widths:
+            if got is not None and got != want:
+                raise PipelineError(f"{model_path}: the model's {type(step).__name__} {what} {got} features per image, but its feature_spec "
+                                    f"gives {want} ({spec['pool']} pooling of {list(spec['feature_shape'])}); retrain it with `python -m pipeline train`")  # fmt: skip
 
 
 def check_engine(model_path: Path | str, bundle: dict, net) -> None:
@@ -213,7 +242,8 @@ def warn_on_version_change(model_path: Path, bundle: dict) -> None:
     """Warn on stderr when the bundle was written with another scikit-learn than the one installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    saved = (bundle.get("metrics") or {}).get("versions", {}).get("scikit-learn")
+    versions = (bundle.get("metrics") or {}).get("versions") or {}  # load_bundle checked both are maps
+    saved = versions.get("scikit-learn")
     try:
         now = version("scikit-learn")
     except PackageNotFoundError:

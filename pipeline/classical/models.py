@@ -12,6 +12,9 @@ from pipeline.core.errors import PipelineError
 
 #: A tree count or a feature count: the table's range for counts.
 COUNT = Interval(int, 1, MAX_INT)
+#: ``--C`` on unit-RMS rows: below 1e-8 every coefficient is ~0 (one class for all), above 1e8 the penalty is ~0, and
+#: liblinear at C = 1e-300 ran for 19+ minutes in native code (measured, a fourteenth-pass finding).
+C_RANGE = (1e-8, 1e8)
 
 
 def _build_lr(params: dict, seed: int, n_jobs: int):
@@ -97,15 +100,15 @@ def check_grid_value(key: str, value):
     """One candidate value of grid parameter ``key``, checked and normalised (C -> float, counts -> int).
 
     Raises:
-        PipelineError: a C that is not a positive finite number, a tree count outside
+        PipelineError: a C that is not a number in ``C_RANGE``, a tree count outside
             [1, MAX_INT], or a max_features that is not sqrt, log2, a fraction in (0, 1]
             or a count in [1, MAX_INT].
     """
     if isinstance(value, np.integer):
         value = int(value)
     if key == "C":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-            raise PipelineError(f"--C {value!r}: C must be a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or not C_RANGE[0] <= value <= C_RANGE[1]:
+            raise PipelineError(f"--C {value!r}: C must be a number from {C_RANGE[0]:g} to {C_RANGE[1]:g} (rows are scaled to unit RMS, so the useful range is about 1e-5 to 10)")
         return float(value)
     if key == "n_estimators":
         check("--n-estimators", value, COUNT)

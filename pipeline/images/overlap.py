@@ -116,10 +116,11 @@ def record_of(listing, exclude=()) -> dict:
 
 
 def recorded_files(record) -> list[tuple[str | None, int]] | None:
-    """(resolved path, size) of each training image a bundle records; None for a bundle without a usable record (an older version's)."""
+    """(resolved path, size) of each training image a bundle records; None for a bundle without a usable record (an older version's,
+    or an empty one: a model is fitted on some images, and an empty list let evaluate score its training rows unsaid)."""
     try:
         files, sizes = record["files"], np.asarray(record["sizes"], np.int64)
-        if len(files) != len(sizes) or not all(f is None or isinstance(f, str) for f in files):
+        if not len(files) or len(files) != len(sizes) or not all(f is None or isinstance(f, str) for f in files):
             return None
         return list(zip(files, sizes.tolist()))
     except (TypeError, KeyError, ValueError, IndexError):
@@ -145,7 +146,7 @@ def refuse_trained_on(record, listing, paths, allowed: bool, model_what: str) ->
         return
     trained_on = recorded_files(record)
     if trained_on is None:
-        print(f"note: {model_what} does not record the images it was fitted on (an earlier version's bundle): not checked against the test images", file=sys.stderr)
+        print(f"note: {model_what} does not record the images it was fitted on (an earlier version's bundle, or an edited one): not checked against the test images", file=sys.stderr)
         return
     size = dict(zip(listing.paths, listing.sizes.tolist()))
     test = [(os.path.realpath(listing.root / p), int(size.get(p, -1))) for p in paths]

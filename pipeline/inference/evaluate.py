@@ -136,7 +136,7 @@ def _check_overlap(config: EvaluateConfig, bundle: dict, file_rows: list | None)
         return
     trained_on = recorded_files(bundle.get("training_images"))
     if trained_on is None:
-        print(f"note: {config.model} does not record the images it was fitted on (an earlier version's bundle): "
+        print(f"note: {config.model} does not record the images it was fitted on (an earlier version's bundle, or an edited one): "
               f"not checked whether {config.data} holds some of them", file=sys.stderr)  # fmt: skip
         return
     data = Path(config.data)

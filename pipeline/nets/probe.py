@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classical.bundle import load_bundle, make_bundle
+from pipeline.classical.bundle import check_width, load_bundle, make_bundle
 from pipeline.rows.pooling import POOLS, pool_features
 from pipeline.classical.fitting import fit_matrix
 from pipeline.classical.models import MODELS, linear_kind
@@ -115,6 +115,8 @@ def check_probe(path: Path, bundle: dict, spec: dict, class_names, against: str 
     _, clf = _classifier(f"--probe {path}", bundle["estimator"])
     if list(clf.classes_) != list(range(len(class_names))):
         raise PipelineError(f"--probe {path}: it was fitted on labels {list(clf.classes_)}, not on all {len(class_names)} classes")
+    # its coefficients must take what the fine-tuning pools (the shape it computes, not the one the bundle says)
+    check_width(f"--probe {path}", {**bundle, "feature_spec": {**theirs, "feature_shape": spec.get("feature_shape", theirs["feature_shape"])}})
 
 
 def load_probe(path: Path, spec: dict, class_names) -> dict:

@@ -29,7 +29,7 @@ def spec(**changes) -> dict:
 def bundle(**changes) -> dict:
     from sklearn.linear_model import LogisticRegression
 
-    est = LogisticRegression().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
+    est = LogisticRegression().fit(np.arange(4.0)[:, None] * np.ones(512), [0, 0, 1, 1])  # takes the spec's avg-pooled 512 values
     fields = dict(model="lr", estimator=est, label_names=["a", "b"], feature_spec=spec(), pool="avg", precision="float32",
                   storage_dtype="float16", score="probability", metrics={"accuracy": 1.0, "versions": {}})  # fmt: skip
     return make_bundle(**(fields | changes))
@@ -44,7 +44,7 @@ def test_round_trip(tmp_path):
     got = load_bundle(path)
     assert got["feature_spec"] == spec(pool="avg") and got["label_names"] == ["a", "b"] and got["precision"] == "float32"
     assert got["storage_dtype"] == "float16" and got["score"] == "probability" and got["metrics"]["accuracy"] == 1.0
-    assert got["estimator"].predict([[3.0]]).tolist() == [1]
+    assert got["estimator"].predict([np.full(512, 3.0)]).tolist() == [1]
     check_spec(path, got)  # this program rebuilds these features
 
 
@@ -85,11 +85,34 @@ def test_a_folder_is_not_a_bundle(tmp_path):
         ({"feature_spec": spec(layer="block4_pool")}, r"the model expects layer 'block4_pool'"),
         ({"feature_spec": spec(preprocessing="torch")}, r"the model expects preprocessing 'torch'"),
         ({"feature_spec": spec(feature_shape=[2, 2, 512])}, r"m\.joblib: feature_shape \[2, 2, 512\] does not match input_size 32 \(\[1, 1, 512\]\)$"),
+        # an estimator that does not take what the spec pools: another pooling's, a cut or widened coefficient matrix (sklearn tracebacks)
+        ({"pool": "pool"}, r"m\.joblib: the model's pool 'pool' is not one of flatten, avg, max$"),
+        ({"feature_spec": spec(input_size=64, feature_shape=[2, 2, 512]), "pool": "flatten"},
+         r"m\.joblib: the model's LogisticRegression takes 512 features per image, but its feature_spec gives 2048 \(flatten pooling of \[2, 2, 512\]\); retrain"),
+        ({"estimator": "cut"}, r"m\.joblib: the model's LogisticRegression has coefficients for 511 features per image, but its feature_spec gives 512 "),
+        ({"estimator": "scaler"}, r"m\.joblib: the model's StandardScaler takes 256 features per image, but its feature_spec gives 512 "),
     ],
 )
 def test_a_spec_this_program_cannot_rebuild_is_refused(changes, message, tmp_path):
+    if changes.get("estimator") == "cut":
+        changes["estimator"] = bundle()["estimator"]
+        changes["estimator"].coef_ = changes["estimator"].coef_[:, :-1]
+    elif changes.get("estimator") == "scaler":
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        changes["estimator"] = make_pipeline(StandardScaler().fit(np.ones((2, 256))), bundle()["estimator"])
     with pytest.raises(PipelineError, match=message):
         check_spec(tmp_path / "m.joblib", bundle(**changes))
+
+
+@pytest.mark.parametrize("metrics,message", [(["x"], r"model bundle's metrics must be a map, got list$"), ({"versions": "1.5"}, r"model bundle's metrics\.versions must be a map, got str$")])
+def test_metrics_that_are_not_maps_are_one_line(metrics, message, tmp_path):
+    """predict, evaluate and finetune read them as maps: a list or a text was an AttributeError traceback."""
+    path = tmp_path / "m.joblib"
+    write_bundle(path, bundle(metrics=metrics))
+    with pytest.raises(PipelineError, match=message):
+        load_bundle(path)
 
 
 def test_another_scikit_learn_is_a_warning(tmp_path, capsys):

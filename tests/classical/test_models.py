@@ -31,8 +31,8 @@ def test_default_grids_and_overrides():
     [
         ("rf", {"C": [1.0]}, r"^--C: --model rf has no parameter 'C' \(it searches n_estimators, max_features\)$"),
         ("lr", {"C": []}, r"^--C: needs at least one value$"),
-        ("lr", {"C": [float("inf")]}, r"^--C inf: C must be a positive number$"),
-        ("lr", {"C": [True]}, r"^--C True: C must be a positive number$"),
+        ("lr", {"C": [float("inf")]}, r"^--C inf: C must be a number from 1e-08 to 1e\+08 \(rows are scaled to unit RMS, so the useful range is about 1e-5 to 10\)$"),
+        ("lr", {"C": [True]}, r"^--C True: C must be a number from 1e-08 to 1e\+08 \(rows are scaled to unit RMS, so the useful range is about 1e-5 to 10\)$"),
         ("rf", {"n_estimators": [2.5]}, r"^--n-estimators 2.5: must be a whole number in \[1, 4294967295\]$"),
         ("rf", {"n_estimators": [2**32]}, r"^--n-estimators 4294967296: must be a whole number in \[1, 4294967295\]$"),
         ("rf", {"max_features": [np.int64(2**62)]}, r"^--max-features 4611686018427387904: use sqrt, log2, a fraction in \(0, 1\] or a whole number of features in \[1, 4294967295\]$"),

@@ -108,9 +108,9 @@ def test_grid_override_sets_the_best_params(feats, tmp_path):
 def test_search_picks_the_c_that_works(tmp_path):
     """Unbalanced classes: a vanishing C leaves only the intercepts, which predict the big class everywhere."""
     f = make_features(tmp_path / "x.h5", per_class=[40, 10, 10])
-    m = train.run(config(f, tmp_path / "m", "lr", C=(1e-9, 1.0)))
+    m = train.run(config(f, tmp_path / "m", "lr", C=(1e-8, 1.0)))
     scores = {r["params"]["C"]: r["mean"] for r in m["search"]["results"]}
-    assert scores[1.0] > scores[1e-9] and m["best_params"] == {"C": 1.0}
+    assert scores[1.0] > scores[1e-8] and m["best_params"] == {"C": 1.0}
 
 
 def test_default_grids_and_cli_flags_reach_the_config(feats, tmp_path):
@@ -271,7 +271,7 @@ def test_too_few_rows_per_class_for_the_folds(tmp_path):
         ({"test_size": 0.0}, r"--test-size 0.0"),
         ({"memory_budget_mb": 0}, r"--memory-budget 0"),
         ({"model": "rf", "C": (1.0,)}, r"--C: --model rf has no parameter 'C'"),
-        ({"C": (-1.0,)}, r"--C -1.0: C must be a positive number"),
+        ({"C": (-1.0,)}, r"--C -1.0: C must be a number from 1e-08 to 1e\+08"),
         ({"model": "rf", "max_features": ("most",)}, r"--max-features 'most'"),
     ],
 )
@@ -307,7 +307,9 @@ def test_output_that_is_a_file_is_refused(feats, tmp_path):
         (["--n-jobs", "-2"], r"--n-jobs -2: must be -1 (all cores)"),
         (["--n-jobs", "4294967296"], r"--n-jobs 4294967296: must be -1 (all cores)"),
         (["--model", "rf", "--C", "1"], r"--C: --model rf has no parameter 'C'"),
-        (["--C", "0"], r"--C 0.0: C must be a positive number"),
+        (["--C", "0"], r"--C 0.0: C must be a number from 1e-08 to 1e+08"),
+        (["--C", "1e-300"], r"--C 1e-300: C must be a number from 1e-08 to 1e+08"),
+        (["--C", "1,1e9"], r"--C 1000000000.0: C must be a number from 1e-08 to 1e+08"),
         (["--n-estimators", "0", "--model", "rf"], r"--n-estimators 0: must be a whole number in [1, 4294967295]"),
         (["--n-estimators", "4294967296", "--model", "rf"], r"--n-estimators 4294967296: must be a whole number in [1, 4294967295]"),
         (["--max-features", "9223372036854775808", "--model", "rf"], r"--max-features 9223372036854775808: use sqrt, log2, a fraction in (0, 1] or a whole number of features in [1, 4294967295]"),

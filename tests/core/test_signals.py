@@ -115,3 +115,46 @@ def test_a_handler_a_library_installed_in_the_block_is_replaced_again_by_reclaim
     assert seen == [] and signal.getsignal(signal.SIGTERM) is before
     reclaim_sigterm()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+_NATIVE_CALL = """
+import ctypes, signal, sys
+from pipeline.core.signals import sigterm_as_interrupt
+with sigterm_as_interrupt(hard_stop=float(sys.argv[1])):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the main thread never takes it: as inside a native call that does not return
+    print("ready", flush=True)
+    ctypes.CDLL(None).sleep(60)  # native, without the GIL, blind to the signal
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("grace", [0.5, 2.0])
+def test_a_sigterm_a_native_call_holds_back_ends_the_process_after_the_grace(grace):
+    """A liblinear fit at C=1e-300 ran 19+ minutes deaf to SIGTERM: the block's watchdog ends the process when the main thread has not taken the signal in time."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", _NATIVE_CALL, str(grace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t0
+    assert proc.returncode == 130 and "returned" not in out, (proc.returncode, out, err)
+    assert grace <= took < 30
+    assert err.count("\n") == 1 and err.startswith(f"error: interrupted (SIGTERM); the running computation (native code) did not give way within {grace:g} s")
+
+
+def test_without_hard_stop_or_once_the_signal_is_taken_the_watchdog_stays_out():
+    """The Python-level path is unchanged: the signal is taken at once and unwinds as Terminated (no hard exit after the grace);
+    the block's end puts the previous wakeup fd back."""
+    before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before)
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt(hard_stop=0.2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+    time.sleep(0.5)  # past the grace: this process is still here
+    assert signal.set_wakeup_fd(before) == before

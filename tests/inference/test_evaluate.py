@@ -111,7 +111,12 @@ def test_data_holding_images_the_model_was_fitted_on_is_refused(setup, tmp_path,
     del old["training_images"]  # a bundle of an earlier version: said, not pretended
     joblib.dump(old, tmp_path / "old.joblib")
     evaluate.run(evaluate.EvaluateConfig(model=tmp_path / "old.joblib", data=root / "test.h5", output=tmp_path / "ev2", quiet=True))
-    assert "old.joblib does not record the images it was fitted on (an earlier version's bundle): not checked" in capsys.readouterr().err
+    assert "old.joblib does not record the images it was fitted on (an earlier version's bundle, or an edited one): not checked" in capsys.readouterr().err
+    # an emptied record (fourteenth pass): no image checked, its training rows scored 1.000 unsaid; an empty record is no record
+    old["training_images"] = {**joblib.load(model)["training_images"], "files": [], "sizes": []}
+    joblib.dump(old, tmp_path / "emptied.joblib")
+    m = evaluate.run(evaluate.EvaluateConfig(model=tmp_path / "emptied.joblib", data=root / "train.h5", output=tmp_path / "ev3", quiet=True))
+    assert m["n_scored"] == 12 and "emptied.joblib does not record the images it was fitted on (an earlier version's bundle, or an edited one)" in capsys.readouterr().err
 
 
 def test_evaluate_replaces_only_an_evaluation_it_wrote_unchanged(setup, tmp_path):

@@ -116,6 +116,11 @@ def test_a_bundle_of_another_model_or_other_classes_is_refused(features, tmp_pat
         ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "dog.joblib", **FAST))
     with pytest.raises(PipelineError, match=r"--probe .*: needs --head probe"):
         ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "dog.joblib", head="dense", **FAST))
+    bundle = load_bundle(bundle_for(features))  # a cut coefficient matrix: a Keras shape traceback before (fourteenth pass)
+    bundle["estimator"][-1].coef_ = bundle["estimator"][-1].coef_[:, :-1]
+    write_bundle(tmp_path / "cut.joblib", bundle)
+    with pytest.raises(PipelineError, match=r"^--probe .*cut\.joblib: the model's LogisticRegression has coefficients for 511 features per image, but its feature_spec gives 512 "):
+        ft.run(ft.FinetuneConfig(data, out_dir=tmp_path / "out", probe=tmp_path / "cut.joblib", **FAST))
 
 
 def test_early_stopping_can_return_the_probe_unchanged(features, tmp_path):
