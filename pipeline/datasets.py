@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
-from pipeline.core.digests import file_digest
+from pipeline.core.digests import file_digest, read_regular
 from pipeline.core.errors import PipelineError
 from pipeline.core.outputs import OutputLock, left_by_dead_processes
 from pipeline.fashion_mnist import FASHION_CLASSES, IDX_FILES, PER_CLASS_AVAILABLE, load_fashion_mnist
@@ -65,12 +65,11 @@ def _read_manifest(out_dir: pathlib.Path) -> dict | None:
     if not os.path.lexists(path):
         return None
     try:
-        info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MANIFEST_MAX_BYTES:  # a FIFO hung the reader; a link to /dev/zero never ended
-            raise ValueError("not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes, more than a manifest holds")
-        manifest = json.loads(path.read_text())
+        if os.path.islink(path):  # ours is a file it wrote, never a link (to /dev/zero it never ended)
+            raise ValueError("not a regular file")
+        manifest = json.loads(read_regular(path, MANIFEST_MAX_BYTES))  # a FIFO hung the reader: never read
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable manifest ({exc}); nothing in {out_dir} is known to be this tool's: "
+        raise PipelineError(f"{path}: unreadable manifest ({getattr(exc, 'strerror', None) or exc}); nothing in {out_dir} is known to be this tool's: "
                             "choose another folder or empty it") from None
     if not isinstance(manifest, dict) or manifest.get("dataset") != "fashion-mnist":
         raise PipelineError(f"{path} is not a Fashion-MNIST manifest; choose another folder")
