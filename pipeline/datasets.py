@@ -17,7 +17,7 @@ from pipeline.core.command import Command
 from pipeline.core.config import MAX_INT, Interval, option
 from pipeline.core.digests import file_digest, read_regular
 from pipeline.core.errors import PipelineError
-from pipeline.core.outputs import OutputLock, left_by_dead_processes
+from pipeline.core.outputs import OutputLock, dead_marked_folders, new_marked_folder
 from pipeline.fashion_mnist import FASHION_CLASSES, IDX_FILES, PER_CLASS_AVAILABLE, load_fashion_mnist
 
 MANIFEST = "MANIFEST.json"
@@ -321,19 +321,13 @@ def _build(out_dir: pathlib.Path, params: dict, seed, source, progress: bool) ->
 def _work_folder(out_dir: pathlib.Path, kind: str) -> pathlib.Path:
     """A new folder ``.ROOT.KIND-PID`` beside the tree (``tmp``: the new tree is written in its ``tree``; ``old``: the previous tree, moved aside to its ``tree`` to be removed),
     marked as the data command's own: only marked folders of dead processes are cleared (``_left_behind``)."""
-    folder = out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}"
-    if folder.is_dir() and not folder.is_symlink() and (folder / WORK_MARK).is_file():
-        shutil.rmtree(folder)  # this pid's, from a killed run long ago
-    folder.mkdir()
-    (folder / WORK_MARK).write_text("a work folder of `python -m pipeline data`\n")
-    return folder
+    return new_marked_folder(out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}", WORK_MARK, "a work folder of `python -m pipeline data`\n")
 
 
 def _left_behind(out_dir: pathlib.Path, kind: str) -> list[pathlib.Path]:
     """The ``.ROOT.KIND-PID`` folders of this tree that a killed build left: named exactly so (a root named ``d.tmp-b``, or with
     glob brackets, is another tree), of a dead process, a folder (not a link) holding the data command's mark."""
-    found = left_by_dead_processes(out_dir.parent, re.compile(re.escape(f".{out_dir.name}.{kind}-") + r"(\d+)$"))
-    return [p for p in found if p.is_dir() and not p.is_symlink() and (p / WORK_MARK).is_file() and not (p / WORK_MARK).is_symlink()]
+    return dead_marked_folders(out_dir.parent, re.compile(re.escape(f".{out_dir.name}.{kind}-") + r"(\d+)$"), WORK_MARK)
 
 
 def _check_writable(out_dir: pathlib.Path, ours: set[str]) -> None:

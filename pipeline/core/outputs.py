@@ -307,6 +307,30 @@ def left_by_dead_processes(folder: Path, pattern: "re.Pattern[str]") -> list[Pat
     return [Path(folder) / name for name, m in matches if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))]
 
 
+def is_marked_folder(path: Path, mark: str) -> bool:
+    """Whether ``path`` is a work folder the tool made (``new_marked_folder``): a folder, not a link, holding the file ``mark``."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (path / mark).is_file() and not (path / mark).is_symlink()
+
+
+def new_marked_folder(path: Path, mark: str, note: str = "") -> Path:
+    """Create the work folder ``path`` (named with this pid) holding the file ``mark``, so only the tool's own are ever removed
+    (``dead_marked_folders``); a marked one of this pid, from a killed run long ago, is removed first."""
+    import shutil
+
+    path = Path(path)
+    if is_marked_folder(path, mark):
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    (path / mark).write_text(note)
+    return path
+
+
+def dead_marked_folders(folder: Path, pattern: "re.Pattern[str]", mark: str) -> list[Path]:
+    """The work folders in ``folder`` named by ``pattern`` (group 1: a pid) of dead processes, marked as the tool's; a user's folder of such a name is not."""
+    return [p for p in left_by_dead_processes(folder, pattern) if is_marked_folder(p, mark)]
+
+
 def remove_stale_temporaries(output: Path) -> list[Path]:
     """Remove the temporary files ``atomic_output`` left beside ``output`` (``.OUT.tmp-PID[suffix]``) when process PID is gone (a ``kill -9``).
 

@@ -38,7 +38,7 @@ from typing import Iterator
 
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.digests import file_digest
-from pipeline.core.outputs import OutputLock, disk_error, fsync_dir, left_by_dead_processes, special_kind, write_json_atomic
+from pipeline.core.outputs import OutputLock, dead_marked_folders, disk_error, fsync_dir, new_marked_folder, special_kind, write_json_atomic
 
 MANIFEST = "manifest.json"
 STAGING_MARK = ".pipeline-staging"  # in every staging folder: only marked ones of dead processes are removed
@@ -93,11 +93,8 @@ def publish(folder: Path, name: str, members: tuple[str, ...] | list[str], *, lo
         check_members(folder, name, members, folders)  # the stage checked them before its work too; this is the last look before writing
         remove_dead_staging(folder, name)
         staging = folder / f".{name}.set-{os.getpid()}"
-        if (staging / STAGING_MARK).is_file():  # this pid's, from a run long ago
-            shutil.rmtree(staging, ignore_errors=True)
         try:
-            staging.mkdir()
-            (staging / STAGING_MARK).write_bytes(b"")
+            new_marked_folder(staging, STAGING_MARK)
             stage = Staging(staging, members)
             yield stage
             manifest = {"set": name, "lock": lock, "install": [m for m in members if m in stage.written], "remove": [m for m in members if m not in stage.written],
@@ -176,8 +173,7 @@ def settle_for(path: Path) -> None:
 
 def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     """Remove the staging folders of set ``name`` (``.NAME.set-PID``) whose process is gone (a kill before the commit); what was removed."""
-    found = left_by_dead_processes(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"))
-    removed = [p for p in found if p.is_dir() and not p.is_symlink() and (p / STAGING_MARK).is_file()]  # only its own: a user's folder of that name stays
+    removed = dead_marked_folders(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"), STAGING_MARK)  # only its own: a user's folder of that name stays
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
