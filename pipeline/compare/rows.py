@@ -108,7 +108,7 @@ def _predictions(paths, y_true, y_pred) -> dict:
 
 
 def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Path, *, train_paths: list[str] | None = None,
-                  folder: Path | None = None, backbone: str = BACKBONE) -> dict:  # fmt: skip
+                  folder: Path | None = None, backbone: str = BACKBONE, seen: dict | None = None) -> dict:  # fmt: skip
     """A frozen-feature row: ``train``'s own plan, fit and prediction (its defaults and cross-validated search) on the rows of ``train_h5``.
 
     Args:
@@ -118,12 +118,15 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
         train_paths: fit on these rows only (``--sizes``); None = every row.
         folder: where the row's record goes (default ``OUT/models``).
         backbone: the features' backbone (names the row).
+        seen: a dict one compare run keeps across its rows: each training file's ``row_files`` (by path and digest), so its
+            images are stat-ed once per run, not once per row and size.
 
     Raises:
         PipelineError: as ``train`` (incompatible files, too few rows per class...), or a
             training path without a row in ``train_h5``.
     """
     from pipeline.classical import train
+    from pipeline.classical.overlap import row_files
     from pipeline.report.metrics import scores
     from pipeline.featurefile.store import check_compatible, open_features
 
@@ -146,7 +149,10 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
             if missing:
                 raise PipelineError(f"{train_h5}: no row for {missing[0]} (rejected at extraction?); remove it from the training tree")
             rows = np.sort(np.asarray([index[p] for p in train_paths], np.int64))
-        plan = train.plan_fit(cfg, ff, test_ff, rows)
+        seen = {} if seen is None else seen
+        if (str(train_h5), key["train"]) not in seen:
+            seen[(str(train_h5), key["train"])] = row_files(ff)
+        plan = train.plan_fit(cfg, ff, test_ff, rows, files=seen[(str(train_h5), key["train"])])
         fitted, y_test, y_pred, predict_seconds = train.fit_predict(cfg, ff, test_ff, plan)
         s = scores(y_test, y_pred, test_ff.label_names)
         test_paths = test_ff.paths

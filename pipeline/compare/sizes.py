@@ -114,7 +114,7 @@ def run_sizes(config) -> list[dict]:
     largest = dataclasses.replace(config, data_root=roots[sizes[-1]], output=base / str(sizes[-1]), sizes=())
     if any(s in CLASSICAL for s in config.strategies):
         train_h5, test_h5 = kinds.extract(largest, "train"), kinds.extract(config, "test")
-    rows = []
+    rows, seen = [], {}  # seen: the training file's images stat-ed once for every size and classical strategy
     with progress(len(sizes) * len(config.strategies), "compare --sizes", "run", quiet=config.quiet) as bar:
         for n in sizes:
             sub = dataclasses.replace(config, data_root=roots[n], output=base / str(n), sizes=())
@@ -123,7 +123,7 @@ def run_sizes(config) -> list[dict]:
             for s in config.strategies:
                 for point in config.points if s == "finetune" else config.points[:1]:
                     if s in CLASSICAL:
-                        row = kinds.classical_row(sub, s, train_h5, test_h5, train_paths=subsets[n], folder=sub.models)
+                        row = kinds.classical_row(sub, s, train_h5, test_h5, train_paths=subsets[n], folder=sub.models, seen=seen)
                     else:
                         row = kinds.net_row(sub, s, point, inputs)
                     at_size.append({**row, "per_class": n})

@@ -63,14 +63,14 @@ def collect(config: CompareConfig) -> list[dict]:
         out = []
         for b in extra:
             _say(config, f"compare: frozen {b} features + logistic regression")
-            out.append(kinds.classical_row(config, "lr", feature_file("train", b), feature_file("test", b), backbone=b))
+            out.append(kinds.classical_row(config, "lr", feature_file("train", b), feature_file("test", b), backbone=b, seen=seen))
         return out
 
-    rows = []
+    rows, seen = [], {}  # seen: each training file's images stat-ed once for every classical row
     for s in config.strategies:
         if s in CLASSICAL:
             _say(config, f"compare: {s}")
-            rows.append(kinds.classical_row(config, s, feature_file("train"), feature_file("test")))
+            rows.append(kinds.classical_row(config, s, feature_file("train"), feature_file("test"), seen=seen))
             if s == "lr":
                 rows += backbone_rows()
         elif s == "probe":

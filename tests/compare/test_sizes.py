@@ -95,15 +95,21 @@ def test_compare_sizes_runs_each_strategy_at_each_size(tmp_path, capsys):
     assert "| frozen features + logistic regression |" in capsys.readouterr().out
 
 
-def test_compare_sizes_with_a_frozen_feature_row_first(tmp_path):
-    """The classical row runs before any network made the models folder: it makes its own."""
+def test_compare_sizes_with_a_frozen_feature_row_first(tmp_path, monkeypatch):
+    """The classical row runs before any network made the models folder: it makes its own. The training file's images are
+    stat-ed once for every size and classical strategy (a review finding: once per row and size)."""
+    import pipeline.classical.overlap as overlap
+
+    read, row_files = [], overlap.row_files
+    monkeypatch.setattr(overlap, "row_files", lambda ff: read.append(ff.path) or row_files(ff))
     root = tmp_path / "data"
     make_tree(root / "train", classes=("a", "b"), per_class=9, size=(24, 24))
     make_tree(root / "test", classes=("a", "b"), per_class=3, size=(24, 24))
-    argv = ["compare", "--data", str(root), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--sizes", "8,5", "--strategies", "lr", "--quiet"]
+    argv = ["compare", "--data", str(root), "-o", str(tmp_path / "out"), "--weights", "none", "--input-size", "32", "--sizes", "8,5", "--strategies", "lr,svm", "--quiet"]
     assert main(argv) == 0
     with open(tmp_path / "out" / "sizes.csv") as f:
-        assert [r["per_class"] for r in csv.DictReader(f)] == ["5", "8"]
+        assert [r["per_class"] for r in csv.DictReader(f)] == ["5", "5", "8", "8"]
+    assert len(read) == 1  # four rows, one reading
 
 
 def test_a_frozen_feature_row_at_a_size_does_not_depend_on_the_order_of_the_rows(tmp_path):
