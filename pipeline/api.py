@@ -42,9 +42,12 @@ def _paths(what: str, source) -> list[Path]:
 
     Raises:
         TypeError: anything else (an array of pixels, a number), naming what was given.
+        PipelineError: an empty path, or none at all.
     """
     def one(p):
         if isinstance(p, (str, bytes, os.PathLike)):
+            if os.fsdecode(p) == "":  # Path("") is the current folder: its images were read
+                raise PipelineError(f"{what}: an empty path names no file or folder (write . for the current folder)")
             return Path(os.fsdecode(p))
         raise TypeError(f"{what}: takes image paths (str, bytes or os.PathLike) or an iterable of them, not {type(p).__module__}.{type(p).__qualname__}")
 
@@ -52,7 +55,10 @@ def _paths(what: str, source) -> list[Path]:
         return [one(source)]
     if isinstance(source, np.ndarray) or not hasattr(source, "__iter__"):
         one(source)  # raises: pixels are not paths
-    return [one(p) for p in source]
+    paths = [one(p) for p in source]
+    if not paths:
+        raise PipelineError(f"{what}: no images given (an empty list)")
+    return paths
 
 
 def _listing(source):
@@ -62,8 +68,6 @@ def _listing(source):
     paths = _paths("extract_features", source)
     if len(paths) == 1 and isinstance(source, (str, bytes, os.PathLike)) and paths[0].is_dir():
         return list_images(paths[0]), True
-    if not paths:
-        raise PipelineError("extract_features: no images given")
     for p in paths:
         if not p.exists() and not p.is_symlink():
             raise PipelineError(f"{p}: no such file or folder")

@@ -202,3 +202,29 @@ def test_make_clean_removes_only_the_generated_features(tmp_path):
     assert (tmp_path / "my" / "thesis.txt").read_text() == "precious" and sorted(p.name for p in gen.iterdir()) == ["keep.txt"]
     done = subprocess.run(["make", "-s", "clean", "FEATURES="], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "FEATURES is empty" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["extract", "", "-o", "x.h5"], ["train", ""], ["train", "x.h5", "--test", ""], ["predict", "m.joblib", ""], ["predict", "", "img.png"],
+     ["compare", "--data", ""], ["verify", ""], ["evaluate", "m.joblib", ""], ["data", ""]],
+)
+def test_an_empty_path_is_refused_never_read_as_the_current_folder(argv, monkeypatch, capsys, tmp_path):
+    """`extract "$DATA"` with DATA unset read the current folder as the data folder (Path("") is "."): every path flag refuses it."""
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for name in cli.COMMANDS:
+        monkeypatch.setattr(cli.command(name), "run", ran.append)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and ran == []
+    assert capsys.readouterr().err.strip().endswith("an empty path names no file or folder (write . for the current folder)")
+
+
+@pytest.mark.parametrize("source, message", [("", r"^extract_features: an empty path names no file or folder"), ([], r"^extract_features: no images given \(an empty list\)$")])
+def test_the_api_refuses_an_empty_path_or_list(source, message, tmp_path, monkeypatch):
+    from pipeline import extract_features
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=message):
+        extract_features(source, weights="none", input_size=32)

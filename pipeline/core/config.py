@@ -287,6 +287,14 @@ def _base_type(hint):
     return hint
 
 
+def path_argument(text: str) -> Path:
+    """A path on the command line; an empty one (``""``, an unset shell variable) is refused: ``Path("")`` is the current folder,
+    which ``extract "$DATA"`` read as the data folder."""
+    if text == "":
+        raise argparse.ArgumentTypeError("an empty path names no file or folder (write . for the current folder)")
+    return Path(text)
+
+
 def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
     """Declare one flag per ``option`` field of ``cls`` (except ``skip`` and ``cli=False`` fields).
 
@@ -304,7 +312,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
         help_text = meta.get("help", "")
         if meta.get("positional"):
             extra = {"nargs": meta["nargs"]} if meta.get("nargs") else {}
-            parser.add_argument(f.name, type=kind if kind in (int, float, Path) else str, metavar=meta.get("metavar"), help=help_text, **extra)
+            parser.add_argument(f.name, type=path_argument if kind is Path else kind if kind in (int, float) else str, metavar=meta.get("metavar"), help=help_text, **extra)
             continue
         names = [x for x in (meta.get("short"), flag_of(f)) if x]
         if kind is bool:
@@ -318,7 +326,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
         shown = meta.get("shown") or ("none" if f.default is None else ListOf.show(f.default) if isinstance(rule, ListOf) else f.default)
         kwargs = {
             "dest": f.name,
-            "type": rule.parse if isinstance(rule, ListOf) else kind if kind in (int, float, Path) else str,
+            "type": rule.parse if isinstance(rule, ListOf) else path_argument if kind is Path else kind if kind in (int, float) else str,
             "metavar": meta.get("metavar"),
             "help": help_text + (f" (default {shown})" if has_default else ""),
         }

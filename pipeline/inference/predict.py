@@ -166,6 +166,9 @@ def label_images(config: PredictConfig) -> list[dict]:
     if config.probabilities and bundle.get("score", "probability") != "probability":
         raise PipelineError(f"{model_path}: a {bundle.get('model')} model gives decision margins, not probabilities; --probabilities needs an lr or rf model")
     images = collect_images(config.inputs)
+    top_k = min(config.top_k, len(bundle["label_names"]))
+    if top_k < config.top_k:  # columns past the classes were written empty
+        print(f"note: --top-k {config.top_k} is more than the model's {top_k} classes; writing the {top_k} best", file=sys.stderr)
     with contextlib.ExitStack() as held:
         if config.output is not None:
             check_output(Path(config.output), model_path, images, config.overwrite)
@@ -173,8 +176,8 @@ def label_images(config: PredictConfig) -> list[dict]:
             check_output(Path(config.output), model_path, images, config.overwrite)  # again, under the lock
         warn_on_version_change(model_path, bundle)
         net = open_bundle_network(model_path, bundle, weights=config.weights, batch_size=config.batch_size, progress=not config.quiet)
-        results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet, top_k=config.top_k, probabilities=config.probabilities)
-        text = format_results(results, config.format, top_k=config.top_k, class_names=list(bundle["label_names"]) if config.probabilities else None)
+        results = predict_images(bundle, images, net, batch_size=config.batch_size, quiet=config.quiet, top_k=top_k, probabilities=config.probabilities)
+        text = format_results(results, config.format, top_k=top_k, class_names=list(bundle["label_names"]) if config.probabilities else None)
         try:
             write_predictions(text, config.output)
         except PipelineError as exc:

@@ -250,7 +250,7 @@ def test_predictions_survive_an_output_that_fails_after_the_work(trained, images
     assert len(rows) == 5 and sum(r["label"] in ("cat", "dog") for r in rows) == 4
 
 
-def test_top_k_and_probabilities(trained, images, tmp_path):
+def test_top_k_and_probabilities(trained, images, tmp_path, capsys):
     """--top-k 3 of two classes: both, best first, the first being the label; --probabilities: every class, summing to 1."""
     out = tmp_path / "top.json"
     assert cli(trained["lr"], images, "--format", "json", "-o", out, "--quiet", "--top-k", "3", "--probabilities") == 0
@@ -267,6 +267,10 @@ def test_top_k_and_probabilities(trained, images, tmp_path):
     good = next(r for r in table if not r["error"])
     assert {good["label"], good["label_2"]} == {"cat", "dog"} and float(good["score"]) >= float(good["score_2"])
     assert cli(trained["lr"], images / "sub", "--format", "csv", "-o", tmp_path / "top.csv", "--quiet", "--top-k", "2") == 0  # replaces its own file
+    capsys.readouterr()
+    assert cli(trained["lr"], images / "sub", "--format", "csv", "-o", tmp_path / "top5.csv", "--quiet", "--top-k", "5") == 0
+    assert list(csv.DictReader(io.StringIO((tmp_path / "top5.csv").read_text())))[0].keys() == {"path", "label", "score", "label_2", "score_2", "error"}
+    assert "note: --top-k 5 is more than the model's 2 classes; writing the 2 best" in capsys.readouterr().err  # were empty columns 3 to 5
 
 
 def test_probabilities_of_a_margin_model_are_refused(trained, images):
