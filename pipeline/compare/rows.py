@@ -83,14 +83,15 @@ def backbone_bytes(backbone: str, input_size: int) -> int:
 
 
 def extract_rate(path: Path) -> tuple[float, float]:
-    """(seconds to extract the whole file, images/s) from a feature file's attributes."""
+    """(seconds to extract the whole file, images/s) from a feature file's attributes (``rate_images``/``rate_seconds`` when present)."""
     from pipeline.featurefile.store import open_features
 
     with open_features(path) as ff:
         a = ff.attrs
         n = len(ff)
-    processed = int(a.get("images_processed_last_run") or 0)
-    seconds = float(a.get("extract_seconds") or 0.0)
+    # the run that timed the most images (an update's few images time start-up); earlier files and merged ones: the last run
+    processed = int(a.get("rate_images") or a.get("images_processed_last_run") or 0)
+    seconds = float(a.get("rate_seconds") or a.get("extract_seconds") or 0.0)
     if processed <= 0 or seconds <= 0:
         return float("nan"), float("nan")
     rate = processed / seconds

@@ -41,7 +41,7 @@ _LISTING = {"whole_listing_sha256": "the listing of the whole data folder", "who
 #: Attributes of shard 0 that describe one shard's run, not the merged file: recomputed.
 _PER_RUN_ATTRS = (
     "complete", "fingerprint", "shard", "n_images", "n_rejected", "created", "command_line",
-    "extract_seconds", "images_processed_last_run", "incremental", "rows_kept",
+    "extract_seconds", "images_processed_last_run", "incremental", "rows_kept", "rate_images", "rate_seconds",
 )  # fmt: skip
 
 

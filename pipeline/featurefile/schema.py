@@ -67,7 +67,7 @@ class Attr:
     """One attribute: its name, kind (``bool``, ``int``, ``float``, ``str``, ``json``, ``ints``,
     ``strs``), the smallest value of a number, the values allowed, and where it appears
     (``all``, ``single``: files written by one extraction, ``merged``, ``int8``: files of
-    ``--precision int8``)."""
+    ``--precision int8``, ``optional``: well formed when present, files of earlier versions lack it)."""
 
     name: str
     kind: str
@@ -100,6 +100,9 @@ ATTRIBUTES = (
     Attr("images_processed_last_run", "int", 0),
     Attr("incremental", "bool"),
     Attr("rows_kept", "int", 0),
+    # the extraction rate's measurement: the run that computed the most images (an update of 2 images timed start-up, not the rate)
+    Attr("rate_images", "int", 0, where="optional"),
+    Attr("rate_seconds", "float", 0, where="optional"),
     Attr("n_images", "int", 0),
     Attr("n_rejected", "int", 0),
     Attr("shards", "int", 1),
@@ -227,7 +230,7 @@ def problems(db: h5py.File, path: Path, *, reader: bool = False) -> list[str]:
         if a.where == "single" and merged or a.where == "merged" and not merged or a.where == "int8" and attrs.get("precision") != "int8":
             continue
         if a.name not in attrs:
-            if not reader or a.name in READER_ATTRS:
+            if a.where != "optional" and (not reader or a.name in READER_ATTRS):
                 out.append(f"attribute '{a.name}' missing")
         elif a.name != "complete" or not isinstance(attrs[a.name], (bool, np.bool_)):
             problem = _attr_problem(attrs[a.name], a)

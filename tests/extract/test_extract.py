@@ -102,6 +102,9 @@ def test_changed_folder_is_updated_incrementally(tmp_path, capsys):
     assert extract(data, out) == 0
     old = _rows_by_path(out)
     capsys.readouterr()
+    with open_features(out) as ff:
+        first = {k: ff.attrs[k] for k in ("images_processed_last_run", "extract_seconds", "rate_images", "rate_seconds")}
+    assert (first["rate_images"], first["rate_seconds"]) == (first["images_processed_last_run"], first["extract_seconds"]) and first["rate_images"] == 13
 
     (data / "b" / "002.png").unlink()  # removed
     write_image(data / "a" / "new.png", seed=77)  # added
@@ -130,6 +133,13 @@ def test_changed_folder_is_updated_incrementally(tmp_path, capsys):
         assert [p.decode() for p in ff.db["rejected/paths"][:]] == ["a/bad.png"]
     assert verify(out) == []
     assert extract(data, out) == 0 and "up to date" in capsys.readouterr().out
+    # the rate keeps the run that timed the most images: compare's images/s after an update was 3 images' start-up (fifteenth pass)
+    from pipeline.compare.rows import extract_rate
+
+    with open_features(out) as ff:
+        assert ff.attrs["images_processed_last_run"] == 3
+        assert (ff.attrs["rate_images"], ff.attrs["rate_seconds"]) == (first["rate_images"], first["rate_seconds"])  # copied, not recomputed
+    assert extract_rate(out)[1] == first["rate_images"] / first["rate_seconds"]
 
 
 @pytest.mark.parametrize(
