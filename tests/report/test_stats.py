@@ -112,6 +112,24 @@ def test_macro_f1_averages_the_classes_with_an_image_or_a_prediction():
     assert wrong["macro_f1"] == f1_score([0, 0, 1, 1], [0, 2, 1, 1], average="macro", zero_division=0) == (2 / 3 + 1 + 0) / 3
 
 
+
+@pytest.mark.parametrize("y_true, y_pred", [([0, 0, 1, 1], [0, 0, 1, 1]), ([0, 0, 1, 1], [0, 2, 1, 1]), ([1, 2, 2], [1, 2, 1]), ([2], [0])])
+def test_the_text_report_averages_what_the_macro_f1_averages(y_true, y_pred):
+    """Fifteenth pass: evaluate's report.txt listed an absent class at 0.000 and averaged it (macro avg 0.167) beside metrics.json's
+    macro-F1 0.250 of the same run. Its macro avg is now the macro-F1; a class with no image and no prediction is named below."""
+    import re
+
+    from pipeline.report.metrics import classification_report, scores
+
+    names = ["a", "b", "c"]
+    text = classification_report(y_true, y_pred, names)
+    macro = float(re.search(r"macro avg\s+\S+\s+\S+\s+(\S+)", text).group(1))
+    assert macro == round(scores(y_true, y_pred, names)["macro_f1"], 3)
+    absent = [n for i, n in enumerate(names) if i not in set(y_true) | set(y_pred)]
+    assert ("not in the test data and never predicted (not scored, not averaged): " + ", ".join(absent) in text) == bool(absent)
+    assert all(re.search(rf"^\s+{n}\s+\d", text, re.M) is None for n in absent)
+
+
 def test_wilson_holds_the_observed_share_at_every_size():
     """Fourth pass (#22): at 13 of 13 (and 932 other sizes up to 3,000) rounding put the upper bound a hair below 1.0, so a perfect row's
     interval excluded its own accuracy and compare's chart died with "'xerr' must not contain negative values"."""
