@@ -75,12 +75,36 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def network_image(img: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """A decoded image as the network takes it: turned by its EXIF orientation, 8-bit RGB (``_to_rgb``), one Pillow resize to ``size``."""
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    if img.size != (size, size):
+        img = img.resize((size, size), getattr(Image.Resampling, interpolation.upper()))
+    return img
+
+
+def portable_reader() -> str:
+    """Python source (Pillow and numpy only) of ``load_pixels(path, size, resize)``: the pixels ``load_image`` gives, for code without
+    this package (an exported model's metadata holds it). Built from the functions themselves, so it cannot drift from them."""
+    import inspect
+
+    opener = '''
+def load_pixels(path, size, resize):
+    """One image as the (size, size, 3) float32 RGB pixels 0..255 the exported network takes, decoded as `predict` decodes it."""
+    with Image.open(path) as img:
+        img.load()
+        return np.asarray(network_image(img, size, resize), dtype=np.float32)
+'''
+    return ("import numpy as np\nfrom PIL import Image, ImageOps\n\n\n" + inspect.getsource(_to_rgb) + "\n\n" + inspect.getsource(network_image) + "\n" + opener)
+
+
 def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
     """Decode one image into a ``(size, size, 3)`` uint8 RGB array.
 
     The same steps as ``keras.utils.load_img(path, target_size=(size, size),
     interpolation=interpolation)`` (convert to RGB, then one Pillow resize), plus the
-    EXIF orientation and 16-bit handling that ``load_img`` lacks.
+    EXIF orientation and 16-bit handling that ``load_img`` lacks (``network_image``;
+    ``portable_reader`` gives them as source for code without this package).
 
     Raises:
         RejectedImage: the file is missing, not a regular file, too large, empty, not an image of a
@@ -130,11 +154,7 @@ def load_image(path: Path | str, size: int, interpolation: str) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            if img.size != (size, size):
-                img = img.resize((size, size), getattr(Image.Resampling, interpolation.upper()))
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = np.asarray(network_image(img, size, interpolation), dtype=np.uint8)
     except Exception as exc:
         raise RejectedImage(f"truncated or corrupt image data: {exc}") from None
     if arr.shape != (size, size, 3):

@@ -7,8 +7,9 @@ bundle's compute precision with the same weights (checked by checksum), the feat
 to the feature file's storage dtype (a float16 identity layer, as ``predict`` rounds them), and
 the classifier as layers (``nets.probe.probe_layers``: pooling, the row scaling, a Dense with
 the fitted coefficients). Pixels are float32 in 0..255, resized to the bundle's input side with
-the bundle's resize method (``resize`` in the saved metadata); resizing stays outside the
-network, as in ``keras.utils.load_img(path, target_size=..., interpolation=...)``.
+the bundle's resize method (``resize`` in the saved metadata); decoding and resizing stay outside
+the network: the metadata's ``reader`` is the source of a Pillow-only ``load_pixels`` that decodes
+as ``predict`` does (``images.decode.portable_reader``).
 
 A random forest is not a stack of layers and an int8 bundle's network is an OpenVINO model:
 both are refused with one line.
@@ -28,6 +29,7 @@ from pipeline.core import config as settings
 from pipeline.core.command import Command
 from pipeline.core.config import OneOf, option
 from pipeline.core.errors import PipelineError
+from pipeline.images.decode import portable_reader
 from pipeline.core.outputs import OutputLock, prepare_output_dir, write_json_atomic
 from pipeline.core.digests import file_digest
 from pipeline.core.outputsets import check_members, publish, settle
@@ -134,7 +136,10 @@ def metadata(bundle: dict, config: ExportConfig) -> dict:
         "label_names": list(bundle["label_names"]),
         "input_size": int(spec["input_size"]),
         "resize": spec["resize"],
-        "input": "float32 RGB pixels 0..255, shape (n, input_size, input_size, 3), resized with `resize` (keras.utils.load_img names)",
+        "input": "float32 RGB pixels 0..255, shape (n, input_size, input_size, 3), as `reader`'s load_pixels(path, input_size, resize) gives them "
+                 "(EXIF orientation applied, 16-bit grey rescaled, one Pillow resize with `resize`); keras.utils.load_img gives the same pixels "
+                 "except for EXIF-rotated and 16-bit images",
+        "reader": portable_reader(),
         "output": "class probabilities (softmax)" if bundle["model"] == "lr" else "decision-function margins (not probabilities); argmax is the class",
         "backbone": spec["backbone"],
         "precision": bundle["precision"],

@@ -91,7 +91,10 @@ def test_the_exported_network_predicts_what_predict_predicts(vgg, backbone, mode
     assert meta["label_names"] == list(CLASSES) and meta["input_size"] == 32 and meta["resize"] == "bilinear"
     listing = list_images(data)
     paths = [listing.root / p for p in listing.paths]
-    pixels = np.stack([load_image(p, meta["input_size"], meta["resize"]) for p in paths]).astype(np.float32)
+    reader = {}
+    exec(meta["reader"], reader)  # the metadata's own decoding (Pillow only), as a deployment without this package uses it
+    pixels = np.stack([reader["load_pixels"](p, meta["input_size"], meta["resize"]) for p in paths])
+    np.testing.assert_array_equal(pixels, np.stack([load_image(p, meta["input_size"], meta["resize"]) for p in paths]).astype(np.float32))
     scores = _plain_keras(out, pixels, tmp_path)
     assert scores.shape == (len(paths), len(CLASSES))
     if model == "lr":
