@@ -7,9 +7,11 @@ the chart are one set, published together (``core.outputsets``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,11 +178,18 @@ def run(config: CompareConfig) -> list[dict]:
         refuse_inside(folder, [("the data folder", config.data_root)], "choose another -o folder")  # by resolved path: OUT/models a link into a class folder
     list_inputs(config.data_root / "train", config.data_root / "test", config.allow_overlap)  # the same classes, no test image that is a training image
     # an -o that is a file or cannot be written: one line, before any work; one run per -o (OUT/compare.lock held throughout)
-    with OutputLock(prepare_output_dir(config.output) / "compare"):
-        table = ("sizes", SIZES_FILES) if config.sizes else ("compare", TABLE_FILES)
-        settle(config.output, table[0])  # a table a killed run left half moved is finished first, then checked
-        check_members(config.output, *table)  # before any row is trained
-        return _compare(config)
+    made = not os.path.lexists(config.output)
+    try:
+        with OutputLock(prepare_output_dir(config.output) / "compare"):
+            table = ("sizes", SIZES_FILES) if config.sizes else ("compare", TABLE_FILES)
+            settle(config.output, table[0])  # a table a killed run left half moved is finished first, then checked
+            check_members(config.output, *table)  # before any row is trained
+            return _compare(config)
+    except BaseException:
+        if made:  # a run refused (--sizes above a class) or stopped before writing anything leaves no empty -o behind
+            with contextlib.suppress(OSError):
+                config.output.rmdir()
+        raise
 
 
 def _compare(config: CompareConfig) -> list[dict]:

@@ -31,6 +31,14 @@ def test_a_size_over_a_class_is_refused(tmp_path):
     make_tree(tmp_path / "train", classes=("a", "b"), per_class=3, size=(8, 8))
     with pytest.raises(PipelineError, match=r"^--sizes 4: class 'a' of .*train has only 3 images$"):
         nested_subsets(tmp_path / "train", (2, 4), seed=0)
+    make_tree(tmp_path / "d" / "train", classes=("a", "b"), per_class=3, size=(8, 8))
+    make_tree(tmp_path / "d" / "test", classes=("a", "b"), per_class=2, size=(8, 8))
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(out), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--sizes", "3,5", "--quiet"]
+    assert main(argv) == 2
+    assert not out.exists()  # the refused run's -o is not left behind empty (fifteenth pass)
+    out.mkdir()
+    assert main(argv) == 2 and out.is_dir()  # one the user made stays
 
 
 @pytest.mark.parametrize("sizes, strategies, message", [
