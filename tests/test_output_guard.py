@@ -384,3 +384,28 @@ def test_a_set_a_kill_left_half_moved_is_finished_before_its_members_are_checked
     capsys.readouterr()
     assert main([*argv, "--overwrite"] if stage == "export" else argv) == 0, capsys.readouterr().err
     assert not list((tmp_path / "x").glob(".*.set"))
+
+
+@pytest.mark.parametrize("sig, delay", [("SIGINT", 0.15), ("SIGINT", 0.4), ("SIGTERM", 0.15), ("SIGTERM", 0.4)])
+def test_a_signal_while_the_modules_load_is_one_line_and_130(sig, delay, tmp_path):
+    """Fifteenth pass: Ctrl-C in the second the modules load (before cli.main's handling) was a traceback through the imports, and SIGTERM
+    there a silent 143; ``python -m pipeline`` takes both from its first line (inside the command, its own message says more)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=4, size=(24, 24))
+    argv = [sys.executable, "-m", "pipeline", "scratch", str(data), "--dense", "4", "--input-size", "32", "--epochs", "100000", "--patience",
+            "100000", "--quiet", "-o", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    try:
+        time.sleep(delay)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), (proc.returncode, err[-3000:])
