@@ -244,6 +244,10 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
         unreadable = source_problem(db, path)  # before any row is read: a missing shard reads zeros, a FIFO blocks
         if unreadable:
             raise PipelineError(unreadable)
+        stale = stale_sources(path) if "merged" in db and contract.merged_record_ok(db) else []
+        if stale:  # before any row is read too: a shard of another row count failed the first read ("corrupt feature file")
+            more = f" (and {len(stale) - 1} more: `python -m pipeline verify {path}` lists them)" if len(stale) > 1 else ""
+            raise PipelineError(f"{stale[0]} (merge again, or run `extract --ray` again){more}; a reader trusts only files verify accepts")
         if require_complete and not is_complete(db.attrs):
             raise PipelineError(f"{path}: incomplete feature file (attribute 'complete' is not set; the extraction did not finish)")
         for name in REQUIRED_DATASETS:
@@ -281,14 +285,12 @@ def open_features(path: Path | str, *, require_complete: bool = True) -> Feature
 
 def _reader_contract(db: h5py.File, path: Path, require_complete: bool) -> None:
     """The rest of ``verify``'s rules that cost no pass over the features: attributes, lengths, counts, duplicate
-    or both extracted and rejected paths; for a merged file, shard files changed since the merge.
+    or both extracted and rejected paths (a merged file's shard files changed since the merge are refused before, by ``open_features``).
 
     Raises:
         PipelineError: the first broken rule, and how many more ``verify`` would list.
     """
-    found = [m for m in contract.problems(db, path, reader=True) if require_complete or not m.startswith("incomplete")]
-    if "merged" in db and contract.merged_record_ok(db):
-        found += [f"{m} (merge again, or run `extract --ray` again)" for m in stale_sources(path)]
+    found = [m for m in contract.problems(db, path, reader=True) if require_complete or not m.startswith("incomplete")]  # shards: checked first
     if found:
         more = f" (and {len(found) - 1} more: `python -m pipeline verify {path}` lists them)" if len(found) > 1 else ""
         first = found[0] if found[0].startswith(str(path)) else f"{path}: {found[0]}"

@@ -121,6 +121,9 @@ def test_readers_apply_verify_s_rules_and_a_damaged_chunk_is_one_line(tmp_path, 
     write(shards[1], ["a/2.png", "b/4.png"], shard=1)  # re-extracted after the merge: verify says so, so must every reader
     with pytest.raises(PipelineError, match=r"x.shard-00001-of-00002.h5: shard file changed since the merge \(merge again"):
         open_features(out)
+    write(shards[0], ["a/1.png"], shard=0)  # and one with fewer rows: the first read failed, "corrupt feature file" (fifteenth pass)
+    with pytest.raises(PipelineError, match=r"x.shard-00000-of-00002.h5: shard file changed since the merge \(merge again, or run `extract --ray` again\) \(and 1 more"):
+        open_features(out)
     edited = write(tmp_path / "edited.h5", [f"{c}/{i}.png" for c in "ab" for i in range(20)])
     with h5py.File(edited, "r+") as db:  # another tool drops the last row of two columns (the counts stay)
         for name in ("labels", "paths"):
