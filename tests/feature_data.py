@@ -22,6 +22,7 @@ def make_features(
     row_shape=(1, 1, 512),
     seed: int = 0,
     noise: float = 1.0,
+    rejected=(),
     **attrs,
 ) -> Path:
     """A complete feature file: ``per_class`` rows per class around well separated class means."""
@@ -53,7 +54,7 @@ def make_features(
         storage="float16",
         class_names=tuple(classes),
         rows=iter([(feats, labels, paths, np.zeros(n, np.int64), np.zeros(n, np.int64))]),
-        rejected=[],
+        rejected=[(path_, reason, 10, 1) for path_, reason in rejected],  # (path, reason) of files not extracted
         attrs=spec,
     )
     return path

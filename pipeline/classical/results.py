@@ -70,6 +70,9 @@ def print_summary(metrics: dict, fitted: Fitted, paths: dict) -> None:
     final = metrics["final_model"]
     if final["refit"]:
         print(f"  the saved model is refitted on all {final['rows']} rows (scored above on the held-out split; --no-refit keeps the split's model)")
+    for path, n in metrics.get("rejected", {}).items():
+        if n:
+            print(f"  note: {n} file{'s' if n > 1 else ''} of {path} could not be read at extraction: in no row, neither trained on nor scored (listed in its rejected/)")
     warning = rough_warning(metrics["n_scored"])
     if warning:
         print(warning, file=sys.stderr)

@@ -381,6 +381,7 @@ def run(config: TrainConfig) -> dict:
             "seed": config.seed,
             "test_source": test_source,
             "features": str(ff.path),
+            "rejected": {str(f.path): int(f.attrs.get("n_rejected", 0)) for f in (ff, test_ff) if f is not None},  # not in any row: said
             "backbone": ff.spec.get("backbone"),
             "label_names": names,
             "score": family.score,

@@ -105,6 +105,17 @@ def test_grid_override_sets_the_best_params(feats, tmp_path):
     assert len(m["search"]["results"]) == 4 and all(len(r["scores"]) == 3 for r in m["search"]["results"])
 
 
+def test_files_rejected_at_extraction_are_said_in_the_summary(tmp_path, capsys):
+    """A test accuracy on 30 images when 2 more could not be read: the summary says so, naming each file's count (a review finding)."""
+    tr = make_features(tmp_path / "tr.h5", per_class=10, rejected=[("a/bad.png", "not an image")])
+    te = make_features(tmp_path / "te.h5", per_class=5, seed=1, rejected=[("a/x.png", "empty file (0 bytes)"), ("b/y.png", "empty file (0 bytes)")])
+    m = train.run(config(tr, tmp_path / "m", "lr", test=te, C=(1.0,)))
+    assert m["rejected"] == {str(tr): 1, str(te): 2}
+    out = capsys.readouterr().out
+    assert f"note: 1 file of {tr} could not be read at extraction: in no row, neither trained on nor scored (listed in its rejected/)" in out
+    assert f"note: 2 files of {te} could not be read at extraction" in out
+
+
 def test_search_picks_the_c_that_works(tmp_path):
     """Unbalanced classes: a vanishing C leaves only the intercepts, which predict the big class everywhere."""
     f = make_features(tmp_path / "x.h5", per_class=[40, 10, 10])
