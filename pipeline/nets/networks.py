@@ -224,18 +224,20 @@ class Base:
 
 
 def build_base(*, input_size: int, unfreeze_from: str, precision: str, seed: int, weights=None, backbone: str = BACKBONE) -> Base:
-    """The backbone (seeded; ``weights`` loaded when given) split into a frozen prefix and the layers from ``unfreeze_from`` on.
+    """The backbone (``weights`` loaded; random ones are extract's one network, seed 0's, whatever ``seed``: a probe of --seed 1 was
+    fitted on other features than its spec's) split into a frozen prefix and the layers from ``unfreeze_from`` on.
 
-    Raises:
-        PipelineError: ``unfreeze_from`` is not a place where the backbone can be cut (checked
-            before the weights load), or the weights do not load.
+    Raises: PipelineError: ``unfreeze_from`` is not a place where the backbone can be cut (checked before the weights load), or the weights do not load.
     """
     import keras
 
     from pipeline.core.errors import PipelineError
     from pipeline.backbones.weights import load_weights
 
-    model = build(backbone, input_size, precision, seed)
+    random_init = weights is None or weights.name == "none"
+    model = build(backbone, input_size, precision, 0 if random_init else seed)
+    if random_init:
+        keras.utils.set_random_seed(seed)  # --seed: the head's start and the training
     try:
         k = unfreeze_index(model, backbone, unfreeze_from)
     except ValueError as exc:

@@ -82,3 +82,21 @@ def test_frozen_count_refuses_unknown_layers():
     assert frozen_count("block5_pool") == 17
     with pytest.raises(ValueError):
         frozen_count("block9_conv1")
+
+
+def test_random_weights_are_extract_s_one_network_whatever_the_seed(tmp_path):
+    """Sixteenth pass: with --weights none, finetune --seed 1 built its frozen base from seed 1, extract from seed 0, under one feature
+    spec: a probe fitted at seed 1 scored 0.100 on the test file (0.567 on its own features), in compare's probe row and in evaluate."""
+    from conftest import make_tree
+    from pipeline import extract_features
+    from pipeline.backbones.weights import resolve_weights
+    from pipeline.images.decode import load_image
+    from pipeline.nets.networks import base_features, build_base
+
+    root = make_tree(tmp_path / "d", classes=("a", "b"), per_class=2, size=(24, 24))
+    paths = sorted(root.rglob("*.png"))
+    pixels = np.stack([load_image(p, 32, "bilinear") for p in paths])
+    extracted = extract_features(paths, weights="none", input_size=32, precision="float32").features.astype(np.float32)
+    for seed in (0, 1, 7):
+        base = build_base(input_size=32, unfreeze_from="block5_conv1", precision="float32", seed=seed, weights=resolve_weights("none"))
+        np.testing.assert_allclose(base_features(base, pixels, 4), extracted, rtol=2e-2, atol=2e-2 * float(np.abs(extracted).max()))
