@@ -37,6 +37,7 @@ How the linear models (``lr``, ``svm``) are fitted, and why:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -163,6 +164,8 @@ def fit_matrix(
             scaler.partial_fit(X[s0 : s0 + step])
     prep = scaler if scaling == "standard" else make_scaler("l2", d)
     scale_rows_(X, scaling, prep)
+    if n and not X.any():  # a random backbone at a small input size gave nothing (mobilenetv2, --weights none, 32 px)
+        print("warning: every feature value of the training rows is 0: the model can only predict its most frequent class", file=sys.stderr)
     if n > row_space_max_rows:
         fit = search_matrix(X, y, sorted(grid["C"]), loss=model, cv=cv, seed=seed, epochs=epochs, quiet=quiet, backend=backend, same=same)
         return _pipeline(prep, _engine_model(fit, model, scaling, d)), _engine_result(fit, "cv"), fit["space"]
@@ -170,8 +173,9 @@ def fit_matrix(
     if use_row_space:
         Z, U, sv = row_space(X)
         space = {"kind": "row-space", "dims": int(Z.shape[1])}
-    else:
-        Z = X
+        use_row_space = Z.shape[1] > 0  # rows all zero span nothing (an empty matrix was a scikit-learn traceback): fitted on the rows
+    if not use_row_space:
+        Z, space = X, {"kind": "features", "dims": d}
     result = search(family, Z, y, grid, cv=cv, seed=seed, n_jobs=n_jobs, quiet=quiet, same=same)
     stop_if_terminated()
     clf = family.build({**result.best_params, **family.data_params(Z)}, seed, 1)

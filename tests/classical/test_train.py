@@ -105,6 +105,21 @@ def test_grid_override_sets_the_best_params(feats, tmp_path):
     assert len(m["search"]["results"]) == 4 and all(len(r["scores"]) == 3 for r in m["search"]["results"])
 
 
+@pytest.mark.parametrize("model", ["lr", "svm", "rf"])
+def test_features_that_are_all_zero_fit_the_most_frequent_class_and_say_so(model, tmp_path, capsys):
+    """Sixteenth pass: a random mobilenetv2 at 32 px gives all-zero features; their row space is empty and lr/svm ended in a scikit-learn
+    traceback ("0 feature(s)"). They fit (the intercepts: the most frequent class) with a warning."""
+    import h5py
+
+    f = make_features(tmp_path / "z.h5", per_class=[12, 6, 6])
+    with h5py.File(f, "r+") as db:
+        db["features"][...] = 0
+    m = train.run(config(f, tmp_path / "m", model))
+    assert m["n_test"] > 0 and 0.0 <= m["accuracy"] <= 1.0
+    if model != "rf":
+        assert "warning: every feature value of the training rows is 0: the model can only predict its most frequent class" in capsys.readouterr().err
+
+
 def test_files_rejected_at_extraction_are_said_in_the_summary(tmp_path, capsys):
     """A test accuracy on 30 images when 2 more could not be read: the summary says so, naming each file's count (a review finding)."""
     tr = make_features(tmp_path / "tr.h5", per_class=10, rejected=[("a/bad.png", "not an image")])
