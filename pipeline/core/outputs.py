@@ -198,7 +198,7 @@ def _work_of(folder: Path, pid: str) -> bool:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file (JSON, CSV, Markdown) through ``atomic_output``."""
     with atomic_output(Path(path)) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # a name that is not UTF-8: its own bytes, as predict writes it
 
 
 def _json_default(value):

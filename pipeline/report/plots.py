@@ -19,6 +19,12 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _shown(text: str) -> str:
+    """``text`` as the font can draw it: a name of bytes that are not UTF-8 (``c\\udcffbag``, a class folder) stopped matplotlib
+    with a traceback; it is drawn as ``c\\xffbag``, as the extract summary prints it."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _save(fig, path: Path | str) -> Path:
     """Save ``fig`` as PNG through a temporary name and an atomic rename."""
     from pipeline.core.outputs import atomic_output
@@ -57,8 +63,8 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path | st
     share = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(k), labels=list(class_names))
+    ax.set_xticks(range(k), labels=[_shown(n) for n in class_names], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), labels=[_shown(n) for n in class_names])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fontsize = 10 if k <= 10 else max(5, 10 - (k - 10) // 3)
@@ -67,7 +73,7 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path | st
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize,
                     color="white" if share[i, j] > 0.5 else "black")
     if title:
-        ax.set_title(title)
+        ax.set_title(_shown(title))
     return _save(fig, path)
 
 
@@ -113,7 +119,7 @@ def bar_chart(
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
+        ax.set_title(_shown(title))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -158,7 +164,7 @@ def training_curves(history: Mapping[str, Sequence[float]], path: Path | str, *,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_shown(title))
     return _save(fig, path)
 
 
@@ -201,7 +207,7 @@ def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
+        ax.set_title(_shown(title))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -243,7 +249,7 @@ def interval_figure(rows: Mapping[str, tuple[float, float, float, str]], *, titl
     ax.legend(handles=handles, labels=["best", "tied with the best", "different from the best"], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.08 - 0.5 / len(labels)), ncol=3, frameon=False)
     if title:
-        ax.set_title(title, fontsize=9, wrap=True)
+        ax.set_title(_shown(title), fontsize=9, wrap=True)
     return fig
 
 

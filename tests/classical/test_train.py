@@ -120,6 +120,26 @@ def test_features_that_are_all_zero_fit_the_most_frequent_class_and_say_so(model
         assert "warning: every feature value of the training rows is 0: the model can only predict its most frequent class" in capsys.readouterr().err
 
 
+def test_class_and_file_names_that_are_not_utf8_reach_every_output(tmp_path):
+    """Sixteenth pass: a class folder or test image named by bytes that are not UTF-8 (extract keeps them) ended train and evaluate in a
+    UnicodeEncodeError (the report, the misclassified list) or a matplotlib traceback (the confusion matrix). They are written as their bytes."""
+    from pipeline.backbones.registry import PREPROCESSING
+    from pipeline.inference import evaluate
+
+    names = ("c\udcffbag", "coat\udcfe")
+    tr = make_features(tmp_path / "tr.h5", per_class=9, classes=names, noise=100.0, preprocessing=PREPROCESSING)
+    te = make_features(tmp_path / "te.h5", per_class=6, classes=names, noise=100.0, seed=3, preprocessing=PREPROCESSING)
+    m = train.run(config(tr, tmp_path / "m", "lr", test=te, C=(1.0,), cv=2, allow_overlap=True))
+    assert 0 < m["accuracy"] < 1  # some test images misclassified: their names are in the list
+    report = (tmp_path / "m" / "lr.report.txt").read_bytes()
+    assert b"c\xffbag" in report and b"coat\xfe" in report
+    wrong = (tmp_path / "m" / "lr.misclassified.csv").read_bytes()
+    assert wrong.count(b"\n") == 1 + round((1 - m["accuracy"]) * m["n_test"]) and (b"c\xffbag/" in wrong or b"coat\xfe/" in wrong)
+    assert (tmp_path / "m" / "lr.confusion.png").stat().st_size > 0
+    ev = evaluate.run(evaluate.EvaluateConfig(model=tmp_path / "m" / "lr.joblib", data=te, output=tmp_path / "ev", quiet=True, allow_overlap=True))
+    assert ev["accuracy"] == m["accuracy"] and b"c\xffbag" in (tmp_path / "ev" / "report.txt").read_bytes()
+
+
 def test_files_rejected_at_extraction_are_said_in_the_summary(tmp_path, capsys):
     """A test accuracy on 30 images when 2 more could not be read: the summary says so, naming each file's count (a review finding)."""
     tr = make_features(tmp_path / "tr.h5", per_class=10, rejected=[("a/bad.png", "not an image")])
