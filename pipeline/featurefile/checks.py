@@ -70,7 +70,15 @@ def source_problem(db: h5py.File, path: Path) -> str | None:
     folder instead of beside the file, and every check here would look at others). Shard files
     are looked at (``stat``, their datasets' layout), never read: this is checked before any row is read.
     """
+    elsewhere = _stored_elsewhere(db, path)
+    if elsewhere:
+        return elsewhere
     names = sorted({vs.file_name for ds in db.values() if isinstance(ds, h5py.Dataset) and ds.is_virtual for vs in ds.virtual_sources()})
+    if names and "merged" not in db:  # rows another file holds, which can change while this one does not
+        return f"{path}: its rows are virtual datasets of {', '.join(names)} but it is not a merged file (no merged record); extract it again"
+    listed = {os.fsdecode(x) for x in db["merged/files"][:]} if names and isinstance(db.get("merged/files"), h5py.Dataset) else set(names)
+    if set(names) - listed:  # the shard checks look at the listed files: rows must come from those
+        return f"{path}: merged file reading {sorted(set(names) - listed)[0]}, which its merged record does not list; merge again"
     if names and os.environ.get("HDF5_VDS_PREFIX"):
         return (f"{path}: merged file, and HDF5_VDS_PREFIX is set ({os.environ['HDF5_VDS_PREFIX']}): HDF5 would read its shards from there "
                 "instead of beside it; unset HDF5_VDS_PREFIX")  # fmt: skip
@@ -85,6 +93,22 @@ def source_problem(db: h5py.File, path: Path) -> str | None:
     for name in names:
         if _is_merged(path.parent / name):
             return f"{path}: its shard file {path.parent / name} is itself a merged file (a link to or a copy of one); put back the shard extract wrote"
+    return None
+
+
+def _stored_elsewhere(db: h5py.File, path: Path) -> str | None:
+    """Why a dataset of ``db`` is not stored in the file itself (None: every one is): an external or soft link, or external storage
+    (raw data in another file). verify and train read a link to another file's reversed rows as this file's, and extract said "up to date"."""
+    groups = [("", db)] + [(f"{name}/", db[name]) for name in db if isinstance(db.get(name, getlink=True), h5py.HardLink) and isinstance(db[name], h5py.Group)]
+    for prefix, group in groups:
+        for name in group:
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                target = f"{link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else link.path
+                return f"{path}: '{prefix}{name}' is a link ({type(link).__name__}) to {target}, not stored in the file; a feature file holds its own rows: extract it again"
+            obj = group[name]
+            if isinstance(obj, h5py.Dataset) and obj.external:
+                return f"{path}: '{prefix}{name}' keeps its data in another file ({obj.external[0][0]}); a feature file holds its own rows: extract it again"
     return None
 
 

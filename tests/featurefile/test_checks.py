@@ -162,3 +162,46 @@ def test_a_label_that_is_not_its_class_folder_is_refused_by_verify_and_every_rea
         assert verify(path) == [f"{path}: {want}"]
         with pytest.raises(PipelineError, match=rf"^{path}: .*{re.escape(want)}"):
             open_features(path)
+
+
+@pytest.mark.parametrize("how", ["external-link", "soft-link", "virtual", "external-storage", "unlisted-shard"])
+def test_rows_stored_in_another_file_are_refused_by_verify_and_readers(how, tmp_path):
+    """Sixteenth pass: a feature file whose features were an external link (or a virtual dataset outside a merged file) to another
+    file's reversed rows passed verify, trained to 0.000 with exit 0, and was "up to date" for extract. A feature file holds its own rows."""
+    import h5py
+
+    out = tmp_path / "x.h5"
+    other = write(tmp_path / "other.h5", ["b/2.png", "a/1.png"])
+    if how == "unlisted-shard":
+        shards = [write(shard_path(out, 0, 2), ["a/1.png"], shard=0), write(shard_path(out, 1, 2), ["b/2.png"], shard=1)]
+        merge(out, shards)
+    else:
+        write(out, ["a/1.png", "b/2.png"])
+    with h5py.File(other, "r") as db:
+        shape, dtype, chunks = db["features"].shape, db["features"].dtype, db["features"].chunks
+    with h5py.File(out, "r+") as db:
+        if how == "external-link":
+            del db["features"]
+            db["features"] = h5py.ExternalLink(str(other), "/features")
+        elif how == "soft-link":
+            db["kept"] = db["features"]  # a hard link under another name, then features a soft link to it
+            del db["features"]
+            db["features"] = h5py.SoftLink("/kept")
+        elif how == "virtual" or how == "unlisted-shard":
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            layout[:] = h5py.VirtualSource(str(other), "features", shape=shape)
+            del db["features"]
+            db.create_virtual_dataset("features", layout)
+        else:
+            raw = db["features"][:]
+            del db["features"]
+            (tmp_path / "raw.bin").write_bytes(raw.tobytes())
+            db.create_dataset("features", shape=shape, dtype=dtype, external=[(str(tmp_path / "raw.bin"), 0, raw.nbytes)])
+    message = {"external-link": r"'features' is a link \(ExternalLink\) to .*other\.h5:/features, not stored in the file",
+               "soft-link": r"'features' is a link \(SoftLink\) to /kept, not stored in the file",
+               "virtual": r"its rows are virtual datasets of .*other\.h5 but it is not a merged file",
+               "external-storage": r"'features' keeps its data in another file \(.*raw\.bin\)",
+               "unlisted-shard": r"merged file reading .*other\.h5, which its merged record does not list"}[how]  # fmt: skip
+    assert any(re.search(message, m) for m in verify(out)), verify(out)
+    with pytest.raises(PipelineError, match=message):
+        open_features(out)
