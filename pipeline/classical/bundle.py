@@ -195,12 +195,16 @@ def check_spec(model_path: Path, bundle: dict) -> None:
 
 
 def check_width(model_path: Path | str, bundle: dict) -> None:
-    """Refuse an estimator that does not take the pooled rows its ``feature_spec`` gives (``feature_shape`` pooled by ``pool``):
-    another pooling's estimator, or a cut coefficient matrix, was a scikit-learn traceback in predict, evaluate and export.
+    """Refuse an estimator that does not take the pooled rows its ``feature_spec`` gives (``feature_shape`` pooled by ``pool``), or
+    whose fitted arrays cannot give a score: another pooling's estimator or a cut coefficient matrix (scikit-learn tracebacks in
+    predict, evaluate and export), an intercept of another length (a traceback), NaN coefficients (every image one class, score nan).
 
     Raises:
-        PipelineError: an unknown pool, or a step (scaler, classifier, its coefficients) taking another length.
+        PipelineError: an unknown pool, a step (scaler, classifier, its coefficients) taking another length, an intercept that
+            does not match the coefficients, or a fitted array holding NaN or infinity.
     """
+    import numpy as np
+
     from pipeline.rows.pooling import POOLS, pooled_dim
 
     spec = bundle["feature_spec"]
@@ -217,6 +221,17 @@ def check_width(model_path: Path | str, bundle: dict) -> None:
             if got is not None and got != want:
                 raise PipelineError(f"{model_path}: the model's {type(step).__name__} {what} {got} features per image, but its feature_spec "
                                     f"gives {want} ({spec['pool']} pooling of {list(spec['feature_shape'])}); retrain it with `python -m pipeline train`")  # fmt: skip
+        arrays = {name: getattr(step, name) for name in ("coef_", "intercept_", "mean_", "scale_", "var_") if getattr(step, name, None) is not None}
+        for name, value in arrays.items():
+            try:
+                finite = bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise PipelineError(f"{model_path}: the model's {type(step).__name__}.{name} holds values that are not finite numbers; retrain it with `python -m pipeline train`")
+        if "coef_" in arrays and "intercept_" in arrays and np.size(arrays["intercept_"]) != np.shape(arrays["coef_"])[0]:
+            raise PipelineError(f"{model_path}: the model's {type(step).__name__} has {np.size(arrays['intercept_'])} intercepts for "
+                                f"{np.shape(arrays['coef_'])[0]} coefficient rows; retrain it with `python -m pipeline train`")  # fmt: skip
 
 
 def check_engine(model_path: Path | str, bundle: dict, net) -> None:

@@ -91,12 +91,21 @@ def test_a_folder_is_not_a_bundle(tmp_path):
          r"m\.joblib: the model's LogisticRegression takes 512 features per image, but its feature_spec gives 2048 \(flatten pooling of \[2, 2, 512\]\); retrain"),
         ({"estimator": "cut"}, r"m\.joblib: the model's LogisticRegression has coefficients for 511 features per image, but its feature_spec gives 512 "),
         ({"estimator": "scaler"}, r"m\.joblib: the model's StandardScaler takes 256 features per image, but its feature_spec gives 512 "),
+        # fitted arrays that cannot score (sixteenth pass): NaN coefficients labelled every image one class with score nan, exit 0
+        ({"estimator": "nan"}, r"m\.joblib: the model's LogisticRegression\.coef_ holds values that are not finite numbers; retrain"),
+        ({"estimator": "intercepts"}, r"m\.joblib: the model's LogisticRegression has 2 intercepts for 1 coefficient rows; retrain"),
     ],
 )
 def test_a_spec_this_program_cannot_rebuild_is_refused(changes, message, tmp_path):
     if changes.get("estimator") == "cut":
         changes["estimator"] = bundle()["estimator"]
         changes["estimator"].coef_ = changes["estimator"].coef_[:, :-1]
+    elif changes.get("estimator") == "nan":
+        changes["estimator"] = bundle()["estimator"]
+        changes["estimator"].coef_ = changes["estimator"].coef_ * np.nan
+    elif changes.get("estimator") == "intercepts":
+        changes["estimator"] = bundle()["estimator"]
+        changes["estimator"].intercept_ = np.zeros(2)
     elif changes.get("estimator") == "scaler":
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
