@@ -240,7 +240,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     mode = "in-memory" if estimate_mb <= config.memory_budget_mb else "out-of-core"
     if mode == "out-of-core" and family.stream_loss is None:
         raise PipelineError(
-            f"{ff.path}: the {config.pool}-pooled training matrix needs {estimate_mb:.0f} MB, over --memory-budget "
+            f"{ff.path}: the {config.pool}-pooled training matrix needs {estimate_mb:.3g} MB, over --memory-budget "
             f"{config.memory_budget_mb:g} MB, and --model {config.model} cannot be trained out of core; "
             "use --pool avg or --pool max, or raise --memory-budget"
         )
