@@ -197,6 +197,10 @@ class FitPlan:
     same: np.ndarray | None = None  # per row of the file, its group of identical images (one side of the split, one fold); None: all distinct
 
 
+class TooFewPerClass(PipelineError):
+    """A class with fewer distinct training images (``have``) than the search's ``need`` folds: class ``name``."""
+
+
 def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | None = None, files: list | None = None) -> FitPlan:
     """The rows and the mode of fitting ``config.model`` on ``ff`` (checks only, no reading of features).
 
@@ -249,8 +253,10 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     if mode == "in-memory" and distinct.min() < config.cv:
         worst = int(np.argmin(distinct))
         images = "" if distinct[worst] == counts[worst] else f" ({distinct[worst]} distinct images: identical ones share a fold)"
-        raise PipelineError(f"{ff.path}: class {names[int(present[worst])]!r} has {counts[worst]} training rows{images} but --cv {config.cv} needs at "
-                            f"least {config.cv} per class; lower --cv or add rows")  # fmt: skip
+        exc = TooFewPerClass(f"{ff.path}: class {names[int(present[worst])]!r} has {counts[worst]} training rows{images} but --cv {config.cv} needs at "
+                             f"least {config.cv} per class; lower --cv or add rows")  # fmt: skip
+        exc.name, exc.have, exc.need = names[int(present[worst])], int(distinct[worst]), config.cv  # compare, which has no --cv, says its own advice
+        raise exc
     return FitPlan(train_rows, test_rows, test_source, mode, estimate_mb, d, same)
 
 

@@ -153,7 +153,11 @@ def classical_row(config: CompareConfig, model: str, train_h5: Path, test_h5: Pa
         seen = {} if seen is None else seen
         if (str(train_h5), key["train"]) not in seen:
             seen[(str(train_h5), key["train"])] = row_files(ff)
-        plan = train.plan_fit(cfg, ff, test_ff, rows, files=seen[(str(train_h5), key["train"])])
+        try:
+            plan = train.plan_fit(cfg, ff, test_ff, rows, files=seen[(str(train_h5), key["train"])])
+        except train.TooFewPerClass as exc:  # its advice names --cv, which compare does not take
+            raise PipelineError(f"{train_h5}: class {exc.name!r} has {exc.have} distinct training images but the frozen-feature rows' {exc.need}-fold "
+                                "search needs at least that many per class; add images to it, or leave lr, svm and rf out of --strategies") from None
         fitted, y_test, y_pred, predict_seconds = train.fit_predict(cfg, ff, test_ff, plan)
         s = scores(y_test, y_pred, test_ff.label_names)
         test_paths = test_ff.paths

@@ -106,7 +106,8 @@ def _run_local(config: ExtractConfig, plan: Plan) -> int:
         return 130
     seconds = time.perf_counter() - t0
     rate = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
-    return summarize(output, n, n_rej, f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s)", config.strict, config.shards == 1)
+    detail = f"{len(todo)} processed this run in {seconds:.1f} s ({rate:.1f} img/s once the network was loaded)" if rate else f"{len(todo)} processed this run in {seconds:.1f} s"
+    return summarize(output, n, n_rej, detail, config.strict, config.shards == 1)
 
 
 def _run_ray(config: ExtractConfig, plan: Plan, ray) -> int:

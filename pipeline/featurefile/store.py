@@ -303,5 +303,9 @@ def check_compatible(a: FeatureFile, b: FeatureFile) -> None:
     for key in (*SPEC_KEYS, "feature_shape"):
         if sa.get(key) != sb.get(key):
             raise PipelineError(f"{b.path}: {key} is {sb.get(key)!r} but {a.path} has {sa.get(key)!r}")
+    # the precision too, as evaluate checks it: int8 test features scored a float32 model unsaid (its bundle says float32)
+    for key, of in (("precision", lambda f: f.attrs.get("precision")), ("int8 model", lambda f: json.loads(f.attrs.get("quantization") or "{}").get("key"))):
+        if of(a) != of(b):
+            raise PipelineError(f"{b.path}: {key} is {of(b)!r} but {a.path} has {of(a)!r}; extract both with the same --precision")
     if a.label_names != b.label_names:
         raise PipelineError(f"{b.path}: class names {b.label_names} differ from {a.path}'s {a.label_names}")

@@ -160,6 +160,19 @@ def test_compare_features_of_other_settings_give_compares_advice(tmp_path, capsy
     assert "compare keeps its features there: remove that file to extract again with these settings, or choose another -o" in err and "--overwrite" not in err
 
 
+def test_too_few_images_in_a_class_give_compares_advice_not_train_s(tmp_path, capsys):
+    """Seventeenth pass: a class with 2 training images made compare say "lower --cv or add rows", and compare has no --cv."""
+    make_tree(tmp_path / "d" / "train", classes=("a", "b"), per_class=4)
+    for extra in ("002.png", "003.png"):
+        (tmp_path / "d" / "train" / "a" / extra).unlink()
+    make_tree(tmp_path / "d" / "test", classes=("a", "b"), per_class=2)
+    argv = ["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "o"), "--weights", "none", "--input-size", "32", "--strategies", "lr", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.h5: class 'a' has 2 distinct training images but the frozen-feature rows' 3-fold search needs at least that many per class; add images" in err
+    assert "--cv" not in err and err.count("\n") == 1
+
+
 def test_what_a_user_put_in_the_sizes_tree_is_one_line_and_kept(tmp_path):
     """Ninth pass (#22): a plain file where a link of OUT/sizes/N/train belongs, or a folder at OUT/sizes/N/test, was a FileExistsError traceback."""
     from pipeline.compare.sizes import link_tree

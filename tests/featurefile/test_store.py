@@ -133,6 +133,12 @@ def test_check_compatible(tmp_path):
             check_compatible(a, b)
         with pytest.raises(PipelineError, match=r"c.h5: class names \['a', 'c'\] differ from"):
             check_compatible(a, c)
+    # another precision: train --test scored a float32 model on int8 test features with exit 0 (evaluate refuses the pair; seventeenth pass)
+    write(tmp_path / "a.h5", attrs={"precision": "float32"})
+    write(tmp_path / "d.h5", attrs={"precision": "bfloat16"})
+    with open_features(tmp_path / "a.h5") as a, open_features(tmp_path / "d.h5") as d:
+        with pytest.raises(PipelineError, match=r"d.h5: precision is 'bfloat16' but .*a.h5 has 'float32'; extract both with the same --precision"):
+            check_compatible(a, d)
 
 
 def test_the_output_lock_admits_one_writer(tmp_path):
