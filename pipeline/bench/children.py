@@ -6,7 +6,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +142,9 @@ def _child_calibrate(data: Path, size: int) -> dict:
     weights = resolve_weights("imagenet", progress=False)
     calibration = _calibration(data, size, weights)
     models_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=models_dir()) as t:
+    from pipeline.core.outputsets import scratch_folder
+
+    with scratch_folder(models_dir(), "bench") as t:
         t0 = time.perf_counter()
         info = quantize(calibration, weights, input_size=size, folder=Path(t) / "model")
         seconds = time.perf_counter() - t0

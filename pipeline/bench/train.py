@@ -28,7 +28,7 @@ from pipeline.classical.overlap import check_no_overlap
 from pipeline.rows.stream import ChunkReader
 from pipeline.report import plots
 from pipeline.core.outputs import write_text_atomic
-from pipeline.core.outputsets import publish
+from pipeline.core.outputsets import publish, scratch_folder
 from pipeline.featurefile.store import open_features
 from pipeline.featurefile.writer import write_feature_file
 
@@ -133,8 +133,7 @@ def run_train_bench(features: Path, output: Path, *, test: Path | None = None, s
     if test is not None:  # accuracies on the rows it trained on would be no accuracies (as train --test refuses)
         with open_features(features) as ff, open_features(test) as test_ff:
             check_no_overlap(ff, test_ff, False)
-    with tempfile.TemporaryDirectory(prefix="train-bench-", dir=output.parent if output.parent.exists() else None, ignore_cleanup_errors=True) as folder:
-        tmp = Path(folder)
+    with scratch_folder(output.parent if output.parent.exists() else Path(tempfile.gettempdir()), "train-bench") as tmp:
         x_test, y_test = _test_rows(test, "flatten")
         for size in sizes:
             path = tmp / f"rows-{size}.h5"

@@ -171,6 +171,19 @@ def settle_for(path: Path) -> None:
                 settle(folder, manifest["set"])
 
 
+@contextmanager
+def scratch_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A folder ``.NAME.scratch-PID`` in ``parent`` for a run's temporary files, removed when the block ends; the marked ones of
+    dead processes (a kill -9: bench --train's row files stayed beside -o for good) are removed first, a user's of that name never."""
+    for left in dead_marked_folders(Path(parent), re.compile(re.escape(f".{name}.scratch-") + r"(\d+)$"), STAGING_MARK):
+        shutil.rmtree(left, ignore_errors=True)
+    folder = new_marked_folder(Path(parent) / f".{name}.scratch-{os.getpid()}", STAGING_MARK)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_dead_staging(folder: Path, name: str) -> list[Path]:
     """Remove the staging folders of set ``name`` (``.NAME.set-PID``) whose process is gone (a kill before the commit); what was removed."""
     removed = dead_marked_folders(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"), STAGING_MARK)  # only its own: a user's folder of that name stays

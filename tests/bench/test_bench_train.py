@@ -37,6 +37,13 @@ def test_replicate_copies_the_rows_with_a_small_seeded_perturbation_class_by_cla
 def test_the_train_bench_times_both_modes_against_the_read_pass_and_writes_its_outputs(tmp_path):
     src = make_features(tmp_path / "train.h5", per_class=30, row_shape=(2, 2, 32), noise=3.0)
     test = make_features(tmp_path / "test.h5", per_class=20, row_shape=(2, 2, 32), noise=3.0, seed=7)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    left, users = tmp_path / f".train-bench.scratch-{dead}", tmp_path / f".train-bench.scratch-{int(dead) + 1000000}"
+    (left / "rows-400.h5").parent.mkdir()
+    (left / "rows-400.h5").write_bytes(b"x" * 1000)  # the row files a kill -9 left beside -o, for good (seventeenth pass)
+    (left / ".pipeline-staging").write_bytes(b"")
+    (users / "mine.txt").parent.mkdir()
+    (users / "mine.txt").write_text("a user's folder of that name: not the tool's (no mark)")
     said = []
     out = tmp_path / "bench"
     r = bench_train.run_train_bench(src, out, test=test, sizes=(90, 360), epochs=2, in_memory_mb=0.1, exact_max_rows=0, reads=1, say=said.append)
@@ -53,7 +60,8 @@ def test_the_train_bench_times_both_modes_against_the_read_pass_and_writes_its_o
     table = (out / "train_bench.md").read_text()
     assert "| 360 |" in table and table.count("\n| ") == 3  # the header and two sizes
     assert (out / "train_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any("read pass" in s for s in said) and not list(tmp_path.glob("train-bench-*"))  # the replicated files are gone
+    assert any("read pass" in s for s in said)
+    assert [p.name for p in tmp_path.glob(".train-bench.scratch-*")] == [users.name]  # the replicated files are gone, the killed run's too
 
 
 def test_bench_train_from_the_command_line(tmp_path):
