@@ -386,7 +386,7 @@ def test_a_set_a_kill_left_half_moved_is_finished_before_its_members_are_checked
     assert not list((tmp_path / "x").glob(".*.set"))
 
 
-@pytest.mark.parametrize("sig, delay", [("SIGINT", 0.15), ("SIGINT", 0.4), ("SIGTERM", 0.15), ("SIGTERM", 0.4)])
+@pytest.mark.parametrize("sig, delay", [("SIGINT", 0.4), ("SIGINT", 0.8), ("SIGTERM", 0.4), ("SIGTERM", 0.8)])
 def test_a_signal_while_the_modules_load_is_one_line_and_130(sig, delay, tmp_path):
     """Fifteenth pass: Ctrl-C in the second the modules load (before cli.main's handling) was a traceback through the imports, and SIGTERM
     there a silent 143; ``python -m pipeline`` takes both from its first line (inside the command, its own message says more)."""
