@@ -246,7 +246,7 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
         raise PipelineError(
             f"{ff.path}: the {config.pool}-pooled training matrix needs {estimate_mb:.3g} MB, over --memory-budget "
             f"{config.memory_budget_mb:g} MB, and --model {config.model} cannot be trained out of core; "
-            "use --pool avg or --pool max, or raise --memory-budget"
+            + ("use --pool avg or --pool max, or raise --memory-budget" if config.pool == "flatten" else "raise --memory-budget")  # avg and max are as long
         )
     same = groups if groups is not None and len(np.unique(groups)) < len(groups) else None
     distinct = counts if same is None else np.bincount(labels[train_rows][np.unique(same[train_rows], return_index=True)[1]], minlength=len(names))[present]

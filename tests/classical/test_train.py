@@ -229,6 +229,8 @@ def test_rf_over_the_budget_is_refused(feats, tmp_path):
     with pytest.raises(PipelineError, match=r"train\.h5: the flatten-pooled training matrix needs .* cannot be trained out of core; use --pool avg"):
         train.run(config(feats, tmp_path / "m", "rf", memory_budget_mb=0.01))
     assert not (tmp_path / "m").exists()
+    with pytest.raises(PipelineError, match=r"the avg-pooled training matrix needs .* cannot be trained out of core; raise --memory-budget$"):
+        train.run(config(feats, tmp_path / "m", "rf", pool="avg", memory_budget_mb=1e-6))  # its advice named --pool avg (eighteenth pass)
 
 
 # ---------------------------------------------------------------------------
