@@ -83,8 +83,9 @@ def source_problem(db: h5py.File, path: Path) -> str | None:
         return (f"{path}: merged file, and HDF5_VDS_PREFIX is set ({os.environ['HDF5_VDS_PREFIX']}): HDF5 would read its shards from there "
                 "instead of beside it; unset HDF5_VDS_PREFIX")  # fmt: skip
     gone = [name for name in names if not (path.parent / name).exists()]
-    if gone:
-        return f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole)"
+    if gone:  # never looked for elsewhere: HDF5 would next read a file of that name in the current folder
+        hint = f"; it is a link to {os.path.realpath(path)}: name that file, or link its folder" if path.is_symlink() else ""
+        return f"{path}: merged file whose shard file(s) {', '.join(gone)} are missing; keep them next to it (move the folder as a whole){hint}"
     try:
         for name in names:
             refuse_special(path.parent / name, f"a shard file of the merged file {path}")

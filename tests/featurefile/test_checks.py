@@ -205,3 +205,20 @@ def test_rows_stored_in_another_file_are_refused_by_verify_and_readers(how, tmp_
     assert any(re.search(message, m) for m in verify(out)), verify(out)
     with pytest.raises(PipelineError, match=message):
         open_features(out)
+
+
+def test_a_link_to_a_merged_file_from_another_folder_is_refused_with_the_way_to_read_it(tmp_path):
+    """Eighteenth pass: through a link in another folder HDF5 looks for the shards beside the link, then in the current folder (a file
+    of that name there is read), so the link is refused; the message now names the file the link leads to."""
+    out = tmp_path / "sh" / "x.h5"
+    out.parent.mkdir()
+    shards = [write(shard_path(out, 0, 2), ["a/1.png", "b/3.png"], shard=0), write(shard_path(out, 1, 2), ["a/2.png"], shard=1)]
+    merge(out, shards)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.h5").symlink_to(out)
+    (tmp_path / "linked").symlink_to(out.parent)  # a linked folder keeps the shards beside it: read
+    assert verify(tmp_path / "linked" / "x.h5") == []
+    message = f"it is a link to {out}: name that file, or link its folder"
+    assert message in verify(tmp_path / "elsewhere" / "x.h5")[0]
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        open_features(tmp_path / "elsewhere" / "x.h5")
