@@ -178,7 +178,7 @@ def test_rows_stored_in_another_file_are_refused_by_verify_and_readers(how, tmp_
     else:
         write(out, ["a/1.png", "b/2.png"])
     with h5py.File(other, "r") as db:
-        shape, dtype, chunks = db["features"].shape, db["features"].dtype, db["features"].chunks
+        shape, dtype = db["features"].shape, db["features"].dtype
     with h5py.File(out, "r+") as db:
         if how == "external-link":
             del db["features"]
