@@ -401,7 +401,10 @@ def test_a_signal_while_the_modules_load_is_one_line_and_130(sig, delay, tmp_pat
     data = make_tree(tmp_path / "data", classes=("a", "b"), per_class=4, size=(24, 24))
     argv = [sys.executable, "-m", "pipeline", "scratch", str(data), "--dense", "4", "--input-size", "32", "--epochs", "100000", "--patience",
             "100000", "--quiet", "-o", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    # Ctrl-C as a terminal sends it: to a child whose SIGINT is not ignored (this process's may be, after a library set it; the
+    # child would inherit that, and ignore it as a background job does)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         time.sleep(delay)
         proc.send_signal(getattr(signal, sig))
