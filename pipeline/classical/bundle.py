@@ -130,7 +130,8 @@ def load_bundle(path: Path | str) -> dict:
     missing = [k for k in SPEC_REQUIRED if k not in bundle["feature_spec"]]
     if missing:
         raise PipelineError(f"{path}: model bundle's feature_spec lacks {', '.join(missing)}")
-    for key, value in (("metrics", bundle.get("metrics")), ("metrics.versions", (bundle.get("metrics") or {}).get("versions") if isinstance(bundle.get("metrics"), dict) else None)):
+    metrics = bundle.get("metrics")
+    for key, value in (("metrics", metrics), ("metrics.versions", metrics.get("versions") if isinstance(metrics, dict) else None)):
         if value is not None and not isinstance(value, dict):  # read as a map by predict, evaluate and finetune (a traceback)
             raise PipelineError(f"{path}: model bundle's {key} must be a map, got {type(value).__name__}")
     _check_classes(path, bundle)
@@ -305,15 +306,15 @@ def check_features_match(model_path: Path | str, bundle: dict, ff) -> None:
     Raises:
         PipelineError: naming the file, the field and both values.
     """
-    from pipeline.featurefile.store import SPEC_KEYS
+    from pipeline.featurefile.store import SPEC_KEYS, computed_by
 
-    spec, theirs = bundle["feature_spec"], ff.spec
+    spec, theirs, engine = bundle["feature_spec"], ff.spec, computed_by(ff)
     pairs = [(key, theirs.get(key), spec.get(key)) for key in (*SPEC_KEYS, "feature_shape")]
-    pairs.append(("precision", ff.attrs.get("precision"), bundle["precision"]))
+    pairs.append(("precision", engine["precision"], bundle["precision"]))
     for key, got, want in pairs:
         if got != want:
             raise PipelineError(f"{ff.path}: {key} is {got!r} but the model {model_path} was trained on {want!r}; extract the images with the training file's settings")
     if bundle["precision"] == "int8":
-        key = json.loads(ff.attrs.get("quantization") or "{}").get("key")
+        key = engine["int8_model"]
         if key != spec.get("int8_model"):
             raise PipelineError(f"{ff.path}: int8 features of model {str(key)[:16]}... but the model {model_path} was trained on int8 model {str(spec.get('int8_model'))[:16]}...")

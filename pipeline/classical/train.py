@@ -198,7 +198,11 @@ class FitPlan:
 
 
 class TooFewPerClass(PipelineError):
-    """A class with fewer distinct training images (``have``) than the search's ``need`` folds: class ``name``."""
+    """A class (``name``) with fewer distinct training images (``have``) than the search's ``need`` folds; the message advises train's ``--cv``."""
+
+    def __init__(self, message: str, name: str, have: int, need: int):
+        super().__init__(message)
+        self.name, self.have, self.need = name, have, need
 
 
 def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | None = None, files: list | None = None) -> FitPlan:
@@ -253,10 +257,8 @@ def plan_fit(config: TrainConfig, ff, test_ff=None, train_rows: np.ndarray | Non
     if mode == "in-memory" and distinct.min() < config.cv:
         worst = int(np.argmin(distinct))
         images = "" if distinct[worst] == counts[worst] else f" ({distinct[worst]} distinct images: identical ones share a fold)"
-        exc = TooFewPerClass(f"{ff.path}: class {names[int(present[worst])]!r} has {counts[worst]} training rows{images} but --cv {config.cv} needs at "
-                             f"least {config.cv} per class; lower --cv or add rows")  # fmt: skip
-        exc.name, exc.have, exc.need = names[int(present[worst])], int(distinct[worst]), config.cv  # compare, which has no --cv, says its own advice
-        raise exc
+        raise TooFewPerClass(f"{ff.path}: class {names[int(present[worst])]!r} has {counts[worst]} training rows{images} but --cv {config.cv} needs at "
+                             f"least {config.cv} per class; lower --cv or add rows", names[int(present[worst])], int(distinct[worst]), config.cv)  # fmt: skip
     return FitPlan(train_rows, test_rows, test_source, mode, estimate_mb, d, same)
 
 

@@ -18,6 +18,11 @@ class NeedsOverwrite(PipelineError):
         self.problem = problem
 
 
+def printable(name: str) -> str:
+    """A file-system name as text to print or draw: bytes that are not UTF-8 (``\\udcff`` in the str) as escapes (``\\xff``)."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def first_line(error: object) -> str:
     """The first line of an error's message, stripped (HDF5's and Keras's span many); the error's type name when the message is empty."""
     lines = str(error).strip().splitlines()

@@ -314,8 +314,7 @@ def is_marked_folder(path: Path, mark: str) -> bool:
 
 
 def new_marked_folder(path: Path, mark: str, note: str = "") -> Path:
-    """Create the work folder ``path`` (named with this pid) holding the file ``mark``, so only the tool's own are ever removed
-    (``dead_marked_folders``); a marked one of this pid, from a killed run long ago, is removed first."""
+    """Create the work folder ``path`` (named with this pid) holding ``mark``, so only the tool's own are removed (``dead_marked_folders``)."""
     import shutil
 
     path = Path(path)

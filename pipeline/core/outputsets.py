@@ -173,10 +173,8 @@ def settle_for(path: Path) -> None:
 
 @contextmanager
 def scratch_folder(parent: Path, name: str) -> Iterator[Path]:
-    """A folder ``.NAME.scratch-PID`` in ``parent`` for a run's temporary files, removed when the block ends; the marked ones of
-    dead processes (a kill -9: bench --train's row files stayed beside -o for good) are removed first, a user's of that name never."""
-    for left in dead_marked_folders(Path(parent), re.compile(re.escape(f".{name}.scratch-") + r"(\d+)$"), STAGING_MARK):
-        shutil.rmtree(left, ignore_errors=True)
+    """A folder ``.NAME.scratch-PID`` in ``parent`` for a run's temporary files, removed when the block ends (and by the next run after a kill -9)."""
+    remove_dead_staging(parent, name, "scratch")
     folder = new_marked_folder(Path(parent) / f".{name}.scratch-{os.getpid()}", STAGING_MARK)
     try:
         yield folder
@@ -184,9 +182,9 @@ def scratch_folder(parent: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def remove_dead_staging(folder: Path, name: str) -> list[Path]:
-    """Remove the staging folders of set ``name`` (``.NAME.set-PID``) whose process is gone (a kill before the commit); what was removed."""
-    removed = dead_marked_folders(Path(folder), re.compile(re.escape(f".{name}.set-") + r"(\d+)$"), STAGING_MARK)  # only its own: a user's folder of that name stays
+def remove_dead_staging(folder: Path, name: str, kind: str = "set") -> list[Path]:
+    """Remove the marked work folders ``.NAME.KIND-PID`` (staging ``set``, ``scratch``) whose process is gone (a kill); what was removed."""
+    removed = dead_marked_folders(Path(folder), re.compile(re.escape(f".{name}.{kind}-") + r"(\d+)$"), STAGING_MARK)  # only its own: a user's folder of that name stays
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

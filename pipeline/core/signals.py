@@ -63,10 +63,9 @@ class _Watchdog:
 
     def __init__(self, grace: float):
         self.grace = grace
-        self.reader, writer = socket.socketpair()
-        writer.setblocking(False)  # set_wakeup_fd's rule: a full buffer must not block the signal handler
-        self.writer = writer
-        self.previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)  # set_wakeup_fd's rule: a full buffer must not block the signal handler
+        self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
         threading.Thread(target=self._watch, name="signal-watchdog", daemon=True).start()
 
     def _watch(self) -> None:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.core.command import Command
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, printable
 from pipeline.core.outputs import OutputLock, package_versions
 from pipeline.core.signals import sigterm_as_interrupt
 from pipeline.backbones import int8 as engines
@@ -156,11 +156,6 @@ def summarize(output: Path, n: int, n_rejected: int, detail: str, strict: bool, 
     return 0
 
 
-def _text(value: str) -> str:
-    """A string HDF5 can store (UTF-8): bytes of a name that is not valid UTF-8 appear as escapes."""
-    return os.fsencode(value).decode("utf-8", "backslashreplace")
-
-
 def _rate_measurement(output: Path, kept, images: int, seconds: float) -> dict:
     """``rate_images``/``rate_seconds``: this run's timing, or an update's previous file's when that one timed more images
     (compare's images/s after a 2-image update was the start-up's, a quarter of the rate)."""
@@ -214,12 +209,12 @@ def _assemble(config: ExtractConfig, plan: Plan, loop_seconds: float) -> tuple[i
         "precision": backbone.precision,
         "storage_dtype": config.storage,
         "batch_size": config.batch_size,
-        "data_dir": _text(str(Path(config.data_dir).resolve())),
+        "data_dir": printable(str(Path(config.data_dir).resolve())),
         "shards": config.shards,
         "shard": config.shard,
         "versions": json.dumps(package_versions()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command_line": _text(config.command_line),
+        "command_line": printable(config.command_line),
         "extract_seconds": loop_seconds,
         "images_processed_last_run": len(plan.todo),
         "incremental": bool(kept),

@@ -12,7 +12,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, printable
 from pipeline.core.outputs import refuse_special, special_kind
 from pipeline.featurefile import schema as contract
 from pipeline.featurefile.checks import source_problem, stale_sources
@@ -100,7 +100,7 @@ SMALL_CLASS = 0.05
 
 def class_summary(output: Path, warn: bool = True) -> str:
     """The classes of ``output`` with their image counts, for a summary line; with ``warn``, a class with few images is warned about on stderr (not for one shard: a shard's share says nothing of the data)."""
-    counts = [(os.fsencode(name).decode("utf-8", "backslashreplace"), k) for name, k in class_counts(output)]  # names not UTF-8: escapes
+    counts = [(printable(name), k) for name, k in class_counts(output)]  # names not UTF-8: escapes
     total = sum(k for _, k in counts)
     limit = min(SMALL_CLASS, 0.5 / len(counts)) * total
     for name, k in counts:
@@ -297,15 +297,20 @@ def _reader_contract(db: h5py.File, path: Path, require_complete: bool) -> None:
         raise PipelineError(f"{first}{more}; a reader trusts only files verify accepts")
 
 
+def computed_by(ff: FeatureFile) -> dict:
+    """How ``ff``'s features were computed beyond its spec: the ``precision``, and for int8 the quantized model's key (``int8_model``)."""
+    return {"precision": ff.attrs.get("precision"), "int8_model": json.loads(ff.attrs.get("quantization") or "{}").get("key")}
+
+
 def check_compatible(a: FeatureFile, b: FeatureFile) -> None:
     """Refuse two feature files that cannot be used together (train vs test)."""
     sa, sb = a.spec, b.spec
     for key in (*SPEC_KEYS, "feature_shape"):
         if sa.get(key) != sb.get(key):
             raise PipelineError(f"{b.path}: {key} is {sb.get(key)!r} but {a.path} has {sa.get(key)!r}")
-    # the precision too, as evaluate checks it: int8 test features scored a float32 model unsaid (its bundle says float32)
-    for key, of in (("precision", lambda f: f.attrs.get("precision")), ("int8 model", lambda f: json.loads(f.attrs.get("quantization") or "{}").get("key"))):
-        if of(a) != of(b):
-            raise PipelineError(f"{b.path}: {key} is {of(b)!r} but {a.path} has {of(a)!r}; extract both with the same --precision")
+    theirs = computed_by(b)  # the precision too, as evaluate checks it: int8 test features scored a float32 model unsaid
+    for key, value in computed_by(a).items():
+        if theirs[key] != value:
+            raise PipelineError(f"{b.path}: {key} is {theirs[key]!r} but {a.path} has {value!r}; extract both with the same --precision")
     if a.label_names != b.label_names:
         raise PipelineError(f"{b.path}: class names {b.label_names} differ from {a.path}'s {a.label_names}")

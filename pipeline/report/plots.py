@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from pipeline.core.errors import printable  # a class named by bytes that are not UTF-8 stopped matplotlib's font: drawn as escapes
+
 
 def _figure(width: float, height: float):
     # A bare Figure with an Agg canvas: no pyplot global state, no display backend,
@@ -17,12 +19,6 @@ def _figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _shown(text: str) -> str:
-    """``text`` as the font can draw it: a name of bytes that are not UTF-8 (``c\\udcffbag``, a class folder) stopped matplotlib
-    with a traceback; it is drawn as ``c\\xffbag``, as the extract summary prints it."""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _save(fig, path: Path | str) -> Path:
@@ -63,8 +59,8 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path | st
     share = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(k), labels=[_shown(n) for n in class_names], rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(k), labels=[_shown(n) for n in class_names])
+    ax.set_xticks(range(k), labels=[printable(n) for n in class_names], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), labels=[printable(n) for n in class_names])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fontsize = 10 if k <= 10 else max(5, 10 - (k - 10) // 3)
@@ -73,7 +69,7 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path | st
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize,
                     color="white" if share[i, j] > 0.5 else "black")
     if title:
-        ax.set_title(_shown(title))
+        ax.set_title(printable(title))
     return _save(fig, path)
 
 
@@ -119,7 +115,7 @@ def bar_chart(
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(_shown(title))
+        ax.set_title(printable(title))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -164,7 +160,7 @@ def training_curves(history: Mapping[str, Sequence[float]], path: Path | str, *,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(_shown(title))
+        fig.suptitle(printable(title))
     return _save(fig, path)
 
 
@@ -207,7 +203,7 @@ def line_chart(series: Mapping[str, Mapping[float, float]], path: Path | str, *,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(_shown(title))
+        ax.set_title(printable(title))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -249,7 +245,7 @@ def interval_figure(rows: Mapping[str, tuple[float, float, float, str]], *, titl
     ax.legend(handles=handles, labels=["best", "tied with the best", "different from the best"], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.08 - 0.5 / len(labels)), ncol=3, frameon=False)
     if title:
-        ax.set_title(_shown(title), fontsize=9, wrap=True)
+        ax.set_title(printable(title), fontsize=9, wrap=True)
     return fig
 
 
